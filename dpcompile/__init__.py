@@ -1,0 +1,22 @@
+"""dpcompile: differentially private training as a torch.compile backend.
+
+    model = torch.compile(model, backend="flashdp", options={"max_grad_norm": 1.0, "clipping": "per_layer"})
+
+After `loss.backward()` every trainable parameter holds the sum of per-sample clipped gradients (no noise; the
+optimizer wrapper adds it). See docs/ and README.md.
+"""
+from .codegen import ops as _ops  # noqa: F401  (registers the dpcompile:: custom ops)
+from .backend import flashdp, flashdp_eager, register_backends
+from .compile import DPCompiled, compile
+from .errors import (CoverageError, DPCompileError, OptionsError, SampleMixingError,
+                     UnsupportedGradientError)
+from .explain import Plan, explain
+from .options import DPOptions
+
+register_backends()
+
+__all__ = [
+    "compile", "DPCompiled", "explain", "Plan", "DPOptions", "flashdp", "flashdp_eager",
+    "DPCompileError", "OptionsError", "UnsupportedGradientError", "SampleMixingError", "CoverageError",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,250 @@
+"""Dynamo backends "flashdp" (Inductor) and "flashdp_eager" (AOTAutograd, no code generation).
+
+Both: read the options, name the trainable parameters and their clipping groups, find the batch input(s), then
+compile with `DPJointPass` on the joint forward+backward graph and a decomposition table that keeps `aten.mm`
+and `aten.embedding_dense_backward` whole (their decompositions depend on shape, device and version).
+"""
+from __future__ import annotations
+
+import inspect
+import re
+import warnings
+from typing import Any, Optional
+
+import sympy
+import torch
+import torch.nn as nn
+
+from .errors import CoverageError, OptionsError
+from .options import DPOptions
+from .passes import DPJointPass, ParamInfo, PassContext, run_dp_pass
+from .passes.batchdim import sym_expr
+
+aten = torch.ops.aten
+
+#: every PassContext built, newest last (explain reads the report of the graph it compiled)
+_CONTEXTS: list = []
+
+
+def dp_decomposition_table() -> dict:
+    from torch._inductor.decomposition import select_decomp_table
+
+    table = dict(select_decomp_table())
+    for op in (aten.mm.default, aten.embedding_dense_backward.default):
+        table.pop(op, None)
+    return table
+
+
+# ----------------------------------------------------------------------------------------------------------
+# graph inputs: parameters, their names and groups, batch inputs
+
+_SOURCE_ROOT = re.compile(r"^[LG]\['([^']+)'\]")
+
+
+def _source_name(node) -> Optional[str]:
+    ga = node.meta.get("grapharg")
+    src = getattr(ga, "source", None)
+    if src is None:
+        return None
+    name = src.name
+    return name() if callable(name) else name
+
+
+def _frame_objects() -> dict:
+    """Locals and globals of the frame Dynamo is compiling (to find the module and the forward signature)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except Exception:
+        tx = None
+    if tx is None:
+        return {}
+    out = dict(getattr(tx, "f_globals", {}) or {})
+    out.update(getattr(tx, "f_locals", {}) or {})
+    return out
+
+
+def _root_module(sources: list, frame: dict) -> Optional[nn.Module]:
+    for s in sources:
+        if s and "._parameters[" in s:
+            m = _SOURCE_ROOT.match(s)
+            if m and isinstance(frame.get(m.group(1)), nn.Module):
+                return frame[m.group(1)]
+    return None
+
+
+def _name_from_source(source: str) -> str:
+    parts = re.findall(r"_(?:modules|parameters)\['([^']+)'\]", source)
+    return ".".join(parts) if parts else source
+
+
+def _user_input_order(source: str, signature: list) -> tuple:
+    m = re.match(r"^L\['args'\]\[(\d+)\]$", source)
+    if m:
+        return (0, int(m.group(1)))
+    m = re.match(r"^L\['kwargs'\]\['([^']+)'\]$", source) or re.match(r"^L\['([^']+)'\]$", source)
+    if m:
+        name = m.group(1)
+        return (1, signature.index(name) if name in signature else len(signature))
+    return (2, 0)
+
+
+def _matches_batch_arg(source: str, batch_arg, signature: list) -> bool:
+    if isinstance(batch_arg, int):
+        if source == f"L['args'][{batch_arg}]":
+            return True
+        return batch_arg < len(signature) and source in (f"L['{signature[batch_arg]}']",
+                                                         f"L['kwargs']['{signature[batch_arg]}']")
+    if source in (f"L['{batch_arg}']", f"L['kwargs']['{batch_arg}']"):
+        return True
+    return batch_arg in signature and source == f"L['args'][{signature.index(batch_arg)}]"
+
+
+def _groups_of(names: list, module_names: dict, options: DPOptions) -> dict:
+    """Trainable parameter name -> clipping group name."""
+    clipping = options.clipping
+    if clipping == "flat":
+        return {n: "flat" for n in names}
+    if clipping == "per_param":
+        return {n: n for n in names}
+    if clipping == "per_layer":
+        return {n: n.rsplit(".", 1)[0] if "." in n else "" for n in names}
+    out = {}
+    trainable = set(names)
+    for i, group in enumerate(clipping):
+        for n in group:
+            if n not in trainable and n not in module_names:
+                raise OptionsError(f"option clipping: group {i} names `{n}`, which is not a parameter of the model")
+            if n in trainable:
+                out[n] = f"group{i}"
+    missing = [n for n in names if n not in out]
+    if missing:
+        raise OptionsError(f"option clipping: trainable parameters {missing} are in no group; every trainable "
+                           "parameter must be in exactly one group")
+    return out
+
+
+def build_context(gm: torch.fx.GraphModule, example_inputs: list, options: Any) -> PassContext:
+    opts = options if isinstance(options, DPOptions) else DPOptions.parse(options)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    sources = [_source_name(n) for n in placeholders]
+    frame = _frame_objects()
+    root = _root_module(sources, frame)
+    names_by_id, all_names = {}, {}
+    if root is not None:
+        for name, p in root.named_parameters():
+            names_by_id[id(p)] = name
+            all_names[name] = p
+
+    trainable, user_inputs = {}, []
+    for i, (src, ex) in enumerate(zip(sources, example_inputs)):
+        if isinstance(ex, nn.Parameter) or (src and "._parameters[" in src):
+            if isinstance(ex, torch.Tensor) and ex.requires_grad:
+                trainable[i] = names_by_id.get(id(ex)) or _name_from_source(src or f"input{i}")
+        elif isinstance(ex, torch.Tensor) and not (src and "._buffers[" in src):
+            user_inputs.append(i)
+    if not trainable:
+        raise CoverageError("flashdp: the compiled graph has no trainable parameters; nothing to privatize")
+
+    fwd = getattr(root, "forward", None)
+    try:
+        signature = [p for p in inspect.signature(fwd).parameters] if fwd is not None else []
+    except (TypeError, ValueError):
+        signature = []
+    user_inputs.sort(key=lambda i: _user_input_order(sources[i] or "", signature))
+    if opts.batch_arg is None:
+        candidates = user_inputs
+    else:
+        candidates = [i for i in user_inputs if _matches_batch_arg(sources[i] or "", opts.batch_arg, signature)]
+    candidates = [i for i in candidates if example_inputs[i].dim() > opts.batch_dim]
+    if not candidates:
+        raise OptionsError(
+            f"flashdp: no tensor input matches batch_arg={opts.batch_arg!r} with a dim {opts.batch_dim}; "
+            f"graph inputs: {[s for s in sources]}"
+        )
+    main = candidates[0]
+    bsize = sym_expr(example_inputs[main].shape[opts.batch_dim])
+    batch_inputs = {main: opts.batch_dim}
+    # other inputs with the same batch size on the batch dim carry samples too (targets, masks): see docs
+    for i in user_inputs:
+        ex = example_inputs[i]
+        if i != main and ex.dim() > opts.batch_dim and sympy.simplify(sym_expr(ex.shape[opts.batch_dim]) - bsize) == 0:
+            batch_inputs[i] = opts.batch_dim
+
+    names = list(trainable.values())
+    groups = _groups_of(names, all_names, opts)
+    if root is not None:
+        model_trainable = [n for n, p in root.named_parameters() if p.requires_grad]
+        model_groups = _groups_of(model_trainable, all_names, opts)
+        missing = sorted(set(model_trainable) - set(names))
+        split = sorted({model_groups[n] for n in missing} & set(groups.values()))
+        if split or (missing and opts.clipping == "flat"):
+            raise CoverageError(
+                f"flashdp: clipping group(s) {split or ['flat']} are split: trainable parameters {missing} are not "
+                "in this compiled graph. Either the model has a graph break (compile with fullgraph=True) or "
+                "those parameters are unused (set requires_grad=False on them)"
+            )
+        n_groups = len(set(model_groups.values()))
+    else:
+        n_groups = len(set(groups.values()))
+    thresholds = {g: opts.threshold_for(g, n_groups) for g in sorted(set(groups.values()))}
+    params = {i: ParamInfo(name, groups[name]) for i, name in trainable.items()}
+    ctx = PassContext(opts, params, batch_inputs, thresholds, dp_decomposition_table())
+    ctx.model = root
+    ctx.input_sources = {i: sources[i] for i in batch_inputs}
+    _CONTEXTS.append(ctx)
+    del _CONTEXTS[:-16]
+    return ctx
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the backends
+
+
+def _options_from(kwargs: dict) -> Any:
+    options = kwargs.pop("options", None)
+    mode = kwargs.pop("mode", None)
+    if mode is not None:
+        warnings.warn(f"flashdp ignores mode={mode!r}; pass DP options through options={{...}}", stacklevel=3)
+    if kwargs:
+        raise OptionsError(f"flashdp: unexpected backend arguments {sorted(kwargs)}")
+    return options
+
+
+def flashdp(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
+    """The product backend: the DP pass on the joint graph, then Inductor code generation."""
+    from torch._inductor.compile_fx import compile_fx
+
+    ctx = build_context(gm, example_inputs, _options_from(kwargs))
+    return compile_fx(gm, example_inputs, config_patches={"joint_custom_pre_pass": DPJointPass(ctx)},
+                      decompositions=ctx.decompositions)
+
+
+def flashdp_eager(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
+    """Same pass, no code generation: the rewritten graphs run op by op (tests, debugging)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.partitioners import min_cut_rematerialization_partition
+
+    ctx = build_context(gm, example_inputs, _options_from(kwargs))
+
+    def partition(joint, joint_inputs, **kw):
+        run_dp_pass(joint.graph, ctx)
+        joint.recompile()
+        return min_cut_rematerialization_partition(joint, joint_inputs, **kw)
+
+    def boxed(g, _inputs):
+        return make_boxed_func(g.forward)
+
+    return aot_autograd(fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition,
+                        decompositions=ctx.decompositions)(gm, example_inputs)
+
+
+def register_backends() -> None:
+    """Idempotent: the entry points may already have registered these names."""
+    from torch._dynamo.backends.registry import _BACKENDS, register_backend
+
+    for name, fn in (("flashdp", flashdp), ("flashdp_eager", flashdp_eager)):
+        if name not in _BACKENDS:
+            register_backend(name=name)(fn)

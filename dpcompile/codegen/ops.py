@@ -1,0 +1,178 @@
+"""The per-site custom ops the rewritten graph calls, with fake (shape) implementations and plain-PyTorch
+reference implementations that run on every device.
+
+Every op takes per-sample views whose dim 0 indexes samples:
+  linear     a (B, T, M), b (B, T, N):  s_i = a_i^T b_i                      (weight of Linear / Conv1D / any mm)
+  rows       x (B, R, P):               s_i = sum_r x_i[r]                    (bias, norm affine, elementwise params)
+  embedding  idx (B, T), g (B, T, D):   s_i = sum_t onehot(idx_it) g_it       (embedding tables; padding row zero)
+  persample  ps (B, *shape):            s_i = ps_i                            (materialized, general fallback)
+`*_norm` returns the fp32 squared norms ||s_i||^2, shape (B,); `*_clipped_sum` returns sum_i coef_i s_i, accumulated
+in fp32 and returned in the data dtype. The Triton kernels of the next layer plug in as CUDA implementations.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_LIB = "dpcompile"
+
+
+def _acc(x: Tensor) -> Tensor:
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+# -- linear ------------------------------------------------------------------------------------------------
+
+
+def linear_norm_reference(a: Tensor, b: Tensor) -> Tensor:
+    a, b = _acc(a), _acc(b)
+    B, T, M = a.shape
+    N = b.shape[-1]
+    if T * T * (M + N) < T * M * N:  # ghost norm: <a_i a_i^T, b_i b_i^T> is cheaper than forming s_i
+        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))).sum((1, 2)).clamp_min(0)
+    return torch.bmm(a.transpose(1, 2), b).pow(2).sum((1, 2))
+
+
+def linear_clipped_sum_reference(a: Tensor, b: Tensor, coef: Tensor) -> Tensor:
+    out_dtype = torch.promote_types(a.dtype, b.dtype)
+    a, b = _acc(a), _acc(b)
+    scaled = a * coef.to(a.dtype).view(-1, 1, 1)
+    return (scaled.reshape(-1, a.shape[-1]).t() @ b.reshape(-1, b.shape[-1])).to(out_dtype)
+
+
+@torch.library.custom_op(f"{_LIB}::linear_norm", mutates_args=())
+def linear_norm(a: Tensor, b: Tensor) -> Tensor:
+    return linear_norm_reference(a, b)
+
+
+@linear_norm.register_fake
+def _(a, b):
+    return a.new_empty((a.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{_LIB}::linear_clipped_sum", mutates_args=())
+def linear_clipped_sum(a: Tensor, b: Tensor, coef: Tensor) -> Tensor:
+    return linear_clipped_sum_reference(a, b, coef)
+
+
+@linear_clipped_sum.register_fake
+def _(a, b, coef):
+    return a.new_empty((a.shape[-1], b.shape[-1]), dtype=torch.promote_types(a.dtype, b.dtype))
+
+
+# -- rows (bias, norm affine, elementwise) ----------------------------------------------------------------
+
+
+def rows_norm_reference(x: Tensor) -> Tensor:
+    return _acc(x).sum(1).pow(2).sum(1)
+
+
+def rows_clipped_sum_reference(x: Tensor, coef: Tensor) -> Tensor:
+    xs = _acc(x).sum(1)
+    return (coef.to(xs.dtype) @ xs).to(x.dtype)
+
+
+@torch.library.custom_op(f"{_LIB}::rows_norm", mutates_args=())
+def rows_norm(x: Tensor) -> Tensor:
+    return rows_norm_reference(x)
+
+
+@rows_norm.register_fake
+def _(x):
+    return x.new_empty((x.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{_LIB}::rows_clipped_sum", mutates_args=())
+def rows_clipped_sum(x: Tensor, coef: Tensor) -> Tensor:
+    return rows_clipped_sum_reference(x, coef)
+
+
+@rows_clipped_sum.register_fake
+def _(x, coef):
+    return x.new_empty((x.shape[-1],))
+
+
+# -- embedding ----------------------------------------------------------------------------------------------
+
+
+def _embedding_rows(idx: Tensor, g: Tensor, padding_idx: int):
+    """Unique (sample, row) pairs and each pair's summed gradient row, without a B x V table."""
+    B, T = idx.shape
+    idx = idx.long()
+    keep = idx != padding_idx if padding_idx >= 0 else torch.ones_like(idx, dtype=torch.bool)
+    sample = torch.arange(B, device=idx.device).view(B, 1).expand(B, T)
+    key = (sample * (idx.max().clamp_min(0) + 1 if idx.numel() else 1) + idx)[keep]
+    vals = _acc(g)[keep]
+    uniq, inverse = torch.unique(key, return_inverse=True)
+    rows = vals.new_zeros((uniq.numel(), g.shape[-1])).index_add_(0, inverse, vals)
+    owner = sample[keep].new_zeros(uniq.numel()).scatter_(0, inverse, sample[keep])
+    return rows, owner
+
+
+def embedding_norm_reference(idx: Tensor, g: Tensor, padding_idx: int) -> Tensor:
+    rows, owner = _embedding_rows(idx, g, padding_idx)
+    out = torch.zeros(idx.shape[0], device=g.device, dtype=torch.float32)
+    return out.index_add_(0, owner, rows.pow(2).sum(1).float())
+
+
+def embedding_clipped_sum_reference(idx: Tensor, g: Tensor, coef: Tensor, num_weights: int, padding_idx: int) -> Tensor:
+    B, T = idx.shape
+    gs = _acc(g) * coef.to(_acc(g).dtype).view(B, 1, 1)
+    out = gs.new_zeros((num_weights, g.shape[-1]))
+    flat_idx = idx.reshape(-1).long()
+    vals = gs.reshape(-1, g.shape[-1])
+    if padding_idx >= 0:
+        vals = vals * (flat_idx != padding_idx).unsqueeze(1).to(vals.dtype)
+    return out.index_add_(0, flat_idx, vals).to(g.dtype)
+
+
+@torch.library.custom_op(f"{_LIB}::embedding_norm", mutates_args=())
+def embedding_norm(idx: Tensor, g: Tensor, padding_idx: int) -> Tensor:
+    return embedding_norm_reference(idx, g, padding_idx)
+
+
+@embedding_norm.register_fake
+def _(idx, g, padding_idx):
+    return g.new_empty((idx.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{_LIB}::embedding_clipped_sum", mutates_args=())
+def embedding_clipped_sum(idx: Tensor, g: Tensor, coef: Tensor, num_weights: int, padding_idx: int) -> Tensor:
+    return embedding_clipped_sum_reference(idx, g, coef, num_weights, padding_idx)
+
+
+@embedding_clipped_sum.register_fake
+def _(idx, g, coef, num_weights, padding_idx):
+    return g.new_empty((num_weights, g.shape[-1]))
+
+
+# -- materialized per-sample gradients (general fallback) ---------------------------------------------------
+
+
+def persample_norm_reference(ps: Tensor) -> Tensor:
+    return _acc(ps).reshape(ps.shape[0], -1).pow(2).sum(1)
+
+
+def persample_clipped_sum_reference(ps: Tensor, coef: Tensor) -> Tensor:
+    flat = _acc(ps).reshape(ps.shape[0], -1)
+    return (coef.to(flat.dtype) @ flat).reshape(ps.shape[1:]).to(ps.dtype)
+
+
+@torch.library.custom_op(f"{_LIB}::persample_norm", mutates_args=())
+def persample_norm(ps: Tensor) -> Tensor:
+    return persample_norm_reference(ps)
+
+
+@persample_norm.register_fake
+def _(ps):
+    return ps.new_empty((ps.shape[0],), dtype=torch.float32)
+
+
+@torch.library.custom_op(f"{_LIB}::persample_clipped_sum", mutates_args=())
+def persample_clipped_sum(ps: Tensor, coef: Tensor) -> Tensor:
+    return persample_clipped_sum_reference(ps, coef)
+
+
+@persample_clipped_sum.register_fake
+def _(ps, coef):
+    return ps.new_empty(ps.shape[1:])

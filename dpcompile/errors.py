@@ -1,0 +1,21 @@
+"""Errors raised by dpcompile. All derive from DPCompileError."""
+
+
+class DPCompileError(RuntimeError):
+    """Base class: dpcompile refused to produce a gradient it cannot prove private."""
+
+
+class OptionsError(DPCompileError, ValueError):
+    """An unknown or malformed option."""
+
+
+class UnsupportedGradientError(DPCompileError):
+    """A trainable parameter's gradient goes through an op the pass cannot put on a clipped path."""
+
+
+class SampleMixingError(DPCompileError):
+    """The graph combines different samples (BatchNorm statistics, in-batch losses, batch-wide normalisers)."""
+
+
+class CoverageError(DPCompileError):
+    """A trainable parameter would have received a gradient that was not clipped."""

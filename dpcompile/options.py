@@ -1,0 +1,151 @@
+"""DPOptions: the options of the flashdp backends, their validation and their cache key.
+
+Every field here changes the rewritten graph, so every field is part of `cache_key()`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence, Union
+
+from .errors import OptionsError
+
+# Stability constants of the clip functions (the contract's ε and AUTO-S γ). Fixed, not options:
+# the oracles in dpcompile.testing import the same values.
+CLIP_EPS = 1e-6
+AUTO_GAMMA = 1e-2
+
+CLIPPING_STYLES = ("flat", "per_layer", "per_param")
+CLIP_FNS = ("abadi", "automatic")
+LOSS_REDUCTIONS = ("sum", "mean")
+
+Clipping = Union[str, Sequence[Sequence[str]]]
+
+
+@dataclass(frozen=True)
+class DPOptions:
+    """Validated options. Build with `DPOptions.parse(dict)`.
+
+    max_grad_norm: total per-sample norm bound C (float; groups get C/sqrt(G)), or a dict of per-group
+        thresholds keyed by group name (see `group names` in dpcompile.explain).
+    clipping: "flat" | "per_layer" | "per_param" | explicit list of groups of parameter names.
+    clip_fn: "abadi" (min(1, C/(|g|+eps))) or "automatic" (C/(|g|+gamma)).
+    loss_reduction: "sum" or "mean" (loss = mean over the batch of per-sample losses).
+    batch_arg: which forward input carries the batch: None (first tensor input), an argument name, or a position.
+    batch_dim: dimension of that input that indexes samples.
+    """
+
+    max_grad_norm: Union[float, tuple] = 1.0  # float, or sorted tuple of (group, threshold)
+    clipping: Union[str, tuple] = "per_layer"  # style name, or tuple of tuples of names
+    clip_fn: str = "abadi"
+    loss_reduction: str = "mean"
+    batch_arg: Union[None, str, int] = None
+    batch_dim: int = 0
+
+    KEYS = ("max_grad_norm", "clipping", "clip_fn", "loss_reduction", "batch_arg", "batch_dim")
+
+    @classmethod
+    def parse(cls, options: Mapping[str, Any] | None) -> "DPOptions":
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(cls.KEYS))
+        if unknown:
+            raise OptionsError(
+                f"unknown flashdp option(s) {unknown}; valid options are {list(cls.KEYS)}"
+            )
+        kw: dict[str, Any] = {}
+        if "max_grad_norm" in options:
+            kw["max_grad_norm"] = _parse_max_grad_norm(options["max_grad_norm"])
+        if "clipping" in options:
+            kw["clipping"] = _parse_clipping(options["clipping"])
+        for key, allowed in (("clip_fn", CLIP_FNS), ("loss_reduction", LOSS_REDUCTIONS)):
+            if key in options:
+                value = options[key]
+                if value not in allowed:
+                    raise OptionsError(f"option {key}={value!r} is invalid; choose one of {list(allowed)}")
+                kw[key] = value
+        if "batch_arg" in options:
+            value = options["batch_arg"]
+            if value is not None and not isinstance(value, (str, int)) or isinstance(value, bool):
+                raise OptionsError(f"option batch_arg={value!r} must be None, an argument name or a position")
+            if isinstance(value, int) and value < 0:
+                raise OptionsError(f"option batch_arg={value!r} must be a non-negative position")
+            kw["batch_arg"] = value
+        if "batch_dim" in options:
+            value = options["batch_dim"]
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise OptionsError(f"option batch_dim={value!r} must be an int")
+            kw["batch_dim"] = value
+        return cls(**kw)
+
+    def threshold_for(self, group: str, n_groups: int) -> float:
+        """C_g of one group: C/sqrt(G) by default, or the user's per-group value."""
+        if isinstance(self.max_grad_norm, tuple):
+            table = dict(self.max_grad_norm)
+            if group not in table:
+                raise OptionsError(
+                    f"max_grad_norm has no threshold for clipping group {group!r}; "
+                    f"given groups: {sorted(table)}"
+                )
+            return table[group]
+        return self.max_grad_norm / math.sqrt(n_groups)
+
+    def total_max_grad_norm(self) -> float:
+        """C_total: the bound on the whole per-sample gradient norm (what the noise is scaled by)."""
+        if isinstance(self.max_grad_norm, tuple):
+            return math.sqrt(sum(c * c for _, c in self.max_grad_norm))
+        return self.max_grad_norm
+
+    def as_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.KEYS}
+
+    def cache_key(self) -> str:
+        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True, default=repr).encode()).hexdigest()
+
+
+def _positive_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise OptionsError(f"option {name}={value!r} must be a positive number")
+    value = float(value)
+    if not (value > 0 and math.isfinite(value)):
+        raise OptionsError(f"option {name}={value!r} must be a positive finite number")
+    return value
+
+
+def _parse_max_grad_norm(value: Any):
+    if isinstance(value, Mapping):
+        if not value:
+            raise OptionsError("option max_grad_norm: a dict of per-group thresholds must not be empty")
+        out = []
+        for group, c in value.items():
+            if not isinstance(group, str):
+                raise OptionsError(f"option max_grad_norm: group names must be str, got {group!r}")
+            out.append((group, _positive_float(f"max_grad_norm[{group!r}]", c)))
+        return tuple(sorted(out))
+    return _positive_float("max_grad_norm", value)
+
+
+def _parse_clipping(value: Any):
+    if isinstance(value, str):
+        if value not in CLIPPING_STYLES:
+            raise OptionsError(
+                f"option clipping={value!r} is invalid; choose one of {list(CLIPPING_STYLES)} "
+                "or give a list of groups of parameter names"
+            )
+        return value
+    if not isinstance(value, Sequence) or not value:
+        raise OptionsError(f"option clipping={value!r} must be a style name or a non-empty list of groups")
+    groups = []
+    seen: set[str] = set()
+    for i, group in enumerate(value):
+        if isinstance(group, str) or not isinstance(group, Sequence) or not group:
+            raise OptionsError(f"option clipping: group {i} must be a non-empty list of parameter names, got {group!r}")
+        for name in group:
+            if not isinstance(name, str):
+                raise OptionsError(f"option clipping: group {i} holds a non-string name {name!r}")
+            if name in seen:
+                raise OptionsError(f"option clipping: parameter {name!r} is listed in two groups")
+            seen.add(name)
+        groups.append(tuple(group))
+    return tuple(groups)

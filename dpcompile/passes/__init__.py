@@ -1,0 +1,184 @@
+"""The joint-graph pass: batch dims -> parameter-gradient sites -> plan -> rewrite -> coverage check.
+
+`DPJointPass` is what the backends install: Inductor calls it as `joint_custom_pre_pass`, the eager backend
+calls it from its partition function. Both see the joint graph after the decomposition table of backend.py.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from ..options import DPOptions
+from .batchdim import BatchDimAnalysis, BDim, Mixed, sym_expr
+from .discover import ParamGrad, discover_contributions
+from .plan import plan_rows
+from .rewrite import group_inputs, insert_traced, make_group_fn, set_outputs, zero_grads
+from .verify import verify_coverage
+
+
+@dataclass
+class ParamInfo:
+    name: str
+    group: str
+
+
+@dataclass
+class PassContext:
+    """What the backend knows about the graph inputs, indexed by Dynamo input position."""
+
+    options: DPOptions
+    params: dict  # input index -> ParamInfo (trainable parameters only)
+    batch_inputs: dict  # input index -> sample dim; the main batch input first
+    thresholds: dict  # group name -> C_g
+    decompositions: dict
+    report: list = field(default_factory=list)  # filled by the pass: one row per trainable parameter
+    privatized: list = field(default_factory=list)  # names of parameters whose gradients the pass rewrote
+
+    def key(self) -> str:
+        parts = [self.options.cache_key(), repr(sorted((k, v.name, v.group) for k, v in self.params.items())),
+                 repr(sorted(self.batch_inputs.items())), repr(sorted(self.thresholds.items()))]
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def _source_hash() -> str:
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent.parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+_SOURCE_HASH = None
+
+
+def source_hash() -> str:
+    global _SOURCE_HASH
+    if _SOURCE_HASH is None:
+        _SOURCE_HASH = _source_hash()
+    return _SOURCE_HASH
+
+
+try:
+    from torch._inductor.custom_graph_pass import CustomGraphPass as _PassBase
+except ImportError:  # pragma: no cover - very old torch
+    _PassBase = object
+
+
+class DPJointPass(_PassBase):
+    def __init__(self, ctx: PassContext):
+        self.ctx = ctx
+
+    def __call__(self, graph: fx.Graph) -> None:
+        run_dp_pass(graph, self.ctx)
+
+    def uuid(self) -> Optional[str]:
+        # every option and the pass source: a cached graph compiled with another C must never be reused
+        return hashlib.sha256((source_hash() + self.ctx.key()).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _input_index(node: fx.Node, position: int) -> int:
+    desc = node.meta.get("desc")
+    idx = getattr(desc, "idx", None)
+    return idx if isinstance(idx, int) else position
+
+
+def primal_placeholders(graph: fx.Graph) -> dict:
+    """Dynamo input index -> primal placeholder."""
+    primals = [n for n in graph.nodes if n.op == "placeholder" and not n.name.startswith("tangents")]
+    return {_input_index(n, i): n for i, n in enumerate(primals)}
+
+
+def grad_output_positions(graph: fx.Graph, n_primals: int) -> dict:
+    """Dynamo input index -> position of its gradient in the joint graph's outputs."""
+    out = graph.output_node()
+    outs = list(out.args[0])
+    descs = out.meta.get("desc")
+    positions = {}
+    if descs and len(descs) == len(outs):
+        for pos, d in enumerate(descs):
+            grad_of = getattr(d, "grad_of", None)
+            if grad_of is not None and isinstance(getattr(grad_of, "idx", None), int):
+                positions[grad_of.idx] = pos
+        if positions:
+            return positions
+    first = len(outs) - n_primals
+    return {k: first + k for k in range(n_primals)}
+
+
+def _tangent_seeds(graph: fx.Graph, states: dict, n_primals: int) -> dict:
+    """Each tangent carries samples the way its forward output does (a scalar loss's tangent carries none)."""
+    out = graph.output_node()
+    outs = list(out.args[0])
+    descs = out.meta.get("desc") or [None] * len(outs)
+    tangents = [n for n in graph.nodes if n.op == "placeholder" and n.name.startswith("tangents")]
+    fw = [(o, d) for o, d in zip(outs[: len(outs) - n_primals], descs) if isinstance(o, fx.Node)]
+    seeds = {}
+    for i, t in enumerate(tangents):
+        target = getattr(t.meta.get("desc"), "output", None)
+        match = [o for o, d in fw if d is not None and d == target]
+        if not match and i < len(fw):
+            match = [fw[i][0]]
+        s = states.get(match[0]) if match else None
+        seeds[t] = s if isinstance(s, BDim) else None
+    return seeds
+
+
+def run_dp_pass(graph: fx.Graph, ctx: PassContext) -> None:
+    primals = primal_placeholders(graph)
+    positions = grad_output_positions(graph, len(primals))
+    outs = list(graph.output_node().args[0])
+    params = []
+    for idx, info in ctx.params.items():
+        pos = positions.get(idx)
+        grad = outs[pos] if pos is not None else None
+        if isinstance(grad, fx.Node):
+            params.append((info, ParamGrad(info.name, primals[idx], pos, grad)))
+    batch_idx, batch_dim = next(iter(ctx.batch_inputs.items()))
+    batch_node = primals[batch_idx]
+    batch_size = sym_expr(batch_node.meta["val"].shape[batch_dim])
+
+    ctx.report.clear()
+    if batch_size == 0:  # an empty (Poisson) batch: clipped sums are zero
+        zero_grads(graph, [pg for _, pg in params], ctx.decompositions)
+        ctx.report.extend(plan_rows([(info, pg) for info, pg in params], ctx, empty=True))
+        _finish(graph, ctx, params)
+        return
+
+    seeds = {primals[i]: BDim(d) for i, d in ctx.batch_inputs.items()}
+    first = BatchDimAnalysis(graph, seeds, batch_size)
+    seeds.update(_tangent_seeds(graph, first.states, len(primals)))
+    analysis = BatchDimAnalysis(graph, seeds, batch_size)
+
+    b_is_one = batch_size == 1
+    for info, pg in params:
+        discover_contributions(pg, analysis.state, b_is_one)
+
+    groups: dict[str, list] = {}
+    for info, pg in params:
+        groups.setdefault(info.group, []).append(pg)
+    replacements = {}
+    for group, pgs in groups.items():
+        inputs = group_inputs(pgs, batch_node)
+        fn = make_group_fn(pgs, inputs, batch_node, batch_dim, ctx.thresholds[group], ctx.options.clip_fn,
+                           ctx.options.loss_reduction == "mean")
+        new = insert_traced(graph, fn, inputs, ctx.decompositions)
+        for pg, node in zip(pgs, new):
+            replacements[pg.out_pos] = node
+    set_outputs(graph, replacements)
+    ctx.report.extend(plan_rows(params, ctx))
+    _finish(graph, ctx, params)
+
+
+def _finish(graph: fx.Graph, ctx: PassContext, params: list) -> None:
+    graph.eliminate_dead_code()
+    graph.lint()
+    verify_coverage(graph, ctx, params)
+    ctx.privatized[:] = [info.name for info, _ in params]

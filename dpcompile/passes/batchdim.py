@@ -1,0 +1,579 @@
+"""Which dim of every tensor in the joint graph carries samples, found by dataflow.
+
+States (one per node; a tuple of states for nodes that return several tensors):
+  None        the value does not depend on any sample's data (parameters, constants, the loss tangent,
+              masks built from shapes). It may still have a batch-sized dim; per-sample code slices it
+              positionally, like its batched partner.
+  BDim(d, k)  along dim d, index i belongs to sample (i // k) % B. k = 1 for a plain batch dim; k = T for a
+              batch-major flattened (B*T) dim; a time-major flattened (T*B) dim has k = 1 and an outer T.
+  Mixed(...)  the value combines several samples: a reduction over the batch (the loss, or a parameter
+              gradient contraction), an op that couples samples (BatchNorm statistics), or an op this analysis
+              does not know applied to per-sample data. Mixed is only an error where it reaches a parameter
+              gradient through something other than a recognised contraction (see discover.py).
+
+Shapes are never used to *find* the batch dim: views are followed by exact index arithmetic over symbolic
+sizes, so B == T, duck-sized symbols and size-1 dims cannot confuse it.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import sympy
+import torch
+import torch.fx as fx
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+
+@dataclass(frozen=True)
+class BDim:
+    dim: int
+    inner: Any = sympy.Integer(1)  # sympy expression
+
+
+@dataclass(frozen=True)
+class Mixed:
+    origin: fx.Node
+    reason: str
+
+    def describe(self) -> str:
+        return f"{self.reason} at op `{self.origin.name}` ({_target_name(self.origin)}){node_location(self.origin)}"
+
+
+State = Any  # None | BDim | Mixed | tuple of states
+
+
+def _target_name(node: fx.Node) -> str:
+    t = node.target
+    return getattr(t, "__name__", None) or str(t)
+
+
+def node_location(node: fx.Node) -> str:
+    """A short 'from <module> (<file:line>)' hint for error messages, when Dynamo recorded one."""
+    parts = []
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path, cls = list(stack.values())[-1]
+        cls_name = getattr(cls, "__name__", str(cls)).split(".")[-1]
+        parts.append(f"in {cls_name} `{_clean_module_path(path)}`")
+    trace = node.meta.get("stack_trace")
+    if trace:
+        lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+        if lines:
+            parts.append(f"code: {lines[-1]}")
+    return (" " + "; ".join(parts)) if parts else ""
+
+
+def _clean_module_path(path: str) -> str:
+    # L['self']._modules['fc1']  ->  fc1
+    import re
+
+    names = re.findall(r"_modules\['([^']+)'\]", path)
+    if names:
+        return ".".join(names)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------
+# symbolic size helpers
+
+
+def sym_expr(s) -> sympy.Expr:
+    if isinstance(s, torch.SymInt):
+        return s.node.expr
+    return sympy.Integer(int(s))
+
+
+def sizes_of(node: Any) -> Optional[list]:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    if isinstance(val, torch.Tensor):
+        return [sym_expr(s) for s in val.shape]
+    return None
+
+
+def rank_of(node: Any) -> Optional[int]:
+    val = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return val.dim() if isinstance(val, torch.Tensor) else None
+
+
+def prod(xs) -> sympy.Expr:
+    out = sympy.Integer(1)
+    for x in xs:
+        out = out * x
+    return out
+
+
+def divides(a: sympy.Expr, b: sympy.Expr) -> bool:
+    """True if a | b for every value of the symbols (a, b products of sizes)."""
+    if a == 0:
+        return b == 0
+    q = sympy.cancel(b / a)
+    num, den = sympy.fraction(sympy.together(q))
+    if den.free_symbols or not den.is_number:
+        return False
+    if num.free_symbols:
+        return bool(den == 1) and num.is_polynomial() and all(
+            c.is_integer for c in sympy.Poly(num).coeffs()
+        )
+    return bool(q.is_integer)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# op rules
+
+
+def _is_pointwise(target) -> bool:
+    tags = getattr(target, "tags", ())
+    return torch.Tag.pointwise in tags
+
+
+_IDENTITY_OPS = {
+    aten.clone.default, aten.alias.default, aten.detach.default, aten.contiguous.default,
+    aten._to_copy.default, aten.lift_fresh_copy.default, prims.convert_element_type.default,
+    aten.relu.default, aten.gelu.default, aten.silu.default, aten.dropout.default,
+    aten.gelu_backward.default, aten.threshold_backward.default, aten.silu_backward.default,
+}
+
+_BATCH_FREE_FACTORIES = {
+    aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
+    aten.rand_like.default, aten.randn_like.default, aten.new_zeros.default, aten.new_ones.default,
+    aten.new_empty.default, aten.new_full.default, aten.empty_strided.default, aten.sym_size.int,
+    aten.sym_numel.default, aten.sym_stride.int, aten.sym_storage_offset.default,
+    aten.scalar_tensor.default, aten.full.default, aten.zeros.default, aten.ones.default,
+    aten.arange.default, aten.arange.start, aten.arange.start_step, aten.empty.memory_format,
+    prims.iota.default,
+}
+
+_VIEW_OPS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+# reduction op -> (index of dims arg or None for "all dims", index of keepdim arg or None)
+_REDUCTIONS = {
+    aten.sum.dim_IntList: (1, 2), aten.sum.default: (None, None), aten.mean.dim: (1, 2),
+    aten.mean.default: (None, None), aten.amax.default: (1, 2), aten.amin.default: (1, 2),
+    aten.var.correction: (1, "keepdim"), aten.var_mean.correction: (1, "keepdim"),
+    aten.std.correction: (1, "keepdim"), aten.prod.dim_int: (1, 2), aten.prod.default: (None, None),
+    aten.any.dim: (1, 2), aten.any.dims: (1, 2), aten.all.dim: (1, 2), aten.argmax.default: (1, 2),
+    aten.argmin.default: (1, 2), aten.max.dim: (1, 2), aten.min.dim: (1, 2), aten.logsumexp.default: (1, 2),
+    aten.max.default: (None, None), aten.min.default: (None, None), aten.linalg_vector_norm.default: (2, 3),
+    prims.sum.default: (1, None), prims.var.default: (1, None),
+}
+
+# ops that act along one dim (arg index of dim); samples must not be that dim
+_ALONG_DIM = {
+    aten._softmax.default: 1, aten._log_softmax.default: 1, aten._softmax_backward_data.default: 2,
+    aten._log_softmax_backward_data.default: 2, aten.cumsum.default: 1, aten.cumprod.default: 1,
+    aten.sort.default: 1, aten.sort.stable: "dim", aten.gather.default: 1, aten.scatter.src: 1,
+    aten.scatter.value: 1, aten.scatter_add.default: 1, aten.topk.default: 2, aten.softmax.int: 1,
+    aten.log_softmax.int: 1,
+}
+
+_SDPA_OPS = {
+    name for name in (
+        "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward",
+        "_scaled_dot_product_efficient_attention", "_scaled_dot_product_efficient_attention_backward",
+        "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_backward",
+        "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_cudnn_attention_backward",
+        "_efficient_attention_forward", "_efficient_attention_backward", "_flash_attention_forward",
+        "_flash_attention_backward",
+    )
+}
+
+
+def _arg(node: fx.Node, idx, default=None):
+    if isinstance(idx, str):
+        return node.kwargs.get(idx, default)
+    if idx < len(node.args):
+        return node.args[idx]
+    return default
+
+
+def _norm_dim(d: int, rank: int) -> int:
+    return d + rank if d < 0 else d
+
+
+class BatchDimAnalysis:
+    """Run once over a joint graph; `state(node)` answers afterwards."""
+
+    def __init__(self, graph: fx.Graph, seeds: dict, batch_size: sympy.Expr):
+        self.graph = graph
+        self.B = batch_size
+        self.states: dict[fx.Node, State] = {}
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                self.states[node] = seeds.get(node)
+            elif node.op == "call_function":
+                try:
+                    self.states[node] = self._rule(node)
+                except Exception as e:  # a rule that trips on an odd signature must not pass silently
+                    self.states[node] = self._unknown(node, f"batch-dim rule failed ({type(e).__name__}: {e})")
+
+    def state(self, node: Any) -> State:
+        if isinstance(node, fx.Node):
+            return self.states.get(node)
+        return None
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def _first_mixed(self, node: fx.Node) -> Optional[Mixed]:
+        for a in _flatten_nodes((node.args, node.kwargs)):
+            s = self.state(a)
+            for leaf in _flatten_states(s):
+                if isinstance(leaf, Mixed):
+                    return leaf
+        return None
+
+    def _any_batched(self, node: fx.Node) -> bool:
+        return any(
+            isinstance(leaf, BDim)
+            for a in _flatten_nodes((node.args, node.kwargs))
+            for leaf in _flatten_states(self.state(a))
+        )
+
+    def _unknown(self, node: fx.Node, why: str) -> Mixed:
+        return Mixed(node, why)
+
+    def _mix(self, node: fx.Node, why: str) -> Mixed:
+        return Mixed(node, why)
+
+    # -- the rule dispatcher --------------------------------------------------------------------------------
+    def _rule(self, node: fx.Node) -> State:
+        t = node.target
+        if t is operator.getitem:
+            s = self.state(node.args[0])
+            if isinstance(s, tuple):
+                return s[node.args[1]]
+            return s
+        mixed = self._first_mixed(node)
+        if mixed is not None:
+            # anything computed from a value that combines samples combines them too
+            return mixed
+        if not self._any_batched(node):
+            return None  # a function of batch-free values is batch-free
+        if t in _BATCH_FREE_FACTORIES:
+            return None
+        if t in _IDENTITY_OPS:
+            return self.state(node.args[0])
+        if t in _VIEW_OPS:
+            return self._view(node, node.args[0])
+        if t in _REDUCTIONS:
+            return self._reduction(node)
+        if t in _ALONG_DIM:
+            return self._along_dim(node)
+        handler = _HANDLERS.get(t)
+        if handler is not None:
+            return handler(self, node)
+        name = getattr(getattr(t, "_overloadpacket", None), "__name__", "")
+        if name in _SDPA_OPS:
+            return self._sdpa(node)
+        if _is_pointwise(t):
+            return self._pointwise(node)
+        return self._unknown(node, "an op the batch-dim analysis does not know, applied to per-sample data")
+
+    # -- rules -----------------------------------------------------------------------------------------------
+    def _pointwise(self, node: fx.Node, operands: Optional[Sequence] = None) -> State:
+        out_rank = rank_of(node)
+        found = None
+        for a in operands if operands is not None else _flatten_nodes((node.args, node.kwargs)):
+            s = self.state(a)
+            if not isinstance(s, BDim):
+                continue
+            r = rank_of(a)
+            aligned = BDim(s.dim + out_rank - r, s.inner)
+            if found is None:
+                found = aligned
+            elif found != aligned:
+                return self._mix(node, "an elementwise op combines different samples")
+        return found
+
+    def _view(self, node: fx.Node, src: fx.Node) -> State:
+        s = self.state(src)
+        ins, outs = sizes_of(src), sizes_of(node)
+        block = s.inner * prod(ins[s.dim + 1:])  # elements per sample block in row-major order
+        for e in range(len(outs)):
+            after = prod(outs[e + 1:])
+            if divides(after, block) and divides(block * self.B, after * outs[e]):
+                return BDim(e, sympy.cancel(block / after))
+        return self._mix(node, "a reshape that spreads one sample's block over several dims")
+
+    def _reduction(self, node: fx.Node) -> State:
+        dims_idx, keep_idx = _REDUCTIONS[node.target]
+        s = self.state(node.args[0])
+        rank = rank_of(node.args[0])
+        dims = None if dims_idx is None else _arg(node, dims_idx)
+        if dims is None or dims == []:
+            dims = list(range(rank))
+        elif isinstance(dims, int):
+            dims = [dims]
+        dims = [_norm_dim(d, rank) for d in dims]
+        if s.dim in dims:
+            return self._mix(node, "a reduction over the batch dim")
+        keep = bool(_arg(node, keep_idx, False)) if keep_idx is not None else False
+        new = BDim(s.dim if keep else s.dim - sum(d < s.dim for d in dims), s.inner)
+        if node.target in (aten.var_mean.correction, aten.max.dim, aten.min.dim):
+            return (new, new)
+        return new
+
+    def _along_dim(self, node: fx.Node) -> State:
+        idx = _ALONG_DIM[node.target]
+        out_rank = rank_of(node) if rank_of(node) is not None else rank_of(node.args[0])
+        d = _norm_dim(_arg(node, idx, -1 if node.target is aten.sort.stable else None), out_rank)
+        operands = [a for a in _flatten_nodes((node.args, node.kwargs)) if rank_of(a) == out_rank]
+        for a in operands:
+            s = self.state(a)
+            if isinstance(s, BDim) and s.dim == d:
+                return self._mix(node, "an op acting along the batch dim")
+        if any(rank_of(a) not in (None, out_rank) and isinstance(self.state(a), BDim)
+               for a in _flatten_nodes((node.args, node.kwargs))):
+            return self._unknown(node, "an op along a dim with operands of different ranks")
+        if isinstance(node.meta.get("val"), (tuple, list)):  # sort / topk: (values, indices)
+            r = self._pointwise_like(node, operands)
+            return (r, r)
+        return self._pointwise_like(node, operands)
+
+    def _pointwise_like(self, node, operands):
+        found = None
+        for a in operands:
+            s = self.state(a)
+            if isinstance(s, BDim):
+                if found is not None and found != s:
+                    return self._mix(node, "an op combines different samples")
+                found = s
+        return found
+
+    def _permute(self, node: fx.Node) -> State:
+        s = self.state(node.args[0])
+        rank = rank_of(node.args[0])
+        perm = [_norm_dim(p, rank) for p in node.args[1]]
+        return BDim(perm.index(s.dim), s.inner)
+
+    def _transpose(self, node: fx.Node) -> State:
+        s = self.state(node.args[0])
+        rank = rank_of(node.args[0])
+        if node.target is aten.t.default:
+            a, b = 0, rank - 1 if rank > 1 else 0
+        else:
+            a, b = _norm_dim(node.args[1], rank), _norm_dim(node.args[2], rank)
+        d = b if s.dim == a else a if s.dim == b else s.dim
+        return BDim(d, s.inner)
+
+    def _unsqueeze(self, node: fx.Node) -> State:
+        s = self.state(node.args[0])
+        d = _norm_dim(node.args[1], rank_of(node))
+        return BDim(s.dim + (1 if d <= s.dim else 0), s.inner)
+
+    def _squeeze(self, node: fx.Node) -> State:
+        s = self.state(node.args[0])
+        rank = rank_of(node.args[0])
+        ins = sizes_of(node.args[0])
+        if node.target is aten.squeeze.default:
+            dims = [i for i in range(rank) if ins[i] == 1]
+        else:
+            arg = node.args[1]
+            dims = [_norm_dim(d, rank) for d in (arg if isinstance(arg, (list, tuple)) else [arg])]
+            dims = [d for d in dims if ins[d] == 1]
+        if s.dim in dims:  # only possible when B == 1: the sample dim disappears; keep it as a view would
+            return self._view(node, node.args[0])
+        return BDim(s.dim - sum(d < s.dim for d in dims), s.inner)
+
+    def _expand(self, node: fx.Node) -> State:
+        s = self.state(node.args[0])
+        return BDim(s.dim + rank_of(node) - rank_of(node.args[0]), s.inner)
+
+    def _slice_like(self, node: fx.Node) -> State:
+        # slice / narrow / select / split along a dim: fine unless that dim carries samples
+        s = self.state(node.args[0])
+        rank = rank_of(node.args[0])
+        d = _norm_dim(_arg(node, 1, 0), rank)
+        t = node.target
+        if d == s.dim:
+            if t is aten.slice.Tensor and sizes_of(node)[d] == sizes_of(node.args[0])[d]:
+                return s  # a full slice
+            return self._mix(node, "an op that takes part of the batch dim")
+        if t is aten.select.int:
+            return BDim(s.dim - (1 if d < s.dim else 0), s.inner)
+        if t in (aten.split.Tensor, aten.split_with_sizes.default, aten.unbind.int, aten.chunk.default):
+            n = len(node.meta["val"])
+            new = BDim(s.dim - (1 if t is aten.unbind.int and d < s.dim else 0), s.inner)
+            return tuple(new for _ in range(n))
+        return s
+
+    def _cat(self, node: fx.Node) -> State:
+        tensors = node.args[0]
+        rank = rank_of(node)
+        d = _norm_dim(_arg(node, 1, 0), rank)
+        found = self._pointwise(node, [a for a in tensors if rank_of(a) == rank])
+        if isinstance(found, BDim) and found.dim == d:
+            return self._mix(node, "a concatenation along the batch dim")
+        return found
+
+    def _stack(self, node: fx.Node) -> State:
+        tensors = node.args[0]
+        d = _norm_dim(_arg(node, 1, 0), rank_of(node))
+        found = self._pointwise_like(node, list(tensors))
+        if isinstance(found, BDim):
+            return BDim(found.dim + (1 if d <= found.dim else 0), found.inner)
+        return found
+
+    def _mm(self, node: fx.Node) -> State:
+        if node.target is aten.addmm.default:
+            bias, a, b = node.args[:3]
+        else:
+            bias, (a, b) = None, node.args[:2]
+        sa, sb = self.state(a), self.state(b)
+        if isinstance(sa, BDim) and sa.dim == 1 or isinstance(sb, BDim) and sb.dim == 0:
+            return self._mix(node, "a matmul contracting the batch dim")
+        if isinstance(sa, BDim) and isinstance(sb, BDim):
+            return self._mix(node, "a matmul pairing rows of one sample with columns of another")
+        out = BDim(0, sa.inner) if isinstance(sa, BDim) else BDim(1, sb.inner) if isinstance(sb, BDim) else None
+        sbias = self.state(bias) if bias is not None else None
+        if isinstance(sbias, BDim):
+            aligned = BDim(sbias.dim + 2 - rank_of(bias), sbias.inner)
+            if out is not None and out != aligned:
+                return self._mix(node, "addmm combines different samples")
+            out = aligned
+        return out
+
+    def _bmm(self, node: fx.Node) -> State:
+        a, b = node.args[:2]
+        sa, sb = self.state(a), self.state(b)
+        if isinstance(sa, BDim) and sa.dim == 2 or isinstance(sb, BDim) and sb.dim == 1:
+            return self._mix(node, "a batched matmul contracting the batch dim")
+        outs = []
+        if isinstance(sa, BDim):
+            outs.append(BDim(sa.dim, sa.inner))
+        if isinstance(sb, BDim):
+            outs.append(BDim(0 if sb.dim == 0 else 2, sb.inner))
+        if len(outs) == 2 and (outs[0] != outs[1] or outs[0].dim != 0):
+            return self._mix(node, "a batched matmul pairing different samples")
+        return outs[0]
+
+    def _embedding(self, node: fx.Node) -> State:
+        weight, idx = node.args[:2]
+        if isinstance(self.state(weight), BDim):
+            return self._unknown(node, "an embedding whose table carries samples")
+        s = self.state(idx)
+        return BDim(s.dim, s.inner) if isinstance(s, BDim) else None
+
+    def _index_select(self, node: fx.Node) -> State:
+        x, d, idx = node.args[:3]
+        s = self.state(x)
+        if isinstance(self.state(idx), BDim):
+            return self._unknown(node, "index_select with per-sample indices")
+        if _norm_dim(d, rank_of(x)) == s.dim:
+            return self._mix(node, "index_select along the batch dim")
+        return s
+
+    def _index(self, node: fx.Node) -> State:
+        x, indices = node.args[:2]
+        sx = self.state(x)
+        present = [i for i, ix in enumerate(indices) if ix is not None]
+        idx_states = [self.state(indices[i]) for i in present]
+        if not present or present != list(range(present[0], present[-1] + 1)):
+            return self._unknown(node, "advanced indexing with non-adjacent indices")
+        idx_rank = max(rank_of(indices[i]) for i in present)
+        p0, pk = present[0], present[-1]
+        if isinstance(sx, BDim):
+            if p0 <= sx.dim <= pk:
+                if any(isinstance(s, BDim) for s in idx_states):
+                    return self._unknown(node, "gathering along the batch dim")
+                return self._mix(node, "indexing into the batch dim")
+            if any(isinstance(s, BDim) for s in idx_states):
+                return self._unknown(node, "indexing per-sample data with per-sample indices")
+            return BDim(sx.dim if sx.dim < p0 else sx.dim - len(present) + idx_rank, sx.inner)
+        found = None
+        for i, s in zip(present, idx_states):
+            if isinstance(s, BDim):
+                aligned = BDim(p0 + s.dim + idx_rank - rank_of(indices[i]), s.inner)
+                if found is not None and found != aligned:
+                    return self._mix(node, "indices from different samples combined")
+                found = aligned
+        return found
+
+    def _layer_norm(self, node: fx.Node) -> State:
+        x, shape = node.args[:2]
+        s = self.state(x)
+        for w in node.args[2:4]:
+            if isinstance(self.state(w), BDim):
+                return self._unknown(node, "layer_norm with per-sample affine parameters")
+        if s.dim >= rank_of(x) - len(shape):
+            return self._mix(node, "a layer_norm normalising over the batch dim")
+        return (s, s, s)
+
+    def _sdpa(self, node: fx.Node) -> State:
+        found = None
+        for a in _flatten_nodes((node.args, node.kwargs)):
+            s = self.state(a)
+            if isinstance(s, BDim):
+                if s.dim not in (0, 1) or (found is not None and found != s):
+                    return self._mix(node, "attention across samples")
+                found = s
+        vals = node.meta.get("val")
+        if isinstance(vals, (tuple, list)):
+            return tuple(found if isinstance(v, torch.Tensor) and v.dim() >= 3 else None for v in vals)
+        return found
+
+    def _embedding_backward(self, node: fx.Node) -> State:
+        grad, idx = node.args[:2]
+        if isinstance(self.state(idx), BDim) or isinstance(self.state(grad), BDim):
+            return self._mix(node, "an embedding gradient summed over the batch")
+        return None
+
+    def _index_put(self, node: fx.Node) -> State:
+        # scatter-accumulate: with per-sample values or indices, the result sums over samples
+        if node.target is aten._unsafe_masked_index_put_accumulate.default:
+            base, mask, indices, values = node.args[:4]
+        else:
+            base, indices, values = node.args[:3]
+        if isinstance(self.state(base), BDim):
+            return self._unknown(node, "index_put into per-sample data")
+        return self._mix(node, "a scatter-accumulate over the batch")
+
+
+def _flatten_nodes(x) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg(x, lambda n: out.append(n) or n)
+    return out
+
+
+def _flatten_states(s):
+    if isinstance(s, tuple):
+        for x in s:
+            yield from _flatten_states(x)
+    else:
+        yield s
+
+
+_HANDLERS = {
+    aten.permute.default: BatchDimAnalysis._permute,
+    aten.t.default: BatchDimAnalysis._transpose,
+    aten.transpose.int: BatchDimAnalysis._transpose,
+    aten.unsqueeze.default: BatchDimAnalysis._unsqueeze,
+    aten.squeeze.dim: BatchDimAnalysis._squeeze,
+    aten.squeeze.dims: BatchDimAnalysis._squeeze,
+    aten.squeeze.default: BatchDimAnalysis._squeeze,
+    aten.expand.default: BatchDimAnalysis._expand,
+    aten.slice.Tensor: BatchDimAnalysis._slice_like,
+    aten.narrow.default: BatchDimAnalysis._slice_like,
+    aten.select.int: BatchDimAnalysis._slice_like,
+    aten.split.Tensor: BatchDimAnalysis._slice_like,
+    aten.split_with_sizes.default: BatchDimAnalysis._slice_like,
+    aten.unbind.int: BatchDimAnalysis._slice_like,
+    aten.chunk.default: BatchDimAnalysis._slice_like,
+    aten.cat.default: BatchDimAnalysis._cat,
+    aten.stack.default: BatchDimAnalysis._stack,
+    aten.mm.default: BatchDimAnalysis._mm,
+    aten.addmm.default: BatchDimAnalysis._mm,
+    aten.bmm.default: BatchDimAnalysis._bmm,
+    aten.embedding.default: BatchDimAnalysis._embedding,
+    aten.index_select.default: BatchDimAnalysis._index_select,
+    aten.index.Tensor: BatchDimAnalysis._index,
+    aten._unsafe_index.Tensor: BatchDimAnalysis._index,
+    aten.native_layer_norm.default: BatchDimAnalysis._layer_norm,
+    aten.embedding_dense_backward.default: BatchDimAnalysis._embedding_backward,
+    aten.index_put.default: BatchDimAnalysis._index_put,
+    aten._unsafe_index_put.default: BatchDimAnalysis._index_put,
+    aten.index_put_.default: BatchDimAnalysis._index_put,
+    aten._unsafe_masked_index_put_accumulate.default: BatchDimAnalysis._index_put,
+}

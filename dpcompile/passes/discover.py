@@ -1,0 +1,177 @@
+"""From each trainable parameter's gradient output down to the sites that contract the batch.
+
+A parameter gradient is a sum of contributions (one per use of the parameter). Each contribution is a site
+(patterns.py) followed by a chain of ops that are linear in it and do not touch samples: reshapes, permutes,
+dtype casts, scaling by batch-free values, scatters by batch-free indices (position embeddings). Anything else on
+the path is refused with an error naming the parameter and the op.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+
+from ..errors import SampleMixingError, UnsupportedGradientError
+from .batchdim import BDim, Mixed, node_location
+from .patterns import Site, classify_leaf
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+# ops through which a contribution passes unchanged in norm (up to a constant factor)
+_SHAPE_OPS = {
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default, aten.t.default,
+    aten.transpose.int, aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default,
+    aten.clone.default, aten.alias.default, aten.contiguous.default, aten.detach.default,
+    prims.convert_element_type.default, aten._to_copy.default, aten.neg.default,
+}
+# linear ops that may change the norm: need the materialized per-sample path
+_LINEAR_OPS = {
+    aten.mul.Tensor, aten.div.Tensor, aten.mul.Scalar, aten.div.Scalar, aten.sum.dim_IntList,
+    aten.embedding_dense_backward.default, aten.index_put.default, aten._unsafe_index_put.default,
+    aten._unsafe_masked_index_put_accumulate.default, aten.mm.default, aten.expand.default,
+}
+
+
+@dataclass
+class Step:
+    """One chain op applied to the contribution: `node` with the contribution at args position `pos`."""
+
+    node: fx.Node
+    pos: int
+
+
+@dataclass
+class Contribution:
+    site: Site
+    chain: list  # list[Step], from the site up to the parameter gradient
+    negate: bool = False  # reached through the right operand of a sub
+
+    @property
+    def norm_preserving(self) -> bool:
+        return all(s.node.target in _SHAPE_OPS or _scalar_factor(s) is not None for s in self.chain)
+
+    @property
+    def scale(self) -> float:
+        f = 1.0
+        for s in self.chain:
+            k = _scalar_factor(s)
+            if k is not None:
+                f *= k
+        return abs(f)
+
+
+def _scalar_factor(step: Step) -> Optional[float]:
+    n = step.node
+    if n.target in (aten.mul.Tensor, aten.mul.Scalar) and len(n.args) == 2:
+        other = n.args[1 - step.pos]
+        if isinstance(other, (int, float)) and not isinstance(other, bool):
+            return float(other)
+    if n.target in (aten.div.Tensor, aten.div.Scalar) and step.pos == 0 and isinstance(n.args[1], (int, float)):
+        return 1.0 / float(n.args[1]) if n.args[1] != 0 else None
+    return None
+
+
+@dataclass
+class ParamGrad:
+    name: str  # FQN
+    placeholder: fx.Node
+    out_pos: int  # position in the joint graph's output tuple
+    grad: fx.Node
+    contributions: list = field(default_factory=list)
+
+    @property
+    def fused(self) -> bool:
+        """One contribution through a norm-preserving chain: the site's own norm and clipped-sum ops apply."""
+        return (len(self.contributions) == 1 and self.contributions[0].norm_preserving
+                and self.contributions[0].site.kind in ("linear", "rows", "embedding"))
+
+
+def discover_contributions(pg: ParamGrad, st: Callable, batch_size_is_one: bool) -> None:
+    """Fill pg.contributions by walking down from pg.grad."""
+
+    def walk(node, chain: list, negate: bool):
+        if not isinstance(node, fx.Node):
+            raise UnsupportedGradientError(f"gradient of parameter `{pg.name}` has a constant term {node!r}")
+        state = st(node)
+        if state is None:
+            raise UnsupportedGradientError(
+                f"gradient of parameter `{pg.name}` has a term that does not depend on the batch, at op "
+                f"`{node.name}` ({_op_name(node)}){node_location(node)}; a data-independent term (a regulariser "
+                "in the loss) has no per-sample gradient: apply it in the optimizer (weight_decay) instead"
+            )
+        if isinstance(state, BDim) or _is_contraction(node, st):
+            site = classify_leaf(node, st, pg.name, batch_size_is_one)
+            pg.contributions.append(Contribution(site, list(reversed(chain)), negate))
+            return
+        t = node.target
+        if t is aten.add.Tensor and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args) \
+                and node.kwargs.get("alpha", 1) == 1:
+            for a in node.args:
+                walk(a, chain, negate)
+            return
+        if t is aten.sub.Tensor and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1:
+            walk(node.args[0], chain, negate)
+            walk(node.args[1], chain, not negate)
+            return
+        if t in _SHAPE_OPS or t in _LINEAR_OPS:
+            pos = _contribution_arg(node, st, pg.name)
+            walk(node.args[pos], chain + [Step(node, pos)], negate)
+            return
+        raise _mixing_error(pg.name, node, state)
+
+    walk(pg.grad, [], False)
+
+
+def _op_name(node: fx.Node) -> str:
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _is_contraction(node: fx.Node, st: Callable) -> bool:
+    """A node that sums over samples whose inputs are all per-sample or batch-free."""
+    if not isinstance(st(node), Mixed):
+        return False
+    inputs = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: inputs.append(n) or n)
+    return all(not isinstance(st(a), Mixed) and not isinstance(st(a), tuple) for a in inputs) and any(
+        isinstance(st(a), BDim) for a in inputs
+    )
+
+
+def _contribution_arg(node: fx.Node, st: Callable, name: str) -> int:
+    """Index of the one argument that carries the (batch-summed) contribution; the others must be batch-free."""
+    carrying = [i for i, a in enumerate(node.args) if isinstance(a, fx.Node) and st(a) is not None]
+    others = []
+    fx.node.map_arg(node.kwargs, lambda n: others.append(n) or n)
+    if len(carrying) != 1 or any(st(a) is not None for a in others):
+        raise _mixing_error(name, node, st(node))
+    pos = carrying[0]
+    if node.target in (aten.div.Tensor, aten.div.Scalar) and pos != 0:
+        raise _mixing_error(name, node, st(node))
+    if node.target is aten.index_put.default or node.target is aten._unsafe_index_put.default:
+        if pos != 2:
+            raise _mixing_error(name, node, st(node))
+    if node.target is aten.embedding_dense_backward.default and (pos != 0 or node.args[4]):
+        raise _mixing_error(name, node, st(node))
+    if node.target is aten._unsafe_masked_index_put_accumulate.default and pos != 3:
+        raise _mixing_error(name, node, st(node))
+    return pos
+
+
+def _mixing_error(name: str, node: fx.Node, state) -> Exception:
+    where = f"op `{node.name}` ({_op_name(node)}){node_location(node)}"
+    if isinstance(state, Mixed) and state.origin is not node:
+        return SampleMixingError(
+            f"gradient of parameter `{name}` is not per-sample separable: {where} uses a value that combines "
+            f"samples — {state.describe()}. BatchNorm in training mode, in-batch losses and loss normalisers "
+            "computed over the whole batch (token-mean with ignore_index) all do this; use per-sample "
+            "normalisation (GroupNorm/LayerNorm, a sum or a per-sample mean of the loss) instead"
+        )
+    reason = f" ({state.reason})" if isinstance(state, Mixed) else ""
+    return UnsupportedGradientError(
+        f"gradient of parameter `{name}` goes through {where}{reason}, which dpcompile cannot put on a "
+        "per-sample clipped path"
+    )

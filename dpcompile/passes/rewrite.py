@@ -1,0 +1,253 @@
+"""Replace each clipping group's parameter gradients by: per-site norm ops -> clip factors -> clipped sums.
+
+The replacement for a group is written as a Python function of existing graph values, traced with make_fx
+(Inductor's decomposition table, the graph's fake mode) and copied into the joint graph right after the last
+value it reads, so that per-layer groups stream through the backward and flat groups wait for every norm.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.fx as fx
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from ..codegen import ops
+from ..errors import UnsupportedGradientError
+from ..options import AUTO_GAMMA, CLIP_EPS
+from .discover import Contribution, ParamGrad, Step
+
+aten = torch.ops.aten
+
+NORM_OPS = {"linear": ops.linear_norm, "rows": ops.rows_norm, "embedding": ops.embedding_norm}
+
+
+def _site_norm(site, ins):
+    if site.kind == "embedding":
+        return ops.embedding_norm(*ins, site.info["padding_idx"])
+    return NORM_OPS[site.kind](*ins)
+
+
+def _site_clipped_sum(site, ins, coef):
+    if site.kind == "linear":
+        return ops.linear_clipped_sum(*ins, coef)
+    if site.kind == "rows":
+        return ops.rows_clipped_sum(*ins, coef).reshape(site.node.meta["val"].shape)
+    return ops.embedding_clipped_sum(*ins, coef, site.info["num_weights"], site.info["padding_idx"]).reshape(
+        site.node.meta["val"].shape)
+
+
+def clip_factors(sq_norms: torch.Tensor, threshold: float, clip_fn: str) -> torch.Tensor:
+    norms = sq_norms.clamp_min(0).sqrt()
+    if clip_fn == "abadi":
+        return (threshold / (norms + CLIP_EPS)).clamp(max=1.0)
+    return threshold / (norms + AUTO_GAMMA)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# replaying chain ops
+
+
+def _arg(env: dict, a):
+    return fx.node.map_arg(a, lambda n: env[n])
+
+
+def replay(step: Step, value, env: dict):
+    """The chain op applied to a batch-free value (the clipped sum): the op itself."""
+    args = [value if i == step.pos else _arg(env, a) for i, a in enumerate(step.node.args)]
+    return step.node.target(*args, **_arg(env, dict(step.node.kwargs)))
+
+
+def replay_per_sample(step: Step, ps: torch.Tensor, env: dict) -> torch.Tensor:
+    """The chain op applied to per-sample values ps (B, *in): returns (B, *out)."""
+    n, t = step.node, step.node.target
+    B = ps.shape[0]
+    r = ps.dim() - 1  # rank of one sample
+    a = lambda i: _arg(env, n.args[i])  # noqa: E731
+    if t in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+        return ps.reshape(B, *a(1))
+    if t is aten.permute.default:
+        return ps.permute(0, *[p % r + 1 for p in a(1)])
+    if t is aten.t.default:
+        return ps.transpose(1, 2) if r == 2 else ps
+    if t is aten.transpose.int:
+        return ps.transpose(a(1) % r + 1, a(2) % r + 1)
+    if t in (aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default, aten.unsqueeze.default):
+        return ps.reshape(B, *n.meta["val"].shape)
+    if t is aten.expand.default:
+        out_rank = n.meta["val"].dim()
+        return ps.reshape(B, *([1] * (out_rank - r)), *ps.shape[1:]).expand(B, *a(1))
+    if t in (aten.clone.default, aten.alias.default, aten.contiguous.default, aten.detach.default):
+        return ps
+    if t is torch.ops.prims.convert_element_type.default:
+        return ps.to(a(1))
+    if t is aten._to_copy.default:
+        return ps.to(n.kwargs.get("dtype", ps.dtype))
+    if t is aten.neg.default:
+        return -ps
+    if t in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar):
+        other = a(1 - step.pos)
+        out_rank = n.meta["val"].dim()
+        if out_rank > r:
+            ps = ps.reshape(B, *([1] * (out_rank - r)), *ps.shape[1:])
+        return ps * other if t in (aten.mul.Tensor, aten.mul.Scalar) else ps / other
+    if t is aten.sum.dim_IntList:
+        dims = a(1) or list(range(r))
+        keep = bool(a(2)) if len(n.args) > 2 else bool(n.kwargs.get("keepdim", False))
+        return ps.sum([d % r + 1 for d in dims], keepdim=keep)
+    if t is aten.mm.default:
+        return torch.matmul(a(0), ps) if step.pos == 1 else torch.matmul(ps, a(1))
+    if t is aten.embedding_dense_backward.default:
+        idx, num_weights, pad = a(1), a(2), a(3)
+        return _scatter_rows(ps, idx, num_weights, pad, ps.shape[-1:])
+    if t in (aten.index_put.default, aten._unsafe_index_put.default):
+        base, indices = a(0), a(1)
+        if len(indices) != 1 or not (len(n.args) > 3 and n.args[3]):
+            raise UnsupportedGradientError(f"unsupported scatter `{n.name}` on a gradient path")
+        return _scatter_rows(ps, indices[0], base.shape[0], -1, base.shape[1:])
+    if t is aten._unsafe_masked_index_put_accumulate.default:
+        base, mask, indices = a(0), a(1), a(2)
+        return _scatter_rows(ps * mask, indices[0], base.shape[0], -1, base.shape[1:])
+    raise UnsupportedGradientError(f"op `{n.name}` ({t}) cannot be applied per sample")
+
+
+def _scatter_rows(ps, idx, num_rows, pad, row_shape):
+    """Per-sample index_add of rows by batch-free indices (position embeddings and friends)."""
+    B = ps.shape[0]
+    flat_idx = idx.reshape(-1).long()
+    vals = ps.reshape(B, flat_idx.shape[0], *row_shape)
+    if pad is not None and pad >= 0:
+        keep = (flat_idx != pad).to(vals.dtype).view(1, -1, *([1] * len(row_shape)))
+        vals = vals * keep
+    out = vals.new_zeros((B, num_rows, *row_shape))
+    return out.index_add(1, flat_idx, vals)
+
+
+def per_sample_grad(pg: ParamGrad, env: dict, bsz) -> torch.Tensor:
+    """(B, *param.shape): the sum of all contributions of one parameter, per sample."""
+    total = None
+    for c in pg.contributions:
+        ps = c.site.per_sample(env, bsz)
+        for step in c.chain:
+            ps = replay_per_sample(step, ps, env)
+        ps = -ps if c.negate else ps
+        ps = ps.reshape(ps.shape[0], *pg.grad.meta["val"].shape)
+        total = ps if total is None else total + ps
+    return total
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the group replacement
+
+
+def group_inputs(params: list, batch_node: fx.Node) -> list[fx.Node]:
+    """Every existing graph value the group's replacement reads, in graph order."""
+    seen: dict[fx.Node, None] = {batch_node: None}
+    for pg in params:
+        for c in pg.contributions:
+            for n in c.site.inputs:
+                seen[n] = None
+            for step in c.chain:
+                for i, a in enumerate(step.node.args):
+                    if i != step.pos:
+                        fx.node.map_arg(a, lambda n: seen.setdefault(n, None))
+                fx.node.map_arg(step.node.kwargs, lambda n: seen.setdefault(n, None))
+    return list(seen)
+
+
+def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: int, threshold: float,
+                  clip_fn: str, mean: bool) -> Callable:
+    def group_fn(*vals):
+        env = dict(zip(inputs, vals))
+        bsz = env[batch_node].shape[batch_dim]
+        sq, prepared = None, []
+        for pg in params:
+            if pg.fused:
+                c: Contribution = pg.contributions[0]
+                ins = c.site.fused_inputs(env, bsz)
+                n2 = _site_norm(c.site, ins)
+                if c.scale != 1.0:
+                    n2 = n2 * (c.scale * c.scale)
+                prepared.append(ins)
+            else:
+                ps = per_sample_grad(pg, env, bsz)
+                n2 = ops.persample_norm(ps)
+                prepared.append(ps)
+            sq = n2 if sq is None else sq + n2
+        if mean:  # the loss carried 1/B: measure and sum B * g_i
+            sq = sq * (bsz * bsz)
+        coef = clip_factors(sq, threshold, clip_fn)
+        if mean:
+            coef = coef * bsz
+        outs = []
+        for pg, data in zip(params, prepared):
+            if pg.fused:
+                c = pg.contributions[0]
+                s = _site_clipped_sum(c.site, data, coef)
+                for step in c.chain:
+                    s = replay(step, s, env)
+                s = -s if c.negate else s
+            else:
+                s = ops.persample_clipped_sum(data, coef)
+            val = pg.grad.meta["val"]
+            outs.append(s.to(val.dtype).reshape(val.shape))
+        return outs
+
+    return group_fn
+
+
+def insert_traced(graph: fx.Graph, fn: Callable, inputs: list[fx.Node], decompositions: dict) -> list[fx.Node]:
+    """Trace fn over the inputs' fake values and copy its nodes into `graph` after the last input."""
+    from torch._guards import detect_fake_mode
+
+    vals = [n.meta["val"] for n in inputs]
+    fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+    with fake_mode:
+        traced = make_fx(fn, decomposition_table=decompositions, tracing_mode="real")(*vals)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    last = max(inputs, key=lambda n: order[n])
+    anchor = last.next
+    while anchor.op == "placeholder":  # never insert between placeholders
+        anchor = anchor.next
+    env: dict = {}
+    placeholders = [n for n in traced.graph.nodes if n.op == "placeholder"]
+    for ph, n in zip(placeholders, inputs):
+        env[ph] = n
+    outputs = None
+    with graph.inserting_before(anchor):
+        for n in traced.graph.nodes:
+            if n.op == "placeholder":
+                continue
+            if n.op == "output":
+                outputs = fx.node.map_arg(n.args[0], lambda x: env[x])
+                continue
+            env[n] = graph.node_copy(n, lambda x: env[x])
+    return list(outputs)
+
+
+def zero_grads(graph: fx.Graph, params: list, decompositions: dict) -> None:
+    """B == 0: every trainable parameter's clipped sum is zero."""
+    out = graph.output_node()
+    outs = list(out.args[0])
+    anchor = out
+    for pg in params:
+        val = pg.grad.meta["val"]
+        with graph.inserting_before(anchor):
+            z = graph.call_function(aten.full.default, (list(val.shape), 0),
+                                    {"dtype": val.dtype, "layout": torch.strided, "device": val.device,
+                                     "pin_memory": False})
+            z.meta["val"] = val.new_zeros(val.shape) if not _has_sym(val) else val
+        outs[pg.out_pos] = z
+    out.args = (type(out.args[0])(outs),) if isinstance(out.args[0], (list, tuple)) else (outs,)
+
+
+def _has_sym(val) -> bool:
+    return any(isinstance(s, torch.SymInt) for s in val.shape)
+
+
+def set_outputs(graph: fx.Graph, replacements: dict) -> None:
+    out = graph.output_node()
+    outs = list(out.args[0])
+    for pos, node in replacements.items():
+        outs[pos] = node
+    out.args = (outs,)

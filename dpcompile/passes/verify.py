@@ -1,0 +1,67 @@
+"""Coverage: every trainable parameter's gradient output comes from a clipped sum, or the pass fails."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..errors import CoverageError
+
+_CLIPPED_SUM_OPS = None
+
+
+def clipped_sum_ops() -> set:
+    global _CLIPPED_SUM_OPS
+    if _CLIPPED_SUM_OPS is None:
+        d = torch.ops.dpcompile
+        _CLIPPED_SUM_OPS = {d.linear_clipped_sum.default, d.rows_clipped_sum.default,
+                            d.embedding_clipped_sum.default, d.persample_clipped_sum.default}
+    return _CLIPPED_SUM_OPS
+
+
+def _reaches_clipped_sum(node: fx.Node) -> bool:
+    """The output is a clipped sum up to reshapes/casts/scalings of it (or zeros for an empty batch)."""
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen or not isinstance(n, fx.Node):
+            continue
+        seen.add(n)
+        if n.target in clipped_sum_ops():
+            return True
+        if n.op == "placeholder":
+            return False
+        inputs = [a for a in n.all_input_nodes]
+        if not inputs and n.target is torch.ops.aten.full.default and n.args[1] == 0:
+            return True
+        stack.extend(inputs)
+    return False
+
+
+def verify_coverage(graph: fx.Graph, ctx, params: list) -> None:
+    outs = list(graph.output_node().args[0])
+    for info, pg in params:
+        out = outs[pg.out_pos]
+        if not _reaches_clipped_sum(out):
+            raise CoverageError(
+                f"parameter `{info.name}` would get a gradient that is not a clipped sum (output `{out}`); "
+                "refusing to produce a non-private gradient"
+            )
+        # the unclipped contributions must be gone: no path from the output back to an original site
+        for c in pg.contributions:
+            if c.site.node in graph.nodes and _depends_on(out, c.site.node):
+                raise CoverageError(
+                    f"parameter `{info.name}`: the non-private gradient `{c.site.node.name}` still feeds the output"
+                )
+
+
+def _depends_on(node: fx.Node, target: fx.Node) -> bool:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n is target:
+            return True
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    return False
