@@ -33,7 +33,10 @@ class DPCompiled:
         x = self._batch_tensor(args, kwargs)
         d = self.options.batch_dim
         if isinstance(x, torch.Tensor) and x.dim() > d and x.shape[d] >= 2:
-            torch._dynamo.mark_dynamic(x, d)
+            # every input with the batch size on the batch dim carries samples (targets, masks): same symbol
+            for t in list(args) + list(kwargs.values()):
+                if isinstance(t, torch.Tensor) and t.dim() > d and t.shape[d] == x.shape[d]:
+                    torch._dynamo.mark_dynamic(t, d)
         return self._compiled(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:

@@ -15,7 +15,8 @@ import torch.fx as fx
 
 from ..options import DPOptions
 from .batchdim import BatchDimAnalysis, BDim, Mixed, sym_expr
-from .discover import ParamGrad, discover_contributions
+from .discover import Contribution, ParamGrad, discover_contributions
+from .patterns import Site
 from .plan import plan_rows
 from .rewrite import group_inputs, insert_traced, make_group_fn, set_outputs, zero_grads
 from .verify import verify_coverage
@@ -152,14 +153,17 @@ def run_dp_pass(graph: fx.Graph, ctx: PassContext) -> None:
         _finish(graph, ctx, params)
         return
 
-    seeds = {primals[i]: BDim(d) for i, d in ctx.batch_inputs.items()}
-    first = BatchDimAnalysis(graph, seeds, batch_size)
-    seeds.update(_tangent_seeds(graph, first.states, len(primals)))
-    analysis = BatchDimAnalysis(graph, seeds, batch_size)
-
-    b_is_one = batch_size == 1
-    for info, pg in params:
-        discover_contributions(pg, analysis.state, b_is_one)
+    if batch_size == 1:
+        # one sample: each gradient is that sample's gradient; nothing can mix samples
+        for _, pg in params:
+            pg.contributions.append(Contribution(Site("whole", pg.grad, {"x": pg.grad}, {}), []))
+    else:
+        seeds = {primals[i]: BDim(d) for i, d in ctx.batch_inputs.items()}
+        first = BatchDimAnalysis(graph, seeds, batch_size)
+        seeds.update(_tangent_seeds(graph, first.states, len(primals)))
+        analysis = BatchDimAnalysis(graph, seeds, batch_size)
+        for _, pg in params:
+            discover_contributions(pg, analysis.state)
 
     groups: dict[str, list] = {}
     for info, pg in params:

@@ -38,6 +38,7 @@ class BDim:
 class Mixed:
     origin: fx.Node
     reason: str
+    unknown: bool = False  # True: not known to mix samples, but not understood either
 
     def describe(self) -> str:
         return f"{self.reason} at op `{self.origin.name}` ({_target_name(self.origin)}){node_location(self.origin)}"
@@ -61,7 +62,7 @@ def node_location(node: fx.Node) -> str:
         parts.append(f"in {cls_name} `{_clean_module_path(path)}`")
     trace = node.meta.get("stack_trace")
     if trace:
-        lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+        lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip().strip("^~ ")]
         if lines:
             parts.append(f"code: {lines[-1]}")
     return (" " + "; ".join(parts)) if parts else ""
@@ -232,7 +233,7 @@ class BatchDimAnalysis:
         )
 
     def _unknown(self, node: fx.Node, why: str) -> Mixed:
-        return Mixed(node, why)
+        return Mixed(node, why, unknown=True)
 
     def _mix(self, node: fx.Node, why: str) -> Mixed:
         return Mixed(node, why)
@@ -514,6 +515,45 @@ class BatchDimAnalysis:
             return tuple(found if isinstance(v, torch.Tensor) and v.dim() >= 3 else None for v in vals)
         return found
 
+    def _scatter_into(self, node: fx.Node) -> State:
+        # select_scatter / slice_scatter(base, src, dim, ...): the backward of select / slice
+        base, src, d = node.args[0], node.args[1], node.args[2] if len(node.args) > 2 else 0
+        rank = rank_of(base)
+        d = _norm_dim(d, rank)
+        sb, ss = self.state(base), self.state(src)
+        if isinstance(ss, BDim) and node.target is aten.select_scatter.default:
+            ss = BDim(ss.dim + (1 if ss.dim >= d else 0), ss.inner)
+        found = None
+        for s in (sb, ss):
+            if isinstance(s, BDim):
+                if s.dim == d or (found is not None and found != s):
+                    return self._mix(node, "a scatter along the batch dim")
+                found = s
+        return found
+
+    def _pad(self, node: fx.Node) -> State:
+        s = self.state(node.args[0])
+        pad = node.args[1]
+        rank = rank_of(node.args[0])
+        padded = {rank - 1 - i // 2 for i, p in enumerate(pad) if p != 0}
+        if s.dim in padded:
+            return self._mix(node, "padding along the batch dim")
+        return s
+
+    def _last_two_dims(self, node: fx.Node) -> State:
+        # tril / triu act on the last two dims
+        s = self.state(node.args[0])
+        if s.dim >= rank_of(node.args[0]) - 2:
+            return self._mix(node, "a triangular mask over the batch dim")
+        return s
+
+    def _repeat_interleave(self, node: fx.Node) -> State:
+        s = self.state(node.args[0])
+        d = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        if d is None or _norm_dim(d, rank_of(node.args[0])) == s.dim:
+            return self._mix(node, "repeat_interleave over the batch dim")
+        return s
+
     def _embedding_backward(self, node: fx.Node) -> State:
         grad, idx = node.args[:2]
         if isinstance(self.state(idx), BDim) or isinstance(self.state(grad), BDim):
@@ -572,6 +612,12 @@ _HANDLERS = {
     aten._unsafe_index.Tensor: BatchDimAnalysis._index,
     aten.native_layer_norm.default: BatchDimAnalysis._layer_norm,
     aten.embedding_dense_backward.default: BatchDimAnalysis._embedding_backward,
+    aten.select_scatter.default: BatchDimAnalysis._scatter_into,
+    aten.slice_scatter.default: BatchDimAnalysis._scatter_into,
+    aten.constant_pad_nd.default: BatchDimAnalysis._pad,
+    aten.tril.default: BatchDimAnalysis._last_two_dims,
+    aten.triu.default: BatchDimAnalysis._last_two_dims,
+    aten.repeat_interleave.self_int: BatchDimAnalysis._repeat_interleave,
     aten.index_put.default: BatchDimAnalysis._index_put,
     aten._unsafe_index_put.default: BatchDimAnalysis._index_put,
     aten.index_put_.default: BatchDimAnalysis._index_put,

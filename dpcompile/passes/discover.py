@@ -90,7 +90,7 @@ class ParamGrad:
                 and self.contributions[0].site.kind in ("linear", "rows", "embedding"))
 
 
-def discover_contributions(pg: ParamGrad, st: Callable, batch_size_is_one: bool) -> None:
+def discover_contributions(pg: ParamGrad, st: Callable) -> None:
     """Fill pg.contributions by walking down from pg.grad."""
 
     def walk(node, chain: list, negate: bool):
@@ -104,7 +104,7 @@ def discover_contributions(pg: ParamGrad, st: Callable, batch_size_is_one: bool)
                 "in the loss) has no per-sample gradient: apply it in the optimizer (weight_decay) instead"
             )
         if isinstance(state, BDim) or _is_contraction(node, st):
-            site = classify_leaf(node, st, pg.name, batch_size_is_one)
+            site = classify_leaf(node, st, pg.name)
             pg.contributions.append(Contribution(site, list(reversed(chain)), negate))
             return
         t = node.target
@@ -163,6 +163,12 @@ def _contribution_arg(node: fx.Node, st: Callable, name: str) -> int:
 
 def _mixing_error(name: str, node: fx.Node, state) -> Exception:
     where = f"op `{node.name}` ({_op_name(node)}){node_location(node)}"
+    if isinstance(state, Mixed) and state.unknown:
+        return UnsupportedGradientError(
+            f"gradient of parameter `{name}` goes through {where}, which depends on {state.describe()}; "
+            "dpcompile cannot prove that op keeps samples apart, so it refuses rather than risk a non-private "
+            "gradient"
+        )
     if isinstance(state, Mixed) and state.origin is not node:
         return SampleMixingError(
             f"gradient of parameter `{name}` is not per-sample separable: {where} uses a value that combines "

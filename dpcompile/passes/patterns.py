@@ -131,13 +131,11 @@ def _sym(x):
 # classification
 
 
-def classify_leaf(node: fx.Node, st, param_name: str, batch_size_is_one: bool) -> Site:
+def classify_leaf(node: fx.Node, st, param_name: str) -> Site:
     """The site for a leaf node, or an error that names the parameter and the op. `st`: node -> batch state."""
     t = node.target
     state = st(node)
     if isinstance(state, BDim):
-        if batch_size_is_one:
-            return Site("whole", node, {"x": node}, {})
         raise UnsupportedGradientError(
             f"gradient of parameter `{param_name}` still carries the batch at op `{node.name}`{node_location(node)}"
         )
