@@ -523,6 +523,10 @@ class BatchDimAnalysis:
         sb, ss = self.state(base), self.state(src)
         if isinstance(ss, BDim) and node.target is aten.select_scatter.default:
             ss = BDim(ss.dim + (1 if ss.dim >= d else 0), ss.inner)
+        full = node.target is aten.slice_scatter.default and sizes_of(base)[d] == sizes_of(src)[d] \
+            and (len(node.args) < 6 or node.args[5] == 1)
+        if full and not isinstance(sb, BDim):
+            return ss  # the source covers the whole base: a copy
         found = None
         for s in (sb, ss):
             if isinstance(s, BDim):
