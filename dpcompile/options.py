@@ -114,6 +114,8 @@ def _positive_float(name: str, value: Any) -> float:
 
 
 def _parse_max_grad_norm(value: Any):
+    if isinstance(value, tuple) and value and all(isinstance(v, tuple) and len(v) == 2 for v in value):
+        value = dict(value)  # the normalised form DPOptions stores
     if isinstance(value, Mapping):
         if not value:
             raise OptionsError("option max_grad_norm: a dict of per-group thresholds must not be empty")
