@@ -1,0 +1,110 @@
+"""Refusals: graphs that mix samples, gradients through ops the pass cannot privatize, bad setups.
+
+Each must raise a dpcompile error naming the parameter and the op, never return a non-private gradient.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dpcompile
+import models
+from dp_check import LossModule, unwrap
+
+
+def _run(model, loss_fn, batch, **options):
+    torch._dynamo.reset()
+    compiled = dpcompile.compile(LossModule(model, loss_fn, False), backend="flashdp_eager",
+                                 **{"loss_reduction": "sum", **options})
+    try:
+        compiled(*batch).backward()
+    except Exception as e:  # Dynamo wraps backend errors
+        raise unwrap(e) from None
+
+
+def test_batchnorm_in_training_is_refused():
+    case = models.batchnorm_model()
+    with pytest.raises(dpcompile.SampleMixingError, match=r"m\.\d\.(weight|bias).*reduction over the batch"):
+        _run(case.model, case.loss_fn, case.batch(4))
+
+
+def test_in_batch_contrastive_loss_is_refused():
+    case = models.inbatch_loss_model()
+    with pytest.raises(dpcompile.DPCompileError, match=r"m\.weight"):
+        _run(case.model, case.loss_fn, case.batch(4))
+
+
+def test_token_mean_with_ignore_index_is_refused():
+    """Mean over non-ignored tokens of the whole batch: the normaliser couples samples."""
+    case = models.gpt_like()
+
+    def loss_fn(m, idx, tgt):
+        return F.cross_entropy(m(idx).flatten(0, 1), tgt.flatten(), ignore_index=0)
+
+    with pytest.raises(dpcompile.SampleMixingError, match="combines samples"):
+        _run(case.model, loss_fn, case.batch(3))
+
+
+def test_loss_normalised_by_a_batch_statistic_is_refused():
+    model = nn.Linear(3, 2)
+
+    def loss_fn(m, x):
+        out = m(x)
+        return out.pow(2).sum() / out.detach().abs().sum()
+
+    with pytest.raises(dpcompile.SampleMixingError):
+        _run(model, loss_fn, (torch.randn(4, 3),))
+
+
+def test_cumsum_over_the_batch_is_refused():
+    model = nn.Linear(3, 2)
+    with pytest.raises(dpcompile.SampleMixingError, match=r"m\.(weight|bias)"):
+        _run(model, lambda m, x: m(x).cumsum(0).pow(2).sum(), (torch.randn(4, 3),))
+
+
+def test_unsupported_op_names_parameter_and_op():
+    """conv2d weight gradients have no per-sample rule yet: refuse, naming both."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 2 * 2, 1))
+    with pytest.raises(dpcompile.UnsupportedGradientError, match=r"m\.0\.weight.*convolution"):
+        _run(model, lambda m, x: m(x).pow(2).sum(), (torch.randn(4, 2, 4, 4),))
+
+
+def test_scale_grad_by_freq_is_refused():
+    model = nn.Embedding(5, 3, scale_grad_by_freq=True)
+    with pytest.raises(dpcompile.UnsupportedGradientError, match="scale_grad_by_freq"):
+        _run(model, lambda m, i: m(i).pow(2).sum(), (torch.randint(0, 5, (4, 2)),))
+
+
+def test_regulariser_in_the_loss_is_refused():
+    model = nn.Linear(3, 2)
+    with pytest.raises(dpcompile.UnsupportedGradientError, match=r"m\.weight.*does not depend on the batch"):
+        _run(model, lambda m, x: m(x).pow(2).sum() + m.weight.pow(2).sum(), (torch.randn(4, 3),))
+
+
+def test_graph_break_splitting_a_flat_group_is_refused():
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 1)
+
+        def forward(self, x):
+            h = self.a(x)
+            torch._dynamo.graph_break()
+            return self.b(h)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(Broken(), backend="flashdp_eager", options={"clipping": "flat"})
+    with pytest.raises(Exception) as info:
+        compiled(torch.randn(4, 3)).sum().backward()
+    err = unwrap(info.value)
+    assert isinstance(err, dpcompile.CoverageError) and "fullgraph=True" in str(err)
+
+
+def test_unknown_option_is_refused_at_compile():
+    torch._dynamo.reset()
+    compiled = torch.compile(nn.Linear(2, 2), backend="flashdp_eager", options={"max_grad_norm": 1.0, "C": 2})
+    with pytest.raises(Exception) as info:
+        compiled(torch.randn(3, 2))
+    assert isinstance(unwrap(info.value), dpcompile.OptionsError) and "'C'" in str(unwrap(info.value))
