@@ -192,7 +192,7 @@ def build_context(gm: torch.fx.GraphModule, example_inputs: list, options: Any) 
     params = {i: ParamInfo(name, groups[name]) for i, name in trainable.items()}
     ctx = PassContext(opts, params, batch_inputs, thresholds, dp_decomposition_table())
     ctx.model = root
-    ctx.input_sources = {i: sources[i] for i in batch_inputs}
+    ctx.input_sources = {sources[i] or f"input{i}": d for i, d in batch_inputs.items()}
     _CONTEXTS.append(ctx)
     del _CONTEXTS[:-16]
     return ctx

@@ -28,7 +28,6 @@ def impls(name):
 def rnd(gen, *shape, dtype=torch.float32):
     return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
 
-
 def naive(samples, coef, shape):
     """samples: list of float64 s_i. Returns (norms (B,), sum_i coef_i s_i)."""
     norms = torch.tensor([float((s * s).sum()) for s in samples], dtype=torch.float64)
@@ -110,7 +109,7 @@ def test_linear_mixed_dtypes_promote(da, db):
     linear_case(a, b, rnd(g, 3), in_dtype=torch.float16, out_dtype=torch.promote_types(da, db))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: linear_clipped_sum(fp32 a, fp64 b) raises 'expected m1 and m2 to "
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="BUG: linear_clipped_sum(fp32 a, fp64 b) raises 'expected m1 and m2 to "
                    "have the same dtype' instead of returning the promoted fp64 sum its fake impl promises")
 def test_linear_clipped_sum_fp32_fp64():
     g = torch.Generator().manual_seed(2)
@@ -152,8 +151,7 @@ def embedding_case(idx, g, coef, num_weights, padding_idx, dt=torch.float32):
                 s[int(idx[i, t])] += g[i, t].double()  # duplicates add before squaring
         samples.append(s)
     en, es = naive(samples, coef, (num_weights, g.shape[-1]))
-    norm_args = (idx, g, padding_idx)
-    check("embedding", norm_args, (idx, g, coef, num_weights, padding_idx), en, es, dt, dt, B)
+    check("embedding", (idx, g, padding_idx), (idx, g, coef, num_weights, padding_idx), en, es, dt, dt, B)
 
 
 @given(B=B_, T=W_, D=W_, V=st.integers(1, 4), extra=st.integers(0, 3), pad=st.sampled_from(["none", "zero", "present"]),
@@ -210,7 +208,7 @@ def test_persample_1d_3d(shape):
     persample_case(rnd(g, *shape, 3).movedim(-1, 0), rnd(g, 3))  # non-contiguous
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: persample_*_reference reshape(0, -1) raises 'cannot reshape tensor "
+@pytest.mark.xfail(strict=True, raises=RuntimeError, reason="BUG: persample_*_reference reshape(0, -1) raises 'cannot reshape tensor "
                    "of 0 elements into shape [0, -1]' for B=0; expected norms of shape (0,) and a zero sum")
 @pytest.mark.parametrize("shape", [(3,), (2, 1, 3)])
 def test_persample_empty_batch(shape):
@@ -252,7 +250,7 @@ def test_opcheck(name):
     torch.library.opcheck(getattr(O, name), args, test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: linear/rows/persample _norm return float64 for float64 inputs; the "
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="BUG: linear/rows/persample _norm return float64 for float64 inputs; the "
                    "docstring and fake impls promise fp32 (real/fake dtype mismatch)")
 def test_norms_are_fp32_for_fp64_inputs():
     for name, args in _calls(torch.float64):
