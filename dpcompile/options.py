@@ -107,7 +107,10 @@ class DPOptions:
 def _positive_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise OptionsError(f"option {name}={value!r} must be a positive number")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:
+        raise OptionsError(f"option {name}={value!r} is too large") from None
     if not (value > 0 and math.isfinite(value)):
         raise OptionsError(f"option {name}={value!r} must be a positive finite number")
     return value

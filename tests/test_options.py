@@ -28,7 +28,7 @@ BAD = [
     ({"clipping": 3}, "clipping"),
     ({"clipping": None}, "clipping"),
     ({"clipping": {"g": ["a"]}}, "clipping"),
-    ({"clipping": {"a", "b"}}, "clipping"),
+    ({"clipping": frozenset(["a"])}, "clipping"),
     ({"max_grad_norm": -1.0}, "max_grad_norm"),
     ({"max_grad_norm": 0}, "max_grad_norm"),
     ({"max_grad_norm": 0.0}, "max_grad_norm"),
@@ -80,9 +80,6 @@ def test_malformed_option_raises_naming_it(opts, needle):
     assert isinstance(info.value, dpcompile.DPCompileError) and isinstance(info.value, ValueError)
 
 
-@pytest.mark.xfail(strict=True, raises=OverflowError, reason="BUG: an int too large for float "
-                   "(max_grad_norm=10**400) raises OverflowError from float() in _positive_float instead of "
-                   "OptionsError")
 @pytest.mark.parametrize("value", [10**400, {"g": 10**400}], ids=["float", "dict"])
 def test_max_grad_norm_overflowing_int(value):
     with pytest.raises(OptionsError, match="max_grad_norm"):

@@ -6,10 +6,12 @@ Every op takes per-sample views whose dim 0 indexes samples:
   rows       x (B, R, P):               s_i = sum_r x_i[r]                    (bias, norm affine, elementwise params)
   embedding  idx (B, T), g (B, T, D):   s_i = sum_t onehot(idx_it) g_it       (embedding tables; padding row zero)
   persample  ps (B, *shape):            s_i = ps_i                            (materialized, general fallback)
-`*_norm` returns the fp32 squared norms ||s_i||^2, shape (B,); `*_clipped_sum` returns sum_i coef_i s_i, accumulated
+`*_norm` returns the squared norms in the accumulation dtype (fp32; fp64 for fp64 data) ||s_i||^2, shape (B,); `*_clipped_sum` returns sum_i coef_i s_i, accumulated
 in fp32 and returned in the data dtype. The Triton kernels of the next layer plug in as CUDA implementations.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -17,15 +19,22 @@ from torch import Tensor
 _LIB = "dpcompile"
 
 
-def _acc(x: Tensor) -> Tensor:
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+def _acc(x: Tensor, *others: Tensor) -> Tensor:
+    """x in the accumulation dtype: fp32 for fp16/bf16/fp32 data, fp64 when any operand is fp64."""
+    dtype = norm_dtype(x.dtype, *(o.dtype for o in others))
+    return x.to(dtype)
+
+
+def norm_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """Norms and sums accumulate in fp32, or fp64 for fp64 data (tests run the contract in fp64)."""
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 # -- linear ------------------------------------------------------------------------------------------------
 
 
 def linear_norm_reference(a: Tensor, b: Tensor) -> Tensor:
-    a, b = _acc(a), _acc(b)
+    a, b = _acc(a, b), _acc(b, a)
     B, T, M = a.shape
     N = b.shape[-1]
     if T * T * (M + N) < T * M * N:  # ghost norm: <a_i a_i^T, b_i b_i^T> is cheaper than forming s_i
@@ -35,7 +44,7 @@ def linear_norm_reference(a: Tensor, b: Tensor) -> Tensor:
 
 def linear_clipped_sum_reference(a: Tensor, b: Tensor, coef: Tensor) -> Tensor:
     out_dtype = torch.promote_types(a.dtype, b.dtype)
-    a, b = _acc(a), _acc(b)
+    a, b = _acc(a, b), _acc(b, a)
     scaled = a * coef.to(a.dtype).view(-1, 1, 1)
     return (scaled.reshape(-1, a.shape[-1]).t() @ b.reshape(-1, b.shape[-1])).to(out_dtype)
 
@@ -47,7 +56,7 @@ def linear_norm(a: Tensor, b: Tensor) -> Tensor:
 
 @linear_norm.register_fake
 def _(a, b):
-    return a.new_empty((a.shape[0],), dtype=torch.float32)
+    return a.new_empty((a.shape[0],), dtype=norm_dtype(a.dtype, b.dtype))
 
 
 @torch.library.custom_op(f"{_LIB}::linear_clipped_sum", mutates_args=())
@@ -79,7 +88,7 @@ def rows_norm(x: Tensor) -> Tensor:
 
 @rows_norm.register_fake
 def _(x):
-    return x.new_empty((x.shape[0],), dtype=torch.float32)
+    return x.new_empty((x.shape[0],), dtype=norm_dtype(x.dtype))
 
 
 @torch.library.custom_op(f"{_LIB}::rows_clipped_sum", mutates_args=())
@@ -111,8 +120,8 @@ def _embedding_rows(idx: Tensor, g: Tensor, padding_idx: int):
 
 def embedding_norm_reference(idx: Tensor, g: Tensor, padding_idx: int) -> Tensor:
     rows, owner = _embedding_rows(idx, g, padding_idx)
-    out = torch.zeros(idx.shape[0], device=g.device, dtype=torch.float32)
-    return out.index_add_(0, owner, rows.pow(2).sum(1).float())
+    out = torch.zeros(idx.shape[0], device=g.device, dtype=norm_dtype(g.dtype))
+    return out.index_add_(0, owner, rows.pow(2).sum(1).to(out.dtype))
 
 
 def embedding_clipped_sum_reference(idx: Tensor, g: Tensor, coef: Tensor, num_weights: int, padding_idx: int) -> Tensor:
@@ -133,7 +142,7 @@ def embedding_norm(idx: Tensor, g: Tensor, padding_idx: int) -> Tensor:
 
 @embedding_norm.register_fake
 def _(idx, g, padding_idx):
-    return g.new_empty((idx.shape[0],), dtype=torch.float32)
+    return g.new_empty((idx.shape[0],), dtype=norm_dtype(g.dtype))
 
 
 @torch.library.custom_op(f"{_LIB}::embedding_clipped_sum", mutates_args=())
@@ -149,12 +158,16 @@ def _(idx, g, coef, num_weights, padding_idx):
 # -- materialized per-sample gradients (general fallback) ---------------------------------------------------
 
 
+def _flat(ps: Tensor) -> Tensor:
+    return _acc(ps).reshape(ps.shape[0], math.prod(ps.shape[1:]))  # no -1: B may be 0
+
+
 def persample_norm_reference(ps: Tensor) -> Tensor:
-    return _acc(ps).reshape(ps.shape[0], -1).pow(2).sum(1)
+    return _flat(ps).pow(2).sum(1)
 
 
 def persample_clipped_sum_reference(ps: Tensor, coef: Tensor) -> Tensor:
-    flat = _acc(ps).reshape(ps.shape[0], -1)
+    flat = _flat(ps)
     return (coef.to(flat.dtype) @ flat).reshape(ps.shape[1:]).to(ps.dtype)
 
 
@@ -165,7 +178,7 @@ def persample_norm(ps: Tensor) -> Tensor:
 
 @persample_norm.register_fake
 def _(ps):
-    return ps.new_empty((ps.shape[0],), dtype=torch.float32)
+    return ps.new_empty((ps.shape[0],), dtype=norm_dtype(ps.dtype))
 
 
 @torch.library.custom_op(f"{_LIB}::persample_clipped_sum", mutates_args=())
