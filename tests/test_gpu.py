@@ -1,0 +1,59 @@
+"""The same contract on a CUDA GPU: Inductor with CUDA code generation, bf16 autocast, the CUDA graph forms
+(fused norm backward decompositions, index_put embedding backward). Skipped without a GPU."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import dpcompile
+import models
+from dp_check import LossModule, assert_matches, oracle_grads
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _on_cuda(case):
+    case = copy.copy(case)
+    case.model = copy.deepcopy(case.model)
+    return case
+
+
+@pytest.mark.parametrize("backend", ["flashdp", "flashdp_eager"])
+@pytest.mark.parametrize("case", [models.gpt_like(tied=True), models.llama_like(), models.hf_gpt2(),
+                                  models.mha()], ids=lambda c: c.name)
+def test_cuda_fp32_matches_oracle(case, backend):
+    got = _cuda_grads(case, case.batch(4, seed=1), backend, autocast=False, max_grad_norm=0.5,
+                      clipping="per_layer", loss_reduction="mean")
+    want = oracle_grads(case, case.batch(4, seed=1), max_grad_norm=0.5, clipping="per_layer")
+    for name, w in want.items():
+        torch.testing.assert_close(got[name].double().cpu(), w, atol=5e-5, rtol=5e-4, msg=name)
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+@pytest.mark.parametrize("case", [models.gpt_like(tied=True, norm="rmsnorm", padding_idx=0),
+                                  models.llama_like(d=16, n_head=4, n_kv_head=2)], ids=lambda c: c.name)
+def test_cuda_bf16_autocast_close_to_oracle(case, clipping):
+    """bf16 operands, fp32 norms: relative error of each clipped sum at bf16 level."""
+    batch = case.batch(4, seed=2)
+    got = _cuda_grads(case, batch, "flashdp", autocast=True, max_grad_norm=1e6, clipping=clipping,
+                      loss_reduction="sum")
+    want = oracle_grads(case, batch, max_grad_norm=1e6, clipping=clipping)
+    for name, w in want.items():
+        g = got[name].double().cpu()
+        assert g.dtype == torch.float64 and got[name].dtype == torch.float32, name
+        rel = (g - w).norm() / w.norm().clamp_min(1e-12)
+        assert rel < 3e-2, f"{name}: relative error {rel:.3e}"
+
+
+def _cuda_grads(case, batch, backend, autocast, **options):
+    model = copy.deepcopy(case.model).cuda()
+    batch = tuple(b.cuda() for b in batch)
+    wrapper = LossModule(model, case.loss_fn, options["loss_reduction"] == "mean")
+    torch._dynamo.reset()
+    compiled = dpcompile.compile(wrapper, backend=backend, **options)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        loss = compiled(*batch)
+    loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
