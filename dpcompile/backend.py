@@ -178,12 +178,14 @@ def build_context(gm: torch.fx.GraphModule, example_inputs: list, options: Any) 
         model_trainable = [n for n, p in root.named_parameters() if p.requires_grad]
         model_groups = _groups_of(model_trainable, all_names, opts)
         missing = sorted(set(model_trainable) - set(names))
-        split = sorted({model_groups[n] for n in missing} & set(groups.values()))
-        if split or (missing and opts.clipping == "flat"):
+        if missing:
+            # A parameter outside this graph would get its gradient from another graph or from eager code,
+            # where nothing clips it; and a group split over graphs would be clipped piecewise.
             raise CoverageError(
-                f"flashdp: clipping group(s) {split or ['flat']} are split: trainable parameters {missing} are not "
-                "in this compiled graph. Either the model has a graph break (compile with fullgraph=True) or "
-                "those parameters are unused (set requires_grad=False on them)"
+                f"flashdp: trainable parameters {missing[:8]}{' ...' if len(missing) > 8 else ''} of the model are "
+                "not in this compiled graph, so their gradients would not be clipped here. Either the model has a "
+                "graph break (compile with fullgraph=True, e.g. through dpcompile.compile) or those parameters are "
+                "unused (set requires_grad=False on them)"
             )
         n_groups = len(set(model_groups.values()))
     else:

@@ -108,3 +108,35 @@ def test_unknown_option_is_refused_at_compile():
     with pytest.raises(Exception) as info:
         compiled(torch.randn(3, 2))
     assert isinstance(unwrap(info.value), dpcompile.OptionsError) and "'C'" in str(unwrap(info.value))
+
+
+def test_parameter_used_in_eager_code_is_refused():
+    """dpcompile.compile uses fullgraph=True: an eager region inside forward (where a parameter's gradient
+    would escape clipping) is a compile error, not a silent plain gradient."""
+    class Escapes(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 1)
+
+        def forward(self, x):
+            return _eager_scale(self.b(self.a(x)), self.b.bias)
+
+    torch._dynamo.reset()
+    compiled = dpcompile.compile(Escapes(), backend="flashdp_eager", clipping="per_param")
+    with pytest.raises(Exception, match="(?i)disable|graph break|skip"):
+        compiled(torch.randn(4, 3)).sum().backward()
+
+
+def test_unused_trainable_parameter_is_refused_with_advice():
+    model = nn.ModuleDict({"used": nn.Linear(3, 1), "unused": nn.Linear(3, 1)})
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: model["used"](x), backend="flashdp_eager")
+    with pytest.raises(Exception) as info:
+        compiled(torch.randn(4, 3)).sum().backward()
+    err = unwrap(info.value)
+    assert isinstance(err, dpcompile.CoverageError) and "unused.weight" in str(err) and "requires_grad" in str(err)
+
+
+@torch._dynamo.disable
+def _eager_scale(x, bias):
+    return x * bias.sum()
