@@ -64,13 +64,16 @@ def assert_matches(case, batch, *, atol=1e-9, rtol=1e-7, oracle_kind="loop", **o
     got = compiled_grads(case, batch, **options)
     want = oracle_grads(case, batch, oracle_kind=oracle_kind, **options)
     assert set(got) == set(want), (sorted(got), sorted(want))
+    # A parameter whose true gradient cancels to ~0 (LayerNorm over one feature, k.bias under softmax) holds
+    # only rounding noise of the terms that cancelled: measure that noise against the largest gradient.
+    overall = max((w.abs().max().item() for w in want.values() if w.numel()), default=0.0)
     for name in want:
         g = got[name]
         assert g is not None, f"{case.name}: `{name}` got no gradient"
         w = want[name]
         err = (g.double() - w).abs().max().item() if w.numel() else 0.0
         scale = w.abs().max().item() if w.numel() else 0.0
-        assert err <= atol + rtol * scale, f"{case.name} {name}: max err {err:.3e} (scale {scale:.3e}) {options}"
+        assert err <= atol + rtol * scale + 1e-12 * overall, f"{case.name} {name}: max err {err:.3e} (scale {scale:.3e}) {options}"
 
 
 def unwrap(exc: BaseException) -> BaseException:

@@ -363,6 +363,23 @@ def inbatch_loss_model(d=3, seed=0) -> Case:
                 lambda B, g=None: (torch.randn(B, d, generator=_gen(g)),), loss_fn, per_sample=False)
 
 
+class _PerHead(nn.Module):
+    def __init__(self, h, d, e):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(h, d, e) / math.sqrt(d))
+        self.scale = nn.Parameter(torch.randn(h, 1, 1))
+
+    def forward(self, x):  # (B, T, h, d) -> (B, T, h, e)
+        return torch.einsum("bthd,hde->bthe", x, self.w) * self.scale.view(1, 1, -1, 1)
+
+
+def per_head_einsum(h=2, d=3, e=2, T=3, seed=0) -> Case:
+    """Per-head weights through einsum: the weight gradient is a bmm that contracts (batch, time): the
+    materializing fallback site. Loss: MSE sum."""
+    return Case("per_head_einsum", _build(seed, lambda: _PerHead(h, d, e)), _regression_batch((T, h, d), (T, h, e)),
+                lambda m, x, y: mse_sum(m(x), y))
+
+
 # ---- registries -----------------------------------------------------------------------------------
 
 def default_cases(seed: int = 0, hf: bool = True) -> list[Case]:
@@ -372,6 +389,7 @@ def default_cases(seed: int = 0, hf: bool = True) -> list[Case]:
         gpt_like(seed=seed), gpt_like(tied=False, norm="rmsnorm", attn="manual", padding_idx=0, seed=seed),
         llama_like(seed=seed), mha(seed=seed), mha(batch_first=False, seed=seed),
         layer_used_twice(seed=seed), frozen_layers(seed=seed), elementwise_params(seed=seed),
+        per_head_einsum(seed=seed),
     ]
     if hf:
         cases += [hf_gpt2(seed=seed), hf_llama(seed=seed)]

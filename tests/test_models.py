@@ -20,7 +20,7 @@ COMBOS = [
     ("flat", "abadi", "sum", LARGE_C),
     ("per_layer", "abadi", "mean", SMALL_C),
     ("per_param", "automatic", "sum", SMALL_C),
-    ("per_layer", "automatic", "mean", LARGE_C),
+    ("per_layer", "automatic", "mean", 2.0),
     ("flat", "abadi", "mean", 0.5),
 ]
 # HF Llama's RMSNorm computes in float32 even in a float64 model
@@ -78,12 +78,16 @@ def test_explicit_groups_and_per_group_thresholds():
 
 # -- hypothesis sweeps --------------------------------------------------------------------------------------
 
-option_strategy = st.fixed_dictionaries({
-    "clipping": st.sampled_from(STYLES),
-    "clip_fn": st.sampled_from(["abadi", "automatic"]),
-    "loss_reduction": st.sampled_from(["sum", "mean"]),
-    "max_grad_norm": st.sampled_from([SMALL_C, 0.3, LARGE_C]),
-})
+# "automatic" scales every per-sample gradient by C/(|g| + gamma): with a huge C it multiplies the rounding noise
+# of gradients that are exactly zero in exact arithmetic by up to C/gamma = 1e8, so it is swept at ordinary C.
+option_strategy = st.one_of(
+    st.fixed_dictionaries({"clipping": st.sampled_from(STYLES), "clip_fn": st.just("abadi"),
+                           "loss_reduction": st.sampled_from(["sum", "mean"]),
+                           "max_grad_norm": st.sampled_from([SMALL_C, 0.3, LARGE_C])}),
+    st.fixed_dictionaries({"clipping": st.sampled_from(STYLES), "clip_fn": st.just("automatic"),
+                           "loss_reduction": st.sampled_from(["sum", "mean"]),
+                           "max_grad_norm": st.sampled_from([SMALL_C, 0.3, 2.0])}),
+)
 
 
 @given(d_in=st.integers(1, 4), hidden=st.integers(1, 4), d_out=st.integers(1, 3), depth=st.integers(1, 3),
