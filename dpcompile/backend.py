@@ -39,6 +39,7 @@ def dp_decomposition_table() -> dict:
 # graph inputs: parameters, their names and groups, batch inputs
 
 _SOURCE_ROOT = re.compile(r"^[LG]\['([^']+)'\]")
+_ARGUMENT_SOURCE = re.compile(r"^L\['[^']+'\](\[\d+\]|\['[^']+'\])?$")
 
 
 def _source_name(node) -> Optional[str]:
@@ -142,8 +143,8 @@ def build_context(gm: torch.fx.GraphModule, example_inputs: list, options: Any) 
         if isinstance(ex, nn.Parameter) or (src and "._parameters[" in src):
             if isinstance(ex, torch.Tensor) and ex.requires_grad:
                 trainable[i] = names_by_id.get(id(ex)) or _name_from_source(src or f"input{i}")
-        elif isinstance(ex, torch.Tensor) and not (src and "._buffers[" in src):
-            user_inputs.append(i)
+        elif isinstance(ex, torch.Tensor) and src and _ARGUMENT_SOURCE.match(src):
+            user_inputs.append(i)  # an argument of the compiled call (not a global, buffer or attribute)
     if not trainable:
         raise CoverageError("flashdp: the compiled graph has no trainable parameters; nothing to privatize")
 

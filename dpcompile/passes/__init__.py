@@ -148,7 +148,7 @@ def run_dp_pass(graph: fx.Graph, ctx: PassContext) -> None:
 
     ctx.report.clear()
     if batch_size == 0:  # an empty (Poisson) batch: clipped sums are zero
-        zero_grads(graph, [pg for _, pg in params], ctx.decompositions)
+        zero_grads(graph, [pg for _, pg in params])
         ctx.report.extend(plan_rows([(info, pg) for info, pg in params], ctx, empty=True))
         _finish(graph, ctx, params)
         return

@@ -273,8 +273,9 @@ class BatchDimAnalysis:
         return self._unknown(node, "an op the batch-dim analysis does not know, applied to per-sample data")
 
     # -- rules -----------------------------------------------------------------------------------------------
-    def _pointwise(self, node: fx.Node, operands: Optional[Sequence] = None) -> State:
-        out_rank = rank_of(node)
+    def _pointwise(self, node: fx.Node, operands: Optional[Sequence] = None, out_rank: Optional[int] = None) -> State:
+        """Broadcasting alignment (right-aligned dims); all batched operands must agree."""
+        out_rank = rank_of(node) if out_rank is None else out_rank
         found = None
         for a in operands if operands is not None else _flatten_nodes((node.args, node.kwargs)):
             s = self.state(a)
@@ -319,7 +320,7 @@ class BatchDimAnalysis:
     def _along_dim(self, node: fx.Node) -> State:
         idx = _ALONG_DIM[node.target]
         out_rank = rank_of(node) if rank_of(node) is not None else rank_of(node.args[0])
-        d = _norm_dim(_arg(node, idx, -1 if node.target is aten.sort.stable else None), out_rank)
+        d = _norm_dim(_arg(node, idx, -1), out_rank)  # sort / topk default to the last dim
         operands = [a for a in _flatten_nodes((node.args, node.kwargs)) if rank_of(a) == out_rank]
         for a in operands:
             s = self.state(a)
@@ -328,20 +329,10 @@ class BatchDimAnalysis:
         if any(rank_of(a) not in (None, out_rank) and isinstance(self.state(a), BDim)
                for a in _flatten_nodes((node.args, node.kwargs))):
             return self._unknown(node, "an op along a dim with operands of different ranks")
+        r = self._pointwise(node, operands, out_rank)
         if isinstance(node.meta.get("val"), (tuple, list)):  # sort / topk: (values, indices)
-            r = self._pointwise_like(node, operands)
             return (r, r)
-        return self._pointwise_like(node, operands)
-
-    def _pointwise_like(self, node, operands):
-        found = None
-        for a in operands:
-            s = self.state(a)
-            if isinstance(s, BDim):
-                if found is not None and found != s:
-                    return self._mix(node, "an op combines different samples")
-                found = s
-        return found
+        return r
 
     def _permute(self, node: fx.Node) -> State:
         s = self.state(node.args[0])
@@ -412,7 +403,7 @@ class BatchDimAnalysis:
     def _stack(self, node: fx.Node) -> State:
         tensors = node.args[0]
         d = _norm_dim(_arg(node, 1, 0), rank_of(node))
-        found = self._pointwise_like(node, list(tensors))
+        found = self._pointwise(node, list(tensors), rank_of(tensors[0]))
         if isinstance(found, BDim):
             return BDim(found.dim + (1 if d <= found.dim else 0), found.inner)
         return found
@@ -565,14 +556,44 @@ class BatchDimAnalysis:
         return None
 
     def _index_put(self, node: fx.Node) -> State:
-        # scatter-accumulate: with per-sample values or indices, the result sums over samples
+        # scatter(-accumulate) of values into base at index positions. With per-sample indices, or the batch dim
+        # among the indexed dims, samples are summed together (an embedding gradient: a site, or a mix). With
+        # batch-free indices on other dims (backward of x[..., idx] / index_select) samples stay apart.
         if node.target is aten._unsafe_masked_index_put_accumulate.default:
             base, mask, indices, values = node.args[:4]
         else:
             base, indices, values = node.args[:3]
-        if isinstance(self.state(base), BDim):
-            return self._unknown(node, "index_put into per-sample data")
-        return self._mix(node, "a scatter-accumulate over the batch")
+            mask = None
+        present = [i for i, ix in enumerate(indices) if ix is not None]
+        if any(isinstance(self.state(indices[i]), BDim) for i in present) or not present:
+            return self._mix(node, "a scatter-accumulate over the batch")
+        if present != list(range(present[0], present[-1] + 1)):
+            return self._unknown(node, "index_put with non-adjacent indices")
+        p0 = present[0]
+        idx_rank = max(rank_of(indices[i]) for i in present)
+        found = None
+        sv = self.state(values)
+        if isinstance(sv, BDim):
+            full_rank = rank_of(base) - len(present) + idx_rank  # values broadcast to base[:p0] + idx + rest
+            v = sv.dim + full_rank - rank_of(values)
+            if p0 <= v < p0 + idx_rank:
+                return self._mix(node, "a scatter along the batch dim")
+            found = BDim(v if v < p0 else v - idx_rank + len(present), sv.inner)
+        sb = self.state(base)
+        if isinstance(sb, BDim):
+            if sb.dim in present or (found is not None and found != sb):
+                return self._mix(node, "a scatter along the batch dim")
+            found = sb
+        if mask is not None and isinstance(self.state(mask), BDim) and found is None:
+            return self._unknown(node, "a masked scatter with per-sample mask only")
+        return found
+
+    def _flip(self, node: fx.Node) -> State:
+        s = self.state(node.args[0])
+        dims = [_norm_dim(d, rank_of(node.args[0])) for d in node.args[1]]
+        if s.dim in dims:
+            return self._mix(node, "reversing the batch dim")
+        return s
 
 
 def _flatten_nodes(x) -> list[fx.Node]:
@@ -622,6 +643,8 @@ _HANDLERS = {
     aten.tril.default: BatchDimAnalysis._last_two_dims,
     aten.triu.default: BatchDimAnalysis._last_two_dims,
     aten.repeat_interleave.self_int: BatchDimAnalysis._repeat_interleave,
+    aten.flip.default: BatchDimAnalysis._flip,
+    prims.rev.default: BatchDimAnalysis._flip,
     aten.index_put.default: BatchDimAnalysis._index_put,
     aten._unsafe_index_put.default: BatchDimAnalysis._index_put,
     aten.index_put_.default: BatchDimAnalysis._index_put,

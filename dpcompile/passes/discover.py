@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from ..errors import SampleMixingError, UnsupportedGradientError
 from .batchdim import BDim, Mixed, node_location
-from .patterns import Site, classify_leaf
+from .patterns import FUSED_KINDS, Site, classify_leaf
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -87,7 +87,7 @@ class ParamGrad:
     def fused(self) -> bool:
         """One contribution through a norm-preserving chain: the site's own norm and clipped-sum ops apply."""
         return (len(self.contributions) == 1 and self.contributions[0].norm_preserving
-                and self.contributions[0].site.kind in ("linear", "rows", "embedding"))
+                and self.contributions[0].site.kind in FUSED_KINDS)
 
 
 def discover_contributions(pg: ParamGrad, st: Callable) -> None:

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import UnsupportedGradientError
-from .batchdim import BDim, Mixed, node_location, rank_of, sizes_of
+from .batchdim import BDim, Mixed, node_location, rank_of
 
 aten = torch.ops.aten
 
@@ -67,7 +67,7 @@ class Site:
 
     def per_sample(self, env: dict, bsz) -> torch.Tensor:
         """Materialized per-sample contribution, shape (B, *leaf shape)."""
-        shape = list(env_shape(self.node))
+        shape = list(self.node.meta["val"].shape)
         if self.kind == "linear":
             a, b = self.fused_inputs(env, bsz)
             return torch.bmm(a.transpose(1, 2), b)
@@ -101,25 +101,19 @@ def _numel(node: fx.Node) -> int:
     return n
 
 
-def env_shape(node: fx.Node):
-    return node.meta["val"].shape
-
-
 def split_samples(x: torch.Tensor, dim: int, layout: BDim, bsz, where: fx.Node) -> torch.Tensor:
     """(…, outer*B*inner, …) -> (B, …, outer*inner, …): sample (i // inner) % B of dim `dim` moved to dim 0."""
     pre, post = list(x.shape[:dim]), list(x.shape[dim + 1:])
     inner = layout.inner
     if inner.is_Integer:
-        y = x.reshape(*pre, -1, bsz, int(inner), *post)
-        y = y.movedim(dim + 1, 0)
-        return y.reshape(bsz, *pre, -1, *post) if y.dim() > 0 else y
-    size = sizes_of(where)  # only for the error message below
+        y = x.reshape(*pre, -1, bsz, int(inner), *post).movedim(dim + 1, 0)
+        return y.reshape(bsz, *pre, -1, *post)
     total = x.shape[dim]
     if isinstance(total, torch.SymInt) and sympy.simplify(total.node.expr - _sym(bsz) * inner) == 0:
-        return x.reshape(*pre, bsz, -1, *post).movedim(dim, 0)
+        return x.reshape(*pre, bsz, -1, *post).movedim(dim, 0)  # batch-major, one block per sample
     raise UnsupportedGradientError(
-        f"cannot split samples out of a {list(x.shape)} tensor at `{where.name}` (symbolic layout {inner}); "
-        f"this layout is not supported yet (sizes {size})"
+        f"cannot split samples out of dim {dim} of a {list(x.shape)} tensor at `{where.name}`: the per-sample block "
+        f"size {inner} is symbolic and samples are interleaved; this layout is not supported"
     )
 
 

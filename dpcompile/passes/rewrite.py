@@ -225,7 +225,7 @@ def insert_traced(graph: fx.Graph, fn: Callable, inputs: list[fx.Node], decompos
     return list(outputs)
 
 
-def zero_grads(graph: fx.Graph, params: list, decompositions: dict) -> None:
+def zero_grads(graph: fx.Graph, params: list) -> None:
     """B == 0: every trainable parameter's clipped sum is zero."""
     out = graph.output_node()
     outs = list(out.args[0])
@@ -236,13 +236,9 @@ def zero_grads(graph: fx.Graph, params: list, decompositions: dict) -> None:
             z = graph.call_function(aten.full.default, (list(val.shape), 0),
                                     {"dtype": val.dtype, "layout": torch.strided, "device": val.device,
                                      "pin_memory": False})
-            z.meta["val"] = val.new_zeros(val.shape) if not _has_sym(val) else val
+            z.meta["val"] = val
         outs[pg.out_pos] = z
-    out.args = (type(out.args[0])(outs),) if isinstance(out.args[0], (list, tuple)) else (outs,)
-
-
-def _has_sym(val) -> bool:
-    return any(isinstance(s, torch.SymInt) for s in val.shape)
+    out.args = (outs,)
 
 
 def set_outputs(graph: fx.Graph, replacements: dict) -> None:
