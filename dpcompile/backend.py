@@ -22,8 +22,8 @@ from .passes.batchdim import sym_expr
 
 aten = torch.ops.aten
 
-#: every PassContext built, newest last (explain reads the report of the graph it compiled)
-_CONTEXTS: list = []
+#: lists that want every PassContext built while they are registered (explain collects its plan this way)
+_CONTEXT_LISTENERS: list = []
 
 
 def dp_decomposition_table() -> dict:
@@ -194,10 +194,9 @@ def build_context(gm: torch.fx.GraphModule, example_inputs: list, options: Any) 
     thresholds = {g: opts.threshold_for(g, n_groups) for g in sorted(set(groups.values()))}
     params = {i: ParamInfo(name, groups[name]) for i, name in trainable.items()}
     ctx = PassContext(opts, params, batch_inputs, thresholds, dp_decomposition_table())
-    ctx.model = root
     ctx.input_sources = {sources[i] or f"input{i}": d for i, d in batch_inputs.items()}
-    _CONTEXTS.append(ctx)
-    del _CONTEXTS[:-16]
+    for listener in _CONTEXT_LISTENERS:
+        listener.append(ctx)
     return ctx
 
 

@@ -36,11 +36,14 @@ def explain(model, example_inputs, **options) -> Plan:
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     torch._dynamo.reset()
-    before = len(_backend._CONTEXTS)
-    compiled = torch.compile(model, backend="flashdp_eager", options=options, fullgraph=True)
-    with torch.enable_grad():
-        compiled(*example_inputs)
-    ctxs = _backend._CONTEXTS[before:]
+    ctxs: list = []
+    _backend._CONTEXT_LISTENERS.append(ctxs)
+    try:
+        compiled = torch.compile(model, backend="flashdp_eager", options=options, fullgraph=True)
+        with torch.enable_grad():
+            compiled(*example_inputs)
+    finally:
+        _backend._CONTEXT_LISTENERS.remove(ctxs)
     rows, batch_inputs = [], {}
     for ctx in ctxs:
         rows.extend(ctx.report)

@@ -380,6 +380,16 @@ def per_head_einsum(h=2, d=3, e=2, T=3, seed=0) -> Case:
                 lambda m, x, y: mse_sum(m(x), y))
 
 
+def conv_net(dim=2, groups=2, seed=0) -> Case:
+    """Conv (padding, groups) -> tanh -> strided conv; inputs (B, 2, 4[, 4]). Loss: MSE sum. The weight and
+    bias gradients come out of convolution_backward: the materializing conv site."""
+    conv = {1: nn.Conv1d, 2: nn.Conv2d}[dim]
+    model = _build(seed, lambda: nn.Sequential(conv(2, 4, 3, padding=1, groups=groups), nn.Tanh(),
+                                               conv(4, 2, 2, stride=2)))
+    return Case(f"conv{dim}d", model, _regression_batch((2,) + (4,) * dim, (2,) + (2,) * dim),
+                lambda m, x, y: mse_sum(m(x), y))
+
+
 # ---- registries -----------------------------------------------------------------------------------
 
 def default_cases(seed: int = 0, hf: bool = True) -> list[Case]:
@@ -389,7 +399,7 @@ def default_cases(seed: int = 0, hf: bool = True) -> list[Case]:
         gpt_like(seed=seed), gpt_like(tied=False, norm="rmsnorm", attn="manual", padding_idx=0, seed=seed),
         llama_like(seed=seed), mha(seed=seed), mha(batch_first=False, seed=seed),
         layer_used_twice(seed=seed), frozen_layers(seed=seed), elementwise_params(seed=seed),
-        per_head_einsum(seed=seed),
+        per_head_einsum(seed=seed), conv_net(seed=seed),
     ]
     if hf:
         cases += [hf_gpt2(seed=seed), hf_llama(seed=seed)]

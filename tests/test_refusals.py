@@ -65,10 +65,17 @@ def test_cumsum_over_the_batch_is_refused():
 
 
 def test_unsupported_op_names_parameter_and_op():
-    """conv2d weight gradients have no per-sample rule yet: refuse, naming both."""
-    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 2 * 2, 1))
-    with pytest.raises(dpcompile.UnsupportedGradientError, match=r"m\.0\.weight.*convolution"):
+    """Transposed convolutions have no per-sample rule yet: refuse, naming both."""
+    model = nn.Sequential(nn.ConvTranspose2d(2, 3, 3), nn.Flatten(), nn.Linear(3 * 6 * 6, 1))
+    with pytest.raises(dpcompile.UnsupportedGradientError, match=r"m\.0\.weight.*transposed convolution"):
         _run(model, lambda m, x: m(x).pow(2).sum(), (torch.randn(4, 2, 4, 4),))
+
+
+def test_op_unknown_to_the_analysis_is_refused():
+    """An op without a batch-dim rule on a gradient path (here a per-sample matrix exponential)."""
+    model = nn.Linear(3, 3)
+    with pytest.raises(dpcompile.UnsupportedGradientError, match=r"m\.(weight|bias).*does not know"):
+        _run(model, lambda m, x: torch.linalg.matrix_exp(m(x).view(-1, 3, 3) * 0.1).sum(), (torch.randn(4, 3, 3),))
 
 
 def test_scale_grad_by_freq_is_refused():

@@ -588,6 +588,26 @@ class BatchDimAnalysis:
             return self._unknown(node, "a masked scatter with per-sample mask only")
         return found
 
+    def _convolution(self, node: fx.Node) -> State:
+        # convolution(x, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+        x, w = node.args[:2]
+        s = self.state(x)
+        if isinstance(self.state(w), BDim) or not isinstance(s, BDim) or s.dim != 0 or s.inner != 1:
+            return self._unknown(node, "a convolution whose samples are not dim 0 of its input")
+        return BDim(0)
+
+    def _convolution_backward(self, node: fx.Node) -> State:
+        # (grad_input, grad_weight, grad_bias): the weight and bias gradients sum over samples
+        grad, x, w = node.args[:3]
+        for a in (grad, x):
+            s = self.state(a)
+            if s is not None and (not isinstance(s, BDim) or s.dim != 0 or s.inner != 1):
+                return self._unknown(node, "a convolution backward whose samples are not dim 0")
+        if isinstance(self.state(w), BDim):
+            return self._unknown(node, "a convolution with per-sample weights")
+        summed = self._mix(node, "a convolution weight gradient summed over the batch")
+        return (BDim(0), summed, summed)
+
     def _flip(self, node: fx.Node) -> State:
         s = self.state(node.args[0])
         dims = [_norm_dim(d, rank_of(node.args[0])) for d in node.args[1]]
@@ -644,6 +664,8 @@ _HANDLERS = {
     aten.triu.default: BatchDimAnalysis._last_two_dims,
     aten.repeat_interleave.self_int: BatchDimAnalysis._repeat_interleave,
     aten.flip.default: BatchDimAnalysis._flip,
+    aten.convolution.default: BatchDimAnalysis._convolution,
+    aten.convolution_backward.default: BatchDimAnalysis._convolution_backward,
     prims.rev.default: BatchDimAnalysis._flip,
     aten.index_put.default: BatchDimAnalysis._index_put,
     aten._unsafe_index_put.default: BatchDimAnalysis._index_put,

@@ -131,11 +131,13 @@ def _op_name(node: fx.Node) -> str:
 
 
 def _is_contraction(node: fx.Node, st: Callable) -> bool:
-    """A node that sums over samples whose inputs are all per-sample or batch-free."""
+    """A node that sums over samples whose inputs are all per-sample or batch-free (for one output of a
+    multi-output op, such as convolution_backward, the op's inputs)."""
     if not isinstance(st(node), Mixed):
         return False
+    op = node.args[0] if node.target is operator.getitem and isinstance(node.args[0], fx.Node) else node
     inputs = []
-    fx.node.map_arg((node.args, node.kwargs), lambda n: inputs.append(n) or n)
+    fx.node.map_arg((op.args, op.kwargs), lambda n: inputs.append(n) or n)
     return all(not isinstance(st(a), Mixed) and not isinstance(st(a), tuple) for a in inputs) and any(
         isinstance(st(a), BDim) for a in inputs
     )

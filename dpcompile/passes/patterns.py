@@ -9,9 +9,12 @@ Known sites after the decomposition table in backend.py:
   rows       sum over dims that include the batch dim         (bias, LayerNorm/RMSNorm affine, elementwise params)
   embedding  embedding_dense_backward / index_put(accumulate) with per-sample or positional indices
   bmm        bmm with samples along the contracted dim         (materialized)
+  conv       convolution_backward weight / bias outputs        (materialized: batch folded into groups)
   whole      B == 1: the value itself is sample 0's contribution (materialized)
 """
 from __future__ import annotations
+
+import operator
 
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -91,6 +94,8 @@ class Site:
             return torch.einsum("bnmt,bntk->bnmk", a, b)
         if self.kind == "whole":
             return env[self.operands["x"]].unsqueeze(0)
+        if self.kind == "conv":
+            return _conv_per_sample(self, env, bsz)
         raise AssertionError(self.kind)
 
 
@@ -143,6 +148,8 @@ def classify_leaf(node: fx.Node, st, param_name: str) -> Site:
         return _index_put_site(node, st, param_name)
     if t is aten.bmm.default:
         return _bmm_site(node, st, param_name)
+    if t is operator.getitem and getattr(node.args[0], "target", None) is aten.convolution_backward.default:
+        return _conv_site(node, param_name)
     raise UnsupportedGradientError(
         f"gradient of parameter `{param_name}` is contracted over the batch by op `{node.name}` "
         f"({getattr(t, '__name__', t)}){node_location(node)}, which dpcompile cannot compute per sample"
@@ -225,6 +232,37 @@ def _index_put_site(node, st, name) -> Site:
         width = width * s
     idx = indices[0]
     return _index_site(node, name, st, idx, values, mask, base_shape[0], -1, width)
+
+
+def _conv_site(node, name) -> Site:
+    conv = node.args[0]
+    grad, x, w = conv.args[:3]
+    stride, padding, dilation, transposed, output_padding, groups = conv.args[4:10]
+    if transposed:
+        raise UnsupportedGradientError(
+            f"gradient of `{name}` comes from a transposed convolution at `{conv.name}`{node_location(conv)}, "
+            "which dpcompile cannot compute per sample yet")
+    which = {1: "weight", 2: "bias"}.get(node.args[1])
+    if which is None:
+        raise UnsupportedGradientError(f"gradient of `{name}` is the input gradient of `{conv.name}`")
+    return Site("conv", node, {"grad": grad, "x": x, "w": w}, {},
+                {"which": which, "stride": stride, "padding": padding, "dilation": dilation,
+                 "output_padding": output_padding, "groups": groups})
+
+
+def _conv_per_sample(site: Site, env: dict, bsz) -> torch.Tensor:
+    """Per-sample convolution parameter gradients, (B, *shape): the batch folded into the channel groups."""
+    g, x, w = (env[site.operands[k]] for k in ("grad", "x", "w"))
+    if site.info["which"] == "bias":
+        return g.sum(list(range(2, g.dim())))
+    i = site.info
+    x1 = x.reshape(1, -1, *x.shape[2:])  # (1, B*Cin, *S)
+    g1 = g.reshape(1, -1, *g.shape[2:])  # (1, B*Cout, *S')
+    w1 = w.repeat(bsz, *([1] * (w.dim() - 1)))  # (B*Cout, Cin/G, *k)
+    _, gw, _ = torch.ops.aten.convolution_backward(
+        g1, x1, w1, None, i["stride"], i["padding"], i["dilation"], False, i["output_padding"],
+        i["groups"] * bsz, [False, True, False])
+    return gw.reshape(bsz, *w.shape)
 
 
 def _is_zero_fill(node: fx.Node) -> bool:

@@ -10,6 +10,8 @@ The cost-model choice between ghost / direct / single-pass kernels per site live
 """
 from __future__ import annotations
 
+import operator
+
 
 def strategy(pg) -> str:
     return f"fused-{pg.contributions[0].site.kind}" if pg.fused else "materialize"
@@ -18,7 +20,8 @@ def strategy(pg) -> str:
 def pattern(pg) -> str:
     parts = []
     for c in pg.contributions:
-        name = getattr(c.site.node.target, "__name__", str(c.site.node.target))
+        op = c.site.node.args[0] if c.site.node.target is operator.getitem else c.site.node
+        name = getattr(op.target, "__name__", str(op.target))
         chain = [getattr(s.node.target, "__name__", str(s.node.target)).split(".")[0] for s in c.chain]
         tail = ("->" + "->".join(dict.fromkeys(chain))) if chain else ""
         parts.append(f"{c.site.kind}({name}){tail}")
