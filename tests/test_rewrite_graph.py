@@ -1,0 +1,45 @@
+"""What the rewritten joint graph contains: per-site norm and clipped-sum ops, and no trace of the original
+non-private weight-gradient computations."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import dpcompile
+import dpcompile.backend as backend
+
+aten = torch.ops.aten
+dp = torch.ops.dpcompile
+
+
+def _rewritten_graph(model, x, monkeypatch, **options):
+    graphs = []
+
+    def capture(graph, ctx):
+        run(graph, ctx)
+        graphs.append(graph)
+
+    run = backend.run_dp_pass
+    monkeypatch.setattr(backend, "run_dp_pass", capture)
+    torch._dynamo.reset()
+    dpcompile.compile(model, backend="flashdp_eager", **options)(x).pow(2).sum().backward()
+    (graph,) = graphs
+    return [n.target for n in graph.nodes if n.op == "call_function"]
+
+
+def test_weight_gradient_mms_are_replaced(monkeypatch):
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    ops = _rewritten_graph(model, torch.randn(5, 6, 4), monkeypatch, clipping="per_layer", loss_reduction="sum")
+    # forward: 2 addmm; backward: only the input gradient of layer 2 is an mm (layer 1's input needs no grad)
+    assert ops.count(aten.addmm.default) == 2 and ops.count(aten.mm.default) == 1
+    assert ops.count(dp.linear_norm.default) == 2 and ops.count(dp.linear_clipped_sum.default) == 2
+    assert ops.count(dp.rows_norm.default) == 2 and ops.count(dp.rows_clipped_sum.default) == 2
+    # bias gradients: no sum over the batch left besides the clipped sums (the loss' own sum is a full reduce)
+    assert aten.sum.dim_IntList not in ops
+
+
+def test_frozen_layer_costs_nothing(monkeypatch):
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    model[2].requires_grad_(False)
+    ops = _rewritten_graph(model, torch.randn(5, 4), monkeypatch, clipping="flat", loss_reduction="sum")
+    assert ops.count(dp.linear_norm.default) == 1 and ops.count(dp.rows_norm.default) == 1
