@@ -73,3 +73,19 @@ def test_batch_on_another_input_and_dim():
     want = oracle.clipped_sum(per, [["weight", "bias"]], [0.1], "abadi")
     torch.testing.assert_close(lin.weight.grad, want["weight"], atol=1e-9, rtol=1e-7)
     torch.testing.assert_close(lin.bias.grad, want["bias"], atol=1e-9, rtol=1e-7)
+
+
+def test_two_compiles_of_one_model_keep_their_own_options():
+    """Dynamo caches compiled code per code object: a second compile with another C must not reuse the first."""
+    case = models.mlp()
+    model = copy.deepcopy(case.model).double()
+    batch = tuple(t.double() for t in case.batch(4, seed=9))
+    torch._dynamo.reset()
+    compiled = {C: dpcompile.compile(LossModule(model, case.loss_fn, False), backend="flashdp_eager",
+                                     max_grad_norm=C, clipping="flat", loss_reduction="sum") for C in (0.01, 100.0)}
+    for C in (0.01, 100.0, 0.01):
+        model.zero_grad(set_to_none=True)
+        compiled[C](*batch).backward()
+        want = oracle.reference_clipped_grads(case.model, case.loss_fn, batch, max_grad_norm=C)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, want[name], atol=1e-9, rtol=1e-7, msg=f"C={C} {name}")
