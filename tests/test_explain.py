@@ -21,6 +21,8 @@ def test_explain_lists_every_trainable_parameter():
     # the tied token embedding / lm_head: two uses summed per sample before the norm
     assert "linear" in rows["wte.weight"]["pattern"] and "embedding" in rows["wte.weight"]["pattern"]
     assert rows["wte.weight"]["strategy"] == "materialize"
+    # position embedding: ids shared by every sample, no per-sample table materialized
+    assert rows["wpe.weight"]["strategy"] == "fused-embedding"
     text = str(plan)
     assert "wte.weight" in text and "fused-linear" in text and "clipping='per_layer'" in text
 

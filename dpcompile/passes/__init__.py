@@ -163,7 +163,7 @@ def run_dp_pass(graph: fx.Graph, ctx: PassContext) -> None:
         seeds.update(_tangent_seeds(graph, first.states, len(primals)))
         analysis = BatchDimAnalysis(graph, seeds, batch_size)
         for _, pg in params:
-            discover_contributions(pg, analysis.state)
+            discover_contributions(pg, analysis.state, batch_size)
 
     groups: dict[str, list] = {}
     for info, pg in params:

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import SampleMixingError, UnsupportedGradientError
-from .batchdim import BDim, Mixed, node_location
+from .batchdim import BDim, Mixed, node_location, sizes_of
 from .patterns import FUSED_KINDS, Site, classify_leaf
 
 aten = torch.ops.aten
@@ -90,8 +90,8 @@ class ParamGrad:
                 and self.contributions[0].site.kind in FUSED_KINDS)
 
 
-def discover_contributions(pg: ParamGrad, st: Callable) -> None:
-    """Fill pg.contributions by walking down from pg.grad."""
+def discover_contributions(pg: ParamGrad, st: Callable, batch_size) -> None:
+    """Fill pg.contributions by walking down from pg.grad (batch_size: the symbolic B)."""
 
     def walk(node, chain: list, negate: bool):
         if not isinstance(node, fx.Node):
@@ -124,6 +124,32 @@ def discover_contributions(pg: ParamGrad, st: Callable) -> None:
         raise _mixing_error(pg.name, node, state)
 
     walk(pg.grad, [], False)
+    pg.contributions = [_positional_embedding(c, batch_size) or c for c in pg.contributions]
+
+
+def _positional_embedding(c: Contribution, batch_size) -> Optional[Contribution]:
+    """sum over the batch, reshapes, then a scatter by batch-free ids (a position embedding's gradient): the
+    same as an embedding site whose ids every sample shares. Returns that site, or None if c is not this shape."""
+    site = c.site
+    if site.kind != "rows":
+        return None
+    dim, layout = site.layouts["x"]
+    # the sum must be over exactly the samples: one dim, holding nothing but the batch
+    if site.info["reduced_pos"] != [dim + 1] or layout.inner != 1 or sizes_of(site.operands["x"])[dim] != batch_size:
+        return None
+    steps = list(c.chain)
+    while steps and steps[0].node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
+        steps.pop(0)
+    if not steps or steps[0].node.target is not aten.embedding_dense_backward.default or steps[0].pos != 0:
+        return None
+    emb = steps[0].node
+    grad_in, idx, num_weights, padding_idx = emb.args[:4]
+    width = grad_in.meta["val"].shape[-1]
+    if grad_in.meta["val"].numel() != site.node.meta["val"].numel() or site.node.meta["val"].shape[-1] != width:
+        return None  # the reshapes must keep rows of `width` in order
+    new = Site("embedding", emb, {"idx": idx, "grad": site.operands["x"]}, {"grad": site.layouts["x"]},
+               {"num_weights": num_weights, "padding_idx": padding_idx, "width": width})
+    return Contribution(new, steps[1:], c.negate)
 
 
 def _op_name(node: fx.Node) -> str:

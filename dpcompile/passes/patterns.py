@@ -61,8 +61,11 @@ class Site:
             x = x.permute(0, *reduced, *kept)
             return (x.reshape(x.shape[0], -1, _numel(self.node)),)
         if self.kind == "embedding":
-            idx = self.split("idx", env, bsz)
             g = self.split("grad", env, bsz)
+            if "idx" in self.layouts:
+                idx = self.split("idx", env, bsz)
+            else:  # positional ids shared by every sample (position embeddings)
+                idx = env[self.operands["idx"]].reshape(1, -1).expand(bsz, -1)
             if "mask" in self.operands:
                 g = g * self.split("mask", env, bsz).to(g.dtype)
             return idx.reshape(idx.shape[0], -1), g.reshape(g.shape[0], -1, self.info["width"])

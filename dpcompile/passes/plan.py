@@ -3,8 +3,8 @@
 Strategies:
   fused-linear / fused-rows / fused-embedding  one site whose norm and clipped sum come from its own ops
   materialize                                  per-sample gradients formed (B x numel), then norm and sum;
-                                               used for several uses of one parameter (tied weights), scatters
-                                               by positional ids, bmm sites and B == 1 graphs
+                                               used for several uses of one parameter (tied weights), bmm and
+                                               conv sites, scatters after other ops, and B == 1 graphs
   zero                                         empty batch: the clipped sum is zero
 The cost-model choice between ghost / direct / single-pass kernels per site lives in the kernel layer.
 """
