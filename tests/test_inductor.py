@@ -43,3 +43,10 @@ def test_second_threshold_is_not_served_from_cache():
     for C in (0.01, 0.02):  # same graph structure, different C: the second compile must not reuse the first
         assert_matches(case, case.batch(4, seed=3), backend="flashdp", max_grad_norm=C, clipping="flat",
                        loss_reduction="sum", **F32)
+
+
+@pytest.mark.parametrize("B", [0, 1])
+def test_inductor_tiny_batches(B):
+    case = models.gpt_like(tied=True, n_layer=1)
+    assert_matches(case, case.batch(B, seed=5), backend="flashdp", max_grad_norm=0.2, clipping="flat",
+                   loss_reduction="mean", **F32)

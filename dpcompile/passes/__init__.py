@@ -6,6 +6,8 @@ calls it from its partition function. Both see the joint graph after the decompo
 from __future__ import annotations
 
 import hashlib
+import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -20,6 +22,8 @@ from .patterns import Site
 from .plan import plan_rows
 from .rewrite import group_inputs, insert_traced, make_group_fn, set_outputs, zero_grads
 from .verify import verify_coverage
+
+log = logging.getLogger("dpcompile")
 
 
 @dataclass
@@ -186,3 +190,8 @@ def _finish(graph: fx.Graph, ctx: PassContext, params: list) -> None:
     graph.lint()
     verify_coverage(graph, ctx, params)
     ctx.privatized[:] = [info.name for info, _ in params]
+    strategies = Counter(row["strategy"] for row in ctx.report)
+    log.info("flashdp: %d trainable parameters in %d clipping groups (%s), strategies: %s",
+             len(params), len({info.group for info, _ in params}), ctx.options.clipping
+             if isinstance(ctx.options.clipping, str) else "explicit groups",
+             ", ".join(f"{k} x{v}" for k, v in sorted(strategies.items())))
