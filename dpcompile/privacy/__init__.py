@@ -1,0 +1,1 @@
+"""Privacy around the graph: noise (optimizer.py), Poisson sampling (sampling.py), accounting (accounting.py)."""
