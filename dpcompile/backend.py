@@ -24,6 +24,8 @@ aten = torch.ops.aten
 
 #: lists that want every PassContext built while they are registered (explain collects its plan this way)
 _CONTEXT_LISTENERS: list = []
+#: explain() compiles only to read the plan: its graphs must not vouch for any parameter's gradients
+_EXPLAINING = [False]
 
 
 def dp_decomposition_table() -> dict:
@@ -197,6 +199,11 @@ def build_context(gm: torch.fx.GraphModule, example_inputs: list, options: Any) 
     ctx.input_sources = {sources[i] or f"input{i}": d for i, d in batch_inputs.items()}
     for listener in _CONTEXT_LISTENERS:
         listener.append(ctx)
+    if not _EXPLAINING[0]:
+        from .privacy.optimizer import mark_privatized
+
+        for i in trainable:
+            mark_privatized(example_inputs[i])
     return ctx
 
 

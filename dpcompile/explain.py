@@ -38,12 +38,14 @@ def explain(model, example_inputs, **options) -> Plan:
     torch._dynamo.reset()
     ctxs: list = []
     _backend._CONTEXT_LISTENERS.append(ctxs)
+    _backend._EXPLAINING[0] = True
     try:
         compiled = torch.compile(model, backend="flashdp_eager", options=options, fullgraph=True)
         with torch.enable_grad():
             compiled(*example_inputs)
     finally:
         _backend._CONTEXT_LISTENERS.remove(ctxs)
+        _backend._EXPLAINING[0] = False
     rows, batch_inputs = [], {}
     for ctx in ctxs:
         rows.extend(ctx.report)

@@ -43,3 +43,15 @@ def test_frozen_layer_costs_nothing(monkeypatch):
     model[2].requires_grad_(False)
     ops = _rewritten_graph(model, torch.randn(5, 4), monkeypatch, clipping="flat", loss_reduction="sum")
     assert ops.count(dp.linear_norm.default) == 1 and ops.count(dp.rows_norm.default) == 1
+
+
+def test_no_kept_whole_op_survives_for_inductor(monkeypatch):
+    """B == 1 keeps each gradient as it is (it is sample 0's): the embedding backward the DP table keeps whole must
+    still be decomposed, or Inductor refuses to lower it."""
+    import models
+
+    case = models.gpt_like(tied=True)
+    for B in (1, 3):
+        ops = _rewritten_graph(case.model, case.batch(B)[0], monkeypatch, clipping="flat")
+        assert aten.embedding_dense_backward.default not in ops, B
+        monkeypatch.undo()

@@ -20,7 +20,7 @@ from .batchdim import BatchDimAnalysis, BDim, Mixed, sym_expr
 from .discover import Contribution, ParamGrad, discover_contributions
 from .patterns import Site
 from .plan import plan_rows
-from .rewrite import group_inputs, insert_traced, make_group_fn, set_outputs, zero_grads
+from .rewrite import decompose_kept_ops, group_inputs, insert_traced, make_group_fn, set_outputs, zero_grads
 from .verify import verify_coverage
 
 log = logging.getLogger("dpcompile")
@@ -187,6 +187,7 @@ def run_dp_pass(graph: fx.Graph, ctx: PassContext) -> None:
 
 def _finish(graph: fx.Graph, ctx: PassContext, params: list) -> None:
     graph.eliminate_dead_code()
+    decompose_kept_ops(graph)
     graph.lint()
     verify_coverage(graph, ctx, params)
     ctx.privatized[:] = [info.name for info, _ in params]

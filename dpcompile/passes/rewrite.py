@@ -247,3 +247,23 @@ def set_outputs(graph: fx.Graph, replacements: dict) -> None:
     for pos, node in replacements.items():
         outs[pos] = node
     out.args = (outs,)
+
+
+def decompose_kept_ops(graph: fx.Graph) -> None:
+    """Ops the DP table keeps whole so that the pass sees one stable pattern (embedding_dense_backward) are
+    decomposed again wherever the pass left them in place (B == 1 graphs, frozen-free leftovers): Inductor
+    refuses to fall back on an op that has a decomposition."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not aten.embedding_dense_backward.default:
+            continue
+        inputs = node.all_input_nodes
+
+        def fn(*vals, node=node, inputs=inputs):
+            env = dict(zip(inputs, vals))
+            return [node.target(*_arg(env, node.args), **_arg(env, dict(node.kwargs)))]
+
+        (new,) = insert_traced(graph, fn, inputs, select_decomp_table())
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
