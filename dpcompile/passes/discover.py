@@ -201,8 +201,11 @@ def _mixing_error(name: str, node: fx.Node, state) -> Exception:
         return SampleMixingError(
             f"gradient of parameter `{name}` is not per-sample separable: {where} uses a value that combines "
             f"samples — {state.describe()}. BatchNorm in training mode, in-batch losses and loss normalisers "
-            "computed over the whole batch (token-mean with ignore_index) all do this; use per-sample "
-            "normalisation (GroupNorm/LayerNorm, a sum or a per-sample mean of the loss) instead"
+            "computed over the whole batch all do this; use per-sample normalisation (GroupNorm/LayerNorm) and a "
+            "loss that is a sum or a mean over samples of per-sample losses. Note: F.cross_entropy / nll_loss "
+            "with the default reduction='mean' divide by the number of non-ignored targets in the whole batch "
+            "(ignore_index): write F.cross_entropy(..., reduction='sum') / batch_size, or take each sample's "
+            "token mean and then the mean over samples"
         )
     reason = f" ({state.reason})" if isinstance(state, Mixed) else ""
     return UnsupportedGradientError(
