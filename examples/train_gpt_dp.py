@@ -1,10 +1,10 @@
-"""DP-SGD fine-tuning of a tiny GPT-2 (transformers) on generated text with the flashdp backend, on CPU.
+"""DP-SGD training of a tiny GPT-2 (transformers) on generated text with dpcompile, on CPU.
 
-    python examples/train_gpt_dp.py                 # defaults: 30 steps, B=8, T=32, per-layer clipping
-    python examples/train_gpt_dp.py --backend flashdp_eager --clipping flat --steps 10
+    python examples/train_gpt_dp.py                 # defaults: eps = 8, 2 epochs, B = 8, T = 32, per-layer clipping
+    python examples/train_gpt_dp.py --backend flashdp_eager --clipping flat --epsilon 3
 
-The first step is checked against a float64 per-sample loop (the gradient contract); later steps add Gaussian
-noise sigma*C to the clipped sum and divide by the batch size (a minimal stand-in for dpcompile's optimizer).
+make_private compiles the model (flashdp backend), wraps the optimizer (noise once per logical step, accounting)
+and samples Poisson batches; the first step's clipped gradient is checked against a float64 per-sample loop.
 """
 from __future__ import annotations
 
@@ -25,12 +25,11 @@ def corpus() -> str:
                    for ch in this.s)
 
 
-def batches(text: str, vocab: dict, B: int, T: int, gen: torch.Generator):
+def windows(text: str, vocab: dict, T: int) -> torch.utils.data.TensorDataset:
+    """Every (T+1)-character window of the text, as (input, next-character target) pairs."""
     ids = torch.tensor([vocab[c] for c in text])
-    while True:
-        start = torch.randint(0, len(ids) - T - 1, (B,), generator=gen)
-        chunk = torch.stack([ids[s: s + T + 1] for s in start.tolist()])
-        yield chunk[:, :-1], chunk[:, 1:]
+    chunk = ids.unfold(0, T + 1, 1)
+    return torch.utils.data.TensorDataset(chunk[:, :-1].contiguous(), chunk[:, 1:].contiguous())
 
 
 class LMLoss(torch.nn.Module):
@@ -48,52 +47,63 @@ class LMLoss(torch.nn.Module):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8, help="expected (Poisson) batch size")
     ap.add_argument("--seq", type=int, default=32)
     ap.add_argument("--backend", default="flashdp", choices=["flashdp", "flashdp_eager"])
     ap.add_argument("--clipping", default="per_layer", choices=["flat", "per_layer", "per_param"])
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
-    ap.add_argument("--noise-multiplier", type=float, default=0.5)
+    ap.add_argument("--epsilon", type=float, default=8.0)
+    ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--lr", type=float, default=3e-3)
     args = ap.parse_args()
 
     torch.manual_seed(0)
     text = corpus()
     vocab = {c: i for i, c in enumerate(sorted(set(text)))}
+    data = windows(text, vocab, args.seq)
     lm = GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_positions=args.seq, n_embd=64, n_layer=2, n_head=4,
                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
     model = LMLoss(lm)
     opts = dict(max_grad_norm=args.max_grad_norm, clipping=args.clipping, loss_reduction="mean")
     print(dpcompile.explain(copy.deepcopy(model), (torch.zeros(2, args.seq, dtype=torch.long),) * 2, **opts))
-    compiled = dpcompile.compile(model, backend=args.backend, **opts)
-    optim = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    gen = torch.Generator().manual_seed(1)
-    data = batches(text, vocab, args.batch, args.seq, gen)
-    C = args.max_grad_norm
-    t0 = time.time()
-    for step in range(args.steps):
-        idx, tgt = next(data)
-        optim.zero_grad(set_to_none=True)
-        loss = compiled(idx, tgt)
-        loss.backward()
-        if step == 0:
-            check_contract(model, idx, tgt, opts)
-        for p in model.parameters():  # noise once per step on the clipped sum, then the mean
-            p.grad.add_(torch.randn(p.shape, generator=gen) * args.noise_multiplier * C).div_(args.batch)
-        optim.step()
-        if step % 5 == 0 or step == args.steps - 1:
-            print(f"step {step:3d}  loss {loss.item():.3f}  ({time.time() - t0:.1f}s)", flush=True)
-    print(f"done: {args.steps} DP steps, sigma={args.noise_multiplier}, C={C}, {args.clipping} clipping")
+
+    dp_model, optimizer, loader = dpcompile.make_private(
+        model, torch.optim.AdamW(model.parameters(), lr=args.lr),
+        torch.utils.data.DataLoader(data, batch_size=args.batch), target_epsilon=args.epsilon,
+        target_delta=args.delta, epochs=args.epochs, backend=args.backend, max_physical_batch_size=args.batch * 2,
+        generator=torch.Generator().manual_seed(1), **opts)
+    print(f"N={len(data)} windows, q={loader.sample_rate:.4f}, {args.epochs} epochs x {len(loader)} steps, "
+          f"sigma={optimizer.noise_multiplier:.3f} for eps={args.epsilon} at delta={args.delta}")
+    t0, step = time.time(), 0
+    for epoch in range(args.epochs):
+        for micro_batches in loader:  # one logical Poisson batch
+            losses = []
+            for idx, tgt in micro_batches:  # physical micro-batches
+                loss = dp_model(idx, tgt)
+                loss.backward()  # clipped per-sample sums accumulate in .grad
+                losses.append(loss.item() * idx.shape[0])
+            if step == 0:
+                check_contract(model, micro_batches, opts)
+            optimizer.step()  # noise once, divide by the expected batch size, step, account
+            if step % 10 == 0:
+                size = sum(mb[0].shape[0] for mb in micro_batches)
+                print(f"epoch {epoch} step {step:4d}  batch {size:3d}  loss {sum(losses) / max(size, 1):.3f}  "
+                      f"eps {optimizer.get_epsilon(args.delta):.2f}  ({time.time() - t0:.1f}s)", flush=True)
+            step += 1
+    print(f"done: {step} DP steps, eps = {optimizer.get_epsilon(args.delta):.2f} at delta = {args.delta} "
+          f"(sigma={optimizer.noise_multiplier:.3f}, C={args.max_grad_norm}, {args.clipping} clipping)")
 
 
-def check_contract(model, idx, tgt, opts) -> None:
+def check_contract(model, micro_batches, opts) -> None:
+    """.grad after the logical batch's backward == sum of per-sample clipped gradients (float64 oracle)."""
     from dpcompile.testing.oracle import reference_clipped_grads
 
-    want = reference_clipped_grads(model, lambda m, i, t: m(i, t), (idx, tgt), max_grad_norm=opts["max_grad_norm"],
-                                   clipping=opts["clipping"])
+    batch = tuple(torch.cat(parts) for parts in zip(*micro_batches))
+    want = reference_clipped_grads(model, lambda m, i, t: m(i, t) * i.shape[0], batch,
+                                   max_grad_norm=opts["max_grad_norm"], clipping=opts["clipping"])
     err = max((p.grad.double() - want[n]).abs().max().item() for n, p in model.named_parameters())
-    print(f"step 0 clipped gradient vs float64 per-sample loop: max abs error {err:.2e}")
+    print(f"step 0: clipped gradient vs float64 per-sample loop: max abs error {err:.2e}")
     if err > 1e-4:
         raise SystemExit("clipped gradient does not match the per-sample oracle")
 
