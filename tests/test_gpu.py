@@ -57,3 +57,21 @@ def _cuda_grads(case, batch, backend, autocast, **options):
         loss = compiled(*batch)
     loss.backward()
     return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("gen", ["global", "cuda", "cpu", "secure"])
+def test_dp_optimizer_noise_on_cuda_parameters(gen):
+    from dpcompile import DPOptimizer
+
+    model = torch.nn.Linear(128, 128).cuda()
+    torch._dynamo.reset()
+    compiled = dpcompile.compile(model, backend="flashdp_eager", loss_reduction="sum")
+    compiled(torch.zeros(0, 128, device="cuda")).sum().backward()
+    kw = {"global": {}, "secure": {"secure_mode": True},
+          "cuda": {"generator": torch.Generator("cuda").manual_seed(0)},
+          "cpu": {"generator": torch.Generator().manual_seed(0)}}[gen]
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=1.0, max_grad_norm=2.0,
+                      expected_batch_size=4.0, **kw)
+    opt.add_noise()
+    g = model.weight.grad
+    assert g.device.type == "cuda" and abs(g.std().item() / 0.5 - 1) < 0.03
