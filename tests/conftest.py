@@ -1,6 +1,11 @@
 import os
+import shutil
 import sys
 import tempfile
+
+# Without a GPU the Triton kernels run in the interpreter; it must be chosen before anything imports triton.
+if not shutil.which("nvidia-smi"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Inductor's on-disk caches are shared between processes: give the test run its own
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="dpcompile-inductor-"))

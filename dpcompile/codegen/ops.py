@@ -7,7 +7,7 @@ Every op takes per-sample views whose dim 0 indexes samples:
   embedding  idx (B, T), g (B, T, D):   s_i = sum_t onehot(idx_it) g_it       (embedding tables; padding row zero)
   persample  ps (B, *shape):            s_i = ps_i                            (materialized, general fallback)
 `*_norm` returns the squared norms in the accumulation dtype (fp32; fp64 for fp64 data) ||s_i||^2, shape (B,); `*_clipped_sum` returns sum_i coef_i s_i, accumulated
-in fp32 and returned in the data dtype. The Triton kernels of the next layer plug in as CUDA implementations.
+in fp32 and returned in the data dtype. On CUDA, the linear ops run the Triton kernels of kernels/linear.py.
 """
 from __future__ import annotations
 
@@ -54,6 +54,15 @@ def linear_norm(a: Tensor, b: Tensor) -> Tensor:
     return linear_norm_reference(a, b)
 
 
+@linear_norm.register_kernel("cuda")
+def _(a, b):
+    if torch.float64 in (a.dtype, b.dtype):
+        return linear_norm_reference(a, b)
+    from .kernels.linear import per_sample_sq_norms
+
+    return per_sample_sq_norms(a, b)
+
+
 @linear_norm.register_fake
 def _(a, b):
     return a.new_empty((a.shape[0],), dtype=norm_dtype(a.dtype, b.dtype))
@@ -62,6 +71,15 @@ def _(a, b):
 @torch.library.custom_op(f"{_LIB}::linear_clipped_sum", mutates_args=())
 def linear_clipped_sum(a: Tensor, b: Tensor, coef: Tensor) -> Tensor:
     return linear_clipped_sum_reference(a, b, coef)
+
+
+@linear_clipped_sum.register_kernel("cuda")
+def _(a, b, coef):
+    if torch.float64 in (a.dtype, b.dtype):
+        return linear_clipped_sum_reference(a, b, coef)
+    from .kernels.linear import clipped_sum
+
+    return clipped_sum(a, b, coef)
 
 
 @linear_clipped_sum.register_fake
