@@ -57,7 +57,7 @@ class GPT(nn.Module):
         return tok.view(targets.shape).mean(1).mean()
 
 
-def run_mode(mode: str, size: str, B: int, T: int) -> dict:
+def run_mode(mode: str, size: str, B: int, T: int, profile: bool = False) -> dict:
     torch.manual_seed(0)
     model = GPT(*SIZES[size], T).cuda()
     model.wte.weight.requires_grad_(False)
@@ -85,8 +85,21 @@ def run_mode(mode: str, size: str, B: int, T: int) -> dict:
         torch.cuda.synchronize()
         if i >= 3:
             times.append(time.perf_counter() - t0)
-    return {"tokens_per_s": B * T / statistics.median(times),
-            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    result = {"tokens_per_s": B * T / statistics.median(times),
+              "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+    if profile:  # one more step under the profiler: the kernels that take the time, to stderr
+        from torch.profiler import ProfilerActivity, profile as prof
+
+        with prof(activities=[ProfilerActivity.CUDA]) as p:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = step_model(x, y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+        print(f"== {mode}\n" + p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60),
+              file=sys.stderr)
+    return result
 
 
 def main():
@@ -97,9 +110,10 @@ def main():
     ap.add_argument("--modes", default="non-DP compiled,non-DP eager,flashdp per_layer,flashdp flat")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true", help="print each mode's top CUDA kernels")
     args = ap.parse_args()
     if args.one:  # child process: one mode
-        print(json.dumps(run_mode(args.one, args.size, args.B, args.T)))
+        print(json.dumps(run_mode(args.one, args.size, args.B, args.T, args.profile)))
         return
     import triton
     workload = f"gpt2-{args.size} B={args.B} T={args.T}"
@@ -107,7 +121,10 @@ def main():
     for mode in args.modes.split(","):
         print(f"[{workload}] {mode} ...", flush=True)
         p = subprocess.run([sys.executable, __file__, "--one", mode, "--size", args.size, "--B", str(args.B),
-                            "--T", str(args.T)], capture_output=True, text=True)
+                            "--T", str(args.T)] + (["--profile"] if args.profile else []),
+                           capture_output=True, text=True)
+        if args.profile:
+            print(p.stderr[-6000:], flush=True)
         if p.returncode != 0:
             print(p.stderr[-3000:], flush=True)
             rows.append({"workload": workload, "mode": mode, "error": p.stderr.strip().splitlines()[-1][:300]})
