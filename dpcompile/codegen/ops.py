@@ -49,42 +49,28 @@ def linear_clipped_sum_reference(a: Tensor, b: Tensor, coef: Tensor) -> Tensor:
     return (scaled.reshape(-1, a.shape[-1]).t() @ b.reshape(-1, b.shape[-1])).to(out_dtype)
 
 
-@torch.library.custom_op(f"{_LIB}::linear_norm", mutates_args=())
+def _use_triton(*tensors: Tensor) -> bool:
+    return tensors[0].device.type == "cuda" and torch.float64 not in {t.dtype for t in tensors}
+
+
+# triton_op: on CUDA, Inductor sees the Triton launches inside and emits them itself (no Python op in between);
+# elsewhere (CPU, fp64) the body is the PyTorch reference.
+@torch.library.triton_op(f"{_LIB}::linear_norm", mutates_args=())
 def linear_norm(a: Tensor, b: Tensor) -> Tensor:
-    return linear_norm_reference(a, b)
-
-
-@linear_norm.register_kernel("cuda")
-def _(a, b):
-    if torch.float64 in (a.dtype, b.dtype):
+    if not _use_triton(a, b):
         return linear_norm_reference(a, b)
     from .kernels.linear import per_sample_sq_norms
 
-    return per_sample_sq_norms(a, b)
+    return per_sample_sq_norms(a, b, launch=torch.library.wrap_triton)
 
 
-@linear_norm.register_fake
-def _(a, b):
-    return a.new_empty((a.shape[0],), dtype=norm_dtype(a.dtype, b.dtype))
-
-
-@torch.library.custom_op(f"{_LIB}::linear_clipped_sum", mutates_args=())
+@torch.library.triton_op(f"{_LIB}::linear_clipped_sum", mutates_args=())
 def linear_clipped_sum(a: Tensor, b: Tensor, coef: Tensor) -> Tensor:
-    return linear_clipped_sum_reference(a, b, coef)
-
-
-@linear_clipped_sum.register_kernel("cuda")
-def _(a, b, coef):
-    if torch.float64 in (a.dtype, b.dtype):
+    if not _use_triton(a, b):
         return linear_clipped_sum_reference(a, b, coef)
     from .kernels.linear import clipped_sum
 
-    return clipped_sum(a, b, coef)
-
-
-@linear_clipped_sum.register_fake
-def _(a, b, coef):
-    return a.new_empty((a.shape[-1], b.shape[-1]), dtype=torch.promote_types(a.dtype, b.dtype))
+    return clipped_sum(a, b, coef, launch=torch.library.wrap_triton)
 
 
 # -- rows (bias, norm affine, elementwise) ----------------------------------------------------------------

@@ -78,7 +78,9 @@ def _common(a: torch.Tensor, b: torch.Tensor):
     return a, b, a.dtype == torch.float32
 
 
-def per_sample_sq_norms(a: torch.Tensor, b: torch.Tensor, block: int | None = None) -> torch.Tensor:
+def per_sample_sq_norms(a: torch.Tensor, b: torch.Tensor, block: int | None = None, launch=None) -> torch.Tensor:
+    """launch: torch.library.wrap_triton inside a triton_op (Inductor then emits the launch itself)."""
+    launch = launch or (lambda k: k)
     a, b, ieee = _common(a, b)
     B, T, M = a.shape
     N = b.shape[-1]
@@ -87,12 +89,14 @@ def per_sample_sq_norms(a: torch.Tensor, b: torch.Tensor, block: int | None = No
     tiles = triton.cdiv(M, bm) * tiles_n
     partial = torch.empty((B, tiles), device=a.device, dtype=torch.float32)
     if B > 0 and tiles > 0:
-        _norm_kernel[(B, tiles)](a, b, partial, T, M, N, *a.stride(), *b.stride(), tiles_n, tiles,
+        launch(_norm_kernel)[(B, tiles)](a, b, partial, T, M, N, *a.stride(), *b.stride(), tiles_n, tiles,
                                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_T=bt, IEEE=ieee)
     return partial.sum(1)
 
 
-def clipped_sum(a: torch.Tensor, b: torch.Tensor, coef: torch.Tensor, block: int | None = None) -> torch.Tensor:
+def clipped_sum(a: torch.Tensor, b: torch.Tensor, coef: torch.Tensor, block: int | None = None,
+                launch=None) -> torch.Tensor:
+    launch = launch or (lambda k: k)
     out_dtype = torch.promote_types(a.dtype, b.dtype)
     a, b, ieee = _common(a, b)
     B, T, M = a.shape
@@ -103,6 +107,6 @@ def clipped_sum(a: torch.Tensor, b: torch.Tensor, coef: torch.Tensor, block: int
     tiles = triton.cdiv(M, bm) * tiles_n
     if tiles > 0:
         coef = coef.to(torch.float32).contiguous()
-        _clipped_sum_kernel[(tiles,)](a, b, coef, out, B, T, M, N, *a.stride(), *b.stride(), *out.stride(),
+        launch(_clipped_sum_kernel)[(tiles,)](a, b, coef, out, B, T, M, N, *a.stride(), *b.stride(), *out.stride(),
                                       tiles_n, BLOCK_M=bm, BLOCK_N=bn, BLOCK_T=bt, IEEE=ieee)
     return out
