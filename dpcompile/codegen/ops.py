@@ -74,6 +74,8 @@ def linear_clipped_sum(a: Tensor, b: Tensor, coef: Tensor) -> Tensor:
 
 
 # -- rows (bias, norm affine, elementwise) ----------------------------------------------------------------
+# rows and persample ops are triton_ops with plain-PyTorch bodies: Inductor traces the body into the graph and
+# fuses it into its own kernels (no Python op call per site); eager and CPU run the same body.
 
 
 def rows_norm_reference(x: Tensor) -> Tensor:
@@ -85,24 +87,16 @@ def rows_clipped_sum_reference(x: Tensor, coef: Tensor) -> Tensor:
     return (coef.to(xs.dtype) @ xs).to(x.dtype)
 
 
-@torch.library.custom_op(f"{_LIB}::rows_norm", mutates_args=())
+@torch.library.triton_op(f"{_LIB}::rows_norm", mutates_args=())
 def rows_norm(x: Tensor) -> Tensor:
     return rows_norm_reference(x)
 
 
-@rows_norm.register_fake
-def _(x):
-    return x.new_empty((x.shape[0],), dtype=norm_dtype(x.dtype))
 
-
-@torch.library.custom_op(f"{_LIB}::rows_clipped_sum", mutates_args=())
+@torch.library.triton_op(f"{_LIB}::rows_clipped_sum", mutates_args=())
 def rows_clipped_sum(x: Tensor, coef: Tensor) -> Tensor:
     return rows_clipped_sum_reference(x, coef)
 
-
-@rows_clipped_sum.register_fake
-def _(x, coef):
-    return x.new_empty((x.shape[-1],))
 
 
 # -- embedding ----------------------------------------------------------------------------------------------
@@ -175,21 +169,13 @@ def persample_clipped_sum_reference(ps: Tensor, coef: Tensor) -> Tensor:
     return (coef.to(flat.dtype) @ flat).reshape(ps.shape[1:]).to(ps.dtype)
 
 
-@torch.library.custom_op(f"{_LIB}::persample_norm", mutates_args=())
+@torch.library.triton_op(f"{_LIB}::persample_norm", mutates_args=())
 def persample_norm(ps: Tensor) -> Tensor:
     return persample_norm_reference(ps)
 
 
-@persample_norm.register_fake
-def _(ps):
-    return ps.new_empty((ps.shape[0],), dtype=norm_dtype(ps.dtype))
 
-
-@torch.library.custom_op(f"{_LIB}::persample_clipped_sum", mutates_args=())
+@torch.library.triton_op(f"{_LIB}::persample_clipped_sum", mutates_args=())
 def persample_clipped_sum(ps: Tensor, coef: Tensor) -> Tensor:
     return persample_clipped_sum_reference(ps, coef)
 
-
-@persample_clipped_sum.register_fake
-def _(ps, coef):
-    return ps.new_empty(ps.shape[1:])
