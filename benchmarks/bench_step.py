@@ -59,6 +59,11 @@ class GPT(nn.Module):
 
 def run_mode(mode: str, size: str, B: int, T: int, profile: bool = False) -> dict:
     torch.manual_seed(0)
+    if mode.endswith("+cudagraphs"):  # experiment: Inductor's CUDA graphs, to see how launch-bound a mode is
+        import torch._inductor.config as inductor_config
+
+        inductor_config.triton.cudagraphs = True
+        mode = mode[: -len("+cudagraphs")]
     model = GPT(*SIZES[size], T).cuda()
     model.wte.weight.requires_grad_(False)
     model.wpe.weight.requires_grad_(False)
