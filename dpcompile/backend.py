@@ -195,8 +195,8 @@ def build_context(gm: torch.fx.GraphModule, example_inputs: list, options: Any) 
         n_groups = len(set(groups.values()))
     thresholds = {g: opts.threshold_for(g, n_groups) for g in sorted(set(groups.values()))}
     params = {i: ParamInfo(name, groups[name]) for i, name in trainable.items()}
-    ctx = PassContext(opts, params, batch_inputs, thresholds, dp_decomposition_table())
-    ctx.input_sources = {sources[i] or f"input{i}": d for i, d in batch_inputs.items()}
+    ctx = PassContext(opts, params, batch_inputs, thresholds, dp_decomposition_table(),
+                      input_sources={sources[i] or f"input{i}": d for i, d in batch_inputs.items()})
     for listener in _CONTEXT_LISTENERS:
         listener.append(ctx)
     if not _EXPLAINING[0]:

@@ -41,6 +41,7 @@ class PassContext:
     batch_inputs: dict  # input index -> sample dim; the main batch input first
     thresholds: dict  # group name -> C_g
     decompositions: dict
+    input_sources: dict = field(default_factory=dict)  # Dynamo source name of each batch input -> sample dim
     report: list = field(default_factory=list)  # filled by the pass: one row per trainable parameter
     privatized: list = field(default_factory=list)  # names of parameters whose gradients the pass rewrote
 
