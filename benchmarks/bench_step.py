@@ -77,17 +77,20 @@ def run_mode(mode: str, size: str, B: int, T: int, profile: bool = False) -> dic
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     idx = torch.randint(0, 50304, (B, T + 1), device="cuda")
     x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
-    times = []
-    torch.cuda.reset_peak_memory_stats()
-    for i in range(11):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+    def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
             loss = step_model(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
+
+    times = []
+    torch.cuda.reset_peak_memory_stats()
+    for i in range(11):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
         if i >= 3:
             times.append(time.perf_counter() - t0)
     result = {"tokens_per_s": B * T / statistics.median(times),
@@ -96,12 +99,7 @@ def run_mode(mode: str, size: str, B: int, T: int, profile: bool = False) -> dic
         from torch.profiler import ProfilerActivity, profile as prof
 
         with prof(activities=[ProfilerActivity.CUDA]) as p:
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = step_model(x, y)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
+            step()
         print(f"== {mode}\n" + p.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60),
               file=sys.stderr)
     return result

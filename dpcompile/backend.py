@@ -179,7 +179,6 @@ def build_context(gm: torch.fx.GraphModule, example_inputs: list, options: Any) 
     groups = _groups_of(names, all_names, opts)
     if root is not None:
         model_trainable = [n for n, p in root.named_parameters() if p.requires_grad]
-        model_groups = _groups_of(model_trainable, all_names, opts)
         missing = sorted(set(model_trainable) - set(names))
         if missing:
             # A parameter outside this graph would get its gradient from another graph or from eager code,
@@ -190,21 +189,26 @@ def build_context(gm: torch.fx.GraphModule, example_inputs: list, options: Any) 
                 "graph break (compile with fullgraph=True, e.g. through dpcompile.compile) or those parameters are "
                 "unused (set requires_grad=False on them)"
             )
-        n_groups = len(set(model_groups.values()))
-    else:
-        n_groups = len(set(groups.values()))
+    n_groups = len(set(groups.values()))  # every trainable parameter of the model is in this graph
     thresholds = {g: opts.threshold_for(g, n_groups) for g in sorted(set(groups.values()))}
     params = {i: ParamInfo(name, groups[name]) for i, name in trainable.items()}
     ctx = PassContext(opts, params, batch_inputs, thresholds, dp_decomposition_table(),
                       input_sources={sources[i] or f"input{i}": d for i, d in batch_inputs.items()})
     for listener in _CONTEXT_LISTENERS:
         listener.append(ctx)
-    if not _EXPLAINING[0]:
-        from .privacy.optimizer import mark_privatized
-
-        for i in trainable:
-            mark_privatized(example_inputs[i])
     return ctx
+
+
+def _mark_privatized(example_inputs: list, indices) -> None:
+    """Tell DPOptimizer's coverage check which parameters a compiled graph clips. Called only once compilation
+    (the pass and its coverage check, or a cache hit of a graph that passed them) succeeded; never for
+    explain's graphs."""
+    if _EXPLAINING[0]:
+        return
+    from .privacy.optimizer import mark_privatized
+
+    for i in indices:
+        mark_privatized(example_inputs[i])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -226,8 +230,10 @@ def flashdp(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
     from torch._inductor.compile_fx import compile_fx
 
     ctx = build_context(gm, example_inputs, _options_from(kwargs))
-    return compile_fx(gm, example_inputs, config_patches={"joint_custom_pre_pass": DPJointPass(ctx)},
-                      decompositions=ctx.decompositions)
+    compiled = compile_fx(gm, example_inputs, config_patches={"joint_custom_pre_pass": DPJointPass(ctx)},
+                          decompositions=ctx.decompositions)
+    _mark_privatized(example_inputs, ctx.params)
+    return compiled
 
 
 def flashdp_eager(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
@@ -246,8 +252,10 @@ def flashdp_eager(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
     def boxed(g, _inputs):
         return make_boxed_func(g.forward)
 
-    return aot_autograd(fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition,
-                        decompositions=ctx.decompositions)(gm, example_inputs)
+    compiled = aot_autograd(fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition,
+                            decompositions=ctx.decompositions)(gm, example_inputs)
+    _mark_privatized(example_inputs, ctx.params)
+    return compiled
 
 
 def register_backends() -> None:

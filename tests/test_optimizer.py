@@ -194,3 +194,17 @@ def test_make_private_end_to_end_at_epsilon_8():
     assert end < 0.8 * start, (start, end)
     assert opt.steps_taken == opt.planned_steps == 3 * len(dp_loader)
     assert 7.0 < eps <= 8.0
+
+
+def test_refused_graph_does_not_vouch_for_its_parameters():
+    """A compile that dpcompile refused must not mark the parameters as clipped: falling back to eager training
+    afterwards is caught by the optimizer."""
+    model = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
+    torch._dynamo.reset()
+    with pytest.raises(Exception):
+        dpcompile.compile(model, backend="flashdp_eager", loss_reduction="sum")(torch.randn(4, 3)).sum().backward()
+    model(torch.randn(4, 3)).sum().backward()  # eager: not clipped
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
+                      expected_batch_size=4.0)
+    with pytest.raises(dpcompile.CoverageError):
+        opt.step()

@@ -43,7 +43,6 @@ class PassContext:
     decompositions: dict
     input_sources: dict = field(default_factory=dict)  # Dynamo source name of each batch input -> sample dim
     report: list = field(default_factory=list)  # filled by the pass: one row per trainable parameter
-    privatized: list = field(default_factory=list)  # names of parameters whose gradients the pass rewrote
 
     def key(self) -> str:
         parts = [self.options.cache_key(), repr(sorted((k, v.name, v.group) for k, v in self.params.items())),
@@ -191,7 +190,6 @@ def _finish(graph: fx.Graph, ctx: PassContext, params: list) -> None:
     decompose_kept_ops(graph)
     graph.lint()
     verify_coverage(graph, ctx, params)
-    ctx.privatized[:] = [info.name for info, _ in params]
     strategies = Counter(row["strategy"] for row in ctx.report)
     log.info("flashdp: %d trainable parameters in %d clipping groups (%s), strategies: %s",
              len(params), len({info.group for info, _ in params}), ctx.options.clipping
