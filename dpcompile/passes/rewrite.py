@@ -19,13 +19,12 @@ from .discover import Contribution, ParamGrad, Step
 
 aten = torch.ops.aten
 
-NORM_OPS = {"linear": ops.linear_norm, "rows": ops.rows_norm, "embedding": ops.embedding_norm}
-
-
 def _site_norm(site, ins):
-    if site.kind == "embedding":
-        return ops.embedding_norm(*ins, site.info["padding_idx"])
-    return NORM_OPS[site.kind](*ins)
+    if site.kind == "linear":
+        return ops.linear_norm(*ins)
+    if site.kind == "rows":
+        return ops.rows_norm(*ins)
+    return ops.embedding_norm(*ins, site.info["padding_idx"])
 
 
 def _site_clipped_sum(site, ins, coef):
