@@ -12,14 +12,15 @@ from .errors import (CoverageError, DPCompileError, OptionsError, SampleMixingEr
                      UnsupportedGradientError)
 from .explain import Plan, explain
 from .options import DPOptions
-from .privacy import (DPOptimizer, PoissonDataLoader, PrivacyAccountant, PrivateTraining, get_epsilon,
-                      get_noise_multiplier, make_private)
+from .privacy import (DistributedDPOptimizer, DistributedPoissonDataLoader, DPOptimizer, PoissonDataLoader,
+                      PrivacyAccountant, PrivateTraining, get_epsilon, get_noise_multiplier, make_private)
 
 register_backends()
 
 __all__ = [
     "compile", "DPCompiled", "explain", "Plan", "DPOptions", "flashdp", "flashdp_eager",
-    "DPOptimizer", "PoissonDataLoader", "PrivacyAccountant", "get_epsilon", "get_noise_multiplier", "make_private",
+    "DPOptimizer", "DistributedDPOptimizer", "PoissonDataLoader", "DistributedPoissonDataLoader",
+    "PrivacyAccountant", "get_epsilon", "get_noise_multiplier", "make_private",
     "PrivateTraining",
     "DPCompileError", "OptionsError", "UnsupportedGradientError", "SampleMixingError", "CoverageError",
 ]

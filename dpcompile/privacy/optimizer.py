@@ -19,19 +19,106 @@ from typing import Mapping, Optional, Union
 import torch
 from torch.optim import Optimizer
 
-from ..errors import CoverageError
+from ..errors import CoverageError, DPCompileError
 
 #: id -> parameter, for parameters whose gradients some flashdp graph privatizes (filled by the backend).
 #: Keyed by id because tensors compare elementwise; weak so that it keeps no model alive.
 PRIVATIZED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
 
 
-def mark_privatized(p: torch.Tensor) -> None:
-    PRIVATIZED[id(p)] = p
+class ClipRecord:
+    """One compiled graph's clipping: its per-sample sensitivity sqrt(sum_g C_g^2) over the groups it clips, and
+    the ids of the parameters it privatized. Several graphs can privatize disjoint parts of one model (a model
+    compiled piecewise, FSDP2 units compiled one by one); each clips to its own thresholds, so the sensitivity of
+    the whole gradient is only known from all of them (see `clipped_sensitivity`)."""
+
+    __slots__ = ("sensitivity", "expected", "param_ids")
+
+    def __init__(self, sensitivity: float, expected: int):
+        self.sensitivity = float(sensitivity)
+        self.expected = expected  # how many parameters the graph privatizes
+        self.param_ids: set = set()
+
+    @classmethod
+    def from_context(cls, ctx) -> "ClipRecord":
+        return cls(math.sqrt(sum(float(c) ** 2 for c in ctx.thresholds.values())), len(ctx.params))
+
+
+#: id(parameter) -> the ClipRecords of the graphs that privatized it (None for a graph of unknown thresholds)
+CLIP_RECORDS: dict = {}
+#: the record of the graph being compiled: build_context announces each PassContext to the backend's context
+#: listeners just before compiling, and the backend marks that graph's parameters right after (see _Recorder)
+_COMPILING: list = [None]
+
+
+class _Recorder:
+    """A backend context listener (the mechanism explain() uses) that keeps the thresholds of the graph being
+    compiled, so that mark_privatized, which the backend calls with the parameter alone, can attach them. When
+    the backend passes the context to mark_privatized itself this is no longer needed."""
+
+    def append(self, ctx) -> None:
+        _COMPILING[0] = ClipRecord.from_context(ctx)
+
+
+def _install_recorder() -> None:
+    from .. import backend
+
+    if not any(isinstance(x, _Recorder) for x in backend._CONTEXT_LISTENERS):
+        backend._CONTEXT_LISTENERS.append(_Recorder())
+
+
+def _forget(pid: int) -> None:
+    CLIP_RECORDS.pop(pid, None)
+
+
+def mark_privatized(p: torch.Tensor, context=None) -> None:
+    """Called by the backend once a graph that clips `p`'s gradient compiled. `context`: that graph's PassContext
+    (thresholds); without it, the one the recorder saw last."""
+    pid = id(p)
+    if PRIVATIZED.get(pid) is not p:  # a new tensor (possibly at the id of a dead one): start its history
+        CLIP_RECORDS[pid] = []
+        weakref.finalize(p, _forget, pid)
+    PRIVATIZED[pid] = p
+    if context is not None:
+        rec = ClipRecord.from_context(context)
+    else:
+        rec = _COMPILING[0]
+        if rec is not None and len(rec.param_ids) >= rec.expected:
+            rec = None  # more marks than the announced graph has parameters: the pairing is off, trust nothing
+    if rec is not None:
+        rec.param_ids.add(pid)
+    records = CLIP_RECORDS.setdefault(pid, [])
+    if not any(r is rec for r in records):
+        records.append(rec)
 
 
 def is_privatized(p: torch.Tensor) -> bool:
     return PRIVATIZED.get(id(p)) is p
+
+
+def clipped_sensitivity(params) -> Optional[float]:
+    """An upper bound on the L2 norm of one sample's clipped gradient over `params` (privatized tensors), from
+    the thresholds of every graph that privatized them; None if a graph's thresholds are unknown.
+
+    Graphs over the same parameter set are recompilations (other batch sizes): a sample goes through one of
+    them, so their largest sensitivity counts. Graphs over disjoint parameter sets (a model compiled piecewise)
+    each add their clipped part: sqrt(sum S^2). If the sets overlap, a parameter may get a clipped part from
+    each: the triangle inequality's sum S is the bound.
+    """
+    by_set: dict = {}
+    for p in params:
+        for rec in CLIP_RECORDS.get(id(p), [None]):
+            if rec is None:
+                return None
+            key = frozenset(rec.param_ids)
+            by_set[key] = max(by_set.get(key, 0.0), rec.sensitivity)
+    if not by_set:
+        return 0.0
+    sets = list(by_set)
+    disjoint = all(a.isdisjoint(b) for i, a in enumerate(sets) for b in sets[i + 1:])
+    if disjoint:
+        return math.sqrt(sum(s * s for s in by_set.values()))
+    return sum(by_set.values())
 
 
 def total_max_grad_norm(max_grad_norm: Union[float, Mapping[str, float]]) -> float:
@@ -39,6 +126,36 @@ def total_max_grad_norm(max_grad_norm: Union[float, Mapping[str, float]]) -> flo
     if isinstance(max_grad_norm, Mapping):
         return math.sqrt(sum(float(c) ** 2 for c in max_grad_norm.values()))
     return float(max_grad_norm)
+
+
+def _uncovered_message(p: torch.Tensor) -> str:
+    return (f"a parameter of shape {tuple(p.shape)} has a gradient that no flashdp graph produced (its gradient "
+            "was not clipped); compile the model with dpcompile.compile / backend='flashdp' and keep every use of "
+            "the parameter inside it")
+
+
+def _refuse_unsynchronized(optimizer: Optimizer, independent_ranks: bool) -> None:
+    """A plain DPOptimizer noises and steps one process's gradients: refuse where that is not what was meant."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover (builds without DTensor)
+        DTensor = ()
+    if any(isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"]):
+        raise DPCompileError(
+            "DPOptimizer: the optimizer holds DTensor (sharded, e.g. FSDP2 fully_shard) parameters; DPOptimizer "
+            "would noise every rank's shard as if it were the whole parameter. Use "
+            "dpcompile.DistributedDPOptimizer(optimizer, module=model, ...) or dpcompile.make_private")
+    if dist.is_initialized() and dist.get_world_size() > 1 and not independent_ranks:
+        raise DPCompileError(
+            f"DPOptimizer: torch.distributed is initialized with {dist.get_world_size()} ranks, but DPOptimizer "
+            "noises and steps this rank's clipped sum alone (no all-reduce; the ranks' models would drift apart). "
+            "Use dpcompile.DistributedDPOptimizer, which sums the clipped sums of all ranks and adds the noise "
+            "once (dpcompile.make_private picks it by itself), or pass independent_ranks=True if every rank is a "
+            "separate DP training run on its own data")
 
 
 class DPOptimizer(Optimizer):
@@ -55,14 +172,22 @@ class DPOptimizer(Optimizer):
         sampling: use PoissonDataLoader(secure_mode=True) for that.
     accountant / sample_rate: when given, accountant.step(noise_multiplier=sigma, sample_rate=q) on every step.
     check_coverage: refuse to step when a parameter has a gradient that no flashdp graph produced.
+    independent_ranks: under an initialized torch.distributed group of several ranks this class refuses to be
+        built, because it would noise and step each rank's gradient alone (the ranks' models drift apart); use
+        dpcompile.DistributedDPOptimizer (make_private picks it). True: each rank is a separate DP run on purpose.
     """
+
+    #: DistributedDPOptimizer sets this: it sums the ranks' clipped sums before noising
+    _sums_across_ranks = False
 
     def __init__(self, optimizer: Optimizer, *, noise_multiplier: float, max_grad_norm, expected_batch_size: float,
                  loss_reduction: str = "mean", generator: Optional[torch.Generator] = None,
                  secure_mode: bool = False, accountant=None, sample_rate: Optional[float] = None,
-                 check_coverage: bool = True):
+                 check_coverage: bool = True, independent_ranks: bool = False):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"DPOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not self._sums_across_ranks:
+            _refuse_unsynchronized(optimizer, independent_ranks)
         if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
             raise ValueError(f"noise_multiplier={noise_multiplier!r} must be a finite number >= 0")
         c_total = total_max_grad_norm(max_grad_norm)
@@ -148,10 +273,7 @@ class DPOptimizer(Optimizer):
         gens: dict = {}
         for p in self._params():
             if self.check_coverage and p.grad is not None and not is_privatized(p):
-                raise CoverageError(
-                    f"a parameter of shape {tuple(p.shape)} has a gradient that no flashdp graph produced (its "
-                    "gradient was not clipped); compile the model with dpcompile.compile / backend='flashdp' and "
-                    "keep every use of the parameter inside it")
+                raise CoverageError(_uncovered_message(p))
             if self.secure_mode:
                 gen = gens.setdefault(p.device, self._step_generator(p.device))
             else:
@@ -211,3 +333,6 @@ class DPOptimizer(Optimizer):
         return (f"DPOptimizer(sigma={self.noise_multiplier}, C={self.max_grad_norm}, "
                 f"expected_batch_size={self.expected_batch_size}, {self.loss_reduction}, "
                 f"wrapping {type(self.original_optimizer).__name__})")
+
+
+_install_recorder()
