@@ -1,4 +1,5 @@
-"""`dpcompile.explain`: the plan for every trainable parameter (group, threshold, site pattern, strategy)."""
+"""`dpcompile.explain`: the plan for every trainable parameter (group, threshold, site pattern, strategy, and for
+linear weight sites the predicted cost of each strategy in microseconds per sample on the planner's device model)."""
 from __future__ import annotations
 
 import torch
@@ -13,10 +14,11 @@ class Plan:
         self.options = options
 
     def __str__(self) -> str:
-        head = ("parameter", "shape", "group", "C_g", "pattern", "strategy")
+        head = ("parameter", "shape", "group", "C_g", "pattern", "strategy", "predicted us/sample")
         table = [head] + [
             (r["parameter"], "x".join(map(str, r["shape"])) or "scalar", r["group"] or "(root)",
-             f"{r['threshold']:.4g}", r["pattern"], r["strategy"]) for r in self.rows
+             f"{r['threshold']:.4g}", r["pattern"], r["strategy"] + (" (forced)" if r.get("forced") else ""),
+             _costs(r)) for r in self.rows
         ]
         widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]
         lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
@@ -28,6 +30,15 @@ class Plan:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+    def predicted_us_per_sample(self) -> float:
+        """Sum over linear sites of the chosen strategy's predicted cost (microseconds per sample)."""
+        return sum(r["cost_us_per_sample"][r["strategy"]] for r in self.rows if r.get("cost_us_per_sample"))
+
+
+def _costs(row) -> str:
+    costs = row.get("cost_us_per_sample") or {}
+    return " ".join(f"{k}={v:.3g}{'*' if k == row['strategy'] else ''}" for k, v in costs.items()) or "-"
 
 
 def explain(model, example_inputs, **options) -> Plan:

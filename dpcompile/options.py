@@ -20,6 +20,9 @@ AUTO_GAMMA = 1e-2
 CLIPPING_STYLES = ("flat", "per_layer", "per_param")
 CLIP_FNS = ("abadi", "automatic")
 LOSS_REDUCTIONS = ("sum", "mean")
+# strategies for linear weight sites (dpcompile/passes/plan.py): "auto" lets the cost model choose per site
+LINEAR_STRATEGIES = ("auto", "direct", "ghost", "single_pass")
+DEFAULT_SINGLE_PASS_BUDGET_MB = 256.0
 
 Clipping = Union[str, Sequence[Sequence[str]]]
 
@@ -35,6 +38,10 @@ class DPOptions:
     loss_reduction: "sum" or "mean" (loss = mean over the batch of per-sample losses).
     batch_arg: which forward input carries the batch: None (first tensor input), an argument name, or a position.
     batch_dim: dimension of that input that indexes samples.
+    strategy: how linear weight sites get their norms and clipped sums: "auto" (the planner's cheapest),
+        "direct", "ghost", "single_pass", or a dict {parameter-name glob: strategy} to force some sites
+        (first matching glob wins; unmatched sites stay "auto").
+    single_pass_budget_mb: scratch memory one single-pass site may hold at a time (chunks of samples).
     """
 
     max_grad_norm: Union[float, tuple] = 1.0  # float, or sorted tuple of (group, threshold)
@@ -43,8 +50,11 @@ class DPOptions:
     loss_reduction: str = "mean"
     batch_arg: Union[None, str, int] = None
     batch_dim: int = 0
+    strategy: Union[str, tuple] = "auto"  # name, or tuple of (glob, name)
+    single_pass_budget_mb: float = DEFAULT_SINGLE_PASS_BUDGET_MB
 
-    KEYS = ("max_grad_norm", "clipping", "clip_fn", "loss_reduction", "batch_arg", "batch_dim")
+    KEYS = ("max_grad_norm", "clipping", "clip_fn", "loss_reduction", "batch_arg", "batch_dim", "strategy",
+            "single_pass_budget_mb")
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None) -> "DPOptions":
@@ -77,7 +87,22 @@ class DPOptions:
             if not isinstance(value, int) or isinstance(value, bool):
                 raise OptionsError(f"option batch_dim={value!r} must be an int")
             kw["batch_dim"] = value
+        if "strategy" in options:
+            kw["strategy"] = _parse_strategy(options["strategy"])
+        if "single_pass_budget_mb" in options:
+            kw["single_pass_budget_mb"] = _positive_float("single_pass_budget_mb", options["single_pass_budget_mb"])
         return cls(**kw)
+
+    def forced_strategy(self, name: str) -> str:
+        """The strategy the user asked for parameter `name` ("auto" when none)."""
+        if isinstance(self.strategy, str):
+            return self.strategy
+        import fnmatch
+
+        for glob, strategy in self.strategy:
+            if fnmatch.fnmatchcase(name, glob):
+                return strategy
+        return "auto"
 
     def threshold_for(self, group: str, n_groups: int) -> float:
         """C_g of one group: C/sqrt(G) by default, or the user's per-group value."""
@@ -154,3 +179,24 @@ def _parse_clipping(value: Any):
             seen.add(name)
         groups.append(tuple(group))
     return tuple(groups)
+
+
+def _parse_strategy(value: Any):
+    def check(v, where):
+        if v not in LINEAR_STRATEGIES:
+            raise OptionsError(f"option {where}={v!r} is invalid; choose one of {list(LINEAR_STRATEGIES)}")
+        return v
+
+    if isinstance(value, tuple) and all(isinstance(v, tuple) and len(v) == 2 for v in value):
+        value = dict(value)  # the normalised form DPOptions stores
+    if isinstance(value, str):
+        return check(value, "strategy")
+    if isinstance(value, Mapping) and value:
+        out = []
+        for glob, v in value.items():
+            if not isinstance(glob, str):
+                raise OptionsError(f"option strategy: keys must be parameter-name globs (str), got {glob!r}")
+            out.append((glob, check(v, f"strategy[{glob!r}]")))
+        return tuple(out)  # order kept: the first matching glob wins
+    raise OptionsError(f"option strategy={value!r} must be one of {list(LINEAR_STRATEGIES)} or a non-empty dict "
+                       "{parameter-name glob: strategy}")

@@ -15,7 +15,11 @@ def test_explain_lists_every_trainable_parameter():
     rows = {r["parameter"]: r for r in plan.rows}
     n_groups = len({r["group"] for r in plan.rows})
     assert all(math.isclose(r["threshold"], 2.0 / math.sqrt(n_groups)) for r in plan.rows)
-    assert rows["blocks.0.attn.qkv.weight"]["strategy"] == "fused-linear"
+    qkv = rows["blocks.0.attn.qkv.weight"]
+    assert qkv["strategy"] in ("direct", "ghost", "single_pass") and not qkv["forced"]
+    # the planner's choice is the cheapest of the predicted costs it shows
+    assert set(qkv["cost_us_per_sample"]) == {"direct", "ghost", "single_pass"}
+    assert qkv["cost_us_per_sample"][qkv["strategy"]] == min(qkv["cost_us_per_sample"].values())
     assert rows["blocks.0.attn.qkv.bias"]["group"] == rows["blocks.0.attn.qkv.weight"]["group"] == "blocks.0.attn.qkv"
     assert rows["blocks.0.ln1.weight"]["strategy"] == "fused-rows"
     # the tied token embedding / lm_head: two uses summed per sample before the norm
@@ -24,7 +28,7 @@ def test_explain_lists_every_trainable_parameter():
     # position embedding: ids shared by every sample, no per-sample table materialized
     assert rows["wpe.weight"]["strategy"] == "fused-embedding"
     text = str(plan)
-    assert "wte.weight" in text and "fused-linear" in text and "clipping='per_layer'" in text
+    assert "wte.weight" in text and f"{qkv['strategy']}=" in text and "clipping='per_layer'" in text
 
 
 def test_explain_skips_frozen_parameters():
@@ -33,3 +37,39 @@ def test_explain_skips_frozen_parameters():
     frozen = {n for n, p in case.model.named_parameters() if not p.requires_grad}
     assert frozen and not frozen & {r["parameter"] for r in plan.rows}
     assert {r["group"] for r in plan.rows} == {"flat"}
+
+
+def test_explain_shows_forced_strategies():
+    case = models.gpt_like(tied=False)
+    plan = dpcompile.explain(case.model, case.batch(2)[:1], clipping="per_layer",
+                             strategy={"lm_head.*": "single_pass", "*.weight": "ghost"})
+    rows = {r["parameter"]: r for r in plan.rows}
+    assert rows["lm_head.weight"]["strategy"] == "single_pass" and rows["lm_head.weight"]["forced"]
+    assert rows["blocks.0.attn.qkv.weight"]["strategy"] == "ghost"
+    assert rows["blocks.0.attn.qkv.bias"]["strategy"] == "fused-rows"
+    assert "single_pass (forced)" in str(plan)
+
+
+def test_planner_follows_the_cost_model_on_real_shapes():
+    """GPT-2-small widths: direct at T=1024 beats ghost (T(M+N) > MN), ghost wins at T=16; per-layer groups with
+    one linear site take single_pass when its saving is positive; a flat group gets at most one single_pass site."""
+    import sympy
+
+    from dpcompile.options import DPOptions
+    from dpcompile.passes.plan import LinearShape, linear_costs, plan_group
+
+    B = sympy.Symbol("s0", positive=True, integer=True)
+    costs = linear_costs(LinearShape(B, 1024, 768, 768, 2), 256 * 2**20)
+    at = {k: float(v.subs(B, 8)) for k, v in costs.items()}
+    assert at["single_pass"] < at["direct"] < at["ghost"]
+    short = {k: float(v.subs(B, 8)) for k, v in linear_costs(LinearShape(B, 16, 768, 768, 2), 256 * 2**20).items()}
+    assert short["ghost"] < short["direct"]
+
+    class PG:
+        def __init__(self, name):
+            self.name, self.fused = name, True
+
+    pgs = [PG("a.weight"), PG("b.weight"), PG("c.weight")]
+    shapes = {id(pg): LinearShape(B, 1024, 768, 768 * (i + 1), 2) for i, pg in enumerate(pgs)}
+    choice = plan_group(pgs, shapes, DPOptions.parse({"clipping": "flat"}), B, 8)
+    assert [choice[id(pg)].strategy for pg in pgs] == ["direct", "direct", "single_pass"]  # saves most on the widest

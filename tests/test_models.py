@@ -11,17 +11,19 @@ from hypothesis import strategies as st
 
 import models
 from dp_check import assert_matches
+from dpcompile.options import LINEAR_STRATEGIES
 
 STYLES = ["flat", "per_layer", "per_param"]
 SMALL_C, LARGE_C = 1e-3, 1e6  # everything clipped / nothing clipped (catches scaling bugs clipping hides)
 
-# (clipping, clip_fn, loss_reduction, C): every style, both clip functions and both reductions, small and large C
+# (clipping, clip_fn, loss_reduction, C, strategy): every style, both clip functions and both reductions, small and
+# large C, every linear-site strategy (single_pass under flat: one site of the group takes it)
 COMBOS = [
-    ("flat", "abadi", "sum", LARGE_C),
-    ("per_layer", "abadi", "mean", SMALL_C),
-    ("per_param", "automatic", "sum", SMALL_C),
-    ("per_layer", "automatic", "mean", 2.0),
-    ("flat", "abadi", "mean", 0.5),
+    ("flat", "abadi", "sum", LARGE_C, "ghost"),
+    ("per_layer", "abadi", "mean", SMALL_C, "single_pass"),
+    ("per_param", "automatic", "sum", SMALL_C, "direct"),
+    ("per_layer", "automatic", "mean", 2.0, "auto"),
+    ("flat", "abadi", "mean", 0.5, "single_pass"),
 ]
 # HF Llama's RMSNorm computes in float32 even in a float64 model
 TOL = {"hf_llama_eager": dict(atol=1e-7, rtol=1e-5)}
@@ -37,9 +39,9 @@ CASES = models.default_cases()
 @pytest.mark.parametrize("case", CASES, ids=_case_ids(CASES))
 @pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join(map(str, c)))
 def test_zoo_matches_loop_oracle(case, combo):
-    clipping, clip_fn, reduction, C = combo
+    clipping, clip_fn, reduction, C, strategy = combo
     assert_matches(case, case.batch(3, seed=1), max_grad_norm=C, clipping=clipping, clip_fn=clip_fn,
-                   loss_reduction=reduction, **TOL.get(case.name, {}))
+                   loss_reduction=reduction, strategy=strategy, **TOL.get(case.name, {}))
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_ids(CASES))
@@ -83,10 +85,12 @@ def test_explicit_groups_and_per_group_thresholds():
 option_strategy = st.one_of(
     st.fixed_dictionaries({"clipping": st.sampled_from(STYLES), "clip_fn": st.just("abadi"),
                            "loss_reduction": st.sampled_from(["sum", "mean"]),
-                           "max_grad_norm": st.sampled_from([SMALL_C, 0.3, LARGE_C])}),
+                           "max_grad_norm": st.sampled_from([SMALL_C, 0.3, LARGE_C]),
+                           "strategy": st.sampled_from(LINEAR_STRATEGIES)}),
     st.fixed_dictionaries({"clipping": st.sampled_from(STYLES), "clip_fn": st.just("automatic"),
                            "loss_reduction": st.sampled_from(["sum", "mean"]),
-                           "max_grad_norm": st.sampled_from([SMALL_C, 0.3, 2.0])}),
+                           "max_grad_norm": st.sampled_from([SMALL_C, 0.3, 2.0]),
+                           "strategy": st.sampled_from(LINEAR_STRATEGIES)}),
 )
 
 
@@ -122,3 +126,11 @@ def test_multihead_attention_property(d, n_head, T, B, batch_first, opts):
     """nn.MultiheadAttention runs its projections time-major: rows of the weight-gradient mm are (t, b)."""
     case = models.mha(d, n_head, batch_first=batch_first, T=T)
     assert_matches(case, case.batch(B, seed=B), **opts)
+
+
+@pytest.mark.parametrize("clipping", ["per_layer", "flat"])
+def test_single_pass_in_chunks_of_one_sample(clipping):
+    """A budget smaller than one sample's product: the single-pass sites run sample by sample, same result."""
+    case = models.gpt_like(tied=False)
+    assert_matches(case, case.batch(4, seed=7), max_grad_norm=SMALL_C, clipping=clipping, loss_reduction="mean",
+                   strategy="single_pass", single_pass_budget_mb=1e-6)

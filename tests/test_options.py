@@ -159,6 +159,9 @@ VARIANTS = {
     "loss_reduction": ["sum", "mean"],
     "batch_arg": [None, "x", "y", 0, 1, "0"],
     "batch_dim": [0, 1, -1],
+    "strategy": ["auto", "direct", "ghost", "single_pass", {"*": "ghost"}, {"*.weight": "ghost"},
+                 {"a*": "direct", "*": "ghost"}, {"*": "ghost", "a*": "direct"}],
+    "single_pass_budget_mb": [1, 256, 0.5],
 }
 BASES = [{}, {"max_grad_norm": {"g": 1.5}, "clipping": [["w"]], "clip_fn": "automatic",
               "loss_reduction": "sum", "batch_arg": 2, "batch_dim": 1}]
@@ -198,3 +201,23 @@ def test_compile_rejects_bad_option_immediately():
 def test_compile_keeps_parsed_options():
     c = dpcompile.compile(torch.nn.Linear(2, 2), max_grad_norm=3, clip_fn="automatic")
     assert c.options == DPOptions.parse({"max_grad_norm": 3.0, "clip_fn": "automatic"})
+
+
+@pytest.mark.parametrize("bad", ["fast", "", {"*": "fast"}, {1: "ghost"}, {}, ["ghost"], None])
+def test_strategy_option_is_validated(bad):
+    with pytest.raises(OptionsError, match="strategy"):
+        DPOptions.parse({"strategy": bad})
+
+
+def test_forced_strategy_first_matching_glob_wins():
+    o = DPOptions.parse({"strategy": {"lm_head.*": "single_pass", "*.weight": "ghost"}})
+    assert o.forced_strategy("lm_head.weight") == "single_pass"
+    assert o.forced_strategy("blocks.0.fc.weight") == "ghost"
+    assert o.forced_strategy("blocks.0.fc.bias") == "auto"
+    assert DPOptions.parse({"strategy": "direct"}).forced_strategy("anything") == "direct"
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("inf"), "1", True])
+def test_single_pass_budget_is_validated(bad):
+    with pytest.raises(OptionsError, match="single_pass_budget_mb"):
+        DPOptions.parse({"single_pass_budget_mb": bad})

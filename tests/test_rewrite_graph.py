@@ -29,7 +29,8 @@ def _rewritten_graph(model, x, monkeypatch, **options):
 
 def test_weight_gradient_mms_are_replaced(monkeypatch):
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
-    ops = _rewritten_graph(model, torch.randn(5, 6, 4), monkeypatch, clipping="per_layer", loss_reduction="sum")
+    ops = _rewritten_graph(model, torch.randn(5, 6, 4), monkeypatch, clipping="per_layer", loss_reduction="sum",
+                           strategy="direct")
     # forward: 2 addmm; backward: only the input gradient of layer 2 is an mm (layer 1's input needs no grad)
     assert ops.count(aten.addmm.default) == 2 and ops.count(aten.mm.default) == 1
     assert ops.count(dp.linear_norm.default) == 2 and ops.count(dp.linear_clipped_sum.default) == 2
@@ -41,8 +42,25 @@ def test_weight_gradient_mms_are_replaced(monkeypatch):
 def test_frozen_layer_costs_nothing(monkeypatch):
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     model[2].requires_grad_(False)
-    ops = _rewritten_graph(model, torch.randn(5, 4), monkeypatch, clipping="flat", loss_reduction="sum")
+    ops = _rewritten_graph(model, torch.randn(5, 4), monkeypatch, clipping="flat", loss_reduction="sum",
+                           strategy="direct")
     assert ops.count(dp.linear_norm.default) == 1 and ops.count(dp.rows_norm.default) == 1
+
+
+def test_strategies_use_their_ops(monkeypatch):
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(5, 6, 4)
+    ops = _rewritten_graph(model, x, monkeypatch, clipping="per_layer", strategy="ghost")
+    assert ops.count(dp.linear_ghost_norm.default) == 2 and ops.count(dp.linear_clipped_sum.default) == 2
+    assert dp.linear_norm.default not in ops
+    monkeypatch.undo()
+    ops = _rewritten_graph(model, x, monkeypatch, clipping="per_layer", strategy="single_pass")
+    assert ops.count(dp.linear_single_pass.default) == 2
+    assert dp.linear_norm.default not in ops and dp.linear_clipped_sum.default not in ops
+    monkeypatch.undo()
+    # flat: one group, so single_pass can serve one of its two linear sites only
+    ops = _rewritten_graph(model, x, monkeypatch, clipping="flat", strategy={"0.weight": "single_pass"})
+    assert ops.count(dp.linear_single_pass.default) == 1 and ops.count(dp.linear_clipped_sum.default) == 1
 
 
 def test_no_kept_whole_op_survives_for_inductor(monkeypatch):

@@ -33,13 +33,23 @@ def norm_dtype(*dtypes: torch.dtype) -> torch.dtype:
 # -- linear ------------------------------------------------------------------------------------------------
 
 
-def linear_norm_reference(a: Tensor, b: Tensor) -> Tensor:
+def linear_direct_norm_reference(a: Tensor, b: Tensor) -> Tensor:
     a, b = _acc(a, b), _acc(b, a)
+    return torch.bmm(a.transpose(1, 2), b).pow(2).sum((1, 2))
+
+
+def linear_ghost_norm_reference(a: Tensor, b: Tensor) -> Tensor:
+    """<a_i a_i^T, b_i b_i^T>: never forms s_i; B x T x T Gram matrices instead."""
+    a, b = _acc(a, b), _acc(b, a)
+    return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))).sum((1, 2)).clamp_min(0)
+
+
+def linear_norm_reference(a: Tensor, b: Tensor) -> Tensor:
     B, T, M = a.shape
     N = b.shape[-1]
-    if T * T * (M + N) < T * M * N:  # ghost norm: <a_i a_i^T, b_i b_i^T> is cheaper than forming s_i
-        return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))).sum((1, 2)).clamp_min(0)
-    return torch.bmm(a.transpose(1, 2), b).pow(2).sum((1, 2))
+    if T * T * (M + N) < T * M * N:  # the cheaper of the two exact forms
+        return linear_ghost_norm_reference(a, b)
+    return linear_direct_norm_reference(a, b)
 
 
 def linear_clipped_sum_reference(a: Tensor, b: Tensor, coef: Tensor) -> Tensor:
@@ -57,11 +67,22 @@ def _use_triton(*tensors: Tensor) -> bool:
 # elsewhere (CPU, fp64) the body is the PyTorch reference.
 @torch.library.triton_op(f"{_LIB}::linear_norm", mutates_args=())
 def linear_norm(a: Tensor, b: Tensor) -> Tensor:
+    """Direct per-sample norms: a GEMM per sample with the norm in its epilogue."""
     if not _use_triton(a, b):
         return linear_norm_reference(a, b)
     from .kernels.linear import per_sample_sq_norms
 
     return per_sample_sq_norms(a, b, launch=torch.library.wrap_triton)
+
+
+@torch.library.triton_op(f"{_LIB}::linear_ghost_norm", mutates_args=())
+def linear_ghost_norm(a: Tensor, b: Tensor) -> Tensor:
+    """Ghost per-sample norms: Gram products of the T rows, on chip."""
+    if not _use_triton(a, b):
+        return linear_ghost_norm_reference(a, b)
+    from .kernels.linear import ghost_sq_norms
+
+    return ghost_sq_norms(a, b, launch=torch.library.wrap_triton)
 
 
 @torch.library.triton_op(f"{_LIB}::linear_clipped_sum", mutates_args=())
@@ -71,6 +92,64 @@ def linear_clipped_sum(a: Tensor, b: Tensor, coef: Tensor) -> Tensor:
     from .kernels.linear import clipped_sum
 
     return clipped_sum(a, b, coef, launch=torch.library.wrap_triton)
+
+
+def _tiles_and_norms(a: Tensor, b: Tensor):
+    """Per-sample products (B, M, N) and the squared norms of exactly those values."""
+    if _use_triton(a, b):
+        from .kernels.linear import per_sample_tiles
+
+        return per_sample_tiles(a, b)
+    a, b = _acc(a, b), _acc(b, a)
+    tiles = torch.bmm(a.transpose(1, 2), b)
+    return tiles, tiles.pow(2).sum((1, 2))
+
+
+def _reduce_into(tiles: Tensor, coef: Tensor, acc: Tensor, accumulate: bool) -> None:
+    if tiles.device.type == "cuda" and acc.dtype == torch.float32:
+        from .kernels.linear import scaled_reduce_
+
+        scaled_reduce_(tiles, coef, acc, accumulate)
+        return
+    part = torch.einsum("s,smn->mn", coef.to(acc.dtype), tiles.to(acc.dtype))
+    acc.copy_(acc + part if accumulate else part)
+
+
+# A custom_op, not a triton_op: the chunk loop runs on concrete sizes (the batch dim is symbolic at compile time).
+@torch.library.custom_op(f"{_LIB}::linear_single_pass", mutates_args=())
+def linear_single_pass(a: Tensor, b: Tensor, rest_sq: Tensor, sq_scale: float, threshold: float, clip_fn: str,
+                       mean: bool, budget_bytes: int) -> tuple[Tensor, Tensor]:
+    """Single-pass clipping of a group whose only linear site is (a, b): every per-sample product is formed once,
+    in chunks of samples whose products fit `budget_bytes`; its norm (times sq_scale) plus `rest_sq` (the squared
+    norms of the group's other parameters) gives the clip factor, and the chunk is reduced as sum_i coef_i s_i.
+    Returns (the clipped sum, the group's coefficients for its other sites)."""
+    from ..clipping import clip_factors
+
+    B, T, M = a.shape
+    N = b.shape[-1]
+    acc_dtype = norm_dtype(a.dtype, b.dtype, rest_sq.dtype)
+    acc = torch.zeros((M, N), device=a.device, dtype=acc_dtype)
+    coefs = torch.empty((B,), device=a.device, dtype=acc_dtype)
+    per_sample = max(M * N * max(a.element_size(), b.element_size()), 1)
+    chunk = max(1, budget_bytes // per_sample)
+    for s0 in range(0, B, chunk):
+        s1 = min(B, s0 + chunk)
+        tiles, sq = _tiles_and_norms(a[s0:s1], b[s0:s1])
+        total = rest_sq[s0:s1].to(acc_dtype) + sq.to(acc_dtype) * sq_scale
+        if mean:  # the loss carried 1/B: measure and sum B * g_i
+            total = total * (B * B)
+        coef = clip_factors(total, threshold, clip_fn)
+        if mean:
+            coef = coef * B
+        coefs[s0:s1] = coef
+        _reduce_into(tiles, coef, acc, accumulate=s0 > 0)
+    return acc.to(torch.promote_types(a.dtype, b.dtype)), coefs
+
+
+@linear_single_pass.register_fake
+def _(a, b, rest_sq, sq_scale, threshold, clip_fn, mean, budget_bytes):
+    out = a.new_empty((a.shape[2], b.shape[2]), dtype=torch.promote_types(a.dtype, b.dtype))
+    return out, rest_sq.new_empty((a.shape[0],), dtype=norm_dtype(a.dtype, b.dtype, rest_sq.dtype))
 
 
 # -- rows (bias, norm affine, elementwise) ----------------------------------------------------------------
@@ -85,6 +164,17 @@ def rows_norm_reference(x: Tensor) -> Tensor:
 def rows_clipped_sum_reference(x: Tensor, coef: Tensor) -> Tensor:
     xs = _acc(x).sum(1)
     return (coef.to(xs.dtype) @ xs).to(x.dtype)
+
+
+def rows_colsum_reference(x: Tensor) -> Tensor:
+    return _acc(x).sum(1)
+
+
+@torch.library.triton_op(f"{_LIB}::rows_colsum", mutates_args=())
+def rows_colsum(x: Tensor) -> Tensor:
+    """Per-sample row sums (B, P) in the accumulation dtype: the group's norm and clipped sum both read this small
+    tensor, so x is read once (Inductor fuses the producer of x, e.g. dY * x_hat, into this reduction)."""
+    return rows_colsum_reference(x)
 
 
 @torch.library.triton_op(f"{_LIB}::rows_norm", mutates_args=())

@@ -19,7 +19,7 @@ from ..options import DPOptions
 from .batchdim import BatchDimAnalysis, BDim, Mixed, sym_expr
 from .discover import Contribution, ParamGrad, discover_contributions
 from .patterns import Site
-from .plan import plan_rows
+from .plan import LinearShape, check_forced_globs, plan_group, plan_rows
 from .rewrite import decompose_kept_ops, group_inputs, insert_traced, make_group_fn, set_outputs, zero_grads
 from .verify import verify_coverage
 
@@ -172,17 +172,48 @@ def run_dp_pass(graph: fx.Graph, ctx: PassContext) -> None:
     groups: dict[str, list] = {}
     for info, pg in params:
         groups.setdefault(info.group, []).append(pg)
+    check_forced_globs(ctx.options, [info.name for info, _ in params])
+    bsym, bhint = _batch_symbol(batch_node.meta["val"].shape[batch_dim])
+    choices: dict = {}
     replacements = {}
     for group, pgs in groups.items():
+        shapes = {id(pg): linear_shape(pg, batch_node, batch_dim) for pg in pgs
+                  if pg.fused and pg.contributions[0].site.kind == "linear"}
+        group_choices = plan_group(pgs, shapes, ctx.options, bsym, bhint)
+        choices.update(group_choices)
         inputs = group_inputs(pgs, batch_node)
         fn = make_group_fn(pgs, inputs, batch_node, batch_dim, ctx.thresholds[group], ctx.options.clip_fn,
-                           ctx.options.loss_reduction == "mean")
+                           ctx.options.loss_reduction == "mean",
+                           {k: c.strategy for k, c in group_choices.items()},
+                           int(ctx.options.single_pass_budget_mb * 2**20))
         new = insert_traced(graph, fn, inputs, ctx.decompositions)
         for pg, node in zip(pgs, new):
             replacements[pg.out_pos] = node
     set_outputs(graph, replacements)
-    ctx.report.extend(plan_rows(params, ctx))
+    ctx.report.extend(plan_rows(params, ctx, choices=choices, batch_symbol=bsym, batch_hint=bhint))
     _finish(graph, ctx, params)
+
+
+def _batch_symbol(size):
+    """(sympy symbol or None, a representative value) of the graph's batch size."""
+    if isinstance(size, torch.SymInt):
+        expr = size.node.expr
+        hint = size.node.hint if size.node.hint is not None else 8
+        return (expr if expr.free_symbols else None), int(hint)
+    return None, int(size)
+
+
+def linear_shape(pg: ParamGrad, batch_node: fx.Node, batch_dim: int) -> LinearShape:
+    """The (B, T, M) x (B, T, N) operand shapes a linear site's kernels will see, from the fake values."""
+    from torch._guards import detect_fake_mode
+
+    site = pg.contributions[0].site
+    env = {n: n.meta["val"] for n in site.inputs}
+    bsz = batch_node.meta["val"].shape[batch_dim]
+    with detect_fake_mode(list(env.values()) + [batch_node.meta["val"]]):
+        a, b = site.fused_inputs(env, bsz)
+    itemsize = max(a.element_size(), b.element_size())
+    return LinearShape(sym_expr(a.shape[0]), int(a.shape[1]), int(a.shape[2]), int(b.shape[2]), itemsize)
 
 
 def _finish(graph: fx.Graph, ctx: PassContext, params: list) -> None:

@@ -1,16 +1,142 @@
-"""Per-parameter strategy and the rows `dpcompile.explain` prints.
+"""The planner: a strategy per parameter, chosen from sympy cost expressions, and the rows `explain` prints.
 
 Strategies:
-  fused-linear / fused-rows / fused-embedding  one site whose norm and clipped sum come from its own ops
-  materialize                                  per-sample gradients formed (B x numel), then norm and sum;
-                                               used for several uses of one parameter (tied weights), bmm and
-                                               conv sites, scatters after other ops, and B == 1 graphs
-  zero                                         empty batch: the clipped sum is zero
-The cost-model choice between ghost / direct / single-pass kernels per site lives in the kernel layer.
+  direct        linear weight: a per-sample GEMM with the norm in its epilogue, then the clipped-sum GEMM (2 W)
+  ghost         linear weight: Gram products of the T rows on chip for the norm (B T^2 (M+N)), then the clipped sum
+  single_pass   linear weight, when it is the only linear site of its clipping group: each per-sample product is
+                formed once into a scratch buffer (chunks of samples within a memory budget), its norm taken from
+                the stored values, then reduced with the clip factors (W + 2 B M N bytes of traffic)
+  fused-rows / fused-embedding   bias, norm affine and elementwise parameters / embedding tables: own ops
+  materialize   per-sample gradients formed (B x numel), then norm and sum: several uses of one parameter
+                (tied weights), bmm and conv sites, scatters after other ops, and B == 1 graphs
+  zero          empty batch: the clipped sum is zero
+
+Costs are seconds on a device model, as sympy expressions in the graph's symbolic batch size; every exact strategy
+is linear in B, so the choice depends on T, the widths, the dtype and the clipping scope, and one graph serves
+every batch size. The costs explain shows are per sample (the expression divided by B, at the compiled shapes).
 """
 from __future__ import annotations
 
 import operator
+from dataclasses import dataclass
+
+import sympy
+
+from ..errors import OptionsError
+
+LINEAR = ("direct", "ghost", "single_pass")
+
+
+@dataclass(frozen=True)
+class DeviceModel:
+    """What the cost expressions assume of the GPU: achieved (not peak) rates of our Triton kernels on an H100.
+    GPU time only: host-side launch work overlaps with the GPU as long as nothing synchronizes."""
+
+    flops_16: float = 4.5e14  # bf16/fp16 tensor-core GEMM, fp32 accumulation
+    flops_32: float = 4.0e13  # IEEE fp32 (no TF32: norms must not be rounded)
+    bandwidth: float = 2.6e12  # HBM bytes/s
+    launch: float = 3e-6  # GPU-side cost of one more kernel (ramp-up and tail of a small grid)
+
+
+DEVICE = DeviceModel()
+
+
+@dataclass
+class LinearShape:
+    B: object  # sympy expression (the batch size symbol) or int
+    T: int
+    M: int
+    N: int
+    itemsize: int
+
+
+def linear_costs(s: LinearShape, budget_bytes: float, dev: DeviceModel = DEVICE) -> dict:
+    """Seconds for one linear weight site's norm + clipped sum under each strategy (sympy expressions in B)."""
+    B, T, M, N, e = s.B, s.T, s.M, s.N, s.itemsize
+    flops = dev.flops_16 if e <= 2 else dev.flops_32
+    gemm = 2 * B * T * M * N / flops  # one weight-gradient-shaped GEMM
+    read = B * T * (M + N) * e / dev.bandwidth  # one pass over the operands
+    chunks = sympy.ceiling(B * M * N * e / budget_bytes)
+    return {
+        "direct": 2 * gemm + 2 * read + 3 * dev.launch,
+        "ghost": B * T * T * (M + N) / flops + gemm + 2 * read + 3 * dev.launch,
+        "single_pass": gemm + read + 2 * B * M * N * e / dev.bandwidth + chunks * 6 * dev.launch,
+    }
+
+
+def evaluate(expr, batch_symbol, batch_hint: int) -> float:
+    expr = sympy.sympify(expr)
+    if batch_symbol is not None:
+        expr = expr.subs(batch_symbol, batch_hint)
+    return float(expr)
+
+
+def choose_linear(costs: dict, allowed: tuple, batch_symbol, batch_hint: int) -> str:
+    return min(allowed, key=lambda k: evaluate(costs[k], batch_symbol, batch_hint))
+
+
+@dataclass
+class SiteChoice:
+    strategy: str
+    costs: dict  # strategy -> sympy cost (seconds); empty for non-linear sites
+    forced: bool = False
+
+
+def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int) -> dict:
+    """{id(pg): SiteChoice} for one clipping group. `shapes` maps id(pg) -> LinearShape for fused linear sites.
+
+    single_pass needs the group's clip factor before the site's sum, so at most one site per group takes it (the
+    one it saves most on); the others choose between direct and ghost."""
+    budget = options.single_pass_budget_mb * 2**20
+    choices: dict = {}
+    linear = [pg for pg in pgs if id(pg) in shapes]
+    for pg in linear:
+        costs = linear_costs(shapes[id(pg)], budget)
+        forced = options.forced_strategy(pg.name)
+        choices[id(pg)] = SiteChoice(forced, costs, forced=forced != "auto")
+    forced_single = [pg for pg in linear if choices[id(pg)].strategy == "single_pass"]
+    prefer_single = options.strategy == "single_pass"  # the global form: wherever the scope allows (one per group)
+    if prefer_single:
+        for pg in linear:
+            choices[id(pg)].strategy = "auto"
+        forced_single = []
+    elif len(forced_single) > 1:
+        raise OptionsError(
+            f"option strategy: 'single_pass' was forced for {[pg.name for pg in forced_single]}, which share one "
+            "clipping group; single-pass clipping forms one site's per-sample products after every other norm of "
+            "the group, so only one site per group can take it (use per_layer clipping or force 'direct'/'ghost')")
+    if not forced_single:
+        # the auto site that single_pass saves most on, if single_pass beats its best alternative
+        def saving(pg):
+            c = choices[id(pg)].costs
+            best = min(evaluate(c[k], batch_symbol, batch_hint) for k in ("direct", "ghost"))
+            return best - evaluate(c["single_pass"], batch_symbol, batch_hint)
+
+        auto = [pg for pg in linear if choices[id(pg)].strategy == "auto"]
+        if auto:
+            best = max(auto, key=saving)
+            if prefer_single or saving(best) > 0:
+                choices[id(best)].strategy = "single_pass"
+    for pg in linear:
+        ch = choices[id(pg)]
+        if ch.strategy == "auto":
+            ch.strategy = choose_linear(ch.costs, ("direct", "ghost"), batch_symbol, batch_hint)
+    for pg in pgs:
+        if id(pg) not in choices:
+            choices[id(pg)] = SiteChoice(strategy(pg), {})
+    return choices
+
+
+def check_forced_globs(options, names: list) -> None:
+    """A forced-strategy glob that matches no trainable parameter is a typo: say so."""
+    if isinstance(options.strategy, str):
+        return
+    import fnmatch
+
+    for glob, _ in options.strategy:
+        if not any(fnmatch.fnmatchcase(n, glob) for n in names):
+            raise OptionsError(f"option strategy: glob {glob!r} matches no trainable parameter of the compiled "
+                               f"graph (parameters: {names[:8]}{' ...' if len(names) > 8 else ''})")
 
 
 def strategy(pg) -> str:
@@ -28,15 +154,25 @@ def pattern(pg) -> str:
     return " + ".join(parts)
 
 
-def plan_rows(params, ctx, empty: bool = False) -> list:
+def per_sample_us(costs: dict, batch_symbol, batch_hint: int) -> dict:
+    """{strategy: predicted microseconds per sample} at the compiled shapes."""
+    return {k: 1e6 * evaluate(v, batch_symbol, batch_hint) / max(batch_hint, 1) for k, v in costs.items()}
+
+
+def plan_rows(params, ctx, empty: bool = False, choices: dict | None = None, batch_symbol=None,
+              batch_hint: int = 1) -> list:
     rows = []
     for info, pg in params:
+        ch = (choices or {}).get(id(pg))
         rows.append({
             "parameter": info.name,
             "group": info.group,
             "threshold": ctx.thresholds[info.group],
             "pattern": "-" if empty else pattern(pg),
-            "strategy": "zero" if empty else strategy(pg),
+            "strategy": "zero" if empty else (ch.strategy if ch else strategy(pg)),
+            "forced": bool(ch and ch.forced),
+            "cost_us_per_sample": {} if (empty or not ch) else per_sample_us(ch.costs, batch_symbol, batch_hint),
+            "cost_expr": {} if (empty or not ch) else {k: str(sympy.simplify(v)) for k, v in ch.costs.items()},
             "shape": tuple(pg.placeholder.meta["val"].shape),
         })
     return rows

@@ -14,18 +14,10 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..codegen import ops
 from ..errors import UnsupportedGradientError
-from ..options import AUTO_GAMMA, CLIP_EPS
+from ..clipping import clip_factors
 from .discover import Contribution, ParamGrad, Step
 
 aten = torch.ops.aten
-
-def _site_norm(site, ins):
-    if site.kind == "linear":
-        return ops.linear_norm(*ins)
-    if site.kind == "rows":
-        return ops.rows_norm(*ins)
-    return ops.embedding_norm(*ins, site.info["padding_idx"])
-
 
 def _site_clipped_sum(site, ins, coef):
     if site.kind == "linear":
@@ -34,13 +26,6 @@ def _site_clipped_sum(site, ins, coef):
         return ops.rows_clipped_sum(*ins, coef).reshape(site.node.meta["val"].shape)
     return ops.embedding_clipped_sum(*ins, coef, site.info["num_weights"], site.info["padding_idx"]).reshape(
         site.node.meta["val"].shape)
-
-
-def clip_factors(sq_norms: torch.Tensor, threshold: float, clip_fn: str) -> torch.Tensor:
-    norms = sq_norms.clamp_min(0).sqrt()
-    if clip_fn == "abadi":
-        return (threshold / (norms + CLIP_EPS)).clamp(max=1.0)
-    return threshold / (norms + AUTO_GAMMA)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -154,40 +139,70 @@ def group_inputs(params: list, batch_node: fx.Node) -> list[fx.Node]:
     return list(seen)
 
 
+def _fused_norm(pg: ParamGrad, strategy: str, env: dict, bsz):
+    """(squared norms with the contribution's scale, what the clipped sum needs) of one fused parameter."""
+    c: Contribution = pg.contributions[0]
+    ins = c.site.fused_inputs(env, bsz)
+    if c.site.kind == "linear":
+        n2 = ops.linear_ghost_norm(*ins) if strategy == "ghost" else ops.linear_norm(*ins)
+    elif c.site.kind == "rows":
+        # the per-sample row sums, once: the norm and the clipped sum both read this (B, 1, P) tensor
+        ins = (ops.rows_colsum(*ins).unsqueeze(1),)
+        n2 = ops.rows_norm(*ins)
+    else:
+        n2 = ops.embedding_norm(*ins, c.site.info["padding_idx"])
+    if c.scale != 1.0:
+        n2 = n2 * (c.scale * c.scale)
+    return n2, ins
+
+
+def _finish_fused(pg: ParamGrad, s, env: dict):
+    c = pg.contributions[0]
+    for step in c.chain:
+        s = replay(step, s, env)
+    return -s if c.negate else s
+
+
 def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: int, threshold: float,
-                  clip_fn: str, mean: bool) -> Callable:
+                  clip_fn: str, mean: bool, strategies: dict | None = None, budget_bytes: int = 0) -> Callable:
+    strategies = strategies or {}
+    single = next((pg for pg in params if strategies.get(id(pg)) == "single_pass"), None)
+
     def group_fn(*vals):
         env = dict(zip(inputs, vals))
         bsz = env[batch_node].shape[batch_dim]
-        sq, prepared = None, []
+        sq, prepared = None, {}
         for pg in params:
+            if pg is single:
+                continue
             if pg.fused:
-                c: Contribution = pg.contributions[0]
-                ins = c.site.fused_inputs(env, bsz)
-                n2 = _site_norm(c.site, ins)
-                if c.scale != 1.0:
-                    n2 = n2 * (c.scale * c.scale)
-                prepared.append(ins)
+                n2, prepared[id(pg)] = _fused_norm(pg, strategies.get(id(pg), ""), env, bsz)
             else:
-                ps = per_sample_grad(pg, env, bsz)
+                prepared[id(pg)] = ps = per_sample_grad(pg, env, bsz)
                 n2 = ops.persample_norm(ps)
-                prepared.append(ps)
             sq = n2 if sq is None else sq + n2
-        if mean:  # the loss carried 1/B: measure and sum B * g_i
-            sq = sq * (bsz * bsz)
-        coef = clip_factors(sq, threshold, clip_fn)
-        if mean:
-            coef = coef * bsz
+        sums = {}
+        if single is not None:
+            c = single.contributions[0]
+            a, b = c.site.fused_inputs(env, bsz)
+            rest = sq if sq is not None else a.new_zeros((bsz,), dtype=ops.norm_dtype(a.dtype, b.dtype))
+            s, coef = ops.linear_single_pass(a, b, rest, float(c.scale * c.scale), threshold, clip_fn, mean,
+                                             budget_bytes)
+            sums[id(single)] = _finish_fused(single, s, env)
+        else:
+            if mean:  # the loss carried 1/B: measure and sum B * g_i
+                sq = sq * (bsz * bsz)
+            coef = clip_factors(sq, threshold, clip_fn)
+            if mean:
+                coef = coef * bsz
         outs = []
-        for pg, data in zip(params, prepared):
-            if pg.fused:
-                c = pg.contributions[0]
-                s = _site_clipped_sum(c.site, data, coef)
-                for step in c.chain:
-                    s = replay(step, s, env)
-                s = -s if c.negate else s
+        for pg in params:
+            if id(pg) in sums:
+                s = sums[id(pg)]
+            elif pg.fused:
+                s = _finish_fused(pg, _site_clipped_sum(pg.contributions[0].site, prepared[id(pg)], coef), env)
             else:
-                s = ops.persample_clipped_sum(data, coef)
+                s = ops.persample_clipped_sum(prepared[id(pg)], coef)
             val = pg.grad.meta["val"]
             outs.append(s.to(val.dtype).reshape(val.shape))
         return outs

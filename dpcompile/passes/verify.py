@@ -14,7 +14,8 @@ def clipped_sum_ops() -> set:
     if _CLIPPED_SUM_OPS is None:
         d = torch.ops.dpcompile
         _CLIPPED_SUM_OPS = {d.linear_clipped_sum.default, d.rows_clipped_sum.default,
-                            d.embedding_clipped_sum.default, d.persample_clipped_sum.default}
+                            d.embedding_clipped_sum.default, d.persample_clipped_sum.default,
+                            d.linear_single_pass.default}
     return _CLIPPED_SUM_OPS
 
 
