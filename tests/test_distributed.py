@@ -543,14 +543,19 @@ def test_distributed_sampling_is_the_single_process_sample(world):
 
 
 def test_distributed_secure_sampling_partitions(world):
+    """Secure: rank 0's OS-random batch, shared out: disjoint shares differing in size by at most one, the same
+    micro-batch count everywhere, and Binomial(50 * 6, 0.3) examples in all (within 5 standard deviations)."""
     out = _scenario(world, "sc_sampling")
-    union_sizes = []
+    total = 0
     for step in range(6):
         assert len({len(r["secure"][step]) for r in out}) == 1
-        got = [i for r in out for mb in r["secure"][step] for i in mb]
+        shares = [[i for mb in r["secure"][step] for i in mb] for r in out]
+        got = [i for share in shares for i in share]
         assert len(got) == len(set(got)) and all(0 <= i < 50 for i in got)
-        union_sizes.append(len(got))
-    assert len(set(union_sizes)) > 1 or union_sizes[0] > 0  # real draws, not a constant
+        assert max(map(len, shares)) - min(map(len, shares)) <= 1
+        total += len(got)
+    n, q = 50 * 6, 0.3
+    assert abs(total - n * q) < 5 * math.sqrt(n * q * (1 - q)), total
 
 
 # ------------------------------------------------------------------------------------- data-parallel tests
