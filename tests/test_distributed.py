@@ -9,7 +9,6 @@ stream), which it must reject.
 """
 from __future__ import annotations
 
-import copy
 import math
 import os
 import tempfile
