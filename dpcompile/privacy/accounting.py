@@ -15,6 +15,11 @@ We start at 1e-2 and halve the interval until two successive ε agree to `PLD_RT
 relative (the error shrinks about quadratically with the interval, so the last ε is then accurate
 to about 1e-3 relative), stopping at `PLD_MIN_INTERVAL`. Every ε reported by the library is a
 pessimistic (upper) estimate at any interval. A fixed interval can be passed instead.
+
+Randomized (probe-estimated) per-sample norms, `probes=k`: the step is a mixture-of-Gaussians event over the
+chi-square envelope of the estimate (randomized_accounting.py; PLD only), and the cut-off tail of the envelope
+adds to δ. `PrivacyAccountant.step(..., probes=k)` records such steps; an accountant that was not told about
+randomized norms the kernels ran (they record every run) refuses to report ε.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import math
 import numbers
 from typing import Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["ACCOUNTANTS", "get_epsilon", "get_noise_multiplier", "PrivacyAccountant"]
+__all__ = ["ACCOUNTANTS", "get_epsilon", "get_noise_multiplier", "PrivacyAccountant", "RandomizedAccountingError"]
 
 ACCOUNTANTS = ("pld", "rdp")
 
@@ -31,7 +36,11 @@ PLD_MIN_INTERVAL = 1e-6    # finest interval the adaptive PLD goes to
 PLD_RTOL = 1e-3            # relative agreement of successive ε that stops the refinement
 PLD_ATOL = 1e-6            # ... or this absolute agreement (ε so small it does not matter)
 
-History = List[Tuple[float, float, int]]  # (noise_multiplier σ, sample_rate q, count)
+History = List[tuple]  # (noise_multiplier σ, sample_rate q, count), or (σ, q, count, RandomizedSpec)
+
+
+class RandomizedAccountingError(ValueError):
+    """ε was asked for steps that ran randomized norms without telling the accountant their probe count."""
 
 
 # ----------------------------------------------------------------------------------------- checks
@@ -73,6 +82,17 @@ def _check_delta(delta, name: str = "delta") -> float:
     return float(delta)
 
 
+def _randomized_spec(probes, variant, group_weights, envelope):
+    """None for deterministic norms, else the RandomizedSpec of randomized ones."""
+    if probes is None:
+        if group_weights is not None:
+            raise ValueError("group_weights describe randomized norms: pass probes= too")
+        return None
+    from .randomized_accounting import RandomizedSpec
+
+    return RandomizedSpec.make(probes, variant, group_weights, envelope)
+
+
 def _check_interval(value_discretization_interval) -> Optional[float]:
     if value_discretization_interval is None:
         return None
@@ -83,21 +103,40 @@ def _check_interval(value_discretization_interval) -> Optional[float]:
 
 
 # ------------------------------------------------------------------------------------------- core
-def _history_epsilon(history: Sequence[Tuple[float, float, int]], delta: float, accountant: str,
+def _history_epsilon(history: Sequence[tuple], delta: float, accountant: str,
                      value_discretization_interval: Optional[float]) -> float:
-    """ε of the composition of validated (σ, q, count) entries."""
-    entries = [(s, q, n) for s, q, n in history if n > 0 and q > 0]
+    """ε of the composition of validated (σ, q, count[, RandomizedSpec]) entries."""
+    entries = [e for e in history if e[2] > 0 and e[1] > 0]
     if not entries:
         return 0.0
-    if any(s == 0 for s, _, _ in entries):
+    if any(e[0] == 0 for e in entries):
         return math.inf  # an un-noised step that may touch an example: no DP guarantee
+    randomized = [e for e in entries if len(e) > 3 and e[3] is not None]
+    if randomized and accountant != "pld":
+        raise ValueError("randomized norms are accounted with the PLD accountant only (accountant='pld'): "
+                         "their mixture-of-Gaussians event has no RDP bound in dp_accounting")
 
     import dp_accounting  # lazy: pins attrs<24
 
-    event = dp_accounting.ComposedDpEvent([
-        dp_accounting.SelfComposedDpEvent(
-            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(s)), n)
-        for s, q, n in entries])
+    events = []
+    tail_a = tail_b = 0.0
+    if randomized:
+        from .randomized_accounting import mog_event, tail_probability
+
+        sampled = sum(e[2] * e[1] for e in randomized)
+        tau = tail_probability(delta, sampled, sum(e[2] for e in randomized))
+        tail_a = tau * sampled                                     # P(some cut-off event) <= a: added to δ
+        tail_b = -sum(e[2] for e in randomized) * math.log1p(-tau)  # (1 - τ)^steps: added to ε
+        if tail_a >= delta / 2:
+            raise ValueError(f"delta={delta} is too small for the randomized-norm tail budget")
+    for e in entries:
+        s, q, n = e[:3]
+        if len(e) > 3 and e[3] is not None:
+            events.append(dp_accounting.SelfComposedDpEvent(mog_event(s, q, e[3], tau), n))
+        else:
+            events.append(dp_accounting.SelfComposedDpEvent(
+                dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(s)), n))
+    event = dp_accounting.ComposedDpEvent(events)
 
     if accountant == "rdp":
         from dp_accounting.rdp import RdpAccountant
@@ -110,7 +149,7 @@ def _history_epsilon(history: Sequence[Tuple[float, float, int]], delta: float, 
     def pld_eps(interval: float) -> float:
         acc = PLDAccountant(value_discretization_interval=interval)  # keyword: 1st positional is the relation
         acc.compose(event)
-        return float(acc.get_epsilon(delta))
+        return float(acc.get_epsilon(delta - tail_a)) + tail_b
 
     if value_discretization_interval is not None:
         return pld_eps(value_discretization_interval)
@@ -125,11 +164,16 @@ def _history_epsilon(history: Sequence[Tuple[float, float, int]], delta: float, 
 
 
 def get_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
-                accountant: str = "pld", *, value_discretization_interval: Optional[float] = None) -> float:
+                accountant: str = "pld", *, value_discretization_interval: Optional[float] = None,
+                probes: Optional[int] = None, variant: str = "hutchinson",
+                group_weights: Optional[Sequence[float]] = None, envelope: str = "chi2") -> float:
     """ε at `delta` of `steps` Poisson-subsampled Gaussian steps (sampling probability q, noise multiplier σ).
 
     accountant: "pld" (tight, default) or "rdp" (looser, fast). value_discretization_interval: PLD only;
     None = adaptive to about 1e-3 relative accuracy (see the module docstring).
+    probes: None for exact per-sample norms; k for randomized norms with k probes per site (variant
+    "hutchinson" or "hutchpp"; group_weights: C_g^2 / C^2 of the clipping groups holding randomized sites when
+    there is more than one group; envelope "chi2" or "chernoff": see randomized_accounting.py). PLD only.
     Returns 0.0 if steps == 0 or sample_rate == 0, and math.inf if noise_multiplier == 0.
     """
     s = _check_sigma(noise_multiplier)
@@ -138,13 +182,18 @@ def get_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: 
     d = _check_delta(delta)
     acc = _check_accountant(accountant)
     vdi = _check_interval(value_discretization_interval)
-    return _history_epsilon([(s, q, n)], d, acc, vdi)
+    spec = _randomized_spec(probes, variant, group_weights, envelope)
+    return _history_epsilon([(s, q, n, spec)], d, acc, vdi)
 
 
 def get_noise_multiplier(target_epsilon: float, target_delta: float, sample_rate: float, steps: int,
                          accountant: str = "pld", epsilon_tolerance: float = 0.01, *,
-                         value_discretization_interval: Optional[float] = None) -> float:
+                         value_discretization_interval: Optional[float] = None,
+                         probes: Optional[int] = None, variant: str = "hutchinson",
+                         group_weights: Optional[Sequence[float]] = None, envelope: str = "chi2") -> float:
     """The smallest σ, rounded up, with get_epsilon(σ, sample_rate, steps, target_delta) <= target_epsilon.
+
+    probes / variant / group_weights / envelope: randomized norms, as in get_epsilon.
 
     Bisection on log σ over get_epsilon (ε decreases with σ). epsilon_tolerance is relative in σ: the
     result σ satisfies ε(σ) <= target_epsilon (always checked) and σ <= (1 + epsilon_tolerance)·σ_min.
@@ -164,6 +213,7 @@ def get_noise_multiplier(target_epsilon: float, target_delta: float, sample_rate
     tol = float(epsilon_tolerance)
     if not 0 < tol < 1:
         raise ValueError(f"epsilon_tolerance={epsilon_tolerance!r} must be in (0, 1)")
+    spec = _randomized_spec(probes, variant, group_weights, envelope)
     if n == 0 or q == 0:
         return 0.0
 
@@ -171,7 +221,7 @@ def get_noise_multiplier(target_epsilon: float, target_delta: float, sample_rate
 
     def eps(sigma: float) -> float:
         if sigma not in memo:
-            memo[sigma] = _history_epsilon([(sigma, q, n)], d, acc, vdi)
+            memo[sigma] = _history_epsilon([(sigma, q, n, spec)], d, acc, vdi)
         return memo[sigma]
 
     # Bracket [lo, hi] with ε(lo) > target >= ε(hi), doubling / halving from σ = 1.
@@ -195,7 +245,7 @@ def get_noise_multiplier(target_epsilon: float, target_delta: float, sample_rate
         else:
             lo = mid
     # The returned σ is one whose ε was computed and is <= target; re-check anyway and move up if not.
-    while get_epsilon(hi, q, n, d, acc, value_discretization_interval=vdi) > target:
+    while _history_epsilon([(hi, q, n, spec)], d, acc, vdi) > target:
         hi *= 1.0 + tol
     return hi
 
@@ -204,8 +254,15 @@ def get_noise_multiplier(target_epsilon: float, target_delta: float, sample_rate
 class PrivacyAccountant:
     """Records the (σ, q) of every logical step and reports ε of the whole (heterogeneous) history.
 
-    Consecutive steps with equal (σ, q) are merged into one (σ, q, count) entry. ε is cached per δ
+    Consecutive steps with equal (σ, q) (and equal randomized-norm description) are merged into one
+    (σ, q, count) entry, or (σ, q, count, RandomizedSpec) for steps with randomized norms. ε is cached per δ
     until the next step. state_dict() is a plain JSON-serialisable dict for checkpoints.
+
+    Randomized norms: step(..., probes=k) records a step whose per-sample norms were estimated with k probes.
+    The randomized kernels record every run (randomized_accounting.record_randomized_use, via the
+    dpcompile::probe_seed op); each step() takes that record, and a step taken without probes= after randomized
+    norms ran is counted as unaccounted: get_epsilon then raises RandomizedAccountingError instead of reporting
+    a plain Gaussian ε. When the record shows fewer probes than probes= says, the smaller count is used.
     """
 
     def __init__(self, accountant: str = "pld", *, value_discretization_interval: Optional[float] = None):
@@ -213,33 +270,62 @@ class PrivacyAccountant:
         self.value_discretization_interval = _check_interval(value_discretization_interval)
         self._history: History = []
         self._cache: Dict[float, float] = {}
+        self._unaccounted_randomized = 0
 
-    def step(self, *, noise_multiplier: float, sample_rate: float, num_steps: int = 1) -> None:
-        """Record `num_steps` logical steps with noise multiplier σ and Poisson sampling rate q."""
+    def step(self, *, noise_multiplier: float, sample_rate: float, num_steps: int = 1,
+             probes: Optional[int] = None, variant: str = "hutchinson",
+             group_weights: Optional[Sequence[float]] = None, envelope: str = "chi2") -> None:
+        """Record `num_steps` logical steps with noise multiplier σ and Poisson sampling rate q.
+
+        probes / variant / group_weights / envelope: the step's per-sample norms were randomized (see
+        get_epsilon); None = exact norms."""
         s = _check_sigma(noise_multiplier)
         q = _check_rate(sample_rate)
         n = _check_steps(num_steps, "num_steps")
+        spec = _randomized_spec(probes, variant, group_weights, envelope)
         if n == 0:
             return
-        if self._history and self._history[-1][:2] == (s, q):
-            self._history[-1] = (s, q, self._history[-1][2] + n)
-        else:
-            self._history.append((s, q, n))
+        from .randomized_accounting import take_randomized_use
+
+        ran = take_randomized_use()
         self._cache.clear()
+        if ran is not None and spec is None:
+            self._unaccounted_randomized += n
+            return
+        if ran is not None and ran < spec.probes:
+            import dataclasses
+
+            spec = dataclasses.replace(spec, probes=ran)
+        key = (s, q) if spec is None else (s, q, spec)
+        last = self._history[-1] if self._history else None
+        if last is not None and (last[:2] if len(last) == 3 else (last[0], last[1], last[3])) == key:
+            self._history[-1] = last[:2] + (last[2] + n,) + last[3:]
+        else:
+            self._history.append((s, q, n) if spec is None else (s, q, n, spec))
 
     @property
     def history(self) -> History:
-        """(σ, q, count) entries, oldest first (a copy)."""
+        """(σ, q, count) entries, or (σ, q, count, RandomizedSpec) for randomized norms, oldest first (a copy)."""
         return list(self._history)
 
     @property
     def steps(self) -> int:
-        """Total number of logical steps recorded."""
-        return sum(n for _, _, n in self._history)
+        """Total number of logical steps recorded (accounted or not)."""
+        return sum(e[2] for e in self._history) + self._unaccounted_randomized
+
+    @property
+    def unaccounted_randomized_steps(self) -> int:
+        """Steps that ran randomized norms but were recorded without probes= (ε is refused while > 0)."""
+        return self._unaccounted_randomized
 
     def get_epsilon(self, delta: float) -> float:
         """ε at `delta` of all steps so far (0.0 before any step; inf if a step had σ = 0 and q > 0)."""
         d = _check_delta(delta)
+        if self._unaccounted_randomized:
+            raise RandomizedAccountingError(
+                f"{self._unaccounted_randomized} logical step(s) ran randomized (probe-estimated) per-sample norms "
+                "but were recorded without probes=: the plain Gaussian ε does not hold for them. Record such "
+                "steps with PrivacyAccountant.step(..., probes=k, variant=..., group_weights=...)")
         if d not in self._cache:
             self._cache[d] = _history_epsilon(self._history, d, self.accountant, self.value_discretization_interval)
         return self._cache[d]
@@ -247,17 +333,25 @@ class PrivacyAccountant:
     def state_dict(self) -> dict:
         return {"accountant": self.accountant,
                 "value_discretization_interval": self.value_discretization_interval,
-                "history": [[s, q, n] for s, q, n in self._history]}
+                "history": [list(e[:3]) + ([e[3].to_json()] if len(e) > 3 else []) for e in self._history],
+                "unaccounted_randomized_steps": self._unaccounted_randomized}
 
     def load_state_dict(self, state: dict) -> None:
         accountant = _check_accountant(state.get("accountant", self.accountant))
         vdi = _check_interval(state.get("value_discretization_interval", self.value_discretization_interval))
         history: History = []
         for entry in state["history"]:
-            s, q, n = entry
-            history.append((_check_sigma(s), _check_rate(q), _check_steps(n, "count")))
+            s, q, n = entry[:3]
+            e = (_check_sigma(s), _check_rate(q), _check_steps(n, "count"))
+            if len(entry) > 3:
+                from .randomized_accounting import RandomizedSpec
+
+                e = e + (RandomizedSpec.from_json(entry[3]),)
+            history.append(e)
+        unaccounted = _check_steps(state.get("unaccounted_randomized_steps", 0), "unaccounted_randomized_steps")
         self.accountant, self.value_discretization_interval = accountant, vdi
         self._history = history
+        self._unaccounted_randomized = unaccounted
         self._cache.clear()
 
     def __repr__(self) -> str:

@@ -1,0 +1,380 @@
+"""Randomized (probe) per-sample norms for linear weight sites, s_i = a_i^T b_i with a (B, T, M), b (B, T, N).
+
+DP-SGD-RC estimates ||s_i||_F^2 = tr(s_i s_i^T) with k Gaussian probes instead of forming s_i or its T x T ghost
+Gram matrices (docs/randomized.md):
+
+  hutchinson   est_i = (1/k) sum_j ||b_i^T (a_i v_j)||^2,   v_j ~ N(0, I_M)           cost T k (M + N) per sample
+  hutchpp      s = k // 3 sketch probes S give Q = orth(s_i^T S) (N x s); h = k - 2 s residual probes V;
+               est_i = ||s_i Q||^2 + (1/h) sum_j ||(I - Q Q^T) s_i^T v_j||^2         exact when rank(s_i) <= s
+
+Probes are never stored: every probe entry is drawn inside the kernels from a counter-based generator,
+Philox4x32-10 keyed by the 64-bit per-call seed with the counter (column m, probe j, sample i, site id), followed by
+Box-Muller. Every (sample, site, probe, column) gets its own counter, so probes are independent across samples and
+sites; a fresh seed per call (randomized_ops.probe_seed) makes them independent across micro-batches and steps.
+`gaussian_probes_reference` regenerates the same probes in plain PyTorch, so the kernels can be checked against a
+reference that uses exactly their probes.
+
+Kernels:
+  _project_kernel   Z = a_i V (T x K) for a block of probes (V drawn in-kernel) or a per-sample matrix (V loaded)
+  _sqnorm_kernel    partial sums of ||b_i^T Z_i||^2 per (sample, N-tile, K-tile), or b_i^T Z_i itself (Hutch++)
+Products accumulate in fp32 with IEEE fp32 dots (no TF32) for fp32/fp16/bf16 data. Squared norms are rounded
+*up* wherever they are reduced or converted: each tile's fp32 sum of squares is scaled by 1 + (terms + 4) 2^-23,
+which covers the worst-case rounding of any summation order; partial sums are added in fp64 with a matching bound
+and the fp32 result is the next fp32 value at or above the fp64 one. An under-estimate means under-clipping (more
+sensitivity than accounted); an over-estimate only clips a little more. Partial sums per tile are reduced
+afterwards in a fixed order, so the result does not depend on the order of atomics (there are none).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+VARIANTS = ("hutchinson", "hutchpp")
+
+_TWO_PI = 6.283185307179586
+_TWO_POW_M31 = 4.656612873077393e-10  # 2^-31, exact in fp32
+_F32_EPS = 2.0 ** -23                 # fp32 machine epsilon (2u)
+_F64_EPS = 2.0 ** -52
+
+
+def hutchpp_split(probes: int) -> tuple[int, int]:
+    """(sketch probes s, residual probes h) of Hutch++ with `probes` = k matrix-vector products: s = k // 3
+    sketch probes, s more products for ||s_i Q||^2, and h = k - 2 s >= k // 3 residual Hutchinson probes."""
+    if probes < 3:
+        raise ValueError(f"hutchpp needs probes >= 3, got {probes}")
+    s = probes // 3
+    return s, probes - 2 * s
+
+
+def check_variant(variant: str, probes: int) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"variant={variant!r} is unknown; use one of {VARIANTS}")
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+        raise ValueError(f"probes={probes!r} must be a positive integer")
+    if variant == "hutchpp":
+        hutchpp_split(probes)
+
+
+# ------------------------------------------------------------------------------------------------ probes
+@triton.jit
+def _gaussian_probes(seed, site, sample, cols, probes):
+    """fp32 N(0, 1) probe entries for columns `cols` [BM] x probe ids `probes` [BK] of one sample and site."""
+    c0 = cols[:, None] + probes[None, :] * 0
+    c1 = probes[None, :] + cols[:, None] * 0
+    c2 = c0 * 0 + sample
+    c3 = c0 * 0 + site
+    r0, r1, _, _ = tl.philox(seed, c0, c1, c2, c3)
+    # uint32 -> 31-bit integer -> uniform in (0, 1]: u = (x + 1/2) 2^-31 (never 0, so log never overflows)
+    x0 = r0.to(tl.int32, bitcast=True)
+    x0 = tl.where(x0 < 0, ~x0, x0)
+    x1 = r1.to(tl.int32, bitcast=True)
+    x1 = tl.where(x1 < 0, ~x1, x1)
+    u0 = (x0.to(tl.float32) + 0.5) * 4.656612873077393e-10
+    u1 = (x1.to(tl.float32) + 0.5) * 4.656612873077393e-10
+    r = tl.sqrt(-2.0 * tl.log(u0))
+    return r * tl.cos(6.283185307179586 * u1)
+
+
+@triton.jit
+def _probe_dump_kernel(seed_ptr, out_ptr, site, M, K, probe0, so_b, so_m, so_k,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Test helper: writes the probes the other kernels draw (out (B, M, K))."""
+    sample = tl.program_id(0)
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    seed = tl.load(seed_ptr)
+    v = _gaussian_probes(seed, site, sample, rm, probe0 + rk)
+    tl.store(out_ptr + sample * so_b + rm[:, None] * so_m + rk[None, :] * so_k, v,
+             mask=(rm[:, None] < M) & (rk[None, :] < K))
+
+
+def _u32(x: torch.Tensor) -> torch.Tensor:
+    return x & 0xFFFFFFFF
+
+
+def _mul32(a: torch.Tensor, c: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(high, low) 32-bit halves of a * c for uint32 values held in int64 (16-bit limbs: no int64 overflow)."""
+    a_hi, a_lo = a >> 16, a & 0xFFFF
+    lo_prod, hi_prod = a_lo * c, a_hi * c
+    hi = (hi_prod + (lo_prod >> 16)) >> 16
+    lo = _u32(((hi_prod & 0xFFFF) << 16) + lo_prod)
+    return hi, lo
+
+
+def philox4x32(seed: int, c0, c1, c2, c3, rounds: int = 10):
+    """Philox4x32 as triton.language.philox computes it (key = seed's low / high 32 bits), on int64 tensors."""
+    k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
+    c0, c1, c2, c3 = (_u32(torch.as_tensor(c, dtype=torch.int64)) for c in (c0, c1, c2, c3))
+    c0, c1, c2, c3 = torch.broadcast_tensors(c0, c1, c2, c3)
+    for _ in range(rounds):
+        hi_b, lo_b = _mul32(c2, 0xCD9E8D57)
+        hi_a, lo_a = _mul32(c0, 0xD2511F53)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+    return c0, c1, c2, c3
+
+
+def _uniform(r: torch.Tensor) -> torch.Tensor:
+    x = torch.where(r >= 2 ** 31, 0xFFFFFFFF - r, r)  # bitcast to int32, then ~x for negatives
+    return (x.to(torch.float32) + 0.5) * torch.tensor(_TWO_POW_M31, dtype=torch.float32)
+
+
+def gaussian_probes_reference(seed, site: int, num_samples: int, cols: int, probe_ids, device=None) -> torch.Tensor:
+    """The probes the kernels draw, regenerated in PyTorch: (num_samples, cols, len(probe_ids)) fp32.
+
+    seed: int in [0, 2^63) or a one-element int64 tensor (traceable: no .item()). The Philox integers equal the
+    kernels' bit for bit; the normals may differ from the kernels' in the last bit of log / cos."""
+    if isinstance(seed, torch.Tensor):
+        seed = seed.reshape(()).to(device=device, dtype=torch.int64)
+    else:
+        check_seed(seed)
+    probe_ids = torch.as_tensor(list(probe_ids), dtype=torch.int64, device=device)
+    i = torch.arange(num_samples, dtype=torch.int64, device=device).view(-1, 1, 1)
+    m = torch.arange(cols, dtype=torch.int64, device=device).view(1, -1, 1)
+    j = probe_ids.view(1, 1, -1)
+    r0, r1, _, _ = philox4x32(seed, m, j, i, torch.tensor(site, dtype=torch.int64, device=device))
+    u0, u1 = _uniform(r0), _uniform(r1)
+    two_pi = torch.tensor(_TWO_PI, dtype=torch.float32)
+    return torch.sqrt(torch.tensor(-2.0, dtype=torch.float32) * torch.log(u0)) * torch.cos(two_pi * u1)
+
+
+def check_seed(seed: int) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 63:
+        raise ValueError(f"seed={seed!r} must be an integer in [0, 2^63)")
+    return seed
+
+
+def check_site(site: int) -> int:
+    if isinstance(site, bool) or not isinstance(site, int) or not 0 <= site < 2 ** 31:
+        raise ValueError(f"site_id={site!r} must be an integer in [0, 2^31)")
+    return site
+
+
+# ------------------------------------------------------------------------------------------------ kernels
+@triton.jit
+def _project_kernel(a_ptr, v_ptr, seed_ptr, z_ptr, site, probe0, T, M, K,
+                    sa_b, sa_t, sa_m, sv_b, sv_m, sv_k, sz_b, sz_t, sz_k,
+                    DRAW: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """z[i, t, j] = sum_m a[i, t, m] v[i, m, j], j < K; v drawn (DRAW: probe ids probe0 + j) or loaded."""
+    sample = tl.program_id(0)
+    rt = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rk = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rm0 = tl.arange(0, BLOCK_M)
+    acc = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    if DRAW:
+        seed = tl.load(seed_ptr)
+    for m0 in range(0, M, BLOCK_M):
+        rm = m0 + rm0
+        a = tl.load(a_ptr + sample * sa_b + rt[:, None] * sa_t + rm[None, :] * sa_m,
+                    mask=(rt[:, None] < T) & (rm[None, :] < M), other=0.0).to(tl.float32)
+        vmask = (rm[:, None] < M) & (rk[None, :] < K)
+        if DRAW:
+            v = tl.where(vmask, _gaussian_probes(seed, site, sample, rm, probe0 + rk), 0.0)
+        else:
+            v = tl.load(v_ptr + sample * sv_b + rm[:, None] * sv_m + rk[None, :] * sv_k, mask=vmask,
+                        other=0.0).to(tl.float32)
+        acc += tl.dot(a, v, input_precision="ieee")
+    tl.store(z_ptr + sample * sz_b + rt[:, None] * sz_t + rk[None, :] * sz_k, acc,
+             mask=(rt[:, None] < T) & (rk[None, :] < K))
+
+
+@triton.jit
+def _sqnorm_kernel(b_ptr, z_ptr, out_ptr, T, N, K, sb_b, sb_t, sb_n, sz_b, sz_t, sz_k, so_b, so_n, so_k,
+                   tiles_k, tiles, STORE: tl.constexpr,
+                   BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """w = b_i^T z_i on one (N, K) tile: stored (STORE) or reduced to an upward-rounded sum of squares."""
+    sample = tl.program_id(0)
+    tile = tl.program_id(1)
+    rn = (tile // tiles_k) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = (tile % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rt0 = tl.arange(0, BLOCK_T)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        rt = t0 + rt0
+        b = tl.load(b_ptr + sample * sb_b + rt[:, None] * sb_t + rn[None, :] * sb_n,
+                    mask=(rt[:, None] < T) & (rn[None, :] < N), other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + sample * sz_b + rt[:, None] * sz_t + rk[None, :] * sz_k,
+                    mask=(rt[:, None] < T) & (rk[None, :] < K), other=0.0)
+        acc += tl.dot(tl.trans(b), z, input_precision="ieee")
+    if STORE:
+        tl.store(out_ptr + sample * so_b + rn[:, None] * so_n + rk[None, :] * so_k, acc,
+                 mask=(rn[:, None] < N) & (rk[None, :] < K))
+    else:
+        sq = tl.sum(tl.sum(acc * acc, axis=1), axis=0)
+        # Any summation order of n non-negative fp32 terms (and their squaring) errs by less than (n + 1) u
+        # relative, n = BLOCK_N + BLOCK_K here (row sums, then the sum of rows): this bound keeps the result
+        # above the exact sum of the squares, including the rounding of the product itself.
+        up = 1.0 + (BLOCK_N + BLOCK_K + 4) * 1.1920928955078125e-07
+        tl.store(out_ptr + sample * tiles + tile, sq * up)
+
+
+# ------------------------------------------------------------------------------------------------ rounding
+def round_up_f32(x: torch.Tensor) -> torch.Tensor:
+    """fp64 -> the smallest fp32 value >= x (elementwise)."""
+    f = x.to(torch.float32)
+    below = f.to(torch.float64) < x
+    return torch.where(below, torch.nextafter(f, torch.full_like(f, math.inf)), f)
+
+
+def sum_up(x: torch.Tensor, dim, out_dtype: torch.dtype) -> torch.Tensor:
+    """Sum of non-negative values over `dim`, never below the exact sum: in fp64 with a relative bound on its
+    rounding, then rounded up to fp32 (or returned in fp64 for fp64 data)."""
+    x = x.to(torch.float64)
+    dims = (dim,) if isinstance(dim, int) else tuple(dim)
+    n = math.prod(x.shape[d] for d in dims) if x.dim() else 1
+    s = x.sum(dims) * (1.0 + (n + 4) * _F64_EPS)
+    return s if out_dtype == torch.float64 else round_up_f32(s)
+
+
+def scale_up(x64: torch.Tensor, divisor: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """x / divisor for fp64 x >= 0, never below the exact quotient, in out_dtype."""
+    s = x64.to(torch.float64) / divisor * (1.0 + 2 * _F64_EPS)
+    return s if out_dtype == torch.float64 else round_up_f32(s)
+
+
+# ------------------------------------------------------------------------------------------------ drivers
+def _as_sites(a: torch.Tensor, b: torch.Tensor):
+    """(B, d) inputs are sites with T = 1; returns (B, T, d) views."""
+    if a.dim() == 2 and b.dim() == 2:
+        return a.unsqueeze(1), b.unsqueeze(1)
+    if a.dim() != 3 or b.dim() != 3 or a.shape[:2] != b.shape[:2]:
+        raise ValueError(f"linear site operands must be (B, T, M) and (B, T, N) (or (B, M) and (B, N)); got "
+                         f"{tuple(a.shape)} and {tuple(b.shape)}")
+    return a, b
+
+
+def _pow2(n: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+
+
+def _blocks(a: torch.Tensor, k: int, block: int | None):
+    if block is not None:
+        return block, block, _pow2(k, 16, block)
+    return 64, 32, _pow2(k, 16, 64)  # T rows, width, probes per program
+
+
+def _project(a, seed, site, probe0, K, launch, block, v=None):
+    """(B, T, K) fp32: a_i @ V_i with V drawn (probe ids probe0 ..) or given (B, M, K)."""
+    B, T, M = a.shape
+    bt, bm, bk = _blocks(a, K, block)
+    z = torch.empty((B, T, K), device=a.device, dtype=torch.float32)
+    if B == 0 or T == 0 or K == 0:
+        return z
+    if M == 0:
+        return z.zero_()
+    vv = v if v is not None else z  # unused pointer when drawing
+    sv = v.stride() if v is not None else (0, 0, 0)
+    launch(_project_kernel)[(B, triton.cdiv(T, bt), triton.cdiv(K, bk))](
+        a, vv, seed, z, site, probe0, T, M, K, *a.stride(), *sv, *z.stride(),
+        DRAW=v is None, BLOCK_T=bt, BLOCK_M=bm, BLOCK_K=bk)
+    return z
+
+
+def _bt_z(b, z, launch, block, store: bool):
+    """b_i^T z_i: stored (B, N, K) fp32, or upward-rounded fp32 partial sums of squares (B, tiles)."""
+    B, T, N = b.shape
+    K = z.shape[-1]
+    bt, bn, bk = _blocks(b, K, block)
+    tiles_k = triton.cdiv(K, bk)
+    tiles = triton.cdiv(N, bn) * tiles_k
+    if store:
+        out = torch.empty((B, N, K), device=b.device, dtype=torch.float32)
+        so = out.stride()
+    else:
+        out = torch.empty((B, tiles), device=b.device, dtype=torch.float32)
+        so = (0, 0, 0)
+    if B == 0 or tiles == 0:
+        return out
+    if T == 0:
+        return out.zero_()
+    launch(_sqnorm_kernel)[(B, tiles)](b, z, out, T, N, K, *b.stride(), *z.stride(), *so, tiles_k, tiles,
+                                       STORE=store, BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=bk)
+    return out
+
+
+def _seed_tensor(seed, device) -> torch.Tensor:
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise ValueError(f"seed must be a one-element int64 tensor, got {seed.dtype} {tuple(seed.shape)}")
+        return seed.reshape(1).to(device)
+    return torch.tensor([check_seed(seed)], dtype=torch.int64, device=device)
+
+
+def randomized_sq_norms(a: torch.Tensor, b: torch.Tensor, probes: int, variant: str = "hutchinson", seed=0,
+                        site: int = 0, block: int | None = None, launch=None) -> torch.Tensor:
+    """Per-sample estimates of ||a_i^T b_i||_F^2, fp32 (B,), with Triton kernels (see the module docstring).
+
+    seed: int in [0, 2^63) or a one-element int64 tensor (on any device). site: id in [0, 2^31) that keeps the
+    probes of different sites of one call apart. launch: torch.library.wrap_triton inside a triton_op."""
+    launch = launch or (lambda k: k)
+    check_variant(variant, probes)
+    check_site(site)
+    a, b = _as_sites(a, b)
+    if torch.float64 in (a.dtype, b.dtype):
+        raise TypeError("Triton randomized-norm kernels take fp32/fp16/bf16 operands; fp64 uses the reference")
+    seed_t = _seed_tensor(seed, a.device)
+    if variant == "hutchinson":
+        z = _project(a, seed_t, site, 0, probes, launch, block)
+        partial = _bt_z(b, z, launch, block, store=False)
+        return scale_up(sum_up(partial, 1, torch.float64), probes, torch.float32)
+    s, h = hutchpp_split(probes)
+    # sketch: Y = s_i^T S = b_i^T (a_i S), Q = orth(Y) (N x s)
+    y = _bt_z(b, _project(a, seed_t, site, 0, s, launch, block), launch, block, store=True)
+    q = torch.linalg.qr(y).Q
+    # exact part ||s_i Q||^2 = ||a_i^T (b_i Q)||^2
+    u = _project(b, seed_t, site, 0, q.shape[-1], launch, block, v=q)
+    exact = sum_up(_bt_z(a, u, launch, block, store=False), 1, torch.float64)
+    # residual: (1/h) sum_j ||(I - Q Q^T) b_i^T (a_i v_j)||^2 with probes s .. s + h - 1
+    w = _bt_z(b, _project(a, seed_t, site, s, h, launch, block), launch, block, store=True)
+    r = w - torch.bmm(q, torch.bmm(q.transpose(1, 2), w))
+    resid = r.to(torch.float64).pow(2).sum((1, 2)) * (1.0 + (r.shape[1] * r.shape[2] + 4) * _F64_EPS)
+    return round_up_f32(exact + scale_up(resid, h, torch.float64) * (1.0 + 2 * _F64_EPS))
+
+
+def dump_probes(seed, site: int, num_samples: int, cols: int, probe0: int, count: int, device) -> torch.Tensor:
+    """Test hook: the probes (num_samples, cols, count) drawn by the kernels, written by a kernel."""
+    out = torch.empty((num_samples, cols, count), device=device, dtype=torch.float32)
+    if out.numel():
+        bm, bk = 32, 16
+        _probe_dump_kernel[(num_samples, triton.cdiv(cols, bm), triton.cdiv(count, bk))](
+            _seed_tensor(seed, device), out, site, cols, count, probe0, *out.stride(), BLOCK_M=bm, BLOCK_K=bk)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ reference
+def randomized_sq_norms_reference(a: torch.Tensor, b: torch.Tensor, probes: int, variant: str = "hutchinson",
+                                  seed=0, site: int = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The same estimate in plain PyTorch with the same probes (gaussian_probes_reference), any device.
+
+    dtype: the arithmetic dtype (default fp32, fp64 for fp64 data); the result is fp32 rounded up like the kernels'
+    (without the kernels' per-tile factor, so it is at most that much smaller), or fp64 when dtype is fp64."""
+    check_variant(variant, probes)
+    check_site(site)
+    a, b = _as_sites(a, b)
+    if not isinstance(seed, torch.Tensor):
+        check_seed(seed)
+    dtype = dtype or (torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32)
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    a, b = a.to(dtype), b.to(dtype)
+    B, T, M = a.shape
+
+    def project(first, count):  # b_i^T (a_i V)  (B, N, count)
+        v = gaussian_probes_reference(seed, site, B, M, range(first, first + count), a.device).to(dtype)
+        return torch.bmm(b.transpose(1, 2), torch.bmm(a, v))
+
+    def sq(x):  # sum over all but dim 0, never below the exact sum of x's squares
+        x64 = x.to(torch.float64).reshape(x.shape[0], math.prod(x.shape[1:]))  # no -1: B may be 0
+        return x64.pow(2).sum(1) * (1.0 + (x64.shape[1] + 4) * _F64_EPS)
+
+    if variant == "hutchinson":
+        return scale_up(sq(project(0, probes)), probes, out_dtype)
+    s, h = hutchpp_split(probes)
+    q = torch.linalg.qr(project(0, s)).Q
+    exact = sq(torch.bmm(a.transpose(1, 2), torch.bmm(b, q)))
+    w = project(s, h)
+    resid = sq(w - torch.bmm(q, torch.bmm(q.transpose(1, 2), w)))
+    total = exact + scale_up(resid, h, torch.float64) * (1.0 + 2 * _F64_EPS)
+    return total if out_dtype == torch.float64 else round_up_f32(total)

@@ -1,0 +1,139 @@
+"""Custom ops for randomized (probe-estimated) per-sample norms, DP-SGD-RC (docs/randomized.md).
+
+  dpcompile::probe_seed(like, probes, variant) -> int64 (1,)
+      A fresh secret 63-bit seed for one call of the graph, on like's device. Draws from the module's seed
+      source (OS entropy, `secrets`, unless manual_probe_seed() fixed it for tests) and records that randomized
+      norms with `probes` / `variant` ran (privacy.randomized_accounting.record_randomized_use), which the
+      PrivacyAccountant checks. Opaque custom op tagged nondeterministic_seeded: never CSE'd or constant-folded,
+      run on every call of the compiled graph (so also once per micro-batch). Not CUDA-graph safe (a CUDA graph
+      would replay one seed).
+
+  dpcompile::linear_norm_randomized(a, b, probes, variant, seed, site_id) -> (B,) fp32 (fp64 for fp64 data)
+      Estimate of ||a_i^T b_i||_F^2 for a linear weight site (a (B, T, M), b (B, T, N), or (B, M) / (B, N) for
+      T = 1, strided views allowed), the same operand convention as dpcompile::linear_norm. k = probes Gaussian
+      probes, variant "hutchinson" (unbiased, relative std sqrt(2/k) at worst) or "hutchpp" (k products: k//3
+      sketch, k - 2(k//3) residual probes; exact when rank(a_i^T b_i) <= k//3). Never rounded down (see
+      kernels/randomized.py). seed: the int64 (1,) tensor of probe_seed; site_id in [0, 2^31): distinct for every
+      randomized site of the graph (the same seed is shared by the sites of one call). CUDA fp32/fp16/bf16:
+      Triton kernels; elsewhere the PyTorch reference, with the same probes (so CPU and GPU agree).
+
+Only linear weight sites are randomized: bias, norm-affine and embedding norms cost O(B T d) exactly, as much as
+the probes would, and stay on dpcompile::rows_norm / embedding_norm. A T = 1 linear site has the exact norm
+||a_i||^2 ||b_i||^2, also cheaper than probes: the planner should not randomize it (the op still accepts it).
+
+Test hook: inside `with exact_norms():` linear_norm_randomized returns the exact norm instead (read when the op
+body runs: at trace time under Inductor, so compile inside the block, with a cache key that says so).
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import secrets
+import threading
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..privacy.randomized_accounting import accounting_probes, record_randomized_use
+from .kernels.randomized import (VARIANTS, check_site, check_variant, randomized_sq_norms,
+                                 randomized_sq_norms_reference)
+
+__all__ = ["VARIANTS", "linear_norm_randomized", "probe_seed", "next_probe_seed", "manual_probe_seed",
+           "exact_norms", "exact_norms_enabled", "accounting_probes"]
+
+_LIB = "dpcompile"
+
+
+# -- seed source ----------------------------------------------------------------------------------------------
+class _SeedSource:
+    """63-bit seeds: from `secrets` (OS entropy) by default, or from a seeded random.Random for tests."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._rng: Optional[random.Random] = None
+
+    def next(self) -> int:
+        with self._lock:
+            return self._rng.getrandbits(63) if self._rng is not None else secrets.randbits(63)
+
+    def manual(self, seed: Optional[int]) -> None:
+        with self._lock:
+            self._rng = None if seed is None else random.Random(seed)
+
+
+_SOURCE = _SeedSource()
+
+
+def next_probe_seed() -> int:
+    """A fresh probe seed in [0, 2^63)."""
+    return _SOURCE.next()
+
+
+def manual_probe_seed(seed: Optional[int]) -> None:
+    """Make probe seeds reproducible (tests, debugging): the seed sequence then follows `seed`, and anyone who
+    knows it knows the probes, which voids the privacy analysis (probes must be secret, like the noise).
+    manual_probe_seed(None) goes back to OS entropy."""
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError(f"seed={seed!r} must be an int or None")
+    _SOURCE.manual(seed)
+
+
+@torch.library.custom_op(f"{_LIB}::probe_seed", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+def probe_seed(like: Tensor, probes: int, variant: str) -> Tensor:
+    check_variant(variant, probes)
+    record_randomized_use(probes, variant)
+    return torch.tensor([next_probe_seed()], dtype=torch.int64, device=like.device)
+
+
+@probe_seed.register_fake
+def _(like, probes, variant):
+    return like.new_empty((1,), dtype=torch.int64)
+
+
+# -- test hook: exact norms -------------------------------------------------------------------------------------
+_EXACT = threading.local()
+
+
+def exact_norms_enabled() -> bool:
+    return getattr(_EXACT, "on", False)
+
+
+@contextlib.contextmanager
+def exact_norms():
+    """Make linear_norm_randomized return the exact squared norm (tests: the randomized path with the estimate
+    replaced by the exact norm must give the exact path's gradients)."""
+    prev = exact_norms_enabled()
+    _EXACT.on = True
+    try:
+        yield
+    finally:
+        _EXACT.on = prev
+
+
+# -- the norm op --------------------------------------------------------------------------------------------------
+def _use_triton(*tensors: Tensor) -> bool:
+    return tensors[0].device.type == "cuda" and torch.float64 not in {t.dtype for t in tensors}
+
+
+def _exact(a: Tensor, b: Tensor) -> Tensor:
+    from .kernels.randomized import _as_sites
+    from .ops import linear_norm_reference
+
+    a, b = _as_sites(a, b)
+    if _use_triton(a, b):
+        from .kernels.linear import per_sample_sq_norms
+
+        return per_sample_sq_norms(a, b, launch=torch.library.wrap_triton)
+    return linear_norm_reference(a, b)
+
+
+@torch.library.triton_op(f"{_LIB}::linear_norm_randomized", mutates_args=())
+def linear_norm_randomized(a: Tensor, b: Tensor, probes: int, variant: str, seed: Tensor, site_id: int) -> Tensor:
+    check_variant(variant, probes)
+    check_site(site_id)
+    if exact_norms_enabled():
+        return _exact(a, b)
+    if _use_triton(a, b):
+        return randomized_sq_norms(a, b, probes, variant, seed, site_id, launch=torch.library.wrap_triton)
+    return randomized_sq_norms_reference(a, b, probes, variant, seed, site_id)
