@@ -15,13 +15,15 @@ from .options import DPOptions
 from .privacy import (DistributedDPOptimizer, DistributedPoissonDataLoader, DPOptimizer, PoissonDataLoader,
                       PrivacyAccountant, PrivateTraining, get_epsilon, get_noise_multiplier, make_private)
 
+from . import memarc  # noqa: E402  (memory-efficient DP fine-tuning: side network, reversible, LoRA, adapters)
+
 register_backends()
 
 __all__ = [
     "compile", "DPCompiled", "explain", "Plan", "DPOptions", "flashdp", "flashdp_eager",
     "DPOptimizer", "DistributedDPOptimizer", "PoissonDataLoader", "DistributedPoissonDataLoader",
     "PrivacyAccountant", "get_epsilon", "get_noise_multiplier", "make_private",
-    "PrivateTraining",
+    "PrivateTraining", "memarc",
     "DPCompileError", "OptionsError", "UnsupportedGradientError", "SampleMixingError", "CoverageError",
 ]
 __version__ = "0.1.0"
