@@ -486,10 +486,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except DataError as err:
         print(f"dpcompile {args.command}: {err}", file=sys.stderr)
         return 2
-    except DPCompileError as err:
-        print(f"dpcompile {args.command}: refused: {type(err).__name__}: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - a DP refusal arrives wrapped in Dynamo's BackendCompilerFailed
+        inner = _dp_error(err, DPCompileError)
+        if inner is None:
+            raise
+        print(f"dpcompile {args.command}: refused by the DP pass: {type(inner).__name__}: {inner}", file=sys.stderr)
         return 3
     return 2
+
+
+def _dp_error(err: BaseException, kind) -> Optional[BaseException]:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, kind):
+            return err
+        seen.add(id(err))
+        err = getattr(err, "inner_exception", None) or err.__cause__ or err.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,115 @@
+"""The `dpcompile` command: `train` end to end on a tiny configuration, `explain`, `bench`, and its errors."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may come from the hub: any attempt fails the test
+
+import pytest
+import torch
+
+from dpcompile import cli
+
+pytest.importorskip("transformers")
+
+TINY = ["--model", "tiny-llama", "--data", "zen", "--seq-len", "16", "--max-windows", "6", "--batch-size", "6",
+        "--micro-batch-size", "3", "--eval-windows", "2", "--lr", "1e-2", "--no-progress"]
+
+
+def test_train_tiny_end_to_end_reports_epsilon_and_saves_a_transformers_checkpoint(tmp_path, capsys):
+    """The whole `dpcompile train` path: Poisson steps through the flashdp backend (q = 1 here: every step sees
+    all 6 windows in 2 micro-batches, one compiled graph), epsilon spent printed and within the target, held-out
+    perplexity before/after, generate(), and a checkpoint that transformers loads and that holds the trained
+    weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "run"
+    rc = cli.main(["train", *TINY, "--steps", "2", "--epsilon", "30", "--delta", "1e-3", "--out", str(out),
+                   "--train-layers", "-1"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "privacy:    epsilon = " in printed and "checkpoint: " in printed
+    report = json.loads((out / "dp_report.json").read_text())
+    assert report["private"] and report["steps"] == 2 and report["sample_rate"] == 1.0
+    assert 0 < report["epsilon"] <= 30 + 1e-6
+    assert math.isfinite(report["perplexity_before"]) and math.isfinite(report["perplexity_after"])
+    assert report["sample"].startswith("To be, or not to be,")
+
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    from dpcompile.data import load_model
+
+    init, _ = load_model("tiny-llama")  # the same seeded initialisation the run started from
+    trained = dict(model.named_parameters())
+    moved = [n for n, p in init.named_parameters() if p.requires_grad and not n.endswith("embed_tokens.weight")
+             and not torch.equal(p, trained[n])]
+    assert moved, "training changed no weight"
+    assert torch.equal(init.model.embed_tokens.weight, model.model.embed_tokens.weight)  # frozen by default
+    ids = tok("Beautiful is better", return_tensors="pt")["input_ids"]
+    gen = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert gen.shape == (1, ids.shape[1] + 3)
+    torch._dynamo.reset()
+
+
+def test_non_private_baseline_has_no_epsilon(tmp_path, capsys):
+    rc = cli.main(["train", *TINY, "--steps", "2", "--no-dp", "--no-save", "--sample", ""])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "privacy:    none (non-private baseline)" in printed
+
+
+def test_explain_prints_every_trainable_parameter(capsys):
+    rc = cli.main(["explain", "tiny-gpt2", "--seq-len", "8", "--train-layers", "1", "--clipping", "flat"])
+    assert rc == 0
+    table = capsys.readouterr().out
+    assert "transformer.h.1.attn.c_attn.weight" in table and "transformer.ln_f.weight" in table
+    assert "transformer.h.0." not in table  # frozen by --train-layers 1
+    assert "transformer.wte.weight" not in table  # frozen (tied with lm_head) by default
+    assert "clipping='flat'" in table
+
+
+def test_bench_subcommand_forwards_its_arguments(capfd):
+    with pytest.raises(SystemExit) as exc:  # argparse --help of the harness exits 0
+        rc = cli.main(["bench", "--help"])
+        raise SystemExit(rc)
+    assert exc.value.code == 0
+    assert "usage" in capfd.readouterr().out.lower()
+
+
+def test_errors_name_the_option(tmp_path, capsys):
+    assert cli.main(["train", "--model", str(tmp_path / "nope"), "--data", "zen"]) == 2
+    assert "--model" in capsys.readouterr().err
+    assert cli.main(["train", "--model", "tiny-llama", "--data", str(tmp_path / "nope.txt")]) == 2
+    assert "--data" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--batch-size 50"):
+        cli.main(["train", *TINY, "--batch-size", "50", "--eval-windows", "0"])
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--epsilon", "-1"])
+    assert "must be > 0" in capsys.readouterr().err
+
+
+def test_strategy_option_passes_through_only_when_the_backend_knows_it():
+    from dpcompile.options import DPOptions
+
+    assert cli._strategy_option(None) == {} and cli._strategy_option("auto") == {}
+    if "strategy" in DPOptions.KEYS:
+        assert cli._strategy_option("ghost") == {"strategy": "ghost"}
+        with pytest.raises(SystemExit, match="--strategy no-such-strategy"):
+            cli._strategy_option("no-such-strategy")
+    else:
+        with pytest.raises(SystemExit, match="--strategy ghost: this version of dpcompile has no strategy option"):
+            cli._strategy_option("ghost")
+
+
+def test_console_entry_point_runs():
+    """`python -m dpcompile` is the `dpcompile` console script (pyproject [project.scripts])."""
+    r = subprocess.run([sys.executable, "-m", "dpcompile", "train", "--help"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    for opt in ("--epsilon", "--sigma", "--delta", "--epochs", "--batch-size", "--micro-batch-size", "--clipping",
+                "--strategy", "--out", "--model", "--data"):
+        assert opt in r.stdout
