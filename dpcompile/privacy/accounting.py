@@ -262,7 +262,8 @@ class PrivacyAccountant:
     The randomized kernels record every run (randomized_accounting.record_randomized_use, via the
     dpcompile::probe_seed op); each step() takes that record, and a step taken without probes= after randomized
     norms ran is counted as unaccounted: get_epsilon then raises RandomizedAccountingError instead of reporting
-    a plain Gaussian ε. When the record shows fewer probes than probes= says, the smaller count is used.
+    a plain Gaussian ε. When the record shows fewer probes than probes= says, the smaller count is used; when
+    it shows probe counts that are not all multiples of the accounted one, the Chernoff envelope is used.
     """
 
     def __init__(self, accountant: str = "pld", *, value_discretization_interval: Optional[float] = None):
@@ -292,10 +293,13 @@ class PrivacyAccountant:
         if ran is not None and spec is None:
             self._unaccounted_randomized += n
             return
-        if ran is not None and ran < spec.probes:
+        if ran is not None:
             import dataclasses
 
-            spec = dataclasses.replace(spec, probes=ran)
+            k, multiples = ran
+            spec = dataclasses.replace(spec, probes=min(k, spec.probes))
+            if not multiples or spec.probes != k and k % spec.probes:
+                spec = dataclasses.replace(spec, envelope="chernoff")
         key = (s, q) if spec is None else (s, q, spec)
         last = self._history[-1] if self._history else None
         if last is not None and (last[:2] if len(last) == 3 else (last[0], last[1], last[3])) == key:

@@ -352,24 +352,34 @@ def tail_probability(delta: float, randomized_sampled_steps: float, randomized_s
 # The kernels' seed op records every run of randomized norms here; PrivacyAccountant.step() takes the record, so
 # an accountant refuses to report a plain Gaussian ε for steps that ran randomized norms it was not told about.
 _lock = threading.Lock()
-_use: dict = {"probes": None}
+_use: set = set()
 
 
 def record_randomized_use(probes: int, variant: str = "hutchinson") -> None:
     """Called by dpcompile::probe_seed each time a graph draws probe seeds (any thread)."""
     k = accounting_probes(probes, variant)
     with _lock:
-        prev = _use["probes"]
-        _use["probes"] = k if prev is None else min(prev, k)
+        _use.add(k)
 
 
-def take_randomized_use() -> Optional[int]:
-    """The smallest effective probe count run since the last call (None if none), and forget it."""
+def _summary(counts) -> Optional[Tuple[int, bool]]:
+    if not counts:
+        return None
+    k = min(counts)
+    return k, all(c % k == 0 for c in counts)
+
+
+def take_randomized_use() -> Optional[Tuple[int, bool]]:
+    """(smallest effective probe count, whether every count run is a multiple of it) for the randomized norms
+    run since the last call, or None; and forget them. Counts that are not multiples of the smallest are outside
+    the chi2 envelope's argument (a chi^2_mk / mk is a mean of m chi^2_k / k, other mixes are not): the
+    accountant then uses the Chernoff envelope, which covers any mix."""
     with _lock:
-        k, _use["probes"] = _use["probes"], None
-    return k
+        counts = set(_use)
+        _use.clear()
+    return _summary(counts)
 
 
-def peek_randomized_use() -> Optional[int]:
+def peek_randomized_use() -> Optional[Tuple[int, bool]]:
     with _lock:
-        return _use["probes"]
+        return _summary(set(_use))

@@ -29,8 +29,12 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
+
+try:  # the PyTorch reference below works without Triton (CPU-only installs); the kernels need it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = tl = None
 
 VARIANTS = ("hutchinson", "hutchpp")
 
@@ -59,36 +63,37 @@ def check_variant(variant: str, probes: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ probes
-@triton.jit
-def _gaussian_probes(seed, site, sample, cols, probes):
-    """fp32 N(0, 1) probe entries for columns `cols` [BM] x probe ids `probes` [BK] of one sample and site."""
-    c0 = cols[:, None] + probes[None, :] * 0
-    c1 = probes[None, :] + cols[:, None] * 0
-    c2 = c0 * 0 + sample
-    c3 = c0 * 0 + site
-    r0, r1, _, _ = tl.philox(seed, c0, c1, c2, c3)
-    # uint32 -> 31-bit integer -> uniform in (0, 1]: u = (x + 1/2) 2^-31 (never 0, so log never overflows)
-    x0 = r0.to(tl.int32, bitcast=True)
-    x0 = tl.where(x0 < 0, ~x0, x0)
-    x1 = r1.to(tl.int32, bitcast=True)
-    x1 = tl.where(x1 < 0, ~x1, x1)
-    u0 = (x0.to(tl.float32) + 0.5) * 4.656612873077393e-10
-    u1 = (x1.to(tl.float32) + 0.5) * 4.656612873077393e-10
-    r = tl.sqrt(-2.0 * tl.log(u0))
-    return r * tl.cos(6.283185307179586 * u1)
+if triton is not None:
+    @triton.jit
+    def _gaussian_probes(seed, site, sample, cols, probes):
+        """fp32 N(0, 1) probe entries for columns `cols` [BM] x probe ids `probes` [BK] of one sample and site."""
+        c0 = cols[:, None] + probes[None, :] * 0
+        c1 = probes[None, :] + cols[:, None] * 0
+        c2 = c0 * 0 + sample
+        c3 = c0 * 0 + site
+        r0, r1, _, _ = tl.philox(seed, c0, c1, c2, c3)
+        # uint32 -> 31-bit integer -> uniform in (0, 1]: u = (x + 1/2) 2^-31 (never 0, so log never overflows)
+        x0 = r0.to(tl.int32, bitcast=True)
+        x0 = tl.where(x0 < 0, ~x0, x0)
+        x1 = r1.to(tl.int32, bitcast=True)
+        x1 = tl.where(x1 < 0, ~x1, x1)
+        u0 = (x0.to(tl.float32) + 0.5) * 4.656612873077393e-10
+        u1 = (x1.to(tl.float32) + 0.5) * 4.656612873077393e-10
+        r = tl.sqrt(-2.0 * tl.log(u0))
+        return r * tl.cos(6.283185307179586 * u1)
 
 
-@triton.jit
-def _probe_dump_kernel(seed_ptr, out_ptr, site, M, K, probe0, so_b, so_m, so_k,
-                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Test helper: writes the probes the other kernels draw (out (B, M, K))."""
-    sample = tl.program_id(0)
-    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rk = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
-    seed = tl.load(seed_ptr)
-    v = _gaussian_probes(seed, site, sample, rm, probe0 + rk)
-    tl.store(out_ptr + sample * so_b + rm[:, None] * so_m + rk[None, :] * so_k, v,
-             mask=(rm[:, None] < M) & (rk[None, :] < K))
+    @triton.jit
+    def _probe_dump_kernel(seed_ptr, out_ptr, site, M, K, probe0, so_b, so_m, so_k,
+                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Test helper: writes the probes the other kernels draw (out (B, M, K))."""
+        sample = tl.program_id(0)
+        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rk = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+        seed = tl.load(seed_ptr)
+        v = _gaussian_probes(seed, site, sample, rm, probe0 + rk)
+        tl.store(out_ptr + sample * so_b + rm[:, None] * so_m + rk[None, :] * so_k, v,
+                 mask=(rm[:, None] < M) & (rk[None, :] < K))
 
 
 def _u32(x: torch.Tensor) -> torch.Tensor:
@@ -154,61 +159,62 @@ def check_site(site: int) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ kernels
-@triton.jit
-def _project_kernel(a_ptr, v_ptr, seed_ptr, z_ptr, site, probe0, T, M, K,
-                    sa_b, sa_t, sa_m, sv_b, sv_m, sv_k, sz_b, sz_t, sz_k,
-                    DRAW: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """z[i, t, j] = sum_m a[i, t, m] v[i, m, j], j < K; v drawn (DRAW: probe ids probe0 + j) or loaded."""
-    sample = tl.program_id(0)
-    rt = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    rk = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
-    rm0 = tl.arange(0, BLOCK_M)
-    acc = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
-    if DRAW:
-        seed = tl.load(seed_ptr)
-    for m0 in range(0, M, BLOCK_M):
-        rm = m0 + rm0
-        a = tl.load(a_ptr + sample * sa_b + rt[:, None] * sa_t + rm[None, :] * sa_m,
-                    mask=(rt[:, None] < T) & (rm[None, :] < M), other=0.0).to(tl.float32)
-        vmask = (rm[:, None] < M) & (rk[None, :] < K)
+if triton is not None:
+    @triton.jit
+    def _project_kernel(a_ptr, v_ptr, seed_ptr, z_ptr, site, probe0, T, M, K,
+                        sa_b, sa_t, sa_m, sv_b, sv_m, sv_k, sz_b, sz_t, sz_k,
+                        DRAW: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """z[i, t, j] = sum_m a[i, t, m] v[i, m, j], j < K; v drawn (DRAW: probe ids probe0 + j) or loaded."""
+        sample = tl.program_id(0)
+        rt = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+        rk = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+        rm0 = tl.arange(0, BLOCK_M)
+        acc = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
         if DRAW:
-            v = tl.where(vmask, _gaussian_probes(seed, site, sample, rm, probe0 + rk), 0.0)
+            seed = tl.load(seed_ptr)
+        for m0 in range(0, M, BLOCK_M):
+            rm = m0 + rm0
+            a = tl.load(a_ptr + sample * sa_b + rt[:, None] * sa_t + rm[None, :] * sa_m,
+                        mask=(rt[:, None] < T) & (rm[None, :] < M), other=0.0).to(tl.float32)
+            vmask = (rm[:, None] < M) & (rk[None, :] < K)
+            if DRAW:
+                v = tl.where(vmask, _gaussian_probes(seed, site, sample, rm, probe0 + rk), 0.0)
+            else:
+                v = tl.load(v_ptr + sample * sv_b + rm[:, None] * sv_m + rk[None, :] * sv_k, mask=vmask,
+                            other=0.0).to(tl.float32)
+            acc += tl.dot(a, v, input_precision="ieee")
+        tl.store(z_ptr + sample * sz_b + rt[:, None] * sz_t + rk[None, :] * sz_k, acc,
+                 mask=(rt[:, None] < T) & (rk[None, :] < K))
+
+
+    @triton.jit
+    def _sqnorm_kernel(b_ptr, z_ptr, out_ptr, T, N, K, sb_b, sb_t, sb_n, sz_b, sz_t, sz_k, so_b, so_n, so_k,
+                       tiles_k, tiles, STORE: tl.constexpr,
+                       BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """w = b_i^T z_i on one (N, K) tile: stored (STORE) or reduced to an upward-rounded sum of squares."""
+        sample = tl.program_id(0)
+        tile = tl.program_id(1)
+        rn = (tile // tiles_k) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = (tile % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+        rt0 = tl.arange(0, BLOCK_T)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            rt = t0 + rt0
+            b = tl.load(b_ptr + sample * sb_b + rt[:, None] * sb_t + rn[None, :] * sb_n,
+                        mask=(rt[:, None] < T) & (rn[None, :] < N), other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + sample * sz_b + rt[:, None] * sz_t + rk[None, :] * sz_k,
+                        mask=(rt[:, None] < T) & (rk[None, :] < K), other=0.0)
+            acc += tl.dot(tl.trans(b), z, input_precision="ieee")
+        if STORE:
+            tl.store(out_ptr + sample * so_b + rn[:, None] * so_n + rk[None, :] * so_k, acc,
+                     mask=(rn[:, None] < N) & (rk[None, :] < K))
         else:
-            v = tl.load(v_ptr + sample * sv_b + rm[:, None] * sv_m + rk[None, :] * sv_k, mask=vmask,
-                        other=0.0).to(tl.float32)
-        acc += tl.dot(a, v, input_precision="ieee")
-    tl.store(z_ptr + sample * sz_b + rt[:, None] * sz_t + rk[None, :] * sz_k, acc,
-             mask=(rt[:, None] < T) & (rk[None, :] < K))
-
-
-@triton.jit
-def _sqnorm_kernel(b_ptr, z_ptr, out_ptr, T, N, K, sb_b, sb_t, sb_n, sz_b, sz_t, sz_k, so_b, so_n, so_k,
-                   tiles_k, tiles, STORE: tl.constexpr,
-                   BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """w = b_i^T z_i on one (N, K) tile: stored (STORE) or reduced to an upward-rounded sum of squares."""
-    sample = tl.program_id(0)
-    tile = tl.program_id(1)
-    rn = (tile // tiles_k) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rk = (tile % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
-    rt0 = tl.arange(0, BLOCK_T)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        rt = t0 + rt0
-        b = tl.load(b_ptr + sample * sb_b + rt[:, None] * sb_t + rn[None, :] * sb_n,
-                    mask=(rt[:, None] < T) & (rn[None, :] < N), other=0.0).to(tl.float32)
-        z = tl.load(z_ptr + sample * sz_b + rt[:, None] * sz_t + rk[None, :] * sz_k,
-                    mask=(rt[:, None] < T) & (rk[None, :] < K), other=0.0)
-        acc += tl.dot(tl.trans(b), z, input_precision="ieee")
-    if STORE:
-        tl.store(out_ptr + sample * so_b + rn[:, None] * so_n + rk[None, :] * so_k, acc,
-                 mask=(rn[:, None] < N) & (rk[None, :] < K))
-    else:
-        sq = tl.sum(tl.sum(acc * acc, axis=1), axis=0)
-        # Any summation order of n non-negative fp32 terms (and their squaring) errs by less than (n + 1) u
-        # relative, n = BLOCK_N + BLOCK_K here (row sums, then the sum of rows): this bound keeps the result
-        # above the exact sum of the squares, including the rounding of the product itself.
-        up = 1.0 + (BLOCK_N + BLOCK_K + 4) * 1.1920928955078125e-07
-        tl.store(out_ptr + sample * tiles + tile, sq * up)
+            sq = tl.sum(tl.sum(acc * acc, axis=1), axis=0)
+            # Any summation order of n non-negative fp32 terms (and their squaring) errs by less than (n + 1) u
+            # relative, n = BLOCK_N + BLOCK_K here (row sums, then the sum of rows): this bound keeps the result
+            # above the exact sum of the squares, including the rounding of the product itself.
+            up = 1.0 + (BLOCK_N + BLOCK_K + 4) * 1.1920928955078125e-07
+            tl.store(out_ptr + sample * tiles + tile, sq * up)
 
 
 # ------------------------------------------------------------------------------------------------ rounding
@@ -247,7 +253,11 @@ def _as_sites(a: torch.Tensor, b: torch.Tensor):
 
 
 def _pow2(n: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(n, 1))))
+    return max(lo, min(hi, 1 << (max(n, 1) - 1).bit_length()))
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def _blocks(a: torch.Tensor, k: int, block: int | None):
@@ -267,7 +277,7 @@ def _project(a, seed, site, probe0, K, launch, block, v=None):
         return z.zero_()
     vv = v if v is not None else z  # unused pointer when drawing
     sv = v.stride() if v is not None else (0, 0, 0)
-    launch(_project_kernel)[(B, triton.cdiv(T, bt), triton.cdiv(K, bk))](
+    launch(_project_kernel)[(B, _cdiv(T, bt), _cdiv(K, bk))](
         a, vv, seed, z, site, probe0, T, M, K, *a.stride(), *sv, *z.stride(),
         DRAW=v is None, BLOCK_T=bt, BLOCK_M=bm, BLOCK_K=bk)
     return z
@@ -278,8 +288,8 @@ def _bt_z(b, z, launch, block, store: bool):
     B, T, N = b.shape
     K = z.shape[-1]
     bt, bn, bk = _blocks(b, K, block)
-    tiles_k = triton.cdiv(K, bk)
-    tiles = triton.cdiv(N, bn) * tiles_k
+    tiles_k = _cdiv(K, bk)
+    tiles = _cdiv(N, bn) * tiles_k
     if store:
         out = torch.empty((B, N, K), device=b.device, dtype=torch.float32)
         so = out.stride()
@@ -339,7 +349,7 @@ def dump_probes(seed, site: int, num_samples: int, cols: int, probe0: int, count
     out = torch.empty((num_samples, cols, count), device=device, dtype=torch.float32)
     if out.numel():
         bm, bk = 32, 16
-        _probe_dump_kernel[(num_samples, triton.cdiv(cols, bm), triton.cdiv(count, bk))](
+        _probe_dump_kernel[(num_samples, _cdiv(cols, bm), _cdiv(count, bk))](
             _seed_tensor(seed, device), out, site, cols, count, probe0, *out.stride(), BLOCK_M=bm, BLOCK_K=bk)
     return out
 
