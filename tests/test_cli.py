@@ -113,3 +113,27 @@ def test_console_entry_point_runs():
     for opt in ("--epsilon", "--sigma", "--delta", "--epochs", "--batch-size", "--micro-batch-size", "--clipping",
                 "--strategy", "--out", "--model", "--data"):
         assert opt in r.stdout
+
+
+def test_benchmark_plots_cope_with_one_workload_and_with_many(tmp_path):
+    pytest.importorskip("matplotlib")
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "benchmarks"))
+    import plots
+
+    def rec(workload, mode, tps, mem):
+        return dict(workload=workload, mode=mode, tokens_per_s=tps, peak_mem_gib=mem, throughput_ratio=tps / 100,
+                    memory_ratio=mem / 5, gpu="GPU X")
+
+    one = [rec("gpt2-small B=8 T=1024", "non-DP compiled", 100, 5), rec("gpt2-small B=8 T=1024", "flashdp flat", 40, 6)]
+    (tmp_path / "one.json").write_text(json.dumps(one))
+    assert plots.main(["--results", str(tmp_path / "one.json"), "--out-dir", str(tmp_path / "a")]) == 0
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["bench_by_mode.png"]
+    many = one + [rec(f"gpt2-{s} B=8 T={T}", m, 50, 5) for s in ("small", "medium") for T in (256, 512)
+                  for m in ("non-DP compiled", "flashdp flat")]
+    (tmp_path / "many.json").write_text(json.dumps(many))
+    assert plots.main(["--results", str(tmp_path / "many.json"), "--out-dir", str(tmp_path / "b")]) == 0
+    assert {p.name for p in (tmp_path / "b").iterdir()} == {
+        "bench_by_mode.png", "throughput_vs_seq_len.png", "memory_vs_seq_len.png",
+        "throughput_vs_model_size.png", "memory_vs_model_size.png"}
+    assert plots.parse_workload("gpt2-medium B=4 T=512") == {"model": "gpt2-medium", "family": "gpt2",
+                                                             "size": "medium", "B": 4, "T": 512}
