@@ -230,6 +230,7 @@ def flashdp(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
     from torch._inductor.compile_fx import compile_fx
 
     ctx = build_context(gm, example_inputs, _options_from(kwargs))
+    ctx.inline_ops = True
     compiled = compile_fx(gm, example_inputs, config_patches={"joint_custom_pre_pass": DPJointPass(ctx)},
                           decompositions=ctx.decompositions)
     _mark_privatized(example_inputs, ctx.params)

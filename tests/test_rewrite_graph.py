@@ -61,6 +61,11 @@ def test_strategies_use_their_ops(monkeypatch):
     # flat: one group, so single_pass can serve one of its two linear sites only
     ops = _rewritten_graph(model, x, monkeypatch, clipping="flat", strategy={"0.weight": "single_pass"})
     assert ops.count(dp.linear_single_pass.default) == 1 and ops.count(dp.linear_clipped_sum.default) == 1
+    monkeypatch.undo()
+    # a budget below one sample's product: the chunked form
+    ops = _rewritten_graph(model, x, monkeypatch, clipping="per_layer", strategy="single_pass",
+                           single_pass_budget_mb=1e-6)
+    assert ops.count(dp.linear_single_pass_chunked.default) == 2 and dp.linear_single_pass.default not in ops
 
 
 def test_no_kept_whole_op_survives_for_inductor(monkeypatch):

@@ -94,37 +94,64 @@ def linear_clipped_sum(a: Tensor, b: Tensor, coef: Tensor) -> Tensor:
     return clipped_sum(a, b, coef, launch=torch.library.wrap_triton)
 
 
-def _tiles_and_norms(a: Tensor, b: Tensor):
+def _tiles_and_norms(a: Tensor, b: Tensor, launch=None):
     """Per-sample products (B, M, N) and the squared norms of exactly those values."""
     if _use_triton(a, b):
         from .kernels.linear import per_sample_tiles
 
-        return per_sample_tiles(a, b)
+        return per_sample_tiles(a, b, launch=launch)
     a, b = _acc(a, b), _acc(b, a)
     tiles = torch.bmm(a.transpose(1, 2), b)
     return tiles, tiles.pow(2).sum((1, 2))
 
 
-def _reduce_into(tiles: Tensor, coef: Tensor, acc: Tensor, accumulate: bool) -> None:
+def _reduce_into(tiles: Tensor, coef: Tensor, acc: Tensor, accumulate: bool, launch=None) -> None:
     if tiles.device.type == "cuda" and acc.dtype == torch.float32:
         from .kernels.linear import scaled_reduce_
 
-        scaled_reduce_(tiles, coef, acc, accumulate)
+        scaled_reduce_(tiles, coef, acc, accumulate, launch=launch)
         return
     part = torch.einsum("s,smn->mn", coef.to(acc.dtype), tiles.to(acc.dtype))
     acc.copy_(acc + part if accumulate else part)
 
 
-# A custom_op, not a triton_op: the chunk loop runs on concrete sizes (the batch dim is symbolic at compile time).
-@torch.library.custom_op(f"{_LIB}::linear_single_pass", mutates_args=())
-def linear_single_pass(a: Tensor, b: Tensor, rest_sq: Tensor, sq_scale: float, threshold: float, clip_fn: str,
-                       mean: bool, budget_bytes: int) -> tuple[Tensor, Tensor]:
-    """Single-pass clipping of a group whose only linear site is (a, b): every per-sample product is formed once,
-    in chunks of samples whose products fit `budget_bytes`; its norm (times sq_scale) plus `rest_sq` (the squared
-    norms of the group's other parameters) gives the clip factor, and the chunk is reduced as sum_i coef_i s_i.
-    Returns (the clipped sum, the group's coefficients for its other sites)."""
+def _clip_coefficients(sq: Tensor, rest_sq: Tensor, sq_scale: float, threshold: float, clip_fn: str, mean: bool,
+                       batch) -> Tensor:
     from ..clipping import clip_factors
 
+    total = rest_sq.to(sq.dtype) + sq * sq_scale
+    if mean:  # the loss carried 1/B: measure and sum B * g_i
+        total = total * (batch * batch)
+    coef = clip_factors(total, threshold, clip_fn)
+    return coef * batch if mean else coef
+
+
+# The whole batch at once: a triton_op (Inductor inlines it; no Python on the step). The planner takes it when the
+# scratch of the compiled batch size fits the budget, and the chunked custom op below when it does not.
+@torch.library.triton_op(f"{_LIB}::linear_single_pass", mutates_args=())
+def linear_single_pass(a: Tensor, b: Tensor, rest_sq: Tensor, sq_scale: float, threshold: float, clip_fn: str,
+                       mean: bool) -> tuple[Tensor, Tensor]:
+    """Single-pass clipping of a group whose only linear site is (a, b): every per-sample product is formed once;
+    its norm (times sq_scale) plus `rest_sq` (the squared norms of the group's other parameters) gives the clip
+    factor, and the products are reduced as sum_i coef_i s_i. Returns (the clipped sum, the group's
+    coefficients for its other sites)."""
+    launch = torch.library.wrap_triton if _use_triton(a, b) else None
+    tiles, sq = _tiles_and_norms(a, b, launch=launch)
+    acc_dtype = norm_dtype(a.dtype, b.dtype, rest_sq.dtype)
+    coef = _clip_coefficients(sq.to(acc_dtype), rest_sq, sq_scale, threshold, clip_fn, mean, a.shape[0])
+    if launch is not None:
+        acc = torch.empty((a.shape[2], b.shape[2]), device=a.device, dtype=torch.float32)
+        _reduce_into(tiles, coef, acc, accumulate=False, launch=launch)
+    else:
+        acc = torch.einsum("s,smn->mn", coef.to(acc_dtype), tiles.to(acc_dtype))
+    return acc.to(torch.promote_types(a.dtype, b.dtype)), coef
+
+
+# A custom_op, not a triton_op: the chunk loop runs on concrete sizes (the batch dim is symbolic at compile time).
+@torch.library.custom_op(f"{_LIB}::linear_single_pass_chunked", mutates_args=())
+def linear_single_pass_chunked(a: Tensor, b: Tensor, rest_sq: Tensor, sq_scale: float, threshold: float,
+                               clip_fn: str, mean: bool, budget_bytes: int) -> tuple[Tensor, Tensor]:
+    """linear_single_pass in chunks of samples whose products fit `budget_bytes` (one Python loop per step)."""
     B, T, M = a.shape
     N = b.shape[-1]
     acc_dtype = norm_dtype(a.dtype, b.dtype, rest_sq.dtype)
@@ -135,18 +162,13 @@ def linear_single_pass(a: Tensor, b: Tensor, rest_sq: Tensor, sq_scale: float, t
     for s0 in range(0, B, chunk):
         s1 = min(B, s0 + chunk)
         tiles, sq = _tiles_and_norms(a[s0:s1], b[s0:s1])
-        total = rest_sq[s0:s1].to(acc_dtype) + sq.to(acc_dtype) * sq_scale
-        if mean:  # the loss carried 1/B: measure and sum B * g_i
-            total = total * (B * B)
-        coef = clip_factors(total, threshold, clip_fn)
-        if mean:
-            coef = coef * B
+        coef = _clip_coefficients(sq.to(acc_dtype), rest_sq[s0:s1], sq_scale, threshold, clip_fn, mean, B)
         coefs[s0:s1] = coef
         _reduce_into(tiles, coef, acc, accumulate=s0 > 0)
     return acc.to(torch.promote_types(a.dtype, b.dtype)), coefs
 
 
-@linear_single_pass.register_fake
+@linear_single_pass_chunked.register_fake
 def _(a, b, rest_sq, sq_scale, threshold, clip_fn, mean, budget_bytes):
     out = a.new_empty((a.shape[2], b.shape[2]), dtype=torch.promote_types(a.dtype, b.dtype))
     return out, rest_sq.new_empty((a.shape[0],), dtype=norm_dtype(a.dtype, b.dtype, rest_sq.dtype))
@@ -269,3 +291,12 @@ def persample_norm(ps: Tensor) -> Tensor:
 def persample_clipped_sum(ps: Tensor, coef: Tensor) -> Tensor:
     return persample_clipped_sum_reference(ps, coef)
 
+
+
+def triton_ops() -> set:
+    """The triton_op overloads: Inductor graphs get their bodies inlined (passes/rewrite.py: inline_triton_ops)."""
+    d = torch.ops.dpcompile
+    return {d.linear_norm.default, d.linear_ghost_norm.default, d.linear_clipped_sum.default,
+            d.linear_single_pass.default,
+            d.rows_colsum.default, d.rows_norm.default, d.rows_clipped_sum.default, d.persample_norm.default,
+            d.persample_clipped_sum.default}

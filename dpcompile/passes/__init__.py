@@ -20,7 +20,8 @@ from .batchdim import BatchDimAnalysis, BDim, Mixed, sym_expr
 from .discover import Contribution, ParamGrad, discover_contributions
 from .patterns import Site
 from .plan import LinearShape, check_forced_globs, plan_group, plan_rows
-from .rewrite import decompose_kept_ops, group_inputs, insert_traced, make_group_fn, set_outputs, zero_grads
+from .rewrite import (decompose_kept_ops, group_inputs, inline_triton_ops, insert_traced, make_group_fn, set_outputs,
+                      zero_grads)
 from .verify import verify_coverage
 
 log = logging.getLogger("dpcompile")
@@ -42,11 +43,12 @@ class PassContext:
     thresholds: dict  # group name -> C_g
     decompositions: dict
     input_sources: dict = field(default_factory=dict)  # Dynamo source name of each batch input -> sample dim
+    inline_ops: bool = False  # Inductor: inline the triton_op bodies after the coverage check
     report: list = field(default_factory=list)  # filled by the pass: one row per trainable parameter
 
     def key(self) -> str:
         parts = [self.options.cache_key(), repr(sorted((k, v.name, v.group) for k, v in self.params.items())),
-                 repr(sorted(self.batch_inputs.items())), repr(sorted(self.thresholds.items()))]
+                 repr(sorted(self.batch_inputs.items())), repr(sorted(self.thresholds.items())), repr(self.inline_ops)]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
@@ -184,7 +186,7 @@ def run_dp_pass(graph: fx.Graph, ctx: PassContext) -> None:
         inputs = group_inputs(pgs, batch_node)
         fn = make_group_fn(pgs, inputs, batch_node, batch_dim, ctx.thresholds[group], ctx.options.clip_fn,
                            ctx.options.loss_reduction == "mean",
-                           {k: c.strategy for k, c in group_choices.items()},
+                           {k: c.op_strategy for k, c in group_choices.items()},
                            int(ctx.options.single_pass_budget_mb * 2**20))
         new = insert_traced(graph, fn, inputs, ctx.decompositions)
         for pg, node in zip(pgs, new):
@@ -221,6 +223,10 @@ def _finish(graph: fx.Graph, ctx: PassContext, params: list) -> None:
     decompose_kept_ops(graph)
     graph.lint()
     verify_coverage(graph, ctx, params)
+    if ctx.inline_ops:
+        inline_triton_ops(graph, ctx.decompositions)
+        graph.eliminate_dead_code()
+        graph.lint()
     strategies = Counter(row["strategy"] for row in ctx.report)
     log.info("flashdp: %d trainable parameters in %d clipping groups (%s), strategies: %s",
              len(params), len({info.group for info, _ in params}), ctx.options.clipping

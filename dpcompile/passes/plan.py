@@ -36,6 +36,7 @@ class DeviceModel:
     flops_32: float = 4.0e13  # IEEE fp32 (no TF32: norms must not be rounded)
     bandwidth: float = 2.6e12  # HBM bytes/s
     launch: float = 3e-6  # GPU-side cost of one more kernel (ramp-up and tail of a small grid)
+    chunk_loop: float = 3e-4  # host seconds per chunk of the chunked single-pass op (it runs as Python)
 
 
 DEVICE = DeviceModel()
@@ -57,10 +58,12 @@ def linear_costs(s: LinearShape, budget_bytes: float, dev: DeviceModel = DEVICE)
     gemm = 2 * B * T * M * N / flops  # one weight-gradient-shaped GEMM
     read = B * T * (M + N) * e / dev.bandwidth  # one pass over the operands
     chunks = sympy.ceiling(B * M * N * e / budget_bytes)
+    # one chunk: a triton_op Inductor inlines; several: a Python loop on every step (host time, measured ~0.3 ms)
+    chunk_host = sympy.Piecewise((0, chunks <= 1), (dev.chunk_loop * chunks, True))
     return {
         "direct": 2 * gemm + 2 * read + 3 * dev.launch,
         "ghost": B * T * T * (M + N) / flops + gemm + 2 * read + 3 * dev.launch,
-        "single_pass": gemm + read + 2 * B * M * N * e / dev.bandwidth + chunks * 6 * dev.launch,
+        "single_pass": gemm + read + 2 * B * M * N * e / dev.bandwidth + chunks * 6 * dev.launch + chunk_host,
     }
 
 
@@ -80,6 +83,11 @@ class SiteChoice:
     strategy: str
     costs: dict  # strategy -> sympy cost (seconds); empty for non-linear sites
     forced: bool = False
+    chunked: bool = False  # single_pass whose scratch at the compiled batch size exceeds the budget
+
+    @property
+    def op_strategy(self) -> str:
+        return "single_pass_chunked" if self.strategy == "single_pass" and self.chunked else self.strategy
 
 
 def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int) -> dict:
@@ -121,6 +129,8 @@ def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int) 
         ch = choices[id(pg)]
         if ch.strategy == "auto":
             ch.strategy = choose_linear(ch.costs, ("direct", "ghost"), batch_symbol, batch_hint)
+        s = shapes[id(pg)]
+        ch.chunked = evaluate(s.B * s.M * s.N * s.itemsize, batch_symbol, batch_hint) > budget
     for pg in pgs:
         if id(pg) not in choices:
             choices[id(pg)] = SiteChoice(strategy(pg), {})
@@ -170,6 +180,7 @@ def plan_rows(params, ctx, empty: bool = False, choices: dict | None = None, bat
             "threshold": ctx.thresholds[info.group],
             "pattern": "-" if empty else pattern(pg),
             "strategy": "zero" if empty else (ch.strategy if ch else strategy(pg)),
+            "chunked": bool(ch and ch.strategy == "single_pass" and ch.chunked),
             "forced": bool(ch and ch.forced),
             "cost_us_per_sample": {} if (empty or not ch) else per_sample_us(ch.costs, batch_symbol, batch_hint),
             "cost_expr": {} if (empty or not ch) else {k: str(sympy.simplify(v)) for k, v in ch.costs.items()},

@@ -166,7 +166,7 @@ def _finish_fused(pg: ParamGrad, s, env: dict):
 def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: int, threshold: float,
                   clip_fn: str, mean: bool, strategies: dict | None = None, budget_bytes: int = 0) -> Callable:
     strategies = strategies or {}
-    single = next((pg for pg in params if strategies.get(id(pg)) == "single_pass"), None)
+    single = next((pg for pg in params if strategies.get(id(pg), "").startswith("single_pass")), None)
 
     def group_fn(*vals):
         env = dict(zip(inputs, vals))
@@ -186,8 +186,11 @@ def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: in
             c = single.contributions[0]
             a, b = c.site.fused_inputs(env, bsz)
             rest = sq if sq is not None else a.new_zeros((bsz,), dtype=ops.norm_dtype(a.dtype, b.dtype))
-            s, coef = ops.linear_single_pass(a, b, rest, float(c.scale * c.scale), threshold, clip_fn, mean,
-                                             budget_bytes)
+            if strategies[id(single)] == "single_pass_chunked":
+                s, coef = ops.linear_single_pass_chunked(a, b, rest, float(c.scale * c.scale), threshold, clip_fn,
+                                                         mean, budget_bytes)
+            else:
+                s, coef = ops.linear_single_pass(a, b, rest, float(c.scale * c.scale), threshold, clip_fn, mean)
             sums[id(single)] = _finish_fused(single, s, env)
         else:
             if mean:  # the loss carried 1/B: measure and sum B * g_i
@@ -210,17 +213,22 @@ def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: in
     return group_fn
 
 
-def insert_traced(graph: fx.Graph, fn: Callable, inputs: list[fx.Node], decompositions: dict) -> list[fx.Node]:
-    """Trace fn over the inputs' fake values and copy its nodes into `graph` after the last input."""
+def insert_traced(graph: fx.Graph, fn: Callable, inputs: list[fx.Node], decompositions: dict,
+                  before: fx.Node | None = None) -> list[fx.Node]:
+    """Trace fn over the inputs' fake values and copy its nodes into `graph` after the last input (or before
+    `before`)."""
     from torch._guards import detect_fake_mode
 
     vals = [n.meta["val"] for n in inputs]
     fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
     with fake_mode:
         traced = make_fx(fn, decomposition_table=decompositions, tracing_mode="real")(*vals)
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    last = max(inputs, key=lambda n: order[n])
-    anchor = last.next
+    if before is not None:
+        anchor = before
+    else:
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        last = max(inputs, key=lambda n: order[n])
+        anchor = last.next
     while anchor.op == "placeholder":  # never insert between placeholders
         anchor = anchor.next
     env: dict = {}
@@ -279,5 +287,29 @@ def decompose_kept_ops(graph: fx.Graph) -> None:
             return [node.target(*_arg(env, node.args), **_arg(env, dict(node.kwargs)))]
 
         (new,) = insert_traced(graph, fn, inputs, select_decomp_table())
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+
+
+def inline_triton_ops(graph: fx.Graph, decompositions: dict) -> None:
+    """For Inductor: replace every dpcompile triton_op node by its body, traced under functionalization (which is
+    where triton_op decomposes), so that Inductor emits the Triton launches itself and fuses the PyTorch parts
+    (row sums, casts, clip factors) into its own kernels. Left as op calls, each would run its Python body on every
+    step, which made the step host-bound (measured: 0.4 ms of host time per op call on an H100 machine)."""
+    from torch._subclasses.functional_tensor import dispatch_functionalize
+
+    from ..codegen.ops import triton_ops
+
+    inlined = triton_ops()
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in inlined:
+            continue
+        inputs = node.all_input_nodes
+
+        def fn(*vals, node=node, inputs=inputs):
+            env = dict(zip(inputs, vals))
+            return [node.target(*_arg(env, node.args), **_arg(env, dict(node.kwargs)))]
+
+        (new,) = insert_traced(graph, dispatch_functionalize(fn), inputs, decompositions, before=node)
         node.replace_all_uses_with(new)
         graph.erase_node(node)

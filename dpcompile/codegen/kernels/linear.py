@@ -271,8 +271,9 @@ def clipped_sum(a: torch.Tensor, b: torch.Tensor, coef: torch.Tensor, block: int
     return out.sum(0).to(out_dtype) if S > 1 else out[0]
 
 
-def per_sample_tiles(a: torch.Tensor, b: torch.Tensor, block: int | None = None):
+def per_sample_tiles(a: torch.Tensor, b: torch.Tensor, block: int | None = None, launch=None):
     """(scratch (B, M, N) in the data dtype, squared norms of the stored values (B,) fp32): single-pass stage 1."""
+    launch = launch or (lambda k: k)
     a, b, ieee = _common(a, b)
     B, T, M = a.shape
     N = b.shape[-1]
@@ -280,7 +281,7 @@ def per_sample_tiles(a: torch.Tensor, b: torch.Tensor, block: int | None = None)
     scratch = torch.empty((B, M, N), device=a.device, dtype=a.dtype)
     partial = torch.empty((B, P), device=a.device, dtype=torch.float32)
     if B > 0 and M > 0 and N > 0:
-        kernel, blocks = _pick(_persample_kernel, _persample_tuned, block, lambda k: k, **_gemm_blocks(block, a))
+        kernel, blocks = _pick(_persample_kernel, _persample_tuned, block, launch, **_gemm_blocks(block, a))
         kernel[(B, P)](a, b, scratch, partial, T, M, N, *a.stride(), *b.stride(), P, _t_bucket(T), IEEE=ieee,
                        **blocks)
     else:
@@ -288,11 +289,13 @@ def per_sample_tiles(a: torch.Tensor, b: torch.Tensor, block: int | None = None)
     return scratch, partial.sum(1)
 
 
-def scaled_reduce_(scratch: torch.Tensor, coef: torch.Tensor, acc: torch.Tensor, accumulate: bool) -> torch.Tensor:
+def scaled_reduce_(scratch: torch.Tensor, coef: torch.Tensor, acc: torch.Tensor, accumulate: bool,
+                   launch=None) -> torch.Tensor:
     """acc (M, N) fp32 (+)= sum_s coef_s scratch_s: single-pass stage 2 (memory-bound, one read of the scratch)."""
+    launch = launch or (lambda k: k)
     NB = scratch.shape[0]
     MN = acc.numel()
     if MN > 0:
-        _scaled_reduce_kernel[(triton.cdiv(MN, REDUCE_BLOCK),)](
+        launch(_scaled_reduce_kernel)[(triton.cdiv(MN, REDUCE_BLOCK),)](
             scratch, coef.to(torch.float32).contiguous(), acc, NB, MN, ACCUMULATE=accumulate, BLOCK=REDUCE_BLOCK)
     return acc
