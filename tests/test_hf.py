@@ -39,7 +39,7 @@ def _strip_padding(m, ids, mask):
 def test_padded_clipped_grads_match_unpadded_oracle(make, clipping, left):
     """.grad after one backward on a padded batch == the clipped sum of per-sample gradients of each sample run
     alone with no padding (float64 loop oracle): padding is handled per sample, exactly."""
-    case = make(T=8, seed=1)
+    case = make(T=8, seed=1, **({"n_layer": 1} if make is hf_gpt2 else {"layers": 1}))
     model = CausalLMLoss(case.model)
     ids, mask = _padded_batch(64, 8, [8, 5, 2, 6], left=left)
     C = 0.05  # small: every sample is clipped, so a wrong per-sample norm shows
@@ -118,7 +118,7 @@ def test_tied_gpt2_trains_then_generates_and_round_trips(tmp_path):
     from dpcompile.data import byte_tokenizer
 
     tok = byte_tokenizer()
-    cfg = transformers.GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=2, n_head=2, n_positions=32,
+    cfg = transformers.GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=32,
                                   attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, eos_token_id=tok.eos_token_id,
                                   bos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
@@ -151,15 +151,15 @@ def test_dp_trainer_runs_poisson_steps_and_reports_epsilon(tmp_path):
     from dpcompile.hf import DPTrainer
 
     torch.manual_seed(0)
-    case = hf_llama(T=8)
+    case = hf_llama(T=8, layers=1)
     model = case.model
     data = [torch.randint(1, 64, (int(n),)).tolist() for n in torch.randint(3, 9, (16,))]
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4,
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8,
                                           learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[],
                                           use_cpu=True, disable_tqdm=True)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = DPTrainer(model=model, args=args, train_dataset=data, target_epsilon=8.0, target_delta=1e-3,
-                        max_grad_norm=1.0, expected_batch_size=4)
+                        max_grad_norm=1.0, expected_batch_size=16)  # q = 1: two micro-batches of 8, one graph
     trainer.train()
     eps = trainer.get_epsilon()
     assert 0 < eps <= 8.0 + 1e-6
