@@ -16,6 +16,7 @@ from .privacy import (DistributedDPOptimizer, DistributedPoissonDataLoader, DPOp
                       PrivacyAccountant, PrivateTraining, get_epsilon, get_noise_multiplier, make_private)
 
 from . import memarc  # noqa: E402  (memory-efficient DP fine-tuning: side network, reversible, LoRA, adapters)
+from . import data, hf  # noqa: E402  (offline models and corpora; transformers: per-sample LM loss, DPTrainer)
 
 register_backends()
 

@@ -21,8 +21,8 @@ from typing import Optional, Sequence
 #: defaults that depend on the device: a CPU run finishes in minutes, a GPU run trains the whole model on the corpus
 PROFILES = {
     "cpu": dict(seq_len=128, batch_size=8, micro_batch_size=8, steps=20, train_layers=2, eval_windows=24, lr=5e-4),
-    "cuda": dict(seq_len=256, batch_size=256, micro_batch_size=32, steps=None, train_layers=None, eval_windows=512,
-                 lr=5e-4),
+    "cuda": dict(seq_len=256, batch_size=256, micro_batch_size=32, steps=None, epochs=3.0, train_layers=None,
+                 eval_windows=512, lr=5e-4),
 }
 
 
@@ -80,8 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="DP fine-tuning (DP-SGD with Poisson sampling, per-sample clipping in the compiled "
                                    "graph, Gaussian noise, PLD accounting) of a causal LM on text. With no options: "
-                                   "SmolLM2-135M on Shakespeare at epsilon=8, delta=1e-5; on a CPU a short run "
-                                   "(minutes), on a GPU one epoch of the whole model.")
+                                   "SmolLM2-135M on Shakespeare at epsilon=8, delta=1e-5; on a CPU a short "
+                                   "demonstration run, on a GPU 3 epochs of the whole model.")
     t.add_argument("--model", default="smollm2-135m",
                    help="smollm2-135m | tiny-llama | tiny-gpt2 | a .gguf file | a save_pretrained directory")
     t.add_argument("--data", default="shakespeare", help="shakespeare | zen | a text file | a directory of .txt")
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="non-private baseline: same sampling and optimizer, no clipping, no noise")
     t.add_argument("--delta", type=float, default=1e-5, help="target delta")
     t.add_argument("--epochs", type=_positive(float), default=None,
-                   help="passes over the training windows (in expectation); default: --steps on CPU, 1 on a GPU")
+                   help="passes over the training windows (in expectation); default: --steps on CPU, 3 on a GPU")
     t.add_argument("--steps", type=_positive(int), default=None,
                    help="logical (Poisson) batches; overrides --epochs. Default: 20 on CPU")
     t.add_argument("--batch-size", type=_positive(int), default=None,
@@ -286,7 +286,7 @@ def train(args: argparse.Namespace) -> dict:
     if args.steps is not None:
         steps = args.steps
     elif args.epochs is not None or prof["steps"] is None:
-        steps = max(1, math.ceil((args.epochs or 1.0) / q))
+        steps = max(1, math.ceil((args.epochs or prof.get("epochs", 1.0)) / q))
     else:
         steps = prof["steps"]
     _log(f"{corpus.source}: {N} training windows of {seq_len} tokens, "
@@ -394,6 +394,8 @@ def train(args: argparse.Namespace) -> dict:
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
         report["sample"] = tok.decode(out[0], skip_special_tokens=True)
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = True  # for generate() after loading; training ran without a KV cache
     if not args.no_save:
         out_dir = Path(args.out)
         out_dir.mkdir(parents=True, exist_ok=True)
