@@ -18,14 +18,14 @@ pessimistic (upper) estimate at any interval. A fixed interval can be passed ins
 
 Randomized (probe-estimated) per-sample norms, `probes=k`: the step is a mixture-of-Gaussians event over the
 chi-square envelope of the estimate (randomized_accounting.py; PLD only), and the cut-off tail of the envelope
-adds to δ. `PrivacyAccountant.step(..., probes=k)` records such steps; an accountant that was not told about
-randomized norms the kernels ran (they record every run) refuses to report ε.
+adds 1e-3 δ to δ and at most 1e-4 to ε. `PrivacyAccountant.step(..., probes=k)` records such steps; an
+accountant that was not told about randomized norms the kernels ran (they record every run) refuses to report ε.
 """
 from __future__ import annotations
 
 import math
 import numbers
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 __all__ = ["ACCOUNTANTS", "get_epsilon", "get_noise_multiplier", "PrivacyAccountant", "RandomizedAccountingError"]
 
