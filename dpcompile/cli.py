@@ -375,7 +375,8 @@ def train(args: argparse.Namespace) -> dict:
     eps_spent = optimizer.get_epsilon(args.delta) if private else math.inf
     report = {
         "model": args.model, "data": args.data, "corpus_source": corpus.source, "device": str(device),
-        "private": private, "epsilon": eps_spent, "target_epsilon": None if args.sigma else args.epsilon,
+        "private": private, "epsilon": eps_spent if private else None,
+        "target_epsilon": args.epsilon if private and args.sigma is None else None,
         "delta": args.delta, "noise_multiplier": sigma, "sample_rate": q, "steps": steps,
         "expected_batch_size": B, "micro_batch_size": micro, "seq_len": seq_len, "train_windows": N,
         "max_grad_norm": args.max_grad_norm, "clipping": args.clipping, "clip_fn": args.clip_fn,

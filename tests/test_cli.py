@@ -56,10 +56,12 @@ def test_train_tiny_end_to_end_reports_epsilon_and_saves_a_transformers_checkpoi
 
 
 def test_non_private_baseline_has_no_epsilon(tmp_path, capsys):
-    rc = cli.main(["train", *TINY, "--steps", "2", "--no-dp", "--no-save", "--sample", ""])
+    rc = cli.main(["train", *TINY, "--steps", "2", "--no-dp", "--out", str(tmp_path), "--sample", ""])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "privacy:    none (non-private baseline)" in printed
+    report = json.loads((tmp_path / "dp_report.json").read_text())  # strict JSON: no Infinity
+    assert report["private"] is False and report["epsilon"] is None and "sample" not in report
 
 
 def test_explain_prints_every_trainable_parameter(capsys):
