@@ -18,7 +18,9 @@ F32 = dict(dtype=torch.float32, atol=2e-5, rtol=2e-4)
     (models.mlp(input_ndim=3), dict(max_grad_norm=0.05, clipping="flat", loss_reduction="sum")),
     (models.gpt_like(tied=True), dict(max_grad_norm=0.5, clipping="per_layer", loss_reduction="mean")),
     (models.mha(), dict(max_grad_norm=1e6, clipping="per_param", clip_fn="automatic", loss_reduction="sum")),
-], ids=["mlp3d-flat", "gpt-tied-per_layer", "mha-per_param"])
+    (models.gpt_like(tied=False), dict(max_grad_norm=0.05, clipping="per_layer", strategy="single_pass")),
+    (models.mlp(input_ndim=3), dict(max_grad_norm=0.05, clipping="flat", strategy="ghost", loss_reduction="mean")),
+], ids=["mlp3d-flat", "gpt-tied-per_layer", "mha-per_param", "gpt-single_pass", "mlp3d-ghost"])
 def test_inductor_matches_oracle(case, opts):
     assert_matches(case, case.batch(3, seed=11), backend="flashdp", **F32, **opts)
 
@@ -34,7 +36,8 @@ def test_options_change_the_cache_key():
     assert base == uuid(max_grad_norm=0.1)
     for change in [dict(max_grad_norm=0.2), dict(max_grad_norm=0.1, clip_fn="automatic"),
                    dict(max_grad_norm=0.1, loss_reduction="sum"), dict(max_grad_norm=0.1, clipping="flat"),
-                   dict(max_grad_norm=0.1, batch_dim=1)]:
+                   dict(max_grad_norm=0.1, batch_dim=1), dict(max_grad_norm=0.1, strategy="ghost"),
+                   dict(max_grad_norm=0.1, single_pass_budget_mb=1.0)]:
         assert uuid(**change) != base, change
 
 

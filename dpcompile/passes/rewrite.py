@@ -6,6 +6,7 @@ value it reads, so that per-layer groups stream through the backward and flat gr
 """
 from __future__ import annotations
 
+import operator
 from typing import Callable
 
 import torch
@@ -308,8 +309,15 @@ def inline_triton_ops(graph: fx.Graph, decompositions: dict) -> None:
 
         def fn(*vals, node=node, inputs=inputs):
             env = dict(zip(inputs, vals))
-            return [node.target(*_arg(env, node.args), **_arg(env, dict(node.kwargs)))]
+            out = node.target(*_arg(env, node.args), **_arg(env, dict(node.kwargs)))
+            return list(out) if isinstance(out, (tuple, list)) else [out]
 
-        (new,) = insert_traced(graph, dispatch_functionalize(fn), inputs, decompositions, before=node)
-        node.replace_all_uses_with(new)
+        new = insert_traced(graph, dispatch_functionalize(fn), inputs, decompositions, before=node)
+        if isinstance(node.meta.get("val"), (tuple, list)):  # multi-output op: its users are getitems
+            for user in list(node.users):
+                assert user.target is operator.getitem, user
+                user.replace_all_uses_with(new[user.args[1]])
+                graph.erase_node(user)
+        else:
+            node.replace_all_uses_with(new[0])
         graph.erase_node(node)
