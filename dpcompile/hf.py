@@ -187,7 +187,8 @@ def _make_dp_trainer():
           (the per-sample `max_grad_norm` given here is the one that counts);
         - every batch is right-padded to one length, `max_length` (default: the longest training example), so that
           one compiled graph serves every step (padding is masked per sample; it changes no sample's gradient).
-        Logged metrics gain `epsilon` (spent so far at `target_delta`).
+        Logged metrics gain `epsilon` (spent so far at `target_delta`) and lose `grad_norm` (the norm of the
+        gradient before the noise is not private).
         """
 
         def __init__(self, *args, target_epsilon: Optional[float] = None, noise_multiplier: Optional[float] = None,
@@ -309,7 +310,13 @@ def _make_dp_trainer():
                 return 0.0
             return opt.get_epsilon(delta if delta is not None else self.dp_target_delta)
 
+        def _get_grad_norm(self, model, grad_norm=None):
+            # Trainer would log the norm of .grad before the optimizer step: the clipped sum *before* the noise, a
+            # statistic of the batch that is not private. Never compute it.
+            return None
+
         def log(self, logs: dict, *args, **kwargs):
+            logs = {k: v for k, v in logs.items() if k != "grad_norm"}  # (see _get_grad_norm)
             if self.optimizer is not None:
                 logs = {**logs, "epsilon": round(self.get_epsilon(), 4)}
             return super().log(logs, *args, **kwargs)

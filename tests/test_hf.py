@@ -164,6 +164,7 @@ def test_dp_trainer_runs_poisson_steps_and_reports_epsilon(tmp_path):
     eps = trainer.get_epsilon()
     assert 0 < eps <= 8.0 + 1e-6
     assert any("epsilon" in log for log in trainer.state.log_history)
+    assert not any("grad_norm" in log for log in trainer.state.log_history)  # pre-noise norms are not private
     assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters())
     torch._dynamo.reset()
 
