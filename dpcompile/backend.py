@@ -15,7 +15,7 @@ import sympy
 import torch
 import torch.nn as nn
 
-from .errors import CoverageError, OptionsError
+from .errors import CoverageError, DPCompileError, OptionsError
 from .options import DPOptions
 from .passes import DPJointPass, ParamInfo, PassContext, run_dp_pass
 from .passes.batchdim import sym_expr
@@ -128,8 +128,26 @@ def _groups_of(names: list, module_names: dict, options: DPOptions) -> dict:
     return out
 
 
+def _refuse_torch_ddp() -> None:
+    """Dynamo is compiling inside torch DDP's forward: DDP would all-reduce (average) every backward's clipped
+    sums, and its DDPOptimizer splits the graph at bucket boundaries, across clipping groups."""
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+    except ImportError:  # pragma: no cover (builds without torch.distributed)
+        return
+    active = getattr(DistributedDataParallel, "_get_active_ddp_module", None)
+    if active is not None and active() is not None:
+        raise DPCompileError(
+            "flashdp: the model runs inside torch.nn.parallel.DistributedDataParallel. dpcompile sums the ranks' "
+            "clipped gradients itself, once per logical step: pass the bare module to dpcompile and use "
+            "dpcompile.DistributedDPOptimizer (dpcompile.make_private picks it under torchrun); see "
+            "docs/distributed.md. DDP would average the clipped sums at every backward, and Dynamo's DDPOptimizer "
+            "splits the compiled graph at DDP's bucket boundaries, across clipping groups")
+
+
 def build_context(gm: torch.fx.GraphModule, example_inputs: list, options: Any) -> PassContext:
     opts = options if isinstance(options, DPOptions) else DPOptions.parse(options)
+    _refuse_torch_ddp()
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     sources = [_source_name(n) for n in placeholders]
     frame = _frame_objects()
@@ -193,22 +211,28 @@ def build_context(gm: torch.fx.GraphModule, example_inputs: list, options: Any) 
     thresholds = {g: opts.threshold_for(g, n_groups) for g in sorted(set(groups.values()))}
     params = {i: ParamInfo(name, groups[name]) for i, name in trainable.items()}
     ctx = PassContext(opts, params, batch_inputs, thresholds, dp_decomposition_table(),
-                      input_sources={sources[i] or f"input{i}": d for i, d in batch_inputs.items()})
+                      input_sources={sources[i] or f"input{i}": d for i, d in batch_inputs.items()},
+                      param_ids={i: id(example_inputs[i]) for i in params})
+    if opts.uses_randomized():
+        from .codegen.randomized_ops import exact_norms_enabled
+
+        ctx.exact_norms = exact_norms_enabled()
     for listener in _CONTEXT_LISTENERS:
         listener.append(ctx)
     return ctx
 
 
-def _mark_privatized(example_inputs: list, indices) -> None:
-    """Tell DPOptimizer's coverage check which parameters a compiled graph clips. Called only once compilation
-    (the pass and its coverage check, or a cache hit of a graph that passed them) succeeded; never for
-    explain's graphs."""
+def _mark_privatized(example_inputs: list, ctx: PassContext) -> None:
+    """Tell DPOptimizer which parameters a compiled graph clips, with the graph's context (its thresholds and
+    randomized sites, for the sensitivity check and the accounting). Called only once compilation (the pass and
+    its coverage check, or a cache hit of a graph that passed them) succeeded; never for explain's graphs."""
     if _EXPLAINING[0]:
         return
-    from .privacy.optimizer import mark_privatized
+    from .privacy.optimizer import check_randomized_consistency, mark_privatized
 
-    for i in indices:
-        mark_privatized(example_inputs[i])
+    check_randomized_consistency([example_inputs[i] for i in ctx.params], ctx)  # before anything is marked
+    for i in ctx.params:
+        mark_privatized(example_inputs[i], ctx)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -231,9 +255,17 @@ def flashdp(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
 
     ctx = build_context(gm, example_inputs, _options_from(kwargs))
     ctx.inline_ops = True
+    if ctx.options.uses_randomized():
+        from torch._inductor import config as inductor_config
+
+        if getattr(inductor_config.triton, "cudagraphs", False):
+            raise OptionsError(
+                "option strategy: randomized norms do not work under CUDA graphs (a replay would reuse one probe "
+                "seed, which the privacy analysis forbids); set torch._inductor.config.triton.cudagraphs = False "
+                "(do not compile with mode='reduce-overhead')")
     compiled = compile_fx(gm, example_inputs, config_patches={"joint_custom_pre_pass": DPJointPass(ctx)},
                           decompositions=ctx.decompositions)
-    _mark_privatized(example_inputs, ctx.params)
+    _mark_privatized(example_inputs, ctx)
     return compiled
 
 
@@ -255,7 +287,7 @@ def flashdp_eager(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
 
     compiled = aot_autograd(fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition,
                             decompositions=ctx.decompositions)(gm, example_inputs)
-    _mark_privatized(example_inputs, ctx.params)
+    _mark_privatized(example_inputs, ctx)
     return compiled
 
 

@@ -20,9 +20,15 @@ AUTO_GAMMA = 1e-2
 CLIPPING_STYLES = ("flat", "per_layer", "per_param")
 CLIP_FNS = ("abadi", "automatic")
 LOSS_REDUCTIONS = ("sum", "mean")
-# strategies for linear weight sites (dpcompile/passes/plan.py): "auto" lets the cost model choose per site
-LINEAR_STRATEGIES = ("auto", "direct", "ghost", "single_pass")
+# strategies for linear weight sites (dpcompile/passes/plan.py): "auto" lets the cost model choose per site among
+# the exact ones; "randomized" (probe-estimated norms, docs/randomized.md) changes the privacy analysis, so it is
+# only ever used where the user forces it
+LINEAR_STRATEGIES = ("auto", "direct", "ghost", "single_pass", "randomized")
+EXACT_LINEAR_STRATEGIES = ("direct", "ghost", "single_pass")
 DEFAULT_SINGLE_PASS_BUDGET_MB = 256.0
+# randomized norms: the probe estimators and the default probe count (k = 32 costs about 9% more sigma)
+PROBE_VARIANTS = ("hutchinson", "hutchpp")
+DEFAULT_PROBES = 32
 
 Clipping = Union[str, Sequence[Sequence[str]]]
 
@@ -41,7 +47,15 @@ class DPOptions:
     strategy: how linear weight sites get their norms and clipped sums: "auto" (the planner's cheapest),
         "direct", "ghost", "single_pass", or a dict {parameter-name glob: strategy} to force some sites
         (first matching glob wins; unmatched sites stay "auto").
+        "randomized" estimates the per-sample norms of the sites it is forced on with Gaussian probes
+        (DP-SGD-RC, docs/randomized.md): cheaper for long sequences, but the privacy analysis changes (the optimizer
+        and accountant are told by the compiled graph); never chosen by "auto". A forced "randomized" site with one
+        row per sample (T = 1) is refused: its exact norm is cheaper and costs no privacy.
     single_pass_budget_mb: scratch memory one single-pass site may hold at a time (chunks of samples).
+    probes: k, the matrix-vector products per randomized site and sample (>= 2 effective probes for the accounting:
+        hutchinson k >= 2, hutchpp k >= 4, whose accounting uses its k - 2 floor(k/3) residual probes).
+    probe_variant: "hutchinson" (k Gaussian probes) or "hutchpp" (Hutch++: exact on per-sample gradients of rank
+        <= k // 3, accounted like Hutchinson with k - 2 floor(k/3) probes).
     """
 
     max_grad_norm: Union[float, tuple] = 1.0  # float, or sorted tuple of (group, threshold)
@@ -52,9 +66,11 @@ class DPOptions:
     batch_dim: int = 0
     strategy: Union[str, tuple] = "auto"  # name, or tuple of (glob, name)
     single_pass_budget_mb: float = DEFAULT_SINGLE_PASS_BUDGET_MB
+    probes: int = DEFAULT_PROBES
+    probe_variant: str = "hutchinson"
 
     KEYS = ("max_grad_norm", "clipping", "clip_fn", "loss_reduction", "batch_arg", "batch_dim", "strategy",
-            "single_pass_budget_mb")
+            "single_pass_budget_mb", "probes", "probe_variant")
 
     @classmethod
     def parse(cls, options: Mapping[str, Any] | None) -> "DPOptions":
@@ -91,7 +107,20 @@ class DPOptions:
             kw["strategy"] = _parse_strategy(options["strategy"])
         if "single_pass_budget_mb" in options:
             kw["single_pass_budget_mb"] = _positive_float("single_pass_budget_mb", options["single_pass_budget_mb"])
+        if "probe_variant" in options:
+            value = options["probe_variant"]
+            if value not in PROBE_VARIANTS:
+                raise OptionsError(f"option probe_variant={value!r} is invalid; choose one of {list(PROBE_VARIANTS)}")
+            kw["probe_variant"] = value
+        if "probes" in options:
+            kw["probes"] = _parse_probes(options["probes"], kw.get("probe_variant", "hutchinson"))
         return cls(**kw)
+
+    def uses_randomized(self) -> bool:
+        """Whether some linear site may be forced to the randomized strategy (changes the privacy analysis)."""
+        if isinstance(self.strategy, str):
+            return self.strategy == "randomized"
+        return any(s == "randomized" for _, s in self.strategy)
 
     def forced_strategy(self, name: str) -> str:
         """The strategy the user asked for parameter `name` ("auto" when none)."""
@@ -138,6 +167,19 @@ def _positive_float(name: str, value: Any) -> float:
         raise OptionsError(f"option {name}={value!r} is too large") from None
     if not (value > 0 and math.isfinite(value)):
         raise OptionsError(f"option {name}={value!r} must be a positive finite number")
+    return value
+
+
+def _parse_probes(value: Any, variant: str) -> int:
+    # the accountant needs >= 2 effective probes (the chi^2 envelope's shape k/2 >= 1); Hutch++ with k products has
+    # k - 2 floor(k/3) of them, >= 2 from k = 4 on. Whether a count is enough for the target delta is the
+    # accountant's call: it refuses counts whose cut-off tail needs sensitivities above 40 C (about 8 or fewer).
+    least = 4 if variant == "hutchpp" else 2
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise OptionsError(f"option probes={value!r} must be an int >= {least}")
+    if value < least:
+        raise OptionsError(f"option probes={value!r} is too small: probe_variant={variant!r} needs probes >= {least} "
+                           "for the privacy accounting (32 or more keeps the extra noise small: docs/randomized.md)")
     return value
 
 

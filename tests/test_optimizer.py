@@ -12,18 +12,21 @@ import dpcompile
 from dpcompile import DPOptimizer
 
 
-def _zero_clipped_sums(model):
+def _zero_clipped_sums(model, max_grad_norm=1.0):
     """Run an empty batch through the compiled model: the clipped sums are exactly zero, and the parameters are
-    marked as privatized, so whatever the optimizer applies afterwards is its noise alone."""
+    marked as privatized, so whatever the optimizer applies afterwards is its noise alone. max_grad_norm: the
+    optimizer's (a dict of per-group thresholds names groups group0 = weight, group1 = bias)."""
     torch._dynamo.reset()
-    compiled = dpcompile.compile(model, backend="flashdp_eager", loss_reduction="sum")
+    clipping = [["weight"], ["bias"]] if isinstance(max_grad_norm, dict) else "per_layer"
+    compiled = dpcompile.compile(model, backend="flashdp_eager", loss_reduction="sum", max_grad_norm=max_grad_norm,
+                                 clipping=clipping)
     compiled(torch.zeros(0, model.in_features)).sum().backward()
     return compiled
 
 
 def _applied_update(model, opt_kwargs, micro_batches=1, **dp_kwargs):
     before = [p.detach().clone() for p in model.parameters()]
-    compiled = _zero_clipped_sums(model)
+    compiled = _zero_clipped_sums(model, dp_kwargs["max_grad_norm"])
     for _ in range(micro_batches - 1):
         compiled(torch.zeros(0, model.in_features)).sum().backward()
     opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), **dp_kwargs)
@@ -92,7 +95,7 @@ def test_noise_is_fp32_for_bf16_parameters():
 
 def test_per_group_thresholds_use_the_total_norm():
     torch.manual_seed(2)
-    thresholds = {"a": 0.6, "b": 0.8}
+    thresholds = {"group0": 0.6, "group1": 0.8}
     update, opt = _applied_update(nn.Linear(96, 96), {}, noise_multiplier=1.0, max_grad_norm=thresholds,
                                   expected_batch_size=1.0, loss_reduction="sum")
     assert opt.max_grad_norm_total == pytest.approx(1.0)
@@ -113,6 +116,47 @@ def test_same_generator_seed_same_noise_and_secure_mode_differs():
     with pytest.raises(ValueError, match="secure_mode"):
         DPOptimizer(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=1.0), noise_multiplier=1.0,
                     max_grad_norm=1.0, expected_batch_size=1.0, secure_mode=True, generator=torch.Generator())
+
+
+def test_sensitivity_above_max_grad_norm_is_refused():
+    """A model compiled with C = 2 but noised for C = 1 would be under-noised: refused before any noise."""
+    model = nn.Linear(4, 4)
+    compiled = _zero_clipped_sums(model, max_grad_norm=2.0)
+    compiled(torch.randn(3, 4)).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0,
+                      expected_batch_size=4.0)
+    with pytest.raises(dpcompile.DPCompileError, match=r"bound one sample's clipped gradient by 2 .*max_grad_norm=1"):
+        opt.step()
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))  # nothing was touched
+    # a larger C in the optimizer only over-noises: allowed; and check_sensitivity=False skips the check
+    for kw in (dict(max_grad_norm=3.0), dict(max_grad_norm=1.0, check_sensitivity=False)):
+        compiled(torch.randn(3, 4)).sum().backward()
+        DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=1.0, expected_batch_size=4.0,
+                    **kw).step()
+    # per-group thresholds: the root of the sum of their squares counts (0.6, 0.9 -> 1.08 > 0.6, 0.8 -> 1.0)
+    model = nn.Linear(4, 4)
+    torch._dynamo.reset()
+    dpcompile.compile(model, backend="flashdp_eager", loss_reduction="sum", clipping=[["weight"], ["bias"]],
+                      max_grad_norm={"group0": 0.6, "group1": 0.9})(torch.randn(3, 4)).sum().backward()
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=1.0,
+                      max_grad_norm={"group0": 0.6, "group1": 0.8}, expected_batch_size=4.0)
+    with pytest.raises(dpcompile.DPCompileError, match="1.08167"):
+        opt.step()
+
+
+def test_unknown_thresholds_are_refused():
+    """A parameter marked privatized without its graph's context: its sensitivity cannot be checked."""
+    from dpcompile.privacy.optimizer import mark_privatized
+
+    model = nn.Linear(2, 2)
+    for p in model.parameters():
+        mark_privatized(p)
+        p.grad = torch.zeros_like(p)
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0,
+                      expected_batch_size=4.0)
+    with pytest.raises(dpcompile.DPCompileError, match="thresholds of a graph .* are unknown"):
+        opt.step()
 
 
 def test_unclipped_gradient_is_refused():

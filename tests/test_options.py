@@ -69,6 +69,18 @@ BAD = [
     ({"batch_dim": "0"}, "batch_dim"),
     ({"batch_dim": None}, "batch_dim"),
     ({"batch_dim": True}, "batch_dim"),
+    ({"probes": 0}, "probes"),
+    ({"probes": 1}, "probes"),
+    ({"probes": -32}, "probes"),
+    ({"probes": 32.0}, "probes"),
+    ({"probes": True}, "probes"),
+    ({"probes": "32"}, "probes"),
+    ({"probes": None}, "probes"),
+    ({"probes": 3, "probe_variant": "hutchpp"}, "probes"),  # 1 residual probe: not accountable
+    ({"probe_variant": "rademacher"}, "probe_variant"),
+    ({"probe_variant": "Hutchinson"}, "probe_variant"),
+    ({"probe_variant": None}, "probe_variant"),
+    ({"strategy": "random"}, "strategy"),
 ]
 
 
@@ -98,6 +110,9 @@ GOOD = [
     {"batch_dim": 0}, {"batch_dim": 1}, {"batch_dim": -1},
     {"max_grad_norm": {"g0": 1.0, "g1": 2.0}, "clipping": [["w"], ["b"]], "clip_fn": "automatic",
      "loss_reduction": "sum", "batch_arg": "input_ids", "batch_dim": 1},
+    {"strategy": "randomized"},
+    {"probes": 2}, {"probes": 64}, {"probe_variant": "hutchpp"}, {"probe_variant": "hutchpp", "probes": 4},
+    {"strategy": "randomized", "probes": 16, "probe_variant": "hutchinson"},
 ]
 
 
@@ -123,6 +138,7 @@ def test_defaults():
     assert o == DPOptions() == DPOptions.parse({})
     assert (o.max_grad_norm, o.clipping, o.clip_fn, o.loss_reduction, o.batch_arg, o.batch_dim) == \
         (1.0, "per_layer", "abadi", "mean", None, 0)
+    assert (o.strategy, o.probes, o.probe_variant) == ("auto", 32, "hutchinson") and not o.uses_randomized()
     assert set(o.as_dict()) == set(DPOptions.KEYS)
 
 
@@ -159,9 +175,11 @@ VARIANTS = {
     "loss_reduction": ["sum", "mean"],
     "batch_arg": [None, "x", "y", 0, 1, "0"],
     "batch_dim": [0, 1, -1],
-    "strategy": ["auto", "direct", "ghost", "single_pass", {"*": "ghost"}, {"*.weight": "ghost"},
-                 {"a*": "direct", "*": "ghost"}, {"*": "ghost", "a*": "direct"}],
+    "strategy": ["auto", "direct", "ghost", "single_pass", "randomized", {"*": "ghost"}, {"*.weight": "ghost"},
+                 {"a*": "direct", "*": "ghost"}, {"*": "ghost", "a*": "direct"}, {"*": "randomized"}],
     "single_pass_budget_mb": [1, 256, 0.5],
+    "probes": [4, 32, 33],
+    "probe_variant": ["hutchinson", "hutchpp"],
 }
 BASES = [{}, {"max_grad_norm": {"g": 1.5}, "clipping": [["w"]], "clip_fn": "automatic",
               "loss_reduction": "sum", "batch_arg": 2, "batch_dim": 1}]
@@ -207,6 +225,15 @@ def test_compile_keeps_parsed_options():
 def test_strategy_option_is_validated(bad):
     with pytest.raises(OptionsError, match="strategy"):
         DPOptions.parse({"strategy": bad})
+
+
+def test_randomized_is_only_used_where_asked():
+    assert DPOptions.parse({"strategy": "randomized"}).uses_randomized()
+    o = DPOptions.parse({"strategy": {"lm_head.*": "direct", "blocks.*": "randomized"}})
+    assert o.uses_randomized() and o.forced_strategy("blocks.0.fc.weight") == "randomized"
+    assert o.forced_strategy("lm_head.weight") == "direct" and o.forced_strategy("wte.weight") == "auto"
+    for s in ("auto", "direct", "ghost", "single_pass", {"*": "ghost"}):
+        assert not DPOptions.parse({"strategy": s}).uses_randomized()
 
 
 def test_forced_strategy_first_matching_glob_wins():

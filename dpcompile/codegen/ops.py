@@ -295,8 +295,10 @@ def persample_clipped_sum(ps: Tensor, coef: Tensor) -> Tensor:
 
 def triton_ops() -> set:
     """The triton_op overloads: Inductor graphs get their bodies inlined (passes/rewrite.py: inline_triton_ops)."""
+    from . import randomized_ops  # noqa: F401  (registers the randomized-norm ops)
+
     d = torch.ops.dpcompile
     return {d.linear_norm.default, d.linear_ghost_norm.default, d.linear_clipped_sum.default,
-            d.linear_single_pass.default,
+            d.linear_single_pass.default, d.linear_norm_randomized.default, d.persample_norm_randomized.default,
             d.rows_colsum.default, d.rows_norm.default, d.rows_clipped_sum.default, d.persample_norm.default,
             d.persample_clipped_sum.default}

@@ -17,9 +17,16 @@
       randomized site of the graph (the same seed is shared by the sites of one call). CUDA fp32/fp16/bf16:
       Triton kernels; elsewhere the PyTorch reference, with the same probes (so CPU and GPU agree).
 
+  dpcompile::persample_norm_randomized(s, probes, variant, seed, site_id) -> (B,) fp32 (fp64 for fp64 data)
+      The same estimate for per-sample products s (B, M, N) that are already formed: linear_norm_randomized of the
+      site a_i = I_M, b_i = s_i (same probes, same law), without forming I_M. Batch-size-1 graphs use it on their
+      weight-gradient products, so that every sample gets the same estimator whatever the size of its micro-batch
+      (a sample clipped exactly in a batch of 1 and by estimate in a batch of 2 would break the analysis: adding a
+      sample would change the law of the others' clipped gradients).
+
 Only linear weight sites are randomized: bias, norm-affine and embedding norms cost O(B T d) exactly, as much as
 the probes would, and stay on dpcompile::rows_norm / embedding_norm. A T = 1 linear site has the exact norm
-||a_i||^2 ||b_i||^2, also cheaper than probes: the planner should not randomize it (the op still accepts it).
+||a_i||^2 ||b_i||^2, also cheaper than probes: the planner refuses to randomize it (the op still accepts it).
 
 Test hook: inside `with exact_norms():` linear_norm_randomized returns the exact norm instead (read when the op
 body runs: at trace time under Inductor, so compile inside the block, with a cache key that says so).
@@ -37,10 +44,10 @@ from torch import Tensor
 
 from ..privacy.randomized_accounting import accounting_probes, record_randomized_use
 from .kernels.randomized import (VARIANTS, check_site, check_variant, randomized_sq_norms,
-                                 randomized_sq_norms_reference)
+                                 randomized_sq_norms_of_products_reference, randomized_sq_norms_reference)
 
-__all__ = ["VARIANTS", "linear_norm_randomized", "probe_seed", "next_probe_seed", "manual_probe_seed",
-           "exact_norms", "exact_norms_enabled", "accounting_probes"]
+__all__ = ["VARIANTS", "linear_norm_randomized", "persample_norm_randomized", "probe_seed", "next_probe_seed",
+           "manual_probe_seed", "exact_norms", "exact_norms_enabled", "accounting_probes"]
 
 _LIB = "dpcompile"
 
@@ -137,3 +144,14 @@ def linear_norm_randomized(a: Tensor, b: Tensor, probes: int, variant: str, seed
     if _use_triton(a, b):
         return randomized_sq_norms(a, b, probes, variant, seed, site_id, launch=torch.library.wrap_triton)
     return randomized_sq_norms_reference(a, b, probes, variant, seed, site_id)
+
+
+@torch.library.triton_op(f"{_LIB}::persample_norm_randomized", mutates_args=())
+def persample_norm_randomized(s: Tensor, probes: int, variant: str, seed: Tensor, site_id: int) -> Tensor:
+    check_variant(variant, probes)
+    check_site(site_id)
+    if exact_norms_enabled():
+        from .ops import persample_norm_reference
+
+        return persample_norm_reference(s)
+    return randomized_sq_norms_of_products_reference(s, probes, variant, seed, site_id)

@@ -19,9 +19,9 @@ from ..options import DPOptions
 from .batchdim import BatchDimAnalysis, BDim, Mixed, sym_expr
 from .discover import Contribution, ParamGrad, discover_contributions
 from .patterns import Site
-from .plan import LinearShape, check_forced_globs, plan_group, plan_rows
-from .rewrite import (decompose_kept_ops, group_inputs, inline_triton_ops, insert_traced, make_group_fn, set_outputs,
-                      zero_grads)
+from .plan import LinearShape, check_forced_globs, check_randomizable, plan_group, plan_rows
+from .rewrite import (RandomizedNorms, decompose_kept_ops, group_inputs, inline_triton_ops, insert_traced,
+                      make_group_fn, set_outputs, zero_grads)
 from .verify import verify_coverage
 
 log = logging.getLogger("dpcompile")
@@ -45,10 +45,22 @@ class PassContext:
     input_sources: dict = field(default_factory=dict)  # Dynamo source name of each batch input -> sample dim
     inline_ops: bool = False  # Inductor: inline the triton_op bodies after the coverage check
     report: list = field(default_factory=list)  # filled by the pass: one row per trainable parameter
+    # filled by the pass: input index of each parameter whose per-sample norm this graph estimates with probes
+    # (randomized norms, docs/randomized.md) -> its site id; and whether the pass ran on samples (B >= 1)
+    randomized: dict = field(default_factory=dict)
+    classified: bool = False
+    param_ids: dict = field(default_factory=dict)  # input index -> id() of the parameter tensor (the backend's)
+    exact_norms: bool = False  # randomized_ops.exact_norms() was on when the graph was built (tests only)
+    clip_record: object = field(default=None, repr=False, compare=False)  # privacy.optimizer's record of it
+
+    def randomized_groups(self) -> dict:
+        """Clipping group -> C_g of every group that holds a randomized site of this graph."""
+        return {self.params[i].group: self.thresholds[self.params[i].group] for i in self.randomized}
 
     def key(self) -> str:
         parts = [self.options.cache_key(), repr(sorted((k, v.name, v.group) for k, v in self.params.items())),
-                 repr(sorted(self.batch_inputs.items())), repr(sorted(self.thresholds.items())), repr(self.inline_ops)]
+                 repr(sorted(self.batch_inputs.items())), repr(sorted(self.thresholds.items())), repr(self.inline_ops),
+                 repr(self.exact_norms)]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
@@ -84,7 +96,11 @@ class DPJointPass(_PassBase):
         run_dp_pass(graph, self.ctx)
 
     def uuid(self) -> Optional[str]:
-        # every option and the pass source: a cached graph compiled with another C must never be reused
+        # every option and the pass source: a cached graph compiled with another C must never be reused.
+        # Graphs that may hold randomized sites are not cached (None): the optimizer's privacy accounting reads
+        # which sites the pass randomized (ctx.randomized), and a cache hit would skip the pass.
+        if self.ctx.options.uses_randomized():
+            return None
         return hashlib.sha256((source_hash() + self.ctx.key()).encode()).hexdigest()
 
 
@@ -142,27 +158,33 @@ def run_dp_pass(graph: fx.Graph, ctx: PassContext) -> None:
     primals = primal_placeholders(graph)
     positions = grad_output_positions(graph, len(primals))
     outs = list(graph.output_node().args[0])
-    params = []
+    params, index_of = [], {}
     for idx, info in ctx.params.items():
         pos = positions.get(idx)
         grad = outs[pos] if pos is not None else None
         if isinstance(grad, fx.Node):
-            params.append((info, ParamGrad(info.name, primals[idx], pos, grad)))
+            pg = ParamGrad(info.name, primals[idx], pos, grad)
+            params.append((info, pg))
+            index_of[id(pg)] = idx
     batch_idx, batch_dim = next(iter(ctx.batch_inputs.items()))
     batch_node = primals[batch_idx]
     batch_size = sym_expr(batch_node.meta["val"].shape[batch_dim])
 
     ctx.report.clear()
+    ctx.randomized.clear()
+    ctx.classified = False
     if batch_size == 0:  # an empty (Poisson) batch: clipped sums are zero
         zero_grads(graph, [pg for _, pg in params])
         ctx.report.extend(plan_rows([(info, pg) for info, pg in params], ctx, empty=True))
         _finish(graph, ctx, params)
         return
 
+    products: dict = {}
     if batch_size == 1:
         # one sample: each gradient is that sample's gradient; nothing can mix samples
         for _, pg in params:
             pg.contributions.append(Contribution(Site("whole", pg.grad, {"x": pg.grad}, {}), []))
+        products = _one_sample_randomized_sites(graph, params, ctx, primals)
     else:
         seeds = {primals[i]: BDim(d) for i, d in ctx.batch_inputs.items()}
         first = BatchDimAnalysis(graph, seeds, batch_size)
@@ -177,23 +199,114 @@ def run_dp_pass(graph: fx.Graph, ctx: PassContext) -> None:
     check_forced_globs(ctx.options, [info.name for info, _ in params])
     bsym, bhint = _batch_symbol(batch_node.meta["val"].shape[batch_dim])
     choices: dict = {}
-    replacements = {}
     for group, pgs in groups.items():
         shapes = {id(pg): linear_shape(pg, batch_node, batch_dim) for pg in pgs
                   if pg.fused and pg.contributions[0].site.kind == "linear"}
-        group_choices = plan_group(pgs, shapes, ctx.options, bsym, bhint)
-        choices.update(group_choices)
+        choices.update(plan_group(pgs, shapes, ctx.options, bsym, bhint))
+
+    # randomized sites: one secret probe seed per call of the graph, a distinct site id per site
+    rand_pgs = [pg for _, pg in params if id(pg) in products or
+                (id(pg) in choices and choices[id(pg)].strategy == "randomized")]
+    randomized = None
+    if rand_pgs:
+        randomized = RandomizedNorms(ctx.options.probes, ctx.options.probe_variant,
+                                     _insert_probe_seed(graph, ctx, batch_node),
+                                     {id(pg): i for i, pg in enumerate(rand_pgs)}, products)
+        for pg in rand_pgs:
+            ctx.randomized[index_of[id(pg)]] = randomized.site_ids[id(pg)]
+
+    replacements = {}
+    for group, pgs in groups.items():
         inputs = group_inputs(pgs, batch_node)
+        if randomized is not None and any(id(pg) in randomized.site_ids for pg in pgs):
+            extra = [randomized.seed] + [products[id(pg)][0] for pg in pgs if id(pg) in products]
+            inputs += [n for n in dict.fromkeys(extra) if n not in inputs]
         fn = make_group_fn(pgs, inputs, batch_node, batch_dim, ctx.thresholds[group], ctx.options.clip_fn,
                            ctx.options.loss_reduction == "mean",
-                           {k: c.op_strategy for k, c in group_choices.items()},
-                           int(ctx.options.single_pass_budget_mb * 2**20))
+                           {k: c.op_strategy for k, c in choices.items() if k in {id(pg) for pg in pgs}},
+                           int(ctx.options.single_pass_budget_mb * 2**20), randomized)
         new = insert_traced(graph, fn, inputs, ctx.decompositions)
         for pg, node in zip(pgs, new):
             replacements[pg.out_pos] = node
     set_outputs(graph, replacements)
-    ctx.report.extend(plan_rows(params, ctx, choices=choices, batch_symbol=bsym, batch_hint=bhint))
+    ctx.report.extend(plan_rows(params, ctx, choices=choices, batch_symbol=bsym, batch_hint=bhint,
+                                randomized=set(products)))
+    ctx.classified = True
     _finish(graph, ctx, params)
+
+
+def _insert_probe_seed(graph: fx.Graph, ctx: PassContext, batch_node: fx.Node) -> fx.Node:
+    """One dpcompile::probe_seed node, right after the placeholders: it runs on every call of the graph (an
+    opaque op tagged nondeterministic_seeded: never folded, merged or cached). Its `like` input is a tangent on
+    the batch's device where there is one, so that the seed is drawn in the backward (a forward alone draws none)."""
+    from ..codegen import randomized_ops  # noqa: F401  (registers the op)
+
+    device = batch_node.meta["val"].device
+    like = next((n for n in graph.nodes if n.op == "placeholder" and n.name.startswith("tangents")
+                 and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].device == device), batch_node)
+    k, variant = ctx.options.probes, ctx.options.probe_variant
+
+    def draw(x):
+        return [torch.ops.dpcompile.probe_seed(x, k, variant)]
+
+    (seed,) = insert_traced(graph, draw, [like], ctx.decompositions)
+    return seed
+
+
+def _one_sample_randomized_sites(graph: fx.Graph, params: list, ctx: PassContext, primals: dict) -> dict:
+    """Batch-size-1 graphs: id(pg) -> (mm node, scale) for each parameter forced "randomized" whose gradient is, up
+    to reshapes, casts and scalar factors, one mm whose operands carry the sample (the activations and the output
+    gradient): the linear weight sites the batched graphs randomize. With one sample that mm's value is the
+    sample's product s_0, whose norm is then estimated with the same law (dpcompile::persample_norm_randomized).
+    Without this a sample would be clipped by its exact norm in a micro-batch of one and by an estimate in a
+    larger one, and adding a sample to the data could change how the others are clipped. The batched graphs' own
+    classification is compared with this one when both are compiled (privacy.optimizer), and a mismatch refused."""
+    from .discover import _SHAPE_OPS
+
+    forced = [(info, pg) for info, pg in params if ctx.options.forced_strategy(info.name) == "randomized"]
+    if not forced:
+        return {}
+    aten = torch.ops.aten
+    batch = _dependents(graph, {primals[i] for i in ctx.batch_inputs})
+    tangents = _dependents(graph, {n for n in graph.nodes if n.op == "placeholder" and n.name.startswith("tangents")})
+    out = {}
+    for info, pg in forced:
+        node, scale = pg.grad, 1.0
+        while isinstance(node, fx.Node):
+            t = node.target
+            if t in _SHAPE_OPS:
+                node = node.args[0]
+            elif t in (aten.mul.Tensor, aten.mul.Scalar) and len(node.args) == 2 and sum(
+                    isinstance(a, fx.Node) for a in node.args) == 1 and all(
+                    isinstance(a, fx.Node) or (isinstance(a, (int, float)) and not isinstance(a, bool))
+                    for a in node.args):
+                factor = next(a for a in node.args if not isinstance(a, fx.Node))
+                scale *= float(factor)
+                node = next(a for a in node.args if isinstance(a, fx.Node))
+            elif t in (aten.div.Tensor, aten.div.Scalar) and isinstance(node.args[0], fx.Node) and isinstance(
+                    node.args[1], (int, float)) and not isinstance(node.args[1], bool) and node.args[1] != 0:
+                scale /= float(node.args[1])
+                node = node.args[0]
+            else:
+                break
+        if not (isinstance(node, fx.Node) and node.target is aten.mm.default):
+            continue
+        a, b = node.args[:2]
+        if not all(isinstance(x, fx.Node) and (x in batch or x in tangents) for x in (a, b)) or \
+                not (a in batch or b in batch):
+            continue
+        check_randomizable(info.name, int(a.meta["val"].shape[1]))  # A is (M, K): K = T rows of the one sample
+        out[id(pg)] = (node, abs(scale))
+    return out
+
+
+def _dependents(graph: fx.Graph, roots: set) -> set:
+    """The nodes that depend on any of `roots` (roots included)."""
+    dep = set(roots)
+    for n in graph.nodes:
+        if n not in dep and any(a in dep for a in n.all_input_nodes):
+            dep.add(n)
+    return dep
 
 
 def _batch_symbol(size):

@@ -6,6 +6,10 @@ Strategies:
   single_pass   linear weight, when it is the only linear site of its clipping group: each per-sample product is
                 formed once into a scratch buffer (chunks of samples within a memory budget), its norm taken from
                 the stored values, then reduced with the clip factors (W + 2 B M N bytes of traffic)
+  randomized    linear weight, only where the user forces it (it changes the privacy analysis): the norm estimated
+                with k Gaussian probes, 2 B T k (M+N) fp32 flops (docs/randomized.md), then the clipped sum. Never
+                chosen automatically, never single-pass, refused on T = 1 sites (the exact norm is cheaper there and
+                private for free)
   fused-rows / fused-embedding   bias, norm affine and elementwise parameters / embedding tables: own ops
   materialize   per-sample gradients formed (B x numel), then norm and sum: several uses of one parameter
                 (tied weights), bmm and conv sites, scatters after other ops, and B == 1 graphs
@@ -24,7 +28,7 @@ import sympy
 
 from ..errors import OptionsError
 
-LINEAR = ("direct", "ghost", "single_pass")
+LINEAR = ("direct", "ghost", "single_pass")  # what the planner chooses among; "randomized" only when forced
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,10 @@ class LinearShape:
     itemsize: int
 
 
-def linear_costs(s: LinearShape, budget_bytes: float, dev: DeviceModel = DEVICE) -> dict:
-    """Seconds for one linear weight site's norm + clipped sum under each strategy (sympy expressions in B)."""
+def linear_costs(s: LinearShape, budget_bytes: float, dev: DeviceModel = DEVICE, probes: int = 32) -> dict:
+    """Seconds for one linear weight site's norm + clipped sum under each strategy (sympy expressions in B).
+    "randomized" (k = probes products per sample) is costed so that explain can show it; plan_group only ever
+    takes it where the user forced it."""
     B, T, M, N, e = s.B, s.T, s.M, s.N, s.itemsize
     flops = dev.flops_16 if e <= 2 else dev.flops_32
     gemm = 2 * B * T * M * N / flops  # one weight-gradient-shaped GEMM
@@ -64,6 +70,10 @@ def linear_costs(s: LinearShape, budget_bytes: float, dev: DeviceModel = DEVICE)
         "direct": 2 * gemm + 2 * read + 3 * dev.launch,
         "ghost": B * T * T * (M + N) / flops + gemm + 2 * read + 3 * dev.launch,
         "single_pass": gemm + read + 2 * B * M * N * e / dev.bandwidth + chunks * 6 * dev.launch + chunk_host,
+        # Z = a_i V and b_i^T Z in IEEE fp32 (T k (M + N) multiply-adds per sample), Z written and read back
+        # (B T k fp32), the partial sums reduced, then the clipped-sum GEMM
+        "randomized": 2 * B * T * probes * (M + N) / dev.flops_32 + gemm + 2 * read
+        + 2 * B * T * probes * 4 / dev.bandwidth + 4 * dev.launch,
     }
 
 
@@ -99,8 +109,12 @@ def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int) 
     choices: dict = {}
     linear = [pg for pg in pgs if id(pg) in shapes]
     for pg in linear:
-        costs = linear_costs(shapes[id(pg)], budget)
+        costs = linear_costs(shapes[id(pg)], budget, probes=options.probes)
         forced = options.forced_strategy(pg.name)
+        if forced == "randomized":
+            check_randomizable(pg.name, shapes[id(pg)].T)
+        else:  # the randomized cost is shown only where the user asked for it: auto never weighs it
+            costs.pop("randomized")
         choices[id(pg)] = SiteChoice(forced, costs, forced=forced != "auto")
     forced_single = [pg for pg in linear if choices[id(pg)].strategy == "single_pass"]
     prefer_single = options.strategy == "single_pass"  # the global form: wherever the scope allows (one per group)
@@ -115,7 +129,7 @@ def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int) 
             "the group, so only one site per group can take it (use per_layer clipping or force 'direct'/'ghost')")
     if not forced_single:
         # the auto site that single_pass saves most on, if single_pass beats its best alternative
-        def saving(pg):
+        def saving(pg):  # only "auto" sites: a forced site ("randomized" included) keeps what it was given
             c = choices[id(pg)].costs
             best = min(evaluate(c[k], batch_symbol, batch_hint) for k in ("direct", "ghost"))
             return best - evaluate(c["single_pass"], batch_symbol, batch_hint)
@@ -135,6 +149,16 @@ def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int) 
         if id(pg) not in choices:
             choices[id(pg)] = SiteChoice(strategy(pg), {})
     return choices
+
+
+def check_randomizable(name: str, T) -> None:
+    """A forced "randomized" linear site must have more than one row per sample."""
+    if T == 1:
+        raise OptionsError(
+            f"option strategy: 'randomized' was forced for `{name}`, a linear site with one row per sample (T = 1, "
+            "e.g. a layer on 2-D inputs): its exact norm ||a_i||^2 ||b_i||^2 costs less than the probes and no "
+            "privacy, so it is not randomized. Leave it out of the 'randomized' globs (for example "
+            "strategy={'blocks.*': 'randomized'})")
 
 
 def check_forced_globs(options, names: list) -> None:
@@ -170,18 +194,25 @@ def per_sample_us(costs: dict, batch_symbol, batch_hint: int) -> dict:
 
 
 def plan_rows(params, ctx, empty: bool = False, choices: dict | None = None, batch_symbol=None,
-              batch_hint: int = 1) -> list:
+              batch_hint: int = 1, randomized: set | None = None) -> list:
+    """One row per parameter. randomized: ids of the parameters a batch-size-1 graph estimates with probes."""
     rows = []
     for info, pg in params:
         ch = (choices or {}).get(id(pg))
+        if empty:
+            chosen = "zero"
+        elif randomized and id(pg) in randomized:
+            chosen = "randomized"
+        else:
+            chosen = ch.strategy if ch else strategy(pg)
         rows.append({
             "parameter": info.name,
             "group": info.group,
             "threshold": ctx.thresholds[info.group],
             "pattern": "-" if empty else pattern(pg),
-            "strategy": "zero" if empty else (ch.strategy if ch else strategy(pg)),
+            "strategy": chosen,
             "chunked": bool(ch and ch.strategy == "single_pass" and ch.chunked),
-            "forced": bool(ch and ch.forced),
+            "forced": bool(ch and ch.forced) or chosen == "randomized",
             "cost_us_per_sample": {} if (empty or not ch) else per_sample_us(ch.costs, batch_symbol, batch_hint),
             "cost_expr": {} if (empty or not ch) else {k: str(sympy.simplify(v)) for k, v in ch.costs.items()},
             "shape": tuple(pg.placeholder.meta["val"].shape),

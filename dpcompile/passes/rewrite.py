@@ -7,7 +7,8 @@ value it reads, so that per-layer groups stream through the backward and flat gr
 from __future__ import annotations
 
 import operator
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -140,11 +141,38 @@ def group_inputs(params: list, batch_node: fx.Node) -> list[fx.Node]:
     return list(seen)
 
 
-def _fused_norm(pg: ParamGrad, strategy: str, env: dict, bsz):
+@dataclass
+class RandomizedNorms:
+    """The randomized sites of one graph (docs/randomized.md): one probe seed per graph call (`seed`, the node of
+    dpcompile::probe_seed), k probes of `variant`, and a site id per randomized parameter, distinct in the graph.
+    `products`: batch-size-1 graphs only, id(pg) -> (the weight-gradient mm node, the chain's scale), whose value is
+    the one sample's product s_0 = a_0^T b_0."""
+
+    probes: int
+    variant: str
+    seed: fx.Node
+    site_ids: dict  # id(pg) -> site id
+    products: dict = field(default_factory=dict)
+
+    def norm(self, pg, a, b, env: dict):
+        seed = env[self.seed]
+        return torch.ops.dpcompile.linear_norm_randomized(a, b, self.probes, self.variant, seed, self.site_ids[id(pg)])
+
+    def product_norm(self, pg, env: dict):
+        node, scale = self.products[id(pg)]
+        s = env[node].unsqueeze(0)  # (1, M, N): the sample's product, as the mm formed it
+        n2 = torch.ops.dpcompile.persample_norm_randomized(s, self.probes, self.variant, env[self.seed],
+                                                           self.site_ids[id(pg)])
+        return n2 * (scale * scale) if scale != 1.0 else n2
+
+
+def _fused_norm(pg: ParamGrad, strategy: str, env: dict, bsz, randomized: Optional[RandomizedNorms] = None):
     """(squared norms with the contribution's scale, what the clipped sum needs) of one fused parameter."""
     c: Contribution = pg.contributions[0]
     ins = c.site.fused_inputs(env, bsz)
-    if c.site.kind == "linear":
+    if c.site.kind == "linear" and strategy == "randomized":
+        n2 = randomized.norm(pg, *ins, env)
+    elif c.site.kind == "linear":
         n2 = ops.linear_ghost_norm(*ins) if strategy == "ghost" else ops.linear_norm(*ins)
     elif c.site.kind == "rows":
         # the per-sample row sums, once: the norm and the clipped sum both read this (B, 1, P) tensor
@@ -165,7 +193,10 @@ def _finish_fused(pg: ParamGrad, s, env: dict):
 
 
 def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: int, threshold: float,
-                  clip_fn: str, mean: bool, strategies: dict | None = None, budget_bytes: int = 0) -> Callable:
+                  clip_fn: str, mean: bool, strategies: dict | None = None, budget_bytes: int = 0,
+                  randomized: Optional[RandomizedNorms] = None) -> Callable:
+    """randomized: the graph's randomized sites (its seed node must be among `inputs` when a param of this group
+    is randomized: strategy "randomized", or, in a batch-size-1 graph, an entry of randomized.products)."""
     strategies = strategies or {}
     single = next((pg for pg in params if strategies.get(id(pg), "").startswith("single_pass")), None)
 
@@ -177,10 +208,13 @@ def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: in
             if pg is single:
                 continue
             if pg.fused:
-                n2, prepared[id(pg)] = _fused_norm(pg, strategies.get(id(pg), ""), env, bsz)
+                n2, prepared[id(pg)] = _fused_norm(pg, strategies.get(id(pg), ""), env, bsz, randomized)
             else:
                 prepared[id(pg)] = ps = per_sample_grad(pg, env, bsz)
-                n2 = ops.persample_norm(ps)
+                if randomized is not None and id(pg) in randomized.products:
+                    n2 = randomized.product_norm(pg, env)
+                else:
+                    n2 = ops.persample_norm(ps)
             sq = n2 if sq is None else sq + n2
         sums = {}
         if single is not None:
@@ -244,8 +278,27 @@ def insert_traced(graph: fx.Graph, fn: Callable, inputs: list[fx.Node], decompos
             if n.op == "output":
                 outputs = fx.node.map_arg(n.args[0], lambda x: env[x])
                 continue
+            if n.op == "get_attr":  # a tensor constant of the traced code (e.g. in a reference op body)
+                env[n] = _copy_constant(graph, traced, n)
+                continue
             env[n] = graph.node_copy(n, lambda x: env[x])
     return list(outputs)
+
+
+def _copy_constant(graph: fx.Graph, traced: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """Move a get_attr constant of `traced` onto the module that owns `graph`, under a fresh name."""
+    owner = graph.owning_module
+    if owner is None:
+        raise RuntimeError(f"cannot copy the constant `{node.target}` into a graph without an owning module")
+    value = getattr(traced, node.target)
+    i = 0
+    while hasattr(owner, f"_dpcompile_constant{i}"):
+        i += 1
+    name = f"_dpcompile_constant{i}"
+    owner.register_buffer(name, value, persistent=False)
+    new = graph.get_attr(name)
+    new.meta.update(node.meta)
+    return new
 
 
 def zero_grads(graph: fx.Graph, params: list) -> None:

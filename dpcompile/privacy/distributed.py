@@ -32,15 +32,12 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import CoverageError, DPCompileError
-from .optimizer import DPOptimizer, _uncovered_message, clipped_sensitivity, is_privatized
+from .optimizer import (DPOptimizer, _randomized_ran, _uncovered_message, is_privatized, randomized_accounting,
+                        sensitivity_problem)
 from .sampling import PoissonDataLoader
 
 __all__ = ["DistributedDPOptimizer", "DistributedPoissonDataLoader", "shard_logical_batch", "compile_forward",
            "active_process_group", "refuse_unsupported_wrappers", "prepare_fsdp", "is_fsdp2_module"]
-
-#: relative slack when comparing the graphs' sensitivity with the optimizer's C (sqrt / sums of floats)
-_SENSITIVITY_RTOL = 1e-9
-
 
 # --------------------------------------------------------------------------------------------------- helpers
 def active_process_group(process_group=None):
@@ -340,14 +337,13 @@ class DistributedDPOptimizer(DPOptimizer):
         super().__init__(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                          expected_batch_size=expected_batch_size, loss_reduction=loss_reduction, generator=generator,
                          secure_mode=secure_mode, accountant=accountant, sample_rate=sample_rate,
-                         check_coverage=check_coverage)
+                         check_coverage=check_coverage, check_sensitivity=check_sensitivity)
         if not bucket_cap_mb > 0:
             raise ValueError(f"bucket_cap_mb={bucket_cap_mb!r} must be positive")
         self.process_group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.bucket_cap_mb = float(bucket_cap_mb)
-        self.check_sensitivity = check_sensitivity
         self._device = _comm_device(group)
         self._src = _group_src(group)
         if module is not None:
@@ -417,26 +413,51 @@ class DistributedDPOptimizer(DPOptimizer):
             if u is not None:
                 clipped.append(u)
         if self.check_sensitivity and clipped:
-            bound = clipped_sensitivity(clipped)
-            if bound is None:
-                return DPCompileError(
-                    "DistributedDPOptimizer: the clipping thresholds of a graph that produced these gradients are "
-                    "unknown (its parameters were marked without its context); cannot check the sensitivity. "
-                    "Pass check_sensitivity=False only if you have checked that every graph clips to max_grad_norm")
-            if bound > self.max_grad_norm_total * (1 + _SENSITIVITY_RTOL):
-                return DPCompileError(
-                    f"DistributedDPOptimizer: the compiled graphs bound one sample's clipped gradient by {bound:.6g} "
-                    f"(the root of the sum of their squared thresholds), but the noise is calibrated to "
-                    f"max_grad_norm={self.max_grad_norm_total:.6g}. Every graph clips to its own max_grad_norm: "
-                    "when a model is compiled as K separate graphs (FSDP2 units compiled one by one), give each "
-                    "C / sqrt(K), or compile the whole model as one graph")
+            return sensitivity_problem(clipped, self.max_grad_norm_total, type(self).__name__)
         return None
 
-    def _agree(self, problem: Optional[Exception], replicated: list, sharded: list) -> None:
+    def _accounted_params(self) -> list:
+        DTensor = _dtensor_type()
+        out = []
+        for p in self._params():
+            if DTensor and isinstance(p, DTensor):
+                u = self._unsharded.unsharded(p) if self._unsharded is not None else None
+                if u is not None and is_privatized(u):
+                    out.append(u)
+            elif is_privatized(p):
+                out.append(p)
+        return out
+
+    def _local_accounting(self):
+        """(this rank's randomized-norm description or None, whether randomized norms ran here, a problem)."""
+        try:
+            return randomized_accounting(self._accounted_params(), self.max_grad_norm_total), _randomized_ran(), None
+        except DPCompileError as e:
+            return None, _randomized_ran(), e
+
+    def _agree_accounting(self, spec: Optional[dict], ran: bool, any_spec: bool, any_ran: bool) -> dict:
+        """Every rank accounts the same step: a sample on any rank may have been clipped by an estimate (a rank
+        that has only seen micro-batches of one or none may not have compiled the graph that says so yet)."""
+        if any_spec:
+            specs = [None] * self.world_size
+            dist.all_gather_object(specs, spec, group=self.process_group)
+            known = [s for s in specs if s is not None]
+            first = known[0]
+            from .optimizer import _same_spec
+
+            if any(not _same_spec(first, s) or s["variant"] != first["variant"] for s in known[1:]):
+                raise DPCompileError(f"DistributedDPOptimizer: the ranks' compiled graphs describe different randomized "
+                                     f"norms ({known}); compile the same model with the same options on every rank")
+            spec = first
+        return self._check_accounting(spec if any_spec else None, ran=any_ran)
+
+    def _agree(self, problem: Optional[Exception], replicated: list, sharded: list,
+               randomized: tuple = (False, False)) -> tuple:
         """One small all-reduce: every rank learns whether some rank refused, that all ranks hold the same
         parameters, and whether the replicated gradients were already identical on every rank (then they were
         synchronized before this optimizer, e.g. by torch DDP, or the ranks clipped the same samples: summing
-        them again would count every sample world_size times)."""
+        them again would count every sample world_size times). randomized: (this rank's graphs describe randomized
+        norms, randomized norms ran on this rank); returns the same two facts over all ranks."""
         n_rep = sum(p.numel() for p in replicated)
         n_shard = sum(p.numel() for p in sharded)
         sums: dict = {}  # device -> (sum, sum of squares) in float64, read back once per device
@@ -449,7 +470,7 @@ class DistributedDPOptimizer(DPOptimizer):
         fp_sum = sum(float(s) for s, _ in sums.values())
         fp_sq = sum(float(q) for _, q in sums.values())
         vals = [float(problem is not None), float(len(replicated)), float(n_rep), float(len(sharded)),
-                float(n_shard), fp_sum, fp_sq]
+                float(n_shard), fp_sum, fp_sq, float(randomized[0]), float(randomized[1])]
         t = torch.tensor(vals + [-v for v in vals], dtype=torch.float64, device=self._device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
         k = len(vals)
@@ -471,6 +492,7 @@ class DistributedDPOptimizer(DPOptimizer):
                 "module, dpcompile sums the ranks itself) or every rank clipped the same samples (shard the data: "
                 "DistributedPoissonDataLoader / make_private); summing them would count each sample "
                 f"{self.world_size} times")
+        return hi[7] > 0, hi[8] > 0
 
     # -- noise -----------------------------------------------------------------------------------------------
     def add_noise(self) -> None:
@@ -479,7 +501,10 @@ class DistributedDPOptimizer(DPOptimizer):
         params = list(self._params())
         sharded = [p for p in params if DTensor and isinstance(p, DTensor)]
         replicated = [p for p in params if not (DTensor and isinstance(p, DTensor))]
-        self._agree(self._local_problem(replicated, sharded), replicated, sharded)
+        problem = self._local_problem(replicated, sharded)
+        spec, ran, accounting_problem = self._local_accounting()
+        any_spec, any_ran = self._agree(problem or accounting_problem, replicated, sharded, (spec is not None, ran))
+        self._pending_accounting = self._agree_accounting(spec, ran, any_spec, any_ran)
         std = self.noise_multiplier * self.max_grad_norm_total
         scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
         with torch.no_grad():

@@ -80,15 +80,24 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                                    collate_fn=getattr(data_loader, "collate_fn", None))
     q = loader.sample_rate
     steps = epochs * len(loader)
+    options = dict(max_grad_norm=max_grad_norm, clipping=clipping, loss_reduction=loss_reduction,
+                   **backend_options)
+    randomized = predict_randomized_accounting(model, options)
+    if randomized is not None and accountant != "pld":
+        raise DPCompileError(f"make_private: strategy 'randomized' (probe-estimated norms) is accounted with "
+                             f"accountant='pld' only, not {accountant!r}")
+    calibration = None
     if noise_multiplier is None:
-        noise_multiplier = get_noise_multiplier(target_epsilon, target_delta, q, steps, accountant=accountant)
+        noise_multiplier = get_noise_multiplier(target_epsilon, target_delta, q, steps, accountant=accountant,
+                                                **(randomized or {}))
+        if randomized is not None:
+            calibration = dict(target_epsilon=target_epsilon, target_delta=target_delta, steps=steps,
+                               accountant=accountant, spec=randomized)
     if target_delta > 1.0 / len(loader.dataset):
         import warnings
 
         warnings.warn(f"target_delta={target_delta} is larger than 1/N = {1 / len(loader.dataset):.2e}; "
                       "the usual choice is delta << 1/N", stacklevel=2)
-    options = dict(max_grad_norm=max_grad_norm, clipping=clipping, loss_reduction=loss_reduction,
-                   **backend_options)
     common = dict(noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                   expected_batch_size=q * len(loader.dataset), loss_reduction=loss_reduction,
                   generator=None if secure_mode else generator, secure_mode=secure_mode,
@@ -113,7 +122,45 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
         dp_optimizer = _dist.DistributedDPOptimizer(optimizer, module=model, process_group=group, **common)
     dp_optimizer.target_delta = target_delta
     dp_optimizer.planned_steps = steps
+    dp_optimizer._calibration = calibration
     return PrivateTraining(compiled, dp_optimizer, loader)
+
+
+def predict_randomized_accounting(model: nn.Module, options: dict) -> Optional[dict]:
+    """What the accountant will be told about randomized norms (see privacy.optimizer.randomized_accounting), as
+    predicted before anything is compiled, from the module tree: the weights of nn.Linear / Conv1D modules that a
+    'randomized' strategy glob matches and that no other module shares, in their clipping groups. The optimizer
+    replaces the prediction by the compiled graphs' own description before its first step (and searches sigma
+    again if they differ). None when no strategy asks for randomized norms."""
+    from ..backend import _groups_of
+    from ..options import DPOptions
+
+    opts = DPOptions.parse(options)
+    if not opts.uses_randomized():
+        return None
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        return None
+    uses: dict = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    linear_weights = set()
+    for _, module in model.named_modules():
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            w = module._parameters.get("weight")
+            if w is not None:
+                linear_weights.add(id(w))
+    groups = _groups_of([n for n, _ in named], dict(model.named_parameters()), opts)
+    n_groups = len(set(groups.values()))
+    chosen = {groups[n] for n, p in named if opts.forced_strategy(n) == "randomized" and id(p) in linear_weights
+              and uses[id(p)] == 1}
+    if not chosen:
+        return None
+    c2 = opts.total_max_grad_norm() ** 2
+    weights = [opts.threshold_for(g, n_groups) ** 2 / c2 for g in sorted(chosen)]
+    if len(weights) == 1 and abs(weights[0] - 1.0) <= 1e-9:
+        weights = None
+    return {"probes": opts.probes, "variant": opts.probe_variant, "group_weights": weights}
 
 
 def _distributed_loader(data_loader, group, max_physical_batch_size, secure_mode, generator):

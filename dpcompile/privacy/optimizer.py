@@ -25,46 +25,55 @@ from ..errors import CoverageError, DPCompileError
 #: Keyed by id because tensors compare elementwise; weak so that it keeps no model alive.
 PRIVATIZED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
 
+#: relative slack when comparing the graphs' sensitivity with the optimizer's C (sqrt / sums of floats)
+SENSITIVITY_RTOL = 1e-9
+
 
 class ClipRecord:
-    """One compiled graph's clipping: its per-sample sensitivity sqrt(sum_g C_g^2) over the groups it clips, and
-    the ids of the parameters it privatized. Several graphs can privatize disjoint parts of one model (a model
-    compiled piecewise, FSDP2 units compiled one by one); each clips to its own thresholds, so the sensitivity of
-    the whole gradient is only known from all of them (see `clipped_sensitivity`)."""
+    """One compiled graph's clipping: its per-sample sensitivity sqrt(sum_g C_g^2) over the groups it clips, the
+    ids of the parameters it privatized, and its randomized sites (docs/randomized.md): the groups holding one
+    (group -> C_g), the ids of the parameters whose norms it estimates, and the probes / variant. Several graphs can
+    privatize disjoint parts of one model (a model compiled piecewise, FSDP2 units compiled one by one); each clips
+    to its own thresholds, so the sensitivity of the whole gradient is only known from all of them (see
+    `clipped_sensitivity`). One record per graph (PassContext.clip_record)."""
 
-    __slots__ = ("sensitivity", "expected", "param_ids")
+    __slots__ = ("sensitivity", "expected", "param_ids", "randomized", "randomized_ids", "classified_ids", "probes",
+                 "variant", "options_key")
 
-    def __init__(self, sensitivity: float, expected: int):
+    def __init__(self, sensitivity: float, expected: int, randomized: Optional[dict] = None,
+                 randomized_ids=(), classified_ids=(), probes: Optional[int] = None, variant: Optional[str] = None,
+                 options_key: Optional[str] = None):
         self.sensitivity = float(sensitivity)
         self.expected = expected  # how many parameters the graph privatizes
         self.param_ids: set = set()
+        self.randomized = dict(randomized or {})
+        self.randomized_ids = set(randomized_ids)
+        self.classified_ids = set(classified_ids)  # parameters the pass looked at with samples (B >= 1)
+        self.probes = probes
+        self.variant = variant
+        self.options_key = options_key
 
     @classmethod
     def from_context(cls, ctx) -> "ClipRecord":
-        return cls(math.sqrt(sum(float(c) ** 2 for c in ctx.thresholds.values())), len(ctx.params))
+        rec = getattr(ctx, "clip_record", None)
+        if rec is None:
+            ids = getattr(ctx, "param_ids", {}) or {}
+            randomized = getattr(ctx, "randomized", {}) or {}
+            rec = cls(math.sqrt(sum(float(c) ** 2 for c in ctx.thresholds.values())), len(ctx.params),
+                      randomized=ctx.randomized_groups() if randomized else None,
+                      randomized_ids={ids[i] for i in randomized if i in ids},
+                      classified_ids=set(ids.values()) if getattr(ctx, "classified", False) else (),
+                      probes=ctx.options.probes, variant=ctx.options.probe_variant,
+                      options_key=ctx.options.cache_key())
+            try:
+                ctx.clip_record = rec
+            except AttributeError:  # a context object without the slot: one record per call, as before
+                pass
+        return rec
 
 
 #: id(parameter) -> the ClipRecords of the graphs that privatized it (None for a graph of unknown thresholds)
 CLIP_RECORDS: dict = {}
-#: the record of the graph being compiled: build_context announces each PassContext to the backend's context
-#: listeners just before compiling, and the backend marks that graph's parameters right after (see _Recorder)
-_COMPILING: list = [None]
-
-
-class _Recorder:
-    """A backend context listener (the mechanism explain() uses) that keeps the thresholds of the graph being
-    compiled, so that mark_privatized, which the backend calls with the parameter alone, can attach them. When
-    the backend passes the context to mark_privatized itself this is no longer needed."""
-
-    def append(self, ctx) -> None:
-        _COMPILING[0] = ClipRecord.from_context(ctx)
-
-
-def _install_recorder() -> None:
-    from .. import backend
-
-    if not any(isinstance(x, _Recorder) for x in backend._CONTEXT_LISTENERS):
-        backend._CONTEXT_LISTENERS.append(_Recorder())
 
 
 def _forget(pid: int) -> None:
@@ -72,19 +81,15 @@ def _forget(pid: int) -> None:
 
 
 def mark_privatized(p: torch.Tensor, context=None) -> None:
-    """Called by the backend once a graph that clips `p`'s gradient compiled. `context`: that graph's PassContext
-    (thresholds); without it, the one the recorder saw last."""
+    """Called by the backend once a graph that clips `p`'s gradient compiled, with that graph's PassContext
+    (thresholds, randomized sites). Without a context the graph's thresholds are unknown: the sensitivity checks
+    then refuse (clipped_sensitivity returns None)."""
     pid = id(p)
     if PRIVATIZED.get(pid) is not p:  # a new tensor (possibly at the id of a dead one): start its history
         CLIP_RECORDS[pid] = []
         weakref.finalize(p, _forget, pid)
     PRIVATIZED[pid] = p
-    if context is not None:
-        rec = ClipRecord.from_context(context)
-    else:
-        rec = _COMPILING[0]
-        if rec is not None and len(rec.param_ids) >= rec.expected:
-            rec = None  # more marks than the announced graph has parameters: the pairing is off, trust nothing
+    rec = ClipRecord.from_context(context) if context is not None else None
     if rec is not None:
         rec.param_ids.add(pid)
     records = CLIP_RECORDS.setdefault(pid, [])
@@ -92,8 +97,53 @@ def mark_privatized(p: torch.Tensor, context=None) -> None:
         records.append(rec)
 
 
+def check_randomized_consistency(params, context) -> None:
+    """Before a graph's parameters are marked: every graph compiled with the same options must randomize the same
+    parameters (a batch-size-1 graph finds its randomized sites from the shape of the weight gradients, a batched
+    graph from the site analysis). Otherwise one sample would be clipped by its exact norm in one micro-batch and by
+    an estimate in another, which the privacy analysis does not cover: refused, naming the parameter."""
+    rec = ClipRecord.from_context(context)
+    if not rec.classified_ids:
+        return
+    names = {getattr(context, "param_ids", {}).get(i): info.name for i, info in context.params.items()}
+    for p in params:
+        pid = id(p)
+        if PRIVATIZED.get(pid) is not p or pid not in rec.classified_ids:
+            continue
+        mine = pid in rec.randomized_ids
+        for other in CLIP_RECORDS.get(pid, []):
+            if other is None or other is rec or other.options_key != rec.options_key or \
+                    pid not in other.classified_ids:
+                continue
+            if (pid in other.randomized_ids) != mine:
+                name = names.get(pid, f"of shape {tuple(p.shape)}")
+                raise DPCompileError(
+                    f"randomized norms: this graph {'estimates' if mine else 'computes exactly'} the per-sample norm "
+                    f"of parameter `{name}`, but another graph compiled with the same options "
+                    f"{'computes it exactly' if mine else 'estimates it'} (batch-size-1 graphs recognise randomized "
+                    "sites from the weight gradient's ops, batched graphs from the site analysis, and here they "
+                    "disagree). Every sample must get the same estimator whatever micro-batch it lands in; leave "
+                    f"`{name}` out of the 'randomized' strategy globs")
+
+
 def is_privatized(p: torch.Tensor) -> bool:
     return PRIVATIZED.get(id(p)) is p
+
+
+def _records_by_set(params) -> Optional[dict]:
+    """frozenset(param ids of a graph) -> the records of the graphs over that set; None if one is unknown."""
+    by_set: dict = {}
+    for p in params:
+        for rec in CLIP_RECORDS.get(id(p), [None]):
+            if rec is None:
+                return None
+            by_set.setdefault(frozenset(rec.param_ids), {})[id(rec)] = rec
+    return by_set
+
+
+def _disjoint(sets) -> bool:
+    sets = list(sets)
+    return all(a.isdisjoint(b) for i, a in enumerate(sets) for b in sets[i + 1:])
 
 
 def clipped_sensitivity(params) -> Optional[float]:
@@ -105,20 +155,91 @@ def clipped_sensitivity(params) -> Optional[float]:
     each add their clipped part: sqrt(sum S^2). If the sets overlap, a parameter may get a clipped part from
     each: the triangle inequality's sum S is the bound.
     """
-    by_set: dict = {}
-    for p in params:
-        for rec in CLIP_RECORDS.get(id(p), [None]):
-            if rec is None:
-                return None
-            key = frozenset(rec.param_ids)
-            by_set[key] = max(by_set.get(key, 0.0), rec.sensitivity)
+    by_set = _records_by_set(params)
+    if by_set is None:
+        return None
     if not by_set:
         return 0.0
-    sets = list(by_set)
-    disjoint = all(a.isdisjoint(b) for i, a in enumerate(sets) for b in sets[i + 1:])
-    if disjoint:
-        return math.sqrt(sum(s * s for s in by_set.values()))
-    return sum(by_set.values())
+    sens = {key: max(r.sensitivity for r in recs.values()) for key, recs in by_set.items()}
+    if _disjoint(sens):
+        return math.sqrt(sum(s * s for s in sens.values()))
+    return sum(sens.values())
+
+
+def randomized_accounting(params, max_grad_norm_total: float) -> Optional[dict]:
+    """What PrivacyAccountant.step needs about the randomized norms of the graphs that privatized `params`:
+    {"probes", "variant", "group_weights"}, or None when none of them has a randomized site.
+
+    group_weights: C_g^2 / C^2 (C = max_grad_norm_total, the noise's C) for every clipping group holding a
+    randomized site, over all graphs (recompilations of one parameter set count a group once, at its largest
+    C_g); None for a single group holding the whole C (flat clipping). probes / variant: those of the graph with
+    the fewest effective probes (the accountant switches to the Chernoff envelope itself when the counts that ran
+    are not multiples of one another). Graphs over overlapping, unequal parameter sets are refused: their
+    sensitivities add up (triangle inequality), outside the per-group analysis."""
+    from .randomized_accounting import accounting_probes
+
+    by_set = _records_by_set(params) or {}
+    groups: dict = {}
+    kinds = set()
+    for key, recs in by_set.items():
+        for rec in recs.values():
+            if rec.randomized:
+                kinds.add((rec.probes, rec.variant))
+                for g, c in rec.randomized.items():
+                    groups[(key, g)] = max(groups.get((key, g), 0.0), float(c))
+    if not groups:
+        return None
+    if not _disjoint(by_set):
+        raise DPCompileError(
+            "randomized norms: the parameters were clipped by graphs over overlapping but different parameter sets "
+            "(the same parameter compiled into two different graphs); their randomized sensitivities cannot be "
+            "accounted per clipping group. Compile each parameter in one graph")
+    probes, variant = min(kinds, key=lambda kv: (accounting_probes(*kv), kv))
+    c2 = float(max_grad_norm_total) ** 2
+    weights = [c * c / c2 for c in groups.values()]
+    if len(weights) == 1 and abs(weights[0] - 1.0) <= 1e-9:
+        weights = None  # one group holding the whole threshold: the one-group law
+    return {"probes": probes, "variant": variant, "group_weights": weights}
+
+
+def sensitivity_problem(clipped: list, max_grad_norm_total: float, who: str) -> Optional[DPCompileError]:
+    """Why the gradients of `clipped` (privatized tensors) cannot be noised for max_grad_norm_total, or None."""
+    bound = clipped_sensitivity(clipped)
+    if bound is None:
+        return DPCompileError(
+            f"{who}: the clipping thresholds of a graph that produced these gradients are unknown (its parameters "
+            "were marked without its context); cannot check the sensitivity. Pass check_sensitivity=False only if "
+            "you have checked that every graph clips to max_grad_norm")
+    if bound > max_grad_norm_total * (1 + SENSITIVITY_RTOL):
+        return DPCompileError(
+            f"{who}: the compiled graphs bound one sample's clipped gradient by {bound:.6g} (the root of the sum of "
+            f"their squared thresholds), but the noise is calibrated to max_grad_norm={max_grad_norm_total:.6g}: "
+            "the gradients would be under-noised. Give the optimizer the max_grad_norm the model was compiled with "
+            "(or its per-group dict). Every graph clips to its own max_grad_norm: when a model is compiled as K "
+            "separate graphs (FSDP2 units compiled one by one), give each C / sqrt(K), or compile the whole model "
+            "as one graph")
+    return None
+
+
+def _randomized_ran() -> bool:
+    from .randomized_accounting import peek_randomized_use
+
+    return peek_randomized_use() is not None
+
+
+def _same_spec(a: dict, b: dict) -> bool:
+    from .randomized_accounting import RandomizedSpec
+
+    def spec(d):
+        return RandomizedSpec.make(d["probes"], d["variant"], d.get("group_weights"))
+
+    sa, sb = spec(a), spec(b)
+    if sa.probes != sb.probes or (sa.group_weights is None) != (sb.group_weights is None):
+        return False
+    if sa.group_weights is None:
+        return True
+    wa, wb = sorted(sa.group_weights), sorted(sb.group_weights)
+    return len(wa) == len(wb) and all(abs(x - y) <= 1e-9 * max(1.0, abs(x)) for x, y in zip(wa, wb))
 
 
 def total_max_grad_norm(max_grad_norm: Union[float, Mapping[str, float]]) -> float:
@@ -172,6 +293,12 @@ class DPOptimizer(Optimizer):
         sampling: use PoissonDataLoader(secure_mode=True) for that.
     accountant / sample_rate: when given, accountant.step(noise_multiplier=sigma, sample_rate=q) on every step.
     check_coverage: refuse to step when a parameter has a gradient that no flashdp graph produced.
+    check_sensitivity: refuse to step when the thresholds of the graphs that clipped the gradients bound one
+        sample's clipped gradient by more than max_grad_norm (a model compiled with C = 2 but noised for C = 1
+        would be under-noised), or when those thresholds are unknown.
+    Randomized norms (strategy "randomized", docs/randomized.md): when the graphs that clipped the parameters hold
+    randomized sites, every accountant step is told their probes, variant and group weights
+    (`randomized_norms`); an accountant that cannot account for them is refused before any noise is added.
     independent_ranks: under an initialized torch.distributed group of several ranks this class refuses to be
         built, because it would noise and step each rank's gradient alone (the ranks' models drift apart); use
         dpcompile.DistributedDPOptimizer (make_private picks it). True: each rank is a separate DP run on purpose.
@@ -183,7 +310,7 @@ class DPOptimizer(Optimizer):
     def __init__(self, optimizer: Optimizer, *, noise_multiplier: float, max_grad_norm, expected_batch_size: float,
                  loss_reduction: str = "mean", generator: Optional[torch.Generator] = None,
                  secure_mode: bool = False, accountant=None, sample_rate: Optional[float] = None,
-                 check_coverage: bool = True, independent_ranks: bool = False):
+                 check_coverage: bool = True, independent_ranks: bool = False, check_sensitivity: bool = True):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"DPOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not self._sums_across_ranks:
@@ -211,7 +338,12 @@ class DPOptimizer(Optimizer):
         self.accountant = accountant
         self.sample_rate = sample_rate
         self.check_coverage = check_coverage
+        self.check_sensitivity = check_sensitivity
         self.steps_taken = 0
+        self._pending_accounting: dict = {}
+        # make_private sets this when it calibrated sigma to a target epsilon for randomized norms (see
+        # _recalibrate): the randomized description sigma was computed for, and the target
+        self._calibration: Optional[dict] = None
         # share the inner optimizer's state, so LR schedulers and checkpoints see one optimizer
         self.defaults = optimizer.defaults
         self._optimizer_step_pre_hooks = getattr(optimizer, "_optimizer_step_pre_hooks", {})
@@ -266,14 +398,121 @@ class DPOptimizer(Optimizer):
         gen.manual_seed(int.from_bytes(os.urandom(8), "little"))
         return gen
 
+    # -- checks ----------------------------------------------------------------------------------------------
+    def _accounted_params(self) -> list:
+        """The privatized tensors whose graphs describe this optimizer's clipping (DistributedDPOptimizer: the
+        unsharded parameters for FSDP2 shards)."""
+        return [p for p in self._params() if is_privatized(p)]
+
+    def _check_clipping(self) -> None:
+        """Coverage and sensitivity, before any gradient is touched."""
+        clipped = []
+        for p in self._params():
+            if p.grad is None:
+                continue
+            if self.check_coverage and not is_privatized(p):
+                raise CoverageError(_uncovered_message(p))
+            if is_privatized(p):
+                clipped.append(p)
+        if self.check_sensitivity and clipped:
+            problem = sensitivity_problem(clipped, self.max_grad_norm_total, type(self).__name__)
+            if problem is not None:
+                raise problem
+
+    def _accounting(self) -> dict:
+        """The randomized-norm arguments of this step's accountant.step ({} for exact norms), checked before any
+        noise is added: an accountant that cannot take them, or randomized norms that ran without a graph of this
+        optimizer's parameters to describe them, are refused."""
+        spec = randomized_accounting(self._accounted_params(), self.max_grad_norm_total)
+        return self._check_accounting(spec, ran=_randomized_ran())
+
+    def _check_accounting(self, spec: Optional[dict], ran: bool) -> dict:
+        who = type(self).__name__
+        if spec is None:
+            if ran and self.accountant is not None:
+                raise DPCompileError(
+                    f"{who}: randomized (probe-estimated) per-sample norms ran since the last step, but no graph that "
+                    "clipped this optimizer's parameters has randomized sites, so the step cannot be accounted for "
+                    "them (the accountant would refuse to report epsilon). Step the optimizer of the model that "
+                    "was compiled with strategy='randomized'")
+            return {}
+        from .randomized_accounting import RandomizedSpec
+
+        try:
+            RandomizedSpec.make(spec["probes"], spec["variant"], spec["group_weights"])
+        except ValueError as e:
+            raise DPCompileError(f"{who}: the randomized norms of the compiled graphs cannot be accounted: {e}") from None
+        acc = self.accountant
+        if acc is not None:
+            from .accounting import PrivacyAccountant
+
+            if isinstance(acc, PrivacyAccountant):
+                if acc.accountant != "pld":
+                    raise DPCompileError(
+                        f"{who}: the model was compiled with randomized norms (strategy 'randomized'), whose "
+                        f"privacy is accounted with PLD only; this accountant is {acc.accountant!r}: use "
+                        "PrivacyAccountant('pld')")
+            else:
+                import inspect
+
+                try:
+                    params = inspect.signature(acc.step).parameters
+                except (TypeError, ValueError):
+                    params = {}
+                if "probes" not in params and not any(v.kind is inspect.Parameter.VAR_KEYWORD
+                                                      for v in params.values()):
+                    raise DPCompileError(
+                        f"{who}: the model was compiled with randomized norms (strategy 'randomized'), but the "
+                        f"accountant {type(acc).__name__}.step takes no probes= argument, so it would account a "
+                        "plain Gaussian step; use dpcompile.PrivacyAccountant('pld')")
+        self._recalibrate(spec)
+        return spec
+
+    def _recalibrate(self, spec: dict) -> None:
+        """make_private calibrated sigma before the graphs existed, from a prediction of their randomized groups.
+        Before the first step the graphs' own description replaces the prediction (sigma is searched again if they
+        differ); later changes (a graph compiled mid-training with other randomized groups) are accounted as they
+        are, with a warning that the target epsilon may be exceeded."""
+        cal = self._calibration
+        if cal is None or _same_spec(cal["spec"], spec):
+            return
+        if self.steps_taken == 0:
+            import warnings
+
+            from .accounting import get_noise_multiplier
+
+            sigma = get_noise_multiplier(cal["target_epsilon"], cal["target_delta"], self.sample_rate, cal["steps"],
+                                         accountant=cal["accountant"], **spec)
+            warnings.warn(f"{type(self).__name__}: the compiled graphs randomize other clipping groups than "
+                          f"make_private predicted ({cal['spec']} -> {spec}); noise_multiplier recalibrated from "
+                          f"{self.noise_multiplier:.6g} to {sigma:.6g} for target_epsilon={cal['target_epsilon']}",
+                          stacklevel=4)
+            self.noise_multiplier = float(sigma)
+        else:
+            import warnings
+
+            warnings.warn(f"{type(self).__name__}: the compiled graphs' randomized norms changed after training "
+                          f"started ({cal['spec']} -> {spec}); the accountant counts them as they are, and the "
+                          "epsilon spent may exceed the target", stacklevel=4)
+        cal["spec"] = dict(spec)
+
+    @property
+    def randomized_norms(self) -> Optional[dict]:
+        """{"probes", "variant", "group_weights"} of the randomized norms in the graphs that clipped this
+        optimizer's parameters (what an accountant's step(..., **this) needs), or None for exact norms."""
+        return randomized_accounting(self._accounted_params(), self.max_grad_norm_total)
+
+    # -- noise -----------------------------------------------------------------------------------------------
     def add_noise(self) -> None:
-        """Noise the clipped sums in place (called by step; exposed for custom loops)."""
+        """Noise the clipped sums in place (called by step; exposed for custom loops). Refuses, before touching
+        any gradient, to noise a gradient no flashdp graph clipped, one clipped to more than max_grad_norm, or
+        randomized norms it cannot account for (step() then tells the accountant `self._pending_accounting`)."""
+        self._check_clipping()
+        self._pending_accounting = self._accounting()
         std = self.noise_multiplier * self.max_grad_norm_total
         scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
         gens: dict = {}
         for p in self._params():
-            if self.check_coverage and p.grad is not None and not is_privatized(p):
-                raise CoverageError(_uncovered_message(p))
             if self.secure_mode:
                 gen = gens.setdefault(p.device, self._step_generator(p.device))
             else:
@@ -290,7 +529,9 @@ class DPOptimizer(Optimizer):
         self.add_noise()
         out = self.original_optimizer.step()
         if self.accountant is not None:
-            self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+            self.accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
+                                 **self._pending_accounting)
+        self._pending_accounting = {}
         self.steps_taken += 1
         # the noisy gradients belong to this step: never let them leak into the next one's sum
         self.original_optimizer.zero_grad(set_to_none=True)
@@ -334,5 +575,3 @@ class DPOptimizer(Optimizer):
                 f"expected_batch_size={self.expected_batch_size}, {self.loss_reduction}, "
                 f"wrapping {type(self.original_optimizer).__name__})")
 
-
-_install_recorder()

@@ -388,3 +388,40 @@ def randomized_sq_norms_reference(a: torch.Tensor, b: torch.Tensor, probes: int,
     resid = sq(w - torch.bmm(q, torch.bmm(q.transpose(1, 2), w)))
     total = exact + scale_up(resid, h, torch.float64) * (1.0 + 2 * _F64_EPS)
     return total if out_dtype == torch.float64 else round_up_f32(total)
+
+
+def randomized_sq_norms_of_products_reference(s: torch.Tensor, probes: int, variant: str = "hutchinson", seed=0,
+                                              site: int = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The estimate of ||s_i||_F^2 for per-sample products s (B, M, N) that are already formed: exactly
+    randomized_sq_norms_reference(I_M, s_i) (the site a_i = I, b_i = s_i, so a_i v = v), with the same probes, the
+    same law and the same upward rounding, without forming the identity. The batch-size-1 graphs use it: their
+    weight gradients are the one sample's products, and every sample must get the same estimator whatever the
+    size of the micro-batch it lands in (docs/randomized.md)."""
+    check_variant(variant, probes)
+    check_site(site)
+    if s.dim() != 3:
+        raise ValueError(f"per-sample products must be (B, M, N); got {tuple(s.shape)}")
+    if not isinstance(seed, torch.Tensor):
+        check_seed(seed)
+    dtype = dtype or (torch.float64 if s.dtype == torch.float64 else torch.float32)
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    s = s.to(dtype)
+    B, M, _ = s.shape
+
+    def project(first, count):  # s_i^T V  (B, N, count)
+        v = gaussian_probes_reference(seed, site, B, M, range(first, first + count), s.device).to(dtype)
+        return torch.bmm(s.transpose(1, 2), v)
+
+    def sq(x):
+        x64 = x.to(torch.float64).reshape(x.shape[0], math.prod(x.shape[1:]))
+        return x64.pow(2).sum(1) * (1.0 + (x64.shape[1] + 4) * _F64_EPS)
+
+    if variant == "hutchinson":
+        return scale_up(sq(project(0, probes)), probes, out_dtype)
+    sk, h = hutchpp_split(probes)
+    q = torch.linalg.qr(project(0, sk)).Q
+    exact = sq(torch.bmm(s, q))
+    w = project(sk, h)
+    resid = sq(w - torch.bmm(q, torch.bmm(q.transpose(1, 2), w)))
+    total = exact + scale_up(resid, h, torch.float64) * (1.0 + 2 * _F64_EPS)
+    return total if out_dtype == torch.float64 else round_up_f32(total)
