@@ -18,7 +18,8 @@ Extra modes (--modes): nondp-full (torch.compile, AdamW, no DP), dp-rev-flat (fl
 dp-adapters (bottleneck 64 after attention and MLP), dp-side-flat.
 
 tokens/s: B*T / median step time over --steps timed steps after --warmup steps (step = forward, backward, optimizer
-step, zero_grad). Peak: torch.cuda.max_memory_allocated over the whole run, model included. throughput_ratio and
+step, zero_grad). Peak: torch.cuda.max_memory_allocated over the whole run, model included; saved_act_gib: what
+the compiled graph keeps for backward (saved tensors that are not parameters, one more step). throughput_ratio and
 memory_ratio are against dp-full of the same workload in the same run. A time budget (--budget-s, default 570 s)
 keeps one call under 10 minutes: modes that no longer fit are reported as skipped (run them with --workloads/--modes).
 Records are appended to benchmarks/results.json (with --out, the updated file is also written to $OUT/results.json);
@@ -122,7 +123,20 @@ def run_mode(workload: str, mode: str, B: int, T: int, steps: int, warmup: int, 
         loss = step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+    # one more step under a saved-tensor hook: the bytes the compiled graph keeps for backward (not parameters)
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in storages:
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()
     out = {"tokens_per_s": B * T / statistics.median(times),
+           "saved_act_gib": sum(saved.values()) / 2**30,
            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
            "trainable_params": sum(p.numel() for p in trainable),
            "params": sum(p.numel() for p in model.parameters()),
@@ -232,17 +246,17 @@ def main():
 
     print(f"\n{meta}  (ratios vs dp-full; 'x lower' = dp-full peak / peak; targets: side >= 2.5x lower at "
           ">= 1.0x tok/s, rev >= 2x lower)")
-    print("| workload | mode | tok/s | vs dp-full | peak GiB | mem ratio | x lower | target | trainable |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| workload | mode | tok/s | vs dp-full | peak GiB | mem ratio | x lower | target | saved GiB | trainable |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "tokens_per_s" in r:
             lower = 1 / r["memory_ratio"] if r.get("memory_ratio") else None
             tok = f"{r['tokens_per_s'] / 1e3:.1f}k" if r["tokens_per_s"] >= 1e3 else f"{r['tokens_per_s']:.0f}"
             print(f"| {r['workload']} | {r['mode']} | {tok} | {fmt(r['throughput_ratio'], '.2f')} "
                   f"| {fmt(r['peak_mem_gib'], '.2f')} | {fmt(r['memory_ratio'], '.2f')} | {fmt(lower, '.2f')} "
-                  f"| {target(r, lower)} | {r['trainable_params'] / 1e6:.2f}M |")
+                  f"| {target(r, lower)} | {r['saved_act_gib']:.3f} | {r['trainable_params'] / 1e6:.2f}M |")
         else:
-            print(f"| {r['workload']} | {r['mode']} | {r['error']} | | | | | | |")
+            print(f"| {r['workload']} | {r['mode']} | {r['error']} | | | | | | | |")
 
 
 if __name__ == "__main__":
