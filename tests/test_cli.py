@@ -121,6 +121,8 @@ def test_strategy_option_passes_through_only_when_the_backend_knows_it():
     from dpcompile.options import DPOptions
 
     assert cli._strategy_option(None) == {} and cli._strategy_option("auto") == {}
+    with pytest.raises(SystemExit, match="changes the privacy analysis"):
+        cli._strategy_option("randomized")  # sigma would be calibrated for exact norms
     if "strategy" in DPOptions.KEYS:
         assert cli._strategy_option("ghost") == {"strategy": "ghost"}
         with pytest.raises(SystemExit, match="--strategy no-such-strategy"):
