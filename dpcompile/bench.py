@@ -282,8 +282,15 @@ def meta() -> dict:
             "date": datetime.date.today().isoformat()}
 
 
-def run_all(workloads: list, modes: list, profile: bool, timeout: float) -> list:
+def run_all(workloads: list, modes: list, profile: bool, timeout: float, out: str | None = None) -> list:
     rows = []
+
+    def save():  # after every mode: a run cut short still leaves its finished rows
+        if out:
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "results.json"), "w") as f:
+                json.dump(add_ratios([dict(r) for r in rows], meta()), f, indent=1)
+
     for workload in workloads:
         for mode in modes:
             print(f"[{workload}] {mode} ...", file=sys.stderr, flush=True)
@@ -294,14 +301,17 @@ def run_all(workloads: list, modes: list, profile: bool, timeout: float) -> list
                                    timeout=timeout)
             except subprocess.TimeoutExpired:
                 rows.append({"workload": workload, "mode": mode, "error": f"timed out after {timeout:.0f}s"})
+                save()
                 continue
             if profile or p.returncode != 0:
                 print(p.stderr[-7000:], file=sys.stderr, flush=True)
             if p.returncode != 0:
                 last = (p.stderr.strip().splitlines() or ["no output"])[-1]
                 rows.append({"workload": workload, "mode": mode, "error": last[:300]})
+                save()
                 continue
             rows.append({"workload": workload, "mode": mode, **json.loads(p.stdout.strip().splitlines()[-1])})
+            save()
             print(f"    {rows[-1]['tokens_per_s'] / 1e3:.1f}k tok/s, {rows[-1]['peak_mem_gib']:.2f} GiB "
                   f"({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
     return add_ratios(rows, meta())
@@ -383,7 +393,8 @@ def main(argv: list | None = None) -> int:
         print("dpcompile bench needs a CUDA GPU (the ratios are against compiled non-DP training on that GPU)",
               file=sys.stderr)
         return 2
-    rows = run_all(workloads, [m.strip() for m in args.modes.split(",") if m.strip()], args.profile, args.timeout)
+    rows = run_all(workloads, [m.strip() for m in args.modes.split(",") if m.strip()], args.profile, args.timeout,
+                   args.out)
     text = table(rows)
     info = meta()
     print(f"\n{info}\n{text}")
