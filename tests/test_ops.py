@@ -11,6 +11,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 import dpcompile  # noqa: F401  (registers the ops)
 from dpcompile.codegen import ops
+from dpcompile.codegen.ops import linear_direct_norm_reference
 
 O = torch.ops.dpcompile
 B_ = st.integers(0, 4)
@@ -251,3 +252,30 @@ def test_norms_accumulate_in_fp64_for_fp64_inputs():
         if name.endswith("_norm"):
             for f in impls(name):
                 assert f(*args).dtype == torch.float64, name
+
+
+@pytest.mark.parametrize("mean", [False, True])
+@pytest.mark.parametrize("clip_fn", ["abadi", "automatic"])
+def test_single_pass_ops_match_norm_clip_sum(mean, clip_fn):
+    """single_pass (whole batch) and single_pass_chunked (one sample per chunk) = the three-step path in float64."""
+    from dpcompile.clipping import clip_factors
+
+    g = torch.Generator().manual_seed(3)
+    B, T, M, N = 5, 7, 6, 4
+    a, b = torch.randn(B, T, M, generator=g, dtype=torch.float64), torch.randn(B, T, N, generator=g, dtype=torch.float64)
+    rest = torch.rand(B, generator=g, dtype=torch.float64)
+    s = torch.bmm(a.transpose(1, 2), b)
+    total = rest + 0.25 * s.pow(2).sum((1, 2))
+    total = total * (B * B if mean else 1)
+    coef = clip_factors(total, 0.3, clip_fn) * (B if mean else 1)
+    want = torch.einsum("s,smn->mn", coef, s)
+    for out, c in (torch.ops.dpcompile.linear_single_pass(a, b, rest, 0.25, 0.3, clip_fn, mean),
+                   torch.ops.dpcompile.linear_single_pass_chunked(a, b, rest, 0.25, 0.3, clip_fn, mean, 1)):
+        torch.testing.assert_close(c, coef)
+        torch.testing.assert_close(out, want)
+
+
+def test_ghost_norm_op_equals_direct_norm_op():
+    g = torch.Generator().manual_seed(4)
+    a, b = torch.randn(3, 9, 5, generator=g, dtype=torch.float64), torch.randn(3, 9, 8, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(torch.ops.dpcompile.linear_ghost_norm(a, b), linear_direct_norm_reference(a, b))
