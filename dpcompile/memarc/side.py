@@ -86,18 +86,19 @@ class SideBlock(nn.Module):
 
 
 class Ladder(nn.Module):
-    """One ladder rung: the down-projection of a tapped hidden state and its LST gate alpha (a scalar, 0 at init)."""
+    """One ladder rung: the down-projection (weight, bias) of a tapped hidden state and its LST gate alpha (a
+    scalar, 0 at init). All three belong to this module, so per-layer clipping makes one group of them."""
 
     def __init__(self, d: int, d_side: int, std: float, device=None, dtype=None):
         super().__init__()
-        self.down = nn.Linear(d, d_side, device=device, dtype=dtype)
+        self.weight = nn.Parameter(torch.empty(d_side, d, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(d_side, device=device, dtype=dtype))
         self.alpha = nn.Parameter(torch.zeros((), device=device, dtype=dtype))
-        nn.init.normal_(self.down.weight, std=std)
-        nn.init.zeros_(self.down.bias)
+        nn.init.normal_(self.weight, std=std)
 
     def forward(self, s, h):
         mu = torch.sigmoid(self.alpha / GATE_TEMPERATURE)
-        return mu * s + (1 - mu) * self.down(h)
+        return mu * s + (1 - mu) * F.linear(h, self.weight, self.bias)
 
 
 class SideNetwork(nn.Module):
