@@ -27,6 +27,9 @@ class Plan:
         lines.append("")
         lines.append(f"clipping={o.clipping!r} clip_fn={o.clip_fn!r} loss_reduction={o.loss_reduction!r} "
                      f"batch inputs: {', '.join(f'{s} dim {d}' for s, d in self.batch_inputs.items())}")
+        if o.uses_randomized():
+            lines.append(f"randomized norms: probes={o.probes} probe_variant={o.probe_variant!r} (estimated "
+                         "per-sample norms: the privacy accounting changes, docs/randomized.md)")
         return "\n".join(lines)
 
     __repr__ = __str__

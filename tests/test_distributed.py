@@ -31,7 +31,7 @@ from dpcompile.privacy.distributed import compile_forward, shard_logical_batch
 from dpcompile.privacy.optimizer import clipped_sensitivity
 from dpcompile.privacy.sampling import PoissonDataLoader
 from dpcompile.testing import oracle
-from dp_check import LossModule
+from dp_check import LossModule, unwrap
 
 WORLD = int(os.environ.get("DPCOMPILE_TEST_WORLD", "2"))  # CI: 2 (the budget); 3 and 4 pass too
 N, D_IN, HIDDEN, D_OUT = 24, 6, 8, 3
@@ -373,8 +373,11 @@ def sc_refusals(rank, world):
         try:
             fn()
             out[name] = "no error"
-        except DPCompileError as e:
-            out[name] = "DPCompileError: " + str(e)
+        except Exception as e:  # noqa: BLE001 - a refusal at compile time arrives wrapped by Dynamo
+            err = unwrap(e)
+            if not isinstance(err, DPCompileError):
+                raise
+            out[name] = "DPCompileError: " + str(err)
 
     def plain_optimizer():
         dpcompile.DPOptimizer(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=1.0), noise_multiplier=1.0,
@@ -394,7 +397,7 @@ def sc_refusals(rank, world):
     expect("make_private_ddp", make_private_ddp)
 
     def ddp_wrapped_step():
-        # torch DDP around a flashdp graph (one bucket: no graph split): DDP averages the clipped sums at backward
+        # torch DDP around a flashdp graph compiled inside DDP's forward: refused when the graph is built
         torch._dynamo.reset()
         inner = LossModule(_model(), _mse_sum, mean=True)
         compiled = torch.compile(inner, backend="flashdp_eager", fullgraph=True, options={"max_grad_norm": C})
@@ -406,6 +409,24 @@ def sc_refusals(rank, world):
         opt.step()
 
     expect("ddp_wrapped_step", ddp_wrapped_step)
+
+    def ddp_wrapped_after_compile():
+        # the graph compiled outside DDP, then reused inside it (no compile to refuse): DDP averages the clipped
+        # sums at backward, which the optimizer sees as identical gradients on every rank
+        torch._dynamo.reset()
+        inner = LossModule(_model(), _mse_sum, mean=True)
+        compiled = torch.compile(inner, backend="flashdp_eager", fullgraph=True, options={"max_grad_norm": C})
+        x, y = _dataset().tensors
+        compiled(x[rank::world][:4], y[rank::world][:4]).backward()
+        for p in inner.parameters():
+            p.grad = None
+        ddp = DistributedDataParallel(compiled)
+        opt = DistributedDPOptimizer(torch.optim.SGD(inner.parameters(), lr=1.0), noise_multiplier=1.0,
+                                     max_grad_norm=C, expected_batch_size=EBS)
+        ddp(x[rank::world][:4], y[rank::world][:4]).backward()
+        opt.step()
+
+    expect("ddp_wrapped_after_compile", ddp_wrapped_after_compile)
 
     torch._dynamo.reset()
     shared_model = _model()
@@ -682,7 +703,8 @@ def test_fsdp2_units_compiled_separately(world):
 @pytest.mark.parametrize("name,match", [
     ("plain_optimizer", "DistributedDPOptimizer"),
     ("make_private_ddp", "DistributedDataParallel"),
-    ("ddp_wrapped_step", "identical on every rank"),
+    ("ddp_wrapped_step", "runs inside torch.nn.parallel.DistributedDataParallel"),
+    ("ddp_wrapped_after_compile", "identical on every rank"),
     ("same_samples_on_every_rank", "identical on every rank"),
     ("mismatched_threshold", "calibrated to max_grad_norm=1"),
     ("make_private_nested_fsdp", "fully_shard units below its root"),
@@ -713,6 +735,23 @@ def test_piecewise_compiled_model_sensitivity():
     (b(torch.tanh(a(x[:4]))) - y[:4]).pow(2).sum().backward()
     assert clipped_sensitivity(list(model.parameters())) == pytest.approx(C * math.sqrt(2))
     assert clipped_sensitivity(list(model[0].parameters())) == pytest.approx(C)
+
+
+def test_compiling_inside_torch_ddp_is_refused(monkeypatch):
+    """Dynamo compiling inside DDP's forward (DistributedDataParallel._get_active_ddp_module() set): refused when
+    the graph is built, pointing to DistributedDPOptimizer."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    monkeypatch.setattr(DistributedDataParallel, "_active_ddp_module", object(), raising=False)
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as info:
+        dpcompile.compile(_model(), backend="flashdp_eager")(torch.randn(3, D_IN, dtype=torch.float64)).sum()
+    err = unwrap(info.value)
+    assert isinstance(err, DPCompileError) and "DistributedDataParallel" in str(err)
+    assert "DistributedDPOptimizer" in str(err) and "docs/distributed.md" in str(err)
+    monkeypatch.undo()
+    torch._dynamo.reset()
+    dpcompile.compile(_model(), backend="flashdp_eager")(torch.randn(3, D_IN, dtype=torch.float64)).sum().backward()
 
 
 def test_distributed_classes_need_a_process_group():

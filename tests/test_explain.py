@@ -73,3 +73,40 @@ def test_planner_follows_the_cost_model_on_real_shapes():
     shapes = {id(pg): LinearShape(B, 1024, 768, 768 * (i + 1), 2) for i, pg in enumerate(pgs)}
     choice = plan_group(pgs, shapes, DPOptions.parse({"clipping": "flat"}), B, 8)
     assert [choice[id(pg)].strategy for pg in pgs] == ["direct", "direct", "single_pass"]  # saves most on the widest
+
+
+def test_explain_shows_randomized_sites_and_auto_never_picks_them():
+    import sympy
+
+    from dpcompile.options import DPOptions
+    from dpcompile.passes.plan import LinearShape, linear_costs, plan_group
+
+    case = models.gpt_like(n_layer=1, tied=False)
+    plan = dpcompile.explain(case.model, case.batch(2)[:1], clipping="per_layer", probes=16,
+                             strategy={"blocks.*": "randomized"})
+    rows = {r["parameter"]: r for r in plan.rows}
+    qkv, head = rows["blocks.0.attn.qkv.weight"], rows["lm_head.weight"]
+    assert qkv["strategy"] == "randomized" and qkv["forced"] and "randomized" in qkv["cost_us_per_sample"]
+    assert rows["blocks.0.attn.qkv.bias"]["strategy"] == "fused-rows"  # only linear weights are randomized
+    assert head["strategy"] in ("direct", "ghost", "single_pass") and "randomized" not in head["cost_us_per_sample"]
+    text = str(plan)
+    assert "randomized (forced)" in text and "randomized=" in text and "probes=16" in text
+    assert "randomized" not in str(dpcompile.explain(case.model, case.batch(2)[:1], clipping="per_layer"))
+    # long sequences in fp32: the randomized cost is below direct and ghost, and still "auto" never takes it
+    B = sympy.Symbol("s0", positive=True, integer=True)
+    costs = {k: float(v.subs(B, 8)) for k, v in linear_costs(LinearShape(B, 4096, 768, 768, 4), 256 * 2**20).items()}
+    assert costs["randomized"] < min(costs["direct"], costs["ghost"])
+    more = float(linear_costs(LinearShape(B, 4096, 768, 768, 4), 256 * 2**20, probes=64)["randomized"].subs(B, 8))
+    assert more > costs["randomized"]  # O(B T k (M + N)): the probe count is in the cost
+
+    class PG:
+        def __init__(self, name):
+            self.name, self.fused = name, True
+
+    pgs = [PG("a.weight"), PG("b.weight"), PG("c.weight")]
+    shapes = {id(pg): LinearShape(B, 4096, 768, 768, 4) for pg in pgs}
+    for strategy in ("auto", {"a.*": "direct"}, {"a.*": "randomized"}):
+        choice = plan_group(pgs, shapes, DPOptions.parse({"clipping": "flat", "strategy": strategy}), B, 8)
+        picked = [choice[id(pg)].strategy for pg in pgs]
+        assert picked.count("randomized") == (1 if strategy == {"a.*": "randomized"} else 0), (strategy, picked)
+        assert "single_pass" in picked  # a forced randomized site is never the group's single-pass one

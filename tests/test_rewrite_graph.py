@@ -12,10 +12,11 @@ aten = torch.ops.aten
 dp = torch.ops.dpcompile
 
 
-def _rewritten_graph(model, x, monkeypatch, **options):
+def _rewritten_graph(model, x, monkeypatch, inline=False, **options):
     graphs = []
 
     def capture(graph, ctx):
+        ctx.inline_ops = inline  # what the Inductor backend sets: the triton_op bodies inlined after the checks
         run(graph, ctx)
         graphs.append(graph)
 
@@ -78,3 +79,53 @@ def test_no_kept_whole_op_survives_for_inductor(monkeypatch):
         ops = _rewritten_graph(case.model, case.batch(B)[0], monkeypatch, clipping="flat")
         assert aten.embedding_dense_backward.default not in ops, B
         monkeypatch.undo()
+
+
+def test_randomized_sites_draw_one_seed_per_call(monkeypatch):
+    """strategy='randomized': one probe_seed per graph, drawn in the backward (a forward alone draws none), one
+    randomized norm per linear weight site with distinct site ids, the clipped sums unchanged; Inductor's inlining
+    replaces the randomized norm ops by their bodies and keeps the seed op."""
+    from dpcompile.codegen import randomized_ops as RO
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(5, 6, 4)
+    drawn = []
+    monkeypatch.setattr(RO, "next_probe_seed", lambda draw=RO.next_probe_seed: drawn.append(draw()) or drawn[-1])
+    graphs = []
+
+    def capture(graph, ctx):
+        run(graph, ctx)
+        graphs.append((graph, dict(ctx.randomized)))
+
+    run = backend.run_dp_pass
+    monkeypatch.setattr(backend, "run_dp_pass", capture)
+    torch._dynamo.reset()
+    compiled = dpcompile.compile(model, backend="flashdp_eager", strategy="randomized", clipping="per_layer")
+    loss = compiled(x).pow(2).sum()
+    assert drawn == []
+    loss.backward()
+    assert len(drawn) == 1
+    compiled(x).pow(2).sum().backward()
+    compiled(x[:3]).pow(2).sum().backward()
+    assert len(drawn) == 3 and len(set(drawn)) == 3  # every call (micro-batch) its own fresh seed
+    ((graph, randomized),) = graphs
+    ops = [n.target for n in graph.nodes if n.op == "call_function"]
+    assert ops.count(dp.probe_seed.default) == 1
+    assert ops.count(dp.linear_norm_randomized.default) == 2 and ops.count(dp.linear_clipped_sum.default) == 2
+    assert ops.count(dp.rows_norm.default) == 2 and dp.linear_norm.default not in ops  # biases stay exact
+    sites = sorted(n.args[5] for n in graph.nodes if n.target is dp.linear_norm_randomized.default)
+    assert sites == [0, 1] and sorted(randomized.values()) == [0, 1]
+    monkeypatch.undo()
+    ops = _rewritten_graph(model, x, monkeypatch, inline=True, strategy="randomized", clipping="per_layer")
+    assert ops.count(dp.probe_seed.default) == 1 and dp.linear_norm_randomized.default not in ops
+    monkeypatch.undo()
+    # a batch of one: the weight-gradient products are estimated with the same law
+    ops = _rewritten_graph(model, x[:1], monkeypatch, strategy="randomized", clipping="flat")
+    assert ops.count(dp.probe_seed.default) == 1 and ops.count(dp.persample_norm_randomized.default) == 2
+    monkeypatch.undo()
+    # nothing randomized where nothing asks for it
+    ops = _rewritten_graph(model, x, monkeypatch, strategy={"2.*": "randomized"}, clipping="flat")
+    assert ops.count(dp.linear_norm_randomized.default) == 1 and ops.count(dp.probe_seed.default) == 1
+    monkeypatch.undo()
+    ops = _rewritten_graph(model, x, monkeypatch, clipping="flat")
+    assert dp.probe_seed.default not in ops and dp.linear_norm_randomized.default not in ops
