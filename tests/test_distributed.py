@@ -353,6 +353,29 @@ def sc_fsdp_units(rank, world):
     return out
 
 
+def sc_randomized(rank, world):
+    """strategy='randomized' under DistributedDPOptimizer: every rank's accountant records the randomized step,
+    also a rank that only ran an empty micro-batch (it never compiled a graph with randomized sites): a sample could
+    have been clipped by an estimate on any rank. Probes differ across ranks (their own seeds)."""
+    torch._dynamo.reset()
+    model = _model()
+    compiled = dpcompile.compile(LossModule(model, _mse_sum, mean=False), backend="flashdp_eager",
+                                 max_grad_norm=C, loss_reduction="sum", strategy="randomized", probes=16)
+    opt = DistributedDPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=SIGMA,
+                                 max_grad_norm=C, expected_batch_size=EBS, loss_reduction="sum",
+                                 accountant=dpcompile.PrivacyAccountant(), sample_rate=EBS / N)
+    x, y = _dataset().tensors
+    n = 3 if rank == 0 else 0
+    xs = x[rank::world][:n].unsqueeze(1).expand(n, 4, D_IN)  # 4 rows per sample: randomizable sites
+    ys = y[rank::world][:n].unsqueeze(1).expand(n, 4, D_OUT)
+    compiled(xs, ys).backward()
+    local = opt.randomized_norms
+    opt.step()
+    (entry,) = opt.accountant.history
+    return {"local": local, "spec": entry[3].to_json() if len(entry) > 3 else None,
+            "unaccounted": opt.accountant.unaccounted_randomized_steps}
+
+
 def sc_sampling(rank, world):
     out = {}
     for secure in (False, True):
@@ -495,7 +518,7 @@ def sc_refusals(rank, world):
     return out
 
 
-SCENARIOS = [sc_sampling, sc_ddp_oracle, sc_ddp_noise, sc_make_private, sc_fsdp_oracle, sc_fsdp_noise,
+SCENARIOS = [sc_sampling, sc_randomized, sc_ddp_oracle, sc_ddp_noise, sc_make_private, sc_fsdp_oracle, sc_fsdp_noise,
              sc_fsdp_units, sc_refusals]
 
 
@@ -713,6 +736,17 @@ def test_fsdp2_units_compiled_separately(world):
 def test_refusals(world, name, match):
     for r, o in enumerate(_scenario(world, "sc_refusals")):
         assert o[name].startswith("DPCompileError") and match in o[name], f"rank {r}: {o[name]}"
+
+
+def test_randomized_norms_are_accounted_on_every_rank(world):
+    out = _scenario(world, "sc_randomized")
+    local = out[0]["local"]
+    assert (local["probes"], local["variant"]) == (16, "hutchinson")
+    assert local["group_weights"] == pytest.approx([0.5, 0.5])
+    assert all(o["local"] is None for o in out[1:])  # no randomized graph compiled there
+    for r, o in enumerate(out):
+        assert o["spec"]["probes"] == 16 and o["spec"]["group_weights"] == pytest.approx([0.5, 0.5]), (r, o)
+        assert o["unaccounted"] == 0
 
 
 def test_refusal_on_one_rank_reaches_every_rank(world):
