@@ -22,7 +22,6 @@ activations (width d/r) and the LM head's weight. Nothing else of the backbone.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Optional, Sequence, Union
 
 import torch
