@@ -20,7 +20,7 @@ dp-adapters (bottleneck 64 after attention and MLP), dp-side-flat.
 tokens/s: B*T / median step time over --steps timed steps after --warmup steps (step = forward, backward, optimizer
 step, zero_grad). Peak: torch.cuda.max_memory_allocated over the whole run, model included; saved_act_gib: what
 the compiled graph keeps for backward (saved tensors that are not parameters, one more step). throughput_ratio and
-memory_ratio are against dp-full of the same workload in the same run. A time budget (--budget-s, default 570 s)
+memory_ratio are against dp-full of the same workload in the same run. A time budget (--budget-s, default 550 s)
 keeps one call under 10 minutes: modes that no longer fit are reported as skipped (run them with --workloads/--modes).
 Records are appended to benchmarks/results.json (with --out, the updated file is also written to $OUT/results.json);
 the table is printed last.
@@ -167,7 +167,7 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first one compiles)")
     ap.add_argument("--small", action="store_true", help="CPU smoke test with tiny configs")
     ap.add_argument("--backend", default=None, help="flashdp (default) or flashdp_eager (default with --small)")
-    ap.add_argument("--budget-s", type=float, default=570.0, help="wall-clock budget for the whole call")
+    ap.add_argument("--budget-s", type=float, default=550.0, help="wall-clock budget for the whole call")
     ap.add_argument("--results", default=None, help="append records here (default benchmarks/results.json; "
                                                         "with --small: nothing unless given)")
     ap.add_argument("--out", default=None, help="also write the records and the updated results file here")
