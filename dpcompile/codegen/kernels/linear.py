@@ -61,6 +61,13 @@ def _tile_product(a_ptr, b_ptr, sample, T, M, N, sa_b, sa_t, sa_m, sb_b, sb_t, s
 
 
 @triton.jit
+def _tile_ranges(tile, tiles_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Rows and columns of output tile `tile` (row-major over tiles_n tiles per row)."""
+    return ((tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M),
+            (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N))
+
+
+@triton.jit
 def _norm_kernel(a_ptr, b_ptr, partial_ptr, T, M, N, sa_b, sa_t, sa_m, sb_b, sb_t, sb_n, P, T_BUCKET,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, IEEE: tl.constexpr):
     sample = tl.program_id(0)
@@ -69,8 +76,7 @@ def _norm_kernel(a_ptr, b_ptr, partial_ptr, T, M, N, sa_b, sa_t, sa_m, sb_b, sb_
     tiles = tl.cdiv(M, BLOCK_M) * tiles_n
     total = 0.0
     for tile in range(pid, tiles, P):
-        rm = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm, rn = _tile_ranges(tile, tiles_n, BLOCK_M, BLOCK_N)
         acc = _tile_product(a_ptr, b_ptr, sample, T, M, N, sa_b, sa_t, sa_m, sb_b, sb_t, sb_n, rm, rn,
                             BLOCK_T, IEEE, BLOCK_M, BLOCK_N)
         total += tl.sum(tl.sum(acc * acc, axis=1), axis=0)
@@ -126,8 +132,7 @@ def _clipped_sum_kernel(a_ptr, b_ptr, coef_ptr, out_ptr, NB, T, M, N, sa_b, sa_t
     tiles_n = tl.cdiv(N, BLOCK_N)
     tiles = tl.cdiv(M, BLOCK_M) * tiles_n
     for tile in range(pid, tiles, P):
-        rm = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm, rn = _tile_ranges(tile, tiles_n, BLOCK_M, BLOCK_N)
         total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for sample in range(split, NB, S):
             acc = _tile_product(a_ptr, b_ptr, sample, T, M, N, sa_b, sa_t, sa_m, sb_b, sb_t, sb_n, rm, rn,
@@ -148,8 +153,7 @@ def _persample_kernel(a_ptr, b_ptr, scratch_ptr, partial_ptr, T, M, N, sa_b, sa_
     out = scratch_ptr + tl.cast(sample, tl.int64) * M * N
     total = 0.0
     for tile in range(pid, tiles, P):
-        rm = (tile // tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = (tile % tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm, rn = _tile_ranges(tile, tiles_n, BLOCK_M, BLOCK_N)
         acc = _tile_product(a_ptr, b_ptr, sample, T, M, N, sa_b, sa_t, sa_m, sb_b, sb_t, sb_n, rm, rn,
                             BLOCK_T, IEEE, BLOCK_M, BLOCK_N)
         stored = acc.to(scratch_ptr.dtype.element_ty)
