@@ -39,7 +39,14 @@ WORKLOADS = {
     "gpt2-small B=2 T=4096": dict(model="gpt2-small", B=2, T=4096),
     "llama-1.1b B=4 T=2048": dict(model="llama-1b", B=4, T=2048),
     "gpt2-small B=8 T=1024 all-trainable": dict(model="gpt2-small", B=8, T=1024, all_trainable=True),
+    # long contexts (randomized clipping, issue 5): two samples, so that per-sample clipping is not trivial
+    "gpt2-small B=2 T=8192": dict(model="gpt2-small", B=2, T=8192),
+    "gpt2-small B=2 T=16384": dict(model="gpt2-small", B=2, T=16384),
+    "llama-1.1b B=2 T=4096": dict(model="llama-1b", B=2, T=4096),
+    "llama-1.1b B=2 T=16384": dict(model="llama-1b", B=2, T=16384),
 }
+#: what `python -m dpcompile.bench` runs by default (the issue-3 harness); the long-context ones are named explicitly
+DEFAULT_WORKLOADS = list(WORKLOADS)[:6]
 MODES = ["non-DP compiled", "non-DP eager", "flashdp per_layer", "flashdp flat", "opacus ghost"]
 
 
@@ -189,7 +196,9 @@ def _opacus_step_fn(model, params, B, T):
     return step
 
 
-def run_mode(mode: str, workload: str, profile: bool = False) -> dict:
+def run_mode(mode: str, workload: str, profile: bool = False, gated: bool = False) -> dict:
+    """gated: after the warm-up steps (compilation included) print READY and wait for a GO line on stdin before
+    the timed steps, so that several modes compile at once while only one is timed at a time (run_all)."""
     spec = WORKLOADS[workload]
     B, T = spec["B"], spec["T"]
     torch.manual_seed(0)
@@ -254,6 +263,10 @@ def run_mode(mode: str, workload: str, profile: bool = False) -> dict:
             enqueue.append(t1 - t0)
         if i == 0:
             print(f"    first step (compile) {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
+        if i == 2 and gated:
+            print("READY", flush=True)
+            if sys.stdin.readline().strip() != "GO":
+                raise SystemExit("bench: the driver went away before timing")
     result = {"tokens_per_s": B * T / statistics.median(times),
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
               "host_ms": 1e3 * statistics.median(enqueue), "step_ms": 1e3 * statistics.median(times)}
@@ -282,7 +295,15 @@ def meta() -> dict:
             "date": datetime.date.today().isoformat()}
 
 
-def run_all(workloads: list, modes: list, profile: bool, timeout: float, out: str | None = None) -> list:
+# modes that hold the GPU's memory several times over or run no compiler: never warmed up beside others
+_ALONE = ("non-DP eager", "opacus ghost")
+
+
+def run_all(workloads: list, modes: list, profile: bool, timeout: float, out: str | None = None,
+            parallel: int = 1) -> list:
+    """Every (workload, mode) in its own process. parallel > 1: up to that many compiled modes of one workload
+    compile and warm up at the same time (compilation is most of the wall time), then take turns for the timed
+    steps, so no two modes are ever timed together."""
     rows = []
 
     def save():  # after every mode: a run cut short still leaves its finished rows
@@ -292,29 +313,107 @@ def run_all(workloads: list, modes: list, profile: bool, timeout: float, out: st
                 json.dump(add_ratios([dict(r) for r in rows], meta()), f, indent=1)
 
     for workload in workloads:
-        for mode in modes:
-            print(f"[{workload}] {mode} ...", file=sys.stderr, flush=True)
-            t0 = time.time()
-            try:
-                p = subprocess.run([sys.executable, "-m", "dpcompile.bench", "--one", mode, "--workloads", workload]
-                                   + (["--profile"] if profile else []), capture_output=True, text=True,
-                                   timeout=timeout)
-            except subprocess.TimeoutExpired:
-                rows.append({"workload": workload, "mode": mode, "error": f"timed out after {timeout:.0f}s"})
+        batches = [[m] for m in modes] if parallel <= 1 else _batches(modes, parallel)
+        for batch in batches:
+            for row in _run_batch(workload, batch, profile, timeout):
+                rows.append(row)
                 save()
-                continue
-            if profile or p.returncode != 0:
-                print(p.stderr[-7000:], file=sys.stderr, flush=True)
-            if p.returncode != 0:
-                last = (p.stderr.strip().splitlines() or ["no output"])[-1]
-                rows.append({"workload": workload, "mode": mode, "error": last[:300]})
-                save()
-                continue
-            rows.append({"workload": workload, "mode": mode, **json.loads(p.stdout.strip().splitlines()[-1])})
-            save()
-            print(f"    {rows[-1]['tokens_per_s'] / 1e3:.1f}k tok/s, {rows[-1]['peak_mem_gib']:.2f} GiB "
-                  f"({time.time() - t0:.0f}s)", file=sys.stderr, flush=True)
+                if "tokens_per_s" in row:
+                    print(f"    [{workload}] {row['mode']}: {row['tokens_per_s'] / 1e3:.1f}k tok/s, "
+                          f"{row['peak_mem_gib']:.2f} GiB", file=sys.stderr, flush=True)
+                else:
+                    print(f"    [{workload}] {row['mode']}: {row['error']}", file=sys.stderr, flush=True)
     return add_ratios(rows, meta())
+
+
+def _batches(modes: list, parallel: int) -> list:
+    """The baseline alone first (it is every ratio's denominator), then compiled modes `parallel` at a time, then
+    the modes that must run alone."""
+    first = [[m] for m in modes if m == "non-DP compiled"]
+    shared = [m for m in modes if m != "non-DP compiled" and m not in _ALONE]
+    return first + [shared[i:i + parallel] for i in range(0, len(shared), parallel)] + \
+        [[m] for m in modes if m in _ALONE]
+
+
+def _mode_command(workload: str, mode: str, profile: bool, gated: bool) -> list:
+    return [sys.executable, "-m", "dpcompile.bench", "--one", mode, "--workloads", workload] + \
+        (["--profile"] if profile else []) + (["--gated"] if gated else [])
+
+
+def _run_batch(workload: str, modes: list, profile: bool, timeout: float, command=_mode_command) -> list:
+    """Start one process per mode; wait (up to `timeout` each) for every one to be warm; then time them in turn."""
+    import tempfile
+
+    gated = len(modes) > 1
+    procs = []
+    for mode in modes:
+        print(f"[{workload}] {mode} ...", file=sys.stderr, flush=True)
+        err = tempfile.TemporaryFile(mode="w+")
+        cmd = command(workload, mode, profile, gated)
+        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+        _PENDING.pop(p.stdout.fileno(), None)  # a new pipe may reuse a closed one's number
+        procs.append((mode, p, err, time.time()))
+    ready = {}
+    for mode, p, err, t0 in procs:
+        try:
+            ready[mode] = _read_line(p, t0 + timeout, lambda line: line == "READY") if gated else "READY"
+        except RuntimeError as e:
+            ready[mode] = str(e)
+    rows = []
+    for mode, p, err, t0 in procs:
+        row = {"workload": workload, "mode": mode}
+        try:
+            if ready[mode] != "READY":
+                raise RuntimeError(ready[mode])
+            if gated:
+                p.stdin.write("GO\n")
+                p.stdin.flush()
+            line = _read_line(p, max(time.time() + 120, t0 + timeout), lambda line: line.startswith("{"))
+            row.update(json.loads(line))
+        except (RuntimeError, ValueError, OSError) as e:  # OSError: the child died before GO
+            p.kill()
+            err.seek(0)
+            tail = err.read()
+            print(tail[-5000:], file=sys.stderr, flush=True)
+            lines = [ln for ln in tail.strip().splitlines() if ln.strip()]
+            row["error"] = (str(e) if str(e) not in ("", "EOF") or not lines else lines[-1])[:300]
+        if profile:
+            err.seek(0)
+            print(err.read()[-7000:], file=sys.stderr, flush=True)
+        p.wait()
+        err.close()
+        rows.append(row)
+    return rows
+
+
+def _read_line(p, deadline: float, want=lambda line: True) -> str:
+    """The child's next stdout line that `want` accepts (libraries may print other lines), or RuntimeError when
+    the deadline passes or the child exits first. Reads the pipe's file descriptor itself: a buffered readline
+    could hold a second line in its buffer while select waits on the empty pipe."""
+    import select
+
+    fd = p.stdout.fileno()
+    pending = _PENDING.setdefault(fd, b"")
+    while True:
+        while b"\n" in pending:
+            line, pending = pending.split(b"\n", 1)
+            _PENDING[fd] = pending
+            text = line.decode(errors="replace").strip()
+            if want(text):
+                return text
+        left = deadline - time.time()
+        if left <= 0:
+            raise RuntimeError("timed out (--timeout)")
+        if select.select([fd], [], [], min(left, 5.0))[0]:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                _PENDING.pop(fd, None)
+                raise RuntimeError("EOF")
+            pending += chunk
+            _PENDING[fd] = pending
+
+
+_PENDING: dict = {}  # fd -> bytes read past the last returned line
 
 
 def add_ratios(rows: list, info: dict) -> list:
@@ -365,7 +464,8 @@ def merge(paths: list, title: str, note: str, results_json: str, results_md: str
 
 def main(argv: list | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dpcompile bench", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated, from: {list(WORKLOADS)}")
+    ap.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
+                    help=f"comma-separated, from: {list(WORKLOADS)}")
     ap.add_argument("--modes", default=",".join(MODES),
                     help=f"comma-separated, from {MODES}; 'flashdp STYLE key=value' passes options; "
                          "a '+cudagraphs' suffix turns on Inductor CUDA graphs")
@@ -375,7 +475,10 @@ def main(argv: list | None = None) -> int:
     ap.add_argument("--merge", nargs="*", default=None, help="results.json files to append to benchmarks/")
     ap.add_argument("--title", default="benchmark run")
     ap.add_argument("--note", default="")
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="compile up to this many compiled modes of a workload at once (they are timed in turn)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
+    ap.add_argument("--gated", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.merge is not None:
         root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
@@ -387,14 +490,14 @@ def main(argv: list | None = None) -> int:
     if unknown:
         ap.error(f"unknown workload(s) {unknown}; known: {list(WORKLOADS)}")
     if args.one:
-        print(json.dumps(run_mode(args.one, workloads[0], args.profile)))
+        print(json.dumps(run_mode(args.one, workloads[0], args.profile, args.gated)), flush=True)
         return 0
     if not torch.cuda.is_available():
         print("dpcompile bench needs a CUDA GPU (the ratios are against compiled non-DP training on that GPU)",
               file=sys.stderr)
         return 2
     rows = run_all(workloads, [m.strip() for m in args.modes.split(",") if m.strip()], args.profile, args.timeout,
-                   args.out)
+                   args.out, args.parallel)
     text = table(rows)
     info = meta()
     print(f"\n{info}\n{text}")

@@ -164,3 +164,31 @@ def test_benchmark_plots_cope_with_one_workload_and_with_many(tmp_path):
         "throughput_vs_model_size.png", "memory_vs_model_size.png"}
     assert plots.parse_workload("gpt2-medium B=4 T=512") == {"model": "gpt2-medium", "family": "gpt2",
                                                              "size": "medium", "B": 4, "T": 512}
+
+
+def test_bench_parallel_warmup_times_one_mode_at_a_time(tmp_path):
+    """--parallel: every mode compiles at once, but the timed steps never overlap; a mode that dies before it is
+    warm becomes an error row, not a hang."""
+    from dpcompile import bench
+
+    log = tmp_path / "log"
+    child = (
+        "import json, sys, time\n"
+        "mode, log = sys.argv[1], sys.argv[2]\n"
+        "if mode == 'broken': raise SystemExit('compile failed: boom')\n"
+        "print('some library chatter', flush=True)\n"
+        "print('READY', flush=True)\n"
+        "assert sys.stdin.readline().strip() == 'GO'\n"
+        "open(log, 'a').write(f'start {mode}\\n'); time.sleep(0.2); open(log, 'a').write(f'end {mode}\\n')\n"
+        "print(json.dumps({'tokens_per_s': 1.0, 'peak_mem_gib': 1.0}), flush=True)\n")
+
+    def command(workload, mode, profile, gated):
+        assert gated
+        return [sys.executable, "-c", child, mode, str(log)]
+
+    rows = bench._run_batch("w", ["a", "broken", "b"], False, 60.0, command=command)
+    assert [r["mode"] for r in rows] == ["a", "broken", "b"]
+    assert "boom" in rows[1]["error"] and "tokens_per_s" in rows[0] and "tokens_per_s" in rows[2]
+    assert log.read_text().split("\n")[:4] == ["start a", "end a", "start b", "end b"]
+    assert bench._batches(["opacus ghost", "flashdp flat", "non-DP compiled", "flashdp per_layer", "x"], 2) == [
+        ["non-DP compiled"], ["flashdp flat", "flashdp per_layer"], ["x"], ["opacus ghost"]]

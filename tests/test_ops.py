@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from hypothesis import given, strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import dpcompile  # noqa: F401  (registers the ops)
 from dpcompile.codegen import ops
 from dpcompile.codegen.ops import linear_direct_norm_reference
+from dpcompile.codegen.ops import norm_dtype as ops_norm_dtype
 
 O = torch.ops.dpcompile
 B_ = st.integers(0, 4)
@@ -220,7 +222,8 @@ def _calls(dt):
     c = torch.ones(2)
     a, b, x, e, p = rnd(g, 2, 3, 4, dtype=dt), rnd(g, 2, 3, 5, dtype=dt), rnd(g, 2, 3, 4, dtype=dt), \
         rnd(g, 2, 3, 6, dtype=dt), rnd(g, 2, 2, 1, 3, dtype=dt)
-    return [("linear_norm", (a, b)), ("linear_clipped_sum", (a, b, c)), ("rows_norm", (x,)),
+    return [("linear_norm", (a, b)), ("linear_clipped_sum", (a, b, c)), ("linear_tile_norm", (a, b)),
+            ("linear_tile_clipped_sum", (a, b, c)), ("rows_norm", (x,)),
             ("rows_clipped_sum", (x, c)), ("embedding_norm", (idx, e, 0)),
             ("embedding_clipped_sum", (idx, e, c, 9, 0)), ("persample_norm", (p,)),
             ("persample_clipped_sum", (p, c))]
@@ -240,7 +243,8 @@ def test_fake_impls_match_real(dt):
             assert fake.dtype == dt, name
 
 
-@pytest.mark.parametrize("name", ["linear_norm", "rows_norm", "persample_norm", "embedding_norm"])
+@pytest.mark.parametrize("name", ["linear_norm", "linear_tile_norm", "linear_tile_clipped_sum", "rows_norm",
+                                  "persample_norm", "embedding_norm"])
 def test_opcheck(name):
     args = dict(_calls(torch.float32))[name]
     torch.library.opcheck(getattr(O, name), args, test_utils=("test_schema", "test_faketensor"))
@@ -273,6 +277,28 @@ def test_single_pass_ops_match_norm_clip_sum(mean, clip_fn):
                    torch.ops.dpcompile.linear_single_pass_chunked(a, b, rest, 0.25, 0.3, clip_fn, mean, 1)):
         torch.testing.assert_close(c, coef)
         torch.testing.assert_close(out, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16])
+def test_tile_ops_norm_exactly_what_they_sum(dtype):
+    """two_pass / single_pass products come from the vendor GEMM in the data dtype: the norm is of those stored
+    values (so the clip bound holds for what is summed) and both are close to the float64 products."""
+    from dpcompile.codegen.ops import _tiles_and_norms
+
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(3, 40, 6, generator=g).to(dtype), torch.randn(3, 40, 9, generator=g).to(dtype)
+    coef = torch.rand(3, generator=g, dtype=torch.float64).to(ops_norm_dtype(dtype))
+    tiles, sq = _tiles_and_norms(a, b)
+    assert tiles.dtype == dtype and sq.dtype == ops_norm_dtype(dtype)
+    torch.testing.assert_close(sq.double(), tiles.double().pow(2).sum((1, 2)), rtol=1e-6, atol=0)
+    exact = torch.bmm(a.double().transpose(1, 2), b.double())
+    rtol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 4e-3}[dtype]
+    torch.testing.assert_close(torch.ops.dpcompile.linear_tile_norm(a, b).double(), exact.pow(2).sum((1, 2)),
+                               rtol=rtol, atol=0)
+    got = torch.ops.dpcompile.linear_tile_clipped_sum(a, b, coef)
+    assert got.dtype == dtype and got.shape == (6, 9)
+    torch.testing.assert_close(got.double(), torch.einsum("s,smn->mn", coef.double(), exact), rtol=rtol,
+                               atol=rtol * exact.abs().max().item())
 
 
 def test_ghost_norm_op_equals_direct_norm_op():

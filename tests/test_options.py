@@ -175,7 +175,7 @@ VARIANTS = {
     "loss_reduction": ["sum", "mean"],
     "batch_arg": [None, "x", "y", 0, 1, "0"],
     "batch_dim": [0, 1, -1],
-    "strategy": ["auto", "direct", "ghost", "single_pass", "randomized", {"*": "ghost"}, {"*.weight": "ghost"},
+    "strategy": ["auto", "direct", "ghost", "single_pass", "two_pass", "randomized", {"*": "ghost"}, {"*.weight": "ghost"},
                  {"a*": "direct", "*": "ghost"}, {"*": "ghost", "a*": "direct"}, {"*": "randomized"}],
     "single_pass_budget_mb": [1, 256, 0.5],
     "probes": [4, 32, 33],
@@ -232,7 +232,7 @@ def test_randomized_is_only_used_where_asked():
     o = DPOptions.parse({"strategy": {"lm_head.*": "direct", "blocks.*": "randomized"}})
     assert o.uses_randomized() and o.forced_strategy("blocks.0.fc.weight") == "randomized"
     assert o.forced_strategy("lm_head.weight") == "direct" and o.forced_strategy("wte.weight") == "auto"
-    for s in ("auto", "direct", "ghost", "single_pass", {"*": "ghost"}):
+    for s in ("auto", "direct", "ghost", "single_pass", "two_pass", {"*": "ghost"}):
         assert not DPOptions.parse({"strategy": s}).uses_randomized()
 
 

@@ -63,6 +63,11 @@ def test_strategies_use_their_ops(monkeypatch):
     ops = _rewritten_graph(model, x, monkeypatch, clipping="flat", strategy={"0.weight": "single_pass"})
     assert ops.count(dp.linear_single_pass.default) == 1 and ops.count(dp.linear_clipped_sum.default) == 1
     monkeypatch.undo()
+    # two_pass: the products formed for the norm, then again for the clipped sum
+    ops = _rewritten_graph(model, x, monkeypatch, clipping="flat", strategy="two_pass")
+    assert ops.count(dp.linear_tile_norm.default) == 2 and ops.count(dp.linear_tile_clipped_sum.default) == 2
+    assert dp.linear_norm.default not in ops and dp.linear_clipped_sum.default not in ops
+    monkeypatch.undo()
     # a budget below one sample's product: the chunked form
     ops = _rewritten_graph(model, x, monkeypatch, clipping="per_layer", strategy="single_pass",
                            single_pass_budget_mb=1e-6)

@@ -94,15 +94,15 @@ def linear_clipped_sum(a: Tensor, b: Tensor, coef: Tensor) -> Tensor:
     return clipped_sum(a, b, coef, launch=torch.library.wrap_triton)
 
 
-def _tiles_and_norms(a: Tensor, b: Tensor, launch=None):
-    """Per-sample products (B, M, N) and the squared norms of exactly those values."""
-    if _use_triton(a, b):
-        from .kernels.linear import per_sample_tiles
-
-        return per_sample_tiles(a, b, launch=launch)
-    a, b = _acc(a, b), _acc(b, a)
-    tiles = torch.bmm(a.transpose(1, 2), b)
-    return tiles, tiles.pow(2).sum((1, 2))
+def _tiles_and_norms(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample products (B, M, N) in the data dtype from the vendor batched GEMM, and the squared norms of exactly
+    the stored values in the accumulation dtype. cuBLAS bmm runs at the non-DP weight gradient's speed on these
+    shapes, where our Triton tile kernel reached 40% of it (benchmarks/NOTES.md, entry 4); the norm is a reduction
+    Inductor fuses. Norming the stored values keeps the clip bound exact for what is summed."""
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    tiles = torch.bmm(a.to(dtype).transpose(1, 2), b.to(dtype))
+    flat = tiles.reshape(tiles.shape[0], tiles.shape[1] * tiles.shape[2])
+    return tiles, torch.linalg.vector_norm(flat, dim=1, dtype=norm_dtype(dtype)).square()
 
 
 def _reduce_into(tiles: Tensor, coef: Tensor, acc: Tensor, accumulate: bool, launch=None) -> None:
@@ -135,16 +135,39 @@ def linear_single_pass(a: Tensor, b: Tensor, rest_sq: Tensor, sq_scale: float, t
     its norm (times sq_scale) plus `rest_sq` (the squared norms of the group's other parameters) gives the clip
     factor, and the products are reduced as sum_i coef_i s_i. Returns (the clipped sum, the group's
     coefficients for its other sites)."""
-    launch = torch.library.wrap_triton if _use_triton(a, b) else None
-    tiles, sq = _tiles_and_norms(a, b, launch=launch)
+    tiles, sq = _tiles_and_norms(a, b)
     acc_dtype = norm_dtype(a.dtype, b.dtype, rest_sq.dtype)
     coef = _clip_coefficients(sq.to(acc_dtype), rest_sq, sq_scale, threshold, clip_fn, mean, a.shape[0])
+    return _tiles_clipped_sum(tiles, coef, acc_dtype), coef
+
+
+def _tiles_clipped_sum(tiles: Tensor, coef: Tensor, acc_dtype: torch.dtype) -> Tensor:
+    """sum_i coef_i tiles_i accumulated in acc_dtype, returned in the tiles' dtype."""
+    launch = torch.library.wrap_triton if _use_triton(tiles) else None
     if launch is not None:
-        acc = torch.empty((a.shape[2], b.shape[2]), device=a.device, dtype=torch.float32)
+        acc = torch.empty(tiles.shape[1:], device=tiles.device, dtype=torch.float32)
         _reduce_into(tiles, coef, acc, accumulate=False, launch=launch)
     else:
         acc = torch.einsum("s,smn->mn", coef.to(acc_dtype), tiles.to(acc_dtype))
-    return acc.to(torch.promote_types(a.dtype, b.dtype)), coef
+    return acc.to(tiles.dtype)
+
+
+# the same quantities as the direct strategy's, so the same references
+linear_tile_norm_reference = linear_direct_norm_reference
+linear_tile_clipped_sum_reference = linear_clipped_sum_reference
+
+
+# two_pass: the per-sample products formed twice by the vendor GEMM (for the norms, then for the clipped sum) and
+# never kept between the two passes; the choice for the sites of a group that cannot all be single-pass (flat).
+@torch.library.triton_op(f"{_LIB}::linear_tile_norm", mutates_args=())
+def linear_tile_norm(a: Tensor, b: Tensor) -> Tensor:
+    return _tiles_and_norms(a, b)[1]
+
+
+@torch.library.triton_op(f"{_LIB}::linear_tile_clipped_sum", mutates_args=())
+def linear_tile_clipped_sum(a: Tensor, b: Tensor, coef: Tensor) -> Tensor:
+    tiles, _ = _tiles_and_norms(a, b)
+    return _tiles_clipped_sum(tiles, coef, norm_dtype(a.dtype, b.dtype, coef.dtype))
 
 
 # A custom_op, not a triton_op: the chunk loop runs on concrete sizes (the batch dim is symbolic at compile time).
@@ -299,6 +322,7 @@ def triton_ops() -> set:
 
     d = torch.ops.dpcompile
     return {d.linear_norm.default, d.linear_ghost_norm.default, d.linear_clipped_sum.default,
-            d.linear_single_pass.default, d.linear_norm_randomized.default, d.persample_norm_randomized.default,
+            d.linear_single_pass.default, d.linear_tile_norm.default,
+            d.linear_tile_clipped_sum.default, d.linear_norm_randomized.default, d.persample_norm_randomized.default,
             d.rows_colsum.default, d.rows_norm.default, d.rows_clipped_sum.default, d.persample_norm.default,
             d.persample_clipped_sum.default}

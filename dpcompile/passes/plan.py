@@ -3,9 +3,11 @@
 Strategies:
   direct        linear weight: a per-sample GEMM with the norm in its epilogue, then the clipped-sum GEMM (2 W)
   ghost         linear weight: Gram products of the T rows on chip for the norm (B T^2 (M+N)), then the clipped sum
-  single_pass   linear weight, when it is the only linear site of its clipping group: each per-sample product is
-                formed once into a scratch buffer (chunks of samples within a memory budget), its norm taken from
-                the stored values, then reduced with the clip factors (W + 2 B M N bytes of traffic)
+  single_pass   linear weight, one site per clipping group: each per-sample product is formed once by the vendor
+                batched GEMM into a scratch buffer (chunks of samples within a memory budget), its norm taken from
+                the stored values, then reduced with the clip factors (W + 3 B M N bytes of traffic)
+  two_pass      linear weight, where the scratch of one site fits the budget: the products formed by the vendor
+                GEMM for the norms, dropped, and formed again for the clipped sum (2 W + 6 B M N bytes)
   randomized    linear weight, only where the user forces it (it changes the privacy analysis): the norm estimated
                 with k Gaussian probes, 2 B T k (M+N) fp32 flops (docs/randomized.md), then the clipped sum. Never
                 chosen automatically, never single-pass, refused on T = 1 sites (the exact norm is cheaper there and
@@ -28,15 +30,17 @@ import sympy
 
 from ..errors import OptionsError
 
-LINEAR = ("direct", "ghost", "single_pass")  # what the planner chooses among; "randomized" only when forced
+LINEAR = ("direct", "ghost", "single_pass", "two_pass")  # what the planner chooses among; "randomized" only when forced
 
 
 @dataclass(frozen=True)
 class DeviceModel:
-    """What the cost expressions assume of the GPU: achieved (not peak) rates of our Triton kernels on an H100.
-    GPU time only: host-side launch work overlaps with the GPU as long as nothing synchronizes."""
+    """What the cost expressions assume of the GPU: achieved (not peak) rates on an H100, from
+    benchmarks/bench_linear_ops.py (RESULTS.md). GPU time only: host-side launch work overlaps with the GPU as long
+    as nothing synchronizes."""
 
-    flops_16: float = 4.5e14  # bf16/fp16 tensor-core GEMM, fp32 accumulation
+    flops_16: float = 2.5e14  # our Triton bf16/fp16 GEMMs with a norm or a per-sample scale (150-390 TF/s measured)
+    flops_vendor: float = 4.5e14  # cuBLAS bmm of the per-sample products (390-600 TF/s measured)
     flops_32: float = 4.0e13  # IEEE fp32 (no TF32: norms must not be rounded)
     bandwidth: float = 2.6e12  # HBM bytes/s
     launch: float = 3e-6  # GPU-side cost of one more kernel (ramp-up and tail of a small grid)
@@ -61,7 +65,9 @@ def linear_costs(s: LinearShape, budget_bytes: float, dev: DeviceModel = DEVICE,
     takes it where the user forced it."""
     B, T, M, N, e = s.B, s.T, s.M, s.N, s.itemsize
     flops = dev.flops_16 if e <= 2 else dev.flops_32
-    gemm = 2 * B * T * M * N / flops  # one weight-gradient-shaped GEMM
+    gemm = 2 * B * T * M * N / flops  # one weight-gradient-shaped GEMM of ours
+    bmm = 2 * B * T * M * N / (dev.flops_vendor if e <= 2 else dev.flops_32)  # the same products, vendor GEMM
+    tiles = B * M * N * e / dev.bandwidth  # one pass over the per-sample products
     read = B * T * (M + N) * e / dev.bandwidth  # one pass over the operands
     chunks = sympy.ceiling(B * M * N * e / budget_bytes)
     # one chunk: a triton_op Inductor inlines; several: a Python loop on every step (host time, measured ~0.3 ms)
@@ -69,7 +75,8 @@ def linear_costs(s: LinearShape, budget_bytes: float, dev: DeviceModel = DEVICE,
     return {
         "direct": 2 * gemm + 2 * read + 3 * dev.launch,
         "ghost": B * T * T * (M + N) / flops + gemm + 2 * read + 3 * dev.launch,
-        "single_pass": gemm + read + 2 * B * M * N * e / dev.bandwidth + chunks * 6 * dev.launch + chunk_host,
+        "single_pass": bmm + read + 3 * tiles + chunks * 6 * dev.launch + chunk_host,
+        "two_pass": 2 * bmm + 2 * read + 6 * tiles + 4 * dev.launch,
         # Z = a_i V and b_i^T Z in IEEE fp32 (T k (M + N) multiply-adds per sample), Z written and read back
         # (B T k fp32), the partial sums reduced, then the clipped-sum GEMM
         "randomized": 2 * B * T * probes * (M + N) / dev.flops_32 + gemm + 2 * read
@@ -127,11 +134,18 @@ def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int) 
             f"option strategy: 'single_pass' was forced for {[pg.name for pg in forced_single]}, which share one "
             "clipping group; single-pass clipping forms one site's per-sample products after every other norm of "
             "the group, so only one site per group can take it (use per_layer clipping or force 'direct'/'ghost')")
+    def scratch_fits(pg):  # two_pass has no chunked form: its products must fit the budget at the compiled batch
+        s = shapes[id(pg)]
+        return evaluate(s.B * s.M * s.N * s.itemsize, batch_symbol, batch_hint) <= budget
+
+    def multi_pass(pg):  # what a site that is not the group's single-pass site chooses among
+        return ("direct", "ghost", "two_pass") if scratch_fits(pg) else ("direct", "ghost")
+
     if not forced_single:
         # the auto site that single_pass saves most on, if single_pass beats its best alternative
         def saving(pg):  # only "auto" sites: a forced site ("randomized" included) keeps what it was given
             c = choices[id(pg)].costs
-            best = min(evaluate(c[k], batch_symbol, batch_hint) for k in ("direct", "ghost"))
+            best = min(evaluate(c[k], batch_symbol, batch_hint) for k in multi_pass(pg))
             return best - evaluate(c["single_pass"], batch_symbol, batch_hint)
 
         auto = [pg for pg in linear if choices[id(pg)].strategy == "auto"]
@@ -142,9 +156,8 @@ def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int) 
     for pg in linear:
         ch = choices[id(pg)]
         if ch.strategy == "auto":
-            ch.strategy = choose_linear(ch.costs, ("direct", "ghost"), batch_symbol, batch_hint)
-        s = shapes[id(pg)]
-        ch.chunked = evaluate(s.B * s.M * s.N * s.itemsize, batch_symbol, batch_hint) > budget
+            ch.strategy = choose_linear(ch.costs, multi_pass(pg), batch_symbol, batch_hint)
+        ch.chunked = not scratch_fits(pg)
     for pg in pgs:
         if id(pg) not in choices:
             choices[id(pg)] = SiteChoice(strategy(pg), {})

@@ -21,9 +21,9 @@ from .discover import Contribution, ParamGrad, Step
 
 aten = torch.ops.aten
 
-def _site_clipped_sum(site, ins, coef):
+def _site_clipped_sum(site, ins, coef, strategy: str):
     if site.kind == "linear":
-        return ops.linear_clipped_sum(*ins, coef)
+        return (ops.linear_tile_clipped_sum if strategy == "two_pass" else ops.linear_clipped_sum)(*ins, coef)
     if site.kind == "rows":
         return ops.rows_clipped_sum(*ins, coef).reshape(site.node.meta["val"].shape)
     return ops.embedding_clipped_sum(*ins, coef, site.info["num_weights"], site.info["padding_idx"]).reshape(
@@ -173,7 +173,8 @@ def _fused_norm(pg: ParamGrad, strategy: str, env: dict, bsz, randomized: Option
     if c.site.kind == "linear" and strategy == "randomized":
         n2 = randomized.norm(pg, *ins, env)
     elif c.site.kind == "linear":
-        n2 = ops.linear_ghost_norm(*ins) if strategy == "ghost" else ops.linear_norm(*ins)
+        norm = {"ghost": ops.linear_ghost_norm, "two_pass": ops.linear_tile_norm}.get(strategy, ops.linear_norm)
+        n2 = norm(*ins)
     elif c.site.kind == "rows":
         # the per-sample row sums, once: the norm and the clipped sum both read this (B, 1, P) tensor
         ins = (ops.rows_colsum(*ins).unsqueeze(1),)
@@ -238,7 +239,8 @@ def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: in
             if id(pg) in sums:
                 s = sums[id(pg)]
             elif pg.fused:
-                s = _finish_fused(pg, _site_clipped_sum(pg.contributions[0].site, prepared[id(pg)], coef), env)
+                s = _finish_fused(pg, _site_clipped_sum(pg.contributions[0].site, prepared[id(pg)], coef,
+                                                               strategies.get(id(pg), "")), env)
             else:
                 s = ops.persample_clipped_sum(prepared[id(pg)], coef)
             val = pg.grad.meta["val"]
