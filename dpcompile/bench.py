@@ -327,12 +327,10 @@ def run_all(workloads: list, modes: list, profile: bool, timeout: float, out: st
 
 
 def _batches(modes: list, parallel: int) -> list:
-    """The baseline alone first (it is every ratio's denominator), then compiled modes `parallel` at a time, then
-    the modes that must run alone."""
-    first = [[m] for m in modes if m == "non-DP compiled"]
-    shared = [m for m in modes if m != "non-DP compiled" and m not in _ALONE]
-    return first + [shared[i:i + parallel] for i in range(0, len(shared), parallel)] + \
-        [[m] for m in modes if m in _ALONE]
+    """Compiled modes `parallel` at a time (the baseline, every ratio's denominator, in the first batch and timed
+    first), then the modes that must run alone."""
+    shared = sorted((m for m in modes if m not in _ALONE), key=lambda m: m != "non-DP compiled")
+    return [shared[i:i + parallel] for i in range(0, len(shared), parallel)] + [[m] for m in modes if m in _ALONE]
 
 
 def _mode_command(workload: str, mode: str, profile: bool, gated: bool) -> list:

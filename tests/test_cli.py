@@ -191,4 +191,4 @@ def test_bench_parallel_warmup_times_one_mode_at_a_time(tmp_path):
     assert "boom" in rows[1]["error"] and "tokens_per_s" in rows[0] and "tokens_per_s" in rows[2]
     assert log.read_text().split("\n")[:4] == ["start a", "end a", "start b", "end b"]
     assert bench._batches(["opacus ghost", "flashdp flat", "non-DP compiled", "flashdp per_layer", "x"], 2) == [
-        ["non-DP compiled"], ["flashdp flat", "flashdp per_layer"], ["x"], ["opacus ghost"]]
+        ["non-DP compiled", "flashdp flat"], ["flashdp per_layer", "x"], ["opacus ghost"]]
