@@ -220,6 +220,7 @@ def main():
             r["memory_ratio"] = (r["peak_mem_gib"] / base["peak_mem_gib"]
                                  if base and r["peak_mem_gib"] and base["peak_mem_gib"] else None)
         r.update(meta)
+        r["baseline"] = "dp-full"  # its ratios are not against non-DP compiled: plots.py leaves such records out
         r["note"] = ("issue 6 (memarc): ratios vs dp-full of the same run; " + ("--small CPU smoke test; " if args.small
                      else "") + args.note).strip()
 

@@ -47,6 +47,8 @@ def latest(records: list) -> list:
     for r in records:
         if not {"workload", "mode", "tokens_per_s", "peak_mem_gib"} <= set(r):
             continue
+        if r.get("baseline", "non-DP compiled") != "non-DP compiled":  # e.g. MemArc rows, relative to dp-full
+            continue
         key = (r.get("gpu", "?"), r["workload"], r["mode"])
         out.pop(key, None)
         out[key] = {**r, **parse_workload(r["workload"])}
