@@ -172,11 +172,8 @@ def decoder_blocks(model):
 def freeze(model, train_layers: Optional[int], train_embeddings: bool) -> tuple[int, int]:
     """Freeze the token embedding (unless train_embeddings) and every block but the last `train_layers` (None or
     -1: all). Returns (trainable, total) parameter counts."""
-    if not train_embeddings:
+    if not train_embeddings:  # a tied LM head is the same tensor: frozen with it
         model.get_input_embeddings().weight.requires_grad_(False)
-        out = model.get_output_embeddings()
-        if out is not None and out.weight is model.get_input_embeddings().weight:
-            pass  # tied: frozen with the embedding
     if train_layers is not None and train_layers >= 0:
         blocks = decoder_blocks(model)
         if blocks is None:

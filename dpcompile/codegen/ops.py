@@ -143,12 +143,8 @@ def linear_single_pass(a: Tensor, b: Tensor, rest_sq: Tensor, sq_scale: float, t
 
 def _tiles_clipped_sum(tiles: Tensor, coef: Tensor, acc_dtype: torch.dtype) -> Tensor:
     """sum_i coef_i tiles_i accumulated in acc_dtype, returned in the tiles' dtype."""
-    launch = torch.library.wrap_triton if _use_triton(tiles) else None
-    if launch is not None:
-        acc = torch.empty(tiles.shape[1:], device=tiles.device, dtype=torch.float32)
-        _reduce_into(tiles, coef, acc, accumulate=False, launch=launch)
-    else:
-        acc = torch.einsum("s,smn->mn", coef.to(acc_dtype), tiles.to(acc_dtype))
+    acc = torch.empty(tiles.shape[1:], device=tiles.device, dtype=acc_dtype)
+    _reduce_into(tiles, coef, acc, accumulate=False, launch=torch.library.wrap_triton if _use_triton(tiles) else None)
     return acc.to(tiles.dtype)
 
 

@@ -530,7 +530,8 @@ class DistributedDPOptimizer(DPOptimizer):
             parts = []
             for p in bucket:
                 g = p.grad.detach().float() if p.grad is not None else torch.zeros(p.shape, device=p.device)
-                if self.rank == 0:  # the one noise draw of the step, as DPOptimizer draws it in one process
+                if self.rank == 0:  # the one noise draw of the step (parameter by parameter; DPOptimizer draws
+                    # one vector per device: the same distribution, another stream of the generator)
                     if self.secure_mode and p.device not in gens:
                         gens[p.device] = self._step_generator(p.device)
                     gen = gens[p.device] if self.secure_mode else self.generator

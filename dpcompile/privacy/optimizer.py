@@ -55,21 +55,14 @@ class ClipRecord:
 
     @classmethod
     def from_context(cls, ctx) -> "ClipRecord":
-        rec = getattr(ctx, "clip_record", None)
-        if rec is None:
-            ids = getattr(ctx, "param_ids", {}) or {}
-            randomized = getattr(ctx, "randomized", {}) or {}
-            rec = cls(math.sqrt(sum(float(c) ** 2 for c in ctx.thresholds.values())), len(ctx.params),
-                      randomized=ctx.randomized_groups() if randomized else None,
-                      randomized_ids={ids[i] for i in randomized if i in ids},
-                      classified_ids=set(ids.values()) if getattr(ctx, "classified", False) else (),
-                      probes=ctx.options.probes, variant=ctx.options.probe_variant,
-                      options_key=ctx.options.cache_key())
-            try:
-                ctx.clip_record = rec
-            except AttributeError:  # a context object without the slot: one record per call, as before
-                pass
-        return rec
+        if ctx.clip_record is None:
+            ctx.clip_record = cls(math.sqrt(sum(float(c) ** 2 for c in ctx.thresholds.values())), len(ctx.params),
+                                  randomized=ctx.randomized_groups() if ctx.randomized else None,
+                                  randomized_ids={ctx.param_ids[i] for i in ctx.randomized if i in ctx.param_ids},
+                                  classified_ids=set(ctx.param_ids.values()) if ctx.classified else (),
+                                  probes=ctx.options.probes, variant=ctx.options.probe_variant,
+                                  options_key=ctx.options.cache_key())
+        return ctx.clip_record
 
 
 #: id(parameter) -> the ClipRecords of the graphs that privatized it (None for a graph of unknown thresholds)
@@ -105,7 +98,7 @@ def check_randomized_consistency(params, context) -> None:
     rec = ClipRecord.from_context(context)
     if not rec.classified_ids:
         return
-    names = {getattr(context, "param_ids", {}).get(i): info.name for i, info in context.params.items()}
+    names = {context.param_ids.get(i): info.name for i, info in context.params.items()}
     for p in params:
         pid = id(p)
         if PRIVATIZED.get(pid) is not p or pid not in rec.classified_ids:
@@ -132,12 +125,15 @@ def is_privatized(p: torch.Tensor) -> bool:
 
 def _records_by_set(params) -> Optional[dict]:
     """frozenset(param ids of a graph) -> the records of the graphs over that set; None if one is unknown."""
-    by_set: dict = {}
+    records: dict = {}  # id(record) -> record: each graph's set is built once, not once per parameter
     for p in params:
         for rec in CLIP_RECORDS.get(id(p), [None]):
             if rec is None:
                 return None
-            by_set.setdefault(frozenset(rec.param_ids), {})[id(rec)] = rec
+            records[id(rec)] = rec
+    by_set: dict = {}
+    for rid, rec in records.items():
+        by_set.setdefault(frozenset(rec.param_ids), {})[rid] = rec
     return by_set
 
 
