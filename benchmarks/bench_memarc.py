@@ -2,6 +2,7 @@
 network (dpcompile.memarc, flashdp backend), on one GPU, one process per mode.
 
     python benchmarks/bench_memarc.py --out $OUT          # gpt2-large and llama-1b, B=8, T=1024, bf16 autocast
+    python benchmarks/bench_memarc.py --parallel 4 --workloads llama-1b   # 4 modes compile at once, timed in turn
     python benchmarks/bench_memarc.py --small             # CPU smoke test: tiny configs, flashdp_eager, B=2, T=32
 
 Workloads (random init: speed and memory only; utility is examples/memarc_finetune.py):
@@ -32,7 +33,6 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -80,7 +80,10 @@ def make_model(mode: str, lm, small: bool):
     return model, ("flat" if variant == "flat" else "per_layer")
 
 
-def run_mode(workload: str, mode: str, B: int, T: int, steps: int, warmup: int, small: bool, backend: str) -> dict:
+def run_mode(workload: str, mode: str, B: int, T: int, steps: int, warmup: int, small: bool, backend: str,
+             gated: bool = False) -> dict:
+    """gated: once warm, print READY and wait for GO on stdin (dpcompile.bench's handshake: modes compile together,
+    are timed one at a time)."""
     import torch
 
     import dpcompile
@@ -123,6 +126,12 @@ def run_mode(workload: str, mode: str, B: int, T: int, steps: int, warmup: int, 
         loss = step()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+        if gated and i == warmup - 1:
+            t_gate = time.perf_counter()
+            print("READY", flush=True)
+            if sys.stdin.readline().strip() != "GO":
+                raise SystemExit("bench_memarc: the driver went away before timing")
+            t_start += time.perf_counter() - t_gate  # the wait is not part of the warm-up time
     # one more step under a saved-tensor hook: the bytes the compiled graph keeps for backward (not parameters)
     storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved = {}
@@ -172,44 +181,45 @@ def main():
                                                         "with --small: nothing unless given)")
     ap.add_argument("--out", default=None, help="also write the records and the updated results file here")
     ap.add_argument("--note", default="", help="text for the records' note field")
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="warm up this many modes of a workload at once (each in its own process; timed in turn)")
+    ap.add_argument("--gated", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--one", nargs=2, metavar=("WORKLOAD", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     B = args.B or (2 if args.small else 8)
     T = args.T or (32 if args.small else 1024)
     backend = args.backend or ("flashdp_eager" if args.small else "flashdp")
     if args.one:  # child process: one mode
-        print(json.dumps(run_mode(*args.one, B, T, args.steps, args.warmup, args.small, backend)))
+        print(json.dumps(run_mode(*args.one, B, T, args.steps, args.warmup, args.small, backend, args.gated)),
+              flush=True)
         return
+
+    from dpcompile.bench import _run_batch  # the harness's process-per-mode driver and READY/GO handshake
+
+    def command(label, mode, profile, gated):
+        return [sys.executable, os.path.abspath(__file__), "--one", label.split()[0], mode, "--B", str(B),
+                "--T", str(T), "--steps", str(args.steps), "--warmup", str(args.warmup), "--backend", backend] + \
+            (["--small"] if args.small else []) + (["--gated"] if gated else [])
 
     t_begin = time.time()
     rows = []
-    # mode-major order: the baseline and the two MemArc designs of every workload come before the LoRA rows
-    plan = [(w, m) for m in args.modes.split(",") for w in args.workloads.split(",")]
-    for workload, mode in plan:
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    n = max(1, args.parallel)
+    for workload in args.workloads.split(","):
         label = f"{workload} B={B} T={T}"
-        left = args.budget_s - (time.time() - t_begin)
-        if left < 30:
-            rows.append({"workload": label, "mode": mode, "error": f"skipped: time budget ({args.budget_s:.0f} s)"})
-            continue
-        print(f"[{label}] {mode} ...", flush=True)
-        cmd = [sys.executable, os.path.abspath(__file__), "--one", workload, mode, "--B", str(B), "--T", str(T),
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--backend", backend] + \
-            (["--small"] if args.small else [])
-        t0 = time.time()
-        try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=left - 5)
-        except subprocess.TimeoutExpired:
-            rows.append({"workload": label, "mode": mode, "error": f"timed out after {time.time() - t0:.0f} s"})
-            continue
-        if p.returncode != 0:
-            tail = p.stderr.strip().splitlines()
-            print("\n".join(tail[-25:]), flush=True)
-            rows.append({"workload": label, "mode": mode, "error": (tail[-1] if tail else "failed")[:300]})
-            continue
-        rec = json.loads(p.stdout.strip().splitlines()[-1])
-        rec["wall_s"] = time.time() - t0
-        print(f"    {rec['tokens_per_s']:.0f} tok/s, peak {rec['peak_mem_gib']} GiB, {rec['wall_s']:.0f} s", flush=True)
-        rows.append({"workload": label, "mode": mode, **rec})
+        for batch in [modes[i:i + n] for i in range(0, len(modes), n)]:  # dp-full (the ratios' base) comes first
+            left = args.budget_s - (time.time() - t_begin)
+            if left < 30:
+                rows += [{"workload": label, "mode": m, "error": f"skipped: time budget ({args.budget_s:.0f} s)"}
+                         for m in batch]
+                continue
+            t0 = time.time()
+            for rec in _run_batch(label, batch, False, left - 5, command):
+                rec["wall_s"] = time.time() - t0
+                if "tokens_per_s" in rec:
+                    print(f"    {rec['mode']}: {rec['tokens_per_s']:.0f} tok/s, peak {rec['peak_mem_gib']} GiB, "
+                          f"warm after {rec['first_steps_s']:.0f} s", flush=True)
+                rows.append(rec)
 
     meta = _meta(args.small)
     for r in rows:

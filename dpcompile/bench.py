@@ -43,6 +43,7 @@ WORKLOADS = {
     "gpt2-small B=2 T=8192": dict(model="gpt2-small", B=2, T=8192),
     "gpt2-small B=2 T=16384": dict(model="gpt2-small", B=2, T=16384),
     "llama-1.1b B=2 T=4096": dict(model="llama-1b", B=2, T=4096),
+    "llama-1.1b B=2 T=8192": dict(model="llama-1b", B=2, T=8192),
     "llama-1.1b B=2 T=16384": dict(model="llama-1b", B=2, T=16384),
 }
 #: what `python -m dpcompile.bench` runs by default (the issue-3 harness); the long-context ones are named explicitly

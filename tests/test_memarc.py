@@ -236,3 +236,25 @@ def test_clipping_is_explicit_and_trainables_are_checked():
         memarc.side_network(case.model, reduction=3)
     with pytest.raises(DPCompileError, match="not a Hugging Face causal LM"):
         memarc.lora(models.mlp().model)
+
+
+def test_bench_memarc_smoke_parallel_handshake(tmp_path):
+    """benchmarks/bench_memarc.py --small with two modes warmed up at once: both rows come back timed, and the
+    ratios are against dp-full of the same run."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    results = tmp_path / "results.json"
+    p = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "bench_memarc.py"), "--small",
+                        "--workloads", "gpt2-large", "--modes", "dp-full,dp-side", "--parallel", "2",
+                        "--steps", "1", "--warmup", "1", "--results", str(results)],
+                       capture_output=True, text=True, timeout=600, cwd=root)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads(results.read_text())
+    assert [r["mode"] for r in rows] == ["dp-full", "dp-side"]
+    assert all(r["tokens_per_s"] > 0 and r["baseline"] == "dp-full" for r in rows), rows
+    assert rows[0]["throughput_ratio"] == 1.0
+    assert rows[1]["trainable_params"] < rows[0]["trainable_params"]
