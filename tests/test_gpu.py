@@ -75,3 +75,28 @@ def test_dp_optimizer_noise_on_cuda_parameters(gen):
     opt.add_noise()
     g = model.weight.grad
     assert g.device.type == "cuda" and abs(g.std().item() / 0.5 - 1) < 0.03
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_two_pass_norms_the_products_it_sums(compiled):
+    """two_pass forms each sample's product twice (cuBLAS bmm for the norm, again for the clipped sum): the clip
+    bound holds only if both passes produce the same values. With coef = e_i the clipped sum is sample i's second-
+    pass product itself (one fp32 term, rounded once to bf16), and its norm must be the first pass's norm."""
+    g = torch.Generator("cuda").manual_seed(0)
+    B, T, M, N = 4, 256, 768, 2304  # gpt2-small's qkv site
+    a = torch.randn(B, T, M, device="cuda", generator=g).bfloat16()
+    b = torch.randn(B, T, N, device="cuda", generator=g).bfloat16() * 1e-2
+    eye = torch.eye(B, device="cuda")
+
+    def passes(a, b, eye):
+        n2 = torch.ops.dpcompile.linear_tile_norm(a, b)
+        second = [torch.ops.dpcompile.linear_tile_clipped_sum(a, b, eye[i]) for i in range(B)]
+        return n2, torch.stack(second)
+
+    fn = torch.compile(passes) if compiled else passes
+    torch._dynamo.reset()
+    n2, second = fn(a, b, eye)
+    again = second.float().pow(2).sum((1, 2))
+    torch.testing.assert_close(n2, again, rtol=1e-5, atol=0)  # fp32 summation order only
+    exact = torch.bmm(a.double().transpose(1, 2), b.double()).pow(2).sum((1, 2))
+    torch.testing.assert_close(n2.double(), exact, rtol=1e-2, atol=0)  # bf16 products: about 2^-8 each
