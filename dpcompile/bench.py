@@ -271,7 +271,23 @@ def run_mode(mode: str, workload: str, profile: bool = False, gated: bool = Fals
     result = {"tokens_per_s": B * T / statistics.median(times),
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
               "host_ms": 1e3 * statistics.median(enqueue), "step_ms": 1e3 * statistics.median(times)}
-    if profile:  # one more step under the profiler: GPU busy time and the kernels that take it, to stderr
+    if profile == "host":  # five more steps under cProfile: where the host (Python) time of a step goes, to stderr
+        import cProfile
+        import io
+        import pstats
+
+        prof_py = cProfile.Profile()
+        prof_py.enable()
+        for _ in range(5):
+            inner(x, y)
+        prof_py.disable()
+        torch.cuda.synchronize()
+        text = io.StringIO()
+        stats = pstats.Stats(prof_py, stream=text)
+        stats.sort_stats("tottime").print_stats(30)
+        stats.sort_stats("cumulative").print_stats(30)
+        print(f"== {workload} / {mode}: host profile of 5 steps\n{text.getvalue()}", file=sys.stderr)
+    elif profile:  # one more step under the profiler: GPU busy time and the kernels that take it, to stderr
         from torch.profiler import ProfilerActivity, profile as prof
 
         with prof(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as p:
@@ -335,8 +351,9 @@ def _batches(modes: list, parallel: int) -> list:
 
 
 def _mode_command(workload: str, mode: str, profile: bool, gated: bool) -> list:
-    return [sys.executable, "-m", "dpcompile.bench", "--one", mode, "--workloads", workload] + \
-        (["--profile"] if profile else []) + (["--gated"] if gated else [])
+    flag = ["--host-profile"] if profile == "host" else ["--profile"] if profile else []
+    return [sys.executable, "-m", "dpcompile.bench", "--one", mode, "--workloads", workload] + flag + \
+        (["--gated"] if gated else [])
 
 
 def _run_batch(workload: str, modes: list, profile: bool, timeout: float, command=_mode_command) -> list:
@@ -378,7 +395,7 @@ def _run_batch(workload: str, modes: list, profile: bool, timeout: float, comman
             row["error"] = (str(e) if str(e) not in ("", "EOF") or not lines else lines[-1])[:300]
         if profile:
             err.seek(0)
-            print(err.read()[-7000:], file=sys.stderr, flush=True)
+            print(err.read()[-20000:], file=sys.stderr, flush=True)
         p.wait()
         err.close()
         rows.append(row)
@@ -470,6 +487,8 @@ def main(argv: list | None = None) -> int:
                          "a '+cudagraphs' suffix turns on Inductor CUDA graphs")
     ap.add_argument("--out", default=None, help="directory for results.json and table.md")
     ap.add_argument("--profile", action="store_true", help="profile one extra step per mode (GPU busy time)")
+    ap.add_argument("--host-profile", action="store_true",
+                    help="cProfile five more steps per mode: where the step's host (Python) time goes")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per mode before it is recorded as failed")
     ap.add_argument("--merge", nargs="*", default=None, help="results.json files to append to benchmarks/")
     ap.add_argument("--title", default="benchmark run")
@@ -489,14 +508,15 @@ def main(argv: list | None = None) -> int:
     if unknown:
         ap.error(f"unknown workload(s) {unknown}; known: {list(WORKLOADS)}")
     if args.one:
-        print(json.dumps(run_mode(args.one, workloads[0], args.profile, args.gated)), flush=True)
+        profile = "host" if args.host_profile else args.profile
+        print(json.dumps(run_mode(args.one, workloads[0], profile, args.gated)), flush=True)
         return 0
     if not torch.cuda.is_available():
         print("dpcompile bench needs a CUDA GPU (the ratios are against compiled non-DP training on that GPU)",
               file=sys.stderr)
         return 2
-    rows = run_all(workloads, [m.strip() for m in args.modes.split(",") if m.strip()], args.profile, args.timeout,
-                   args.out, args.parallel)
+    rows = run_all(workloads, [m.strip() for m in args.modes.split(",") if m.strip()],
+                   "host" if args.host_profile else args.profile, args.timeout, args.out, args.parallel)
     text = table(rows)
     info = meta()
     print(f"\n{info}\n{text}")
