@@ -57,8 +57,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-grad-norm", type=_positive(float), default=1.0, metavar="C",
                    help="per-sample gradient norm bound C (default 1.0)")
     p.add_argument("--strategy", default=None,
-                   help="strategy of linear weight sites: auto (the planner's cheapest, default), direct, ghost, two_pass or "
-                        "single_pass (the backend option 'strategy'; see docs/clipping.md)")
+                   help="strategy of linear weight sites: auto (the planner's cheapest, default), direct, ghost, "
+                        "single_pass, stored or two_pass (the backend option 'strategy'; see docs/clipping.md)")
     p.add_argument("--train-layers", type=int, default=None, metavar="N",
                    help="train only the last N transformer blocks (and the final norm); -1 = all. Default: 2 on CPU, "
                         "all on a GPU")
@@ -144,7 +144,7 @@ def _strategy_option(strategy: Optional[str]) -> dict:
     if strategy == "randomized":
         raise SystemExit("dpcompile: --strategy randomized estimates per-sample norms with probes, which changes the "
                          "privacy analysis (docs/randomized.md); `dpcompile train` calibrates sigma for exact norms "
-                         "only. Use direct, ghost, single_pass or two_pass here, or the Python API for randomized norms")
+                         "only. Use direct, ghost, single_pass, stored or two_pass here, or the Python API for randomized norms")
     from .errors import OptionsError
     from .options import DPOptions
 

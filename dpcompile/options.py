@@ -23,8 +23,8 @@ LOSS_REDUCTIONS = ("sum", "mean")
 # strategies for linear weight sites (dpcompile/passes/plan.py): "auto" lets the cost model choose per site among
 # the exact ones; "randomized" (probe-estimated norms, docs/randomized.md) changes the privacy analysis, so it is
 # only ever used where the user forces it
-LINEAR_STRATEGIES = ("auto", "direct", "ghost", "single_pass", "two_pass", "randomized")
-EXACT_LINEAR_STRATEGIES = ("direct", "ghost", "single_pass", "two_pass")
+LINEAR_STRATEGIES = ("auto", "direct", "ghost", "single_pass", "stored", "two_pass", "randomized")
+EXACT_LINEAR_STRATEGIES = ("direct", "ghost", "single_pass", "stored", "two_pass")
 DEFAULT_SINGLE_PASS_BUDGET_MB = 256.0
 # randomized norms: the probe estimators and the default probe count (k = 32 costs about 9% more sigma)
 PROBE_VARIANTS = ("hutchinson", "hutchpp")
@@ -45,14 +45,14 @@ class DPOptions:
     batch_arg: which forward input carries the batch: None (first tensor input), an argument name, or a position.
     batch_dim: dimension of that input that indexes samples.
     strategy: how linear weight sites get their norms and clipped sums: "auto" (the planner's cheapest),
-        "direct", "ghost", "single_pass", "two_pass", or a dict {parameter-name glob: strategy} to force some
+        "direct", "ghost", "single_pass", "stored", "two_pass", or a dict {parameter-name glob: strategy} to force some
         sites (first matching glob wins; unmatched sites stay "auto"). docs/clipping.md describes each.
         "randomized" estimates the per-sample norms of the sites it is forced on with Gaussian probes
         (DP-SGD-RC, docs/randomized.md): cheaper for long sequences, but the privacy analysis changes (the optimizer
         and accountant are told by the compiled graph); never chosen by "auto". A forced "randomized" site with one
         row per sample (T = 1) is refused: its exact norm is cheaper and costs no privacy.
     single_pass_budget_mb: scratch memory one single_pass site may hold at a time (chunks of samples); "auto" gives
-        two_pass only to sites whose per-sample products fit it (a forced two_pass site is not held to it).
+        stored and two_pass only to sites whose per-sample products fit it (a forced site is not held to it).
     probes: k, the matrix-vector products per randomized site and sample (>= 2 effective probes for the accounting:
         hutchinson k >= 2, hutchpp k >= 4, whose accounting uses its k - 2 floor(k/3) residual probes).
     probe_variant: "hutchinson" (k Gaussian probes) or "hutchpp" (Hutch++: exact on per-sample gradients of rank

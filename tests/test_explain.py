@@ -16,9 +16,9 @@ def test_explain_lists_every_trainable_parameter():
     n_groups = len({r["group"] for r in plan.rows})
     assert all(math.isclose(r["threshold"], 2.0 / math.sqrt(n_groups)) for r in plan.rows)
     qkv = rows["blocks.0.attn.qkv.weight"]
-    assert qkv["strategy"] in ("direct", "ghost", "single_pass", "two_pass") and not qkv["forced"]
+    assert qkv["strategy"] in ("direct", "ghost", "single_pass", "stored", "two_pass") and not qkv["forced"]
     # the planner's choice is the cheapest of the predicted costs it shows
-    assert set(qkv["cost_us_per_sample"]) == {"direct", "ghost", "single_pass", "two_pass"}
+    assert set(qkv["cost_us_per_sample"]) == {"direct", "ghost", "single_pass", "stored", "two_pass"}
     assert qkv["cost_us_per_sample"][qkv["strategy"]] == min(qkv["cost_us_per_sample"].values())
     assert rows["blocks.0.attn.qkv.bias"]["group"] == rows["blocks.0.attn.qkv.weight"]["group"] == "blocks.0.attn.qkv"
     assert rows["blocks.0.ln1.weight"]["strategy"] == "fused-rows"
@@ -72,9 +72,17 @@ def test_planner_follows_the_cost_model_on_real_shapes():
     pgs = [PG("a.weight"), PG("b.weight"), PG("c.weight")]
     shapes = {id(pg): LinearShape(B, 1024, 768, 768 * (i + 1), 2) for i, pg in enumerate(pgs)}
     choice = plan_group(pgs, shapes, DPOptions.parse({"clipping": "flat"}), B, 8)
-    # single_pass saves most on the widest; the others form their products twice at vendor-GEMM speed
-    assert [choice[id(pg)].strategy for pg in pgs] == ["two_pass", "two_pass", "single_pass"]
-    # a 10 MB budget holds a's 8 x 768 x 768 bf16 products (9.4 MB) only: two_pass is out for b and c, which take
+    # single_pass saves most on the widest; the others keep their products (768 N <= 1024 (768 + N)) until the group's
+    # factor is known, formed once at vendor-GEMM speed
+    assert [choice[id(pg)].strategy for pg in pgs] == ["stored", "stored", "single_pass"]
+    # short rows: products larger than the operands (768 N > 128 (768 + N)) are not kept: formed twice instead
+    short = {id(pg): LinearShape(B, 128, 768, 768 * (i + 1), 2) for i, pg in enumerate(pgs)}
+    choice = plan_group(pgs, short, DPOptions.parse({"clipping": "flat"}), B, 8)
+    assert "stored" not in [choice[id(pg)].strategy for pg in pgs]
+    # per-layer groups of one linear site are unchanged: single_pass
+    for pg in pgs:
+        assert plan_group([pg], shapes, DPOptions.parse({}), B, 8)[id(pg)].strategy == "single_pass"
+    # a 10 MB budget holds a's 8 x 768 x 768 bf16 products (9.4 MB) only: stored and two_pass are out for b and c, which take
     # a strategy without per-sample writes; single_pass moves to a (c's would need a Python loop over 3 chunks)
     choice = plan_group(pgs, shapes, DPOptions.parse({"clipping": "flat", "single_pass_budget_mb": 10}), B, 8)
     assert choice[id(pgs[0])].strategy == "single_pass" and not choice[id(pgs[0])].chunked
@@ -94,7 +102,8 @@ def test_explain_shows_randomized_sites_and_auto_never_picks_them():
     qkv, head = rows["blocks.0.attn.qkv.weight"], rows["lm_head.weight"]
     assert qkv["strategy"] == "randomized" and qkv["forced"] and "randomized" in qkv["cost_us_per_sample"]
     assert rows["blocks.0.attn.qkv.bias"]["strategy"] == "fused-rows"  # only linear weights are randomized
-    assert head["strategy"] in ("direct", "ghost", "single_pass", "two_pass") and "randomized" not in head["cost_us_per_sample"]
+    assert head["strategy"] in ("direct", "ghost", "single_pass", "stored", "two_pass")
+    assert "randomized" not in head["cost_us_per_sample"]
     text = str(plan)
     assert "randomized (forced)" in text and "randomized=" in text and "probes=16" in text
     assert "randomized" not in str(dpcompile.explain(case.model, case.batch(2)[:1], clipping="per_layer"))

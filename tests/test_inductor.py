@@ -20,7 +20,8 @@ F32 = dict(dtype=torch.float32, atol=2e-5, rtol=2e-4)
     (models.mha(), dict(max_grad_norm=1e6, clipping="per_param", clip_fn="automatic", loss_reduction="sum")),
     (models.gpt_like(tied=False), dict(max_grad_norm=0.05, clipping="per_layer", strategy="single_pass")),
     (models.mlp(input_ndim=3), dict(max_grad_norm=0.05, clipping="flat", strategy="ghost", loss_reduction="mean")),
-], ids=["mlp3d-flat", "gpt-tied-per_layer", "mha-per_param", "gpt-single_pass", "mlp3d-ghost"])
+    (models.gpt_like(tied=False), dict(max_grad_norm=0.05, clipping="flat", strategy="stored", loss_reduction="mean")),
+], ids=["mlp3d-flat", "gpt-tied-per_layer", "mha-per_param", "gpt-single_pass", "mlp3d-ghost", "gpt-flat-stored"])
 def test_inductor_matches_oracle(case, opts):
     assert_matches(case, case.batch(3, seed=11), backend="flashdp", **F32, **opts)
 

@@ -27,6 +27,7 @@ COMBOS = [
     ("per_param", "automatic", "sum", SMALL_C, "direct"),
     ("per_layer", "automatic", "mean", 2.0, "auto"),
     ("flat", "abadi", "mean", 0.5, "single_pass"),
+    ("flat", "automatic", "sum", SMALL_C, "stored"),  # every site's products kept until the backward ends
 ]
 # HF Llama's RMSNorm computes in float32 even in a float64 model
 TOL = {"hf_llama_eager": dict(atol=1e-7, rtol=1e-5)}

@@ -222,8 +222,10 @@ def _calls(dt):
     c = torch.ones(2)
     a, b, x, e, p = rnd(g, 2, 3, 4, dtype=dt), rnd(g, 2, 3, 5, dtype=dt), rnd(g, 2, 3, 4, dtype=dt), \
         rnd(g, 2, 3, 6, dtype=dt), rnd(g, 2, 2, 1, 3, dtype=dt)
+    t = rnd(g, 2, 4, 5, dtype=dt)
     return [("linear_norm", (a, b)), ("linear_clipped_sum", (a, b, c)), ("linear_tile_norm", (a, b)),
-            ("linear_tile_clipped_sum", (a, b, c)), ("rows_norm", (x,)),
+            ("linear_tile_clipped_sum", (a, b, c)), ("linear_tiles", (a, b)), ("tiles_clipped_sum", (t, c)),
+            ("rows_norm", (x,)),
             ("rows_clipped_sum", (x, c)), ("embedding_norm", (idx, e, 0)),
             ("embedding_clipped_sum", (idx, e, c, 9, 0)), ("persample_norm", (p,)),
             ("persample_clipped_sum", (p, c))]
@@ -236,6 +238,9 @@ def test_fake_impls_match_real(dt):
         with FakeTensorMode() as mode:
             fargs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args]
             fake = getattr(O, name)(*fargs)
+        if name == "linear_tiles":  # (products in the data dtype, their norms)
+            (real, real_sq), (fake, fake_sq) = real, fake
+            assert (fake_sq.shape, fake_sq.dtype) == (real_sq.shape, real_sq.dtype) == ((2,), torch.float32)
         assert (fake.shape, fake.dtype) == (real.shape, real.dtype), name
         if name.endswith("_norm"):
             assert fake.dtype == torch.float32 and fake.shape == (2,), name
@@ -243,8 +248,8 @@ def test_fake_impls_match_real(dt):
             assert fake.dtype == dt, name
 
 
-@pytest.mark.parametrize("name", ["linear_norm", "linear_tile_norm", "linear_tile_clipped_sum", "rows_norm",
-                                  "persample_norm", "embedding_norm"])
+@pytest.mark.parametrize("name", ["linear_norm", "linear_tile_norm", "linear_tile_clipped_sum", "linear_tiles",
+                                  "tiles_clipped_sum", "rows_norm", "persample_norm", "embedding_norm"])
 def test_opcheck(name):
     args = dict(_calls(torch.float32))[name]
     torch.library.opcheck(getattr(O, name), args, test_utils=("test_schema", "test_faketensor"))
@@ -295,13 +300,38 @@ def test_tile_ops_norm_exactly_what_they_sum(dtype):
     rtol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 4e-3}[dtype]
     torch.testing.assert_close(torch.ops.dpcompile.linear_tile_norm(a, b).double(), exact.pow(2).sum((1, 2)),
                                rtol=rtol, atol=0)
+    want = torch.einsum("s,smn->mn", coef.double(), exact)
     got = torch.ops.dpcompile.linear_tile_clipped_sum(a, b, coef)
     assert got.dtype == dtype and got.shape == (6, 9)
-    torch.testing.assert_close(got.double(), torch.einsum("s,smn->mn", coef.double(), exact), rtol=rtol,
-                               atol=rtol * exact.abs().max().item())
+    torch.testing.assert_close(got.double(), want, rtol=rtol, atol=rtol * exact.abs().max().item())
+    # stored: the kept products are the ones normed, and the clipped sum is of exactly those
+    for f in impls("linear_tiles"):
+        kept, kept_sq = f(a, b)
+        assert kept.dtype == dtype and kept_sq.dtype == ops_norm_dtype(dtype)
+        torch.testing.assert_close(kept_sq.double(), kept.double().pow(2).sum((1, 2)), rtol=1e-6, atol=0)
+        torch.testing.assert_close(kept.double(), exact, rtol=rtol, atol=rtol * exact.abs().max().item())
+        for g_sum in impls("tiles_clipped_sum"):
+            total = g_sum(kept, coef)
+            assert total.dtype == dtype
+            torch.testing.assert_close(total.double(), torch.einsum("s,smn->mn", coef.double(), kept.double()),
+                                       rtol=rtol, atol=rtol * exact.abs().max().item())
 
 
 def test_ghost_norm_op_equals_direct_norm_op():
     g = torch.Generator().manual_seed(4)
     a, b = torch.randn(3, 9, 5, generator=g, dtype=torch.float64), torch.randn(3, 9, 8, generator=g, dtype=torch.float64)
     torch.testing.assert_close(torch.ops.dpcompile.linear_ghost_norm(a, b), linear_direct_norm_reference(a, b))
+
+
+def test_every_summing_op_is_a_clipped_sum_for_the_coverage_check():
+    """The coverage check accepts a parameter's gradient only if it comes out of one of verify.clipped_sum_ops():
+    every registered op that returns a clipped sum must be on that list, and every op Inductor is to inline must be
+    a triton_op on the inlining list (a new op forgotten in either list would fail compilation or coverage)."""
+    from dpcompile.passes.verify import clipped_sum_ops
+
+    ops.triton_ops()  # registers the randomized ops too
+    names = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("dpcompile::")}
+    summing = {n for n in names if "clipped_sum" in n or "single_pass" in n}
+    assert summing == {op.name().split("::")[1].split(".")[0] for op in clipped_sum_ops()}
+    custom = {"linear_single_pass_chunked", "probe_seed", "embedding_norm", "embedding_clipped_sum"}  # custom_ops
+    assert names - custom == {op.name().split("::")[1].split(".")[0] for op in ops.triton_ops()}

@@ -68,6 +68,11 @@ def test_strategies_use_their_ops(monkeypatch):
     assert ops.count(dp.linear_tile_norm.default) == 2 and ops.count(dp.linear_tile_clipped_sum.default) == 2
     assert dp.linear_norm.default not in ops and dp.linear_clipped_sum.default not in ops
     monkeypatch.undo()
+    # stored: the products formed once for the norm, kept, and reduced once the factor is known
+    ops = _rewritten_graph(model, x, monkeypatch, clipping="flat", strategy="stored")
+    assert ops.count(dp.linear_tiles.default) == 2 and ops.count(dp.tiles_clipped_sum.default) == 2
+    assert dp.linear_tile_norm.default not in ops and dp.linear_clipped_sum.default not in ops
+    monkeypatch.undo()
     # a budget below one sample's product: the chunked form
     ops = _rewritten_graph(model, x, monkeypatch, clipping="per_layer", strategy="single_pass",
                            single_pass_budget_mb=1e-6)

@@ -166,6 +166,33 @@ def linear_tile_clipped_sum(a: Tensor, b: Tensor, coef: Tensor) -> Tensor:
     return _tiles_clipped_sum(tiles, coef, norm_dtype(a.dtype, b.dtype, coef.dtype))
 
 
+def linear_tiles_reference(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    tiles = torch.bmm(a.to(dtype).transpose(1, 2), b.to(dtype))
+    return tiles, tiles.to(norm_dtype(dtype)).pow(2).sum((1, 2))
+
+
+def tiles_clipped_sum_reference(tiles: Tensor, coef: Tensor) -> Tensor:
+    acc = norm_dtype(tiles.dtype, coef.dtype)
+    return torch.einsum("s,smn->mn", coef.to(acc), tiles.to(acc)).to(tiles.dtype)
+
+
+# stored: the per-sample products formed once by the vendor GEMM and kept until the group's clip factor is known;
+# the choice for the other sites of a flat group where the products take no more memory than the operands (a, b)
+# the other multi-pass strategies keep for their clipped sum (M N <= T (M + N)).
+@torch.library.triton_op(f"{_LIB}::linear_tiles", mutates_args=())
+def linear_tiles(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """(the per-sample products (B, M, N) in the data dtype, their squared norms in the accumulation dtype)."""
+    tiles, sq = _tiles_and_norms(a, b)
+    return tiles, sq
+
+
+@torch.library.triton_op(f"{_LIB}::tiles_clipped_sum", mutates_args=())
+def tiles_clipped_sum(tiles: Tensor, coef: Tensor) -> Tensor:
+    """sum_i coef_i tiles_i of stored products, accumulated in fp32 (fp64 for fp64), in the tiles' dtype."""
+    return _tiles_clipped_sum(tiles, coef, norm_dtype(tiles.dtype, coef.dtype))
+
+
 # A custom_op, not a triton_op: the chunk loop runs on concrete sizes (the batch dim is symbolic at compile time).
 @torch.library.custom_op(f"{_LIB}::linear_single_pass_chunked", mutates_args=())
 def linear_single_pass_chunked(a: Tensor, b: Tensor, rest_sq: Tensor, sq_scale: float, threshold: float,
@@ -319,6 +346,7 @@ def triton_ops() -> set:
     d = torch.ops.dpcompile
     return {d.linear_norm.default, d.linear_ghost_norm.default, d.linear_clipped_sum.default,
             d.linear_single_pass.default, d.linear_tile_norm.default,
-            d.linear_tile_clipped_sum.default, d.linear_norm_randomized.default, d.persample_norm_randomized.default,
+            d.linear_tile_clipped_sum.default, d.linear_tiles.default, d.tiles_clipped_sum.default,
+            d.linear_norm_randomized.default, d.persample_norm_randomized.default,
             d.rows_colsum.default, d.rows_norm.default, d.rows_clipped_sum.default, d.persample_norm.default,
             d.persample_clipped_sum.default}

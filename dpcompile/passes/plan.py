@@ -6,6 +6,10 @@ Strategies:
   single_pass   linear weight, one site per clipping group: each per-sample product is formed once by the vendor
                 batched GEMM into a scratch buffer (chunks of samples within a memory budget), its norm taken from
                 the stored values, then reduced with the clip factors (W + 3 B M N bytes of traffic)
+  stored        linear weight, any number per group, where the scratch of one site fits the budget and the
+                products are no larger than the operands the other multi-pass strategies keep for their clipped sum
+                (M N <= T (M + N)): formed once by the vendor GEMM, normed, and kept until the group's clip factor
+                is known, then reduced (W + 3 B M N bytes; a flat group's sites keep them until the backward ends)
   two_pass      linear weight, where the scratch of one site fits the budget: the products formed by the vendor
                 GEMM for the norms, dropped, and formed again for the clipped sum (2 W + 6 B M N bytes)
   randomized    linear weight, only where the user forces it (it changes the privacy analysis): the norm estimated
@@ -30,7 +34,7 @@ import sympy
 
 from ..errors import OptionsError
 
-LINEAR = ("direct", "ghost", "single_pass", "two_pass")  # what the planner chooses among; "randomized" only when forced
+LINEAR = ("direct", "ghost", "single_pass", "stored", "two_pass")  # what the planner chooses among; "randomized" only when forced
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,7 @@ def linear_costs(s: LinearShape, budget_bytes: float, dev: DeviceModel = DEVICE,
         "direct": 2 * gemm + 2 * read + 3 * dev.launch,
         "ghost": B * T * T * (M + N) / flops + gemm + 2 * read + 3 * dev.launch,
         "single_pass": bmm + read + 3 * tiles + chunks * 6 * dev.launch + chunk_host,
+        "stored": bmm + read + 3 * tiles + 4 * dev.launch,
         "two_pass": 2 * bmm + 2 * read + 6 * tiles + 4 * dev.launch,
         # Z = a_i V and b_i^T Z in IEEE fp32 (T k (M + N) multiply-adds per sample), Z written and read back
         # (B T k fp32), the partial sums reduced, then the clipped-sum GEMM
@@ -138,14 +143,22 @@ def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int) 
         s = shapes[id(pg)]
         return evaluate(s.B * s.M * s.N * s.itemsize, batch_symbol, batch_hint) <= budget
 
+    def keeps_no_more(pg):  # stored products (B M N) take no more memory than the operands (B T (M + N)) kept
+        s = shapes[id(pg)]  # by direct / ghost / two_pass until the group's factor is known
+        return s.M * s.N <= s.T * (s.M + s.N)
+
     def multi_pass(pg):  # what a site that is not the group's single-pass site chooses among
-        return ("direct", "ghost", "two_pass") if scratch_fits(pg) else ("direct", "ghost")
+        if not scratch_fits(pg):
+            return ("direct", "ghost")
+        return ("direct", "ghost", "stored", "two_pass") if keeps_no_more(pg) else ("direct", "ghost", "two_pass")
 
     if not forced_single:
         # the auto site that single_pass saves most on, if single_pass beats its best alternative
         def saving(pg):  # only "auto" sites: a forced site ("randomized" included) keeps what it was given
+            # against the strategies that keep no products: stored is single-pass work for the group's other
+            # sites, and costs the same as single_pass at one chunk
             c = choices[id(pg)].costs
-            best = min(evaluate(c[k], batch_symbol, batch_hint) for k in multi_pass(pg))
+            best = min(evaluate(c[k], batch_symbol, batch_hint) for k in multi_pass(pg) if k != "stored")
             return best - evaluate(c["single_pass"], batch_symbol, batch_hint)
 
         auto = [pg for pg in linear if choices[id(pg)].strategy == "auto"]

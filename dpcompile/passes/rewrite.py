@@ -22,6 +22,8 @@ from .discover import Contribution, ParamGrad, Step
 aten = torch.ops.aten
 
 def _site_clipped_sum(site, ins, coef, strategy: str):
+    if site.kind == "linear" and strategy == "stored":
+        return ops.tiles_clipped_sum(*ins, coef)
     if site.kind == "linear":
         return (ops.linear_tile_clipped_sum if strategy == "two_pass" else ops.linear_clipped_sum)(*ins, coef)
     if site.kind == "rows":
@@ -172,6 +174,9 @@ def _fused_norm(pg: ParamGrad, strategy: str, env: dict, bsz, randomized: Option
     ins = c.site.fused_inputs(env, bsz)
     if c.site.kind == "linear" and strategy == "randomized":
         n2 = randomized.norm(pg, *ins, env)
+    elif c.site.kind == "linear" and strategy == "stored":
+        tiles, n2 = ops.linear_tiles(*ins)
+        ins = (tiles,)  # the clipped sum reads the kept products, not the operands
     elif c.site.kind == "linear":
         norm = {"ghost": ops.linear_ghost_norm, "two_pass": ops.linear_tile_norm}.get(strategy, ops.linear_norm)
         n2 = norm(*ins)

@@ -16,7 +16,7 @@ def clipped_sum_ops() -> set:
         _CLIPPED_SUM_OPS = {d.linear_clipped_sum.default, d.rows_clipped_sum.default,
                             d.embedding_clipped_sum.default, d.persample_clipped_sum.default,
                             d.linear_single_pass.default, d.linear_single_pass_chunked.default,
-                            d.linear_tile_clipped_sum.default}
+                            d.linear_tile_clipped_sum.default, d.tiles_clipped_sum.default}
     return _CLIPPED_SUM_OPS
 
 
