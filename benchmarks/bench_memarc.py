@@ -234,6 +234,8 @@ def main():
         r["note"] = ("issue 6 (memarc): ratios vs dp-full of the same run; " + ("--small CPU smoke test; " if args.small
                      else "") + args.note).strip()
 
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
     results = args.results or (None if args.small else os.path.join(HERE, "results.json"))
     if results:
         old = json.load(open(results)) if os.path.exists(results) else []
