@@ -144,7 +144,8 @@ def _strategy_option(strategy: Optional[str]) -> dict:
     if strategy == "randomized":
         raise SystemExit("dpcompile: --strategy randomized estimates per-sample norms with probes, which changes the "
                          "privacy analysis (docs/randomized.md); `dpcompile train` calibrates sigma for exact norms "
-                         "only. Use direct, ghost, single_pass, stored or two_pass here, or the Python API for randomized norms")
+                         "only. Use direct, ghost, single_pass, stored or two_pass here, or the Python API for "
+                         "randomized norms")
     from .errors import OptionsError
     from .options import DPOptions
 

@@ -45,8 +45,8 @@ class DPOptions:
     batch_arg: which forward input carries the batch: None (first tensor input), an argument name, or a position.
     batch_dim: dimension of that input that indexes samples.
     strategy: how linear weight sites get their norms and clipped sums: "auto" (the planner's cheapest),
-        "direct", "ghost", "single_pass", "stored", "two_pass", or a dict {parameter-name glob: strategy} to force some
-        sites (first matching glob wins; unmatched sites stay "auto"). docs/clipping.md describes each.
+        "direct", "ghost", "single_pass", "stored", "two_pass", or a dict {parameter-name glob: strategy} to force
+        some sites (first matching glob wins; unmatched sites stay "auto"). docs/clipping.md describes each.
         "randomized" estimates the per-sample norms of the sites it is forced on with Gaussian probes
         (DP-SGD-RC, docs/randomized.md): cheaper for long sequences, but the privacy analysis changes (the optimizer
         and accountant are told by the compiled graph); never chosen by "auto". A forced "randomized" site with one

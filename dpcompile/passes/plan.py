@@ -34,9 +34,6 @@ import sympy
 
 from ..errors import OptionsError
 
-LINEAR = ("direct", "ghost", "single_pass", "stored", "two_pass")  # what the planner chooses among; "randomized" only when forced
-
-
 @dataclass(frozen=True)
 class DeviceModel:
     """What the cost expressions assume of the GPU: achieved (not peak) rates on an H100, from
