@@ -34,6 +34,7 @@ import sympy
 
 from ..errors import OptionsError
 
+
 @dataclass(frozen=True)
 class DeviceModel:
     """What the cost expressions assume of the GPU: achieved (not peak) rates on an H100, from
