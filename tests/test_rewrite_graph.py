@@ -139,3 +139,52 @@ def test_randomized_sites_draw_one_seed_per_call(monkeypatch):
     monkeypatch.undo()
     ops = _rewritten_graph(model, x, monkeypatch, clipping="flat")
     assert dp.probe_seed.default not in ops and dp.linear_norm_randomized.default not in ops
+
+
+_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
+          aten.transpose.int, aten.t.default, aten.expand.default, aten.alias.default, aten.unsqueeze.default,
+          aten.squeeze.dim}
+
+
+def _operands_die_before_the_sums(graph, norm_op, sum_op) -> bool:
+    """Whether every linear site's operands (and whatever they are views of) have their last use before the first
+    clipped sum: what flat clipping keeps until its factor is known is then the norm op's output alone."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    first_sum = min(order[n] for n in graph.nodes if n.target is sum_op)
+    for n in graph.nodes:
+        if n.target is not norm_op:
+            continue
+        stack, group = list(n.args[:2]), set()
+        while stack:  # the operand, the values it is a view of, and the other views of those
+            m = stack.pop()
+            if not isinstance(m, torch.fx.Node) or m in group:
+                continue
+            group.add(m)
+            if m.target in _VIEWS:
+                stack.append(m.args[0])
+            stack.extend(u for u in m.users if u.target in _VIEWS)
+        if any(order[u] > first_sum for m in group for u in m.users):
+            return False
+    return True
+
+
+def test_stored_drops_the_operands_two_pass_keeps(monkeypatch):
+    """The planner offers stored only where the products are no larger than the operands (M N <= T (M + N)),
+    because the operands then die at the norm: under flat clipping two_pass keeps them until the factor is known."""
+    graphs = []
+
+    def capture(graph, ctx):
+        run(graph, ctx)
+        graphs.append(graph)
+
+    run = backend.run_dp_pass
+    monkeypatch.setattr(backend, "run_dp_pass", capture)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    for strategy in ("stored", "two_pass"):
+        torch._dynamo.reset()
+        dpcompile.compile(model, backend="flashdp_eager", clipping="flat", strategy=strategy,
+                          loss_reduction="sum")(torch.randn(5, 6, 4)).pow(2).sum().backward()
+    stored, two_pass = graphs
+    assert _operands_die_before_the_sums(stored, dp.linear_tiles.default, dp.tiles_clipped_sum.default)
+    assert not _operands_die_before_the_sums(two_pass, dp.linear_tile_norm.default,
+                                             dp.linear_tile_clipped_sum.default)
