@@ -197,8 +197,9 @@ def _opacus_step_fn(model, params, B, T):
     return step
 
 
-def run_mode(mode: str, workload: str, profile: bool = False, gated: bool = False) -> dict:
-    """gated: after the warm-up steps (compilation included) print READY and wait for a GO line on stdin before
+def run_mode(mode: str, workload: str, profile=False, gated: bool = False) -> dict:
+    """profile: False, True (the PyTorch profiler, one step) or "host" (cProfile, five steps).
+    gated: after the warm-up steps (compilation included) print READY and wait for a GO line on stdin before
     the timed steps, so that several modes compile at once while only one is timed at a time (run_all)."""
     spec = WORKLOADS[workload]
     B, T = spec["B"], spec["T"]
@@ -316,7 +317,7 @@ def meta() -> dict:
 _ALONE = ("non-DP eager", "opacus ghost")
 
 
-def run_all(workloads: list, modes: list, profile: bool, timeout: float, out: str | None = None,
+def run_all(workloads: list, modes: list, profile, timeout: float, out: str | None = None,
             parallel: int = 1) -> list:
     """Every (workload, mode) in its own process. parallel > 1: up to that many compiled modes of one workload
     compile and warm up at the same time (compilation is most of the wall time), then take turns for the timed
@@ -350,13 +351,13 @@ def _batches(modes: list, parallel: int) -> list:
     return [shared[i:i + parallel] for i in range(0, len(shared), parallel)] + [[m] for m in modes if m in _ALONE]
 
 
-def _mode_command(workload: str, mode: str, profile: bool, gated: bool) -> list:
+def _mode_command(workload: str, mode: str, profile, gated: bool) -> list:
     flag = ["--host-profile"] if profile == "host" else ["--profile"] if profile else []
     return [sys.executable, "-m", "dpcompile.bench", "--one", mode, "--workloads", workload] + flag + \
         (["--gated"] if gated else [])
 
 
-def _run_batch(workload: str, modes: list, profile: bool, timeout: float, command=_mode_command) -> list:
+def _run_batch(workload: str, modes: list, profile, timeout: float, command=_mode_command) -> list:
     """Start one process per mode; wait (up to `timeout` each) for every one to be warm; then time them in turn."""
     import tempfile
 

@@ -18,6 +18,10 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .options import EXACT_LINEAR_STRATEGIES
+
+_EXACT = ", ".join(EXACT_LINEAR_STRATEGIES)
+
 #: defaults that depend on the device: a CPU run finishes in minutes, a GPU run trains the whole model on the corpus
 PROFILES = {
     "cpu": dict(seq_len=128, batch_size=8, micro_batch_size=8, steps=20, train_layers=2, eval_windows=24, lr=5e-4),
@@ -57,8 +61,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-grad-norm", type=_positive(float), default=1.0, metavar="C",
                    help="per-sample gradient norm bound C (default 1.0)")
     p.add_argument("--strategy", default=None,
-                   help="strategy of linear weight sites: auto (the planner's cheapest, default), direct, ghost, "
-                        "single_pass, stored or two_pass (the backend option 'strategy'; see docs/clipping.md)")
+                   help=f"strategy of linear weight sites: auto (the planner's cheapest, default) or one of {_EXACT} "
+                        "(the backend option 'strategy'; see docs/clipping.md)")
     p.add_argument("--train-layers", type=int, default=None, metavar="N",
                    help="train only the last N transformer blocks (and the final norm); -1 = all. Default: 2 on CPU, "
                         "all on a GPU")
@@ -144,8 +148,7 @@ def _strategy_option(strategy: Optional[str]) -> dict:
     if strategy == "randomized":
         raise SystemExit("dpcompile: --strategy randomized estimates per-sample norms with probes, which changes the "
                          "privacy analysis (docs/randomized.md); `dpcompile train` calibrates sigma for exact norms "
-                         "only. Use direct, ghost, single_pass, stored or two_pass here, or the Python API for "
-                         "randomized norms")
+                         f"only. Use one of {_EXACT} here, or the Python API for randomized norms")
     from .errors import OptionsError
     from .options import DPOptions
 

@@ -94,15 +94,19 @@ def linear_clipped_sum(a: Tensor, b: Tensor, coef: Tensor) -> Tensor:
     return clipped_sum(a, b, coef, launch=torch.library.wrap_triton)
 
 
-def _tiles_and_norms(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-sample products (B, M, N) in the data dtype from the vendor batched GEMM, and the squared norms of exactly
-    the stored values in the accumulation dtype. cuBLAS bmm runs at the non-DP weight gradient's speed on these
-    shapes, where our Triton tile kernel reached 40% of it (benchmarks/NOTES.md, entry 4); the norm is a reduction
-    Inductor fuses. Norming the stored values keeps the clip bound exact for what is summed."""
+def _products(a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample products (B, M, N) in the data dtype from the vendor batched GEMM: cuBLAS bmm runs at the non-DP
+    weight gradient's speed on these shapes, where our Triton tile kernel reached 40% of it (NOTES.md, entry 4)."""
     dtype = torch.promote_types(a.dtype, b.dtype)
-    tiles = torch.bmm(a.to(dtype).transpose(1, 2), b.to(dtype))
+    return torch.bmm(a.to(dtype).transpose(1, 2), b.to(dtype))
+
+
+def _tiles_and_norms(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """The products and the squared norms of exactly the stored values in the accumulation dtype (a reduction
+    Inductor fuses). Norming the stored values keeps the clip bound exact for what is summed."""
+    tiles = _products(a, b)
     flat = tiles.reshape(tiles.shape[0], tiles.shape[1] * tiles.shape[2])
-    return tiles, torch.linalg.vector_norm(flat, dim=1, dtype=norm_dtype(dtype)).square()
+    return tiles, torch.linalg.vector_norm(flat, dim=1, dtype=norm_dtype(tiles.dtype)).square()
 
 
 def _reduce_into(tiles: Tensor, coef: Tensor, acc: Tensor, accumulate: bool, launch=None) -> None:
@@ -162,8 +166,7 @@ def linear_tile_norm(a: Tensor, b: Tensor) -> Tensor:
 
 @torch.library.triton_op(f"{_LIB}::linear_tile_clipped_sum", mutates_args=())
 def linear_tile_clipped_sum(a: Tensor, b: Tensor, coef: Tensor) -> Tensor:
-    tiles, _ = _tiles_and_norms(a, b)
-    return _tiles_clipped_sum(tiles, coef, norm_dtype(a.dtype, b.dtype, coef.dtype))
+    return _tiles_clipped_sum(_products(a, b), coef, norm_dtype(a.dtype, b.dtype, coef.dtype))
 
 
 def linear_tiles_reference(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -183,8 +186,7 @@ def tiles_clipped_sum_reference(tiles: Tensor, coef: Tensor) -> Tensor:
 @torch.library.triton_op(f"{_LIB}::linear_tiles", mutates_args=())
 def linear_tiles(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """(the per-sample products (B, M, N) in the data dtype, their squared norms in the accumulation dtype)."""
-    tiles, sq = _tiles_and_norms(a, b)
-    return tiles, sq
+    return _tiles_and_norms(a, b)
 
 
 @torch.library.triton_op(f"{_LIB}::tiles_clipped_sum", mutates_args=())

@@ -71,14 +71,15 @@ def linear_costs(s: LinearShape, budget_bytes: float, dev: DeviceModel = DEVICE,
     bmm = 2 * B * T * M * N / (dev.flops_vendor if e <= 2 else dev.flops_32)  # the same products, vendor GEMM
     tiles = B * M * N * e / dev.bandwidth  # one pass over the per-sample products
     read = B * T * (M + N) * e / dev.bandwidth  # one pass over the operands
+    one_pass = bmm + read + 3 * tiles  # products formed once, written, read for the norm and for the sum
     chunks = sympy.ceiling(B * M * N * e / budget_bytes)
     # one chunk: a triton_op Inductor inlines; several: a Python loop on every step (host time, measured ~0.3 ms)
     chunk_host = sympy.Piecewise((0, chunks <= 1), (dev.chunk_loop * chunks, True))
     return {
         "direct": 2 * gemm + 2 * read + 3 * dev.launch,
         "ghost": B * T * T * (M + N) / flops + gemm + 2 * read + 3 * dev.launch,
-        "single_pass": bmm + read + 3 * tiles + chunks * 6 * dev.launch + chunk_host,
-        "stored": bmm + read + 3 * tiles + 4 * dev.launch,
+        "single_pass": one_pass + chunks * 6 * dev.launch + chunk_host,
+        "stored": one_pass + 6 * dev.launch,  # single_pass's kernels at one chunk, the factor computed apart
         "two_pass": 2 * bmm + 2 * read + 6 * tiles + 4 * dev.launch,
         # Z = a_i V and b_i^T Z in IEEE fp32 (T k (M + N) multiply-adds per sample), Z written and read back
         # (B T k fp32), the partial sums reduced, then the clipped-sum GEMM
@@ -153,8 +154,8 @@ def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int) 
     if not forced_single:
         # the auto site that single_pass saves most on, if single_pass beats its best alternative
         def saving(pg):  # only "auto" sites: a forced site ("randomized" included) keeps what it was given
-            # against the strategies that keep no products: stored is single-pass work for the group's other
-            # sites, and costs the same as single_pass at one chunk
+            # against the strategies that keep no products: stored is the same work for the group's other sites
+            # (the same cost as single_pass at one chunk)
             c = choices[id(pg)].costs
             best = min(evaluate(c[k], batch_symbol, batch_hint) for k in multi_pass(pg) if k != "stored")
             return best - evaluate(c["single_pass"], batch_symbol, batch_hint)
