@@ -187,21 +187,43 @@ def test_round_up_helpers():
     assert K.scale_up(torch.tensor([1.0], dtype=torch.float64), 3, torch.float32).item() >= 1 / 3
 
 
-def test_tile_sums_never_round_down():
-    """b = 1 with T = 1: b_i^T z_i is z_i exactly, so each tile sum is compared against the exact fp64 sum of the
-    squares of fp32 values, built to make round-to-nearest summation lose mass."""
+def test_sums_of_squares_never_round_down():
+    """b = 1 with T = 1: b_i^T z_i is z_i exactly, so the sum of its squares is compared against the exact fp64 sum
+    of the squares of fp32 values, built to make round-to-nearest summation lose mass."""
     g = torch.Generator().manual_seed(5)
     z = torch.randn(4, 1, 64, generator=g).abs() * 2.0 ** -12
     z[:, :, 0] = 1.0                                   # one large term, then many terms below its half ulp
     z[1] = torch.rand(1, 64, generator=g) + 1.0        # values in [1, 2): squares need more than 24 bits
     z = z.to(DEVICE)
     b = torch.ones(4, 1, 48, device=DEVICE)
-    partial = K._bt_z(b, z, lambda k: k, BLOCK, store=False).cpu().double()
-    exact = (b.cpu().double().transpose(1, 2) @ z.cpu().double()).pow(2)
-    exact_tiles = exact.sum((1, 2))
-    assert bool((partial.sum(1) >= exact_tiles).all())
-    bound = 1 + (partial.shape[1] * 2 + 200) * 2.0 ** -23
-    assert bool((partial.sum(1) <= exact_tiles * bound).all())
+    got = K._bt_z_sq_norms(b, z, lambda k: k, BLOCK).cpu()
+    assert got.dtype == torch.float64
+    exact = (b.cpu().double().transpose(1, 2) @ z.cpu().double()).pow(2).sum((1, 2))
+    assert bool((got >= exact).all())
+    assert bool((got <= exact * (1 + (48 * 64 + 8) * 2.0 ** -52)).all())
+
+
+@pytest.mark.parametrize("variant", K.VARIANTS)
+def test_row_slices_add_up_to_one_pass(variant):
+    """Split-T: b_i^T z_i summed over slices of the rows equals the one-slice product up to fp32 addition order
+    (the slices' partial products are added in a fixed order, so a second call is bit-identical)."""
+    g = torch.Generator().manual_seed(11)
+    a = torch.randn(2, 150, 20, generator=g).to(DEVICE)
+    b = torch.randn(2, 150, 36, generator=g).to(DEVICE)
+    one = K.randomized_sq_norms(a, b, 9, variant, SEED, 2, block=BLOCK, splits=1)
+    parts = K._bt_z_partials(b, a[..., :9].float(), lambda k: k, BLOCK, splits=3)
+    assert parts.shape == (2, 3, 36, 9)
+    sliced = K.randomized_sq_norms(a, b, 9, variant, SEED, 2, block=BLOCK, splits=3)
+    torch.testing.assert_close(sliced, one, rtol=1e-5, atol=0)
+    assert torch.equal(sliced, K.randomized_sq_norms(a, b, 9, variant, SEED, 2, block=BLOCK, splits=3))
+    assert not torch.equal(parts[:, 0], parts[:, 1])  # every slice did its own rows
+
+
+def test_unknown_precision_is_refused():
+    a = torch.randn(1, 3, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="precision='tf32'"):
+        K.randomized_sq_norms(a, a, 4, "hutchinson", SEED, 0, block=BLOCK, precision="tf32")
+
 
 
 # ------------------------------------------------------------------------------------ estimator statistics
@@ -773,6 +795,23 @@ def test_gpu_bf16_and_default_blocks(variant):
     a, b = _low_rank(2, 64, 128, 96, 3, g, torch.bfloat16)
     torch.testing.assert_close(K.randomized_sq_norms(a, b, 12, "hutchpp", SEED, 0).cpu().double(),
                                _exact(a.cpu(), b.cpu()), rtol=2e-4, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_tensor_core_products_match_ieee_fp32(dtype):
+    """tf32x3 (the default) against IEEE fp32 FMAs with the same probes, at a long T where the row slices split:
+    the two differ by fp32-sized rounding only, far inside the estimator's own spread."""
+    g = torch.Generator().manual_seed(21)
+    a = torch.randn(2, 4096, 768, generator=g).cuda().to(dtype)
+    b = torch.randn(2, 4096, 96, generator=g).cuda().to(dtype)
+    assert K._splits(4096, 2, 64, None) > 1
+    fast = K.randomized_sq_norms(a, b, 32, "hutchinson", SEED, 4)
+    ieee = K.randomized_sq_norms(a, b, 32, "hutchinson", SEED, 4, precision="ieee", splits=1)
+    torch.testing.assert_close(fast, ieee, rtol=2e-5, atol=0)
+    want = K.randomized_sq_norms_reference(a.cpu(), b.cpu(), 32, "hutchinson", SEED, 4, dtype=torch.float64)
+    torch.testing.assert_close(fast.cpu().double(), want, rtol=1e-4, atol=0)
 
 
 @pytest.mark.gpu

@@ -13,7 +13,8 @@ Strategies:
   two_pass      linear weight, where the scratch of one site fits the budget: the products formed by the vendor
                 GEMM for the norms, dropped, and formed again for the clipped sum (2 W + 6 B M N bytes)
   randomized    linear weight, only where the user forces it (it changes the privacy analysis): the norm estimated
-                with k Gaussian probes, 2 B T k (M+N) fp32 flops (docs/randomized.md), then the clipped sum. Never
+                with k Gaussian probes, 2 B T k (M+N) flops at fp32 accuracy on tensor cores (tf32x3,
+                docs/randomized.md), then the clipped sum. Never
                 chosen automatically, never single-pass, refused on T = 1 sites (the exact norm is cheaper there and
                 private for free)
   fused-rows / fused-embedding   bias, norm affine and elementwise parameters / embedding tables: own ops
@@ -44,6 +45,7 @@ class DeviceModel:
     flops_16: float = 2.5e14  # our Triton bf16/fp16 GEMMs with a norm or a per-sample scale (150-390 TF/s measured)
     flops_vendor: float = 4.5e14  # cuBLAS bmm of the per-sample products (390-600 TF/s measured)
     flops_32: float = 4.0e13  # IEEE fp32 (no TF32: norms must not be rounded)
+    flops_probe: float = 1.2e14  # randomized probe products: tf32x3 (three TF32 products, fp32 accuracy)
     bandwidth: float = 2.6e12  # HBM bytes/s
     launch: float = 3e-6  # GPU-side cost of one more kernel (ramp-up and tail of a small grid)
     chunk_loop: float = 3e-4  # host seconds per chunk of the chunked single-pass op (it runs as Python)
@@ -83,7 +85,7 @@ def linear_costs(s: LinearShape, budget_bytes: float, dev: DeviceModel = DEVICE,
         "two_pass": 2 * bmm + 2 * read + 6 * tiles + 4 * dev.launch,
         # Z = a_i V and b_i^T Z in IEEE fp32 (T k (M + N) multiply-adds per sample), Z written and read back
         # (B T k fp32), the partial sums reduced, then the clipped-sum GEMM
-        "randomized": 2 * B * T * probes * (M + N) / dev.flops_32 + gemm + 2 * read
+        "randomized": 2 * B * T * probes * (M + N) / dev.flops_probe + gemm + 2 * read
         + 2 * B * T * probes * 4 / dev.bandwidth + 4 * dev.launch,
     }
 

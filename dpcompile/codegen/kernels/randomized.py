@@ -16,13 +16,20 @@ reference that uses exactly their probes.
 
 Kernels:
   _project_kernel   Z = a_i V (T x K) for a block of probes (V drawn in-kernel) or a per-sample matrix (V loaded)
-  _sqnorm_kernel    partial sums of ||b_i^T Z_i||^2 per (sample, N-tile, K-tile), or b_i^T Z_i itself (Hutch++)
-Products accumulate in fp32 with IEEE fp32 dots (no TF32) for fp32/fp16/bf16 data. Squared norms are rounded
-*up* wherever they are reduced or converted: each tile's fp32 sum of squares is scaled by 1 + (terms + 4) 2^-23,
-which covers the worst-case rounding of any summation order; partial sums are added in fp64 with a matching bound
-and the fp32 result is the next fp32 value at or above the fp64 one. An under-estimate means under-clipping (more
-sensitivity than accounted); an over-estimate only clips a little more. Partial sums per tile are reduced
-afterwards in a fixed order, so the result does not depend on the order of atomics (there are none).
+  _bt_z_kernel      b_i^T Z_i on one (N, K) tile over one slice of the T rows; the slices' partial products are
+                    added afterwards in a fixed order (split-T: a narrow site has few (N, K) tiles, and each would
+                    otherwise walk all T rows alone while most of the GPU idles)
+Products use tensor cores with fp32 accuracy (input_precision "tf32x3", or "ieee" on request) and accumulate in fp32
+for fp32/fp16/bf16 data. tf32x3 writes each fp32 operand as big + small, two TF32 numbers (11-bit significands),
+and adds big*big + big*small + small*big: for a bf16/fp16 operand big is the operand itself and small is 0, so a
+product with a probe is exact for a probe perturbed by at most 2^-22 relative per entry, the size of the error
+fp32 log / cos already put into the Gaussian itself; for fp32 data the dropped small*small term is below 2^-22
+relative per product, against 2^-24 for an IEEE product. The estimate's own spread (relative sqrt(2/k)) is
+about 10^5 times larger. Squared norms are rounded *up* wherever they are reduced or converted: the sum of the
+squares of b_i^T Z_i is taken in fp64 with a bound on its rounding, and the fp32 result is the next fp32 value at
+or above the fp64 one. An under-estimate means under-clipping (more sensitivity than accounted); an over-estimate
+only clips a little more. Partial products are reduced in a fixed order, so the result does not depend on the
+order of atomics (there are none).
 """
 from __future__ import annotations
 
@@ -163,7 +170,8 @@ if triton is not None:
     @triton.jit
     def _project_kernel(a_ptr, v_ptr, seed_ptr, z_ptr, site, probe0, T, M, K,
                         sa_b, sa_t, sa_m, sv_b, sv_m, sv_k, sz_b, sz_t, sz_k,
-                        DRAW: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                        DRAW: tl.constexpr, PRECISION: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         """z[i, t, j] = sum_m a[i, t, m] v[i, m, j], j < K; v drawn (DRAW: probe ids probe0 + j) or loaded."""
         sample = tl.program_id(0)
         rt = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -182,39 +190,34 @@ if triton is not None:
             else:
                 v = tl.load(v_ptr + sample * sv_b + rm[:, None] * sv_m + rk[None, :] * sv_k, mask=vmask,
                             other=0.0).to(tl.float32)
-            acc += tl.dot(a, v, input_precision="ieee")
+            acc += tl.dot(a, v, input_precision=PRECISION)
         tl.store(z_ptr + sample * sz_b + rt[:, None] * sz_t + rk[None, :] * sz_k, acc,
                  mask=(rt[:, None] < T) & (rk[None, :] < K))
 
 
     @triton.jit
-    def _sqnorm_kernel(b_ptr, z_ptr, out_ptr, T, N, K, sb_b, sb_t, sb_n, sz_b, sz_t, sz_k, so_b, so_n, so_k,
-                       tiles_k, tiles, STORE: tl.constexpr,
-                       BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """w = b_i^T z_i on one (N, K) tile: stored (STORE) or reduced to an upward-rounded sum of squares."""
+    def _bt_z_kernel(b_ptr, z_ptr, out_ptr, T, N, K, rows_per_split, sb_b, sb_t, sb_n, sz_b, sz_t, sz_k,
+                     so_b, so_s, so_n, so_k, tiles_k, PRECISION: tl.constexpr,
+                     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[i, split] = b_i^T z_i over rows [split * rows_per_split, (split + 1) * rows_per_split) on one (N, K)
+        tile; rows_per_split is a multiple of BLOCK_T."""
         sample = tl.program_id(0)
         tile = tl.program_id(1)
+        split = tl.program_id(2)
         rn = (tile // tiles_k) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = (tile % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
         rt0 = tl.arange(0, BLOCK_T)
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        for t0 in range(0, T, BLOCK_T):
+        first = split * rows_per_split
+        for t0 in range(first, tl.minimum(first + rows_per_split, T), BLOCK_T):
             rt = t0 + rt0
             b = tl.load(b_ptr + sample * sb_b + rt[:, None] * sb_t + rn[None, :] * sb_n,
                         mask=(rt[:, None] < T) & (rn[None, :] < N), other=0.0).to(tl.float32)
             z = tl.load(z_ptr + sample * sz_b + rt[:, None] * sz_t + rk[None, :] * sz_k,
                         mask=(rt[:, None] < T) & (rk[None, :] < K), other=0.0)
-            acc += tl.dot(tl.trans(b), z, input_precision="ieee")
-        if STORE:
-            tl.store(out_ptr + sample * so_b + rn[:, None] * so_n + rk[None, :] * so_k, acc,
-                     mask=(rn[:, None] < N) & (rk[None, :] < K))
-        else:
-            sq = tl.sum(tl.sum(acc * acc, axis=1), axis=0)
-            # Any summation order of n non-negative fp32 terms (and their squaring) errs by less than (n + 1) u
-            # relative, n = BLOCK_N + BLOCK_K here (row sums, then the sum of rows): this bound keeps the result
-            # above the exact sum of the squares, including the rounding of the product itself.
-            up = 1.0 + (BLOCK_N + BLOCK_K + 4) * 1.1920928955078125e-07
-            tl.store(out_ptr + sample * tiles + tile, sq * up)
+            acc += tl.dot(tl.trans(b), z, input_precision=PRECISION)
+        tl.store(out_ptr + sample * so_b + split * so_s + rn[:, None] * so_n + rk[None, :] * so_k, acc,
+                 mask=(rn[:, None] < N) & (rk[None, :] < K))
 
 
 # ------------------------------------------------------------------------------------------------ rounding
@@ -260,16 +263,26 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _blocks(a: torch.Tensor, k: int, block: int | None):
+PRECISIONS = ("tf32x3", "ieee")
+
+
+def _blocks(k: int, block: int | None, rows: int = 64):
+    """(T rows, width, probes) per program; `block` (tests, interpreter) sets all three."""
     if block is not None:
         return block, block, _pow2(k, 16, block)
-    return 64, 32, _pow2(k, 16, 64)  # T rows, width, probes per program
+    return rows, 32 if rows > 64 else 64, _pow2(k, 16, 64)
 
 
-def _project(a, seed, site, probe0, K, launch, block, v=None):
+def _check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is unknown; use one of {PRECISIONS}")
+
+
+def _project(a, seed, site, probe0, K, launch, block, v=None, precision="tf32x3"):
     """(B, T, K) fp32: a_i @ V_i with V drawn (probe ids probe0 ..) or given (B, M, K)."""
     B, T, M = a.shape
-    bt, bm, bk = _blocks(a, K, block)
+    # 128 rows per program: every probe entry is drawn once per program, so taller tiles draw fewer of them
+    bt, bm, bk = _blocks(K, block, rows=128)
     z = torch.empty((B, T, K), device=a.device, dtype=torch.float32)
     if B == 0 or T == 0 or K == 0:
         return z
@@ -279,30 +292,54 @@ def _project(a, seed, site, probe0, K, launch, block, v=None):
     sv = v.stride() if v is not None else (0, 0, 0)
     launch(_project_kernel)[(B, _cdiv(T, bt), _cdiv(K, bk))](
         a, vv, seed, z, site, probe0, T, M, K, *a.stride(), *sv, *z.stride(),
-        DRAW=v is None, BLOCK_T=bt, BLOCK_M=bm, BLOCK_K=bk)
+        DRAW=v is None, PRECISION=precision, BLOCK_T=bt, BLOCK_M=bm, BLOCK_K=bk)
     return z
 
 
-def _bt_z(b, z, launch, block, store: bool):
-    """b_i^T z_i: stored (B, N, K) fp32, or upward-rounded fp32 partial sums of squares (B, tiles)."""
+#: programs the split-T reduction aims for (about four per SM of an H100); a site with fewer (N, K) tiles than
+#: this walks its T rows in several slices at once
+_TARGET_PROGRAMS = 512
+_MIN_ROWS_PER_SPLIT = 512
+
+
+def _splits(T, tiles: int, bt: int, splits: int | None) -> int:
+    """How many slices of rows b_i^T z_i is summed over (1 when T is symbolic: no guard on it)."""
+    if splits is not None:
+        return max(1, min(splits, _cdiv(T, bt)))
+    if not isinstance(T, int):
+        return 1
+    return max(1, min(_cdiv(_TARGET_PROGRAMS, max(tiles, 1)), T // _MIN_ROWS_PER_SPLIT))
+
+
+def _bt_z_partials(b, z, launch, block, precision="tf32x3", splits=None):
+    """b_i^T z_i over `splits` slices of the rows: fp32 (B, splits, N, K); their sum over dim 1 is b_i^T z_i."""
     B, T, N = b.shape
     K = z.shape[-1]
-    bt, bn, bk = _blocks(b, K, block)
+    bt, bn, bk = _blocks(K, block)
     tiles_k = _cdiv(K, bk)
     tiles = _cdiv(N, bn) * tiles_k
-    if store:
-        out = torch.empty((B, N, K), device=b.device, dtype=torch.float32)
-        so = out.stride()
-    else:
-        out = torch.empty((B, tiles), device=b.device, dtype=torch.float32)
-        so = (0, 0, 0)
+    nsplit = _splits(T, tiles, bt, splits)
+    rows = _cdiv(_cdiv(T, nsplit), bt) * bt if T else bt
+    out = torch.empty((B, nsplit, N, K), device=b.device, dtype=torch.float32)
     if B == 0 or tiles == 0:
         return out
     if T == 0:
         return out.zero_()
-    launch(_sqnorm_kernel)[(B, tiles)](b, z, out, T, N, K, *b.stride(), *z.stride(), *so, tiles_k, tiles,
-                                       STORE=store, BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=bk)
+    launch(_bt_z_kernel)[(B, tiles, nsplit)](b, z, out, T, N, K, rows, *b.stride(), *z.stride(), *out.stride(),
+                                             tiles_k, PRECISION=precision, BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=bk)
     return out
+
+
+def _bt_z(b, z, launch, block, precision="tf32x3", splits=None):
+    """b_i^T z_i, fp32 (B, N, K), its slices added in a fixed order."""
+    return _bt_z_partials(b, z, launch, block, precision, splits).sum(1)
+
+
+def _bt_z_sq_norms(b, z, launch, block, precision="tf32x3", splits=None):
+    """||b_i^T z_i||_F^2 in fp64 (B,), never below the exact sum of the squares of the computed b_i^T z_i: the
+    slices are added and squared in fp64, and the sum carries a bound on its rounding."""
+    w = _bt_z_partials(b, z, launch, block, precision, splits).to(torch.float64).sum(1)
+    return sum_up(w.pow(2).flatten(1), 1, torch.float64)
 
 
 def _seed_tensor(seed, device) -> torch.Tensor:
@@ -314,31 +351,35 @@ def _seed_tensor(seed, device) -> torch.Tensor:
 
 
 def randomized_sq_norms(a: torch.Tensor, b: torch.Tensor, probes: int, variant: str = "hutchinson", seed=0,
-                        site: int = 0, block: int | None = None, launch=None) -> torch.Tensor:
+                        site: int = 0, block: int | None = None, launch=None, precision: str = "tf32x3",
+                        splits: int | None = None) -> torch.Tensor:
     """Per-sample estimates of ||a_i^T b_i||_F^2, fp32 (B,), with Triton kernels (see the module docstring).
 
     seed: int in [0, 2^63) or a one-element int64 tensor (on any device). site: id in [0, 2^31) that keeps the
-    probes of different sites of one call apart. launch: torch.library.wrap_triton inside a triton_op."""
+    probes of different sites of one call apart. launch: torch.library.wrap_triton inside a triton_op.
+    precision: "tf32x3" (tensor cores, fp32 accuracy) or "ieee" (fp32 FMAs; benchmarks and checks). splits: slices
+    of the rows for b_i^T z_i (default: enough programs to fill the GPU)."""
     launch = launch or (lambda k: k)
     check_variant(variant, probes)
     check_site(site)
+    _check_precision(precision)
     a, b = _as_sites(a, b)
     if torch.float64 in (a.dtype, b.dtype):
         raise TypeError("Triton randomized-norm kernels take fp32/fp16/bf16 operands; fp64 uses the reference")
     seed_t = _seed_tensor(seed, a.device)
+    kw = dict(precision=precision, splits=splits)
     if variant == "hutchinson":
-        z = _project(a, seed_t, site, 0, probes, launch, block)
-        partial = _bt_z(b, z, launch, block, store=False)
-        return scale_up(sum_up(partial, 1, torch.float64), probes, torch.float32)
+        z = _project(a, seed_t, site, 0, probes, launch, block, precision=precision)
+        return scale_up(_bt_z_sq_norms(b, z, launch, block, **kw), probes, torch.float32)
     s, h = hutchpp_split(probes)
     # sketch: Y = s_i^T S = b_i^T (a_i S), Q = orth(Y) (N x s)
-    y = _bt_z(b, _project(a, seed_t, site, 0, s, launch, block), launch, block, store=True)
+    y = _bt_z(b, _project(a, seed_t, site, 0, s, launch, block, precision=precision), launch, block, **kw)
     q = torch.linalg.qr(y).Q
     # exact part ||s_i Q||^2 = ||a_i^T (b_i Q)||^2
-    u = _project(b, seed_t, site, 0, q.shape[-1], launch, block, v=q)
-    exact = sum_up(_bt_z(a, u, launch, block, store=False), 1, torch.float64)
+    u = _project(b, seed_t, site, 0, q.shape[-1], launch, block, v=q, precision=precision)
+    exact = _bt_z_sq_norms(a, u, launch, block, **kw)
     # residual: (1/h) sum_j ||(I - Q Q^T) b_i^T (a_i v_j)||^2 with probes s .. s + h - 1
-    w = _bt_z(b, _project(a, seed_t, site, s, h, launch, block), launch, block, store=True)
+    w = _bt_z(b, _project(a, seed_t, site, s, h, launch, block, precision=precision), launch, block, **kw)
     r = w - torch.bmm(q, torch.bmm(q.transpose(1, 2), w))
     resid = r.to(torch.float64).pow(2).sum((1, 2)) * (1.0 + (r.shape[1] * r.shape[2] + 4) * _F64_EPS)
     return round_up_f32(exact + scale_up(resid, h, torch.float64) * (1.0 + 2 * _F64_EPS))

@@ -1,0 +1,70 @@
+"""Per-op benchmark for randomized (probe) norms at long contexts: the Hutchinson estimate of one linear site with
+k probes, IEEE fp32 FMAs in one row slice (the session-4 kernels' arithmetic) against tensor-core tf32x3 products
+with split-T (the default), next to the non-DP weight gradient of the same site (one cuBLAS GEMM over B*T rows).
+Also checks that the two precisions agree. Prints a table; --out writes JSON.
+
+    python benchmarks/bench_randomized_ops.py [--probes 32] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.bench_linear_ops import bench  # noqa: E402
+from dpcompile.codegen.kernels import randomized as K  # noqa: E402
+
+SHAPES = [  # (label, B, T, M = d_in, N = d_out)
+    ("gpt2-small qkv T=16384", 2, 16384, 768, 2304), ("gpt2-small proj T=16384", 2, 16384, 768, 768),
+    ("gpt2-small fc T=16384", 2, 16384, 768, 3072), ("gpt2-small fc2 T=16384", 2, 16384, 3072, 768),
+    ("gpt2-small lm_head T=16384", 2, 16384, 768, 50257),
+    ("llama-1b q T=8192", 2, 8192, 2048, 2048), ("llama-1b k T=8192", 2, 8192, 2048, 256),
+    ("llama-1b gate T=8192", 2, 8192, 2048, 5632), ("llama-1b down T=8192", 2, 8192, 5632, 2048),
+    ("llama-1b lm_head T=8192", 2, 8192, 2048, 32000),
+]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--probes", type=int, default=32)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    k = args.probes
+    rows = []
+    for label, B, T, M, N in SHAPES:
+        a = torch.randn(B, T, M, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn(B, T, N, device="cuda", dtype=torch.bfloat16)
+        r = {"shape": label, "B": B, "T": T, "M": M, "N": N, "probes": k}
+        r["wgrad_us"] = bench(lambda: a.reshape(-1, M).t() @ b.reshape(-1, N))
+        r["ieee_us"] = bench(lambda: K.randomized_sq_norms(a, b, k, seed=1, precision="ieee", splits=1))
+        r["tf32x3_one_slice_us"] = bench(lambda: K.randomized_sq_norms(a, b, k, seed=1, splits=1))
+        r["tf32x3_us"] = bench(lambda: K.randomized_sq_norms(a, b, k, seed=1))
+        ieee = K.randomized_sq_norms(a, b, k, seed=1, precision="ieee", splits=1)
+        fast = K.randomized_sq_norms(a, b, k, seed=1)
+        r["max_rel_diff"] = ((fast - ieee).abs() / ieee).max().item()
+        flop = 2 * B * T * k * (M + N)
+        r["ieee_tflops"] = flop / r["ieee_us"] / 1e6
+        r["tf32x3_tflops"] = flop / r["tf32x3_us"] / 1e6
+        r["ieee_x_wgrad"] = r["ieee_us"] / r["wgrad_us"]
+        r["tf32x3_x_wgrad"] = r["tf32x3_us"] / r["wgrad_us"]
+        rows.append(r)
+        print(f"{label}: " + ", ".join(f"{n}={v:.3g}" for n, v in r.items() if isinstance(v, float)), flush=True)
+    print(f"\n| site (k={k}) | wgrad us | ieee us (TF/s) | tf32x3 one slice us | tf32x3 split-T us (TF/s) "
+          "| ieee / wgrad | tf32x3 / wgrad | max rel diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['wgrad_us']:.0f} | {r['ieee_us']:.0f} ({r['ieee_tflops']:.0f}) | "
+              f"{r['tf32x3_one_slice_us']:.0f} | {r['tf32x3_us']:.0f} ({r['tf32x3_tflops']:.0f}) | "
+              f"{r['ieee_x_wgrad']:.2f} | {r['tf32x3_x_wgrad']:.2f} | {r['max_rel_diff']:.1e} |")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "randomized_ops.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
