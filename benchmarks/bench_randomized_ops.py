@@ -14,8 +14,9 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_linear_ops import bench  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]
+from bench_linear_ops import bench  # noqa: E402
 from dpcompile.codegen.kernels import randomized as K  # noqa: E402
 
 SHAPES = [  # (label, B, T, M = d_in, N = d_out)

@@ -549,15 +549,18 @@ def _family(name):
 
 @pytest.mark.parametrize("family", ["gpt", "llama"])
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
-def test_randomized_strategy_with_exact_norms_matches_the_oracle(family, clipping):
+@pytest.mark.parametrize("budget_mb", [None, 1e-4])
+def test_randomized_strategy_with_exact_norms_matches_the_oracle(family, clipping, budget_mb):
     """strategy='randomized' through dpcompile.compile, with the estimates replaced by exact norms (the hook is read
-    when the graph is built and when the op runs: compile and run inside the block), equals the float64 oracle."""
+    when the graph is built and when the op runs: compile and run inside the block), equals the float64 oracle;
+    with the clipped sums of two_pass (products within the budget) and of our GEMM (a budget nothing fits)."""
     from dp_check import assert_matches
 
     case = _family(family)
+    budget = {} if budget_mb is None else {"single_pass_budget_mb": budget_mb}
     with RO.exact_norms():
         assert_matches(case, case.batch(3, seed=1), max_grad_norm=0.05, clipping=clipping, strategy="randomized",
-                       loss_reduction="mean")
+                       loss_reduction="mean", **budget)
         assert RA.take_randomized_use() == (32, True)  # the randomized ops ran (one seed per call)
         if family == "gpt" and clipping == "per_layer":  # a batch of one: its own graph, estimating too
             assert_matches(case, case.batch(1, seed=2), max_grad_norm=0.05, clipping=clipping,

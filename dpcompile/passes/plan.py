@@ -14,7 +14,7 @@ Strategies:
                 GEMM for the norms, dropped, and formed again for the clipped sum (2 W + 6 B M N bytes)
   randomized    linear weight, only where the user forces it (it changes the privacy analysis): the norm estimated
                 with k Gaussian probes, 2 B T k (M+N) flops at fp32 accuracy on tensor cores (tf32x3,
-                docs/randomized.md), then the clipped sum. Never
+                docs/randomized.md), then the clipped sum (two_pass's where the products fit the budget). Never
                 chosen automatically, never single-pass, refused on T = 1 sites (the exact norm is cheaper there and
                 private for free)
   fused-rows / fused-embedding   bias, norm affine and elementwise parameters / embedding tables: own ops
@@ -83,10 +83,12 @@ def linear_costs(s: LinearShape, budget_bytes: float, dev: DeviceModel = DEVICE,
         "single_pass": one_pass + chunks * 6 * dev.launch + chunk_host,
         "stored": one_pass + 6 * dev.launch,  # single_pass's kernels at one chunk, the factor computed apart
         "two_pass": 2 * bmm + 2 * read + 6 * tiles + 4 * dev.launch,
-        # Z = a_i V and b_i^T Z in IEEE fp32 (T k (M + N) multiply-adds per sample), Z written and read back
-        # (B T k fp32), the partial sums reduced, then the clipped-sum GEMM
-        "randomized": 2 * B * T * probes * (M + N) / dev.flops_probe + gemm + 2 * read
-        + 2 * B * T * probes * 4 / dev.bandwidth + 4 * dev.launch,
+        # Z = a_i V and b_i^T Z at fp32 accuracy (T k (M + N) multiply-adds per sample), Z written and read back
+        # (B T k fp32), then the clipped sum: two_pass's (vendor GEMM, products reduced) where the products fit
+        # the budget, else our clipped-sum GEMM
+        "randomized": 2 * B * T * probes * (M + N) / dev.flops_probe + 2 * B * T * probes * 4 / dev.bandwidth
+        + sympy.Piecewise((bmm + read + 3 * tiles, B * M * N * e <= budget_bytes), (gemm + read, True))
+        + 5 * dev.launch,
     }
 
 
@@ -106,11 +108,15 @@ class SiteChoice:
     strategy: str
     costs: dict  # strategy -> sympy cost (seconds); empty for non-linear sites
     forced: bool = False
-    chunked: bool = False  # single_pass whose scratch at the compiled batch size exceeds the budget
+    chunked: bool = False  # the site's per-sample products at the compiled batch size exceed the budget
 
     @property
     def op_strategy(self) -> str:
-        return "single_pass_chunked" if self.strategy == "single_pass" and self.chunked else self.strategy
+        """The strategy as the rewrite applies it: over the budget, single_pass runs chunked; within it, a
+        randomized site's clipped sum forms the products with the vendor GEMM and reduces them (two_pass's sum)."""
+        if self.chunked:
+            return "single_pass_chunked" if self.strategy == "single_pass" else self.strategy
+        return "randomized_vendor_sum" if self.strategy == "randomized" else self.strategy
 
 
 def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int) -> dict:

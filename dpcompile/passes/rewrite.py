@@ -25,7 +25,8 @@ def _site_clipped_sum(site, ins, coef, strategy: str):
     if site.kind == "linear" and strategy == "stored":
         return ops.tiles_clipped_sum(*ins, coef)
     if site.kind == "linear":
-        return (ops.linear_tile_clipped_sum if strategy == "two_pass" else ops.linear_clipped_sum)(*ins, coef)
+        vendor = strategy in ("two_pass", "randomized_vendor_sum")  # products by the vendor GEMM, then reduced
+        return (ops.linear_tile_clipped_sum if vendor else ops.linear_clipped_sum)(*ins, coef)
     if site.kind == "rows":
         return ops.rows_clipped_sum(*ins, coef).reshape(site.node.meta["val"].shape)
     return ops.embedding_clipped_sum(*ins, coef, site.info["num_weights"], site.info["padding_idx"]).reshape(
@@ -172,7 +173,7 @@ def _fused_norm(pg: ParamGrad, strategy: str, env: dict, bsz, randomized: Option
     """(squared norms with the contribution's scale, what the clipped sum needs) of one fused parameter."""
     c: Contribution = pg.contributions[0]
     ins = c.site.fused_inputs(env, bsz)
-    if c.site.kind == "linear" and strategy == "randomized":
+    if c.site.kind == "linear" and strategy in ("randomized", "randomized_vendor_sum"):
         n2 = randomized.norm(pg, *ins, env)
     elif c.site.kind == "linear" and strategy == "stored":
         tiles, n2 = ops.linear_tiles(*ins)
