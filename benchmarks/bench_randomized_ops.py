@@ -29,12 +29,56 @@ SHAPES = [  # (label, B, T, M = d_in, N = d_out)
 ]
 
 
+def sweep(k: int, label: str, B: int, T: int, M: int, N: int) -> list:
+    """Each kernel alone at one site, over tile shapes and warps: where the time goes (probe draws, loads, dots)."""
+    a = torch.randn(B, T, M, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(B, T, N, device="cuda", dtype=torch.bfloat16)
+    seed = torch.tensor([1], device="cuda")
+    v = torch.randn(B, M, k, device="cuda")
+    z = torch.empty(B, T, k, device="cuda")
+    out = []
+    for draw in (True, False):
+        for bt, bm, warps in ((64, 32, 4), (128, 32, 4), (128, 64, 4), (128, 64, 8), (256, 32, 8), (256, 64, 8)):
+            grid = (B, K._cdiv(T, bt), K._cdiv(k, 32))
+            us = bench(lambda: K._project_kernel[grid](
+                a, v, seed, z, 0, 0, T, M, k, *a.stride(), *v.stride(), *z.stride(), DRAW=draw,
+                PRECISION="tf32x3", BLOCK_T=bt, BLOCK_M=bm, BLOCK_K=32, num_warps=warps))
+            out.append({"site": label, "kernel": "project", "draw": draw, "BLOCK_T": bt, "BLOCK_M": bm,
+                        "warps": warps, "us": us})
+    for splits in (1, 4, 16, 32):
+        for bt, bn, warps in ((64, 64, 4), (128, 64, 4), (64, 128, 4), (64, 128, 8)):
+            tiles = K._cdiv(N, bn)
+            nsplit = max(1, min(splits, K._cdiv(T, bt)))
+            rows = K._cdiv(K._cdiv(T, nsplit), bt) * bt
+            part = torch.empty(B, nsplit, N, k, device="cuda")
+            us = bench(lambda: K._bt_z_kernel[(B, tiles, nsplit)](
+                b, z, part, T, N, k, rows, *b.stride(), *z.stride(), *part.stride(), 1, PRECISION="tf32x3",
+                BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=32, num_warps=warps))
+            out.append({"site": label, "kernel": "bt_z", "splits": nsplit, "BLOCK_T": bt, "BLOCK_N": bn,
+                        "warps": warps, "us": us})
+    part = K._bt_z_partials(b, z, lambda f: f, None)
+    out.append({"site": label, "kernel": "sum of squares (torch)", "us": bench(
+        lambda: K.scale_up(K.sum_up(part.to(torch.float64).sum(1).pow(2).flatten(1), 1, torch.float64), k,
+                           torch.float32))})
+    for r in out:
+        print(" ".join(f"{n}={v}" if not isinstance(v, float) else f"{n}={v:.0f}" for n, v in r.items()), flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--probes", type=int, default=32)
+    ap.add_argument("--sweep", action="store_true", help="time each kernel alone over tile shapes, then stop")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     k = args.probes
+    if args.sweep:
+        rows = sweep(k, *SHAPES[0]) + sweep(k, *SHAPES[3])
+        if args.out:
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "randomized_sweep.json"), "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     rows = []
     for label, B, T, M, N in SHAPES:
         a = torch.randn(B, T, M, device="cuda", dtype=torch.bfloat16)
