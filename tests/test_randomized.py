@@ -200,7 +200,7 @@ def test_sums_of_squares_never_round_down():
     assert got.dtype == torch.float64
     exact = (b.cpu().double().transpose(1, 2) @ z.cpu().double()).pow(2).sum((1, 2))
     assert bool((got >= exact).all())
-    assert bool((got <= exact * (1 + (48 * 64 + 8) * 2.0 ** -52)).all())
+    assert bool((got <= exact * (1 + 300 * 2.0 ** -23)).all())
 
 
 @pytest.mark.parametrize("variant", K.VARIANTS)
@@ -211,7 +211,7 @@ def test_row_slices_add_up_to_one_pass(variant):
     a = torch.randn(2, 150, 20, generator=g).to(DEVICE)
     b = torch.randn(2, 150, 36, generator=g).to(DEVICE)
     one = K.randomized_sq_norms(a, b, 9, variant, SEED, 2, block=BLOCK, splits=1)
-    parts = K._bt_z_partials(b, a[..., :9].float(), lambda k: k, BLOCK, splits=3)
+    parts, _ = K._bt_z_partials(b, a[..., :9].float(), lambda k: k, BLOCK, splits=3)
     assert parts.shape == (2, 3, 36, 9)
     sliced = K.randomized_sq_norms(a, b, 9, variant, SEED, 2, block=BLOCK, splits=3)
     torch.testing.assert_close(sliced, one, rtol=1e-5, atol=0)

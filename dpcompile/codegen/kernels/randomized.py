@@ -8,28 +8,31 @@ Gram matrices (docs/randomized.md):
                est_i = ||s_i Q||^2 + (1/h) sum_j ||(I - Q Q^T) s_i^T v_j||^2         exact when rank(s_i) <= s
 
 Probes are never stored: every probe entry is drawn inside the kernels from a counter-based generator,
-Philox4x32-10 keyed by the 64-bit per-call seed with the counter (column m, probe j, sample i, site id), followed by
-Box-Muller. Every (sample, site, probe, column) gets its own counter, so probes are independent across samples and
-sites; a fresh seed per call (randomized_ops.probe_seed) makes them independent across micro-batches and steps.
-`gaussian_probes_reference` regenerates the same probes in plain PyTorch, so the kernels can be checked against a
-reference that uses exactly their probes.
+Philox4x32-10 keyed by the 64-bit per-call seed with the counter (column group p, probe j, sample i, site id): its
+four words are two Box-Muller pairs, the entries of columns 4p .. 4p + 3. Every (sample, site, probe, column group)
+gets its own counter, so probes are independent across samples and sites; a fresh seed per call
+(randomized_ops.probe_seed) makes them independent across micro-batches and steps. `gaussian_probes_reference`
+regenerates the same probes in plain PyTorch, so the kernels can be checked against a reference that uses exactly
+their probes.
 
 Kernels:
   _project_kernel   Z = a_i V (T x K) for a block of probes (V drawn in-kernel) or a per-sample matrix (V loaded)
-  _bt_z_kernel      b_i^T Z_i on one (N, K) tile over one slice of the T rows; the slices' partial products are
-                    added afterwards in a fixed order (split-T: a narrow site has few (N, K) tiles, and each would
-                    otherwise walk all T rows alone while most of the GPU idles)
-Products use tensor cores with fp32 accuracy (input_precision "tf32x3", or "ieee" on request) and accumulate in fp32
-for fp32/fp16/bf16 data. tf32x3 writes each fp32 operand as big + small, two TF32 numbers (11-bit significands),
-and adds big*big + big*small + small*big: for a bf16/fp16 operand big is the operand itself and small is 0, so a
-product with a probe is exact for a probe perturbed by at most 2^-22 relative per entry, the size of the error
-fp32 log / cos already put into the Gaussian itself; for fp32 data the dropped small*small term is below 2^-22
-relative per product, against 2^-24 for an IEEE product. The estimate's own spread (relative sqrt(2/k)) is
-about 10^5 times larger. Squared norms are rounded *up* wherever they are reduced or converted: the sum of the
-squares of b_i^T Z_i is taken in fp64 with a bound on its rounding, and the fp32 result is the next fp32 value at
-or above the fp64 one. An under-estimate means under-clipping (more sensitivity than accounted); an over-estimate
-only clips a little more. Partial products are reduced in a fixed order, so the result does not depend on the
-order of atomics (there are none).
+  _bt_z_kernel      b_i^T Z_i on one (N, K) tile over one slice of the T rows (split-T: a narrow site has few
+                    (N, K) tiles, and each would otherwise walk all T rows alone while most of the GPU idles)
+  _tile_sq_kernel   each tile's slices added in a fixed order, then its upward-rounded sum of squares
+Products run on tensor cores at fp32 accuracy and accumulate in fp32. For bf16 data (autocast) the fp32 operand
+(probes, Z) is split into three bf16 terms whose sum is it exactly, so every product is exact and only the fp32
+accumulation rounds, as with IEEE fp32 FMAs. For fp16 / fp32 data, tf32x3: each fp32 operand is written as big +
+small, two TF32 numbers, and big*big + big*small + small*big is accumulated; an fp16 operand is its own big, so
+its products are exact for a probe perturbed by at most 2^-22 relative per entry (the size of the error fp32 log /
+cos already put into the Gaussian itself); for fp32 data the dropped small*small term is below 2^-22 relative per
+product. The estimate's own spread (relative sqrt(2/k)) is about 10^5 times larger. precision="ieee" keeps IEEE
+fp32 FMAs (benchmarks and checks). Squared norms are rounded *up* wherever they are reduced or converted: each
+tile's fp32 sum of squares is scaled by 1 + (terms + 4) 2^-23, which covers the worst-case rounding of any
+summation order; the tiles' sums are added in fp64 with a matching bound and the fp32 result is the next fp32
+value at or above the fp64 one. An under-estimate means under-clipping (more sensitivity than accounted); an
+over-estimate only clips a little more. Partial products are reduced in a fixed order, so the result does not
+depend on the order of atomics (there are none).
 """
 from __future__ import annotations
 
@@ -72,22 +75,50 @@ def check_variant(variant: str, probes: int) -> None:
 # ------------------------------------------------------------------------------------------------ probes
 if triton is not None:
     @triton.jit
-    def _gaussian_probes(seed, site, sample, cols, probes):
-        """fp32 N(0, 1) probe entries for columns `cols` [BM] x probe ids `probes` [BK] of one sample and site."""
-        c0 = cols[:, None] + probes[None, :] * 0
-        c1 = probes[None, :] + cols[:, None] * 0
+    def _uniform_open(r):
+        # uint32 -> 31-bit integer -> uniform in (0, 1]: u = (x + 1/2) 2^-31 (never 0, so log never overflows)
+        x = r.to(tl.int32, bitcast=True)
+        x = tl.where(x < 0, ~x, x)
+        return (x.to(tl.float32) + 0.5) * 4.656612873077393e-10
+
+
+    @triton.jit
+    def _gaussian_probes(seed, site, sample, col0, probes, BLOCK_M: tl.constexpr):
+        """fp32 N(0, 1) probe entries (BLOCK_M, BK) for columns col0 .. col0 + BLOCK_M (col0 a multiple of 4) x
+        probe ids `probes` [BK] of one sample and site. One Philox call per 4 columns: its 4 words are two
+        Box-Muller pairs, columns 4p .. 4p + 3 = (r cos, r sin, r' cos, r' sin)."""
+        groups = col0 // 4 + tl.arange(0, BLOCK_M // 4)
+        c0 = groups[None, :] + probes[:, None] * 0  # (BK, BLOCK_M / 4): probes along rows here
+        c1 = probes[:, None] + groups[None, :] * 0
         c2 = c0 * 0 + sample
         c3 = c0 * 0 + site
-        r0, r1, _, _ = tl.philox(seed, c0, c1, c2, c3)
-        # uint32 -> 31-bit integer -> uniform in (0, 1]: u = (x + 1/2) 2^-31 (never 0, so log never overflows)
-        x0 = r0.to(tl.int32, bitcast=True)
-        x0 = tl.where(x0 < 0, ~x0, x0)
-        x1 = r1.to(tl.int32, bitcast=True)
-        x1 = tl.where(x1 < 0, ~x1, x1)
-        u0 = (x0.to(tl.float32) + 0.5) * 4.656612873077393e-10
-        u1 = (x1.to(tl.float32) + 0.5) * 4.656612873077393e-10
-        r = tl.sqrt(-2.0 * tl.log(u0))
-        return r * tl.cos(6.283185307179586 * u1)
+        r0, r1, r2, r3 = tl.philox(seed, c0, c1, c2, c3)
+        rad01 = tl.sqrt(-2.0 * tl.log(_uniform_open(r0)))
+        th01 = 6.283185307179586 * _uniform_open(r1)
+        rad23 = tl.sqrt(-2.0 * tl.log(_uniform_open(r2)))
+        th23 = 6.283185307179586 * _uniform_open(r3)
+        n0, n1 = rad01 * tl.cos(th01), rad01 * tl.sin(th01)
+        n2, n3 = rad23 * tl.cos(th23), rad23 * tl.sin(th23)
+        # interleave(interleave(n0, n2), interleave(n1, n3)) = n0, n1, n2, n3 of group 0, then of group 1, ...
+        return tl.trans(tl.interleave(tl.interleave(n0, n2), tl.interleave(n1, n3)))
+
+
+    @triton.jit
+    def _dot_fp32(x, y, acc, PRECISION: tl.constexpr):
+        """acc + x @ y at fp32 accuracy for fp32 y. "bf16x3": x is bf16 and y is split into three bf16 terms whose
+        sum is y exactly (8 significand bits each, after round-to-nearest: 24 in all), so every tensor-core product
+        is exact and only the fp32 accumulation rounds; otherwise tl.dot's input_precision (tf32x3 or ieee)."""
+        if PRECISION == "bf16x3":
+            hi = y.to(tl.bfloat16)
+            rest = y - hi.to(tl.float32)
+            mid = rest.to(tl.bfloat16)
+            lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+            acc = tl.dot(x, lo, acc)
+            acc = tl.dot(x, mid, acc)
+            acc = tl.dot(x, hi, acc)
+        else:
+            acc = tl.dot(x.to(tl.float32), y, acc, input_precision=PRECISION)
+        return acc
 
 
     @triton.jit
@@ -98,7 +129,7 @@ if triton is not None:
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         rk = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
         seed = tl.load(seed_ptr)
-        v = _gaussian_probes(seed, site, sample, rm, probe0 + rk)
+        v = _gaussian_probes(seed, site, sample, tl.program_id(1) * BLOCK_M, probe0 + rk, BLOCK_M)
         tl.store(out_ptr + sample * so_b + rm[:, None] * so_m + rk[None, :] * so_k, v,
                  mask=(rm[:, None] < M) & (rk[None, :] < K))
 
@@ -145,12 +176,16 @@ def gaussian_probes_reference(seed, site: int, num_samples: int, cols: int, prob
         check_seed(seed)
     probe_ids = torch.as_tensor(list(probe_ids), dtype=torch.int64, device=device)
     i = torch.arange(num_samples, dtype=torch.int64, device=device).view(-1, 1, 1)
-    m = torch.arange(cols, dtype=torch.int64, device=device).view(1, -1, 1)
+    p = torch.arange(-(-cols // 4), dtype=torch.int64, device=device).view(1, -1, 1)
     j = probe_ids.view(1, 1, -1)
-    r0, r1, _, _ = philox4x32(seed, m, j, i, torch.tensor(site, dtype=torch.int64, device=device))
-    u0, u1 = _uniform(r0), _uniform(r1)
-    two_pi = torch.tensor(_TWO_PI, dtype=torch.float32)
-    return torch.sqrt(torch.tensor(-2.0, dtype=torch.float32) * torch.log(u0)) * torch.cos(two_pi * u1)
+    words = philox4x32(seed, p, j, i, torch.tensor(site, dtype=torch.int64, device=device))
+    u0, u1, u2, u3 = (_uniform(w) for w in words)
+    two, two_pi = torch.tensor(-2.0, dtype=torch.float32), torch.tensor(_TWO_PI, dtype=torch.float32)
+    rad01, th01 = torch.sqrt(two * torch.log(u0)), two_pi * u1
+    rad23, th23 = torch.sqrt(two * torch.log(u2)), two_pi * u3
+    n = torch.stack([rad01 * torch.cos(th01), rad01 * torch.sin(th01), rad23 * torch.cos(th23),
+                     rad23 * torch.sin(th23)], dim=2)  # (samples, groups, 4, probes): column 4p + r
+    return n.reshape(num_samples, 4 * p.shape[1], j.shape[-1])[:, :cols]
 
 
 def check_seed(seed: int) -> int:
@@ -183,14 +218,14 @@ if triton is not None:
         for m0 in range(0, M, BLOCK_M):
             rm = m0 + rm0
             a = tl.load(a_ptr + sample * sa_b + rt[:, None] * sa_t + rm[None, :] * sa_m,
-                        mask=(rt[:, None] < T) & (rm[None, :] < M), other=0.0).to(tl.float32)
+                        mask=(rt[:, None] < T) & (rm[None, :] < M), other=0.0)
             vmask = (rm[:, None] < M) & (rk[None, :] < K)
             if DRAW:
-                v = tl.where(vmask, _gaussian_probes(seed, site, sample, rm, probe0 + rk), 0.0)
+                v = tl.where(vmask, _gaussian_probes(seed, site, sample, m0, probe0 + rk, BLOCK_M), 0.0)
             else:
                 v = tl.load(v_ptr + sample * sv_b + rm[:, None] * sv_m + rk[None, :] * sv_k, mask=vmask,
                             other=0.0).to(tl.float32)
-            acc += tl.dot(a, v, input_precision=PRECISION)
+            acc = _dot_fp32(a, v, acc, PRECISION)
         tl.store(z_ptr + sample * sz_b + rt[:, None] * sz_t + rk[None, :] * sz_k, acc,
                  mask=(rt[:, None] < T) & (rk[None, :] < K))
 
@@ -212,12 +247,34 @@ if triton is not None:
         for t0 in range(first, tl.minimum(first + rows_per_split, T), BLOCK_T):
             rt = t0 + rt0
             b = tl.load(b_ptr + sample * sb_b + rt[:, None] * sb_t + rn[None, :] * sb_n,
-                        mask=(rt[:, None] < T) & (rn[None, :] < N), other=0.0).to(tl.float32)
+                        mask=(rt[:, None] < T) & (rn[None, :] < N), other=0.0)
             z = tl.load(z_ptr + sample * sz_b + rt[:, None] * sz_t + rk[None, :] * sz_k,
                         mask=(rt[:, None] < T) & (rk[None, :] < K), other=0.0)
-            acc += tl.dot(tl.trans(b), z, input_precision=PRECISION)
+            acc = _dot_fp32(tl.trans(b), z, acc, PRECISION)
         tl.store(out_ptr + sample * so_b + split * so_s + rn[:, None] * so_n + rk[None, :] * so_k, acc,
                  mask=(rn[:, None] < N) & (rk[None, :] < K))
+
+
+    @triton.jit
+    def _tile_sq_kernel(part_ptr, out_ptr, N, K, nsplit, sp_b, sp_s, sp_n, sp_k, tiles_k, tiles,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out[i, tile] = upward-rounded sum of the squares of one (N, K) tile of b_i^T z_i, its row slices
+        added first in a fixed order."""
+        sample = tl.program_id(0)
+        tile = tl.program_id(1)
+        rn = (tile // tiles_k) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rk = (tile % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = (rn[:, None] < N) & (rk[None, :] < K)
+        w = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for s in range(0, nsplit):
+            w += tl.load(part_ptr + sample * sp_b + s * sp_s + rn[:, None] * sp_n + rk[None, :] * sp_k, mask=mask,
+                         other=0.0)
+        sq = tl.sum(tl.sum(w * w, axis=1), axis=0)
+        # Any summation order of n non-negative fp32 terms (and their squaring) errs by less than (n + 1) u
+        # relative, n = BLOCK_N + BLOCK_K here (row sums, then the sum of rows): this bound keeps the result
+        # above the exact sum of the squares of w, including the rounding of the squares themselves.
+        up = 1.0 + (BLOCK_N + BLOCK_K + 4) * 1.1920928955078125e-07
+        tl.store(out_ptr + sample * tiles + tile, sq * up)
 
 
 # ------------------------------------------------------------------------------------------------ rounding
@@ -263,26 +320,32 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-PRECISIONS = ("tf32x3", "ieee")
+PRECISIONS = ("tensor_cores", "ieee")
 
 
-def _blocks(k: int, block: int | None, rows: int = 64):
+def _blocks(k: int, block: int | None, rows: int, width: int):
     """(T rows, width, probes) per program; `block` (tests, interpreter) sets all three."""
     if block is not None:
         return block, block, _pow2(k, 16, block)
-    return rows, 32 if rows > 64 else 64, _pow2(k, 16, 64)
+    return rows, width, _pow2(k, 16, 64)
 
 
-def _check_precision(precision: str) -> None:
+def _dot_precision(streamed: torch.Tensor, precision: str) -> str:
+    """The kernels' PRECISION for a dot of the streamed operand (activations or output gradients) with fp32
+    probes: exact bf16 products for bf16 data, tf32x3 for fp16 / fp32 data (both exact in TF32's range for fp16),
+    or IEEE fp32 FMAs when asked ("ieee": benchmarks and checks)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is unknown; use one of {PRECISIONS}")
+    if precision == "ieee":
+        return "ieee"
+    return "bf16x3" if streamed.dtype == torch.bfloat16 else "tf32x3"
 
 
-def _project(a, seed, site, probe0, K, launch, block, v=None, precision="tf32x3"):
+def _project(a, seed, site, probe0, K, launch, block, v=None, precision="tensor_cores"):
     """(B, T, K) fp32: a_i @ V_i with V drawn (probe ids probe0 ..) or given (B, M, K)."""
     B, T, M = a.shape
     # 128 rows per program: every probe entry is drawn once per program, so taller tiles draw fewer of them
-    bt, bm, bk = _blocks(K, block, rows=128)
+    bt, bm, bk = _blocks(K, block, rows=128, width=64)
     z = torch.empty((B, T, K), device=a.device, dtype=torch.float32)
     if B == 0 or T == 0 or K == 0:
         return z
@@ -292,13 +355,13 @@ def _project(a, seed, site, probe0, K, launch, block, v=None, precision="tf32x3"
     sv = v.stride() if v is not None else (0, 0, 0)
     launch(_project_kernel)[(B, _cdiv(T, bt), _cdiv(K, bk))](
         a, vv, seed, z, site, probe0, T, M, K, *a.stride(), *sv, *z.stride(),
-        DRAW=v is None, PRECISION=precision, BLOCK_T=bt, BLOCK_M=bm, BLOCK_K=bk)
+        DRAW=v is None, PRECISION=_dot_precision(a, precision), BLOCK_T=bt, BLOCK_M=bm, BLOCK_K=bk)
     return z
 
 
-#: programs the split-T reduction aims for (about four per SM of an H100); a site with fewer (N, K) tiles than
-#: this walks its T rows in several slices at once
-_TARGET_PROGRAMS = 512
+#: programs the split-T product aims for (about eight per SM of an H100, bench_randomized_ops --sweep); a site
+#: with fewer (N, K) tiles than this walks its T rows in several slices at once, of at least 512 rows each
+_TARGET_PROGRAMS = 1024
 _MIN_ROWS_PER_SPLIT = 512
 
 
@@ -311,35 +374,45 @@ def _splits(T, tiles: int, bt: int, splits: int | None) -> int:
     return max(1, min(_cdiv(_TARGET_PROGRAMS, max(tiles, 1)), T // _MIN_ROWS_PER_SPLIT))
 
 
-def _bt_z_partials(b, z, launch, block, precision="tf32x3", splits=None):
-    """b_i^T z_i over `splits` slices of the rows: fp32 (B, splits, N, K); their sum over dim 1 is b_i^T z_i."""
+def _bt_z_partials(b, z, launch, block, precision="tensor_cores", splits=None):
+    """(b_i^T z_i over `splits` slices of the rows: fp32 (B, splits, N, K), whose sum over dim 1 is b_i^T z_i;
+    the tiling (BLOCK_N, BLOCK_K, tiles_k))."""
     B, T, N = b.shape
     K = z.shape[-1]
-    bt, bn, bk = _blocks(K, block)
+    bt, bn, bk = _blocks(K, block, rows=64, width=128)
     tiles_k = _cdiv(K, bk)
     tiles = _cdiv(N, bn) * tiles_k
     nsplit = _splits(T, tiles, bt, splits)
     rows = _cdiv(_cdiv(T, nsplit), bt) * bt if T else bt
     out = torch.empty((B, nsplit, N, K), device=b.device, dtype=torch.float32)
+    tiling = (bn, bk, tiles_k)
     if B == 0 or tiles == 0:
-        return out
+        return out, tiling
     if T == 0:
-        return out.zero_()
+        return out.zero_(), tiling
     launch(_bt_z_kernel)[(B, tiles, nsplit)](b, z, out, T, N, K, rows, *b.stride(), *z.stride(), *out.stride(),
-                                             tiles_k, PRECISION=precision, BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=bk)
-    return out
+                                             tiles_k, PRECISION=_dot_precision(b, precision), BLOCK_T=bt,
+                                             BLOCK_N=bn, BLOCK_K=bk)
+    return out, tiling
 
 
-def _bt_z(b, z, launch, block, precision="tf32x3", splits=None):
+def _bt_z(b, z, launch, block, precision="tensor_cores", splits=None):
     """b_i^T z_i, fp32 (B, N, K), its slices added in a fixed order."""
-    return _bt_z_partials(b, z, launch, block, precision, splits).sum(1)
+    return _bt_z_partials(b, z, launch, block, precision, splits)[0].sum(1)
 
 
-def _bt_z_sq_norms(b, z, launch, block, precision="tf32x3", splits=None):
-    """||b_i^T z_i||_F^2 in fp64 (B,), never below the exact sum of the squares of the computed b_i^T z_i: the
-    slices are added and squared in fp64, and the sum carries a bound on its rounding."""
-    w = _bt_z_partials(b, z, launch, block, precision, splits).to(torch.float64).sum(1)
-    return sum_up(w.pow(2).flatten(1), 1, torch.float64)
+def _bt_z_sq_norms(b, z, launch, block, precision="tensor_cores", splits=None):
+    """||b_i^T z_i||_F^2 in fp64 (B,), never below the exact sum of the squares of the computed b_i^T z_i: each
+    (N, K) tile's slices are added and its squares summed with an upward bound (_tile_sq_kernel), then the tiles'
+    sums are added in fp64 with a bound of their own."""
+    part, (bn, bk, tiles_k) = _bt_z_partials(b, z, launch, block, precision, splits)
+    B, nsplit, N, K = part.shape
+    tiles = _cdiv(N, bn) * tiles_k
+    sq = torch.zeros((B, tiles), device=b.device, dtype=torch.float32)
+    if B and tiles and b.shape[1]:
+        launch(_tile_sq_kernel)[(B, tiles)](part, sq, N, K, nsplit, *part.stride(), tiles_k, tiles,
+                                            BLOCK_N=bn, BLOCK_K=bk)
+    return sum_up(sq, 1, torch.float64)
 
 
 def _seed_tensor(seed, device) -> torch.Tensor:
@@ -351,18 +424,19 @@ def _seed_tensor(seed, device) -> torch.Tensor:
 
 
 def randomized_sq_norms(a: torch.Tensor, b: torch.Tensor, probes: int, variant: str = "hutchinson", seed=0,
-                        site: int = 0, block: int | None = None, launch=None, precision: str = "tf32x3",
+                        site: int = 0, block: int | None = None, launch=None, precision: str = "tensor_cores",
                         splits: int | None = None) -> torch.Tensor:
     """Per-sample estimates of ||a_i^T b_i||_F^2, fp32 (B,), with Triton kernels (see the module docstring).
 
     seed: int in [0, 2^63) or a one-element int64 tensor (on any device). site: id in [0, 2^31) that keeps the
     probes of different sites of one call apart. launch: torch.library.wrap_triton inside a triton_op.
-    precision: "tf32x3" (tensor cores, fp32 accuracy) or "ieee" (fp32 FMAs; benchmarks and checks). splits: slices
+    precision: "tensor_cores" (fp32 accuracy: exact bf16 products, or tf32x3) or "ieee" (fp32 FMAs; benchmarks and
+    checks). splits: slices
     of the rows for b_i^T z_i (default: enough programs to fill the GPU)."""
     launch = launch or (lambda k: k)
     check_variant(variant, probes)
     check_site(site)
-    _check_precision(precision)
+    _dot_precision(a, precision)  # refuses an unknown precision before anything runs
     a, b = _as_sites(a, b)
     if torch.float64 in (a.dtype, b.dtype):
         raise TypeError("Triton randomized-norm kernels take fp32/fp16/bf16 operands; fp64 uses the reference")
