@@ -312,6 +312,14 @@ def _as_sites(a: torch.Tensor, b: torch.Tensor):
     return a, b
 
 
+def _narrow_side_first(a: torch.Tensor, b: torch.Tensor):
+    """(a, b) or (b, a): probes are drawn for the columns of the first operand, so it should be the narrower one
+    (a program draws its probe block once per tile of rows). ||a_i^T b_i||_F = ||b_i^T a_i||_F, and with Gaussian
+    probes the estimate's law depends only on the singular values of a_i^T b_i, which its transpose shares: both
+    orders give the same estimator (Hutchinson and Hutch++), the same variance and the same accounting."""
+    return (b, a) if b.shape[-1] < a.shape[-1] else (a, b)
+
+
 def _pow2(n: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, 1 << (max(n, 1) - 1).bit_length()))
 
@@ -437,7 +445,7 @@ def randomized_sq_norms(a: torch.Tensor, b: torch.Tensor, probes: int, variant: 
     check_variant(variant, probes)
     check_site(site)
     _dot_precision(a, precision)  # refuses an unknown precision before anything runs
-    a, b = _as_sites(a, b)
+    a, b = _narrow_side_first(*_as_sites(a, b))
     if torch.float64 in (a.dtype, b.dtype):
         raise TypeError("Triton randomized-norm kernels take fp32/fp16/bf16 operands; fp64 uses the reference")
     seed_t = _seed_tensor(seed, a.device)
@@ -483,7 +491,7 @@ def randomized_sq_norms_reference(a: torch.Tensor, b: torch.Tensor, probes: int,
         check_seed(seed)
     dtype = dtype or (torch.float64 if torch.float64 in (a.dtype, b.dtype) else torch.float32)
     out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    a, b = a.to(dtype), b.to(dtype)
+    a, b = _narrow_side_first(a.to(dtype), b.to(dtype))
     B, T, M = a.shape
 
     def project(first, count):  # b_i^T (a_i V)  (B, N, count)
@@ -520,7 +528,9 @@ def randomized_sq_norms_of_products_reference(s: torch.Tensor, probes: int, vari
         check_seed(seed)
     dtype = dtype or (torch.float64 if s.dtype == torch.float64 else torch.float32)
     out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    s = s.to(dtype)
+    # the linear site (I_M, s_i) draws its probes on the narrower side (_narrow_side_first): over s_i's N columns
+    # when N < M, which is the site (I_N, s_i^T)
+    s = s.to(dtype) if s.shape[2] >= s.shape[1] else s.to(dtype).transpose(1, 2)
     B, M, _ = s.shape
 
     def project(first, count):  # s_i^T V  (B, N, count)
