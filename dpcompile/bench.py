@@ -45,9 +45,6 @@ WORKLOADS = {
     "llama-1.1b B=2 T=4096": dict(model="llama-1b", B=2, T=4096),
     "llama-1.1b B=2 T=8192": dict(model="llama-1b", B=2, T=8192),
     "llama-1.1b B=2 T=16384": dict(model="llama-1b", B=2, T=16384),
-    # one sample: three compiled modes fit one 139 GiB H200 at once (B=2 needs 69 GiB without DP); per-token DP
-    # work is the same as at B=2 (every per-sample cost is linear in B)
-    "llama-1.1b B=1 T=16384": dict(model="llama-1b", B=1, T=16384),
 }
 #: what `python -m dpcompile.bench` runs by default (the issue-3 harness); the long-context ones are named explicitly
 DEFAULT_WORKLOADS = list(WORKLOADS)[:6]
