@@ -433,14 +433,16 @@ def _read_line(p, deadline: float, want=lambda line: True) -> str:
 _PENDING: dict = {}  # fd -> bytes read past the last returned line
 
 
-def add_ratios(rows: list, info: dict) -> list:
+def add_ratios(rows: list, info: dict | None = None, only_missing: bool = False) -> list:
+    """Ratios to the non-DP compiled row of the same workload among `rows`. only_missing (merging calls that
+    each ran some modes of a workload on one machine): keep the ratios a call computed itself."""
     for r in rows:
         base = next((b for b in rows if b["workload"] == r["workload"] and b["mode"] == "non-DP compiled"
                      and "tokens_per_s" in b), None)
-        if base and "tokens_per_s" in r:
+        if base and "tokens_per_s" in r and not (only_missing and "throughput_ratio" in r):
             r["throughput_ratio"] = r["tokens_per_s"] / base["tokens_per_s"]
             r["memory_ratio"] = r["peak_mem_gib"] / base["peak_mem_gib"]
-        r.update(info)
+        r.update(info or {})
     return rows
 
 
@@ -466,6 +468,7 @@ def merge(paths: list, title: str, note: str, results_json: str, results_md: str
             rows.extend(json.load(f))
     for r in rows:
         r.setdefault("note", title)
+    add_ratios(rows, only_missing=True)
     existing = []
     if os.path.exists(results_json):
         with open(results_json) as f:

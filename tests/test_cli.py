@@ -166,6 +166,28 @@ def test_benchmark_plots_cope_with_one_workload_and_with_many(tmp_path):
                                                              "size": "medium", "B": 4, "T": 512}
 
 
+def test_bench_merge_fills_ratios_across_calls_and_keeps_a_calls_own(tmp_path):
+    """Modes of one workload run in separate calls (each alone on the GPU): merging them computes the DP rows'
+    ratios against the merged baseline; a ratio a call computed against its own baseline is kept."""
+    from dpcompile import bench
+
+    w = "llama-1.1b B=2 T=16384"
+    alone = [dict(workload=w, mode="flashdp per_layer", tokens_per_s=39.0, peak_mem_gib=70.0)]
+    base = [dict(workload=w, mode="non-DP compiled", tokens_per_s=40.0, peak_mem_gib=69.0)]
+    own = [dict(workload=w, mode="flashdp flat", tokens_per_s=30.0, peak_mem_gib=69.0, throughput_ratio=0.5,
+                memory_ratio=1.0)]
+    paths = []
+    for i, rows in enumerate((alone, base, own)):
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(rows))
+    bench.merge([str(p) for p in paths], "t", "", str(tmp_path / "r.json"), str(tmp_path / "r.md"))
+    got = {r["mode"]: r for r in json.loads((tmp_path / "r.json").read_text())}
+    assert got["flashdp per_layer"]["throughput_ratio"] == pytest.approx(39 / 40)
+    assert got["flashdp per_layer"]["memory_ratio"] == pytest.approx(70 / 69)
+    assert got["flashdp flat"]["throughput_ratio"] == 0.5 and got["non-DP compiled"]["throughput_ratio"] == 1.0
+    assert "| 0.97 |" in (tmp_path / "r.md").read_text()
+
+
 def test_bench_parallel_warmup_times_one_mode_at_a_time(tmp_path):
     """--parallel: every mode compiles at once, but the timed steps never overlap; a mode that dies before it is
     warm becomes an error row, not a hang."""
