@@ -45,7 +45,9 @@ class DeviceModel:
     flops_16: float = 2.5e14  # our Triton bf16/fp16 GEMMs with a norm or a per-sample scale (150-390 TF/s measured)
     flops_vendor: float = 4.5e14  # cuBLAS bmm of the per-sample products (390-600 TF/s measured)
     flops_32: float = 4.0e13  # IEEE fp32 (no TF32: norms must not be rounded)
-    flops_probe: float = 1.2e14  # randomized probe products: tf32x3 (three TF32 products, fp32 accuracy)
+    # randomized probe products at fp32 accuracy, their in-kernel draws included (≈ 415 GFLOP in ≈ 11 ms per
+    # gpt2-small T=16384 step, profile of RESULTS.md run 13c)
+    flops_probe: float = 4.0e13
     bandwidth: float = 2.6e12  # HBM bytes/s
     launch: float = 3e-6  # GPU-side cost of one more kernel (ramp-up and tail of a small grid)
     chunk_loop: float = 3e-4  # host seconds per chunk of the chunked single-pass op (it runs as Python)
