@@ -187,16 +187,19 @@ def test_round_up_helpers():
     assert K.scale_up(torch.tensor([1.0], dtype=torch.float64), 3, torch.float32).item() >= 1 / 3
 
 
-def test_sums_of_squares_never_round_down():
-    """b = 1 with T = 1: b_i^T z_i is z_i exactly, so the sum of its squares is compared against the exact fp64 sum
-    of the squares of fp32 values, built to make round-to-nearest summation lose mass."""
+@pytest.mark.parametrize("splits", [1, 2])
+def test_sums_of_squares_never_round_down(splits):
+    """b = 1 and z zero below its first row: b_i^T z_i is z_i's first row exactly, so the sum of its squares is
+    compared against the exact fp64 sum of the squares of fp32 values, built to make round-to-nearest summation
+    lose mass; fused into the product kernel (one slice) and by the tile kernel over two slices."""
     g = torch.Generator().manual_seed(5)
-    z = torch.randn(4, 1, 64, generator=g).abs() * 2.0 ** -12
-    z[:, :, 0] = 1.0                                   # one large term, then many terms below its half ulp
-    z[1] = torch.rand(1, 64, generator=g) + 1.0        # values in [1, 2): squares need more than 24 bits
+    z = torch.zeros(4, 64, 64)
+    z[:, 0] = torch.randn(4, 64, generator=g).abs() * 2.0 ** -12
+    z[:, 0, 0] = 1.0                                   # one large term, then many terms below its half ulp
+    z[1, 0] = torch.rand(64, generator=g) + 1.0        # values in [1, 2): squares need more than 24 bits
     z = z.to(DEVICE)
-    b = torch.ones(4, 1, 48, device=DEVICE)
-    got = K._bt_z_sq_norms(b, z, lambda k: k, BLOCK).cpu()
+    b = torch.ones(4, 64, 48, device=DEVICE)
+    got = K._bt_z_sq_norms(b, z, lambda k: k, BLOCK, splits=splits).cpu()
     assert got.dtype == torch.float64
     exact = (b.cpu().double().transpose(1, 2) @ z.cpu().double()).pow(2).sum((1, 2))
     assert bool((got >= exact).all())
@@ -211,12 +214,24 @@ def test_row_slices_add_up_to_one_pass(variant):
     a = torch.randn(2, 150, 20, generator=g).to(DEVICE)
     b = torch.randn(2, 150, 36, generator=g).to(DEVICE)
     one = K.randomized_sq_norms(a, b, 9, variant, SEED, 2, block=BLOCK, splits=1)
-    parts, _ = K._bt_z_partials(b, a[..., :9].float(), lambda k: k, BLOCK, splits=3)
+    parts = K._bt_z_partials(b, a[..., :9].float(), lambda k: k, BLOCK, splits=3)
     assert parts.shape == (2, 3, 36, 9)
     sliced = K.randomized_sq_norms(a, b, 9, variant, SEED, 2, block=BLOCK, splits=3)
     torch.testing.assert_close(sliced, one, rtol=1e-5, atol=0)
     assert torch.equal(sliced, K.randomized_sq_norms(a, b, 9, variant, SEED, 2, block=BLOCK, splits=3))
     assert not torch.equal(parts[:, 0], parts[:, 1])  # every slice did its own rows
+
+
+def test_row_slices_only_where_they_pay():
+    """Split-T only while the grid has few programs (so the slices' products stay within _TARGET_PROGRAMS tiles),
+    at least 512 rows per slice, and never on a symbolic batch or length (no guard)."""
+    assert K._splits(2, 16384, 6, 64, None) == 32            # narrow site, long T: 512-row slices
+    assert K._splits(2, 1024, 6, 64, None) == 2
+    assert K._splits(64, 1024, 18, 64, None) == 1            # enough programs already
+    assert K._splits(2, 16384, 393, 64, None) == 2           # gpt2 lm_head: 393 tiles of 128 x 32 per sample
+    assert K._splits(8, 16384, 393, 64, None) == 1
+    sym = torch.fx.experimental.symbolic_shapes.ShapeEnv().create_unbacked_symint()
+    assert K._splits(sym, 16384, 6, 64, None) == 1 and K._splits(2, sym, 6, 64, None) == 1
 
 
 def test_unknown_precision_is_refused():
@@ -809,7 +824,7 @@ def test_gpu_tensor_core_products_match_ieee_fp32(dtype):
     g = torch.Generator().manual_seed(21)
     a = torch.randn(2, 4096, 768, generator=g).cuda().to(dtype)
     b = torch.randn(2, 4096, 96, generator=g).cuda().to(dtype)
-    assert K._splits(4096, 2, 64, None) > 1
+    assert K._splits(2, 4096, 6, 64, None) > 1  # b^T z over the 768 columns, in 6 tiles
     fast = K.randomized_sq_norms(a, b, 32, "hutchinson", SEED, 4)
     ieee = K.randomized_sq_norms(a, b, 32, "hutchinson", SEED, 4, precision="ieee", splits=1)
     torch.testing.assert_close(fast, ieee, rtol=2e-5, atol=0)

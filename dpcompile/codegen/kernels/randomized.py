@@ -231,11 +231,21 @@ if triton is not None:
 
 
     @triton.jit
+    def _upward_sum_of_squares(w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        sq = tl.sum(tl.sum(w * w, axis=1), axis=0)
+        # Any summation order of n non-negative fp32 terms (and their squaring) errs by less than (n + 1) u
+        # relative, n = BLOCK_N + BLOCK_K here (row sums, then the sum of rows): this bound keeps the result
+        # above the exact sum of the squares of w, including the rounding of the squares themselves.
+        return sq * (1.0 + (BLOCK_N + BLOCK_K + 4) * 1.1920928955078125e-07)
+
+
+    @triton.jit
     def _bt_z_kernel(b_ptr, z_ptr, out_ptr, T, N, K, rows_per_split, sb_b, sb_t, sb_n, sz_b, sz_t, sz_k,
-                     so_b, so_s, so_n, so_k, tiles_k, PRECISION: tl.constexpr,
+                     so_b, so_s, so_n, so_k, tiles_k, tiles, PRECISION: tl.constexpr, SQUARES: tl.constexpr,
                      BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """out[i, split] = b_i^T z_i over rows [split * rows_per_split, (split + 1) * rows_per_split) on one (N, K)
-        tile; rows_per_split is a multiple of BLOCK_T."""
+        tile; rows_per_split is a multiple of BLOCK_T. SQUARES (one slice only): out[i, tile] = the tile's
+        upward-rounded sum of squares instead, so no (B, N, K) product is written."""
         sample = tl.program_id(0)
         tile = tl.program_id(1)
         split = tl.program_id(2)
@@ -251,8 +261,11 @@ if triton is not None:
             z = tl.load(z_ptr + sample * sz_b + rt[:, None] * sz_t + rk[None, :] * sz_k,
                         mask=(rt[:, None] < T) & (rk[None, :] < K), other=0.0)
             acc = _dot_fp32(tl.trans(b), z, acc, PRECISION)
-        tl.store(out_ptr + sample * so_b + split * so_s + rn[:, None] * so_n + rk[None, :] * so_k, acc,
-                 mask=(rn[:, None] < N) & (rk[None, :] < K))
+        if SQUARES:
+            tl.store(out_ptr + sample * tiles + tile, _upward_sum_of_squares(acc, BLOCK_N, BLOCK_K))
+        else:
+            tl.store(out_ptr + sample * so_b + split * so_s + rn[:, None] * so_n + rk[None, :] * so_k, acc,
+                     mask=(rn[:, None] < N) & (rk[None, :] < K))
 
 
     @triton.jit
@@ -269,12 +282,7 @@ if triton is not None:
         for s in range(0, nsplit):
             w += tl.load(part_ptr + sample * sp_b + s * sp_s + rn[:, None] * sp_n + rk[None, :] * sp_k, mask=mask,
                          other=0.0)
-        sq = tl.sum(tl.sum(w * w, axis=1), axis=0)
-        # Any summation order of n non-negative fp32 terms (and their squaring) errs by less than (n + 1) u
-        # relative, n = BLOCK_N + BLOCK_K here (row sums, then the sum of rows): this bound keeps the result
-        # above the exact sum of the squares of w, including the rounding of the squares themselves.
-        up = 1.0 + (BLOCK_N + BLOCK_K + 4) * 1.1920928955078125e-07
-        tl.store(out_ptr + sample * tiles + tile, sq * up)
+        tl.store(out_ptr + sample * tiles + tile, _upward_sum_of_squares(w, BLOCK_N, BLOCK_K))
 
 
 # ------------------------------------------------------------------------------------------------ rounding
@@ -368,59 +376,63 @@ def _project(a, seed, site, probe0, K, launch, block, v=None, precision="tensor_
 
 
 #: programs the split-T product aims for (about eight per SM of an H100, bench_randomized_ops --sweep); a site
-#: with fewer (N, K) tiles than this walks its T rows in several slices at once, of at least 512 rows each
+#: with fewer (sample, N-tile, K-tile) programs than this walks its T rows in several slices at once, of at least
+#: 512 rows each. The slices' fp32 products are then at most this many tiles: 32 MiB at 128 x 64
 _TARGET_PROGRAMS = 1024
 _MIN_ROWS_PER_SPLIT = 512
 
 
-def _splits(T, tiles: int, bt: int, splits: int | None) -> int:
-    """How many slices of rows b_i^T z_i is summed over (1 when T is symbolic: no guard on it)."""
+def _splits(B, T, tiles: int, bt: int, splits: int | None) -> int:
+    """How many slices of rows b_i^T z_i is summed over: 1 when B or T is symbolic (no guard on them)."""
     if splits is not None:
         return max(1, min(splits, _cdiv(T, bt)))
-    if not isinstance(T, int):
+    if not (isinstance(B, int) and isinstance(T, int)) or B * tiles == 0:
         return 1
-    return max(1, min(_cdiv(_TARGET_PROGRAMS, max(tiles, 1)), T // _MIN_ROWS_PER_SPLIT))
+    return max(1, min(_cdiv(_TARGET_PROGRAMS, B * tiles), T // _MIN_ROWS_PER_SPLIT))
 
 
-def _bt_z_partials(b, z, launch, block, precision="tensor_cores", splits=None):
-    """(b_i^T z_i over `splits` slices of the rows: fp32 (B, splits, N, K), whose sum over dim 1 is b_i^T z_i;
-    the tiling (BLOCK_N, BLOCK_K, tiles_k))."""
+def _bt_z_launch(b, z, launch, block, precision, splits, squares: bool):
+    """Runs _bt_z_kernel. squares=False: returns the slices' products, fp32 (B, slices, N, K), whose sum over dim 1
+    is b_i^T z_i. squares=True: returns the tiles' upward-rounded sums of squares of b_i^T z_i, fp32 (B, tiles),
+    fused into the product kernel when there is one slice, else by _tile_sq_kernel over the slices."""
     B, T, N = b.shape
     K = z.shape[-1]
     bt, bn, bk = _blocks(K, block, rows=64, width=128)
     tiles_k = _cdiv(K, bk)
     tiles = _cdiv(N, bn) * tiles_k
-    nsplit = _splits(T, tiles, bt, splits)
+    nsplit = _splits(B, T, tiles, bt, splits)
     rows = _cdiv(_cdiv(T, nsplit), bt) * bt if T else bt
-    out = torch.empty((B, nsplit, N, K), device=b.device, dtype=torch.float32)
-    tiling = (bn, bk, tiles_k)
-    if B == 0 or tiles == 0:
-        return out, tiling
-    if T == 0:
-        return out.zero_(), tiling
-    launch(_bt_z_kernel)[(B, tiles, nsplit)](b, z, out, T, N, K, rows, *b.stride(), *z.stride(), *out.stride(),
-                                             tiles_k, PRECISION=_dot_precision(b, precision), BLOCK_T=bt,
-                                             BLOCK_N=bn, BLOCK_K=bk)
-    return out, tiling
+    fused = squares and nsplit == 1
+    out = torch.empty((B, tiles) if fused else (B, nsplit, N, K), device=b.device, dtype=torch.float32)
+    if B == 0 or tiles == 0 or T == 0:  # then there is one slice: squares are fused
+        return out.zero_()
+    so = (0, 0, 0, 0) if fused else out.stride()
+    launch(_bt_z_kernel)[(B, tiles, nsplit)](b, z, out, T, N, K, rows, *b.stride(), *z.stride(), *so, tiles_k,
+                                             tiles, PRECISION=_dot_precision(b, precision), SQUARES=fused,
+                                             BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=bk)
+    if fused or not squares:
+        return out
+    sq = torch.empty((B, tiles), device=b.device, dtype=torch.float32)
+    launch(_tile_sq_kernel)[(B, tiles)](out, sq, N, K, nsplit, *out.stride(), tiles_k, tiles, BLOCK_N=bn,
+                                        BLOCK_K=bk)
+    return sq
+
+
+def _bt_z_partials(b, z, launch, block, precision="tensor_cores", splits=None):
+    """b_i^T z_i over slices of the rows: fp32 (B, slices, N, K)."""
+    return _bt_z_launch(b, z, launch, block, precision, splits, squares=False)
 
 
 def _bt_z(b, z, launch, block, precision="tensor_cores", splits=None):
     """b_i^T z_i, fp32 (B, N, K), its slices added in a fixed order."""
-    return _bt_z_partials(b, z, launch, block, precision, splits)[0].sum(1)
+    return _bt_z_partials(b, z, launch, block, precision, splits).sum(1)
 
 
 def _bt_z_sq_norms(b, z, launch, block, precision="tensor_cores", splits=None):
     """||b_i^T z_i||_F^2 in fp64 (B,), never below the exact sum of the squares of the computed b_i^T z_i: each
-    (N, K) tile's slices are added and its squares summed with an upward bound (_tile_sq_kernel), then the tiles'
-    sums are added in fp64 with a bound of their own."""
-    part, (bn, bk, tiles_k) = _bt_z_partials(b, z, launch, block, precision, splits)
-    B, nsplit, N, K = part.shape
-    tiles = _cdiv(N, bn) * tiles_k
-    sq = torch.zeros((B, tiles), device=b.device, dtype=torch.float32)
-    if B and tiles and b.shape[1]:
-        launch(_tile_sq_kernel)[(B, tiles)](part, sq, N, K, nsplit, *part.stride(), tiles_k, tiles,
-                                            BLOCK_N=bn, BLOCK_K=bk)
-    return sum_up(sq, 1, torch.float64)
+    (N, K) tile's squares are summed with an upward bound, then the tiles' sums are added in fp64 with a bound of
+    their own."""
+    return sum_up(_bt_z_launch(b, z, launch, block, precision, splits, squares=True), 1, torch.float64)
 
 
 def _seed_tensor(seed, device) -> torch.Tensor:
