@@ -1,7 +1,7 @@
 """Per-op benchmark for randomized (probe) norms at long contexts: the Hutchinson estimate of one linear site with
-k probes, IEEE fp32 FMAs in one row slice (the session-4 kernels' arithmetic) against tensor-core products at fp32 accuracy
-with split-T (the default: exact bf16 products for bf16 data), next to the non-DP weight gradient of the same site (one cuBLAS GEMM over B*T rows).
-Also checks that the two precisions agree. Prints a table; --out writes JSON.
+k probes, IEEE fp32 FMAs in one row slice against tensor-core products at fp32 accuracy (exact bf16 products for
+bf16 data) with split-T (the default), next to the non-DP weight gradient of the same site (one cuBLAS GEMM over
+B*T rows). Also checks that the two precisions agree. Prints a table; --out writes JSON.
 
     python benchmarks/bench_randomized_ops.py [--probes 32] [--out DIR]
 """
