@@ -13,8 +13,8 @@ Strategies:
   two_pass      linear weight, where the scratch of one site fits the budget: the products formed by the vendor
                 GEMM for the norms, dropped, and formed again for the clipped sum (2 W + 6 B M N bytes)
   randomized    linear weight, only where the user forces it (it changes the privacy analysis): the norm estimated
-                with k Gaussian probes, 2 B T k (M+N) flops at fp32 accuracy on tensor cores (tf32x3,
-                docs/randomized.md), then the clipped sum (two_pass's where the products fit the budget). Never
+                with k Gaussian probes, 2 B T k (M+N) flops at fp32 accuracy on tensor cores
+                (docs/randomized.md), then the clipped sum (two_pass's where the products fit the budget). Never
                 chosen automatically, never single-pass, refused on T = 1 sites (the exact norm is cheaper there and
                 private for free)
   fused-rows / fused-embedding   bias, norm affine and elementwise parameters / embedding tables: own ops
