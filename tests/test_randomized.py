@@ -214,7 +214,7 @@ def test_row_slices_add_up_to_one_pass(variant):
     a = torch.randn(2, 150, 20, generator=g).to(DEVICE)
     b = torch.randn(2, 150, 36, generator=g).to(DEVICE)
     one = K.randomized_sq_norms(a, b, 9, variant, SEED, 2, block=BLOCK, splits=1)
-    parts = K._bt_z_partials(b, a[..., :9].float(), lambda k: k, BLOCK, splits=3)
+    parts = K._bt_z_launch(b, a[..., :9].float(), lambda k: k, BLOCK, "tensor_cores", 3, squares=False)
     assert parts.shape == (2, 3, 36, 9)
     sliced = K.randomized_sq_norms(a, b, 9, variant, SEED, 2, block=BLOCK, splits=3)
     torch.testing.assert_close(sliced, one, rtol=1e-5, atol=0)

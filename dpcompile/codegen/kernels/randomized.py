@@ -309,6 +309,20 @@ def scale_up(x64: torch.Tensor, divisor: int, out_dtype: torch.dtype) -> torch.T
     return s if out_dtype == torch.float64 else round_up_f32(s)
 
 
+def sum_sq_up(x: torch.Tensor) -> torch.Tensor:
+    """fp64 (B,): the sum of the squares of x over all but dim 0, never below the exact sum."""
+    x64 = x.to(torch.float64).reshape(x.shape[0], math.prod(x.shape[1:]))  # no -1: B may be 0
+    return x64.pow(2).sum(1) * (1.0 + (x64.shape[1] + 4) * _F64_EPS)
+
+
+def hutchpp_total(exact64: torch.Tensor, w: torch.Tensor, q: torch.Tensor, h: int, out_dtype: torch.dtype):
+    """Hutch++'s estimate from its exact part (fp64) and the h residual products w (B, N, h) against the sketch's
+    basis q (B, N, s): exact + (1/h) ||(I - q q^T) w||^2, never below its exact value, in out_dtype."""
+    resid = sum_sq_up(w - torch.bmm(q, torch.bmm(q.transpose(1, 2), w)))
+    total = exact64 + scale_up(resid, h, torch.float64) * (1.0 + 2 * _F64_EPS)
+    return total if out_dtype == torch.float64 else round_up_f32(total)
+
+
 # ------------------------------------------------------------------------------------------------ drivers
 def _as_sites(a: torch.Tensor, b: torch.Tensor):
     """(B, d) inputs are sites with T = 1; returns (B, T, d) views."""
@@ -418,14 +432,9 @@ def _bt_z_launch(b, z, launch, block, precision, splits, squares: bool):
     return sq
 
 
-def _bt_z_partials(b, z, launch, block, precision="tensor_cores", splits=None):
-    """b_i^T z_i over slices of the rows: fp32 (B, slices, N, K)."""
-    return _bt_z_launch(b, z, launch, block, precision, splits, squares=False)
-
-
 def _bt_z(b, z, launch, block, precision="tensor_cores", splits=None):
     """b_i^T z_i, fp32 (B, N, K), its slices added in a fixed order."""
-    return _bt_z_partials(b, z, launch, block, precision, splits).sum(1)
+    return _bt_z_launch(b, z, launch, block, precision, splits, squares=False).sum(1)
 
 
 def _bt_z_sq_norms(b, z, launch, block, precision="tensor_cores", splits=None):
@@ -451,8 +460,7 @@ def randomized_sq_norms(a: torch.Tensor, b: torch.Tensor, probes: int, variant: 
     seed: int in [0, 2^63) or a one-element int64 tensor (on any device). site: id in [0, 2^31) that keeps the
     probes of different sites of one call apart. launch: torch.library.wrap_triton inside a triton_op.
     precision: "tensor_cores" (fp32 accuracy: exact bf16 products, or tf32x3) or "ieee" (fp32 FMAs; benchmarks and
-    checks). splits: slices
-    of the rows for b_i^T z_i (default: enough programs to fill the GPU)."""
+    checks). splits: slices of the rows for b_i^T z_i (default: enough programs to fill the GPU)."""
     launch = launch or (lambda k: k)
     check_variant(variant, probes)
     check_site(site)
@@ -474,9 +482,7 @@ def randomized_sq_norms(a: torch.Tensor, b: torch.Tensor, probes: int, variant: 
     exact = _bt_z_sq_norms(a, u, launch, block, **kw)
     # residual: (1/h) sum_j ||(I - Q Q^T) b_i^T (a_i v_j)||^2 with probes s .. s + h - 1
     w = _bt_z(b, _project(a, seed_t, site, s, h, launch, block, precision=precision), launch, block, **kw)
-    r = w - torch.bmm(q, torch.bmm(q.transpose(1, 2), w))
-    resid = r.to(torch.float64).pow(2).sum((1, 2)) * (1.0 + (r.shape[1] * r.shape[2] + 4) * _F64_EPS)
-    return round_up_f32(exact + scale_up(resid, h, torch.float64) * (1.0 + 2 * _F64_EPS))
+    return hutchpp_total(exact, w, q, h, torch.float32)
 
 
 def dump_probes(seed, site: int, num_samples: int, cols: int, probe0: int, count: int, device) -> torch.Tensor:
@@ -510,19 +516,11 @@ def randomized_sq_norms_reference(a: torch.Tensor, b: torch.Tensor, probes: int,
         v = gaussian_probes_reference(seed, site, B, M, range(first, first + count), a.device).to(dtype)
         return torch.bmm(b.transpose(1, 2), torch.bmm(a, v))
 
-    def sq(x):  # sum over all but dim 0, never below the exact sum of x's squares
-        x64 = x.to(torch.float64).reshape(x.shape[0], math.prod(x.shape[1:]))  # no -1: B may be 0
-        return x64.pow(2).sum(1) * (1.0 + (x64.shape[1] + 4) * _F64_EPS)
-
     if variant == "hutchinson":
-        return scale_up(sq(project(0, probes)), probes, out_dtype)
+        return scale_up(sum_sq_up(project(0, probes)), probes, out_dtype)
     s, h = hutchpp_split(probes)
     q = torch.linalg.qr(project(0, s)).Q
-    exact = sq(torch.bmm(a.transpose(1, 2), torch.bmm(b, q)))
-    w = project(s, h)
-    resid = sq(w - torch.bmm(q, torch.bmm(q.transpose(1, 2), w)))
-    total = exact + scale_up(resid, h, torch.float64) * (1.0 + 2 * _F64_EPS)
-    return total if out_dtype == torch.float64 else round_up_f32(total)
+    return hutchpp_total(sum_sq_up(torch.bmm(a.transpose(1, 2), torch.bmm(b, q))), project(s, h), q, h, out_dtype)
 
 
 def randomized_sq_norms_of_products_reference(s: torch.Tensor, probes: int, variant: str = "hutchinson", seed=0,
@@ -549,16 +547,8 @@ def randomized_sq_norms_of_products_reference(s: torch.Tensor, probes: int, vari
         v = gaussian_probes_reference(seed, site, B, M, range(first, first + count), s.device).to(dtype)
         return torch.bmm(s.transpose(1, 2), v)
 
-    def sq(x):
-        x64 = x.to(torch.float64).reshape(x.shape[0], math.prod(x.shape[1:]))
-        return x64.pow(2).sum(1) * (1.0 + (x64.shape[1] + 4) * _F64_EPS)
-
     if variant == "hutchinson":
-        return scale_up(sq(project(0, probes)), probes, out_dtype)
+        return scale_up(sum_sq_up(project(0, probes)), probes, out_dtype)
     sk, h = hutchpp_split(probes)
     q = torch.linalg.qr(project(0, sk)).Q
-    exact = sq(torch.bmm(s, q))
-    w = project(sk, h)
-    resid = sq(w - torch.bmm(q, torch.bmm(q.transpose(1, 2), w)))
-    total = exact + scale_up(resid, h, torch.float64) * (1.0 + 2 * _F64_EPS)
-    return total if out_dtype == torch.float64 else round_up_f32(total)
+    return hutchpp_total(sum_sq_up(torch.bmm(s, q)), project(sk, h), q, h, out_dtype)
