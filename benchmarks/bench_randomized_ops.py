@@ -30,37 +30,39 @@ SHAPES = [  # (label, B, T, M = d_in, N = d_out)
 
 
 def sweep(k: int, label: str, B: int, T: int, M: int, N: int) -> list:
-    """Each kernel alone at one site, over tile shapes and warps: where the time goes (probe draws, loads, dots)."""
+    """Each kernel alone at one site, over tile shapes, column slices and warps: where the time goes (probe draws,
+    loads, dots). M is the side the probes are drawn for (the narrower one)."""
     a = torch.randn(B, T, M, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(B, T, N, device="cuda", dtype=torch.bfloat16)
     seed = torch.tensor([1], device="cuda")
     v = torch.randn(B, M, k, device="cuda")
-    z = torch.empty(B, T, k, device="cuda")
     out = []
     for draw in (True, False):
-        for bt, bm, warps in ((64, 32, 4), (128, 32, 4), (128, 64, 4), (128, 64, 8), (256, 32, 8), (256, 64, 8)):
-            grid = (B, K._cdiv(T, bt), K._cdiv(k, 32))
-            us = bench(lambda: K._project_kernel[grid](
-                a, v, seed, z, 0, 0, T, M, k, *a.stride(), *v.stride(), *z.stride(), DRAW=draw,
-                PRECISION="bf16x3", BLOCK_T=bt, BLOCK_M=bm, BLOCK_K=32, num_warps=warps))
-            out.append({"site": label, "kernel": "project", "draw": draw, "BLOCK_T": bt, "BLOCK_M": bm,
-                        "warps": warps, "us": us})
-    for splits in (1, 4, 16, 32):
-        for bt, bn, warps in ((64, 64, 4), (128, 64, 4), (64, 128, 4), (64, 128, 8)):
-            tiles = K._cdiv(N, bn)
-            nsplit = max(1, min(splits, K._cdiv(T, bt)))
-            rows = K._cdiv(K._cdiv(T, nsplit), bt) * bt
-            part = torch.empty(B, nsplit, N, k, device="cuda")
-            us = bench(lambda: K._bt_z_kernel[(B, tiles, nsplit)](
-                b, z, part, T, N, k, rows, *b.stride(), *z.stride(), *part.stride(), 1, PRECISION="bf16x3",
-                BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=32, num_warps=warps))
-            out.append({"site": label, "kernel": "bt_z", "splits": nsplit, "BLOCK_T": bt, "BLOCK_N": bn,
-                        "warps": warps, "us": us})
-    out.append({"site": label, "kernel": "bt_z + tile squares (default tiling)",
+        for bt, warps in ((128, 4), (128, 8), (256, 4), (256, 8), (512, 8)):
+            for nsplit in (1, 2, 4, 8):
+                cols = K._cdiv(K._cdiv(M, 64), nsplit) * 64
+                ns = K._cdiv(M, cols)
+                z = torch.empty(ns, B, T, k, device="cuda")
+                grid = (B, K._cdiv(T, bt), K._cdiv(k, 32) * ns)
+                us = bench(lambda: K._project_kernel[grid](
+                    a, v, seed, z, 0, 0, T, M, k, cols, ns, *a.stride(), *v.stride(), *z.stride(), DRAW=draw,
+                    PRECISION="bf16x3", BLOCK_T=bt, BLOCK_M=64, BLOCK_K=32, num_warps=warps))
+                out.append({"site": label, "kernel": "project", "draw": draw, "BLOCK_T": bt, "col_splits": ns,
+                            "warps": warps, "programs": grid[0] * grid[1] * grid[2], "us": us})
+    out.append({"site": label, "kernel": "project (defaults, slices added)",
+                "us": bench(lambda: K._project(a, seed, 0, 0, k, lambda f: f, None))})
+    z = K._project(a, seed, 0, 0, k, lambda f: f, None)
+    out.append({"site": label, "kernel": "bt_z + tile squares (defaults)",
                 "us": bench(lambda: K._bt_z_sq_norms(b, z, lambda f: f, None))})
     for r in out:
         print(" ".join(f"{n}={v}" if not isinstance(v, float) else f"{n}={v:.0f}" for n, v in r.items()), flush=True)
     return out
+
+
+#: sites for --sweep: (label, B, T, narrow side, wide side)
+SWEEP_SHAPES = [("gpt2-small 768-wide side T=16384", 2, 16384, 768, 3072),
+                ("llama-1b 2048-wide side T=16384", 2, 16384, 2048, 5632),
+                ("llama-1b k/v (256) T=16384", 2, 16384, 256, 2048)]
 
 
 def main():
@@ -71,7 +73,7 @@ def main():
     args = ap.parse_args()
     k = args.probes
     if args.sweep:
-        rows = sweep(k, *SHAPES[0]) + sweep(k, *SHAPES[3])
+        rows = [r for shape in SWEEP_SHAPES for r in sweep(k, *shape)]
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, "randomized_sweep.json"), "w") as f:

@@ -234,6 +234,50 @@ def test_row_slices_only_where_they_pay():
     assert K._splits(sym, 16384, 6, 64, None) == 1 and K._splits(2, sym, 6, 64, None) == 1
 
 
+@pytest.mark.parametrize("variant", K.VARIANTS)
+def test_column_slices_add_up_to_one_pass(variant):
+    """Split-M: Z = a_i V summed over slices of a_i's columns equals the one-slice projection up to fp32 addition
+    order, with the same probes (each slice draws the rows of V for its own columns), bit-identical on a repeat."""
+    g = torch.Generator().manual_seed(12)
+    a = torch.randn(2, 70, 100, generator=g).to(DEVICE)  # 4 column tiles of 32 under the interpreter
+    b = torch.randn(2, 70, 120, generator=g).to(DEVICE)
+    seed = torch.tensor([SEED], device=DEVICE)
+    one = K._project(a, seed, 2, 0, 9, lambda k: k, BLOCK, col_splits=1)
+    sliced = K._project(a, seed, 2, 0, 9, lambda k: k, BLOCK, col_splits=3)  # 64 + 36 columns
+    want = torch.bmm(a.double(), K.gaussian_probes_reference(SEED, 2, 2, 100, range(9), DEVICE).double())
+    torch.testing.assert_close(one.double(), want, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sliced, one, rtol=1e-5, atol=1e-5)
+    assert torch.equal(sliced, K._project(a, seed, 2, 0, 9, lambda k: k, BLOCK, col_splits=3))
+    assert not torch.equal(sliced, one)  # the slices really were added separately
+    est = K.randomized_sq_norms(a, b, 9, variant, SEED, 2, block=BLOCK, col_splits=3)
+    torch.testing.assert_close(est, K.randomized_sq_norms(a, b, 9, variant, SEED, 2, block=BLOCK, col_splits=1),
+                               rtol=1e-5, atol=0)
+
+
+def _backed_symint(value: int):
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env = ShapeEnv()
+    return env.create_symintnode(env.create_symbol(value, ConstantSource("B")), hint=value)
+
+
+def test_column_slices_only_where_they_pay():
+    """Split-M only while (sample, row-tile) programs are fewer than _PROJECT_PROGRAMS, in whole BLOCK_M tiles;
+    a dynamic batch counts with its hint (no guard), an unbacked one not at all."""
+    bt, bm = K._PROJECT_ROWS, 64
+    assert K._col_splits(2, 16384, 768, bt, bm, 1, None) == K._cdiv(K._PROJECT_PROGRAMS, 2 * 16384 // bt)
+    assert K._col_splits(2, 16384, 256, bt, bm, 1, None) == min(4, K._cdiv(K._PROJECT_PROGRAMS, 128))
+    assert K._col_splits(64, 4096, 768, bt, bm, 1, None) == 1  # enough programs already
+    assert K._col_splits(2, 16384, 768, bt, bm, 1, 100) == 12  # at most one slice per column tile
+    B = _backed_symint(2)
+    assert K._col_splits(B, 16384, 768, bt, bm, 1, None) == K._col_splits(2, 16384, 768, bt, bm, 1, None)
+    assert K._splits(B, 16384, 6, 64, None) == K._splits(2, 16384, 6, 64, None) == 32
+    assert not B.node.shape_env.guards  # read without a guard
+    sym = torch.fx.experimental.symbolic_shapes.ShapeEnv().create_unbacked_symint()
+    assert K._col_splits(sym, 16384, 768, bt, bm, 1, None) == 1
+
+
 def test_unknown_precision_is_refused():
     a = torch.randn(1, 3, 4, device=DEVICE)
     with pytest.raises(ValueError, match="precision='tf32'"):

@@ -203,19 +203,23 @@ def check_site(site: int) -> int:
 # ------------------------------------------------------------------------------------------------ kernels
 if triton is not None:
     @triton.jit
-    def _project_kernel(a_ptr, v_ptr, seed_ptr, z_ptr, site, probe0, T, M, K,
-                        sa_b, sa_t, sa_m, sv_b, sv_m, sv_k, sz_b, sz_t, sz_k,
+    def _project_kernel(a_ptr, v_ptr, seed_ptr, z_ptr, site, probe0, T, M, K, cols_per_split, nsplit,
+                        sa_b, sa_t, sa_m, sv_b, sv_m, sv_k, sz_s, sz_b, sz_t, sz_k,
                         DRAW: tl.constexpr, PRECISION: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-        """z[i, t, j] = sum_m a[i, t, m] v[i, m, j], j < K; v drawn (DRAW: probe ids probe0 + j) or loaded."""
+        """z[split, i, t, j] = sum over the split's columns m of a[i, t, m] v[i, m, j], j < K; v drawn (DRAW: probe
+        ids probe0 + j) or loaded. Column slices (split-M) let a tall row tile, which draws each probe entry once
+        for all its rows, still leave enough programs to fill the GPU; cols_per_split is a multiple of BLOCK_M."""
         sample = tl.program_id(0)
         rt = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-        rk = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+        split = tl.program_id(2) % nsplit
+        rk = (tl.program_id(2) // nsplit) * BLOCK_K + tl.arange(0, BLOCK_K)
         rm0 = tl.arange(0, BLOCK_M)
         acc = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
         if DRAW:
             seed = tl.load(seed_ptr)
-        for m0 in range(0, M, BLOCK_M):
+        first = split * cols_per_split
+        for m0 in range(first, tl.minimum(first + cols_per_split, M), BLOCK_M):
             rm = m0 + rm0
             a = tl.load(a_ptr + sample * sa_b + rt[:, None] * sa_t + rm[None, :] * sa_m,
                         mask=(rt[:, None] < T) & (rm[None, :] < M), other=0.0)
@@ -226,7 +230,7 @@ if triton is not None:
                 v = tl.load(v_ptr + sample * sv_b + rm[:, None] * sv_m + rk[None, :] * sv_k, mask=vmask,
                             other=0.0).to(tl.float32)
             acc = _dot_fp32(a, v, acc, PRECISION)
-        tl.store(z_ptr + sample * sz_b + rt[:, None] * sz_t + rk[None, :] * sz_k, acc,
+        tl.store(z_ptr + split * sz_s + sample * sz_b + rt[:, None] * sz_t + rk[None, :] * sz_k, acc,
                  mask=(rt[:, None] < T) & (rk[None, :] < K))
 
 
@@ -371,38 +375,76 @@ def _dot_precision(streamed: torch.Tensor, precision: str) -> str:
     return "bf16x3" if streamed.dtype == torch.bfloat16 else "tf32x3"
 
 
-def _project(a, seed, site, probe0, K, launch, block, v=None, precision="tensor_cores"):
-    """(B, T, K) fp32: a_i @ V_i with V drawn (probe ids probe0 ..) or given (B, M, K)."""
+def _hint(n) -> int | None:
+    """A size as a Python int for tuning choices only (row and column slices): the int itself, or a symbolic size's
+    hint (the value it was traced with, e.g. the dynamic batch), read without adding a guard; None when there is
+    none (unbacked). The slices it picks are correct for any size; only their speed depends on it."""
+    if isinstance(n, int):
+        return n
+    hint = getattr(getattr(n, "node", None), "hint", None)
+    return hint if isinstance(hint, int) else None
+
+
+#: rows per projection program. A program draws its block of probe entries once for all its rows, and the draws,
+#: not the products, bound the projection (benchmarks/NOTES.md entries 6-7), so taller tiles draw fewer entries
+_PROJECT_ROWS = 256
+_PROJECT_WARPS = 8
+#: programs the projection aims for: a grid with fewer (sample, row-tile) programs splits the columns of a_i into
+#: slices whose partial products are added afterwards (split-M), so tall tiles still fill the GPU
+_PROJECT_PROGRAMS = 512
+
+
+def _col_splits(B, T, M: int, bt: int, bm: int, tiles_k: int, col_splits: int | None) -> int:
+    """How many column slices (of whole BLOCK_M tiles) Z = a_i V is summed over."""
+    col_tiles = _cdiv(M, bm)
+    if col_splits is not None:
+        return max(1, min(col_splits, col_tiles))
+    b, t = _hint(B), _hint(T)
+    if b is None or t is None or b * t * tiles_k == 0:
+        return 1
+    return max(1, min(_cdiv(_PROJECT_PROGRAMS, b * _cdiv(t, bt) * tiles_k), col_tiles))
+
+
+def _project(a, seed, site, probe0, K, launch, block, v=None, precision="tensor_cores", col_splits=None):
+    """(B, T, K) fp32: a_i @ V_i with V drawn (probe ids probe0 ..) or given (B, M, K). With several column
+    slices, their fp32 partial products are added in a fixed order (deterministic, no atomics)."""
     B, T, M = a.shape
-    # 128 rows per program: every probe entry is drawn once per program, so taller tiles draw fewer of them
-    bt, bm, bk = _blocks(K, block, rows=128, width=64)
-    z = torch.empty((B, T, K), device=a.device, dtype=torch.float32)
+    bt, bm, bk = _blocks(K, block, rows=_PROJECT_ROWS, width=64)
+    tiles_k = _cdiv(K, bk)
+    cols = _cdiv(_cdiv(M, bm), _col_splits(B, T, M, bt, bm, tiles_k, col_splits)) * bm
+    nsplit = _cdiv(M, cols) if M else 1  # no empty slice
+    z = torch.empty((nsplit, B, T, K), device=a.device, dtype=torch.float32)
     if B == 0 or T == 0 or K == 0:
-        return z
+        return z[0]
     if M == 0:
-        return z.zero_()
+        return z[0].zero_()
     vv = v if v is not None else z  # unused pointer when drawing
     sv = v.stride() if v is not None else (0, 0, 0)
-    launch(_project_kernel)[(B, _cdiv(T, bt), _cdiv(K, bk))](
-        a, vv, seed, z, site, probe0, T, M, K, *a.stride(), *sv, *z.stride(),
-        DRAW=v is None, PRECISION=_dot_precision(a, precision), BLOCK_T=bt, BLOCK_M=bm, BLOCK_K=bk)
-    return z
+    warps = {} if block is not None else {"num_warps": _PROJECT_WARPS}
+    launch(_project_kernel)[(B, _cdiv(T, bt), tiles_k * nsplit)](
+        a, vv, seed, z, site, probe0, T, M, K, cols, nsplit, *a.stride(), *sv, *z.stride(),
+        DRAW=v is None, PRECISION=_dot_precision(a, precision), BLOCK_T=bt, BLOCK_M=bm, BLOCK_K=bk, **warps)
+    return z[0] if nsplit == 1 else z.sum(0)
 
 
 #: programs the split-T product aims for (about eight per SM of an H100, bench_randomized_ops --sweep); a site
 #: with fewer (sample, N-tile, K-tile) programs than this walks its T rows in several slices at once, of at least
-#: 512 rows each. The slices' fp32 products are then at most this many tiles: 32 MiB at 128 x 64
+#: 512 rows each. The slices' fp32 products are then at most T / 512 tiles per sample, i.e. at most K / 256 of the
+#: bytes of the (bf16) operand b itself, whatever the batch
 _TARGET_PROGRAMS = 1024
 _MIN_ROWS_PER_SPLIT = 512
 
 
 def _splits(B, T, tiles: int, bt: int, splits: int | None) -> int:
-    """How many slices of rows b_i^T z_i is summed over: 1 when B or T is symbolic (no guard on them)."""
+    """How many slices of rows b_i^T z_i is summed over. A symbolic B or T (the dynamic batch of a compiled graph)
+    counts with its hint, without a guard: the slices are correct for any size."""
     if splits is not None:
-        return max(1, min(splits, _cdiv(T, bt)))
-    if not (isinstance(B, int) and isinstance(T, int)) or B * tiles == 0:
+        t = _hint(T)
+        return max(1, min(splits, _cdiv(t, bt))) if t is not None else max(1, splits)
+    b, t = _hint(B), _hint(T)
+    if b is None or t is None or b * tiles == 0:
         return 1
-    return max(1, min(_cdiv(_TARGET_PROGRAMS, B * tiles), T // _MIN_ROWS_PER_SPLIT))
+    return max(1, min(_cdiv(_TARGET_PROGRAMS, b * tiles), t // _MIN_ROWS_PER_SPLIT))
 
 
 def _bt_z_launch(b, z, launch, block, precision, splits, squares: bool):
@@ -454,13 +496,14 @@ def _seed_tensor(seed, device) -> torch.Tensor:
 
 def randomized_sq_norms(a: torch.Tensor, b: torch.Tensor, probes: int, variant: str = "hutchinson", seed=0,
                         site: int = 0, block: int | None = None, launch=None, precision: str = "tensor_cores",
-                        splits: int | None = None) -> torch.Tensor:
+                        splits: int | None = None, col_splits: int | None = None) -> torch.Tensor:
     """Per-sample estimates of ||a_i^T b_i||_F^2, fp32 (B,), with Triton kernels (see the module docstring).
 
     seed: int in [0, 2^63) or a one-element int64 tensor (on any device). site: id in [0, 2^31) that keeps the
     probes of different sites of one call apart. launch: torch.library.wrap_triton inside a triton_op.
     precision: "tensor_cores" (fp32 accuracy: exact bf16 products, or tf32x3) or "ieee" (fp32 FMAs; benchmarks and
-    checks). splits: slices of the rows for b_i^T z_i (default: enough programs to fill the GPU)."""
+    checks). splits: slices of the rows for b_i^T z_i; col_splits: slices of the columns for a_i V (defaults:
+    enough programs to fill the GPU)."""
     launch = launch or (lambda k: k)
     check_variant(variant, probes)
     check_site(site)
@@ -470,18 +513,19 @@ def randomized_sq_norms(a: torch.Tensor, b: torch.Tensor, probes: int, variant: 
         raise TypeError("Triton randomized-norm kernels take fp32/fp16/bf16 operands; fp64 uses the reference")
     seed_t = _seed_tensor(seed, a.device)
     kw = dict(precision=precision, splits=splits)
+    pkw = dict(precision=precision, col_splits=col_splits)
     if variant == "hutchinson":
-        z = _project(a, seed_t, site, 0, probes, launch, block, precision=precision)
+        z = _project(a, seed_t, site, 0, probes, launch, block, **pkw)
         return scale_up(_bt_z_sq_norms(b, z, launch, block, **kw), probes, torch.float32)
     s, h = hutchpp_split(probes)
     # sketch: Y = s_i^T S = b_i^T (a_i S), Q = orth(Y) (N x s)
-    y = _bt_z(b, _project(a, seed_t, site, 0, s, launch, block, precision=precision), launch, block, **kw)
+    y = _bt_z(b, _project(a, seed_t, site, 0, s, launch, block, **pkw), launch, block, **kw)
     q = torch.linalg.qr(y).Q
     # exact part ||s_i Q||^2 = ||a_i^T (b_i Q)||^2
-    u = _project(b, seed_t, site, 0, q.shape[-1], launch, block, v=q, precision=precision)
+    u = _project(b, seed_t, site, 0, q.shape[-1], launch, block, v=q, **pkw)
     exact = _bt_z_sq_norms(a, u, launch, block, **kw)
     # residual: (1/h) sum_j ||(I - Q Q^T) b_i^T (a_i v_j)||^2 with probes s .. s + h - 1
-    w = _bt_z(b, _project(a, seed_t, site, s, h, launch, block, precision=precision), launch, block, **kw)
+    w = _bt_z(b, _project(a, seed_t, site, s, h, launch, block, **pkw), launch, block, **kw)
     return hutchpp_total(exact, w, q, h, torch.float32)
 
 
