@@ -74,6 +74,18 @@ def main():
     k = args.probes
     if args.sweep:
         rows = [r for shape in SWEEP_SHAPES for r in sweep(k, *shape)]
+        print("\n| site | probes | fastest projection (BLOCK_T, col_splits, warps) | us | at 128 rows, 1 slice, 4 warps |")
+        print("|---|---|---|---|---|")
+        for label, *_ in SWEEP_SHAPES:
+            for draw in (True, False):
+                cand = [r for r in rows if r["site"] == label and r.get("draw") is draw]
+                best = min(cand, key=lambda r: r["us"])
+                old = next(r for r in cand if (r["BLOCK_T"], r["col_splits"], r["warps"]) == (128, 1, 4))
+                print(f"| {label} | {'drawn' if draw else 'loaded'} | {best['BLOCK_T']}, {best['col_splits']}, "
+                      f"{best['warps']} | {best['us']:.0f} | {old['us']:.0f} |")
+            for r in rows:
+                if r["site"] == label and "draw" not in r:
+                    print(f"| {label} | {r['kernel']} | | {r['us']:.0f} | |")
         if args.out:
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, "randomized_sweep.json"), "w") as f:
