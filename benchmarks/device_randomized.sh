@@ -14,8 +14,10 @@ summary=()
 [ $# -gt 0 ] || set -- tests sweep "bench:gpt2-small B=2 T=16384"
 for stage in "$@"; do
   case "$stage" in
-    tests)
-      timeout 240 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_randomized.py > "$OUT/tests.txt" 2>&1
+    tests|tests:*)  # tests:EXPR runs only the tests pytest -k EXPR selects
+      k=${stage#tests}; k=${k#:}
+      timeout 240 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_randomized.py ${k:+-k "$k"} \
+        > "$OUT/tests.txt" 2>&1
       summary+=("tests: $(tail -1 "$OUT/tests.txt")") ;;
     sweep)
       timeout 240 python3 benchmarks/bench_randomized_ops.py --sweep --out "$OUT" > "$OUT/sweep.txt" 2>&1
