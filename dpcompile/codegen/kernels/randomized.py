@@ -390,7 +390,8 @@ def _hint(n) -> int | None:
 _PROJECT_ROWS = 256
 _PROJECT_WARPS = 8
 #: programs the projection aims for: a grid with fewer (sample, row-tile) programs splits the columns of a_i into
-#: slices whose partial products are added afterwards (split-M), so tall tiles still fill the GPU
+#: slices whose partial products are added afterwards (split-M), so tall tiles still fill the GPU. Slices are cut
+#: only below this many programs, so the partials hold fewer than 2 * 512 row tiles: 32 MiB at k = 32
 _PROJECT_PROGRAMS = 512
 
 
