@@ -30,8 +30,9 @@ SHAPES = [  # (label, B, T, M = d_in, N = d_out)
 
 
 def sweep(k: int, label: str, B: int, T: int, M: int, N: int) -> list:
-    """Each kernel alone at one site, over tile shapes, column slices and warps: where the time goes (probe draws,
-    loads, dots). M is the side the probes are drawn for (the narrower one)."""
+    """Each kernel alone at one site: the projection over row tiles, column slices and warps (drawn and loaded
+    probes: what the draws cost), b^T z over tiles, warps and row slices around the split rule's choice. M is the
+    side the probes are drawn for (the narrower one), N the other."""
     a = torch.randn(B, T, M, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(B, T, N, device="cuda", dtype=torch.bfloat16)
     seed = torch.tensor([1], device="cuda")
@@ -49,6 +50,22 @@ def sweep(k: int, label: str, B: int, T: int, M: int, N: int) -> list:
                     PRECISION="bf16x3", BLOCK_T=bt, BLOCK_M=64, BLOCK_K=32, num_warps=warps))
                 out.append({"site": label, "kernel": "project", "draw": draw, "BLOCK_T": bt, "col_splits": ns,
                             "warps": warps, "programs": grid[0] * grid[1] * grid[2], "us": us})
+    z = torch.randn(B, T, k, device="cuda")
+    tiles_default = K._cdiv(N, 128)
+    for bt, bn, warps in ((64, 128, 4), (64, 128, 8), (128, 128, 8), (64, 256, 8), (128, 64, 4)):
+        tiles = K._cdiv(N, bn)
+        rule = K._splits(B, T, tiles, bt, None)
+        for nsplit in sorted({max(1, rule // 2), rule, min(rule * 2, K._cdiv(T, bt))}):
+            rows = K._cdiv(K._cdiv(T, nsplit), bt) * bt
+            part = torch.empty(B, nsplit, N, k, device="cuda")
+            us = bench(lambda: K._bt_z_kernel[(B, tiles, nsplit)](
+                b, z, part, T, N, k, rows, *b.stride(), *z.stride(), *part.stride(), 1, tiles, PRECISION="bf16x3",
+                SQUARES=False, BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=32, num_warps=warps))
+            out.append({"site": label, "kernel": "bt_z", "splits": nsplit, "BLOCK_T": bt, "BLOCK_N": bn,
+                        "warps": warps, "programs": B * tiles * nsplit, "us": us})
+    out.append({"site": label, "kernel": f"bt_z rule at the defaults (64, 128, 4 warps): {tiles_default} tiles",
+                "us": next(r["us"] for r in out if r.get("kernel") == "bt_z" and (r["BLOCK_T"], r["BLOCK_N"],
+                           r["warps"], r["splits"]) == (64, 128, 4, K._splits(B, T, tiles_default, 64, None)))})
     out.append({"site": label, "kernel": "project (defaults, slices added)",
                 "us": bench(lambda: K._project(a, seed, 0, 0, k, lambda f: f, None))})
     z = K._project(a, seed, 0, 0, k, lambda f: f, None)
@@ -78,13 +95,17 @@ def main():
         print("|---|---|---|---|---|")
         for label, *_ in SWEEP_SHAPES:
             for draw in (True, False):
-                cand = [r for r in rows if r["site"] == label and r.get("draw") is draw]
+                cand = [r for r in rows if r["site"] == label and r["kernel"] == "project" and r["draw"] is draw]
                 best = min(cand, key=lambda r: r["us"])
                 old = next(r for r in cand if (r["BLOCK_T"], r["col_splits"], r["warps"]) == (128, 1, 4))
                 print(f"| {label} | {'drawn' if draw else 'loaded'} | {best['BLOCK_T']}, {best['col_splits']}, "
                       f"{best['warps']} | {best['us']:.0f} | {old['us']:.0f} |")
+            bt_z = [r for r in rows if r["site"] == label and r["kernel"] == "bt_z"]
+            best = min(bt_z, key=lambda r: r["us"])
+            print(f"| {label} | b^T z: fastest (BLOCK_T, BLOCK_N, warps, row slices) | {best['BLOCK_T']}, "
+                  f"{best['BLOCK_N']}, {best['warps']}, {best['splits']} | {best['us']:.0f} | |")
             for r in rows:
-                if r["site"] == label and "draw" not in r:
+                if r["site"] == label and r["kernel"] not in ("project", "bt_z"):
                     print(f"| {label} | {r['kernel']} | | {r['us']:.0f} | |")
         if args.out:
             os.makedirs(args.out, exist_ok=True)
