@@ -262,19 +262,23 @@ def _backed_symint(value: int):
 
 
 def test_column_slices_only_where_they_pay():
-    """Split-M only while (sample, row-tile) programs are fewer than _PROJECT_PROGRAMS, in whole BLOCK_M tiles;
-    a dynamic batch counts with its hint (no guard), an unbacked one not at all."""
+    """Split-M only while (sample, row-tile) programs are fewer than _PROJECT_PROGRAMS, in whole BLOCK_M tiles,
+    with partials under half the bytes of the bf16 operand; a dynamic batch counts with its hint (no guard), an
+    unbacked one not at all."""
     bt, bm = K._PROJECT_ROWS, 64
-    assert K._col_splits(2, 16384, 768, bt, bm, 1, None) == K._cdiv(K._PROJECT_PROGRAMS, 2 * 16384 // bt)
-    assert K._col_splits(2, 16384, 256, bt, bm, 1, None) == min(4, K._cdiv(K._PROJECT_PROGRAMS, 128))
-    assert K._col_splits(64, 4096, 768, bt, bm, 1, None) == 1  # enough programs already
-    assert K._col_splits(2, 16384, 768, bt, bm, 1, 100) == 12  # at most one slice per column tile
+    assert K._col_splits(2, 16384, 768, bt, bm, 32, 1, None) == K._cdiv(K._PROJECT_PROGRAMS, 2 * 16384 // bt) == 4
+    assert K._col_splits(2, 16384, 2048, bt, bm, 32, 1, None) == 4
+    assert K._col_splits(2, 16384, 256, bt, bm, 32, 1, None) == 2   # 256 // (4 * 32): partials <= a / 2
+    assert K._col_splits(2, 16384, 256, bt, bm, 64, 1, None) == 1
+    assert K._col_splits(2, 4096, 768, bt, bm, 32, 1, None) == 6    # not 16: capped by the bytes of a
+    assert K._col_splits(64, 4096, 768, bt, bm, 32, 1, None) == 1   # enough programs already
+    assert K._col_splits(2, 16384, 768, bt, bm, 32, 1, 100) == 12   # asked for: at most one slice per column tile
     B = _backed_symint(2)
-    assert K._col_splits(B, 16384, 768, bt, bm, 1, None) == K._col_splits(2, 16384, 768, bt, bm, 1, None)
+    assert K._col_splits(B, 16384, 768, bt, bm, 32, 1, None) == 4
     assert K._splits(B, 16384, 6, 64, None) == K._splits(2, 16384, 6, 64, None) == 32
     assert not B.node.shape_env.guards  # read without a guard
     sym = torch.fx.experimental.symbolic_shapes.ShapeEnv().create_unbacked_symint()
-    assert K._col_splits(sym, 16384, 768, bt, bm, 1, None) == 1
+    assert K._col_splits(sym, 16384, 768, bt, bm, 32, 1, None) == 1
 
 
 def test_unknown_precision_is_refused():

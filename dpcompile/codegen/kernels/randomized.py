@@ -390,20 +390,21 @@ def _hint(n) -> int | None:
 _PROJECT_ROWS = 256
 _PROJECT_WARPS = 8
 #: programs the projection aims for: a grid with fewer (sample, row-tile) programs splits the columns of a_i into
-#: slices whose partial products are added afterwards (split-M), so tall tiles still fill the GPU. Slices are cut
-#: only below this many programs, so the partials hold fewer than 2 * 512 row tiles: 32 MiB at k = 32
+#: slices whose partial products are added afterwards (split-M), so tall tiles still fill the GPU
 _PROJECT_PROGRAMS = 512
 
 
-def _col_splits(B, T, M: int, bt: int, bm: int, tiles_k: int, col_splits: int | None) -> int:
-    """How many column slices (of whole BLOCK_M tiles) Z = a_i V is summed over."""
+def _col_splits(B, T, M: int, bt: int, bm: int, K: int, tiles_k: int, col_splits: int | None) -> int:
+    """How many column slices (of whole BLOCK_M tiles) Z = a_i V is summed over. The slices' fp32 partials (slices x
+    B T K) are kept under half the bytes of the bf16 operand a (B T M) whatever the batch grows to (a dynamic batch
+    is sliced by its traced size): at most M / (4 K) slices."""
     col_tiles = _cdiv(M, bm)
     if col_splits is not None:
         return max(1, min(col_splits, col_tiles))
     b, t = _hint(B), _hint(T)
     if b is None or t is None or b * t * tiles_k == 0:
         return 1
-    return max(1, min(_cdiv(_PROJECT_PROGRAMS, b * _cdiv(t, bt) * tiles_k), col_tiles))
+    return max(1, min(_cdiv(_PROJECT_PROGRAMS, b * _cdiv(t, bt) * tiles_k), col_tiles, M // (4 * K)))
 
 
 def _project(a, seed, site, probe0, K, launch, block, v=None, precision="tensor_cores", col_splits=None):
@@ -412,7 +413,7 @@ def _project(a, seed, site, probe0, K, launch, block, v=None, precision="tensor_
     B, T, M = a.shape
     bt, bm, bk = _blocks(K, block, rows=_PROJECT_ROWS, width=64)
     tiles_k = _cdiv(K, bk)
-    cols = _cdiv(_cdiv(M, bm), _col_splits(B, T, M, bt, bm, tiles_k, col_splits)) * bm
+    cols = _cdiv(_cdiv(M, bm), _col_splits(B, T, M, bt, bm, K, tiles_k, col_splits)) * bm
     nsplit = _cdiv(M, cols) if M else 1  # no empty slice
     z = torch.empty((nsplit, B, T, K), device=a.device, dtype=torch.float32)
     if B == 0 or T == 0 or K == 0:
