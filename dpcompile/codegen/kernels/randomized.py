@@ -16,7 +16,9 @@ regenerates the same probes in plain PyTorch, so the kernels can be checked agai
 their probes.
 
 Kernels:
-  _project_kernel   Z = a_i V (T x K) for a block of probes (V drawn in-kernel) or a per-sample matrix (V loaded)
+  _project_kernel   Z = a_i V (T x K) for a block of probes (V drawn in-kernel) or a per-sample matrix (V loaded),
+                    over one slice of a_i's columns (split-M: tall row tiles draw fewer probe entries, and the
+                    slices keep the GPU filled; their partial Z are added in a fixed order)
   _bt_z_kernel      b_i^T Z_i on one (N, K) tile over one slice of the T rows (split-T: a narrow site has few
                     (N, K) tiles, and each would otherwise walk all T rows alone while most of the GPU idles)
   _tile_sq_kernel   each tile's slices added in a fixed order, then its upward-rounded sum of squares
