@@ -29,12 +29,10 @@ SHAPES = [  # (label, B, T, M = d_in, N = d_out)
 ]
 
 
-def sweep(k: int, label: str, B: int, T: int, M: int, N: int) -> list:
-    """Each kernel alone at one site: the projection over row tiles, column slices and warps (drawn and loaded
-    probes: what the draws cost), b^T z over tiles, warps and row slices around the split rule's choice. M is the
-    side the probes are drawn for (the narrower one), N the other."""
+def sweep_project(k: int, label: str, B: int, T: int, M: int) -> list:
+    """The projection alone at one site over row tiles, column slices and warps, with drawn and loaded probes (the
+    difference is what the draws cost). M is the side the probes are drawn for (the narrower one)."""
     a = torch.randn(B, T, M, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(B, T, N, device="cuda", dtype=torch.bfloat16)
     seed = torch.tensor([1], device="cuda")
     v = torch.randn(B, M, k, device="cuda")
     out = []
@@ -50,30 +48,55 @@ def sweep(k: int, label: str, B: int, T: int, M: int, N: int) -> list:
                     PRECISION="bf16x3", BLOCK_T=bt, BLOCK_M=64, BLOCK_K=32, num_warps=warps))
                 out.append({"site": label, "kernel": "project", "draw": draw, "BLOCK_T": bt, "col_splits": ns,
                             "warps": warps, "programs": grid[0] * grid[1] * grid[2], "us": us})
-    z = torch.randn(B, T, k, device="cuda")
-    tiles_default = K._cdiv(N, 128)
-    for bt, bn, warps in ((64, 128, 4), (64, 128, 8), (128, 128, 8), (64, 256, 8), (128, 64, 4)):
-        tiles = K._cdiv(N, bn)
-        rule = K._splits(B, T, tiles, bt, None)
-        for nsplit in sorted({max(1, rule // 2), rule, min(rule * 2, K._cdiv(T, bt))}):
-            rows = K._cdiv(K._cdiv(T, nsplit), bt) * bt
-            part = torch.empty(B, nsplit, N, k, device="cuda")
-            us = bench(lambda: K._bt_z_kernel[(B, tiles, nsplit)](
-                b, z, part, T, N, k, rows, *b.stride(), *z.stride(), *part.stride(), 1, tiles, PRECISION="bf16x3",
-                SQUARES=False, BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=32, num_warps=warps))
-            out.append({"site": label, "kernel": "bt_z", "splits": nsplit, "BLOCK_T": bt, "BLOCK_N": bn,
-                        "warps": warps, "programs": B * tiles * nsplit, "us": us})
-    out.append({"site": label, "kernel": f"bt_z rule at the defaults (64, 128, 4 warps): {tiles_default} tiles",
-                "us": next(r["us"] for r in out if r.get("kernel") == "bt_z" and (r["BLOCK_T"], r["BLOCK_N"],
-                           r["warps"], r["splits"]) == (64, 128, 4, K._splits(B, T, tiles_default, 64, None)))})
     out.append({"site": label, "kernel": "project (defaults, slices added)",
                 "us": bench(lambda: K._project(a, seed, 0, 0, k, lambda f: f, None))})
-    z = K._project(a, seed, 0, 0, k, lambda f: f, None)
-    out.append({"site": label, "kernel": "bt_z + tile squares (defaults)",
-                "us": bench(lambda: K._bt_z_sq_norms(b, z, lambda f: f, None))})
-    for r in out:
-        print(" ".join(f"{n}={v}" if not isinstance(v, float) else f"{n}={v:.0f}" for n, v in r.items()), flush=True)
     return out
+
+
+#: b^T z tilings the sweep tries: (BLOCK_T, BLOCK_N, warps); stages 3 and 4 each
+BT_Z_TILES = ((64, 128, 4), (64, 128, 8), (128, 128, 4), (128, 128, 8), (64, 256, 8), (128, 64, 4))
+
+
+def sweep_bt_z(k: int, label: str, B: int, T: int, M: int, N: int) -> list:
+    """b^T z alone at one site (N the wide side) over tiles, warps, pipeline stages and row slices around the split
+    rule's choice, with Z split into bf16 terms by every program ("in kernel", the session-5 kernel) or once
+    beforehand ("pre-split", _split3); then the defaults end to end (split, product, tile squares)."""
+    a = torch.randn(B, T, M, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(B, T, N, device="cuda", dtype=torch.bfloat16)
+    seed = torch.tensor([1], device="cuda")
+    z = torch.randn(B, T, k, device="cuda")
+    planes = {False: z.unsqueeze(0), True: K._split3(z.unsqueeze(0), lambda f: f)}
+    out = []
+    for pre in (False, True):
+        zz = planes[pre]
+        for bt, bn, warps in BT_Z_TILES:
+            tiles = K._cdiv(N, bn)
+            rule = K._splits(B, T, tiles, bt, None)
+            for stages in (3, 4):
+                for nsplit in sorted({max(1, rule // 2), rule, min(rule * 2, K._cdiv(T, bt))}):
+                    rows = K._cdiv(K._cdiv(T, nsplit), bt) * bt
+                    part = torch.empty(B, nsplit, N, k, device="cuda")
+                    us = bench(lambda: K._bt_z_kernel[(B, tiles, nsplit)](
+                        b, zz, part, T, N, k, rows, *b.stride(), *zz.stride(), *part.stride(), 1, tiles,
+                        PRECISION="bf16x3", SQUARES=False, SPLIT_Z=pre, BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=32,
+                        num_warps=warps, num_stages=stages))
+                    out.append({"site": label, "kernel": "bt_z", "z": "pre-split" if pre else "in kernel",
+                                "splits": nsplit, "BLOCK_T": bt, "BLOCK_N": bn, "warps": warps, "stages": stages,
+                                "programs": B * tiles * nsplit, "us": us})
+    parts = K._project_parts(a, seed, 0, 0, k, lambda f: f, None)
+    out.append({"site": label, "kernel": f"split3 of {parts.shape[0]} projection slices",
+                "us": bench(lambda: K._split3(parts, lambda f: f))})
+    out.append({"site": label, "kernel": "split3 + bt_z + tile squares (defaults)",
+                "us": bench(lambda: K._bt_z_sq_norms(b, parts, lambda f: f, None))})
+    out.append({"site": label, "kernel": "whole estimate (defaults)",
+                "us": bench(lambda: K.randomized_sq_norms(a, b, k, seed=1))})
+    out.append({"site": label, "kernel": "read b once (b.sum())", "us": bench(lambda: b.sum())})
+    return out
+
+
+def _print_rows(rows):
+    for r in rows:
+        print(" ".join(f"{n}={v}" if not isinstance(v, float) else f"{n}={v:.0f}" for n, v in r.items()), flush=True)
 
 
 #: sites for --sweep: (label, B, T, narrow side, wide side)
@@ -85,25 +108,42 @@ SWEEP_SHAPES = [("gpt2-small 768-wide side T=16384", 2, 16384, 768, 3072),
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--probes", type=int, default=32)
-    ap.add_argument("--sweep", action="store_true", help="time each kernel alone over tile shapes, then stop")
+    ap.add_argument("--sweep", nargs="?", const="all", choices=("all", "project", "bt_z"), default=None,
+                    help="time each kernel (or only the one named) alone over tile shapes, then stop")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     k = args.probes
     if args.sweep:
-        rows = [r for shape in SWEEP_SHAPES for r in sweep(k, *shape)]
-        print("\n| site | probes | fastest projection (BLOCK_T, col_splits, warps) | us | at 128 rows, 1 slice, 4 warps |")
+        rows = []
+        for label, B, T, M, N in SWEEP_SHAPES:
+            if args.sweep in ("all", "project"):
+                rows += sweep_project(k, label, B, T, M)
+                _print_rows([r for r in rows if r["site"] == label and r["kernel"].startswith("project")])
+            if args.sweep in ("all", "bt_z"):
+                rows += sweep_bt_z(k, label, B, T, M, N)
+                _print_rows([r for r in rows if r["site"] == label and not r["kernel"].startswith("project")])
+        print("\n| site | kernel | fastest (tiling) | us | at the defaults |")
         print("|---|---|---|---|---|")
         for label, *_ in SWEEP_SHAPES:
             for draw in (True, False):
                 cand = [r for r in rows if r["site"] == label and r["kernel"] == "project" and r["draw"] is draw]
-                best = min(cand, key=lambda r: r["us"])
-                old = next(r for r in cand if (r["BLOCK_T"], r["col_splits"], r["warps"]) == (128, 1, 4))
-                print(f"| {label} | {'drawn' if draw else 'loaded'} | {best['BLOCK_T']}, {best['col_splits']}, "
-                      f"{best['warps']} | {best['us']:.0f} | {old['us']:.0f} |")
-            bt_z = [r for r in rows if r["site"] == label and r["kernel"] == "bt_z"]
-            best = min(bt_z, key=lambda r: r["us"])
-            print(f"| {label} | b^T z: fastest (BLOCK_T, BLOCK_N, warps, row slices) | {best['BLOCK_T']}, "
-                  f"{best['BLOCK_N']}, {best['warps']}, {best['splits']} | {best['us']:.0f} | |")
+                if cand:
+                    best = min(cand, key=lambda r: r["us"])
+                    dflt = [r for r in cand if (r["BLOCK_T"], r["warps"]) == (K._PROJECT_ROWS, K._PROJECT_WARPS)]
+                    print(f"| {label} | project, {'drawn' if draw else 'loaded'} (BLOCK_T, col_splits, warps) | "
+                          f"{best['BLOCK_T']}, {best['col_splits']}, {best['warps']} | {best['us']:.0f} | "
+                          f"{min(r['us'] for r in dflt):.0f} (best slices) |")
+            for pre in ("in kernel", "pre-split"):
+                cand = [r for r in rows if r["site"] == label and r["kernel"] == "bt_z" and r["z"] == pre]
+                if cand:
+                    best = min(cand, key=lambda r: r["us"])
+                    rule = K._splits(2, 16384, K._cdiv(next(s[4] for s in SWEEP_SHAPES if s[0] == label), 128), 64,
+                                     None)
+                    dflt = [r for r in cand if (r["BLOCK_T"], r["BLOCK_N"], r["warps"], r["stages"], r["splits"])
+                            == (64, 128, 4, 3, rule)]
+                    print(f"| {label} | b^T z, Z split {pre} (BLOCK_T, BLOCK_N, warps, stages, row slices) | "
+                          f"{best['BLOCK_T']}, {best['BLOCK_N']}, {best['warps']}, {best['stages']}, "
+                          f"{best['splits']} | {best['us']:.0f} | {dflt[0]['us'] if dflt else float('nan'):.0f} |")
             for r in rows:
                 if r["site"] == label and r["kernel"] not in ("project", "bt_z"):
                     print(f"| {label} | {r['kernel']} | | {r['us']:.0f} | |")

@@ -2,6 +2,7 @@
 # Issue 5 on the device machine, in one call: GPU tests of the randomized kernels, the per-kernel sweep, and the
 # long-context step benchmark. Stages are chosen by name (default: all three), e.g.
 #   bash benchmarks/device_randomized.sh tests sweep "bench:gpt2-small B=2 T=16384"
+# BENCH_FLAGS adds flags to the bench stages (e.g. --profile: one profiled step per mode, kernels in the log).
 # Full outputs go to $OUT (tests.txt, randomized_sweep.json, sweep.txt, bench_*/); a short summary prints last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,9 +20,10 @@ for stage in "$@"; do
       timeout 240 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_randomized.py ${k:+-k "$k"} \
         > "$OUT/tests.txt" 2>&1
       summary+=("tests: $(tail -1 "$OUT/tests.txt")") ;;
-    sweep)
-      timeout 240 python3 benchmarks/bench_randomized_ops.py --sweep --out "$OUT" > "$OUT/sweep.txt" 2>&1
-      summary+=("sweep rc=$?") ;;
+    sweep|sweep:*)  # sweep:project or sweep:bt_z times only that kernel
+      which=${stage#sweep}; which=${which#:}
+      timeout 300 python3 benchmarks/bench_randomized_ops.py --sweep ${which:-all} --out "$OUT" > "$OUT/sweep.txt" 2>&1
+      summary+=("sweep rc=$?"); sed -n '/^| site | kernel/,$p' "$OUT/sweep.txt" ;;
     ops)
       timeout 240 python3 benchmarks/bench_randomized_ops.py --out "$OUT" > "$OUT/ops.txt" 2>&1
       summary+=("ops rc=$?") ;;
@@ -29,7 +31,7 @@ for stage in "$@"; do
       IFS=: read -r _ wl modes par <<< "$stage"
       dir="$OUT/bench_$(echo "$wl${modes:+_$modes}" | tr -c 'a-zA-Z0-9.\n' '_' | cut -c1-60)"
       python3 -m dpcompile.bench --workloads "$wl" --modes "${modes:-$MODES}" --parallel "${par:-3}" \
-        --timeout 400 --out "$dir" > "$dir.log" 2>&1
+        --timeout 400 --out "$dir" ${BENCH_FLAGS:-} > "$dir.log" 2>&1
       summary+=("bench $wl rc=$?"); cat "$dir/table.md" 2>/dev/null ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac

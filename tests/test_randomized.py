@@ -222,6 +222,24 @@ def test_row_slices_add_up_to_one_pass(variant):
     assert not torch.equal(parts[:, 0], parts[:, 1])  # every slice did its own rows
 
 
+@pytest.mark.parametrize("nparts", [1, 3])
+def test_split3_terms_add_up_to_z_exactly(nparts):
+    """The bf16 terms b^T z takes for bf16 data: hi + mid + lo equals, exactly, the fp32 sum of the projection's
+    column-slice partials added in slice order, with each term below one bf16 ulp of the previous one (the GPU
+    rounds to nearest, the interpreter truncates: both split exactly). Products of bf16 b with the terms are exact."""
+    g = torch.Generator().manual_seed(13)
+    parts = (torch.randn(nparts, 2, 37, 9, generator=g) * 10.0 ** torch.randint(-20, 20, (nparts, 2, 37, 9),
+                                                                              generator=g)).to(DEVICE)
+    planes = K._split3(parts, lambda k: k).cpu()
+    assert planes.shape == (3, 2, 37, 9) and planes.dtype == torch.bfloat16
+    z = parts.cpu()[0].clone()
+    for s in range(1, nparts):
+        z += parts.cpu()[s]
+    assert torch.equal(planes.double().sum(0), z.double())
+    for big, small in ((planes[0], planes[1]), (planes[1], planes[2])):
+        assert bool((small.double().abs() <= big.double().abs() * 2.0 ** -7).all())
+
+
 def test_row_slices_only_where_they_pay():
     """Split-T only while the grid has few programs (so the slices' products stay within _TARGET_PROGRAMS tiles),
     at least 512 rows per slice, and never on a symbolic batch or length (no guard)."""

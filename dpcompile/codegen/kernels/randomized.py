@@ -246,12 +246,33 @@ if triton is not None:
 
 
     @triton.jit
-    def _bt_z_kernel(b_ptr, z_ptr, out_ptr, T, N, K, rows_per_split, sb_b, sb_t, sb_n, sz_b, sz_t, sz_k,
+    def _split3_kernel(z_ptr, out_ptr, n, nparts, BLOCK: tl.constexpr):
+        """out[p] (p = 0, 1, 2: hi, mid, lo; bf16) with hi + mid + lo = the sum of the nparts fp32 partials z[s]
+        (added in the order s = 0, 1, ..), exactly: each term rounds to nearest what the previous ones leave, 8
+        significant bits at a time (24 in all). z is (nparts, n), out (3, n), both contiguous."""
+        r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = r < n
+        z = tl.load(z_ptr + r, mask=mask, other=0.0)
+        for s in range(1, nparts):
+            z += tl.load(z_ptr + s * n + r, mask=mask, other=0.0)
+        hi = z.to(tl.bfloat16)
+        rest = z - hi.to(tl.float32)
+        mid = rest.to(tl.bfloat16)
+        lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+        tl.store(out_ptr + r, hi, mask=mask)
+        tl.store(out_ptr + n + r, mid, mask=mask)
+        tl.store(out_ptr + 2 * n + r, lo, mask=mask)
+
+
+    @triton.jit
+    def _bt_z_kernel(b_ptr, z_ptr, out_ptr, T, N, K, rows_per_split, sb_b, sb_t, sb_n, sz_p, sz_b, sz_t, sz_k,
                      so_b, so_s, so_n, so_k, tiles_k, tiles, PRECISION: tl.constexpr, SQUARES: tl.constexpr,
-                     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     SPLIT_Z: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """out[i, split] = b_i^T z_i over rows [split * rows_per_split, (split + 1) * rows_per_split) on one (N, K)
         tile; rows_per_split is a multiple of BLOCK_T. SQUARES (one slice only): out[i, tile] = the tile's
-        upward-rounded sum of squares instead, so no (B, N, K) product is written."""
+        upward-rounded sum of squares instead, so no (B, N, K) product is written. SPLIT_Z (bf16 b): z is already
+        the three bf16 planes of _split3_kernel (plane stride sz_p), loaded straight into the three exact dots,
+        instead of fp32 split again by every N-tile's program."""
         sample = tl.program_id(0)
         tile = tl.program_id(1)
         split = tl.program_id(2)
@@ -264,9 +285,15 @@ if triton is not None:
             rt = t0 + rt0
             b = tl.load(b_ptr + sample * sb_b + rt[:, None] * sb_t + rn[None, :] * sb_n,
                         mask=(rt[:, None] < T) & (rn[None, :] < N), other=0.0)
-            z = tl.load(z_ptr + sample * sz_b + rt[:, None] * sz_t + rk[None, :] * sz_k,
-                        mask=(rt[:, None] < T) & (rk[None, :] < K), other=0.0)
-            acc = _dot_fp32(tl.trans(b), z, acc, PRECISION)
+            zp = z_ptr + sample * sz_b + rt[:, None] * sz_t + rk[None, :] * sz_k
+            zmask = (rt[:, None] < T) & (rk[None, :] < K)
+            if SPLIT_Z:
+                bt = tl.trans(b)
+                acc = tl.dot(bt, tl.load(zp + 2 * sz_p, mask=zmask, other=0.0), acc)
+                acc = tl.dot(bt, tl.load(zp + sz_p, mask=zmask, other=0.0), acc)
+                acc = tl.dot(bt, tl.load(zp, mask=zmask, other=0.0), acc)
+            else:
+                acc = _dot_fp32(tl.trans(b), tl.load(zp, mask=zmask, other=0.0), acc, PRECISION)
         if SQUARES:
             tl.store(out_ptr + sample * tiles + tile, _upward_sum_of_squares(acc, BLOCK_N, BLOCK_K))
         else:
@@ -412,6 +439,13 @@ def _col_splits(B, T, M: int, bt: int, bm: int, K: int, tiles_k: int, col_splits
 def _project(a, seed, site, probe0, K, launch, block, v=None, precision="tensor_cores", col_splits=None):
     """(B, T, K) fp32: a_i @ V_i with V drawn (probe ids probe0 ..) or given (B, M, K). With several column
     slices, their fp32 partial products are added in a fixed order (deterministic, no atomics)."""
+    z = _project_parts(a, seed, site, probe0, K, launch, block, v, precision, col_splits)
+    return z[0] if z.shape[0] == 1 else z.sum(0)
+
+
+def _project_parts(a, seed, site, probe0, K, launch, block, v=None, precision="tensor_cores", col_splits=None):
+    """(slices, B, T, K) fp32 whose sum over the first dim is a_i @ V_i (_project): the column slices' partial
+    products, left for the consumer to add (_bt_z_launch adds them while it splits Z into bf16 terms)."""
     B, T, M = a.shape
     bt, bm, bk = _blocks(K, block, rows=_PROJECT_ROWS, width=64)
     tiles_k = _cdiv(K, bk)
@@ -419,16 +453,16 @@ def _project(a, seed, site, probe0, K, launch, block, v=None, precision="tensor_
     nsplit = _cdiv(M, cols) if M else 1  # no empty slice
     z = torch.empty((nsplit, B, T, K), device=a.device, dtype=torch.float32)
     if B == 0 or T == 0 or K == 0:
-        return z[0]
+        return z
     if M == 0:
-        return z[0].zero_()
+        return z.zero_()
     vv = v if v is not None else z  # unused pointer when drawing
     sv = v.stride() if v is not None else (0, 0, 0)
     warps = {} if block is not None else {"num_warps": _PROJECT_WARPS}
     launch(_project_kernel)[(B, _cdiv(T, bt), tiles_k * nsplit)](
         a, vv, seed, z, site, probe0, T, M, K, cols, nsplit, *a.stride(), *sv, *z.stride(),
         DRAW=v is None, PRECISION=_dot_precision(a, precision), BLOCK_T=bt, BLOCK_M=bm, BLOCK_K=bk, **warps)
-    return z[0] if nsplit == 1 else z.sum(0)
+    return z
 
 
 #: programs the split-T product aims for (about eight per SM of an H100, bench_randomized_ops --sweep); a site
@@ -451,12 +485,28 @@ def _splits(B, T, tiles: int, bt: int, splits: int | None) -> int:
     return max(1, min(_cdiv(_TARGET_PROGRAMS, b * tiles), t // _MIN_ROWS_PER_SPLIT))
 
 
+_SPLIT3_BLOCK = 1024
+
+
+def _split3(z_parts: torch.Tensor, launch) -> torch.Tensor:
+    """(3, B, T, K) bf16 hi, mid, lo whose sum is exactly the fp32 sum of the partials z_parts (S, B, T, K)."""
+    z_parts = z_parts.contiguous()
+    out = torch.empty((3, *z_parts.shape[1:]), device=z_parts.device, dtype=torch.bfloat16)
+    n = z_parts[0].numel()
+    if n:
+        launch(_split3_kernel)[(_cdiv(n, _SPLIT3_BLOCK),)](z_parts, out, n, z_parts.shape[0], BLOCK=_SPLIT3_BLOCK)
+    return out
+
+
 def _bt_z_launch(b, z, launch, block, precision, splits, squares: bool):
-    """Runs _bt_z_kernel. squares=False: returns the slices' products, fp32 (B, slices, N, K), whose sum over dim 1
-    is b_i^T z_i. squares=True: returns the tiles' upward-rounded sums of squares of b_i^T z_i, fp32 (B, tiles),
-    fused into the product kernel when there is one slice, else by _tile_sq_kernel over the slices."""
+    """Runs _bt_z_kernel on z (B, T, K) fp32, or the partials (S, B, T, K) whose sum is z (_project_parts).
+    squares=False: returns the slices' products, fp32 (B, slices, N, K), whose sum over dim 1 is b_i^T z_i.
+    squares=True: returns the tiles' upward-rounded sums of squares of b_i^T z_i, fp32 (B, tiles), fused into the
+    product kernel when there is one slice, else by _tile_sq_kernel over the slices. For bf16 b, z is first split
+    once into its three bf16 terms (_split3), which every N-tile's program then loads as they are."""
     B, T, N = b.shape
     K = z.shape[-1]
+    z_parts = z if z.dim() == 4 else z.unsqueeze(0)
     bt, bn, bk = _blocks(K, block, rows=64, width=128)
     tiles_k = _cdiv(K, bk)
     tiles = _cdiv(N, bn) * tiles_k
@@ -467,8 +517,13 @@ def _bt_z_launch(b, z, launch, block, precision, splits, squares: bool):
     if B == 0 or tiles == 0 or T == 0:  # then there is one slice: squares are fused
         return out.zero_()
     so = (0, 0, 0, 0) if fused else out.stride()
+    dot = _dot_precision(b, precision)
+    if dot == "bf16x3":
+        z = _split3(z_parts, launch)
+    else:
+        z = (z_parts[0] if z_parts.shape[0] == 1 else z_parts.sum(0)).unsqueeze(0)
     launch(_bt_z_kernel)[(B, tiles, nsplit)](b, z, out, T, N, K, rows, *b.stride(), *z.stride(), *so, tiles_k,
-                                             tiles, PRECISION=_dot_precision(b, precision), SQUARES=fused,
+                                             tiles, PRECISION=dot, SQUARES=fused, SPLIT_Z=dot == "bf16x3",
                                              BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=bk)
     if fused or not squares:
         return out
@@ -519,17 +574,17 @@ def randomized_sq_norms(a: torch.Tensor, b: torch.Tensor, probes: int, variant: 
     kw = dict(precision=precision, splits=splits)
     pkw = dict(precision=precision, col_splits=col_splits)
     if variant == "hutchinson":
-        z = _project(a, seed_t, site, 0, probes, launch, block, **pkw)
+        z = _project_parts(a, seed_t, site, 0, probes, launch, block, **pkw)
         return scale_up(_bt_z_sq_norms(b, z, launch, block, **kw), probes, torch.float32)
     s, h = hutchpp_split(probes)
     # sketch: Y = s_i^T S = b_i^T (a_i S), Q = orth(Y) (N x s)
-    y = _bt_z(b, _project(a, seed_t, site, 0, s, launch, block, **pkw), launch, block, **kw)
+    y = _bt_z(b, _project_parts(a, seed_t, site, 0, s, launch, block, **pkw), launch, block, **kw)
     q = torch.linalg.qr(y).Q
     # exact part ||s_i Q||^2 = ||a_i^T (b_i Q)||^2
     u = _project(b, seed_t, site, 0, q.shape[-1], launch, block, v=q, **pkw)
     exact = _bt_z_sq_norms(a, u, launch, block, **kw)
     # residual: (1/h) sum_j ||(I - Q Q^T) b_i^T (a_i v_j)||^2 with probes s .. s + h - 1
-    w = _bt_z(b, _project(a, seed_t, site, s, h, launch, block, **pkw), launch, block, **kw)
+    w = _bt_z(b, _project_parts(a, seed_t, site, s, h, launch, block, **pkw), launch, block, **kw)
     return hutchpp_total(exact, w, q, h, torch.float32)
 
 
