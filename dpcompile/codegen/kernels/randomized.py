@@ -19,6 +19,8 @@ Kernels:
   _project_kernel   Z = a_i V (T x K) for a block of probes (V drawn in-kernel) or a per-sample matrix (V loaded),
                     over one slice of a_i's columns (split-M: tall row tiles draw fewer probe entries, and the
                     slices keep the GPU filled; their partial Z are added in a fixed order)
+  _split3_kernel    for bf16 data: adds the projection's column slices and splits Z into three bf16 terms once,
+                    so that b^T z's programs (one per N-tile) load them straight into their dots
   _bt_z_kernel      b_i^T Z_i on one (N, K) tile over one slice of the T rows (split-T: a narrow site has few
                     (N, K) tiles, and each would otherwise walk all T rows alone while most of the GPU idles)
   _tile_sq_kernel   each tile's slices added in a fixed order, then its upward-rounded sum of squares
