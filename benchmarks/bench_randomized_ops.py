@@ -53,22 +53,24 @@ def sweep_project(k: int, label: str, B: int, T: int, M: int) -> list:
     return out
 
 
+#: how b^T z takes Z (_bt_z_kernel's SPLIT_Z)
+Z_MODES = {0: "in kernel", 1: "3 dots", 2: "wide"}
 #: b^T z tilings the sweep tries: (BLOCK_T, BLOCK_N, warps); stages 3 and 4 each
 BT_Z_TILES = ((64, 128, 4), (64, 128, 8), (128, 128, 4), (128, 128, 8), (64, 256, 8), (128, 64, 4))
 
 
 def sweep_bt_z(k: int, label: str, B: int, T: int, M: int, N: int) -> list:
     """b^T z alone at one site (N the wide side) over tiles, warps, pipeline stages and row slices around the split
-    rule's choice, with Z split into bf16 terms by every program ("in kernel", the session-5 kernel) or once
-    beforehand ("pre-split", _split3); then the defaults end to end (split, product, tile squares)."""
+    rule's choice, with Z split into bf16 terms by every program ("in kernel", the kernel of entry 6) or once
+    beforehand (_split3) and taken by three dots ("3 dots") or one wide dot ("wide"); then the defaults end to end
+    (split, product, tile squares)."""
     a = torch.randn(B, T, M, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(B, T, N, device="cuda", dtype=torch.bfloat16)
     seed = torch.tensor([1], device="cuda")
     z = torch.randn(B, T, k, device="cuda")
-    planes = {False: z.unsqueeze(0), True: K._split3(z.unsqueeze(0), lambda f: f)}
     out = []
-    for pre in (False, True):
-        zz = planes[pre]
+    for mode, name in Z_MODES.items():
+        zz = K._split3(z.unsqueeze(0), lambda f: f) if mode else z.unsqueeze(0)
         for bt, bn, warps in BT_Z_TILES:
             tiles = K._cdiv(N, bn)
             rule = K._splits(B, T, tiles, bt, None)
@@ -78,9 +80,9 @@ def sweep_bt_z(k: int, label: str, B: int, T: int, M: int, N: int) -> list:
                     part = torch.empty(B, nsplit, N, k, device="cuda")
                     us = bench(lambda: K._bt_z_kernel[(B, tiles, nsplit)](
                         b, zz, part, T, N, k, rows, *b.stride(), *zz.stride(), *part.stride(), 1, tiles,
-                        PRECISION="bf16x3", SQUARES=False, SPLIT_Z=pre, BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=32,
+                        PRECISION="bf16x3", SQUARES=False, SPLIT_Z=mode, BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=32,
                         num_warps=warps, num_stages=stages))
-                    out.append({"site": label, "kernel": "bt_z", "z": "pre-split" if pre else "in kernel",
+                    out.append({"site": label, "kernel": "bt_z", "z": name,
                                 "splits": nsplit, "BLOCK_T": bt, "BLOCK_N": bn, "warps": warps, "stages": stages,
                                 "programs": B * tiles * nsplit, "us": us})
     parts = K._project_parts(a, seed, 0, 0, k, lambda f: f, None)
@@ -133,7 +135,7 @@ def main():
                     print(f"| {label} | project, {'drawn' if draw else 'loaded'} (BLOCK_T, col_splits, warps) | "
                           f"{best['BLOCK_T']}, {best['col_splits']}, {best['warps']} | {best['us']:.0f} | "
                           f"{min(r['us'] for r in dflt):.0f} (best slices) |")
-            for pre in ("in kernel", "pre-split"):
+            for pre in Z_MODES.values():
                 cand = [r for r in rows if r["site"] == label and r["kernel"] == "bt_z" and r["z"] == pre]
                 if cand:
                     best = min(cand, key=lambda r: r["us"])

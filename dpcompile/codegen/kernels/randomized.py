@@ -248,10 +248,11 @@ if triton is not None:
 
 
     @triton.jit
-    def _split3_kernel(z_ptr, out_ptr, n, nparts, BLOCK: tl.constexpr):
-        """out[p] (p = 0, 1, 2: hi, mid, lo; bf16) with hi + mid + lo = the sum of the nparts fp32 partials z[s]
-        (added in the order s = 0, 1, ..), exactly: each term rounds to nearest what the previous ones leave, 8
-        significant bits at a time (24 in all). z is (nparts, n), out (3, n), both contiguous."""
+    def _split3_kernel(z_ptr, out_ptr, n, K, nparts, BLOCK: tl.constexpr):
+        """out[r, p, :] (p = 0, 1, 2: hi, mid, lo; bf16) with hi + mid + lo = row r of the sum of the nparts fp32
+        partials z[s] (added in the order s = 0, 1, ..), exactly: each term is what the previous ones leave,
+        rounded to bf16, 8 significant bits at a time (24 in all). z is (nparts, rows, K), out (rows, 3, K), both
+        contiguous, n = rows * K: a row's three terms lie side by side, so one load can take all of them."""
         r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = r < n
         z = tl.load(z_ptr + r, mask=mask, other=0.0)
@@ -261,9 +262,10 @@ if triton is not None:
         rest = z - hi.to(tl.float32)
         mid = rest.to(tl.bfloat16)
         lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
-        tl.store(out_ptr + r, hi, mask=mask)
-        tl.store(out_ptr + n + r, mid, mask=mask)
-        tl.store(out_ptr + 2 * n + r, lo, mask=mask)
+        o = out_ptr + (r // K) * (3 * K) + r % K
+        tl.store(o, hi, mask=mask)
+        tl.store(o + K, mid, mask=mask)
+        tl.store(o + 2 * K, lo, mask=mask)
 
 
     @triton.jit
@@ -273,15 +275,23 @@ if triton is not None:
         """out[i, split] = b_i^T z_i over rows [split * rows_per_split, (split + 1) * rows_per_split) on one (N, K)
         tile; rows_per_split is a multiple of BLOCK_T. SQUARES (one slice only): out[i, tile] = the tile's
         upward-rounded sum of squares instead, so no (B, N, K) product is written. SPLIT_Z (bf16 b): z is already
-        the three bf16 planes of _split3_kernel (plane stride sz_p), loaded straight into the three exact dots,
-        instead of fp32 split again by every N-tile's program."""
+        the three bf16 terms of _split3_kernel (term stride sz_p) instead of fp32 split again by every N-tile's
+        program; 1: loaded into three dots, 2: loaded side by side (4 BLOCK_K columns, the last empty) into one
+        wide dot whose column groups are added at the end."""
         sample = tl.program_id(0)
         tile = tl.program_id(1)
         split = tl.program_id(2)
         rn = (tile // tiles_k) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = (tile % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
         rt0 = tl.arange(0, BLOCK_T)
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        if SPLIT_Z == 2:
+            wide = tl.zeros((BLOCK_N, 4 * BLOCK_K), dtype=tl.float32)
+            rc = tl.arange(0, 4 * BLOCK_K)  # term rc // BLOCK_K (3: none), probe column of the tile's rc % BLOCK_K
+            rkw = (tile % tiles_k) * BLOCK_K + rc % BLOCK_K
+            wcol = (rc // BLOCK_K) * sz_p + rkw * sz_k
+            wmask = (rc < 3 * BLOCK_K) & (rkw < K)
+        else:
+            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         first = split * rows_per_split
         for t0 in range(first, tl.minimum(first + rows_per_split, T), BLOCK_T):
             rt = t0 + rt0
@@ -289,13 +299,19 @@ if triton is not None:
                         mask=(rt[:, None] < T) & (rn[None, :] < N), other=0.0)
             zp = z_ptr + sample * sz_b + rt[:, None] * sz_t + rk[None, :] * sz_k
             zmask = (rt[:, None] < T) & (rk[None, :] < K)
-            if SPLIT_Z:
+            if SPLIT_Z == 2:
+                zw = tl.load(z_ptr + sample * sz_b + rt[:, None] * sz_t + wcol[None, :],
+                             mask=(rt[:, None] < T) & wmask[None, :], other=0.0)
+                wide = tl.dot(tl.trans(b), zw, wide)
+            elif SPLIT_Z == 1:
                 bt = tl.trans(b)
                 acc = tl.dot(bt, tl.load(zp + 2 * sz_p, mask=zmask, other=0.0), acc)
                 acc = tl.dot(bt, tl.load(zp + sz_p, mask=zmask, other=0.0), acc)
                 acc = tl.dot(bt, tl.load(zp, mask=zmask, other=0.0), acc)
             else:
                 acc = _dot_fp32(tl.trans(b), tl.load(zp, mask=zmask, other=0.0), acc, PRECISION)
+        if SPLIT_Z == 2:
+            acc = tl.sum(tl.reshape(wide, (BLOCK_N, 4, BLOCK_K)), axis=1)
         if SQUARES:
             tl.store(out_ptr + sample * tiles + tile, _upward_sum_of_squares(acc, BLOCK_N, BLOCK_K))
         else:
@@ -491,13 +507,19 @@ _SPLIT3_BLOCK = 1024
 
 
 def _split3(z_parts: torch.Tensor, launch) -> torch.Tensor:
-    """(3, B, T, K) bf16 hi, mid, lo whose sum is exactly the fp32 sum of the partials z_parts (S, B, T, K)."""
+    """(3, B, T, K) bf16 hi, mid, lo whose sum is exactly the fp32 sum of the partials z_parts (S, B, T, K); a view
+    of (B, T, 3, K) memory, so a row's three terms lie side by side."""
     z_parts = z_parts.contiguous()
-    out = torch.empty((3, *z_parts.shape[1:]), device=z_parts.device, dtype=torch.bfloat16)
-    n = z_parts[0].numel()
+    S, B, T, K = z_parts.shape
+    out = torch.empty((B, T, 3, K), device=z_parts.device, dtype=torch.bfloat16)
+    n = B * T * K
     if n:
-        launch(_split3_kernel)[(_cdiv(n, _SPLIT3_BLOCK),)](z_parts, out, n, z_parts.shape[0], BLOCK=_SPLIT3_BLOCK)
-    return out
+        launch(_split3_kernel)[(_cdiv(n, _SPLIT3_BLOCK),)](z_parts, out, n, K, S, BLOCK=_SPLIT3_BLOCK)
+    return out.permute(2, 0, 1, 3)
+
+
+#: how b^T z takes the three bf16 terms of Z (_bt_z_kernel's SPLIT_Z: 1 three dots, 2 one wide dot)
+_SPLIT_Z = 1
 
 
 def _bt_z_launch(b, z, launch, block, precision, splits, squares: bool):
@@ -525,7 +547,7 @@ def _bt_z_launch(b, z, launch, block, precision, splits, squares: bool):
     else:
         z = (z_parts[0] if z_parts.shape[0] == 1 else z_parts.sum(0)).unsqueeze(0)
     launch(_bt_z_kernel)[(B, tiles, nsplit)](b, z, out, T, N, K, rows, *b.stride(), *z.stride(), *so, tiles_k,
-                                             tiles, PRECISION=dot, SQUARES=fused, SPLIT_Z=dot == "bf16x3",
+                                             tiles, PRECISION=dot, SQUARES=fused, SPLIT_Z=_SPLIT_Z if dot == "bf16x3" else 0,
                                              BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=bk)
     if fused or not squares:
         return out
