@@ -90,7 +90,12 @@ def manual_probe_seed(seed: Optional[int]) -> None:
 def probe_seed(like: Tensor, probes: int, variant: str) -> Tensor:
     check_variant(variant, probes)
     record_randomized_use(probes, variant)
-    return torch.tensor([next_probe_seed()], dtype=torch.int64, device=like.device)
+    seed = torch.tensor([next_probe_seed()], dtype=torch.int64)
+    if like.device.type == "cuda":
+        # from pinned memory the copy is queued on the stream like a kernel; from pageable memory it would first wait
+        # for the whole stream (a sync in mid-step, after which the GPU idles while the host catches up)
+        return seed.pin_memory().to(like.device, non_blocking=True)
+    return seed.to(like.device)
 
 
 @probe_seed.register_fake

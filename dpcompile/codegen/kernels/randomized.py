@@ -522,6 +522,11 @@ def _split3(z_parts: torch.Tensor, launch) -> torch.Tensor:
 _SPLIT_Z = 1
 
 
+#: rows of b^T z per program when the row slices' products are added and squared: short tiles, so that a narrow
+#: site still has hundreds of programs (at 128 rows, gpt2-small's fc2 had 48, and the kernel took 38 us a site)
+_TILE_SQ_ROWS = 16
+
+
 def _bt_z_launch(b, z, launch, block, precision, splits, squares: bool):
     """Runs _bt_z_kernel on z (B, T, K) fp32, or the partials (S, B, T, K) whose sum is z (_project_parts).
     squares=False: returns the slices' products, fp32 (B, slices, N, K), whose sum over dim 1 is b_i^T z_i.
@@ -551,9 +556,11 @@ def _bt_z_launch(b, z, launch, block, precision, splits, squares: bool):
                                              BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=bk)
     if fused or not squares:
         return out
-    sq = torch.empty((B, tiles), device=b.device, dtype=torch.float32)
-    launch(_tile_sq_kernel)[(B, tiles)](out, sq, N, K, nsplit, *out.stride(), tiles_k, tiles, BLOCK_N=bn,
-                                        BLOCK_K=bk)
+    sq_bn = bn if block is not None else _TILE_SQ_ROWS
+    sq_tiles = _cdiv(N, sq_bn) * tiles_k
+    sq = torch.empty((B, sq_tiles), device=b.device, dtype=torch.float32)
+    launch(_tile_sq_kernel)[(B, sq_tiles)](out, sq, N, K, nsplit, *out.stride(), tiles_k, sq_tiles,
+                                           BLOCK_N=sq_bn, BLOCK_K=bk)
     return sq
 
 
