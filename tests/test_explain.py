@@ -125,3 +125,31 @@ def test_explain_shows_randomized_sites_and_auto_never_picks_them():
         picked = [choice[id(pg)].strategy for pg in pgs]
         assert picked.count("randomized") == (1 if strategy == {"a.*": "randomized"} else 0), (strategy, picked)
         assert "single_pass" in picked  # a forced randomized site is never the group's single-pass one
+
+
+def test_randomized_sites_probe_stored_products_where_stored_may_keep_them():
+    """A forced randomized site takes its estimate from stored products (the same law and probes, M N k products
+    per sample instead of T k (M + N)) where stored's conditions hold (the products fit the budget and are no
+    larger than the operands, M N <= T (M + N)) and that costs less; else from the rows, with two_pass's clipped
+    sum within the budget and our clipped-sum GEMM over it. Auto sites never see either randomized cost."""
+    import sympy
+
+    from dpcompile.options import DPOptions
+    from dpcompile.passes.plan import LinearShape, plan_group
+
+    class PG:
+        def __init__(self, name):
+            self.name, self.fused = name, True
+
+    B = sympy.Symbol("s0", positive=True, integer=True)
+    for T, budget_mb, op in ((4096, 256, "randomized_stored"), (64, 256, "randomized_vendor_sum"),
+                             (4096, 1, "randomized")):  # 8 x 768 x 768 bf16 products: 9 MiB
+        pgs = [PG("a.weight"), PG("b.weight")]
+        shapes = {id(pg): LinearShape(B, T, 768, 768, 2) for pg in pgs}
+        opts = DPOptions.parse({"clipping": "per_layer", "strategy": {"a.*": "randomized"},
+                                "single_pass_budget_mb": budget_mb})
+        choice = plan_group(pgs[:1], shapes, opts, B, 8)[id(pgs[0])]
+        assert choice.strategy == "randomized" and choice.op_strategy == op, (T, budget_mb, choice.op_strategy)
+        auto = plan_group(pgs[1:], shapes, opts, B, 8)[id(pgs[1])]
+        assert not {"randomized", "randomized_stored"} & set(auto.costs)
+

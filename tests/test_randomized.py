@@ -270,7 +270,8 @@ def test_row_slices_only_where_they_pay():
     assert K._splits(2, 16384, 6, 64, None) == 32            # narrow site, long T: 512-row slices
     assert K._splits(2, 1024, 6, 64, None) == 2
     assert K._splits(64, 1024, 18, 64, None) == 1            # enough programs already
-    assert K._splits(2, 16384, 393, 64, None) == 2           # gpt2 lm_head: 393 tiles of 128 x 32 per sample
+    assert K._splits(2, 16384, 24, 64, None) == 11           # 3072 columns: about 512 programs (sweep, run 20)
+    assert K._splits(2, 16384, 393, 64, None) == 1           # gpt2 lm_head: 393 tiles of 128 x 32 per sample
     assert K._splits(8, 16384, 393, 64, None) == 1
     sym = torch.fx.experimental.symbolic_shapes.ShapeEnv().create_unbacked_symint()
     assert K._splits(sym, 16384, 6, 64, None) == 1 and K._splits(2, sym, 6, 64, None) == 1
@@ -683,16 +684,23 @@ class _Bilinear(torch.nn.Module):
         return (self.lin(x) * w).sum()
 
 
-def test_clip_factors_come_from_the_estimates_with_fresh_seeds():
+@pytest.mark.parametrize("budget_mb", [None, 1e-4])
+def test_clip_factors_come_from_the_estimates_with_fresh_seeds(budget_mb):
+    """The clip factors are the site's estimates with the call's seed: taken from the stored per-sample products
+    (default budget; M N <= T (M + N) here) or from the rows (a budget nothing fits), the same values."""
     import dpcompile
 
     g = torch.Generator().manual_seed(12)
     B, T, C, k = 4, 5, 0.3, 8
     x, w = torch.randn(B, T, 6, generator=g, dtype=torch.float64), torch.randn(B, T, 4, generator=g, dtype=torch.float64)
     model = _Bilinear().double()
+    budget = {} if budget_mb is None else {"single_pass_budget_mb": budget_mb}
+    plan = dpcompile.explain(model, (x, w), loss_reduction="sum", clipping="flat", strategy="randomized", probes=k,
+                             **budget)
+    assert plan.rows[0]["strategy"] == ("randomized" if budget else "randomized_stored")
     torch._dynamo.reset()
     compiled = dpcompile.compile(model, backend="flashdp_eager", loss_reduction="sum", clipping="flat",
-                                 max_grad_norm=C, strategy="randomized", probes=k)
+                                 max_grad_norm=C, strategy="randomized", probes=k, **budget)
 
     def grad(xb, wb, seed):
         RO.manual_probe_seed(seed)

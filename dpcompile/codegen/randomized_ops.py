@@ -44,7 +44,8 @@ from torch import Tensor
 
 from ..privacy.randomized_accounting import accounting_probes, record_randomized_use
 from .kernels.randomized import (VARIANTS, check_site, check_variant, randomized_sq_norms,
-                                 randomized_sq_norms_of_products_reference, randomized_sq_norms_reference)
+                                 randomized_sq_norms_of_products, randomized_sq_norms_of_products_reference,
+                                 randomized_sq_norms_reference)
 
 __all__ = ["VARIANTS", "linear_norm_randomized", "persample_norm_randomized", "probe_seed", "next_probe_seed",
            "manual_probe_seed", "exact_norms", "exact_norms_enabled", "accounting_probes"]
@@ -159,4 +160,6 @@ def persample_norm_randomized(s: Tensor, probes: int, variant: str, seed: Tensor
         from .ops import persample_norm_reference
 
         return persample_norm_reference(s)
+    if _use_triton(s):
+        return randomized_sq_norms_of_products(s, probes, variant, seed, site_id, launch=torch.library.wrap_triton)
     return randomized_sq_norms_of_products_reference(s, probes, variant, seed, site_id)

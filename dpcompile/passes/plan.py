@@ -16,7 +16,10 @@ Strategies:
                 with k Gaussian probes, 2 B T k (M+N) flops at fp32 accuracy on tensor cores
                 (docs/randomized.md), then the clipped sum (two_pass's where the products fit the budget). Never
                 chosen automatically, never single-pass, refused on T = 1 sites (the exact norm is cheaper there and
-                private for free)
+                private for free). Wherever stored's conditions hold (long T: M N <= T (M + N)), the same
+                estimate with the same probes is taken from the products instead (randomized_stored: formed once,
+                kept, probed at 2 B M N k flops, reduced): never more work, the estimator's law (hence the
+                accounting) unchanged, and it estimates the norm of exactly the stored values that are summed
   fused-rows / fused-embedding   bias, norm affine and elementwise parameters / embedding tables: own ops
   materialize   per-sample gradients formed (B x numel), then norm and sum: several uses of one parameter
                 (tied weights), bmm and conv sites, scatters after other ops, and B == 1 graphs
@@ -67,8 +70,8 @@ class LinearShape:
 
 def linear_costs(s: LinearShape, budget_bytes: float, dev: DeviceModel = DEVICE, probes: int = 32) -> dict:
     """Seconds for one linear weight site's norm + clipped sum under each strategy (sympy expressions in B).
-    "randomized" (k = probes products per sample) is costed so that explain can show it; plan_group only ever
-    takes it where the user forced it."""
+    "randomized" and "randomized_stored" (k = probes products per sample) are costed so that explain can show them;
+    plan_group only ever takes them where the user forced "randomized"."""
     B, T, M, N, e = s.B, s.T, s.M, s.N, s.itemsize
     flops = dev.flops_16 if e <= 2 else dev.flops_32
     gemm = 2 * B * T * M * N / flops  # one weight-gradient-shaped GEMM of ours
@@ -91,7 +94,12 @@ def linear_costs(s: LinearShape, budget_bytes: float, dev: DeviceModel = DEVICE,
         "randomized": 2 * B * T * probes * (M + N) / dev.flops_probe + 2 * B * T * probes * 4 / dev.bandwidth
         + sympy.Piecewise((bmm + read + 3 * tiles, B * M * N * e <= budget_bytes), (gemm + read, True))
         + 5 * dev.launch,
+        # stored's products, probed (M N k multiply-adds per sample) instead of normed
+        "randomized_stored": one_pass + 2 * B * M * N * probes / dev.flops_probe + 6 * dev.launch,
     }
+
+
+RANDOMIZED_COSTS = ("randomized", "randomized_stored")
 
 
 def evaluate(expr, batch_symbol, batch_hint: int) -> float:
@@ -111,11 +119,14 @@ class SiteChoice:
     costs: dict  # strategy -> sympy cost (seconds); empty for non-linear sites
     forced: bool = False
     chunked: bool = False  # the site's per-sample products at the compiled batch size exceed the budget
+    stored_products: bool = False  # randomized: the estimate taken from stored products (randomized_stored)
 
     @property
     def op_strategy(self) -> str:
         """The strategy as the rewrite applies it: over the budget, single_pass runs chunked; within it, a
         randomized site's clipped sum forms the products with the vendor GEMM and reduces them (two_pass's sum)."""
+        if self.stored_products:
+            return "randomized_stored"
         if self.chunked:
             return "single_pass_chunked" if self.strategy == "single_pass" else self.strategy
         return "randomized_vendor_sum" if self.strategy == "randomized" else self.strategy
@@ -134,8 +145,9 @@ def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int) 
         forced = options.forced_strategy(pg.name)
         if forced == "randomized":
             check_randomizable(pg.name, shapes[id(pg)].T)
-        else:  # the randomized cost is shown only where the user asked for it: auto never weighs it
-            costs.pop("randomized")
+        else:  # the randomized costs are shown only where the user asked for it: auto never weighs them
+            for k in RANDOMIZED_COSTS:
+                costs.pop(k)
         choices[id(pg)] = SiteChoice(forced, costs, forced=forced != "auto")
     forced_single = [pg for pg in linear if choices[id(pg)].strategy == "single_pass"]
     prefer_single = options.strategy == "single_pass"  # the global form: wherever the scope allows (one per group)
@@ -180,6 +192,10 @@ def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int) 
         if ch.strategy == "auto":
             ch.strategy = choose_linear(ch.costs, multi_pass(pg), batch_symbol, batch_hint)
         ch.chunked = not scratch_fits(pg)
+        # randomized: the same estimate from stored products wherever stored may keep them. It is never more work:
+        # the clipped sum within the budget forms the same products anyway (randomized_vendor_sum), and there
+        # M N <= T (M + N), so probing the products costs at most what probing the rows does
+        ch.stored_products = ch.strategy == "randomized" and "stored" in multi_pass(pg)
     for pg in pgs:
         if id(pg) not in choices:
             choices[id(pg)] = SiteChoice(strategy(pg), {})
@@ -238,6 +254,8 @@ def plan_rows(params, ctx, empty: bool = False, choices: dict | None = None, bat
             chosen = "zero"
         elif randomized and id(pg) in randomized:
             chosen = "randomized"
+        elif ch and ch.stored_products:
+            chosen = "randomized_stored"
         else:
             chosen = ch.strategy if ch else strategy(pg)
         rows.append({
@@ -247,7 +265,7 @@ def plan_rows(params, ctx, empty: bool = False, choices: dict | None = None, bat
             "pattern": "-" if empty else pattern(pg),
             "strategy": chosen,
             "chunked": bool(ch and ch.strategy == "single_pass" and ch.chunked),
-            "forced": bool(ch and ch.forced) or chosen == "randomized",
+            "forced": bool(ch and ch.forced) or chosen in RANDOMIZED_COSTS,
             "cost_us_per_sample": {} if (empty or not ch) else per_sample_us(ch.costs, batch_symbol, batch_hint),
             # as sympy prints them: simplify() took ~0.4 s a parameter, most of a 22-layer model's compile
             "cost_expr": {} if (empty or not ch) else {k: str(v) for k, v in ch.costs.items()},

@@ -22,7 +22,7 @@ from .discover import Contribution, ParamGrad, Step
 aten = torch.ops.aten
 
 def _site_clipped_sum(site, ins, coef, strategy: str):
-    if site.kind == "linear" and strategy == "stored":
+    if site.kind == "linear" and strategy in ("stored", "randomized_stored"):
         return ops.tiles_clipped_sum(*ins, coef)
     if site.kind == "linear":
         vendor = strategy in ("two_pass", "randomized_vendor_sum")  # products by the vendor GEMM, then reduced
@@ -161,11 +161,14 @@ class RandomizedNorms:
         seed = env[self.seed]
         return torch.ops.dpcompile.linear_norm_randomized(a, b, self.probes, self.variant, seed, self.site_ids[id(pg)])
 
+    def estimate(self, pg, s, env: dict):
+        """The estimate for per-sample products s (B, M, N) that are formed: the site's law and probes."""
+        return torch.ops.dpcompile.persample_norm_randomized(s, self.probes, self.variant, env[self.seed],
+                                                             self.site_ids[id(pg)])
+
     def product_norm(self, pg, env: dict):
         node, scale = self.products[id(pg)]
-        s = env[node].unsqueeze(0)  # (1, M, N): the sample's product, as the mm formed it
-        n2 = torch.ops.dpcompile.persample_norm_randomized(s, self.probes, self.variant, env[self.seed],
-                                                           self.site_ids[id(pg)])
+        n2 = self.estimate(pg, env[node].unsqueeze(0), env)  # (1, M, N): the sample's product, as the mm formed it
         return n2 * (scale * scale) if scale != 1.0 else n2
 
 
@@ -175,6 +178,10 @@ def _fused_norm(pg: ParamGrad, strategy: str, env: dict, bsz, randomized: Option
     ins = c.site.fused_inputs(env, bsz)
     if c.site.kind == "linear" and strategy in ("randomized", "randomized_vendor_sum"):
         n2 = randomized.norm(pg, *ins, env)
+    elif c.site.kind == "linear" and strategy == "randomized_stored":
+        tiles, _ = ops.linear_tiles(*ins)  # the exact norm beside them is left unused (Inductor drops it)
+        n2 = randomized.estimate(pg, tiles, env)
+        ins = (tiles,)
     elif c.site.kind == "linear" and strategy == "stored":
         tiles, n2 = ops.linear_tiles(*ins)
         ins = (tiles,)  # the clipped sum reads the kept products, not the operands

@@ -483,11 +483,12 @@ def _project_parts(a, seed, site, probe0, K, launch, block, v=None, precision="t
     return z
 
 
-#: programs the split-T product aims for (about eight per SM of an H100, bench_randomized_ops --sweep); a site
+#: programs the split-T product aims for (about four per SM of an H200: with Z pre-split, half of the 1024 the
+#: in-kernel split wanted was faster at all three shapes of bench_randomized_ops --sweep, run 20); a site
 #: with fewer (sample, N-tile, K-tile) programs than this walks its T rows in several slices at once, of at least
 #: 512 rows each. The slices' fp32 products are then at most T / 512 tiles per sample, i.e. at most K / 256 of the
 #: bytes of the (bf16) operand b itself, whatever the batch
-_TARGET_PROGRAMS = 1024
+_TARGET_PROGRAMS = 512
 _MIN_ROWS_PER_SPLIT = 512
 
 
@@ -617,6 +618,36 @@ def randomized_sq_norms(a: torch.Tensor, b: torch.Tensor, probes: int, variant: 
     # residual: (1/h) sum_j ||(I - Q Q^T) b_i^T (a_i v_j)||^2 with probes s .. s + h - 1
     w = _bt_z(b, _project_parts(a, seed_t, site, s, h, launch, block, **pkw), launch, block, **kw)
     return hutchpp_total(exact, w, q, h, torch.float32)
+
+
+def randomized_sq_norms_of_products(s: torch.Tensor, probes: int, variant: str = "hutchinson", seed=0, site: int = 0,
+                                    block: int | None = None, launch=None,
+                                    precision: str = "tensor_cores") -> torch.Tensor:
+    """Per-sample estimates of ||s_i||_F^2 for per-sample products s (B, M, N) that are already formed, fp32 (B,),
+    with the kernels above: randomized_sq_norms_of_products_reference's estimate, with its probes. The probes are
+    drawn for the narrower side's columns under the same counters (sample, site, column, probe) as the site
+    (a_i, b_i) with s_i = a_i^T b_i draws them for a_i's or b_i's columns, so this is that site's estimate,
+    s_i^T V = b_i^T (a_i V), formed from the products instead of the T rows (randomized_stored, docs/randomized.md):
+    M N k multiply-adds per sample instead of T k (M + N)."""
+    launch = launch or (lambda k: k)
+    check_variant(variant, probes)
+    check_site(site)
+    if s.dim() != 3:
+        raise ValueError(f"per-sample products must be (B, M, N); got {tuple(s.shape)}")
+    if s.dtype == torch.float64:
+        raise TypeError("Triton randomized-norm kernels take fp32/fp16/bf16 products; fp64 uses the reference")
+    _dot_precision(s, precision)
+    so = s if s.shape[1] <= s.shape[2] else s.transpose(1, 2)  # (B, W, L), W the narrower side: probes over W
+    rows = so.transpose(1, 2)  # the projection's operand: L rows of W columns, so Z = so_i^T V (L x count)
+    seed_t = _seed_tensor(seed, s.device)
+    kw = dict(precision=precision)
+    if variant == "hutchinson":
+        z = _project(rows, seed_t, site, 0, probes, launch, block, **kw)
+        return scale_up(sum_sq_up(z), probes, torch.float32)
+    sk, h = hutchpp_split(probes)
+    q = torch.linalg.qr(_project(rows, seed_t, site, 0, sk, launch, block, **kw)).Q  # (B, L, sk)
+    exact = sum_sq_up(_project(so, seed_t, site, 0, q.shape[-1], launch, block, v=q, **kw))  # ||so_i Q||^2
+    return hutchpp_total(exact, _project(rows, seed_t, site, sk, h, launch, block, **kw), q, h, torch.float32)
 
 
 def dump_probes(seed, site: int, num_samples: int, cols: int, probe0: int, count: int, device) -> torch.Tensor:
