@@ -960,3 +960,46 @@ def test_gpu_probe_seed_does_not_synchronize():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len({int(s.item()) for s in seeds}) == 3
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("variant", K.VARIANTS)
+def test_gpu_products_estimate_with_the_sites_probes(variant):
+    """randomized_stored's estimate on the GPU (bf16 products, tensor cores, eager and through Inductor) against the
+    fp64 reference with the same probes, and against the rows' estimate of the same site."""
+    g = torch.Generator().manual_seed(22)
+    a = torch.randn(2, 300, 64, generator=g).cuda().bfloat16()
+    b = torch.randn(2, 300, 96, generator=g).cuda().bfloat16()
+    s = torch.bmm(a.transpose(1, 2), b)  # (2, 64, 96) bf16, as the vendor GEMM stores them
+    want = K.randomized_sq_norms_of_products_reference(s.cpu().double(), 24, variant, SEED, 1, dtype=torch.float64)
+    torch.testing.assert_close(K.randomized_sq_norms_of_products(s, 24, variant, SEED, 1).cpu().double(), want,
+                               rtol=1e-4, atol=0)
+    op = torch.compile(lambda s, seed: torch.ops.dpcompile.persample_norm_randomized(s, 24, variant, seed, 1),
+                       backend="inductor")
+    torch.testing.assert_close(op(s, torch.tensor([SEED], device="cuda")).cpu().double(), want, rtol=1e-4, atol=0)
+    rows = K.randomized_sq_norms(a, b, 24, variant, SEED, 1).cpu().double()
+    torch.testing.assert_close(rows, want, rtol=2e-2, atol=0)  # the products' bf16 rounding apart
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_compiled_step_from_products_or_rows_alike():
+    """The same seed gives the same clipped gradient through Inductor whether the site is probed on its stored
+    products (default budget) or on its rows (a budget nothing fits)."""
+    import dpcompile
+
+    g = torch.Generator().manual_seed(23)
+    x, w = torch.randn(4, 64, 6, generator=g).cuda(), torch.randn(4, 64, 4, generator=g).cuda()
+    grads = []
+    for budget in ({}, {"single_pass_budget_mb": 1e-4}):
+        model = _Bilinear().cuda()
+        torch.manual_seed(0)
+        torch.nn.init.normal_(model.lin.weight)
+        torch._dynamo.reset()
+        compiled = dpcompile.compile(model, backend="flashdp", loss_reduction="sum", clipping="flat",
+                                     max_grad_norm=0.3, strategy="randomized", probes=8, **budget)
+        RO.manual_probe_seed(5)
+        compiled(x, w).backward()
+        grads.append(model.lin.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
