@@ -93,9 +93,10 @@ def test_no_kept_whole_op_survives_for_inductor(monkeypatch):
 
 def test_randomized_sites_draw_one_seed_per_call(monkeypatch):
     """strategy='randomized': one probe_seed per graph, drawn in the backward (a forward alone draws none), one
-    randomized norm per linear weight site with distinct site ids, the clipped sums two_pass's while the products
-    fit the budget (our clipped-sum GEMM beyond it); Inductor's inlining
-    replaces the randomized norm ops by their bodies and keeps the seed op."""
+    randomized norm per linear weight site with distinct site ids: from the stored per-sample products where stored
+    may keep them (M N <= T (M + N): T = 6 here), else from the rows with two_pass's clipped sum while the products
+    fit the budget (T = 2) and our clipped-sum GEMM beyond it; Inductor's inlining replaces the randomized norm ops
+    by their bodies and keeps the seed op."""
     from dpcompile.codegen import randomized_ops as RO
 
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -122,14 +123,19 @@ def test_randomized_sites_draw_one_seed_per_call(monkeypatch):
     ((graph, randomized),) = graphs
     ops = [n.target for n in graph.nodes if n.op == "call_function"]
     assert ops.count(dp.probe_seed.default) == 1
-    assert ops.count(dp.linear_norm_randomized.default) == 2 and ops.count(dp.linear_tile_clipped_sum.default) == 2
+    assert ops.count(dp.persample_norm_randomized.default) == 2 and ops.count(dp.linear_tiles.default) == 2
+    assert ops.count(dp.tiles_clipped_sum.default) == 2 and dp.linear_norm_randomized.default not in ops
     assert ops.count(dp.rows_norm.default) == 2 and dp.linear_norm.default not in ops  # biases stay exact
-    assert dp.linear_tile_norm.default not in ops and dp.linear_clipped_sum.default not in ops
-    sites = sorted(n.args[5] for n in graph.nodes if n.target is dp.linear_norm_randomized.default)
+    sites = sorted(n.args[4] for n in graph.nodes if n.target is dp.persample_norm_randomized.default)
     assert sites == [0, 1] and sorted(randomized.values()) == [0, 1]
     monkeypatch.undo()
     ops = _rewritten_graph(model, x, monkeypatch, inline=True, strategy="randomized", clipping="per_layer")
-    assert ops.count(dp.probe_seed.default) == 1 and dp.linear_norm_randomized.default not in ops
+    assert ops.count(dp.probe_seed.default) == 1 and dp.persample_norm_randomized.default not in ops
+    monkeypatch.undo()
+    ops = _rewritten_graph(model, x[:, :2], monkeypatch, strategy="randomized", clipping="per_layer")
+    assert ops.count(dp.linear_norm_randomized.default) == 2 and ops.count(dp.linear_tile_clipped_sum.default) == 2
+    assert dp.linear_tile_norm.default not in ops and dp.linear_clipped_sum.default not in ops
+    assert dp.persample_norm_randomized.default not in ops and dp.linear_tiles.default not in ops
     monkeypatch.undo()
     ops = _rewritten_graph(model, x, monkeypatch, strategy="randomized", clipping="flat", single_pass_budget_mb=1e-4)
     assert ops.count(dp.linear_norm_randomized.default) == 2 and ops.count(dp.linear_clipped_sum.default) == 2
@@ -141,7 +147,7 @@ def test_randomized_sites_draw_one_seed_per_call(monkeypatch):
     monkeypatch.undo()
     # nothing randomized where nothing asks for it
     ops = _rewritten_graph(model, x, monkeypatch, strategy={"2.*": "randomized"}, clipping="flat")
-    assert ops.count(dp.linear_norm_randomized.default) == 1 and ops.count(dp.probe_seed.default) == 1
+    assert ops.count(dp.persample_norm_randomized.default) == 1 and ops.count(dp.probe_seed.default) == 1
     monkeypatch.undo()
     ops = _rewritten_graph(model, x, monkeypatch, clipping="flat")
     assert dp.probe_seed.default not in ops and dp.linear_norm_randomized.default not in ops
