@@ -731,6 +731,29 @@ def test_clip_factors_come_from_the_estimates_with_fresh_seeds(budget_mb):
     torch.testing.assert_close(got, expected(est, x[:1], w[:1]), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_hutchpp_from_products_or_rows_alike(clipping):
+    """Hutch++ through dpcompile.compile: a seed gives the same clipped gradient whether the site is estimated from
+    its stored products or from its rows (fp64, so only rounding apart), and it is an estimate, not the exact one."""
+    import dpcompile
+
+    g = torch.Generator().manual_seed(15)
+    x = torch.randn(3, 7, 6, generator=g, dtype=torch.float64)
+    w = torch.randn(3, 7, 4, generator=g, dtype=torch.float64)
+    grads = []
+    for budget in ({}, {"single_pass_budget_mb": 1e-4}, "exact"):
+        model = _Bilinear().double()
+        torch._dynamo.reset()
+        opts = {} if budget == "exact" else dict(strategy="randomized", probes=6, probe_variant="hutchpp", **budget)
+        compiled = dpcompile.compile(model, backend="flashdp_eager", loss_reduction="sum", clipping=clipping,
+                                     max_grad_norm=0.05, **opts)
+        RO.manual_probe_seed(9)
+        compiled(x, w).backward()
+        grads.append(model.lin.weight.grad)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(grads[0], grads[2], rtol=1e-3)  # rank 4 > 6 // 3: Hutch++ is not exact here
+
+
 def test_products_estimator_is_the_linear_one_with_identity_activations():
     g = torch.Generator().manual_seed(13)
     s = torch.randn(2, 7, 5, generator=g, dtype=torch.float64)
