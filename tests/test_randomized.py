@@ -131,6 +131,21 @@ def test_kernel_matches_reference_any_shape(B, T, M, N, probes, variant, seed, s
     _check_kernel(a, b, probes, variant, site=site, seed=seed)
 
 
+@settings(max_examples=6, deadline=None)
+@given(B=st.integers(0, 3), M=st.integers(1, 40), N=st.integers(1, 40), probes=st.integers(4, 20),
+       variant=st.sampled_from(K.VARIANTS), seed=st.integers(0, 2 ** 63 - 1), transposed=st.booleans())
+def test_products_kernel_matches_reference_any_shape(B, M, N, probes, variant, seed, transposed):
+    """randomized_stored's estimate (Triton) against the fp64 reference with the same probes, on stored products of
+    any shape (B = 0 included), contiguous or a transposed view."""
+    g = torch.Generator().manual_seed(seed % 2 ** 32)
+    s = torch.randn(B, N, M, generator=g).transpose(1, 2) if transposed else torch.randn(B, M, N, generator=g)
+    s = s.to(DEVICE)
+    got = K.randomized_sq_norms_of_products(s, probes, variant, seed, 4, block=BLOCK)
+    assert got.shape == (B,) and got.dtype == torch.float32
+    want = K.randomized_sq_norms_of_products_reference(s.cpu().double(), probes, variant, seed, 4)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=1e-5, atol=1e-30)
+
+
 def test_strided_time_major_and_two_dim_sites():
     g = torch.Generator().manual_seed(1)
     a = torch.randn(7, 3, 20, generator=g).to(DEVICE).transpose(0, 1)           # (T, B, d) seen as (B, T, d)
