@@ -9,8 +9,9 @@ Workloads follow ../shared/bench/peer_results.md: GPT-2-shaped plain PyTorch mod
 LayerNorm, fused qkv, SDPA causal attention, an untied 50304-wide lm_head that is trained), a Llama-style ~1.1B model
 (RMSNorm, SwiGLU, grouped-query attention, rotary positions; frozen embedding, trained lm_head), and one GPT-2 run
 with every parameter trainable. bf16 autocast, AdamW, mean over samples of per-sample token means, median of 8 timed
-steps after 3 warm-up steps (3 after 2 where a step takes over 5 s: Opacus at long T), peak = torch.cuda.max_memory_allocated. Ratios are against non-DP torch.compile of the
-same workload measured in the same run. The flashdp modes include noise (DPOptimizer, sigma = 1) like the peers.
+steps after 3 warm-up steps (3 after 2 where a step takes over 5 s: Opacus at long T), peak =
+torch.cuda.max_memory_allocated. Ratios are against non-DP torch.compile of the same workload measured in the same
+run. The flashdp modes include noise (DPOptimizer, sigma = 1) like the peers.
 """
 from __future__ import annotations
 

@@ -553,8 +553,9 @@ def _bt_z_launch(b, z, launch, block, precision, splits, squares: bool):
     else:
         z = (z_parts[0] if z_parts.shape[0] == 1 else z_parts.sum(0)).unsqueeze(0)
     launch(_bt_z_kernel)[(B, tiles, nsplit)](b, z, out, T, N, K, rows, *b.stride(), *z.stride(), *so, tiles_k,
-                                             tiles, PRECISION=dot, SQUARES=fused, SPLIT_Z=_SPLIT_Z if dot == "bf16x3" else 0,
-                                             BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=bk)
+                                             tiles, PRECISION=dot, SQUARES=fused,
+                                             SPLIT_Z=_SPLIT_Z if dot == "bf16x3" else 0, BLOCK_T=bt, BLOCK_N=bn,
+                                             BLOCK_K=bk)
     if fused or not squares:
         return out
     sq_bn = bn if block is not None else _TILE_SQ_ROWS
