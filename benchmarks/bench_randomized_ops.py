@@ -55,7 +55,7 @@ def sweep_project(k: int, label: str, B: int, T: int, M: int) -> list:
 
 
 #: how b^T z takes Z (_bt_z_kernel's SPLIT_Z)
-Z_MODES = {0: "in kernel", 1: "3 dots", 2: "wide"}
+Z_MODES = {False: "in kernel", True: "pre-split"}
 #: b^T z tilings the sweep tries: (BLOCK_T, BLOCK_N, warps); stages 3 and 4 each
 BT_Z_TILES = ((64, 128, 4), (64, 128, 8), (128, 128, 4), (128, 128, 8), (64, 256, 8), (128, 64, 4))
 
@@ -63,8 +63,8 @@ BT_Z_TILES = ((64, 128, 4), (64, 128, 8), (128, 128, 4), (128, 128, 8), (64, 256
 def sweep_bt_z(k: int, label: str, B: int, T: int, M: int, N: int) -> list:
     """b^T z alone at one site (N the wide side) over tiles, warps, pipeline stages and row slices around the split
     rule's choice, with Z split into bf16 terms by every program ("in kernel", the kernel of entry 6) or once
-    beforehand (_split3) and taken by three dots ("3 dots") or one wide dot ("wide"); then the defaults end to end
-    (split, product, tile squares)."""
+    beforehand ("pre-split", _split3; one wide dot over the three terms was tried in run 20 and was no faster);
+    then the defaults end to end (split, product, tile squares)."""
     a = torch.randn(B, T, M, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(B, T, N, device="cuda", dtype=torch.bfloat16)
     seed = torch.tensor([1], device="cuda")
@@ -141,7 +141,7 @@ def main():
                              and not r["kernel"].startswith("project")])
         print("\n| site | kernel | fastest (tiling) | us | at the defaults |")
         print("|---|---|---|---|---|")
-        for label, *_ in SWEEP_SHAPES:
+        for label, B, T, _, N in SWEEP_SHAPES:
             for draw in (True, False):
                 cand = [r for r in rows if r["site"] == label and r["kernel"] == "project" and r["draw"] is draw]
                 if cand:
@@ -154,8 +154,7 @@ def main():
                 cand = [r for r in rows if r["site"] == label and r["kernel"] == "bt_z" and r["z"] == pre]
                 if cand:
                     best = min(cand, key=lambda r: r["us"])
-                    rule = K._splits(2, 16384, K._cdiv(next(s[4] for s in SWEEP_SHAPES if s[0] == label), 128), 64,
-                                     None)
+                    rule = K._splits(B, T, K._cdiv(N, 128), 64, None)
                     dflt = [r for r in cand if (r["BLOCK_T"], r["BLOCK_N"], r["warps"], r["stages"], r["splits"])
                             == (64, 128, 4, 3, rule)]
                     print(f"| {label} | b^T z, Z split {pre} (BLOCK_T, BLOCK_N, warps, stages, row slices) | "

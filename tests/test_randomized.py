@@ -255,12 +255,10 @@ def test_split3_terms_add_up_to_z_exactly(nparts):
         assert bool((small.double().abs() <= big.double().abs() * 2.0 ** -7).all())
 
 
-@pytest.mark.parametrize("mode", [1, 2])
 @pytest.mark.parametrize("k", [9, 40])
-def test_presplit_terms_in_three_dots_or_one_wide_dot(mode, k):
-    """b^T z from Z's terms as _split3 lays them out (a row's terms side by side), by three dots (SPLIT_Z=1) or one
-    dot over 4 BLOCK_K columns (SPLIT_Z=2, the column groups added at the end), over two row slices and, at k=40,
-    two K tiles. fp16 terms stand in for bf16 ones here (the interpreter has no bf16 dot; the GPU tests run bf16)."""
+def test_presplit_terms_in_three_dots(k):
+    """b^T z from Z's terms as _split3 lays them out (a row's terms side by side), by three dots (SPLIT_Z), over two
+    row slices and, at k=40, two K tiles. fp16 terms stand in for bf16 ones here (the interpreter has no bf16 dot; the GPU tests run bf16)."""
     g = torch.Generator().manual_seed(14)
     B, T, N = 2, 100, 40
     b = torch.randn(B, T, N, generator=g).half().to(DEVICE)
@@ -274,7 +272,7 @@ def test_presplit_terms_in_three_dots_or_one_wide_dot(mode, k):
     rows = K._cdiv(K._cdiv(T, 2), bt) * bt
     out = torch.empty(B, 2, N, k, device=DEVICE)
     K._bt_z_kernel[(B, tiles, 2)](b, z, out, T, N, k, rows, *b.stride(), *z.stride(), *out.stride(), tiles_k,
-                                  tiles, PRECISION="bf16x3", SQUARES=False, SPLIT_Z=mode, BLOCK_T=bt, BLOCK_N=bn,
+                                  tiles, PRECISION="bf16x3", SQUARES=False, SPLIT_Z=True, BLOCK_T=bt, BLOCK_N=bn,
                                   BLOCK_K=bk)
     torch.testing.assert_close(out.sum(1).cpu().double(), want, rtol=1e-5, atol=1e-4)
 

@@ -195,7 +195,7 @@ def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int) 
         # randomized: the same estimate from stored products wherever stored may keep them. It is never more work:
         # the clipped sum within the budget forms the same products anyway (randomized_vendor_sum), and there
         # M N <= T (M + N), so probing the products costs at most what probing the rows does
-        ch.stored_products = ch.strategy == "randomized" and "stored" in multi_pass(pg)
+        ch.stored_products = ch.strategy == "randomized" and not ch.chunked and keeps_no_more(pg)
     for pg in pgs:
         if id(pg) not in choices:
             choices[id(pg)] = SiteChoice(strategy(pg), {})

@@ -252,7 +252,7 @@ if triton is not None:
         """out[r, p, :] (p = 0, 1, 2: hi, mid, lo; bf16) with hi + mid + lo = row r of the sum of the nparts fp32
         partials z[s] (added in the order s = 0, 1, ..), exactly: each term is what the previous ones leave,
         rounded to bf16, 8 significant bits at a time (24 in all). z is (nparts, rows, K), out (rows, 3, K), both
-        contiguous, n = rows * K: a row's three terms lie side by side, so one load can take all of them."""
+        contiguous, n = rows * K: a row's three terms lie side by side."""
         r = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = r < n
         z = tl.load(z_ptr + r, mask=mask, other=0.0)
@@ -275,23 +275,15 @@ if triton is not None:
         """out[i, split] = b_i^T z_i over rows [split * rows_per_split, (split + 1) * rows_per_split) on one (N, K)
         tile; rows_per_split is a multiple of BLOCK_T. SQUARES (one slice only): out[i, tile] = the tile's
         upward-rounded sum of squares instead, so no (B, N, K) product is written. SPLIT_Z (bf16 b): z is already
-        the three bf16 terms of _split3_kernel (term stride sz_p) instead of fp32 split again by every N-tile's
-        program; 1: loaded into three dots, 2: loaded side by side (4 BLOCK_K columns, the last empty) into one
-        wide dot whose column groups are added at the end."""
+        the three bf16 terms of _split3_kernel (term stride sz_p), loaded straight into three dots, instead of fp32
+        split again by every N-tile's program."""
         sample = tl.program_id(0)
         tile = tl.program_id(1)
         split = tl.program_id(2)
         rn = (tile // tiles_k) * BLOCK_N + tl.arange(0, BLOCK_N)
         rk = (tile % tiles_k) * BLOCK_K + tl.arange(0, BLOCK_K)
         rt0 = tl.arange(0, BLOCK_T)
-        if SPLIT_Z == 2:
-            wide = tl.zeros((BLOCK_N, 4 * BLOCK_K), dtype=tl.float32)
-            rc = tl.arange(0, 4 * BLOCK_K)  # term rc // BLOCK_K (3: none), probe column of the tile's rc % BLOCK_K
-            rkw = (tile % tiles_k) * BLOCK_K + rc % BLOCK_K
-            wcol = (rc // BLOCK_K) * sz_p + rkw * sz_k
-            wmask = (rc < 3 * BLOCK_K) & (rkw < K)
-        else:
-            acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         first = split * rows_per_split
         for t0 in range(first, tl.minimum(first + rows_per_split, T), BLOCK_T):
             rt = t0 + rt0
@@ -299,19 +291,13 @@ if triton is not None:
                         mask=(rt[:, None] < T) & (rn[None, :] < N), other=0.0)
             zp = z_ptr + sample * sz_b + rt[:, None] * sz_t + rk[None, :] * sz_k
             zmask = (rt[:, None] < T) & (rk[None, :] < K)
-            if SPLIT_Z == 2:
-                zw = tl.load(z_ptr + sample * sz_b + rt[:, None] * sz_t + wcol[None, :],
-                             mask=(rt[:, None] < T) & wmask[None, :], other=0.0)
-                wide = tl.dot(tl.trans(b), zw, wide)
-            elif SPLIT_Z == 1:
+            if SPLIT_Z:
                 bt = tl.trans(b)
                 acc = tl.dot(bt, tl.load(zp + 2 * sz_p, mask=zmask, other=0.0), acc)
                 acc = tl.dot(bt, tl.load(zp + sz_p, mask=zmask, other=0.0), acc)
                 acc = tl.dot(bt, tl.load(zp, mask=zmask, other=0.0), acc)
             else:
                 acc = _dot_fp32(tl.trans(b), tl.load(zp, mask=zmask, other=0.0), acc, PRECISION)
-        if SPLIT_Z == 2:
-            acc = tl.sum(tl.reshape(wide, (BLOCK_N, 4, BLOCK_K)), axis=1)
         if SQUARES:
             tl.store(out_ptr + sample * tiles + tile, _upward_sum_of_squares(acc, BLOCK_N, BLOCK_K))
         else:
@@ -457,7 +443,11 @@ def _col_splits(B, T, M: int, bt: int, bm: int, K: int, tiles_k: int, col_splits
 def _project(a, seed, site, probe0, K, launch, block, v=None, precision="tensor_cores", col_splits=None):
     """(B, T, K) fp32: a_i @ V_i with V drawn (probe ids probe0 ..) or given (B, M, K). With several column
     slices, their fp32 partial products are added in a fixed order (deterministic, no atomics)."""
-    z = _project_parts(a, seed, site, probe0, K, launch, block, v, precision, col_splits)
+    return _sum_parts(_project_parts(a, seed, site, probe0, K, launch, block, v, precision, col_splits))
+
+
+def _sum_parts(z: torch.Tensor) -> torch.Tensor:
+    """The column slices' partials (S, B, T, K) added in a fixed order (torch's sum; no copy for one slice)."""
     return z[0] if z.shape[0] == 1 else z.sum(0)
 
 
@@ -519,10 +509,6 @@ def _split3(z_parts: torch.Tensor, launch) -> torch.Tensor:
     return out.permute(2, 0, 1, 3)
 
 
-#: how b^T z takes the three bf16 terms of Z (_bt_z_kernel's SPLIT_Z: 1 three dots, 2 one wide dot)
-_SPLIT_Z = 1
-
-
 #: rows of b^T z per program when the row slices' products are added and squared: short tiles, so that a narrow
 #: site still has hundreds of programs (at 128 rows, gpt2-small's fc2 had 48, and the kernel took 38 us a site)
 _TILE_SQ_ROWS = 16
@@ -548,14 +534,10 @@ def _bt_z_launch(b, z, launch, block, precision, splits, squares: bool):
         return out.zero_()
     so = (0, 0, 0, 0) if fused else out.stride()
     dot = _dot_precision(b, precision)
-    if dot == "bf16x3":
-        z = _split3(z_parts, launch)
-    else:
-        z = (z_parts[0] if z_parts.shape[0] == 1 else z_parts.sum(0)).unsqueeze(0)
+    z = _split3(z_parts, launch) if dot == "bf16x3" else _sum_parts(z_parts).unsqueeze(0)
     launch(_bt_z_kernel)[(B, tiles, nsplit)](b, z, out, T, N, K, rows, *b.stride(), *z.stride(), *so, tiles_k,
                                              tiles, PRECISION=dot, SQUARES=fused,
-                                             SPLIT_Z=_SPLIT_Z if dot == "bf16x3" else 0, BLOCK_T=bt, BLOCK_N=bn,
-                                             BLOCK_K=bk)
+                                             SPLIT_Z=dot == "bf16x3", BLOCK_T=bt, BLOCK_N=bn, BLOCK_K=bk)
     if fused or not squares:
         return out
     sq_bn = bn if block is not None else _TILE_SQ_ROWS
