@@ -224,7 +224,8 @@ def _calls(dt):
         rnd(g, 2, 3, 6, dtype=dt), rnd(g, 2, 2, 1, 3, dtype=dt)
     t = rnd(g, 2, 4, 5, dtype=dt)
     return [("linear_norm", (a, b)), ("linear_clipped_sum", (a, b, c)), ("linear_tile_norm", (a, b)),
-            ("linear_tile_clipped_sum", (a, b, c)), ("linear_tiles", (a, b)), ("tiles_clipped_sum", (t, c)),
+            ("linear_tile_clipped_sum", (a, b, c)), ("linear_tiles", (a, b)), ("linear_products", (a, b)),
+            ("tiles_clipped_sum", (t, c)),
             ("rows_norm", (x,)),
             ("rows_clipped_sum", (x, c)), ("embedding_norm", (idx, e, 0)),
             ("embedding_clipped_sum", (idx, e, c, 9, 0)), ("persample_norm", (p,)),
@@ -249,7 +250,7 @@ def test_fake_impls_match_real(dt):
 
 
 @pytest.mark.parametrize("name", ["linear_norm", "linear_tile_norm", "linear_tile_clipped_sum", "linear_tiles",
-                                  "tiles_clipped_sum", "rows_norm", "persample_norm", "embedding_norm"])
+                                  "linear_products", "tiles_clipped_sum", "rows_norm", "persample_norm", "embedding_norm"])
 def test_opcheck(name):
     args = dict(_calls(torch.float32))[name]
     torch.library.opcheck(getattr(O, name), args, test_utils=("test_schema", "test_faketensor"))
@@ -310,6 +311,8 @@ def test_tile_ops_norm_exactly_what_they_sum(dtype):
         assert kept.dtype == dtype and kept_sq.dtype == ops_norm_dtype(dtype)
         torch.testing.assert_close(kept_sq.double(), kept.double().pow(2).sum((1, 2)), rtol=1e-6, atol=0)
         torch.testing.assert_close(kept.double(), exact, rtol=rtol, atol=rtol * exact.abs().max().item())
+        for f_products in impls("linear_products"):  # randomized_stored's products: the same values
+            assert torch.equal(f_products(a, b), kept)
         for g_sum in impls("tiles_clipped_sum"):
             total = g_sum(kept, coef)
             assert total.dtype == dtype

@@ -123,7 +123,8 @@ def test_randomized_sites_draw_one_seed_per_call(monkeypatch):
     ((graph, randomized),) = graphs
     ops = [n.target for n in graph.nodes if n.op == "call_function"]
     assert ops.count(dp.probe_seed.default) == 1
-    assert ops.count(dp.persample_norm_randomized.default) == 2 and ops.count(dp.linear_tiles.default) == 2
+    assert ops.count(dp.persample_norm_randomized.default) == 2 and ops.count(dp.linear_products.default) == 2
+    assert dp.linear_tiles.default not in ops  # no exact norm beside the estimate
     assert ops.count(dp.tiles_clipped_sum.default) == 2 and dp.linear_norm_randomized.default not in ops
     assert ops.count(dp.rows_norm.default) == 2 and dp.linear_norm.default not in ops  # biases stay exact
     sites = sorted(n.args[4] for n in graph.nodes if n.target is dp.persample_norm_randomized.default)
@@ -135,7 +136,7 @@ def test_randomized_sites_draw_one_seed_per_call(monkeypatch):
     ops = _rewritten_graph(model, x[:, :2], monkeypatch, strategy="randomized", clipping="per_layer")
     assert ops.count(dp.linear_norm_randomized.default) == 2 and ops.count(dp.linear_tile_clipped_sum.default) == 2
     assert dp.linear_tile_norm.default not in ops and dp.linear_clipped_sum.default not in ops
-    assert dp.persample_norm_randomized.default not in ops and dp.linear_tiles.default not in ops
+    assert dp.persample_norm_randomized.default not in ops and dp.linear_products.default not in ops
     monkeypatch.undo()
     ops = _rewritten_graph(model, x, monkeypatch, strategy="randomized", clipping="flat", single_pass_budget_mb=1e-4)
     assert ops.count(dp.linear_norm_randomized.default) == 2 and ops.count(dp.linear_clipped_sum.default) == 2

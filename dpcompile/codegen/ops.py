@@ -169,10 +169,14 @@ def linear_tile_clipped_sum(a: Tensor, b: Tensor, coef: Tensor) -> Tensor:
     return _tiles_clipped_sum(_products(a, b), coef, norm_dtype(a.dtype, b.dtype, coef.dtype))
 
 
-def linear_tiles_reference(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+def linear_products_reference(a: Tensor, b: Tensor) -> Tensor:
     dtype = torch.promote_types(a.dtype, b.dtype)
-    tiles = torch.bmm(a.to(dtype).transpose(1, 2), b.to(dtype))
-    return tiles, tiles.to(norm_dtype(dtype)).pow(2).sum((1, 2))
+    return torch.bmm(a.to(dtype).transpose(1, 2), b.to(dtype))
+
+
+def linear_tiles_reference(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    tiles = linear_products_reference(a, b)
+    return tiles, tiles.to(norm_dtype(tiles.dtype)).pow(2).sum((1, 2))
 
 
 def tiles_clipped_sum_reference(tiles: Tensor, coef: Tensor) -> Tensor:
@@ -187,6 +191,14 @@ def tiles_clipped_sum_reference(tiles: Tensor, coef: Tensor) -> Tensor:
 def linear_tiles(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """(the per-sample products (B, M, N) in the data dtype, their squared norms in the accumulation dtype)."""
     return _tiles_and_norms(a, b)
+
+
+# randomized_stored: the products kept as stored keeps them, normed by the probe estimate instead (randomized_ops);
+# no exact norm beside them, which eager execution would compute and throw away.
+@torch.library.triton_op(f"{_LIB}::linear_products", mutates_args=())
+def linear_products(a: Tensor, b: Tensor) -> Tensor:
+    """The per-sample products (B, M, N) in the data dtype."""
+    return _products(a, b)
 
 
 @torch.library.triton_op(f"{_LIB}::tiles_clipped_sum", mutates_args=())
@@ -348,7 +360,8 @@ def triton_ops() -> set:
     d = torch.ops.dpcompile
     return {d.linear_norm.default, d.linear_ghost_norm.default, d.linear_clipped_sum.default,
             d.linear_single_pass.default, d.linear_tile_norm.default,
-            d.linear_tile_clipped_sum.default, d.linear_tiles.default, d.tiles_clipped_sum.default,
+            d.linear_tile_clipped_sum.default, d.linear_tiles.default, d.linear_products.default,
+            d.tiles_clipped_sum.default,
             d.linear_norm_randomized.default, d.persample_norm_randomized.default,
             d.rows_colsum.default, d.rows_norm.default, d.rows_clipped_sum.default, d.persample_norm.default,
             d.persample_clipped_sum.default}

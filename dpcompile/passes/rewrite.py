@@ -179,7 +179,7 @@ def _fused_norm(pg: ParamGrad, strategy: str, env: dict, bsz, randomized: Option
     if c.site.kind == "linear" and strategy in ("randomized", "randomized_vendor_sum"):
         n2 = randomized.norm(pg, *ins, env)
     elif c.site.kind == "linear" and strategy == "randomized_stored":
-        tiles, _ = ops.linear_tiles(*ins)  # the exact norm beside them is left unused (Inductor drops it)
+        tiles = ops.linear_products(*ins)
         n2 = randomized.estimate(pg, tiles, env)
         ins = (tiles,)
     elif c.site.kind == "linear" and strategy == "stored":
