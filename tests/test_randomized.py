@@ -337,10 +337,20 @@ def test_column_slices_only_where_they_pay():
     assert K._col_splits(sym, 16384, 768, bt, bm, 32, 1, None) == 1
 
 
-def test_unknown_precision_is_refused():
+def test_unknown_precision_variant_and_fp64_are_refused_by_both_kernel_entry_points():
     a = torch.randn(1, 3, 4, device=DEVICE)
-    with pytest.raises(ValueError, match="precision='tf32'"):
-        K.randomized_sq_norms(a, a, 4, "hutchinson", SEED, 0, block=BLOCK, precision="tf32")
+    s = torch.randn(1, 4, 4, device=DEVICE)
+    for call in (lambda x, **kw: K.randomized_sq_norms(x, x, 4, seed=SEED, block=BLOCK, **kw),
+                 lambda x, **kw: K.randomized_sq_norms_of_products(x.transpose(1, 2) @ x, 4, seed=SEED, block=BLOCK,
+                                                                   **kw)):
+        with pytest.raises(ValueError, match="precision='tf32'"):
+            call(a, precision="tf32")
+        with pytest.raises(ValueError):
+            call(a, variant="rademacher")
+        with pytest.raises(TypeError, match="fp64 uses the reference"):
+            call(a.double())
+    with pytest.raises(ValueError, match=r"\(B, M, N\)"):
+        K.randomized_sq_norms_of_products(s[0], 4, seed=SEED)
 
 
 

@@ -568,6 +568,17 @@ def _seed_tensor(seed, device) -> torch.Tensor:
     return torch.tensor([check_seed(seed)], dtype=torch.int64, device=device)
 
 
+def _checked_call(variant, probes, site, precision, seed, launch, *data):
+    """The checks both entry points make before anything runs (an unknown variant, site or precision, fp64 data)
+    and (launch, the seed on the data's device)."""
+    check_variant(variant, probes)
+    check_site(site)
+    _dot_precision(data[0], precision)
+    if any(x.dtype == torch.float64 for x in data):
+        raise TypeError("Triton randomized-norm kernels take fp32/fp16/bf16 data; fp64 uses the reference")
+    return launch or (lambda k: k), _seed_tensor(seed, data[0].device)
+
+
 def randomized_sq_norms(a: torch.Tensor, b: torch.Tensor, probes: int, variant: str = "hutchinson", seed=0,
                         site: int = 0, block: int | None = None, launch=None, precision: str = "tensor_cores",
                         splits: int | None = None, col_splits: int | None = None) -> torch.Tensor:
@@ -578,14 +589,8 @@ def randomized_sq_norms(a: torch.Tensor, b: torch.Tensor, probes: int, variant: 
     precision: "tensor_cores" (fp32 accuracy: exact bf16 products, or tf32x3) or "ieee" (fp32 FMAs; benchmarks and
     checks). splits: slices of the rows for b_i^T z_i; col_splits: slices of the columns for a_i V (defaults:
     enough programs to fill the GPU)."""
-    launch = launch or (lambda k: k)
-    check_variant(variant, probes)
-    check_site(site)
-    _dot_precision(a, precision)  # refuses an unknown precision before anything runs
     a, b = _narrow_side_first(*_as_sites(a, b))
-    if torch.float64 in (a.dtype, b.dtype):
-        raise TypeError("Triton randomized-norm kernels take fp32/fp16/bf16 operands; fp64 uses the reference")
-    seed_t = _seed_tensor(seed, a.device)
+    launch, seed_t = _checked_call(variant, probes, site, precision, seed, launch, a, b)
     kw = dict(precision=precision, splits=splits)
     pkw = dict(precision=precision, col_splits=col_splits)
     if variant == "hutchinson":
@@ -612,17 +617,11 @@ def randomized_sq_norms_of_products(s: torch.Tensor, probes: int, variant: str =
     (a_i, b_i) with s_i = a_i^T b_i draws them for a_i's or b_i's columns, so this is that site's estimate,
     s_i^T V = b_i^T (a_i V), formed from the products instead of the T rows (randomized_stored, docs/randomized.md):
     M N k multiply-adds per sample instead of T k (M + N)."""
-    launch = launch or (lambda k: k)
-    check_variant(variant, probes)
-    check_site(site)
     if s.dim() != 3:
         raise ValueError(f"per-sample products must be (B, M, N); got {tuple(s.shape)}")
-    if s.dtype == torch.float64:
-        raise TypeError("Triton randomized-norm kernels take fp32/fp16/bf16 products; fp64 uses the reference")
-    _dot_precision(s, precision)
+    launch, seed_t = _checked_call(variant, probes, site, precision, seed, launch, s)
     so = s if s.shape[1] <= s.shape[2] else s.transpose(1, 2)  # (B, W, L), W the narrower side: probes over W
     rows = so.transpose(1, 2)  # the projection's operand: L rows of W columns, so Z = so_i^T V (L x count)
-    seed_t = _seed_tensor(seed, s.device)
     kw = dict(precision=precision)
     if variant == "hutchinson":
         z = _project(rows, seed_t, site, 0, probes, launch, block, **kw)
