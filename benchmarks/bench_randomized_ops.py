@@ -9,6 +9,7 @@ the clipped sum's GEMM, not counted). Also checks that the estimates agree. Prin
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -30,9 +31,11 @@ SHAPES = [  # (label, B, T, M = d_in, N = d_out)
 ]
 
 
-# A one-element int64 seed on the GPU, as the compiled step passes it (codegen/randomized_ops.probe_seed): an int
-# seed is copied from pageable memory on every call, which waits for the stream (NOTES.md entry 9).
-SEED = None
+@functools.cache
+def gpu_seed() -> torch.Tensor:
+    """A one-element int64 seed on the GPU, as the compiled step passes it (codegen/randomized_ops.probe_seed): an
+    int seed is copied from pageable memory on every call, which waits for the stream (NOTES.md entry 9)."""
+    return torch.tensor([1], dtype=torch.int64, device="cuda")
 
 
 def bench(fn, calls: int = 10) -> float:
@@ -55,7 +58,7 @@ def sweep_project(k: int, label: str, B: int, T: int, M: int) -> list:
     """The projection alone at one site over row tiles, column slices and warps, with drawn and loaded probes (the
     difference is what the draws cost). M is the side the probes are drawn for (the narrower one)."""
     a = torch.randn(B, T, M, device="cuda", dtype=torch.bfloat16)
-    seed = torch.tensor([1], device="cuda")
+    seed = gpu_seed()
     v = torch.randn(B, M, k, device="cuda")
     out = []
     for draw in (True, False):
@@ -88,7 +91,7 @@ def sweep_bt_z(k: int, label: str, B: int, T: int, M: int, N: int) -> list:
     then the defaults end to end (split, product, tile squares)."""
     a = torch.randn(B, T, M, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(B, T, N, device="cuda", dtype=torch.bfloat16)
-    seed = torch.tensor([1], device="cuda")
+    seed = gpu_seed()
     z = torch.randn(B, T, k, device="cuda")
     out = []
     for mode, name in Z_MODES.items():
@@ -126,7 +129,7 @@ def sweep_bt_z(k: int, label: str, B: int, T: int, M: int, N: int) -> list:
     out.append({"site": label, "kernel": "split3 + bt_z + tile squares (defaults)",
                 "us": bench(lambda: K._bt_z_sq_norms(b, parts, lambda f: f, None))})
     out.append({"site": label, "kernel": "whole estimate (defaults)",
-                "us": bench(lambda: K.randomized_sq_norms(a, b, k, seed=SEED))})
+                "us": bench(lambda: K.randomized_sq_norms(a, b, k, seed=seed))})
     out.append({"site": label, "kernel": "read b once (b.sum())", "us": bench(lambda: b.sum())})
     return out
 
@@ -150,8 +153,6 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     k = args.probes
-    global SEED
-    SEED = torch.tensor([1], dtype=torch.int64, device="cuda")
     if args.sweep:
         rows = []
         for label, B, T, M, N in SWEEP_SHAPES:
@@ -191,22 +192,23 @@ def main():
             with open(os.path.join(args.out, "randomized_sweep.json"), "w") as f:
                 json.dump(rows, f, indent=1)
         return
-    rows = []
+    rows, seed = [], gpu_seed()
     for label, B, T, M, N in SHAPES:
         a = torch.randn(B, T, M, device="cuda", dtype=torch.bfloat16)
         b = torch.randn(B, T, N, device="cuda", dtype=torch.bfloat16)
         r = {"shape": label, "B": B, "T": T, "M": M, "N": N, "probes": k}
         r["wgrad_us"] = bench(lambda: a.reshape(-1, M).t() @ b.reshape(-1, N))
-        r["ieee_us"] = bench(lambda: K.randomized_sq_norms(a, b, k, seed=SEED, precision="ieee", splits=1))
-        r["tc_one_slice_us"] = bench(lambda: K.randomized_sq_norms(a, b, k, seed=SEED, splits=1))
-        r["tc_us"] = bench(lambda: K.randomized_sq_norms(a, b, k, seed=SEED))
-        ieee = K.randomized_sq_norms(a, b, k, seed=SEED, precision="ieee", splits=1)
-        fast = K.randomized_sq_norms(a, b, k, seed=SEED)
+        r["ieee_us"] = bench(lambda: K.randomized_sq_norms(a, b, k, seed=seed, precision="ieee", splits=1))
+        r["tc_one_slice_us"] = bench(lambda: K.randomized_sq_norms(a, b, k, seed=seed, splits=1))
+        r["tc_us"] = bench(lambda: K.randomized_sq_norms(a, b, k, seed=seed))
+        ieee = K.randomized_sq_norms(a, b, k, seed=seed, precision="ieee", splits=1)
+        fast = K.randomized_sq_norms(a, b, k, seed=seed)
         r["max_rel_diff"] = ((fast - ieee).abs() / ieee).max().item()
         # randomized_stored: the same estimate from the per-sample products (formed by the clipped sum's GEMM)
         s = torch.bmm(a.transpose(1, 2), b)
-        r["products_us"] = bench(lambda: K.randomized_sq_norms_of_products(s, k, seed=SEED))
-        r["products_rel_diff"] = ((K.randomized_sq_norms_of_products(s, k, seed=SEED) - ieee).abs() / ieee).max().item()
+        r["products_us"] = bench(lambda: K.randomized_sq_norms_of_products(s, k, seed=seed))
+        from_products = K.randomized_sq_norms_of_products(s, k, seed=seed)
+        r["products_rel_diff"] = ((from_products - ieee).abs() / ieee).max().item()
         del s
         flop = 2 * B * T * k * (M + N)
         r["ieee_tflops"] = flop / r["ieee_us"] / 1e6

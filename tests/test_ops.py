@@ -250,7 +250,8 @@ def test_fake_impls_match_real(dt):
 
 
 @pytest.mark.parametrize("name", ["linear_norm", "linear_tile_norm", "linear_tile_clipped_sum", "linear_tiles",
-                                  "linear_products", "tiles_clipped_sum", "rows_norm", "persample_norm", "embedding_norm"])
+                                  "linear_products", "tiles_clipped_sum", "rows_norm", "persample_norm",
+                                  "embedding_norm"])
 def test_opcheck(name):
     args = dict(_calls(torch.float32))[name]
     torch.library.opcheck(getattr(O, name), args, test_utils=("test_schema", "test_faketensor"))

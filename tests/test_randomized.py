@@ -258,7 +258,8 @@ def test_split3_terms_add_up_to_z_exactly(nparts):
 @pytest.mark.parametrize("k", [9, 40])
 def test_presplit_terms_in_three_dots(k):
     """b^T z from Z's terms as _split3 lays them out (a row's terms side by side), by three dots (SPLIT_Z), over two
-    row slices and, at k=40, two K tiles. fp16 terms stand in for bf16 ones here (the interpreter has no bf16 dot; the GPU tests run bf16)."""
+    row slices and, at k=40, two K tiles. fp16 terms stand in for bf16 ones here (the interpreter has no bf16 dot;
+    the GPU tests run bf16)."""
     g = torch.Generator().manual_seed(14)
     B, T, N = 2, 100, 40
     b = torch.randn(B, T, N, generator=g).half().to(DEVICE)
