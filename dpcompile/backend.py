@@ -15,6 +15,7 @@ import sympy
 import torch
 import torch.nn as nn
 
+from .clip_provenance import GraphClipping, tap
 from .errors import CoverageError, DPCompileError, OptionsError
 from .options import DPOptions
 from .passes import DPJointPass, ParamInfo, PassContext, run_dp_pass
@@ -211,8 +212,7 @@ def build_context(gm: torch.fx.GraphModule, example_inputs: list, options: Any) 
     thresholds = {g: opts.threshold_for(g, n_groups) for g in sorted(set(groups.values()))}
     params = {i: ParamInfo(name, groups[name]) for i, name in trainable.items()}
     ctx = PassContext(opts, params, batch_inputs, thresholds, dp_decomposition_table(),
-                      input_sources={sources[i] or f"input{i}": d for i, d in batch_inputs.items()},
-                      param_ids={i: id(example_inputs[i]) for i in params})
+                      input_sources={sources[i] or f"input{i}": d for i, d in batch_inputs.items()})
     if opts.uses_randomized():
         from .codegen.randomized_ops import exact_norms_enabled
 
@@ -222,17 +222,26 @@ def build_context(gm: torch.fx.GraphModule, example_inputs: list, options: Any) 
     return ctx
 
 
-def _mark_privatized(example_inputs: list, ctx: PassContext) -> None:
-    """Tell DPOptimizer which parameters a compiled graph clips, with the graph's context (its thresholds and
-    randomized sites, for the sensitivity check and the accounting). Called only once compilation (the pass and
-    its coverage check, or a cache hit of a graph that passed them) succeeded; never for explain's graphs."""
+def _recording_clipping(compiled, ctx: PassContext):
+    """The compiled graph, wrapped so that every call that can backpropagate records, for the parameters it is
+    given at run time, that their gradients come out of this clipping graph and with which thresholds
+    (clip_provenance.py). Run time, not compile time: Dynamo hands this graph to every instance of the model, and
+    the record must follow the tensors that are passed. explain()'s graphs vouch for nothing."""
     if _EXPLAINING[0]:
-        return
-    from .privacy.optimizer import check_randomized_consistency, mark_privatized
+        return compiled
+    record = GraphClipping.from_context(ctx)
+    positions = list(ctx.params)
 
-    check_randomized_consistency([example_inputs[i] for i in ctx.params], ctx)  # before anything is marked
-    for i in ctx.params:
-        mark_privatized(example_inputs[i], ctx)
+    def call(*args):  # Dynamo calls its backend's result with the graph inputs unboxed
+        if torch.is_grad_enabled():
+            params = [args[i] for i in positions]
+            if any(p.requires_grad for p in params):
+                args = list(args)
+                for i, t in zip(positions, tap(record, params)):
+                    args[i] = t
+        return compiled(*args)
+
+    return call
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -265,8 +274,7 @@ def flashdp(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
                 "(do not compile with mode='reduce-overhead')")
     compiled = compile_fx(gm, example_inputs, config_patches={"joint_custom_pre_pass": DPJointPass(ctx)},
                           decompositions=ctx.decompositions)
-    _mark_privatized(example_inputs, ctx)
-    return compiled
+    return _recording_clipping(compiled, ctx)
 
 
 def flashdp_eager(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
@@ -287,8 +295,7 @@ def flashdp_eager(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
 
     compiled = aot_autograd(fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition,
                             decompositions=ctx.decompositions)(gm, example_inputs)
-    _mark_privatized(example_inputs, ctx)
-    return compiled
+    return _recording_clipping(compiled, ctx)
 
 
 def register_backends() -> None:

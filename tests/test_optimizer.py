@@ -145,17 +145,15 @@ def test_sensitivity_above_max_grad_norm_is_refused():
         opt.step()
 
 
-def test_unknown_thresholds_are_refused():
-    """A parameter marked privatized without its graph's context: its sensitivity cannot be checked."""
-    from dpcompile.privacy.optimizer import mark_privatized
-
+def test_gradient_set_by_hand_is_refused_even_after_a_clipping_graph():
+    """A parameter a flashdp graph clipped before: a .grad written by hand afterwards is not vouched for."""
     model = nn.Linear(2, 2)
+    _zero_clipped_sums(model)
     for p in model.parameters():
-        mark_privatized(p)
-        p.grad = torch.zeros_like(p)
+        p.grad = torch.ones_like(p)
     opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=1.0, max_grad_norm=1.0,
                       expected_batch_size=4.0)
-    with pytest.raises(dpcompile.DPCompileError, match="thresholds of a graph .* are unknown"):
+    with pytest.raises(dpcompile.CoverageError, match="set outside a flashdp graph"):
         opt.step()
 
 
@@ -164,7 +162,7 @@ def test_unclipped_gradient_is_refused():
     model(torch.randn(4, 3)).sum().backward()  # eager: not clipped
     opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
                       expected_batch_size=4.0)
-    with pytest.raises(dpcompile.CoverageError, match="no flashdp graph"):
+    with pytest.raises(dpcompile.CoverageError, match="no flashdp graph produced it"):
         opt.step()
 
 

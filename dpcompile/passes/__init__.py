@@ -49,9 +49,7 @@ class PassContext:
     # (randomized norms, docs/randomized.md) -> its site id; and whether the pass ran on samples (B >= 1)
     randomized: dict = field(default_factory=dict)
     classified: bool = False
-    param_ids: dict = field(default_factory=dict)  # input index -> id() of the parameter tensor (the backend's)
     exact_norms: bool = False  # randomized_ops.exact_norms() was on when the graph was built (tests only)
-    clip_record: object = field(default=None, repr=False, compare=False)  # privacy.optimizer's record of it
 
     def randomized_groups(self) -> dict:
         """Clipping group -> C_g of every group that holds a randomized site of this graph."""

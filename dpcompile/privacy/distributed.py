@@ -32,6 +32,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import CoverageError, DPCompileError
+from ..clip_provenance import grad_problem, last_arrival_problem
 from .optimizer import (DPOptimizer, _randomized_ran, _uncovered_message, is_privatized, randomized_accounting,
                         sensitivity_problem)
 from .sampling import PoissonDataLoader
@@ -397,17 +398,19 @@ class DistributedDPOptimizer(DPOptimizer):
         for p in replicated:
             if p.grad is None:
                 continue
-            if self.check_coverage and not is_privatized(p):
-                return CoverageError(_uncovered_message(p))
+            why = grad_problem(p)
+            if self.check_coverage and why is not None:
+                return CoverageError(_uncovered_message(p, why, self._name_of(p)))
             clipped.append(p)
         for p in sharded:
             if p.grad is None:
                 continue
             u = self._unsharded.unsharded(p) if self._unsharded is not None else None
-            if self.check_coverage and (u is None or not is_privatized(u)):
+            why = last_arrival_problem(u) if u is not None else "FSDP gave it no unsharded parameter in a forward"
+            if self.check_coverage and why is not None:
                 return CoverageError(
                     f"an FSDP2-sharded parameter of shape {tuple(p.shape)} has a gradient, but the unsharded "
-                    "parameter FSDP used in the last forward was not clipped by any flashdp graph; compile the "
+                    f"parameter FSDP used in the last forward did not get a clipped one: {why}. Compile the "
                     "forward that uses it with dpcompile (dpcompile.privacy.distributed.compile_forward for a "
                     "fully_shard unit)")
             if u is not None:

@@ -13,127 +13,35 @@ from __future__ import annotations
 
 import math
 import os
-import weakref
 from typing import Mapping, Optional, Union
 
 import torch
 from torch.optim import Optimizer
 
+from ..clip_provenance import clipped_by_some_graph, grad_problem, provenance
 from ..errors import CoverageError, DPCompileError
-
-#: id -> parameter, for parameters whose gradients some flashdp graph privatizes (filled by the backend).
-#: Keyed by id because tensors compare elementwise; weak so that it keeps no model alive.
-PRIVATIZED: "weakref.WeakValueDictionary[int, torch.Tensor]" = weakref.WeakValueDictionary()
 
 #: relative slack when comparing the graphs' sensitivity with the optimizer's C (sqrt / sums of floats)
 SENSITIVITY_RTOL = 1e-9
 
 
-class ClipRecord:
-    """One compiled graph's clipping: its per-sample sensitivity sqrt(sum_g C_g^2) over the groups it clips, the
-    ids of the parameters it privatized, and its randomized sites (docs/randomized.md): the groups holding one
-    (group -> C_g), the ids of the parameters whose norms it estimates, and the probes / variant. Several graphs can
-    privatize disjoint parts of one model (a model compiled piecewise, FSDP2 units compiled one by one); each clips
-    to its own thresholds, so the sensitivity of the whole gradient is only known from all of them (see
-    `clipped_sensitivity`). One record per graph (PassContext.clip_record)."""
-
-    __slots__ = ("sensitivity", "expected", "param_ids", "randomized", "randomized_ids", "classified_ids", "probes",
-                 "variant", "options_key")
-
-    def __init__(self, sensitivity: float, expected: int, randomized: Optional[dict] = None,
-                 randomized_ids=(), classified_ids=(), probes: Optional[int] = None, variant: Optional[str] = None,
-                 options_key: Optional[str] = None):
-        self.sensitivity = float(sensitivity)
-        self.expected = expected  # how many parameters the graph privatizes
-        self.param_ids: set = set()
-        self.randomized = dict(randomized or {})
-        self.randomized_ids = set(randomized_ids)
-        self.classified_ids = set(classified_ids)  # parameters the pass looked at with samples (B >= 1)
-        self.probes = probes
-        self.variant = variant
-        self.options_key = options_key
-
-    @classmethod
-    def from_context(cls, ctx) -> "ClipRecord":
-        if ctx.clip_record is None:
-            ctx.clip_record = cls(math.sqrt(sum(float(c) ** 2 for c in ctx.thresholds.values())), len(ctx.params),
-                                  randomized=ctx.randomized_groups() if ctx.randomized else None,
-                                  randomized_ids={ctx.param_ids[i] for i in ctx.randomized if i in ctx.param_ids},
-                                  classified_ids=set(ctx.param_ids.values()) if ctx.classified else (),
-                                  probes=ctx.options.probes, variant=ctx.options.probe_variant,
-                                  options_key=ctx.options.cache_key())
-        return ctx.clip_record
-
-
-#: id(parameter) -> the ClipRecords of the graphs that privatized it (None for a graph of unknown thresholds)
-CLIP_RECORDS: dict = {}
-
-
-def _forget(pid: int) -> None:
-    CLIP_RECORDS.pop(pid, None)
-
-
-def mark_privatized(p: torch.Tensor, context=None) -> None:
-    """Called by the backend once a graph that clips `p`'s gradient compiled, with that graph's PassContext
-    (thresholds, randomized sites). Without a context the graph's thresholds are unknown: the sensitivity checks
-    then refuse (clipped_sensitivity returns None)."""
-    pid = id(p)
-    if PRIVATIZED.get(pid) is not p:  # a new tensor (possibly at the id of a dead one): start its history
-        CLIP_RECORDS[pid] = []
-        weakref.finalize(p, _forget, pid)
-    PRIVATIZED[pid] = p
-    rec = ClipRecord.from_context(context) if context is not None else None
-    if rec is not None:
-        rec.param_ids.add(pid)
-    records = CLIP_RECORDS.setdefault(pid, [])
-    if not any(r is rec for r in records):
-        records.append(rec)
-
-
-def check_randomized_consistency(params, context) -> None:
-    """Before a graph's parameters are marked: every graph compiled with the same options must randomize the same
-    parameters (a batch-size-1 graph finds its randomized sites from the shape of the weight gradients, a batched
-    graph from the site analysis). Otherwise one sample would be clipped by its exact norm in one micro-batch and by
-    an estimate in another, which the privacy analysis does not cover: refused, naming the parameter."""
-    rec = ClipRecord.from_context(context)
-    if not rec.classified_ids:
-        return
-    names = {context.param_ids.get(i): info.name for i, info in context.params.items()}
-    for p in params:
-        pid = id(p)
-        if PRIVATIZED.get(pid) is not p or pid not in rec.classified_ids:
-            continue
-        mine = pid in rec.randomized_ids
-        for other in CLIP_RECORDS.get(pid, []):
-            if other is None or other is rec or other.options_key != rec.options_key or \
-                    pid not in other.classified_ids:
-                continue
-            if (pid in other.randomized_ids) != mine:
-                name = names.get(pid, f"of shape {tuple(p.shape)}")
-                raise DPCompileError(
-                    f"randomized norms: this graph {'estimates' if mine else 'computes exactly'} the per-sample norm "
-                    f"of parameter `{name}`, but another graph compiled with the same options "
-                    f"{'computes it exactly' if mine else 'estimates it'} (batch-size-1 graphs recognise randomized "
-                    "sites from the weight gradient's ops, batched graphs from the site analysis, and here they "
-                    "disagree). Every sample must get the same estimator whatever micro-batch it lands in; leave "
-                    f"`{name}` out of the 'randomized' strategy globs")
-
-
 def is_privatized(p: torch.Tensor) -> bool:
-    return PRIVATIZED.get(id(p)) is p
+    """Some flashdp graph call delivered a clipped gradient to `p` (clip_provenance.py)."""
+    return clipped_by_some_graph(p)
 
 
-def _records_by_set(params) -> Optional[dict]:
-    """frozenset(param ids of a graph) -> the records of the graphs over that set; None if one is unknown."""
-    records: dict = {}  # id(record) -> record: each graph's set is built once, not once per parameter
+def _graphs_by_set(params) -> dict:
+    """frozenset(ids of `params` a graph clipped) -> the graphs over that set, from every graph call that
+    delivered a clipped gradient to one of `params` (recorded at run time: a graph reused for another model
+    instance counts for that instance's tensors)."""
+    members: dict = {}  # graph -> ids of the tensors of `params` it clipped
     for p in params:
-        for rec in CLIP_RECORDS.get(id(p), [None]):
-            if rec is None:
-                return None
-            records[id(rec)] = rec
+        prov = provenance(p)
+        for graph in (prov.graphs if prov is not None else ()):
+            members.setdefault(graph, set()).add(id(p))
     by_set: dict = {}
-    for rid, rec in records.items():
-        by_set.setdefault(frozenset(rec.param_ids), {})[rid] = rec
+    for graph, ids in members.items():
+        by_set.setdefault(frozenset(ids), []).append(graph)
     return by_set
 
 
@@ -142,21 +50,19 @@ def _disjoint(sets) -> bool:
     return all(a.isdisjoint(b) for i, a in enumerate(sets) for b in sets[i + 1:])
 
 
-def clipped_sensitivity(params) -> Optional[float]:
+def clipped_sensitivity(params) -> float:
     """An upper bound on the L2 norm of one sample's clipped gradient over `params` (privatized tensors), from
-    the thresholds of every graph that privatized them; None if a graph's thresholds are unknown.
+    the thresholds of every graph that privatized them.
 
     Graphs over the same parameter set are recompilations (other batch sizes): a sample goes through one of
     them, so their largest sensitivity counts. Graphs over disjoint parameter sets (a model compiled piecewise)
     each add their clipped part: sqrt(sum S^2). If the sets overlap, a parameter may get a clipped part from
     each: the triangle inequality's sum S is the bound.
     """
-    by_set = _records_by_set(params)
-    if by_set is None:
-        return None
+    by_set = _graphs_by_set(params)
     if not by_set:
         return 0.0
-    sens = {key: max(r.sensitivity for r in recs.values()) for key, recs in by_set.items()}
+    sens = {key: max(g.sensitivity for g in graphs) for key, graphs in by_set.items()}
     if _disjoint(sens):
         return math.sqrt(sum(s * s for s in sens.values()))
     return sum(sens.values())
@@ -174,14 +80,14 @@ def randomized_accounting(params, max_grad_norm_total: float) -> Optional[dict]:
     sensitivities add up (triangle inequality), outside the per-group analysis."""
     from .randomized_accounting import accounting_probes
 
-    by_set = _records_by_set(params) or {}
+    by_set = _graphs_by_set(params)
     groups: dict = {}
     kinds = set()
-    for key, recs in by_set.items():
-        for rec in recs.values():
-            if rec.randomized:
-                kinds.add((rec.probes, rec.variant))
-                for g, c in rec.randomized.items():
+    for key, graphs in by_set.items():
+        for graph in graphs:
+            if graph.randomized_groups:
+                kinds.add((graph.probes, graph.variant))
+                for g, c in graph.randomized_groups.items():
                     groups[(key, g)] = max(groups.get((key, g), 0.0), float(c))
     if not groups:
         return None
@@ -201,11 +107,6 @@ def randomized_accounting(params, max_grad_norm_total: float) -> Optional[dict]:
 def sensitivity_problem(clipped: list, max_grad_norm_total: float, who: str) -> Optional[DPCompileError]:
     """Why the gradients of `clipped` (privatized tensors) cannot be noised for max_grad_norm_total, or None."""
     bound = clipped_sensitivity(clipped)
-    if bound is None:
-        return DPCompileError(
-            f"{who}: the clipping thresholds of a graph that produced these gradients are unknown (its parameters "
-            "were marked without its context); cannot check the sensitivity. Pass check_sensitivity=False only if "
-            "you have checked that every graph clips to max_grad_norm")
     if bound > max_grad_norm_total * (1 + SENSITIVITY_RTOL):
         return DPCompileError(
             f"{who}: the compiled graphs bound one sample's clipped gradient by {bound:.6g} (the root of the sum of "
@@ -245,10 +146,10 @@ def total_max_grad_norm(max_grad_norm: Union[float, Mapping[str, float]]) -> flo
     return float(max_grad_norm)
 
 
-def _uncovered_message(p: torch.Tensor) -> str:
-    return (f"a parameter of shape {tuple(p.shape)} has a gradient that no flashdp graph produced (its gradient "
-            "was not clipped); compile the model with dpcompile.compile / backend='flashdp' and keep every use of "
-            "the parameter inside it")
+def _uncovered_message(p: torch.Tensor, why: str, name: Optional[str] = None) -> str:
+    who = f"parameter `{name}`" if name else f"a parameter of shape {tuple(p.shape)}"
+    return (f"{who} has a gradient that cannot be noised as a clipped sum: {why}. Compile the model with "
+            "dpcompile.compile / backend='flashdp' and keep every use of the parameter inside one compiled call")
 
 
 def _refuse_unsynchronized(optimizer: Optimizer, independent_ranks: bool) -> None:
@@ -372,6 +273,11 @@ class DPOptimizer(Optimizer):
     def max_grad_norm_total(self) -> float:
         return total_max_grad_norm(self.max_grad_norm)
 
+    def _name_of(self, p: torch.Tensor) -> Optional[str]:
+        """The name a compiled graph gave `p`, for messages."""
+        prov = provenance(p)
+        return prov.name if prov is not None else None
+
     def _params(self):
         for group in self.param_groups:
             for p in group["params"]:
@@ -406,8 +312,9 @@ class DPOptimizer(Optimizer):
         for p in self._params():
             if p.grad is None:
                 continue
-            if self.check_coverage and not is_privatized(p):
-                raise CoverageError(_uncovered_message(p))
+            why = grad_problem(p)
+            if self.check_coverage and why is not None:
+                raise CoverageError(_uncovered_message(p, why, self._name_of(p)))
             if is_privatized(p):
                 clipped.append(p)
         if self.check_sensitivity and clipped:

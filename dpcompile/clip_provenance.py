@@ -1,0 +1,224 @@
+"""Which gradients were clipped, and by which graph: facts recorded at run time by the call that produced them.
+
+This is the one contract between the compiled graphs (backend.py writes it) and the privacy layer (DPOptimizer
+reads it). A compile-time list of parameter ids is not enough: Dynamo reuses a compiled graph for a second
+instance of a model class, a deep copy or a reloaded model without compiling again, and a parameter that some
+graph clipped once can later get an unclipped gradient from eager code or from another backend.
+
+How it is recorded. Every call of a flashdp graph that can build an autograd graph routes its trainable
+parameters through one identity autograd Function (`_ClipTap`). Its backward sees exactly the gradients the
+clipping graph produced and leaves them as *pending* on each parameter. A tensor pre-hook on the parameter then
+sees the whole gradient that arrives at it in that backward: if it is the very tensor the tap delivered, the
+arrival is clipped; anything else (an eager use of the parameter, a second graph call in the same backward, a
+graph of another backend, no graph at all) was summed into it, and the arrival is marked foreign with the reason.
+A post-accumulate hook binds the verdict to the `.grad` tensor it describes, so a `.grad` set or replaced by hand
+is not vouched for either.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .errors import DPCompileError
+
+
+@dataclass(eq=False)
+class GraphClipping:
+    """One compiled graph's clipping, built once per compiled graph (hashable by identity).
+
+    sensitivity: sqrt(sum_g C_g^2) over the groups the graph clips (one sample's bound in one call).
+    names: parameter name of each trainable graph input, in the order the tap receives them.
+    randomized_positions: indices into `names` whose per-sample norm the graph estimates with probes.
+    randomized_groups: clipping group -> C_g of every group holding a randomized site.
+    classified: the pass looked at samples (B >= 1): its randomized verdicts are comparable with other graphs'.
+    """
+
+    sensitivity: float
+    names: tuple
+    randomized_positions: frozenset = frozenset()
+    randomized_groups: dict = field(default_factory=dict)
+    classified: bool = False
+    probes: Optional[int] = None
+    variant: Optional[str] = None
+    options_key: Optional[str] = None
+
+    @classmethod
+    def from_context(cls, ctx) -> "GraphClipping":
+        positions = {idx: k for k, idx in enumerate(ctx.params)}
+        return cls(math.sqrt(sum(float(c) ** 2 for c in ctx.thresholds.values())),
+                   tuple(info.name for info in ctx.params.values()),
+                   frozenset(positions[i] for i in ctx.randomized),
+                   ctx.randomized_groups() if ctx.randomized else {},
+                   ctx.classified, ctx.options.probes, ctx.options.probe_variant, ctx.options.cache_key())
+
+
+class GradProvenance:
+    """What is known about one tensor's gradients.
+
+    graphs: every graph that delivered a clipped gradient to it -> whether that graph estimated its norm
+        (kept for the tensor's life: the sensitivity and the accounting cover every graph a sample may go through).
+    grad: weak reference to the `.grad` tensor the last arrival was accumulated into.
+    foreign: why that `.grad` holds a term no clipping graph produced (None: every term was clipped).
+    """
+
+    __slots__ = ("name", "graphs", "pending", "replayed", "grad", "foreign", "_before", "_arrival", "__weakref__")
+
+    def __init__(self, name: str):
+        self.name = name  # the parameter name the first graph that clipped it gave it (for messages)
+        self.graphs: dict = {}
+        self.pending: list = []  # the clipped gradients the taps delivered in the running backward
+        self.replayed = False  # a tap's backward ran a second time (retain_graph) in the running backward
+        self.grad = None
+        self.foreign: Optional[str] = None
+        self._before = None
+        self._arrival: Optional[str] = None  # the verdict of the arrival between the two hooks
+
+    def current_grad_problem(self, p: torch.Tensor) -> Optional[str]:
+        """Why `p.grad` is not known to be made only of clipped terms, or None."""
+        if p.grad is None:
+            return None
+        if self.grad is None or self.grad() is not p.grad:
+            return "its .grad was set outside a flashdp graph's backward (by hand, or by code dpcompile cannot see)"
+        return self.foreign
+
+
+_PROVENANCE: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+
+
+def provenance(p: torch.Tensor) -> Optional[GradProvenance]:
+    return _PROVENANCE.get(p)
+
+
+def clipped_by_some_graph(p: torch.Tensor) -> bool:
+    prov = _PROVENANCE.get(p)
+    return prov is not None and bool(prov.graphs)
+
+
+def grad_problem(p: torch.Tensor) -> Optional[str]:
+    """Why `p.grad` cannot be noised as a clipped sum (None when it can, or when there is no gradient)."""
+    if p.grad is None:
+        return None
+    prov = _PROVENANCE.get(p)
+    if prov is None or not prov.graphs:
+        return "no flashdp graph produced it (its gradient was not clipped)"
+    return prov.current_grad_problem(p)
+
+
+def last_arrival_problem(p: torch.Tensor) -> Optional[str]:
+    """For a tensor whose gradient others consume and free (FSDP2's unsharded parameters): why the last gradient
+    that arrived at it was not a clipped one, or None."""
+    prov = _PROVENANCE.get(p)
+    if prov is None or not prov.graphs:
+        return "no flashdp graph produced it (its gradient was not clipped)"
+    return prov.foreign
+
+
+def _arrived(pref: "weakref.ref", grad: torch.Tensor) -> None:
+    """Tensor pre-hook: `grad` is everything that reached the parameter in this backward."""
+    p = pref()
+    prov = _PROVENANCE.get(p) if p is not None else None
+    if prov is None:
+        return
+    pending, prov.pending = prov.pending, []
+    replayed, prov.replayed = prov.replayed, False
+    if replayed:
+        prov._arrival = ("the same compiled call was backpropagated more than once (retain_graph=True), so its "
+                         "samples' clipped gradients were counted more than once; run the forward again instead")
+    elif len(pending) == 1 and grad is pending[0]:
+        prov._arrival = None
+    elif not pending:
+        prov._arrival = ("a gradient that no flashdp graph produced was accumulated into it (an eager use of the "
+                         "parameter outside the compiled call, or a graph of another backend)")
+    elif len(pending) > 1:
+        prov._arrival = (f"{len(pending)} calls of flashdp graphs fed it in one backward (a graph break, a block "
+                         "compiled on its own and called twice, or several compiled calls summed into one loss), so "
+                         "one sample may have been clipped in pieces; call backward() once per compiled call, or "
+                         "compile the whole model into one graph (fullgraph=True)")
+    else:
+        prov._arrival = ("a gradient that no flashdp graph produced was added to its clipped gradient in the same "
+                         "backward (the parameter is also used outside the compiled call)")
+    prov._before = p.grad
+
+
+def _accumulated(p: torch.Tensor) -> None:
+    """Post-accumulate hook: bind the arrival's verdict to the `.grad` it was accumulated into."""
+    prov = _PROVENANCE.get(p)
+    if prov is None:
+        return
+    before, prov._before = prov._before, None
+    if before is None:
+        prov.foreign = prov._arrival
+    elif prov.grad is None or prov.grad() is not before:
+        prov.foreign = "its .grad was set outside a flashdp graph's backward before this backward added to it"
+    elif prov._arrival is not None:
+        prov.foreign = prov._arrival
+    prov.grad = weakref.ref(p.grad) if p.grad is not None else None
+    prov._arrival = None
+
+
+def _watch(p: torch.Tensor, name: str) -> GradProvenance:
+    prov = _PROVENANCE.get(p)
+    if prov is None:
+        prov = GradProvenance(name)
+        _PROVENANCE[p] = prov
+        if p.is_leaf:  # a non-leaf tensor never holds a .grad an optimizer steps with
+            p.register_hook(lambda g, pref=weakref.ref(p): _arrived(pref, g))
+            p.register_post_accumulate_grad_hook(_accumulated)
+    return prov
+
+
+class _ClipTap(torch.autograd.Function):
+    """Identity on the parameters of one graph call; its backward marks what the clipping graph delivered."""
+
+    @staticmethod
+    def forward(ctx, provs, *params):
+        ctx.provs = provs
+        ctx.backwards = 0
+        ctx.set_materialize_grads(False)
+        return tuple(p.view_as(p) for p in params)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        ctx.backwards += 1
+        for prov, g in zip(ctx.provs, grads):
+            if g is None:
+                continue
+            prov.pending.append(g)
+            prov.replayed |= ctx.backwards > 1  # retain_graph: the same samples' clipped sums counted again
+        return (None, *grads)
+
+
+def _check_consistent(prov: GradProvenance, record: GraphClipping, position: int) -> None:
+    """Every graph compiled with the same options must randomize the same parameters (a batch-size-1 graph finds
+    its randomized sites from the weight gradient's ops, a batched graph from the site analysis). Otherwise one
+    sample would be clipped by its exact norm in one micro-batch and by an estimate in another, which the privacy
+    analysis does not cover: refused, naming the parameter, before this call runs."""
+    mine = position in record.randomized_positions
+    if record.classified:
+        for other, theirs in prov.graphs.items():
+            if other.classified and other.options_key == record.options_key and theirs != mine:
+                name = record.names[position]
+                raise DPCompileError(
+                    f"randomized norms: this graph {'estimates' if mine else 'computes exactly'} the per-sample "
+                    f"norm of parameter `{name}`, but another graph compiled with the same options "
+                    f"{'computes it exactly' if mine else 'estimates it'} (batch-size-1 graphs recognise "
+                    "randomized sites from the weight gradient's ops, batched graphs from the site analysis, and "
+                    "here they disagree). Every sample must get the same estimator whatever micro-batch it lands "
+                    f"in; leave `{name}` out of the 'randomized' strategy globs")
+    prov.graphs[record] = mine
+
+
+def tap(record: GraphClipping, params: list) -> list:
+    """Route one graph call's trainable parameters through the tap; returns what to pass the graph instead."""
+    provs = []
+    for k, p in enumerate(params):
+        prov = _watch(p, record.names[k])
+        if record not in prov.graphs:
+            _check_consistent(prov, record, k)
+        provs.append(prov)
+    return list(_ClipTap.apply(tuple(provs), *params))
