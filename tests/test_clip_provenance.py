@@ -131,10 +131,10 @@ def test_backward_twice_through_one_call_is_refused():
     model = MLPLoss().double()
     x, y = _batch(4, 6)
     loss = _compile(model)(x, y)
-    loss.backward(retain_graph=True)
     try:
+        loss.backward(retain_graph=True)
         loss.backward()
-    except RuntimeError as e:  # graphs with donated buffers: torch itself refuses the second backward
+    except RuntimeError as e:  # graphs with donated buffers: torch itself refuses retain_graph
         assert "retain_graph" in str(e)
         return
     with pytest.raises(dpcompile.CoverageError, match="backpropagated more than once"):
@@ -187,3 +187,15 @@ def test_state_is_not_global_between_processes_worth_of_models():
         model(x, y).backward()
         with pytest.raises(dpcompile.CoverageError, match="no flashdp graph produced it"):
             _optimizer(model).step()
+
+
+def test_backward_twice_without_donated_buffers_is_refused_by_the_optimizer():
+    torch._dynamo.reset()
+    model = MLPLoss().double()
+    x, y = _batch(4, 6)
+    with torch._functorch.config.patch(donated_buffer=False):
+        loss = _compile(model)(x, y)
+        loss.backward(retain_graph=True)
+        loss.backward()
+    with pytest.raises(dpcompile.CoverageError, match="backpropagated more than once"):
+        _optimizer(model).step()
