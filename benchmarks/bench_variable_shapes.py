@@ -1,0 +1,152 @@
+"""Batches that change shape every step (issue 19): Poisson batch sizes and per-batch padding to the longest text.
+
+Each mode runs in its own process (so compile time is measured cold for every mode) on one step sequence:
+  B_k ~ Poisson(8), T_k = the longest of B_k lengths drawn from a real length distribution
+  (benchmarks/data/shakespeare_passage_lengths.json: the training passages of the CLI's corpus, tokenized with
+  SmolLM2's tokenizer). Token ids are random: the shapes, not the text, set the cost.
+
+Modes: "fixed non-DP" / "fixed DP" (B = 8, T = the sequence's mean padded T, every step), "variable non-DP" /
+"variable DP" (the sequence), "pad-to-max DP" (the sequence's B_k, every batch padded to T = 1024).
+Reported per mode: graphs compiled, compile time (the steps that compiled a graph, minus a steady step each),
+steady tokens/s over B_k * T_k (padded), and the time to train on the sequence's samples (steady steps).
+
+    python benchmarks/bench_variable_shapes.py --model gpt2-small --out $OUT      # all modes, a table last
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+MODES = ["fixed non-DP", "fixed DP", "variable non-DP", "variable DP", "pad-to-max DP"]
+T_MAX = 1024
+
+
+def shape_sequence(steps: int, mean_batch: float = 8.0, seed: int = 0) -> list:
+    """[(B_k, T_k)]: Poisson batch sizes, each batch padded to its longest sample (T_k >= 2)."""
+    with open(os.path.join(HERE, "data", "shakespeare_passage_lengths.json")) as f:
+        hist = json.load(f)["histogram"]
+    lengths, weights = [int(k) for k in hist], list(hist.values())
+    rng = random.Random(seed)
+    out = []
+    for _ in range(steps):
+        # Poisson by inversion (no numpy needed)
+        b, p, u = 0, math.exp(-mean_batch), rng.random()
+        s = p
+        while u > s:
+            b += 1
+            p *= mean_batch / b
+            s += p
+        t = max(rng.choices(lengths, weights, k=b)) if b else 2
+        out.append((b, max(2, min(t, T_MAX))))
+    return out
+
+
+def run_mode(model_name: str, mode: str, steps: int) -> dict:
+    import torch
+
+    import dpcompile
+    from dpcompile.bench import build_model
+
+    seq = shape_sequence(steps)
+    if mode.startswith("fixed"):
+        mean_b = 8
+        mean_t = round(sum(t for b, t in seq if b) / sum(1 for b, _ in seq if b))
+        seq = [(mean_b, mean_t)] * steps
+    elif mode.startswith("pad-to-max"):
+        seq = [(b, T_MAX) for b, _ in seq]
+    torch.manual_seed(0)
+    model = build_model(model_name, T_MAX).cuda()
+    for p in model.frozen():
+        p.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    vocab = model.lm_head.out_features
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    if mode.endswith("non-DP"):
+        step_model = torch.compile(model)
+    else:
+        step_model = dpcompile.compile(model, max_grad_norm=1.0, clipping="per_layer", loss_reduction="mean")
+        opt = dpcompile.DPOptimizer(opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=8.0)
+    from torch._dynamo.utils import counters
+
+    times, compiled_steps = [], []
+    for b, t in seq:
+        idx = torch.randint(0, vocab, (b, t + 1), device="cuda")
+        x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+        graphs = counters["stats"]["unique_graphs"]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = step_model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        took = time.perf_counter() - t0
+        (compiled_steps if counters["stats"]["unique_graphs"] > graphs else times).append((b, t, took))
+    steady = sum(s for _, _, s in times)
+    tokens = sum(b * t for b, t, _ in times)
+    per_token = steady / max(tokens, 1)
+    # a compiling step also did a step's work: take that work off at the steady per-token cost
+    compile_s = sum(s - b * t * per_token for b, t, s in compiled_steps)
+    return {"model": model_name, "mode": mode, "steps": len(seq), "graphs": len(compiled_steps),
+            "compile_s": compile_s, "first_step_s": (compiled_steps or times)[0][2],
+            "tokens_per_s": tokens / steady if steady else float("nan"),
+            "median_step_ms": 1e3 * statistics.median(s for _, _, s in times) if times else float("nan"),
+            "train_s": steady + sum(b * t * per_token for b, t, _ in compiled_steps),
+            "mean_B": statistics.mean(b for b, _ in seq), "mean_T": statistics.mean(t for _, t in seq),
+            "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="gpt2-small", help="gpt2-small (default), gpt2-medium, llama-1b")
+    ap.add_argument("--modes", default=",".join(MODES))
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--out", default=None, help="folder for the JSON lines of every mode")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one mode in this process
+    args = ap.parse_args(argv)
+    if args.one:
+        print("RESULT " + json.dumps(run_mode(args.model, args.one, args.steps)), flush=True)
+        return 0
+    rows = []
+    for mode in args.modes.split(","):
+        print(f"== {args.model} / {mode}", file=sys.stderr, flush=True)
+        p = subprocess.run([sys.executable, __file__, "--model", args.model, "--steps", str(args.steps),
+                            "--one", mode], capture_output=True, text=True)
+        line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if line is None:
+            print(p.stderr[-4000:], file=sys.stderr)
+            rows.append({"model": args.model, "mode": mode, "error": (p.stderr.strip().splitlines() or ["?"])[-1]})
+            continue
+        rows.append(json.loads(line[len("RESULT "):]))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, f"variable_shapes_{args.model}.jsonl"), "w") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    ref = {r["mode"]: r for r in rows if "error" not in r}
+    print(f"| {args.model} | graphs | compile s | tokens/s | vs fixed DP | train s (steady) | mean B x T |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['mode']} | error: {r['error'][:80]} |||||")
+            continue
+        vs = r["tokens_per_s"] / ref["fixed DP"]["tokens_per_s"] if "fixed DP" in ref else float("nan")
+        print(f"| {r['mode']} | {r['graphs']} | {r['compile_s']:.1f} | {r['tokens_per_s']:.0f} | {vs:.3f} | "
+              f"{r['train_s']:.2f} | {r['mean_B']:.1f} x {r['mean_T']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
