@@ -146,6 +146,28 @@ def _refuse_torch_ddp() -> None:
             "splits the compiled graph at DDP's bucket boundaries, across clipping groups")
 
 
+def _shape_text(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(d) if isinstance(d, int) else "*" for d in t.shape) + ")"
+
+
+def _warn_if_loss_is_outside(gm: torch.fx.GraphModule, root: Optional[nn.Module]) -> None:
+    """A compiled call that returns no scalar: the loss is computed outside the graph. The pass clips each
+    sample's gradient through the outputs' gradients, which is right when that loss is a sum (or mean) of
+    per-sample terms, but it cannot see the loss to check that (a batch-wide normaliser there mixes samples)."""
+    outs = gm.graph.output_node().args[0]
+    vals = [n.meta.get("example_value") for n in (outs if isinstance(outs, (list, tuple)) else [outs])
+            if isinstance(n, torch.fx.Node)]
+    tensors = [v for v in vals if isinstance(v, torch.Tensor) and v.requires_grad]
+    if tensors and all(v.dim() > 0 for v in tensors):
+        where = type(root).__name__ if root is not None else "the compiled function"
+        warnings.warn(
+            f"flashdp: {where} returns tensors of shapes {', '.join(_shape_text(v) for v in tensors[:3])}, not a scalar loss, "
+            "so the loss is computed outside the compiled call, where dpcompile cannot check that it is a sum or "
+            "mean of per-sample terms (a batch-wide normaliser such as a token mean over the whole batch would mix "
+            "samples). Move the loss inside: compile a module whose forward returns the loss (for transformers "
+            "models, dpcompile.hf.CausalLMLoss)", stacklevel=2)
+
+
 def build_context(gm: torch.fx.GraphModule, example_inputs: list, options: Any) -> PassContext:
     opts = options if isinstance(options, DPOptions) else DPOptions.parse(options)
     _refuse_torch_ddp()
@@ -153,6 +175,7 @@ def build_context(gm: torch.fx.GraphModule, example_inputs: list, options: Any) 
     sources = [_source_name(n) for n in placeholders]
     frame = _frame_objects()
     root = _root_module(sources, frame)
+    _warn_if_loss_is_outside(gm, root)
     names_by_id, all_names = {}, {}
     if root is not None:
         for name, p in root.named_parameters():

@@ -147,3 +147,19 @@ def test_unused_trainable_parameter_is_refused_with_advice():
 @torch._dynamo.disable
 def _eager_scale(x, bias):
     return x * bias.sum()
+
+
+def test_loss_outside_the_compiled_call_is_allowed_with_one_warning():
+    """A model returning per-sample outputs, summed outside: allowed (exact), with a warning naming the fix."""
+    torch._dynamo.reset()
+    model = nn.Linear(3, 2).double()
+    dp = dpcompile.compile(model, backend="flashdp_eager", loss_reduction="sum", max_grad_norm=0.1)
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"Linear returns tensors of shapes \(\*, 2\), not a scalar loss.*Move the loss inside"):
+        dp(x).square().sum().backward()
+    from dpcompile.testing import oracle
+
+    want = oracle.reference_clipped_grads(model, lambda m, x: m(x).square().sum(), (x,), max_grad_norm=0.1,
+                                          clipping="per_layer")
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, want[n])
