@@ -129,6 +129,24 @@ def _groups_of(names: list, module_names: dict, options: DPOptions) -> dict:
     return out
 
 
+def _attribute_path(source: str) -> str:
+    """`L['self'].blocks._modules['0'].scale` -> `blocks.0.scale` (the name a user would write)."""
+    path = re.sub(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", r".\1", source)
+    path = re.sub(r"^[LG]\['self'\]\.?", "", path)
+    return path or source
+
+
+def _refuse_trainable_non_parameter(source: str, t: torch.Tensor) -> None:
+    """A tensor the model reads that requires grad but is no nn.Parameter (a `requires_grad=True` attribute, buffer
+    or global, or one computed from parameters outside the compiled call): the pass clips parameter gradients
+    only, so its gradient, or the parameters' gradients through it, would not be clipped."""
+    raise CoverageError(
+        f"flashdp: the tensor `{_attribute_path(source)}` (Dynamo source {source}, shape {_shape_text(t)}) requires grad "
+        "but is not an nn.Parameter of the model, so its gradient would not be clipped. Register it as a parameter "
+        "(`self.w = nn.Parameter(...)`), compute it inside the compiled forward from the parameters, or set "
+        "requires_grad=False on it")
+
+
 def _refuse_torch_ddp() -> None:
     """Dynamo is compiling inside torch DDP's forward: DDP would all-reduce (average) every backward's clipped
     sums, and its DDPOptimizer splits the graph at bucket boundaries, across clipping groups."""
@@ -189,6 +207,8 @@ def build_context(gm: torch.fx.GraphModule, example_inputs: list, options: Any) 
                 trainable[i] = names_by_id.get(id(ex)) or _name_from_source(src or f"input{i}")
         elif isinstance(ex, torch.Tensor) and src and _ARGUMENT_SOURCE.match(src):
             user_inputs.append(i)  # an argument of the compiled call (not a global, buffer or attribute)
+        elif isinstance(ex, torch.Tensor) and ex.requires_grad:
+            _refuse_trainable_non_parameter(src or f"graph input {i}", ex)
     if not trainable:
         raise CoverageError("flashdp: the compiled graph has no trainable parameters; nothing to privatize")
 

@@ -163,3 +163,20 @@ def test_loss_outside_the_compiled_call_is_allowed_with_one_warning():
                                           clipping="per_layer")
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, want[n])
+
+
+def test_trainable_tensor_that_is_not_a_parameter_is_refused_at_compile_time():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.scale = torch.ones(3, requires_grad=True)  # trainable, but no nn.Parameter: nothing would clip it
+
+        def forward(self, x):
+            return (self.lin(x) * self.scale).sum()
+
+    torch._dynamo.reset()
+    with pytest.raises(Exception) as info:
+        dpcompile.compile(Scaled(), backend="flashdp_eager", loss_reduction="sum")(torch.randn(4, 3)).backward()
+    err = unwrap(info.value)
+    assert isinstance(err, dpcompile.CoverageError) and "`scale`" in str(err) and "nn.Parameter" in str(err)
