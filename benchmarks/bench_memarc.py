@@ -82,7 +82,7 @@ def make_model(mode: str, lm, small: bool):
 
 def run_mode(workload: str, mode: str, B: int, T: int, steps: int, warmup: int, small: bool, backend: str,
              gated: bool = False) -> dict:
-    """gated: once warm, print READY and wait for GO on stdin (dpcompile.bench's handshake: modes compile together,
+    """gated: once warm, print READY and wait for GO on stdin (the harness's handshake: modes compile together,
     are timed one at a time)."""
     import torch
 
@@ -194,7 +194,7 @@ def main():
               flush=True)
         return
 
-    from dpcompile.bench import _run_batch  # the harness's process-per-mode driver and READY/GO handshake
+    from harness import _run_batch  # the harness's process-per-mode driver and READY/GO handshake
 
     def command(label, mode, profile, gated):
         return [sys.executable, os.path.abspath(__file__), "--one", label.split()[0], mode, "--B", str(B),

@@ -55,7 +55,7 @@ def run_mode(model_name: str, mode: str, steps: int) -> dict:
     import torch
 
     import dpcompile
-    from dpcompile.bench import build_model
+    from model_zoo import build_model  # the harness's models (benchmarks/model_zoo.py)
 
     seq = shape_sequence(steps)
     if mode.startswith("fixed"):

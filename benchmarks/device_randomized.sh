@@ -30,7 +30,7 @@ for stage in "$@"; do
     bench:*)  # bench:WORKLOAD[:MODES[:PARALLEL]]
       IFS=: read -r _ wl modes par <<< "$stage"
       dir="$OUT/bench_$(echo "$wl${modes:+_$modes}" | tr -c 'a-zA-Z0-9.\n' '_' | cut -c1-60)"
-      python3 -m dpcompile.bench --workloads "$wl" --modes "${modes:-$MODES}" --parallel "${par:-3}" \
+      python3 benchmarks/harness.py --workloads "$wl" --modes "${modes:-$MODES}" --parallel "${par:-3}" \
         --timeout 400 --out "$dir" ${BENCH_FLAGS:-} > "$dir.log" 2>&1
       summary+=("bench $wl rc=$?"); cat "$dir/table.md" 2>/dev/null ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;

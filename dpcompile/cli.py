@@ -1,5 +1,5 @@
 """The `dpcompile` command: `train` (DP fine-tuning of a causal LM on text), `explain` (the per-parameter plan),
-`bench` (the benchmark harness).
+`bench` (runs the benchmark harness, benchmarks/harness.py, of a source checkout).
 
     dpcompile train                                   # SmolLM2-135M on Shakespeare, epsilon = 8, CPU or GPU
     dpcompile train --epsilon 3 --out runs/eps3
@@ -134,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive(int), default=2, help="batch size of the example input (>= 2)")
     _add_model_options(e)
 
-    sub.add_parser("bench", help="the benchmark harness (arguments are passed on; try `dpcompile bench --help`)",
+    sub.add_parser("bench", help="run benchmarks/harness.py of a source checkout (arguments are passed on; try "
+                                 "`dpcompile bench --help`)",
                    add_help=False)
     return ap
 
@@ -453,21 +454,24 @@ def explain(args: argparse.Namespace) -> int:
     return 0
 
 
-def bench(argv: Sequence[str]) -> int:
-    try:
-        from . import bench as bench_module
-    except ImportError as err:
-        if getattr(err, "name", None) not in (f"{__package__}.bench", "bench"):
-            raise
-        script = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_step.py"
-        if script.is_file():
-            import subprocess
+#: the benchmark harness lives in the source checkout, not in the package: <checkout>/benchmarks/harness.py
+_CHECKOUT = Path(__file__).resolve().parent.parent
 
-            return subprocess.call([sys.executable, str(script), *argv])
-        print("dpcompile bench: the benchmark harness (dpcompile.bench) is not part of this installation",
-              file=sys.stderr)
+
+def bench(argv: Sequence[str], checkout: Optional[Path] = None) -> int:
+    """`dpcompile bench ARGS`: run benchmarks/harness.py of the source checkout this package was imported from,
+    with ARGS. An installed package has no harness (nothing in it writes into a repository): exit code 2."""
+    root = _CHECKOUT if checkout is None else Path(checkout)
+    harness = root / "benchmarks" / "harness.py"
+    if not (harness.is_file() and (root / "pyproject.toml").is_file()):
+        print("dpcompile bench: the benchmark harness (benchmarks/harness.py) is only in a source checkout of "
+              f"dpcompile, and this dpcompile ({Path(__file__).resolve().parent}) is not in one. Clone the "
+              "repository and run `python benchmarks/harness.py --help` there (or install it with `pip install -e .` "
+              "and use `dpcompile bench`)", file=sys.stderr)
         return 2
-    return int(bench_module.main(list(argv)) or 0)
+    import subprocess
+
+    return subprocess.call([sys.executable, str(harness), *argv])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

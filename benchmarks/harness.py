@@ -1,9 +1,12 @@
 """The benchmark harness: one training step, timed, per workload and mode, on one GPU, one process per mode.
 
-    python -m dpcompile.bench                                   # every workload, every mode
-    python -m dpcompile.bench --workloads "gpt2-small B=8 T=1024" --modes "non-DP compiled,flashdp per_layer"
-    python -m dpcompile.bench --out DIR                          # also writes DIR/results.json and DIR/table.md
-    python -m dpcompile.bench --merge DIR/results.json --title "..."   # append a run to benchmarks/
+    python benchmarks/harness.py                                # every workload, every mode
+    python benchmarks/harness.py --workloads "gpt2-small B=8 T=1024" --modes "non-DP compiled,flashdp per_layer"
+    python benchmarks/harness.py --out DIR                      # also writes DIR/results.json and DIR/table.md
+    python benchmarks/harness.py --merge DIR/results.json --title "..."   # append a run to benchmarks/ (merge.py)
+
+`dpcompile bench ARGS` runs this file from a source checkout. The models are in model_zoo.py, the ratios, the table
+and --merge in merge.py.
 
 Workloads follow ../shared/bench/peer_results.md: GPT-2-shaped plain PyTorch models (frozen token/position embeddings,
 LayerNorm, fused qkv, SDPA causal attention, an untied 50304-wide lm_head that is trained), a Llama-style ~1.1B model
@@ -18,20 +21,20 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import statistics
 import subprocess
 import sys
 import time
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), HERE]  # dpcompile from this checkout; model_zoo and merge beside this file
 
-GPT_SIZES = {"small": (12, 768, 12), "medium": (24, 1024, 16), "large": (36, 1280, 20)}
-# TinyLlama-1.1B's shape: 22 layers, width 2048, 32 heads, 4 key/value heads, SwiGLU 5632, vocab 32000
-LLAMA_1B = dict(n_layer=22, d=2048, n_head=32, n_kv_head=4, ffn=5632, vocab=32000)
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+
+from merge import add_ratios, merge, table  # noqa: E402
+from model_zoo import build_model  # noqa: E402
 
 WORKLOADS = {
     "gpt2-small B=8 T=1024": dict(model="gpt2-small", B=8, T=1024),
@@ -47,121 +50,9 @@ WORKLOADS = {
     "llama-1.1b B=2 T=8192": dict(model="llama-1b", B=2, T=8192),
     "llama-1.1b B=2 T=16384": dict(model="llama-1b", B=2, T=16384),
 }
-#: what `python -m dpcompile.bench` runs by default (the issue-3 harness); the long-context ones are named explicitly
+#: what the harness runs by default (the issue-3 harness); the long-context ones are named explicitly
 DEFAULT_WORKLOADS = list(WORKLOADS)[:6]
 MODES = ["non-DP compiled", "non-DP eager", "flashdp per_layer", "flashdp flat", "opacus ghost"]
-
-
-# -- models ---------------------------------------------------------------------------------------------------
-
-
-def per_sample_mean_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean over samples of each sample's token-mean cross-entropy (per-sample separable)."""
-    tok = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
-    return tok.view(targets.shape).mean(1).mean()
-
-
-class GPTBlock(nn.Module):
-    def __init__(self, d, h):
-        super().__init__()
-        self.h = h
-        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
-        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
-        self.fc, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
-
-    def forward(self, x):
-        B, T, d = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, self.h, d // self.h).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, d)
-        x = x + self.proj(y)
-        return x + self.fc2(F.gelu(self.fc(self.ln2(x))))
-
-
-class GPT(nn.Module):
-    def __init__(self, n_layer, d, h, T, vocab=50304):
-        super().__init__()
-        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(T, d)
-        self.blocks = nn.ModuleList(GPTBlock(d, h) for _ in range(n_layer))
-        self.ln_f, self.lm_head = nn.LayerNorm(d), nn.Linear(d, vocab, bias=False)
-
-    def logits(self, idx):
-        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1], device=idx.device))
-        for b in self.blocks:
-            x = b(x)
-        return self.lm_head(self.ln_f(x))
-
-    def forward(self, idx, targets):
-        return per_sample_mean_ce(self.logits(idx), targets)
-
-    def frozen(self):
-        return [self.wte.weight, self.wpe.weight]
-
-
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
-
-
-class LlamaBlock(nn.Module):
-    def __init__(self, d, n_head, n_kv_head, ffn):
-        super().__init__()
-        self.h, self.kv, self.hd = n_head, n_kv_head, d // n_head
-        self.norm1, self.norm2 = nn.RMSNorm(d, eps=1e-5), nn.RMSNorm(d, eps=1e-5)
-        self.q = nn.Linear(d, d, bias=False)
-        self.k = nn.Linear(d, n_kv_head * self.hd, bias=False)
-        self.v = nn.Linear(d, n_kv_head * self.hd, bias=False)
-        self.o = nn.Linear(d, d, bias=False)
-        self.gate, self.up = nn.Linear(d, ffn, bias=False), nn.Linear(d, ffn, bias=False)
-        self.down = nn.Linear(ffn, d, bias=False)
-
-    def forward(self, x, cos, sin):
-        B, T, d = x.shape
-        h = self.norm1(x)
-        q = rotary(self.q(h).view(B, T, self.h, self.hd).transpose(1, 2), cos, sin)
-        k = rotary(self.k(h).view(B, T, self.kv, self.hd).transpose(1, 2), cos, sin)
-        v = self.v(h).view(B, T, self.kv, self.hd).transpose(1, 2)
-        rep = self.h // self.kv  # grouped-query attention: each key/value head serves `rep` query heads
-        k = k[:, :, None].expand(B, self.kv, rep, T, self.hd).reshape(B, self.h, T, self.hd)
-        v = v[:, :, None].expand(B, self.kv, rep, T, self.hd).reshape(B, self.h, T, self.hd)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, T, d)
-        x = x + self.o(y)
-        h = self.norm2(x)
-        return x + self.down(F.silu(self.gate(h)) * self.up(h))
-
-
-class Llama(nn.Module):
-    def __init__(self, n_layer, d, n_head, n_kv_head, ffn, vocab, T):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d)
-        self.blocks = nn.ModuleList(LlamaBlock(d, n_head, n_kv_head, ffn) for _ in range(n_layer))
-        self.norm, self.lm_head = nn.RMSNorm(d, eps=1e-5), nn.Linear(d, vocab, bias=False)
-        hd = d // n_head
-        inv = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
-        ang = torch.outer(torch.arange(T).float(), inv)
-        self.register_buffer("cos", ang.cos(), persistent=False)
-        self.register_buffer("sin", ang.sin(), persistent=False)
-
-    def logits(self, idx):
-        T = idx.shape[1]
-        x = self.embed(idx)
-        cos, sin = self.cos[:T], self.sin[:T]
-        for b in self.blocks:
-            x = b(x, cos, sin)
-        return self.lm_head(self.norm(x))
-
-    def forward(self, idx, targets):
-        return per_sample_mean_ce(self.logits(idx), targets)
-
-    def frozen(self):
-        return [self.embed.weight]
-
-
-def build_model(name: str, T: int) -> nn.Module:
-    if name.startswith("gpt2-"):
-        return GPT(*GPT_SIZES[name.split("-")[1]], T)
-    if name == "llama-1b":
-        return Llama(**LLAMA_1B, T=T)
-    raise ValueError(f"unknown benchmark model {name!r}; known: gpt2-small/medium/large, llama-1b")
 
 
 # -- one mode in this process --------------------------------------------------------------------------------
@@ -368,7 +259,7 @@ def _batches(modes: list, parallel: int) -> list:
 
 def _mode_command(workload: str, mode: str, profile, gated: bool) -> list:
     flag = ["--host-profile"] if profile == "host" else ["--profile"] if profile else []
-    return [sys.executable, "-m", "dpcompile.bench", "--one", mode, "--workloads", workload] + flag + \
+    return [sys.executable, os.path.abspath(__file__), "--one", mode, "--workloads", workload] + flag + \
         (["--gated"] if gated else [])
 
 
@@ -448,57 +339,8 @@ def _read_line(p, deadline: float, want=lambda line: True) -> str:
 _PENDING: dict = {}  # fd -> bytes read past the last returned line
 
 
-def add_ratios(rows: list, info: dict | None = None, only_missing: bool = False) -> list:
-    """Ratios to the non-DP compiled row of the same workload among `rows`. only_missing (merging calls that
-    each ran some modes of a workload on one machine): keep the ratios a call computed itself."""
-    for r in rows:
-        base = next((b for b in rows if b["workload"] == r["workload"] and b["mode"] == "non-DP compiled"
-                     and "tokens_per_s" in b), None)
-        if base and "tokens_per_s" in r and not (only_missing and "throughput_ratio" in r):
-            r["throughput_ratio"] = r["tokens_per_s"] / base["tokens_per_s"]
-            r["memory_ratio"] = r["peak_mem_gib"] / base["peak_mem_gib"]
-        r.update(info or {})
-    return rows
-
-
-def table(rows: list) -> str:
-    lines = ["| workload | mode | tok/s | vs non-DP compiled | peak GiB | mem ratio | step ms | host ms |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        if "tokens_per_s" in r:
-            lines.append(f"| {r['workload']} | {r['mode']} | {r['tokens_per_s'] / 1e3:.1f}k | "
-                         f"{r.get('throughput_ratio', math.nan):.2f} | {r['peak_mem_gib']:.2f} | "
-                         f"{r.get('memory_ratio', math.nan):.2f} | {r.get('step_ms', math.nan):.1f} | "
-                         f"{r.get('host_ms', math.nan):.1f} |")
-        else:
-            lines.append(f"| {r['workload']} | {r['mode']} | failed: {r['error']} | | | | | |")
-    return "\n".join(lines)
-
-
-def merge(paths: list, title: str, note: str, results_json: str, results_md: str) -> None:
-    """Append runs (results.json files from --out) to the repository's results.json and a dated RESULTS.md section."""
-    rows = []
-    for path in paths:
-        with open(path) as f:
-            rows.extend(json.load(f))
-    for r in rows:
-        r.setdefault("note", title)
-    add_ratios(rows, only_missing=True)
-    existing = []
-    if os.path.exists(results_json):
-        with open(results_json) as f:
-            existing = json.load(f)
-    with open(results_json, "w") as f:
-        json.dump(existing + rows, f, indent=1)
-    first = rows[0] if rows else {}
-    head = (f"\n## {first.get('date', '?')} — {first.get('gpu', '?')}, torch {first.get('torch', '?')}, "
-            f"triton {first.get('triton', '?')} — {title}\n\n")
-    with open(results_md, "a") as f:
-        f.write(head + (note + "\n\n" if note else "") + table(rows) + "\n")
-
-
 def main(argv: list | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="dpcompile bench", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
                     help=f"comma-separated, from: {list(WORKLOADS)}")
     ap.add_argument("--modes", default=",".join(MODES),
@@ -509,7 +351,8 @@ def main(argv: list | None = None) -> int:
     ap.add_argument("--host-profile", action="store_true",
                     help="cProfile five more steps per mode: where the step's host (Python) time goes")
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per mode before it is recorded as failed")
-    ap.add_argument("--merge", nargs="*", default=None, help="results.json files to append to benchmarks/")
+    ap.add_argument("--merge", nargs="*", default=None,
+                    help="results.json files to append to benchmarks/results.json and RESULTS.md (merge.py)")
     ap.add_argument("--title", default="benchmark run")
     ap.add_argument("--note", default="")
     ap.add_argument("--parallel", type=int, default=1,
@@ -518,9 +361,7 @@ def main(argv: list | None = None) -> int:
     ap.add_argument("--gated", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.merge is not None:
-        root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-        merge(args.merge, args.title, args.note, os.path.join(root, "results.json"),
-              os.path.join(root, "RESULTS.md"))
+        merge(args.merge, args.title, args.note)
         return 0
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     unknown = [w for w in workloads if w not in WORKLOADS]
@@ -531,7 +372,7 @@ def main(argv: list | None = None) -> int:
         print(json.dumps(run_mode(args.one, workloads[0], profile, args.gated)), flush=True)
         return 0
     if not torch.cuda.is_available():
-        print("dpcompile bench needs a CUDA GPU (the ratios are against compiled non-DP training on that GPU)",
+        print("the benchmark harness needs a CUDA GPU (the ratios are against compiled non-DP training on that GPU)",
               file=sys.stderr)
         return 2
     rows = run_all(workloads, [m.strip() for m in args.modes.split(",") if m.strip()],
