@@ -42,6 +42,45 @@ def test_options_change_the_cache_key():
         assert uuid(**change) != base, change
 
 
+def test_cache_key_hashes_the_graph_sources_only(tmp_path):
+    """The compiled-graph cache key hashes the sources that decide the rewritten graph (passes/, codegen/,
+    options.py, clipping.py, backend.py's decomposition table), not the rest of the package: editing the CLI must
+    not invalidate compiled graphs, editing the pass must."""
+    import shutil
+    from pathlib import Path
+
+    import dpcompile
+    from dpcompile import passes
+
+    package = Path(dpcompile.__file__).resolve().parent
+    assert passes.source_hash() == passes._source_hash(package)
+    root = tmp_path / "dpcompile"
+    shutil.copytree(package, root, ignore=shutil.ignore_patterns("__pycache__"))
+    base = passes._source_hash(root)
+    assert base == passes.source_hash()
+
+    def edited(rel, old=None, new="\n# an edit\n"):
+        path = root / rel
+        text = path.read_text()
+        path.write_text(text + new if old is None else text.replace(old, new, 1))
+        try:
+            return passes._source_hash(root)
+        finally:
+            path.write_text(text)
+
+    assert edited("cli.py") == base
+    assert edited("privacy/optimizer.py") == base
+    assert edited("backend.py") == base  # outside dp_decomposition_table: its PassContext is in PassContext.key()
+    (root / "notes.py").write_text("x = 1\n")
+    assert passes._source_hash(root) == base
+    (root / "notes.py").unlink()
+    for rel in ("passes/plan.py", "passes/__init__.py", "codegen/ops.py", "codegen/kernels/linear.py", "options.py",
+                "clipping.py"):
+        assert edited(rel) != base, rel
+    assert edited("backend.py", "aten.embedding_dense_backward.default", "aten.embedding_dense_backward.default, "
+                  "aten.addmm.default") != base
+
+
 def test_second_threshold_is_not_served_from_cache():
     case = models.mlp()
     for C in (0.01, 0.02):  # same graph structure, different C: the second compile must not reuse the first
