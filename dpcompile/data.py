@@ -121,7 +121,7 @@ def load_model(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32, p
             raise DataError(f"--model {name!r} is neither one of {list(MODELS)}, nor a .gguf file, nor a directory "
                             "written by save_pretrained (nothing is downloaded from a model hub)")
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, use_kernels=False)
         return model, tok
     for mod in ("gguf", "accelerate"):
         if importlib.util.find_spec(mod) is None:
@@ -133,8 +133,9 @@ def load_model(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32, p
         hf_logging.disable_progress_bar()
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        # use_kernels=False: transformers >= 5 would otherwise fetch hub kernels on a GPU (see hf.disable_hub_kernels)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True,
-                                                     dtype=dtype)
+                                                     dtype=dtype, use_kernels=False)
     finally:
         hf_logging.set_verbosity(verbosity)
         if not progress:

@@ -5,7 +5,7 @@ A transformers model's own loss (`model(input_ids, labels=labels).loss`) is the 
 model in `CausalLMLoss` instead: every sample's loss is the mean over *its own* real tokens, and the batch loss is
 the mean (or sum) of those::
 
-    loss_model = dpcompile.hf.CausalLMLoss(model)                 # model: any *ForCausalLM, left untouched
+    loss_model = dpcompile.hf.CausalLMLoss(model)                 # model: any *ForCausalLM, trained in place
     dp_model = dpcompile.compile(loss_model, max_grad_norm=1.0)   # or make_private(loss_model, ...)
     loss = dp_model(input_ids, attention_mask)                    # (B, T) each; padding is masked per sample
     loss.backward()
@@ -15,20 +15,118 @@ afterwards as usual. Padding: positions where `attention_mask == 0` (or `labels 
 and position ids count each sample's real tokens, so a right- or left-padded sample has exactly the loss and the
 gradient it has alone without padding.
 
+An empty batch (B = 0, which Poisson sampling produces) gives a zero loss without running the model, so that a DP
+step still takes place (zero clipped sums, then the noise). Hub kernels (transformers >= 5 installs the `kernels`
+package) are turned off for every model dpcompile trains: see `disable_hub_kernels`.
+
 `DPTrainer` is a `transformers.Trainer` whose steps are DP-SGD steps (see its docstring).
 """
 from __future__ import annotations
 
+import inspect
+import logging
 import math
+import sys
+import types
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CausalLMLoss", "per_sample_lm_loss", "causal_mask_4d", "collate_causal_lm", "DPTrainer"]
+__all__ = ["CausalLMLoss", "per_sample_lm_loss", "causal_mask_4d", "collate_causal_lm", "DPTrainer",
+           "disable_hub_kernels", "refuse_labels_loss"]
 
 IGNORE_INDEX = -100
+
+
+def disable_hub_kernels(model: nn.Module) -> nn.Module:
+    """Makes every layer of `model` run its PyTorch forward, with no Hugging Face hub kernel; in place, idempotent.
+
+    Called on every transformers model that dpcompile trains (`CausalLMLoss`, hence `DPTrainer` and `dpcompile
+    train`, and every `dpcompile.memarc` transformation). Why: transformers >= 5 depends on the `kernels` package
+    and uses it in two ways, each of which breaks the compiled DP step:
+
+    - kernelization: `from_pretrained` kernelizes by default (`use_kernels` defaults to True unless the environment
+      sets USE_HUB_KERNELS=NO), as do `model.set_use_kernels(True)` and `kernels.kernelize(model, ...)`. The forward
+      of RMSNorm, rotary embeddings, activations, ... becomes a hub kernel: an opaque op with no per-sample rule in
+      the DP pass. Turned off with transformers' own switch (`model.use_kernels = False`, which runs
+      `reset_kernels()`, and keeps `model.train()` from kernelizing again), then by kernelizing with an empty
+      mapping, which is how `kernels` reverts a layer that was kernelized without transformers.
+    - `@use_kernelized_func`, applied at import to the attention classes of Llama, Mistral, Qwen2, ...: it wraps
+      their forward in `kernels`' `new_forward`, which assigns a module-level context variable (the routing of the
+      rotary-embedding function) on every call. Dynamo cannot trace that assignment inside a higher-order op, so
+      gradient checkpointing (`gradient_checkpointing_enable()`, `dpcompile.memarc.reversible`) fails with
+      "HOP: Unsafe side effect". There is no switch for it: each such module gets the function that the wrapper
+      wraps (its `__wrapped__`) as its own forward. That is the same computation, with the rotary embedding's
+      PyTorch code, which the wrapper also runs once kernelization is off.
+    """
+    kernels = sys.modules.get("kernels")
+    if kernels is None:  # transformers imports it when installed, before any layer can be kernelized or wrapped
+        return model
+    for module in model.modules():
+        if getattr(module, "use_kernels", False) is True and hasattr(module, "reset_kernels"):
+            module.use_kernels = False  # transformers' switch (PreTrainedModel.use_kernels setter)
+    kernels_log = logging.getLogger("kernels._internals.layer.layer")
+    level = kernels_log.level
+    kernels_log.setLevel(logging.ERROR)  # one "No kernel mapping found" warning per layer otherwise
+    try:
+        with kernels.use_kernel_mapping({}, inherit_mapping=False):  # no layer has a kernel: each gets its own
+            # (the device only selects among a layer's kernels, of which there are none here)
+            kernels.kernelize(model, mode=kernels.Mode.TRAINING, device="cpu", use_fallback=True)
+    finally:
+        kernels_log.setLevel(level)
+    for module in model.modules():
+        forward = type(module).forward
+        wrapped = getattr(forward, "__wrapped__", None)
+        from_kernels = getattr(forward, "__globals__", {}).get("__name__", "").startswith("kernels.")
+        if wrapped is not None and from_kernels and "forward" not in module.__dict__:
+            module.forward = types.MethodType(wrapped, module)
+    return model
+
+
+_LABELS_POSITION: dict[type, Optional[int]] = {}
+
+
+def _labels_position(cls: type) -> Optional[int]:
+    """Position of `labels` among the positional arguments of `cls.forward` (self excluded), None if it has none."""
+    if cls not in _LABELS_POSITION:
+        try:
+            names = list(inspect.signature(cls.forward).parameters)[1:]
+        except (TypeError, ValueError):
+            names = []
+        _LABELS_POSITION[cls] = names.index("labels") if "labels" in names else None
+    return _LABELS_POSITION[cls]
+
+
+def refuse_labels_loss(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Raises `SampleMixingError` when `module` is a transformers model called with labels (its own loss).
+
+    Meant for `DPCompiled.__call__`, before Dynamo runs: a transformers model given `labels` computes its loss
+    inside its forward as a token mean over the whole batch (`ignore_index` tokens left out): a batch-wide
+    normaliser, with no per-sample gradient, that the pass would refuse too. Dynamo does not get that far: it stops
+    first on transformers' logging in the loss code (`Unsupported: logging.Logger method`), an error that says
+    nothing about the cause. Cheap: a module that is not a transformers model returns at once.
+    """
+    modeling_utils = sys.modules.get("transformers.modeling_utils")
+    if modeling_utils is None or not isinstance(module, modeling_utils.PreTrainedModel):
+        return
+    pos = _labels_position(type(module))
+    labels = kwargs.get("labels")
+    if labels is None and pos is not None and pos < len(args):
+        labels = args[pos]
+    if labels is None:
+        return
+    from .errors import SampleMixingError
+
+    name = type(module).__name__
+    raise SampleMixingError(
+        f"{name} called with labels= computes transformers' own loss, a token mean over the whole batch (each "
+        f"sample weighted by its token count relative to the other samples'): a batch-wide normaliser, so no "
+        f"per-sample gradient exists. Compile a per-sample loss instead: for a causal LM, "
+        f"dpcompile.compile(dpcompile.hf.CausalLMLoss(model), ...) called as (input_ids, attention_mask, "
+        f"labels=labels); for another head, a module that computes each sample's loss from {name}'s logits and "
+        f"returns their mean or sum (see docs/huggingface.md)")
 
 
 def causal_mask_4d(attention_mask: torch.Tensor, dtype: torch.dtype = torch.float32,
@@ -51,6 +149,11 @@ def causal_mask_4d(attention_mask: torch.Tensor, dtype: torch.dtype = torch.floa
     return mask
 
 
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Cross-entropy is taken in float32 at least (half-precision logits lose the loss's small differences)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
 def per_sample_lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = IGNORE_INDEX,
                        shift: bool = True, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(B,) per-sample losses: the mean next-token cross-entropy over each sample's own non-ignored targets.
@@ -59,7 +162,7 @@ def per_sample_lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, ignore_ind
     labels[:, t+1] from logits[:, t] (transformers' convention: labels are the input ids). attention_mask (B, T):
     a target counts only where it and the position predicting it are real tokens (so the first real token after
     left padding is not predicted from a padding position). A sample with no target at all has loss 0 (and so a
-    zero gradient), never NaN.
+    zero gradient), never NaN. The cross-entropy is taken in the logits' dtype, float32 at least.
     """
     if attention_mask is not None:
         labels = labels.masked_fill(attention_mask == 0, ignore_index)
@@ -67,8 +170,8 @@ def per_sample_lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, ignore_ind
         logits, labels = logits[:, :-1], labels[:, 1:]
         if attention_mask is not None:
             labels = labels.masked_fill(attention_mask[:, :-1] == 0, ignore_index)
-    tok = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=ignore_index,
-                          reduction="none").view(labels.shape)
+    tok = F.cross_entropy(logits.flatten(0, 1).to(_loss_dtype(logits.dtype)), labels.flatten(),
+                          ignore_index=ignore_index, reduction="none").view(labels.shape)
     count = (labels != ignore_index).sum(1).clamp(min=1)
     return tok.sum(1) / count
 
@@ -76,12 +179,14 @@ def per_sample_lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, ignore_ind
 class CausalLMLoss(nn.Module):
     """`forward(input_ids, attention_mask=None, labels=None) -> loss`: a per-sample separable causal-LM loss.
 
-    model: a transformers causal LM (anything returning `.logits` of shape (B, T, V) for `input_ids`).
+    model: a transformers causal LM (anything returning `.logits` of shape (B, T, V) for `input_ids`). Its hub
+        kernels are turned off, in place (`disable_hub_kernels`).
     reduction: "mean" (default) or "sum" over samples of the per-sample token means; pass the same value as
         `loss_reduction` to dpcompile.
     labels: default `input_ids`; targets at padding (attention_mask == 0) are ignored either way.
     position_ids: computed from the attention mask (each sample counts its own real tokens from 0), so that left
         padding does not shift positions; set `position_ids_from_mask=False` to let the model use its default.
+    An empty batch (B = 0) has the loss 0, computed without running the model (see `_no_sample_losses`).
     """
 
     def __init__(self, model: nn.Module, reduction: str = "mean", ignore_index: int = IGNORE_INDEX,
@@ -89,7 +194,7 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction={reduction!r} is invalid; choose 'mean' or 'sum'")
-        self.model = model
+        self.model = disable_hub_kernels(model)
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.position_ids_from_mask = position_ids_from_mask
@@ -97,11 +202,13 @@ class CausalLMLoss(nn.Module):
     def per_sample(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                    labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """(B,) per-sample losses (see `per_sample_lm_loss`)."""
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+        if input_ids.shape[0] == 0:
+            return self._no_sample_losses(input_ids, dtype)
         kwargs: dict[str, Any] = {"input_ids": input_ids, "use_cache": False}
         if attention_mask is not None:
             cfg = getattr(self.model, "config", None)
             impl = getattr(cfg, "_attn_implementation", "sdpa")
-            dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
             kwargs["attention_mask"] = causal_mask_4d(attention_mask, dtype, impl)
             if self.position_ids_from_mask:
                 kwargs["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -109,10 +216,24 @@ class CausalLMLoss(nn.Module):
         return per_sample_lm_loss(logits, input_ids if labels is None else labels, ignore_index=self.ignore_index,
                                   attention_mask=attention_mask)
 
+    def _no_sample_losses(self, input_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The (0,) losses of an empty batch, without running the model: transformers' attention cannot run on zero
+        samples (its head split `view(0, T, -1, head_dim)` is ambiguous, in eager PyTorch too). The result still
+        depends on the batch input and on every trainable parameter, through empty slices (exact zeros, no work),
+        so that the compiled B = 0 graph has every trainable parameter as an input and the flashdp pass gives each
+        one a zero clipped sum, which DPOptimizer.step() noises like any other step's."""
+        zero = input_ids.reshape(-1)[:0].sum().to(_loss_dtype(dtype))
+        for p in self.model.parameters():
+            if p.requires_grad:
+                zero = zero + p.reshape(-1)[:0].sum()
+        return zero.expand(0)
+
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         losses = self.per_sample(input_ids, attention_mask, labels)
-        return losses.mean() if self.reduction == "mean" else losses.sum()
+        if self.reduction == "sum" or losses.shape[0] == 0:  # the mean of no losses is 0 here, not NaN
+            return losses.sum()
+        return losses.mean()
 
 
 def collate_causal_lm(samples: list, pad_token_id: int = 0, max_length: Optional[int] = None) -> dict:

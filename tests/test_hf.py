@@ -2,6 +2,7 @@
 training, the checkpoint round trip into transformers, GGUF loading of the real SmolLM2, and DPTrainer."""
 from __future__ import annotations
 
+import inspect
 import math
 import os
 
@@ -188,3 +189,184 @@ def test_smollm2_gguf_loads_offline_as_a_pretrained_llama():
     with torch.no_grad():
         loss = model(input_ids=ids, labels=ids).loss
     assert math.exp(loss.item()) < 60  # a pretrained LM; an untrained one is near the vocabulary size
+
+
+# -- empty and one-sample Poisson batches ---------------------------------------------------------------------------
+
+
+def _dp_steps_on_small_batches(make, backend, batches=([], [8], [8, 5, 2])):
+    """One make_private run on the tiny model `make` builds, one DP step per batch of `batches` (sample lengths,
+    padded to 8; by default 0 samples, then 1, then 3). Every backward is compared with the float64 oracle (zeros
+    for B = 0); every step adds noise (the weights move even on the empty batch) and is counted by the accountant
+    (epsilon grows)."""
+    case = make(T=8, seed=2, **({"n_layer": 1} if make is hf_gpt2 else {"layers": 1}))
+    model = CausalLMLoss(case.model)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    C = 0.05  # small: every sample is clipped, so a wrong per-sample norm shows
+    loader = torch.utils.data.DataLoader([[1, 2, 3]] * 8, batch_size=2)  # N = 8, q = 1/4 (only the accountant's q)
+    dp_model, dp_optimizer, _ = dpcompile.make_private(
+        model, torch.optim.SGD(trainable.values(), lr=0.5), loader, noise_multiplier=1.0, target_delta=1e-3,
+        epochs=1, max_grad_norm=C, clipping="per_layer", backend=backend, generator=torch.Generator().manual_seed(0))
+    epsilon = 0.0
+    for lengths in batches:
+        ids, mask = _padded_batch(64, 8, lengths, seed=len(lengths))
+        assert ids.shape == (len(lengths), 8)
+        want = (reference_clipped_grads(model, _strip_padding, (ids, mask), max_grad_norm=C, clipping="per_layer")
+                if lengths else {n: torch.zeros(p.shape, dtype=torch.float64) for n, p in trainable.items()})
+        loss = dp_model(ids, mask)
+        assert torch.isfinite(loss) and (lengths or loss.item() == 0.0)
+        loss.backward()
+        for n, p in trainable.items():
+            assert p.grad is not None, f"B={len(lengths)}: {n} got no gradient"
+            if lengths:
+                torch.testing.assert_close(p.grad.double(), want[n], rtol=1e-4, atol=1e-6, msg=n)
+            else:
+                assert torch.count_nonzero(p.grad) == 0, f"B=0: {n} has a non-zero clipped sum"
+        before = {n: p.detach().clone() for n, p in trainable.items()}
+        dp_optimizer.step()
+        assert all(not torch.equal(p, before[n]) for n, p in trainable.items()), "the step added no noise"
+        spent = dp_optimizer.get_epsilon(1e-3)
+        assert spent > epsilon, f"B={len(lengths)}: the accountant did not count the step"
+        epsilon = spent
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("make", [hf_gpt2, hf_llama], ids=["gpt2_tied", "llama_gqa"])
+def test_empty_then_one_then_three_samples_match_the_oracle_and_step(make):
+    _dp_steps_on_small_batches(make, "flashdp_eager")
+
+
+@pytest.mark.inductor
+def test_empty_then_one_sample_under_inductor():
+    _dp_steps_on_small_batches(hf_gpt2, "flashdp", batches=([], [8]))
+
+
+def test_empty_batch_loss_is_zero_without_running_the_model():
+    case = hf_llama(T=8, layers=1)
+    loss_model = CausalLMLoss(case.model)
+    for reduction in ("mean", "sum"):
+        loss_model.reduction = reduction
+        loss = loss_model(torch.zeros(0, 8, dtype=torch.long), torch.zeros(0, 8, dtype=torch.long))
+        assert loss.shape == () and loss.item() == 0.0 and loss.dtype == torch.float32
+        loss.backward()  # eager: the frozen-free model gets exact zero gradients
+        assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in case.model.parameters())
+    assert loss_model.per_sample(torch.zeros(0, 8, dtype=torch.long)).shape == (0,)
+
+
+def test_dp_trainer_steps_on_empty_and_one_sample_batches(tmp_path):
+    """DPTrainer with q = 1/16: its Poisson steps (seeded) include an empty batch and a one-sample batch; each is a
+    DP step (the weights move by the noise, epsilon grows)."""
+    from dpcompile.hf import DPTrainer
+
+    torch.manual_seed(0)
+    case = hf_gpt2(T=8, n_layer=1)
+    data = [torch.randint(1, 64, (int(n),)).tolist() for n in torch.randint(3, 9, (16,))]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
+                                          learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[],
+                                          use_cpu=True, disable_tqdm=True, seed=2)
+    trainer = DPTrainer(model=case.model, args=args, train_dataset=data, noise_multiplier=1.0, target_delta=1e-3,
+                        max_grad_norm=1.0, expected_batch_size=1)
+    sizes, epsilons = [], []
+    step = trainer.training_step
+
+    def recording_step(model, inputs, num_items_in_batch=None):
+        sizes.append(sum(mb["input_ids"].shape[0] for mb in inputs))
+        epsilons.append(trainer.get_epsilon())
+        return step(model, inputs, num_items_in_batch)
+
+    trainer.training_step = recording_step
+    before = {n: p.detach().clone() for n, p in case.model.named_parameters()}
+    trainer.train()
+    assert 0 in sizes and 1 in sizes, sizes  # the seed gives both
+    epsilons.append(trainer.get_epsilon())
+    assert all(a < b for a, b in zip(epsilons, epsilons[1:])), epsilons
+    assert all(not torch.equal(p, before[n]) for n, p in case.model.named_parameters())
+    torch._dynamo.reset()
+
+
+# -- hub kernels (transformers >= 5 installs the `kernels` package) -------------------------------------------------
+
+
+class _DoubledRMSNorm(torch.nn.Module):
+    """Stands in for a hub kernel layer (kernels accepts a layer class with only a forward): RMSNorm times 2, so
+    that a layer still kernelized shows in the logits."""
+
+    def forward(self, hidden_states):
+        var = hidden_states.pow(2).mean(-1, keepdim=True)
+        return 2 * self.weight * hidden_states * torch.rsqrt(var + self.variance_epsilon)
+
+
+class _LocalKernelRepo:
+    def load(self):
+        return _DoubledRMSNorm
+
+
+def test_hub_kernels_are_turned_off_and_a_checkpointed_llama_trains():
+    """A Llama kernelized through transformers' switch (`use_kernels`, on by default in from_pretrained) and one
+    kernelized by `kernels.kernelize` directly both compute the PyTorch function again once dpcompile holds them;
+    `.train()` does not kernelize again; and with gradient checkpointing (a higher-order op that Dynamo refuses
+    around kernels' attention wrapper) the compiled clipped sums match the float64 oracle."""
+    import copy
+
+    kernels = pytest.importorskip("kernels")
+    from dpcompile.hf import disable_hub_kernels
+
+    case = hf_llama(T=8, layers=1, seed=3)
+    model = case.model
+    direct = copy.deepcopy(model)
+    ids, mask = _padded_batch(64, 8, [8, 6, 3], seed=4)
+    with torch.no_grad():
+        want = model(input_ids=ids, use_cache=False).logits
+    with kernels.use_kernel_mapping({"RMSNorm": {"cpu": _LocalKernelRepo()}}):
+        model.set_use_kernels(True)
+        kernels.kernelize(direct, mode=kernels.Mode.TRAINING, device="cpu")
+        for m in (model, direct):
+            with torch.no_grad():
+                assert not torch.allclose(m(input_ids=ids, use_cache=False).logits, want)  # the kernel runs
+        assert model.use_kernels
+        loss_model = CausalLMLoss(model)
+        disable_hub_kernels(direct)
+        model.train()  # would kernelize again (transformers re-kernelizes on a mode change) if the switch were on
+        assert not model.use_kernels
+        for m in (model, direct):
+            with torch.no_grad():
+                torch.testing.assert_close(m(input_ids=ids, use_cache=False).logits, want, rtol=0, atol=0)
+    attention = model.model.layers[0].self_attn
+    assert attention.forward.__func__ is type(attention).forward.__wrapped__  # kernels' wrapper is off
+
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.model.layers[0].gradient_checkpointing
+    C = 0.05
+    dp = dpcompile.compile(loss_model, backend="flashdp_eager", max_grad_norm=C, clipping="per_layer")
+    dp(ids, mask).backward()
+    want_grads = reference_clipped_grads(loss_model, _strip_padding, (ids, mask), max_grad_norm=C,
+                                         clipping="per_layer")
+    for n, p in loss_model.named_parameters():
+        torch.testing.assert_close(p.grad.double(), want_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    torch._dynamo.reset()
+
+
+# -- transformers' own labels= loss ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("make", [hf_gpt2, hf_llama], ids=["gpt2", "llama"])
+def test_labels_loss_is_refused_naming_the_model_and_the_fix(make):
+    from dpcompile.errors import SampleMixingError
+    from dpcompile.hf import refuse_labels_loss
+
+    model = make(T=8).model
+    name = type(model).__name__
+    ids = torch.randint(1, 64, (3, 8))
+    with pytest.raises(SampleMixingError, match=rf"{name} called with labels=.*dpcompile\.hf\.CausalLMLoss\(model\)"):
+        refuse_labels_loss(model, (ids,), {"labels": ids})
+    position = list(inspect.signature(type(model).forward).parameters).index("labels") - 1
+    positional = (ids,) + (None,) * (position - 1) + (ids,)
+    with pytest.raises(SampleMixingError, match=name):
+        refuse_labels_loss(model, positional, {})
+    refuse_labels_loss(model, (ids,), {})  # no labels: the loss is computed elsewhere
+    refuse_labels_loss(model, (ids,), {"labels": None})
+    refuse_labels_loss(CausalLMLoss(model), (ids,), {"labels": ids})  # the per-sample loss takes labels too
+    refuse_labels_loss(torch.nn.Linear(2, 2), (ids,), {"labels": ids})

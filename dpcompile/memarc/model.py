@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DPCompileError, OptionsError
+from ..hf import disable_hub_kernels
 
 IGNORE_INDEX = -100
 
@@ -59,7 +60,7 @@ class MemArcLM(nn.Module):
 
     def __init__(self, lm: nn.Module, trainable: Optional[list[str]] = None, info: Optional[dict] = None):
         super().__init__()
-        self.lm = lm
+        self.lm = disable_hub_kernels(lm)  # hub kernels are opaque to the DP pass, and break checkpointing
         self.info = dict(info or {})
         names = [n for n, p in self.named_parameters() if p.requires_grad]
         self._declared = sorted(names if trainable is None else trainable)
