@@ -1,22 +1,40 @@
-"""`dpcompile.compile`: torch.compile with the flashdp backend, one graph for every batch size >= 2."""
+"""`dpcompile.compile`: torch.compile with the flashdp backend, one graph for every batch size >= 2 and every
+sequence length.
+
+Graphs per compiled model (docs/gradient-contract.md, "Batch sizes and sequence lengths"): the batch size B and
+the other dims of the sample-carrying inputs (the sequence length T) are marked dynamic before every call, so the
+marking is the same in a fresh process and after other models compiled (Dynamo's automatic dynamic would otherwise
+make a dim dynamic only once it has seen two values of it). The DP pass adds no guard on B or T, so the graphs are
+the classes of sizes that Dynamo and the model's own code tell apart: B in {0, 1, >= 2} (Dynamo specializes 0 and
+1) times the length classes of the model (T = 1 is specialized too; a causal LM loss over T - 1 shifted targets
+also tells T = 2 apart).
+"""
 from __future__ import annotations
 
+import itertools
+import warnings
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from .errors import SymbolicLayoutError
 from .options import DPOptions
 
 
 class DPCompiled:
     """A compiled model that marks the batch dim dynamic before each call, so that Poisson batches of any size
-    >= 2 share one graph (sizes 0 and 1 get their own graphs, as Dynamo specializes them)."""
+    >= 2 share one graph (sizes 0 and 1 get their own graphs, as Dynamo specializes them), and, with
+    dynamic_seq=True, the other dims of every sample-carrying input too (sequence lengths, padded per batch).
 
-    def __init__(self, model: nn.Module, compiled, options: DPOptions):
+    A sample layout the pass cannot split while those dims are symbolic (SymbolicLayoutError) is recompiled with
+    them static: from then on this model gets one graph per length (a warning says so once)."""
+
+    def __init__(self, model: nn.Module, compiled, options: DPOptions, dynamic_seq: bool = True):
         self.module = model
         self._compiled = compiled
         self.options = options
+        self.dynamic_seq = dynamic_seq
 
     def _batch_tensor(self, args, kwargs):
         arg = self.options.batch_arg
@@ -29,24 +47,86 @@ class DPCompiled:
                 return a
         return None
 
-    def __call__(self, *args, **kwargs):
+    def _sample_inputs(self, args, kwargs) -> list:
+        """The tensor inputs that carry samples: those with the batch size on the batch dim (targets, masks)."""
         x = self._batch_tensor(args, kwargs)
         d = self.options.batch_dim
-        if isinstance(x, torch.Tensor) and x.dim() > d and x.shape[d] >= 2:
-            # every input with the batch size on the batch dim carries samples (targets, masks): same symbol
-            for t in list(args) + list(kwargs.values()):
-                if isinstance(t, torch.Tensor) and t.dim() > d and t.shape[d] == x.shape[d]:
-                    torch._dynamo.mark_dynamic(t, d)
-        return self._compiled(*args, **kwargs)
+        if not (isinstance(x, torch.Tensor) and x.dim() > d):
+            return []
+        return [t for t in list(args) + list(kwargs.values())
+                if isinstance(t, torch.Tensor) and t.dim() > d and t.shape[d] == x.shape[d]]
+
+    def _mark(self, args, kwargs) -> None:
+        d = self.options.batch_dim
+        for t in self._sample_inputs(args, kwargs):
+            if t.shape[d] >= 2:
+                torch._dynamo.mark_dynamic(t, d)
+            others = [i for i in range(t.dim()) if i != d]
+            if self.dynamic_seq:
+                # maybe_: a dim the model fixes (a feature width meeting a weight) is specialized without an error
+                torch._dynamo.maybe_mark_dynamic(t, others)
+            elif others:
+                weak = getattr(t, "_dynamo_weak_dynamic_indices", None)
+                if weak is not None:  # a mark left by an earlier call on the same tensor outranks mark_static
+                    weak.difference_update(others)
+                torch._dynamo.mark_static(t, others)
+
+    def __call__(self, *args, **kwargs):
+        self._mark(args, kwargs)
+        try:
+            return self._compiled(*args, **kwargs)
+        except Exception as exc:  # Dynamo wraps backend errors (BackendCompilerFailed)
+            if not (self.dynamic_seq and _caused_by(exc, SymbolicLayoutError)):
+                raise
+            warnings.warn(
+                f"dpcompile: {_caused_by(exc, SymbolicLayoutError)}. Recompiling with the sequence dims static: "
+                "from now on this model compiles one graph per sequence length (pad batches to a few lengths, "
+                "or pass dynamic_seq=False to dpcompile.compile to say so up front)", stacklevel=2)
+            self.dynamic_seq = False
+            self._mark(args, kwargs)
+            return self._compiled(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.module, name)
 
 
-def compile(model: nn.Module, *, backend: str = "flashdp", fullgraph: bool = True, **options) -> DPCompiled:
+def _caused_by(exc: BaseException, kind: type):
+    """The `kind` exception among exc's causes (Dynamo wraps backend errors), or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = getattr(exc, "inner_exception", None) or exc.__cause__ or exc.__context__
+    return None
+
+
+def compile(model: nn.Module, *, backend: str = "flashdp", fullgraph: bool = True, dynamic_seq: bool = True,
+            **options) -> DPCompiled:
     """Compile `model` for DP training. `options` are the flashdp options (max_grad_norm, clipping, clip_fn,
     loss_reduction, batch_arg, batch_dim). fullgraph=True by default: a graph break could let a parameter's
-    gradient escape the clipped path."""
+    gradient escape the clipped path.
+
+    dynamic_seq: True (default) compiles the dims of the sample-carrying inputs other than the batch dim (sequence
+    length, image size) as dynamic: one graph serves every length. False keeps them static: one graph per length
+    (each compiled for its own sizes)."""
+    if not isinstance(dynamic_seq, bool):
+        raise TypeError(f"dpcompile.compile: dynamic_seq must be True or False, got {dynamic_seq!r}")
     opts = DPOptions.parse(options)
-    compiled = torch.compile(model, backend=backend, options=opts.as_dict(), fullgraph=fullgraph)
-    return DPCompiled(model, compiled, opts)
+    compiled = torch.compile(_own_code_object(model), backend=backend, options=opts.as_dict(), fullgraph=fullgraph)
+    return DPCompiled(model, compiled, opts, dynamic_seq=dynamic_seq)
+
+
+_COMPILES = itertools.count()
+
+
+def _own_code_object(model: nn.Module):
+    """`model(*args, **kwargs)` through a function whose code object belongs to this compile alone. Dynamo keeps
+    its graphs, and counts them against its recompile limit (8), per code object: compiled directly, every model
+    whose forward is one class's (LossModule, CausalLMLoss around different models) would share one count, and
+    the third model of a process could fail on the graphs of the first two."""
+    def dp_forward(*args, **kwargs):
+        return model(*args, **kwargs)
+
+    dp_forward.__code__ = dp_forward.__code__.replace(co_name=f"dp_forward_{next(_COMPILES)}")
+    return dp_forward

@@ -19,3 +19,8 @@ class SampleMixingError(DPCompileError):
 
 class CoverageError(DPCompileError):
     """A trainable parameter would have received a gradient that was not clipped."""
+
+
+class SymbolicLayoutError(UnsupportedGradientError):
+    """A sample layout that cannot be split while the batch size and another size are both symbolic.
+    dpcompile.compile catches it and recompiles that shape with static non-batch sizes."""

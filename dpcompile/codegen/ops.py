@@ -44,9 +44,19 @@ def linear_ghost_norm_reference(a: Tensor, b: Tensor) -> Tensor:
     return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))).sum((1, 2)).clamp_min(0)
 
 
+def size_hint(n, fallback: int = 8) -> int:
+    """A size as an int for a choice that is exact either way (which of two equal formulas runs, a launch
+    parameter): a symbolic size's hint (its value at the compiling call), read without adding a guard. A guard here
+    would make the compiled graph specialize on the sequence length (a graph per range of T)."""
+    if isinstance(n, torch.SymInt):
+        hint = n.node.hint
+        return int(hint) if isinstance(hint, int) else fallback
+    return int(n)
+
+
 def linear_norm_reference(a: Tensor, b: Tensor) -> Tensor:
-    B, T, M = a.shape
-    N = b.shape[-1]
+    B, T, M = (size_hint(s) for s in a.shape)
+    N = size_hint(b.shape[-1])
     if T * T * (M + N) < T * M * N:  # the cheaper of the two exact forms
         return linear_ghost_norm_reference(a, b)
     return linear_direct_norm_reference(a, b)

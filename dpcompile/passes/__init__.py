@@ -16,7 +16,8 @@ import torch
 import torch.fx as fx
 
 from ..options import DPOptions
-from .batchdim import BatchDimAnalysis, BDim, Mixed, sym_expr
+from .batchdim import (BatchDimAnalysis, BDim, Mixed, graph_shape_env, guard_batch_sizes, size_hint,
+                       sym_expr)
 from .discover import Contribution, ParamGrad, discover_contributions
 from .patterns import Site
 from .plan import LinearShape, check_forced_globs, check_randomizable, plan_group, plan_rows
@@ -206,6 +207,8 @@ def run_dp_pass(graph: fx.Graph, ctx: PassContext) -> None:
             index_of[id(pg)] = idx
     batch_idx, batch_dim = next(iter(ctx.batch_inputs.items()))
     batch_node = primals[batch_idx]
+    guard_batch_sizes(graph_shape_env(graph), batch_node.meta["val"].shape[batch_dim],
+                      [primals[i].meta["val"].shape[d] for i, d in ctx.batch_inputs.items() if i != batch_idx])
     batch_size = sym_expr(batch_node.meta["val"].shape[batch_dim])
 
     ctx.report.clear()
@@ -236,11 +239,12 @@ def run_dp_pass(graph: fx.Graph, ctx: PassContext) -> None:
         groups.setdefault(info.group, []).append(pg)
     check_forced_globs(ctx.options, [info.name for info, _ in params])
     bsym, bhint = _batch_symbol(batch_node.meta["val"].shape[batch_dim])
+    hints = _size_hints(graph)
     choices: dict = {}
     for group, pgs in groups.items():
         shapes = {id(pg): linear_shape(pg, batch_node, batch_dim) for pg in pgs
                   if pg.fused and pg.contributions[0].site.kind == "linear"}
-        choices.update(plan_group(pgs, shapes, ctx.options, bsym, bhint))
+        choices.update(plan_group(pgs, shapes, ctx.options, bsym, bhint, hints))
 
     # randomized sites: one secret probe seed per call of the graph, a distinct site id per site
     rand_pgs = [pg for _, pg in params if id(pg) in products or
@@ -268,7 +272,7 @@ def run_dp_pass(graph: fx.Graph, ctx: PassContext) -> None:
             replacements[pg.out_pos] = node
     set_outputs(graph, replacements)
     ctx.report.extend(plan_rows(params, ctx, choices=choices, batch_symbol=bsym, batch_hint=bhint,
-                                randomized=set(products)))
+                                randomized=set(products), hints=hints))
     ctx.classified = True
     _finish(graph, ctx, params)
 
@@ -333,7 +337,7 @@ def _one_sample_randomized_sites(graph: fx.Graph, params: list, ctx: PassContext
         if not all(isinstance(x, fx.Node) and (x in batch or x in tangents) for x in (a, b)) or \
                 not (a in batch or b in batch):
             continue
-        check_randomizable(info.name, int(a.meta["val"].shape[1]))  # A is (M, K): K = T rows of the one sample
+        check_randomizable(info.name, sym_expr(a.meta["val"].shape[1]))  # A is (M, K): K = T rows of the sample
         out[id(pg)] = (node, abs(scale))
     return out
 
@@ -350,10 +354,24 @@ def _dependents(graph: fx.Graph, roots: set) -> set:
 def _batch_symbol(size):
     """(sympy symbol or None, a representative value) of the graph's batch size."""
     if isinstance(size, torch.SymInt):
-        expr = size.node.expr
+        expr = sym_expr(size)
         hint = size.node.hint if size.node.hint is not None else 8
         return (expr if expr.free_symbols else None), int(hint)
     return None, int(size)
+
+
+def _size_hints(graph: fx.Graph) -> dict:
+    """symbol -> its value at the call that compiled the graph (the ShapeEnv's hints; no guard is added), for the
+    planner's choices: a choice made at these sizes stays exact at every other size."""
+    shape_env = graph_shape_env(graph)
+    if shape_env is None:
+        return {}
+    symbols = set()
+    for node in graph.nodes:
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            symbols.update(sym for s in val.shape for sym in sym_expr(s).free_symbols)
+    return {sym: size_hint(sym, shape_env) for sym in symbols}
 
 
 def linear_shape(pg: ParamGrad, batch_node: fx.Node, batch_dim: int) -> LinearShape:
@@ -366,7 +384,9 @@ def linear_shape(pg: ParamGrad, batch_node: fx.Node, batch_dim: int) -> LinearSh
     with detect_fake_mode(list(env.values()) + [batch_node.meta["val"]]):
         a, b = site.fused_inputs(env, bsz)
     itemsize = max(a.element_size(), b.element_size())
-    return LinearShape(sym_expr(a.shape[0]), int(a.shape[1]), int(a.shape[2]), int(b.shape[2]), itemsize)
+    # sizes as expressions, never int(): int() of a symbolic T would guard on (specialize) the sequence length
+    return LinearShape(sym_expr(a.shape[0]), sym_expr(a.shape[1]), sym_expr(a.shape[2]), sym_expr(b.shape[2]),
+                       itemsize)
 
 
 def _finish(graph: fx.Graph, ctx: PassContext, params: list) -> None:

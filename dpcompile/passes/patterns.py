@@ -23,8 +23,8 @@ import sympy
 import torch
 import torch.fx as fx
 
-from ..errors import UnsupportedGradientError
-from .batchdim import BDim, Mixed, node_location, rank_of
+from ..errors import SymbolicLayoutError, UnsupportedGradientError
+from .batchdim import BDim, Mixed, canonical, node_location, rank_of, sym_expr
 
 aten = torch.ops.aten
 
@@ -110,23 +110,35 @@ def _numel(node: fx.Node) -> int:
 
 
 def split_samples(x: torch.Tensor, dim: int, layout: BDim, bsz, where: fx.Node) -> torch.Tensor:
-    """(…, outer*B*inner, …) -> (B, …, outer*inner, …): sample (i // inner) % B of dim `dim` moved to dim 0."""
+    """(…, outer*B*inner, …) -> (B, …, outer*inner, …): sample (i // inner) % B of dim `dim` moved to dim 0.
+
+    One of outer and inner must be a number (or both symbolic sizes must be provably equal to a number): the
+    reshape then writes that one and infers the other (-1) from the tensor, so B and the sequence length may both
+    be symbolic. Both symbolic (e.g. a time-major layout of a dynamic length with per-sample blocks of another
+    dynamic size) cannot be written as one reshape without guarding on a size: refused (SymbolicLayoutError),
+    and dpcompile.compile recompiles that shape with static sizes."""
     pre, post = list(x.shape[:dim]), list(x.shape[dim + 1:])
-    inner = layout.inner
+    shape_env = _shape_env(x.shape[dim], bsz)
+    inner = canonical(layout.inner, shape_env)
     if inner.is_Integer:
         y = x.reshape(*pre, -1, bsz, int(inner), *post).movedim(dim + 1, 0)
         return y.reshape(bsz, *pre, -1, *post)
-    total = x.shape[dim]
-    if isinstance(total, torch.SymInt) and sympy.simplify(total.node.expr - _sym(bsz) * inner) == 0:
-        return x.reshape(*pre, bsz, -1, *post).movedim(dim, 0)  # batch-major, one block per sample
-    raise UnsupportedGradientError(
-        f"cannot split samples out of dim {dim} of a {list(x.shape)} tensor at `{where.name}`: the per-sample block "
-        f"size {inner} is symbolic and samples are interleaved; this layout is not supported"
+    outer = canonical(sympy.cancel(sym_expr(x.shape[dim]) / (sym_expr(bsz) * inner)), shape_env)
+    if outer.is_Integer:
+        y = x.reshape(*pre, int(outer), bsz, -1, *post).movedim(dim + 1, 0)
+        return y.reshape(bsz, *pre, -1, *post)
+    raise SymbolicLayoutError(
+        f"cannot split samples out of dim {dim} of a {list(x.shape)} tensor at `{where.name}`"
+        f"{node_location(where)}: samples are interleaved with blocks of {inner} elements repeated {outer} times, "
+        "and both sizes are symbolic"
     )
 
 
-def _sym(x):
-    return x.node.expr if isinstance(x, torch.SymInt) else sympy.Integer(int(x))
+def _shape_env(*sizes):
+    for s in sizes:
+        if isinstance(s, torch.SymInt):
+            return s.node.shape_env
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -25,9 +25,12 @@ Strategies:
                 (tied weights), bmm and conv sites, scatters after other ops, and B == 1 graphs
   zero          empty batch: the clipped sum is zero
 
-Costs are seconds on a device model, as sympy expressions in the graph's symbolic batch size; every exact strategy
-is linear in B, so the choice depends on T, the widths, the dtype and the clipping scope, and one graph serves
-every batch size. The costs explain shows are per sample (the expression divided by B, at the compiled shapes).
+Costs are seconds on a device model, as sympy expressions in the graph's symbolic sizes (the batch size B and,
+under dpcompile.compile, the sequence length T); every exact strategy is linear in B, so the choice depends on T,
+the widths, the dtype and the clipping scope. One graph serves every B >= 2 and every T: its choices are made at
+the sizes of the call that compiled it (the ShapeEnv's hints, read without adding a guard), and every strategy is
+exact at every size, so only speed depends on them. The costs explain shows are per sample (the expression divided
+by B, at those sizes).
 """
 from __future__ import annotations
 
@@ -61,10 +64,13 @@ DEVICE = DeviceModel()
 
 @dataclass
 class LinearShape:
-    B: object  # sympy expression (the batch size symbol) or int
-    T: int
-    M: int
-    N: int
+    """Sizes of a linear site's per-sample operands a (B, T, M), b (B, T, N): ints or sympy expressions in the
+    graph's symbols (B and T symbolic under dynamic shapes)."""
+
+    B: object
+    T: object
+    M: object
+    N: object
     itemsize: int
 
 
@@ -102,15 +108,20 @@ def linear_costs(s: LinearShape, budget_bytes: float, dev: DeviceModel = DEVICE,
 RANDOMIZED_COSTS = ("randomized", "randomized_stored")
 
 
-def evaluate(expr, batch_symbol, batch_hint: int) -> float:
+def evaluate(expr, batch_symbol, batch_hint: int, hints: dict | None = None) -> float:
+    """expr at the batch size batch_hint and the other symbols at `hints` (symbol -> value)."""
     expr = sympy.sympify(expr)
     if batch_symbol is not None:
         expr = expr.subs(batch_symbol, batch_hint)
+    if hints and expr.free_symbols:
+        expr = expr.subs({s: hints[s] for s in expr.free_symbols if s in hints})
+    if expr.free_symbols:
+        raise ValueError(f"cost {expr} has symbols {sorted(map(str, expr.free_symbols))} without a size hint")
     return float(expr)
 
 
-def choose_linear(costs: dict, allowed: tuple, batch_symbol, batch_hint: int) -> str:
-    return min(allowed, key=lambda k: evaluate(costs[k], batch_symbol, batch_hint))
+def choose_linear(costs: dict, allowed: tuple, batch_symbol, batch_hint: int, hints: dict | None = None) -> str:
+    return min(allowed, key=lambda k: evaluate(costs[k], batch_symbol, batch_hint, hints))
 
 
 @dataclass
@@ -132,8 +143,9 @@ class SiteChoice:
         return "randomized_vendor_sum" if self.strategy == "randomized" else self.strategy
 
 
-def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int) -> dict:
-    """{id(pg): SiteChoice} for one clipping group. `shapes` maps id(pg) -> LinearShape for fused linear sites.
+def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int, hints: dict | None = None) -> dict:
+    """{id(pg): SiteChoice} for one clipping group. `shapes` maps id(pg) -> LinearShape for fused linear sites;
+    `hints` gives the value of every other symbol in their sizes (the sequence length) at the compiled call.
 
     single_pass needs the group's clip factor before the site's sum, so at most one site per group takes it (the
     one it saves most on); the others choose between direct and ghost."""
@@ -162,11 +174,11 @@ def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int) 
             "the group, so only one site per group can take it (use per_layer clipping or force 'direct'/'ghost')")
     def scratch_fits(pg):  # two_pass has no chunked form: its products must fit the budget at the compiled batch
         s = shapes[id(pg)]
-        return evaluate(s.B * s.M * s.N * s.itemsize, batch_symbol, batch_hint) <= budget
+        return evaluate(s.B * s.M * s.N * s.itemsize, batch_symbol, batch_hint, hints) <= budget
 
     def keeps_no_more(pg):  # stored products (B M N) take no more memory than the operands (B T (M + N)) kept
         s = shapes[id(pg)]  # by direct / ghost / two_pass until the group's factor is known
-        return s.M * s.N <= s.T * (s.M + s.N)
+        return evaluate(s.M * s.N - s.T * (s.M + s.N), batch_symbol, batch_hint, hints) <= 0
 
     def multi_pass(pg):  # what a site that is not the group's single-pass site chooses among
         if not scratch_fits(pg):
@@ -179,8 +191,8 @@ def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int) 
             # against the strategies that keep no products: stored is the same work for the group's other sites
             # (the same cost as single_pass at one chunk)
             c = choices[id(pg)].costs
-            best = min(evaluate(c[k], batch_symbol, batch_hint) for k in multi_pass(pg) if k != "stored")
-            return best - evaluate(c["single_pass"], batch_symbol, batch_hint)
+            best = min(evaluate(c[k], batch_symbol, batch_hint, hints) for k in multi_pass(pg) if k != "stored")
+            return best - evaluate(c["single_pass"], batch_symbol, batch_hint, hints)
 
         auto = [pg for pg in linear if choices[id(pg)].strategy == "auto"]
         if auto:
@@ -190,7 +202,7 @@ def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int) 
     for pg in linear:
         ch = choices[id(pg)]
         if ch.strategy == "auto":
-            ch.strategy = choose_linear(ch.costs, multi_pass(pg), batch_symbol, batch_hint)
+            ch.strategy = choose_linear(ch.costs, multi_pass(pg), batch_symbol, batch_hint, hints)
         ch.chunked = not scratch_fits(pg)
         # randomized: the same estimate from stored products wherever stored may keep them. It is never more work:
         # the clipped sum within the budget forms the same products anyway (randomized_vendor_sum), and there
@@ -203,8 +215,9 @@ def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int) 
 
 
 def check_randomizable(name: str, T) -> None:
-    """A forced "randomized" linear site must have more than one row per sample."""
-    if T == 1:
+    """A forced "randomized" linear site must have more than one row per sample. A symbolic T is >= 2 (Dynamo
+    specializes sizes 0 and 1, so a call with T = 1 compiles its own graph, where this check sees T = 1)."""
+    if sympy.sympify(T) == 1:
         raise OptionsError(
             f"option strategy: 'randomized' was forced for `{name}`, a linear site with one row per sample (T = 1, "
             "e.g. a layer on 2-D inputs): its exact norm ||a_i||^2 ||b_i||^2 costs less than the probes and no "
@@ -239,13 +252,13 @@ def pattern(pg) -> str:
     return " + ".join(parts)
 
 
-def per_sample_us(costs: dict, batch_symbol, batch_hint: int) -> dict:
+def per_sample_us(costs: dict, batch_symbol, batch_hint: int, hints: dict | None = None) -> dict:
     """{strategy: predicted microseconds per sample} at the compiled shapes."""
-    return {k: 1e6 * evaluate(v, batch_symbol, batch_hint) / max(batch_hint, 1) for k, v in costs.items()}
+    return {k: 1e6 * evaluate(v, batch_symbol, batch_hint, hints) / max(batch_hint, 1) for k, v in costs.items()}
 
 
 def plan_rows(params, ctx, empty: bool = False, choices: dict | None = None, batch_symbol=None,
-              batch_hint: int = 1, randomized: set | None = None) -> list:
+              batch_hint: int = 1, randomized: set | None = None, hints: dict | None = None) -> list:
     """One row per parameter. randomized: ids of the parameters a batch-size-1 graph estimates with probes."""
     rows = []
     for info, pg in params:
@@ -266,7 +279,7 @@ def plan_rows(params, ctx, empty: bool = False, choices: dict | None = None, bat
             "strategy": chosen,
             "chunked": bool(ch and ch.strategy == "single_pass" and ch.chunked),
             "forced": bool(ch and ch.forced) or chosen in RANDOMIZED_COSTS,
-            "cost_us_per_sample": {} if (empty or not ch) else per_sample_us(ch.costs, batch_symbol, batch_hint),
+            "cost_us_per_sample": {} if (empty or not ch) else per_sample_us(ch.costs, batch_symbol, batch_hint, hints),
             # as sympy prints them: simplify() took ~0.4 s a parameter, most of a 22-layer model's compile
             "cost_expr": {} if (empty or not ch) else {k: str(v) for k, v in ch.costs.items()},
             "shape": tuple(pg.placeholder.meta["val"].shape),

@@ -217,7 +217,11 @@ def _ref_tiles(M, N) -> int:
 
 
 def _t_bucket(T) -> int:
-    return triton.next_power_of_2(max(int(T), 1))
+    """The autotune key's T: a symbolic T (a graph compiled for every length) counts with its hint, without a guard
+    (int() would specialize the graph on T): such a graph keeps the configs tuned at its first length."""
+    from ..ops import size_hint
+
+    return triton.next_power_of_2(max(size_hint(T), 1))
 
 
 def per_sample_sq_norms(a: torch.Tensor, b: torch.Tensor, block: int | None = None, launch=None) -> torch.Tensor:
