@@ -12,8 +12,11 @@ from .errors import (CoverageError, DPCompileError, OptionsError, SampleMixingEr
                      UnsupportedGradientError)
 from .explain import Plan, explain
 from .options import DPOptions
-from .privacy import (DistributedDPOptimizer, DistributedPoissonDataLoader, DPOptimizer, PoissonDataLoader,
-                      PrivacyAccountant, PrivateTraining, get_epsilon, get_noise_multiplier, make_private)
+from .privacy import (BatchMemoryManager, DistributedDPOptimizer, DistributedPoissonDataLoader, DPDataLoader,
+                      DPOptimizer, EmptyBatchCollate, LogicalBatchError, ModuleValidator, PoissonBatchSampler,
+                      PoissonDataLoader, PrivacyAccountant, PrivacyBudgetExceeded, PrivacyEngine, PrivateTraining,
+                      fix, get_epsilon, get_noise_multiplier, load_checkpoint, make_private, save_checkpoint,
+                      validate)
 
 from . import memarc  # noqa: E402  (memory-efficient DP fine-tuning: side network, reversible, LoRA, adapters)
 from . import data, hf  # noqa: E402  (offline models and corpora; transformers: per-sample LM loss, DPTrainer)
@@ -25,6 +28,9 @@ __all__ = [
     "DPOptimizer", "DistributedDPOptimizer", "PoissonDataLoader", "DistributedPoissonDataLoader",
     "PrivacyAccountant", "get_epsilon", "get_noise_multiplier", "make_private",
     "PrivateTraining", "memarc",
+    "PrivacyEngine", "PoissonBatchSampler", "DPDataLoader", "BatchMemoryManager", "EmptyBatchCollate",
+    "save_checkpoint", "load_checkpoint", "validate", "fix", "ModuleValidator",
+    "LogicalBatchError", "PrivacyBudgetExceeded",
     "DPCompileError", "OptionsError", "UnsupportedGradientError", "SampleMixingError", "CoverageError",
 ]
 __version__ = "0.1.0"

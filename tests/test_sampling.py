@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections import namedtuple
 
 import numpy as np
@@ -534,3 +535,126 @@ def test_numpy_fast_path_matches_torch_fallback(monkeypatch):
     assert torch_u.dtype == numpy_u.dtype == torch.float64
     assert torch.equal(torch_u, numpy_u)
     assert 0.0 <= float(numpy_u.min()) and float(numpy_u.max()) < 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# PoissonBatchSampler under a torch DataLoader; DPDataLoader; BatchMemoryManager; checkpoints of the stream
+
+from torch.utils.data import DataLoader  # noqa: E402
+
+from dpcompile.privacy.sampling import (BatchMemoryManager, DPDataLoader, EmptyBatchCollate,  # noqa: E402
+                                        PoissonBatchSampler)
+
+
+def _dict_collate(items):
+    """A user's collate_fn: a dict batch with a string list (which an empty batch must not carry over)."""
+    return {"x": torch.stack([it["x"] for it in items]), "label": torch.tensor([it["label"] for it in items]),
+            "name": [f"ex{it['label']}" for it in items]}
+
+
+@pytest.mark.parametrize("num_workers,pin_memory", [(0, False), (2, True)])
+def test_batch_sampler_under_a_dataloader(num_workers, pin_memory):
+    """The plain-DataLoader recipe: workers, pinned memory, a custom collate_fn, empty batches; the batches are
+    those of the documented rule, in order."""
+    n, q, steps, seed = 12, 0.1, 30, 21
+    ds = DictDataset(n)
+    sampler = PoissonBatchSampler(n, q, steps=steps, generator=_gen(seed))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*pin_memory.*")  # no accelerator on a CPU machine
+        loader = DataLoader(ds, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                            collate_fn=EmptyBatchCollate(ds, _dict_collate))
+        batches = list(loader)
+    ref = _gen(seed)
+    assert len(batches) == len(loader) == steps
+    empty = 0
+    for b in batches:
+        want = torch.nonzero(torch.rand(n, generator=ref, dtype=torch.float64) < q).flatten()
+        assert torch.equal(b["label"], want)
+        assert b["x"].shape == (len(want), 3) and b["name"] == [f"ex{i}" for i in want.tolist()]
+        if len(want) == 0:
+            empty += 1
+            assert b["x"].dtype == torch.float32 and b["label"].dtype == torch.int64 and b["name"] == []
+    assert empty >= 3  # P(empty) = 0.9**12 = 0.28
+    assert sampler.draws == steps
+
+
+def test_sampler_and_poisson_loader_draw_the_same_batches():
+    ds = TensorDataset(torch.arange(40))
+    sampler = PoissonBatchSampler(40, 0.2, steps=6, generator=_gen(3))
+    loader = PoissonDataLoader(ds, 0.2, steps=6, generator=_gen(3))
+    assert [list(b) for b in sampler] == _as_lists(loader)
+
+
+def test_dp_data_loader_keeps_the_settings_and_warns_about_drop_last():
+    ds = DictDataset(30)
+    user = DataLoader(ds, batch_size=5, shuffle=True, drop_last=True, num_workers=2, collate_fn=_dict_collate,
+                      persistent_workers=True, prefetch_factor=3)
+    with pytest.warns(UserWarning, match="drop_last=True, which means nothing under Poisson sampling"):
+        dp = DPDataLoader.from_data_loader(user, generator=_gen(0))
+    assert isinstance(dp.batch_sampler, PoissonBatchSampler) and dp.sample_rate == pytest.approx(5 / 30)
+    assert (dp.num_workers, dp.persistent_workers, dp.prefetch_factor, dp.drop_last) == (2, True, 3, False)
+    assert isinstance(dp.collate_fn, EmptyBatchCollate) and dp.collate_fn.collate_fn is _dict_collate
+    assert len(dp) == 6 and all("name" in b for b in dp)
+
+
+def test_make_private_keeps_the_loader_settings():
+    """dpcompile.make_private with a DataLoader: its collate_fn and workers are kept (the compile is lazy)."""
+    import dpcompile
+
+    ds = DictDataset(30)
+    model = torch.nn.Linear(3, 2)
+    user = DataLoader(ds, batch_size=6, num_workers=2, collate_fn=_dict_collate)
+    _, _, loader = dpcompile.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), user,
+                                          noise_multiplier=1.0, max_grad_norm=1.0, max_physical_batch_size=2,
+                                          generator=_gen(4), backend="flashdp_eager")
+    assert isinstance(loader, PoissonDataLoader) and loader.num_workers == 2 and loader.collate_fn is _dict_collate
+    same = PoissonDataLoader(ds, expected_batch_size=6, max_physical_batch_size=2, generator=_gen(4),
+                             collate_fn=_dict_collate)
+    for a, b in zip(loader, same, strict=True):  # workers or not: the same micro-batches
+        assert [mb["label"].tolist() for mb in a] == [mb["label"].tolist() for mb in b]
+        assert all(len(mb["label"]) <= 2 for mb in a)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_batch_memory_manager_splits_and_tells_the_optimizer(num_workers):
+    import dpcompile
+
+    ds = TensorDataset(torch.arange(50), torch.randn(50, 2))
+    loader = DPDataLoader(ds, sample_rate=0.2, steps=8, generator=_gen(6), num_workers=num_workers)
+    model = torch.nn.Linear(2, 1)
+    opt = dpcompile.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
+                                max_grad_norm=1.0, expected_batch_size=10.0)
+    told = []
+    opt.note_physical_batch = lambda **kw: told.append(kw)
+    with BatchMemoryManager(data_loader=loader, max_physical_batch_size=3, optimizer=opt) as batches:
+        assert len(batches) == 8 * 4  # expected: ceil(10 / 3) physical batches per logical one
+        got = [ids for ids, _ in batches]
+    ref = _gen(6)
+    logical = [torch.nonzero(torch.rand(50, generator=ref, dtype=torch.float64) < 0.2).flatten() for _ in range(8)]
+    k = 0
+    for draw, want in enumerate(logical):
+        parts = list(torch.split(want, 3)) or [want]
+        for j, part in enumerate(parts):
+            assert torch.equal(got[k], part)
+            assert told[k] == dict(draw=draw, sample_rate=0.2, first=j == 0, last=j == len(parts) - 1)
+            k += 1
+    assert k == len(got)
+
+
+def test_sampler_checkpoint_resumes_the_stream_despite_prefetching():
+    """Workers draw logical batches ahead of the loop: the state kept before each draw resumes at the first
+    batch the loop did not use, and the next pass is the rest of the interrupted one."""
+    ds = TensorDataset(torch.arange(60))
+    whole = [b[0].tolist() for b in DPDataLoader(ds, sample_rate=0.1, steps=10, generator=_gen(8))]
+    loader = DPDataLoader(ds, sample_rate=0.1, steps=10, generator=_gen(8), num_workers=2, prefetch_factor=2)
+    it = iter(loader)
+    used = [next(it)[0].tolist() for _ in range(3)]
+    assert used == whole[:3] and loader.batch_sampler.draws > 3  # drawn ahead
+    state = loader.batch_sampler.state_dict(position=3)
+    del it
+    resumed = DPDataLoader(ds, sample_rate=0.1, steps=10, generator=_gen(99))
+    resumed.batch_sampler.load_state_dict(state)
+    rest = [b[0].tolist() for b in resumed]
+    assert rest == whole[3:] and len(list(resumed)) == 10  # then whole passes again
+    with pytest.raises(ValueError, match="sample_rate"):
+        PoissonBatchSampler(60, 0.2).load_state_dict(state)

@@ -13,8 +13,11 @@ both fast and accurate everywhere (measured with dp-accounting 0.6.0, δ as give
     q=0.001, σ=2, 10^4 steps, δ=1e-6:  ε = 0.26264 @1e-3, 0.20555 @1e-4, 0.20494 @1e-5
 We start at 1e-2 and halve the interval until two successive ε agree to `PLD_RTOL` = 1e-3
 relative (the error shrinks about quadratically with the interval, so the last ε is then accurate
-to about 1e-3 relative), stopping at `PLD_MIN_INTERVAL`. Every ε reported by the library is a
-pessimistic (upper) estimate at any interval. A fixed interval can be passed instead.
+to about 1e-3 relative), stopping at `PLD_MIN_INTERVAL`. A large ε (RDP's estimate above 100) starts
+coarser, at about ε·1e-4 on the same grid (1e-2·2^k), where the same agreement is reached at a fraction
+of the cost. Every ε reported by the library is a pessimistic (upper) estimate at any interval. A fixed
+interval can be passed instead. Where dp_accounting's ε overflows (ε near 710), it is recomputed from
+the same discretized distribution in log space (_stable_epsilon).
 
 Randomized (probe-estimated) per-sample norms, `probes=k`: the step is a mixture-of-Gaussians event over the
 chi-square envelope of the estimate (randomized_accounting.py; PLD only), and the cut-off tail of the envelope
@@ -23,6 +26,8 @@ accountant that was not told about randomized norms the kernels ran (they record
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import numbers
 from typing import Dict, List, Optional, Sequence
@@ -35,6 +40,8 @@ PLD_START_INTERVAL = 1e-2  # first (coarsest) value_discretization_interval of t
 PLD_MIN_INTERVAL = 1e-6    # finest interval the adaptive PLD goes to
 PLD_RTOL = 1e-3            # relative agreement of successive ε that stops the refinement
 PLD_ATOL = 1e-6            # ... or this absolute agreement (ε so small it does not matter)
+PLD_START_RELATIVE = 1e-4  # a large ε starts at an interval of about ε * this (see _pld_start_interval) ...
+PLD_MAX_DOUBLINGS = 12     # ... at most PLD_START_INTERVAL * 2^12 = 40.96 (dp_accounting overflows near 709)
 
 History = List[tuple]  # (noise_multiplier σ, sample_rate q, count), or (σ, q, count, RandomizedSpec)
 
@@ -139,28 +146,127 @@ def _history_epsilon(history: Sequence[tuple], delta: float, accountant: str,
     event = dp_accounting.ComposedDpEvent(events)
 
     if accountant == "rdp":
-        from dp_accounting.rdp import RdpAccountant
-        acc = RdpAccountant()
-        acc.compose(event)
-        return float(acc.get_epsilon(delta))
-
-    from dp_accounting.pld import PLDAccountant
+        return _rdp_epsilon(event, delta)
 
     def pld_eps(interval: float) -> float:
-        acc = PLDAccountant(value_discretization_interval=interval)  # keyword: 1st positional is the relation
-        acc.compose(event)
-        return float(acc.get_epsilon(delta - tail_a)) + tail_b
+        return _pld_epsilon(event, delta - tail_a, interval) + tail_b
 
     if value_discretization_interval is not None:
         return pld_eps(value_discretization_interval)
-    interval = PLD_START_INTERVAL
+    interval = _pld_start_interval(None if randomized else event, delta)
     eps = pld_eps(interval)
     while interval / 2 >= PLD_MIN_INTERVAL:
         interval /= 2
         prev, eps = eps, pld_eps(interval)
-        if math.isinf(eps) or abs(prev - eps) <= max(PLD_RTOL * eps, PLD_ATOL):
+        if math.isinf(eps) and interval < PLD_START_INTERVAL:
+            break  # inf at a fine interval: the loss has an infinite part (or δ is below the truncated tails)
+        if not math.isinf(eps) and abs(prev - eps) <= max(PLD_RTOL * eps, PLD_ATOL):
             break
     return eps
+
+
+def _rdp_epsilon(event, delta: float, quiet: bool = False) -> float:
+    from dp_accounting.rdp import RdpAccountant
+
+    with _quiet_absl() if quiet else contextlib.nullcontext():
+        acc = RdpAccountant()
+        acc.compose(event)
+        return float(acc.get_epsilon(delta))
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """RDP used as an internal estimate: its "_compute_log_a_frac failed to converge ... Excluding this order"
+    warnings (absl logging; harmless, the order is left out) would reach users who never asked for RDP."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _pld_start_interval(event, delta: float) -> float:
+    """The first (coarsest) discretization interval of the adaptive PLD: PLD_START_INTERVAL, or for a large ε a
+    coarser one on the same grid (PLD_START_INTERVAL * 2^k), about ε * PLD_START_RELATIVE with ε estimated by RDP
+    (an upper bound, fast). The PLD's cost grows with (range of the privacy loss) / interval, and the range grows
+    with ε: at ε = 1e4 an interval of 1e-2 took seconds per evaluation, where 1e-3 relative accuracy needs about
+    ε * 1e-4. The refinement below stops at the same 1e-3 relative agreement either way."""
+    if event is None:
+        return PLD_START_INTERVAL
+    try:
+        rough = _rdp_epsilon(event, delta, quiet=True)
+    except Exception:  # noqa: BLE001 (an estimate only: fall back to the default start)
+        return PLD_START_INTERVAL
+    if not (math.isfinite(rough) and rough * PLD_START_RELATIVE > PLD_START_INTERVAL):
+        return PLD_START_INTERVAL
+    k = min(math.floor(math.log2(rough * PLD_START_RELATIVE / PLD_START_INTERVAL)), PLD_MAX_DOUBLINGS)
+    return PLD_START_INTERVAL * 2.0 ** k
+
+
+def _pld_epsilon(event, delta: float, interval: float) -> float:
+    """ε at `delta` of `event` by dp_accounting's PLD accountant at one discretization interval (pessimistic).
+
+    dp_accounting's get_epsilon fails for some ε around 700 (float overflow beyond e^709): an OverflowError, or inf
+    from (mass - δ) / mass_lower overflowing where ε is finite (σ = 0.0914, q = 0.0043, 703 steps gave inf where
+    σ = 0.09 gives 739). Its answer is then recomputed from the same discretized distributions in log space
+    (_stable_epsilon)."""
+    import numpy as np
+    from dp_accounting.pld import PLDAccountant
+
+    acc = PLDAccountant(value_discretization_interval=interval)  # keyword: 1st positional is the relation
+    try:
+        acc.compose(event)
+    except OverflowError:  # an interval too coarse for this loss (math.expm1 of it); the caller refines
+        return math.inf
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        try:
+            eps = float(acc.get_epsilon(delta))
+        except OverflowError:
+            eps = math.inf
+    if math.isfinite(eps):
+        return eps
+    pld = getattr(acc, "_pld", None)
+    pmfs = [getattr(pld, "_pmf_remove", None), getattr(pld, "_pmf_add", None)]
+    if any(p is None for p in pmfs):
+        return eps
+    return max(_stable_epsilon(p, delta) for p in pmfs)
+
+
+def _stable_epsilon(pmf, delta: float) -> float:
+    """The smallest ε >= 0 with δ(ε) = m_inf + Σ_{l_i > ε} p_i (1 - e^(ε - l_i)) <= delta for one of
+    dp_accounting's discretized privacy-loss pmfs (losses l_i, masses p_i, infinite-loss mass m_inf): the quantity
+    its get_epsilon_for_delta computes, with every exponential taken of a non-positive number."""
+    import numpy as np
+
+    inf_mass = float(pmf._infinity_mass)
+    if inf_mass > delta:
+        return math.inf
+    if hasattr(pmf, "_probs"):  # DensePLDPmf
+        probs = np.asarray(pmf._probs, dtype=np.float64)
+        losses = (pmf._lower_loss + np.arange(probs.size)) * pmf._discretization
+    else:  # SparsePLDPmf
+        items = sorted(pmf._loss_probs.items())
+        losses = np.array([k for k, _ in items], dtype=np.float64) * pmf._discretization
+        probs = np.array([v for _, v in items], dtype=np.float64)
+    keep = probs > 0
+    order = np.argsort(-losses[keep], kind="stable")
+    l, p = losses[keep][order], probs[keep][order]  # descending losses
+    if l.size == 0:
+        return 0.0
+    mass = inf_mass + np.cumsum(p)                    # m_inf + Σ_{i <= j} p_i
+    log_w = np.logaddexp.accumulate(np.log(p) - l)    # log Σ_{i <= j} p_i e^(-l_i)
+    # For ε in [l[j+1], l[j]], δ(ε) = mass[j] - e^(ε + log_w[j]); ε + log_w[j] <= log(mass[j]) <= 0 there.
+    lower_ends = np.append(l[1:], -np.inf)
+    d_low = mass - np.exp(lower_ends + log_w)          # δ at each segment's lower end (the largest δ on it)
+    above = np.flatnonzero(d_low > delta)
+    if above.size == 0:
+        return 0.0
+    j = int(above[0])
+    if mass[j] <= delta:
+        return max(0.0, float(l[j]))
+    return max(0.0, float(np.log(mass[j] - delta) - log_w[j]))
 
 
 def get_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float,
@@ -195,9 +301,13 @@ def get_noise_multiplier(target_epsilon: float, target_delta: float, sample_rate
 
     probes / variant / group_weights / envelope: randomized norms, as in get_epsilon.
 
-    Bisection on log σ over get_epsilon (ε decreases with σ). epsilon_tolerance is relative in σ: the
-    result σ satisfies ε(σ) <= target_epsilon (always checked) and σ <= (1 + epsilon_tolerance)·σ_min.
-    Returns 0.0 when no step can touch an example (steps == 0 or sample_rate == 0).
+    Search (ε decreases with σ): for PLD, RDP first brackets σ (fast at any σ; its ε is an upper bound, so its σ
+    is one too), then secant steps on log σ against log ε with PLD, each checked by evaluating on both sides of
+    the estimate (_smallest_sigma): a few PLD evaluations, each starting at a discretization matched to ε
+    (_pld_start_interval), so that ε = 1e4 or 1e6 takes under a second (before: 70 s, and over 8 minutes).
+    epsilon_tolerance is relative in σ: the result σ satisfies ε(σ) <= target_epsilon (an evaluated σ is
+    returned) and σ <= (1 + epsilon_tolerance)·σ_min. Returns 0.0 when no step can touch an example (steps == 0
+    or sample_rate == 0).
     """
     if isinstance(target_epsilon, bool) or not isinstance(target_epsilon, numbers.Real):
         raise ValueError(f"target_epsilon={target_epsilon!r} must be a positive finite number")
@@ -217,37 +327,107 @@ def get_noise_multiplier(target_epsilon: float, target_delta: float, sample_rate
     if n == 0 or q == 0:
         return 0.0
 
+    def exact(sigma: float) -> float:
+        return _history_epsilon([(sigma, q, n, spec)], d, acc, vdi)
+
+    def unreachable() -> ValueError:
+        return ValueError(f"target_epsilon={target} at target_delta={d} is unreachable with "
+                          f"noise_multiplier <= {SIGMA_MAX:g} (sample_rate={q}, steps={n})")
+
+    if acc == "rdp":
+        return _smallest_sigma(exact, target, tol, 1.0, unreachable)
+    # PLD: bracket with RDP first (fast at any σ, and never below PLD's ε: its σ is an upper bound up to PLD's
+    # discretization), then search with PLD from there. Starting the PLD search from σ = 1 instead would evaluate
+    # PLD far from the answer, where each evaluation can take seconds (tiny σ: a huge privacy-loss range).
+    start = 1.0
+    if spec is None:
+        rdp = lambda sigma: _history_epsilon([(sigma, q, n, None)], d, "rdp", None)  # noqa: E731
+        try:
+            with _quiet_absl():
+                start = _smallest_sigma(rdp, target, RDP_BRACKET_TOLERANCE, 1.0, unreachable)
+        except ValueError:
+            start = SIGMA_MAX
+    return _smallest_sigma(exact, target, tol, start, unreachable)
+
+
+SIGMA_MAX, SIGMA_MIN = 1e6, 1e-4   # the σ search's range (below SIGMA_MIN: "almost no noise needed")
+RDP_BRACKET_TOLERANCE = 0.05       # the RDP σ that starts the PLD search needs no more precision
+
+
+def _smallest_sigma(eps, target: float, tol: float, start: float, unreachable) -> float:
+    """The smallest σ, up to a factor (1 + tol), with eps(σ) <= target, for eps decreasing in σ; the σ returned
+    is one whose eps was computed and is <= target.
+
+    Searched on x = log σ against g = log(ε / target), which is close to linear (ε ∝ σ^-2 at small σ, ∝ σ^-1 at
+    large σ): from `start`, jumps along the local slope (guessed, then measured) until the root is bracketed, then
+    secant estimates of the root, each checked by evaluating just above and just below it, so that a bracket of
+    width log(1 + tol) usually takes two evaluations. A round that does not halve the bracket is followed by a
+    bisection, so the search always ends."""
     memo: Dict[float, float] = {}
+    log_target = math.log(target)
+    x_max, x_min = math.log(SIGMA_MAX), math.log(SIGMA_MIN)
+    width = math.log1p(tol)
 
-    def eps(sigma: float) -> float:
+    def g(x: float) -> float:
+        sigma = math.exp(x)
         if sigma not in memo:
-            memo[sigma] = _history_epsilon([(sigma, q, n, spec)], d, acc, vdi)
-        return memo[sigma]
+            memo[sigma] = eps(sigma)
+        e = memo[sigma]
+        return -math.inf if e <= 0 else math.log(e) - log_target  # inf stays inf
 
-    # Bracket [lo, hi] with ε(lo) > target >= ε(hi), doubling / halving from σ = 1.
-    sigma_max, sigma_min = 1e6, 1e-4
-    hi = 1.0
-    while eps(hi) > target:
-        hi *= 2.0
-        if hi > sigma_max:
-            raise ValueError(f"target_epsilon={target} at target_delta={d} is unreachable with "
-                             f"noise_multiplier <= {sigma_max:g} (sample_rate={q}, steps={n})")
-    lo = hi / 2.0
-    while eps(lo) <= target:
-        hi, lo = lo, lo / 2.0
-        if lo < sigma_min:
-            return hi  # ε(hi) <= target was computed: almost no noise needed (δ large against q·steps)
-    # Bisection on log σ until hi / lo <= 1 + tol; hi always keeps ε(hi) <= target.
-    while hi / lo > 1.0 + tol:
-        mid = math.sqrt(lo * hi)
-        if eps(mid) <= target:
-            hi = mid
+    x = math.log(start)
+    gx = g(x)
+    lo = hi = None  # (x, g) with g > 0 (too little noise) / g <= 0
+    if gx > 0:
+        lo = (x, gx)
+    else:
+        hi = (x, gx)
+    prev = None
+    k = 0
+    while lo is None or hi is None:  # bracket: jump along the slope, further each time it falls short
+        cur = hi if lo is None else lo
+        slope = 2.0 if lo is None else 1.0  # ε ∝ σ^-slope: going down, 2 lands short; going up, 1 lands beyond
+        if prev is not None and math.isfinite(prev[1]) and math.isfinite(cur[1]) and prev[0] != cur[0]:
+            slope = min(max(-(cur[1] - prev[1]) / (cur[0] - prev[0]), 0.5), 3.0)
+        if math.isfinite(cur[1]) and cur[1] != 0:
+            step = abs(cur[1]) / slope + width
         else:
-            lo = mid
-    # The returned σ is one whose ε was computed and is <= target; re-check anyway and move up if not.
-    while _history_epsilon([(hi, q, n, spec)], d, acc, vdi) > target:
-        hi *= 1.0 + tol
-    return hi
+            step = math.log(2.0)
+        step = max(step, width) * 2.0 ** max(0, k - 1)  # the same step twice, then doubling
+        k += 1
+        if lo is None:
+            if cur[0] <= x_min:
+                return math.exp(cur[0])  # ε(hi) <= target was computed: almost no noise needed
+            x = max(cur[0] - min(step, 4.0 * 2.0 ** k), x_min)  # not too far down: PLD is slow at tiny σ
+        else:
+            if cur[0] >= x_max:
+                raise unreachable()
+            x = min(cur[0] + step, x_max)
+        prev = cur
+        gx = g(x)
+        if gx > 0:
+            lo = (x, gx)
+        else:
+            hi = (x, gx)
+    bisect = False
+    while hi[0] - lo[0] > width:
+        before = hi[0] - lo[0]
+        if bisect or not (math.isfinite(lo[1]) and math.isfinite(hi[1])):
+            root = (lo[0] + hi[0]) / 2
+            probes = [root]
+        else:
+            root = lo[0] + lo[1] * (hi[0] - lo[0]) / (lo[1] - hi[1])
+            probes = [root + 0.45 * width, root - 0.45 * width]
+        for x in probes:
+            if not lo[0] < x < hi[0] or hi[0] - lo[0] <= width:
+                continue
+            gx = g(x)
+            if gx > 0:
+                lo = (x, gx)
+            else:
+                hi = (x, gx)
+        bisect = hi[0] - lo[0] > before / 2
+    return math.exp(hi[0])
 
 
 # ------------------------------------------------------------------------------------ accountant

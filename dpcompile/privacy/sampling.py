@@ -4,25 +4,42 @@ The accountants assume Poisson sampling: every example joins each logical batch 
 probability q, so a logical batch has a Binomial(N, q) size and may be empty. A compiled model
 returns the *sum* of per-sample clipped gradients of whatever batch it sees (any size, 0 included),
 and the DPOptimizer adds noise once per logical batch and divides by the *expected* batch size q·N.
-`PoissonDataLoader` produces exactly what that contract needs: one list of micro-batches per
-logical batch, never dropping or duplicating a sampled example, with a 0-row micro-batch for an
-empty logical batch (so the step, and its noise, still happens).
+
+Three ways to get such batches, all drawing with one rule (`torch.rand(N, generator, float64) < q`, or 53
+bits of os.urandom per example in secure mode), so equal seeds give equal batches:
+
+- `PoissonBatchSampler`: a `batch_sampler` for a plain `torch.utils.data.DataLoader` (workers, pinned
+  memory, your collate_fn); wrap the collate_fn in `EmptyBatchCollate` so that an empty logical batch
+  collates to 0-row tensors.
+- `DPDataLoader`: that DataLoader, built from yours (`DPDataLoader.from_data_loader`), one logical batch per
+  iteration; `BatchMemoryManager` splits its logical batches into physical ones (Opacus's loop).
+- `PoissonDataLoader`: one list of micro-batches per logical batch (the nested loop of `make_private`).
+
+Every logical batch has a draw number (its place in the sampler's stream). The loaders tell the optimizer
+they are attached to which logical batch each batch they hand out belongs to, so that it can refuse a step
+over two logical batches; the sampler keeps the generator state before each recent draw, so that a
+checkpoint resumes the stream at the first logical batch the optimizer did not step on
+(privacy/checkpoint.py).
 """
 from __future__ import annotations
 
+import collections
+import math
 import numbers
 import os
-from typing import Any, Callable, Iterator, List, Mapping, Optional
+import warnings
+from typing import Any, Callable, Iterator, List, Mapping, NamedTuple, Optional
 
 import torch
-from torch.utils.data import TensorDataset, default_collate
+from torch.utils.data import DataLoader, Sampler, TensorDataset, default_collate
 
 try:  # optional speed-up only (dp-accounting already pulls numpy in)
     import numpy as _np
 except ImportError:  # pragma: no cover
     _np = None
 
-__all__ = ["PoissonDataLoader"]
+__all__ = ["PoissonDataLoader", "PoissonBatchSampler", "DPDataLoader", "BatchMemoryManager", "EmptyBatchCollate",
+           "BatchInfo"]
 
 _MANTISSA_BITS = 53
 _MANTISSA_MASK = (1 << _MANTISSA_BITS) - 1
@@ -62,6 +79,8 @@ def _empty_like_batch(batch: Any) -> Any:
             return items
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # namedtuple
         return type(batch)(*(_empty_like_batch(v) for v in batch))
+    if isinstance(batch, list) and batch and all(isinstance(v, (str, bytes)) for v in batch):
+        return []  # a batch of strings (default_collate keeps them as a list): no example's text in an empty batch
     if isinstance(batch, (tuple, list)):
         return type(batch)(_empty_like_batch(v) for v in batch)
     return batch
@@ -73,6 +92,446 @@ def _check_int(name: str, value: Any) -> int:
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value!r}")
     return int(value)
+
+
+def _check_rate(n: int, sample_rate: Optional[float], expected_batch_size: Optional[float]):
+    """(q, q*N) from exactly one of sample_rate and expected_batch_size."""
+    if (sample_rate is None) == (expected_batch_size is None):
+        raise ValueError("give exactly one of sample_rate and expected_batch_size")
+    if sample_rate is not None:
+        if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real):
+            raise ValueError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
+        q = float(sample_rate)
+        if not (0.0 < q <= 1.0):
+            raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+        return q, q * n
+    if isinstance(expected_batch_size, bool) or not isinstance(expected_batch_size, numbers.Real):
+        raise ValueError(
+            f"expected_batch_size must be a number in (0, len(dataset)={n}], got {expected_batch_size!r}")
+    ebs = float(expected_batch_size)
+    q = ebs / n
+    if not (0.0 < q <= 1.0):
+        raise ValueError(f"expected_batch_size must be in (0, len(dataset)={n}] (sample rate in (0, 1]), "
+                         f"got {expected_batch_size!r}")
+    return q, ebs
+
+
+def _check_generator(generator: Optional[torch.Generator], secure_mode: bool) -> Optional[torch.Generator]:
+    """The sampling generator: the one given, or a fresh one seeded from the OS; None in secure mode."""
+    if secure_mode and generator is not None:
+        raise ValueError("generator cannot be combined with secure_mode=True: secure sampling draws from os.urandom")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if generator is None and not secure_mode:
+        generator = torch.Generator()
+        generator.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
+    return generator
+
+
+class BatchInfo(NamedTuple):
+    """What a loader tells the optimizer about the logical batch a (physical) batch belongs to."""
+    draw: int            #: its place in the sampler's stream of logical batches (0, 1, 2, ... over all passes)
+    sample_rate: float   #: the q it was drawn with
+    size: int            #: how many examples it holds
+
+
+#: how many recent draws keep the generator state they started from (a checkpoint resumes at one of them; a
+#: DataLoader's workers draw at most num_workers * prefetch_factor logical batches ahead of the training loop)
+STATE_HISTORY = 256
+
+
+class PoissonBatchSampler(Sampler[List[int]]):
+    """A `batch_sampler` for `torch.utils.data.DataLoader`: every iteration yields `steps` logical batches, each
+    the list of indices (increasing) of the examples drawn independently with probability q.
+
+        sampler = PoissonBatchSampler(len(dataset), sample_rate=256 / len(dataset))
+        loader = DataLoader(dataset, batch_sampler=sampler, num_workers=2, pin_memory=True,
+                            collate_fn=EmptyBatchCollate(dataset, my_collate))   # an empty batch: 0-row tensors
+
+    A batch may be empty ([]): torch's default_collate fails on an empty list, hence `EmptyBatchCollate`.
+    Indices are drawn in the main process (never in the workers), as `torch.rand(N, generator, float64) < q`
+    (the rule of PoissonDataLoader: equal seeds, equal batches) or, with secure_mode=True, from 53 bits of
+    os.urandom per example (no generator then).
+
+    num_samples: N. sample_rate: q in (0, 1] (or expected_batch_size=q*N). steps: logical batches per pass,
+    default round(1/q) (one epoch in expectation); `len(sampler) == steps`. generator: a torch.Generator;
+    default one seeded from the OS. Successive passes continue the stream.
+
+    Attributes: `sample_rate` (may be changed between batches: each batch is drawn with the q of that moment,
+    and reports it to the optimizer, which refuses to account a q it was not told), `draws` (logical batches
+    drawn so far), `last_info`. `state_dict(position)` / `load_state_dict` checkpoint the stream.
+    """
+
+    def __init__(self, num_samples: int, sample_rate: Optional[float] = None, steps: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None, secure_mode: bool = False, *,
+                 expected_batch_size: Optional[float] = None) -> None:
+        n = _check_int("num_samples", num_samples)
+        q, _ = _check_rate(n, sample_rate, expected_batch_size)
+        steps = max(1, round(1.0 / q)) if steps is None else _check_int("steps", steps)
+        self.num_samples = n
+        self.sample_rate: float = q
+        self.steps: int = steps
+        self.secure_mode = bool(secure_mode)
+        self.generator = _check_generator(generator, self.secure_mode)
+        self.draws = 0
+        self.last_info: Optional[BatchInfo] = None
+        self._states: "collections.OrderedDict[int, torch.Tensor]" = collections.OrderedDict()
+        self._yielded: collections.deque = collections.deque(maxlen=4096)
+        self._resume_remaining: Optional[int] = None
+
+    @property
+    def expected_batch_size(self) -> float:
+        return self.sample_rate * self.num_samples
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(N={self.num_samples}, sample_rate={self.sample_rate:.6g}, "
+                f"steps={self.steps}, secure_mode={self.secure_mode}, draws={self.draws})")
+
+    def sample_indices(self) -> torch.Tensor:
+        """Draw one logical batch: the sampled indices (int64, increasing), each included w.p. q."""
+        q = self.sample_rate
+        if isinstance(q, bool) or not isinstance(q, numbers.Real) or not 0.0 < float(q) <= 1.0:
+            raise ValueError(f"sample_rate must be in (0, 1], got {q!r}")
+        q = float(q)
+        n = self.num_samples
+        if self.secure_mode:
+            u = _secure_uniform(n)
+        else:
+            self._states[self.draws] = self.generator.get_state()
+            while len(self._states) > STATE_HISTORY:
+                self._states.popitem(last=False)
+            u = torch.rand(n, generator=self.generator, dtype=torch.float64, device=self.generator.device)
+        idx = _indices_below(u, q)
+        self.last_info = BatchInfo(self.draws, q, int(idx.numel()))
+        self.draws += 1
+        return idx
+
+    def _pass_length(self) -> int:
+        """Logical batches in this pass: `steps`, or the rest of the pass a checkpoint was taken in."""
+        k, self._resume_remaining = self._resume_remaining, None
+        return self.steps if k is None else k
+
+    def __iter__(self) -> Iterator[List[int]]:
+        yielded = self._yielded = collections.deque(maxlen=4096)  # read by the loaders, in the main process
+        for _ in range(self._pass_length()):
+            idx = self.sample_indices()
+            yielded.append(self.last_info)
+            yield idx.tolist()
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+    def state_dict(self, position: Optional[int] = None) -> dict:
+        """The stream from logical batch `position` on (default: the next one to be drawn): N, q, steps, the
+        draw number and the generator state before it (None in secure mode, which cannot be replayed).
+
+        A DataLoader with workers draws ahead of the training loop; the checkpoint gives the position of the
+        first logical batch the optimizer did not step on, whose state the sampler kept."""
+        draws = self.draws if position is None else int(position)
+        state = None
+        if not self.secure_mode:
+            if draws == self.draws:
+                state = self.generator.get_state()
+            elif draws in self._states:
+                state = self._states[draws].clone()
+            else:
+                warnings.warn(f"{type(self).__name__}.state_dict: the generator state before logical batch {draws} "
+                              f"is no longer kept (draws so far: {self.draws}); the checkpoint continues the stream "
+                              "from the current state instead", stacklevel=2)
+                draws, state = self.draws, self.generator.get_state()
+        return {"num_samples": self.num_samples, "sample_rate": self.sample_rate, "steps": self.steps,
+                "secure_mode": self.secure_mode, "draws": draws, "generator": state}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue the stream of a checkpoint: the next logical batch is its `draws`-th, and the next pass
+        yields the rest of the pass it was in. N and q must be those of the checkpoint."""
+        if int(state["num_samples"]) != self.num_samples:
+            raise ValueError(f"the checkpoint's sampler drew from N={state['num_samples']} examples, this one from "
+                             f"N={self.num_samples}: resume on the same dataset")
+        if abs(float(state["sample_rate"]) - self.sample_rate) > 1e-12 * self.sample_rate:
+            raise ValueError(f"the checkpoint's sampler drew with sample_rate={state['sample_rate']!r}, this one with "
+                             f"{self.sample_rate!r}: resume with the q the optimizer accounts")
+        draws = _check_int("draws", int(state["draws"]) + 1) - 1
+        if not self.secure_mode:
+            if state.get("generator") is None:
+                raise ValueError("the checkpoint was taken in secure mode (no generator state): resume with "
+                                 "secure_mode=True")
+            self.generator.set_state(state["generator"])
+        self.draws = draws
+        self._states.clear()
+        done = draws % self.steps
+        self._resume_remaining = self.steps - done if done else None
+
+
+class EmptyBatchCollate:
+    """collate_fn(items) for Poisson batches: `collate_fn(items)`, or for an empty batch the structure, dtypes
+    and trailing shapes of one collated example (the dataset's first, fetched once per process) with 0 rows,
+    so that the model runs on B = 0 (and the optimizer still adds that step's noise). torch's default_collate
+    fails on []. Lists of strings become []; other non-tensor leaves are kept as they are."""
+
+    def __init__(self, dataset: Any, collate_fn: Optional[Callable[[List[Any]], Any]] = None) -> None:
+        if isinstance(collate_fn, EmptyBatchCollate):
+            collate_fn = collate_fn.collate_fn
+        self.dataset = dataset
+        self.collate_fn = collate_fn if collate_fn is not None else default_collate
+        self._one: Any = None
+
+    def __call__(self, items: List[Any]) -> Any:
+        if len(items):
+            return self.collate_fn(items)
+        if self._one is None:
+            self._one = self.collate_fn([self.dataset[0]])
+        return _empty_like_batch(self._one)
+
+    def __getstate__(self):  # workers fetch their own example
+        return {"dataset": self.dataset, "collate_fn": self.collate_fn, "_one": None}
+
+
+class _TensorRows(torch.utils.data.Dataset):
+    """A TensorDataset read a batch at a time (DataLoader's fetcher calls __getitems__): `[t[idx] for t in
+    tensors]`, what default_collate of its items gives, without collating item by item (0 rows for [])."""
+
+    def __init__(self, dataset: TensorDataset) -> None:
+        self.tensors = dataset.tensors
+
+    def __len__(self) -> int:
+        return self.tensors[0].size(0)
+
+    def __getitem__(self, i):
+        return tuple(t[i] for t in self.tensors)
+
+    def __getitems__(self, indices: List[int]):
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        return [t[idx.to(t.device)] for t in self.tensors]
+
+
+def _passthrough(batch: Any) -> Any:
+    return batch
+
+
+def _is_fast_tensor_dataset(dataset: Any, collate_fn: Optional[Callable]) -> bool:
+    """Direct tensor indexing gives exactly what collating the items would (no collate_fn, a plain
+    TensorDataset whose __getitem__ is TensorDataset's)."""
+    return (collate_fn is None and isinstance(dataset, TensorDataset)
+            and type(dataset).__getitem__ is TensorDataset.__getitem__)
+
+
+class _Chunk(NamedTuple):
+    batch: BatchInfo  #: the logical batch
+    index: int        #: this physical batch's place in it
+    count: int        #: physical batches in it (an empty logical batch: one, with 0 rows)
+
+
+class _PhysicalBatchSampler(Sampler[List[int]]):
+    """Splits each logical batch of a PoissonBatchSampler into consecutive chunks of at most `max_size` indices
+    (an empty one stays one empty chunk) and records, in order, which logical batch each chunk belongs to
+    (`chunks`: DataLoader keeps the order of its batch_sampler, so the training loop pops one per batch)."""
+
+    def __init__(self, logical: PoissonBatchSampler, max_size: Optional[int]) -> None:
+        self.logical = logical
+        self.max_size = max_size
+        self.chunks: collections.deque = collections.deque()
+
+    def __len__(self) -> int:  # the expected count (the real one is random)
+        if self.max_size is None:
+            return len(self.logical)
+        return len(self.logical) * max(1, math.ceil(self.logical.expected_batch_size / self.max_size))
+
+    def __iter__(self) -> Iterator[List[int]]:
+        chunks = self.chunks = collections.deque()
+        logical = self.logical
+        for idx in logical:
+            info = logical._yielded.popleft()
+            size = self.max_size or max(len(idx), 1)
+            parts = [idx[i:i + size] for i in range(0, len(idx), size)] or [[]]
+            for j, part in enumerate(parts):
+                chunks.append(_Chunk(info, j, len(parts)))
+                yield part
+
+
+def _loader_settings(data_loader: DataLoader) -> dict:
+    """The settings of a DataLoader that a Poisson version of it keeps: workers, pinned memory, their seeds."""
+    settings = dict(num_workers=data_loader.num_workers, pin_memory=data_loader.pin_memory,
+                    timeout=data_loader.timeout, worker_init_fn=data_loader.worker_init_fn,
+                    multiprocessing_context=data_loader.multiprocessing_context, generator=data_loader.generator,
+                    persistent_workers=data_loader.persistent_workers)
+    if data_loader.num_workers > 0:
+        settings["prefetch_factor"] = data_loader.prefetch_factor
+    device = getattr(data_loader, "pin_memory_device", "")
+    if device:
+        settings["pin_memory_device"] = device
+    return settings
+
+
+def _user_collate(data_loader: DataLoader) -> Optional[Callable]:
+    """The loader's collate_fn, None for torch's default (so that a TensorDataset can be indexed directly)."""
+    fn = data_loader.collate_fn
+    if isinstance(fn, EmptyBatchCollate):
+        fn = fn.collate_fn
+    return None if fn is default_collate else fn
+
+
+def _warn_ignored_settings(data_loader: DataLoader, stacklevel: int) -> None:
+    if getattr(data_loader, "drop_last", False):
+        warnings.warn("the data loader has drop_last=True, which means nothing under Poisson sampling: every "
+                      "logical batch holds the examples drawn (a Binomial(N, q) number), none is dropped, and "
+                      "the last batch of a pass is no smaller than the others", stacklevel=stacklevel + 1)
+
+
+def _notify(optimizer, info: Optional[BatchInfo], first: bool = True, last: bool = True) -> None:
+    if optimizer is not None and info is not None:
+        optimizer.note_physical_batch(draw=info.draw, sample_rate=info.sample_rate, first=first, last=last)
+
+
+class DPDataLoader(DataLoader):
+    """A torch DataLoader of Poisson logical batches (Opacus's DPDataLoader): `batch_sampler` is a
+    PoissonBatchSampler (drawing with `generator`), `collate_fn` an EmptyBatchCollate around yours, and
+    everything else (workers, pinned memory, worker_init_fn, ...) is a DataLoader's; `worker_generator` is the
+    DataLoader's own generator (the workers' seeds), kept apart so that the sampling stream does not depend on
+    how many times the loader was iterated. Each iteration yields one collated logical batch (maybe with 0
+    rows); `BatchMemoryManager` splits them into physical batches.
+
+    `DPDataLoader.from_data_loader(loader)` keeps a DataLoader's dataset, collate_fn and settings, with
+    q = batch_size / N (a drop_last=True is warned about: it means nothing under Poisson sampling).
+
+    When an optimizer is attached (`attach_optimizer`; make_private and PrivacyEngine do it), every batch handed
+    out tells it which logical batch it is (`DPOptimizer.note_physical_batch`)."""
+
+    def __init__(self, dataset: Any, *, sample_rate: Optional[float] = None,
+                 expected_batch_size: Optional[float] = None, steps: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None, secure_mode: bool = False,
+                 collate_fn: Optional[Callable[[List[Any]], Any]] = None,
+                 worker_generator: Optional[torch.Generator] = None, **loader_kwargs) -> None:
+        if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise TypeError("dataset must be a map-style dataset with __len__ and __getitem__")
+        if len(dataset) < 1:
+            raise ValueError("dataset is empty: Poisson sampling needs at least one example")
+        for bad in ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"):
+            if bad in loader_kwargs:
+                raise ValueError(f"DPDataLoader draws its own Poisson batches: {bad}= cannot be given")
+        loader_kwargs["in_order"] = True  # the loaders pair batches with their logical batch by order
+        sampler = PoissonBatchSampler(len(dataset), sample_rate, steps, generator, secure_mode,
+                                      expected_batch_size=expected_batch_size)
+        super().__init__(dataset, batch_sampler=sampler, collate_fn=EmptyBatchCollate(dataset, collate_fn),
+                         generator=worker_generator, **loader_kwargs)
+        self._dp_optimizer = None
+
+    @classmethod
+    def from_data_loader(cls, data_loader: DataLoader, *, generator: Optional[torch.Generator] = None,
+                         secure_mode: bool = False, steps: Optional[int] = None,
+                         sample_rate: Optional[float] = None) -> "DPDataLoader":
+        """A DPDataLoader over `data_loader`'s dataset with its collate_fn and settings; q = sample_rate, or
+        batch_size / N (the batch size is the expected logical batch size)."""
+        if isinstance(data_loader, DPDataLoader):
+            return data_loader
+        dataset = data_loader.dataset
+        if sample_rate is None:
+            batch_size = getattr(data_loader, "batch_size", None)
+            if not batch_size:
+                raise ValueError("the data loader needs a batch_size: it sets the expected batch size q*N")
+            sample_rate = batch_size / len(dataset)
+        _warn_ignored_settings(data_loader, stacklevel=3)
+        settings = _loader_settings(data_loader)
+        settings["worker_generator"] = settings.pop("generator")
+        return cls(dataset, sample_rate=sample_rate, steps=steps, generator=generator, secure_mode=secure_mode,
+                   collate_fn=_user_collate(data_loader), **settings)
+
+    @property
+    def sample_rate(self) -> float:
+        return self.batch_sampler.sample_rate
+
+    @property
+    def expected_batch_size(self) -> float:
+        return self.batch_sampler.expected_batch_size
+
+    def attach_optimizer(self, optimizer) -> None:
+        """Tell `optimizer` the logical batch of every batch handed out (None: stop)."""
+        self._dp_optimizer = optimizer
+
+    def __iter__(self):
+        return _TrackedIterator(super().__iter__(), self)
+
+
+class _TrackedIterator:
+    """A DataLoader iterator that tells the loader's optimizer which logical batch each batch is."""
+
+    def __init__(self, it, loader: DPDataLoader) -> None:
+        self._it = it
+        self._loader = loader
+
+    def __iter__(self):
+        return self
+
+    def __len__(self) -> int:
+        return len(self._it)
+
+    def __next__(self):
+        batch = next(self._it)
+        yielded = self._loader.batch_sampler._yielded
+        _notify(self._loader._dp_optimizer, yielded.popleft() if yielded else None)
+        return batch
+
+
+class BatchMemoryManager:
+    """Splits every logical batch of a DPDataLoader into physical batches of at most `max_physical_batch_size`
+    examples, for the loop Opacus users write (step() after every physical batch)::
+
+        with BatchMemoryManager(data_loader=loader, max_physical_batch_size=64, optimizer=optimizer) as batches:
+            for x, y in batches:              # plain collated batches; an empty logical batch: one with 0 rows
+                optimizer.zero_grad()
+                criterion(model(x), y).backward()
+                optimizer.step()              # steps (noise, accountant) at the end of each logical batch only
+
+    Each physical batch is collated on its own (by the loader's collate_fn, in its workers: the new DataLoader
+    keeps the loader's settings). Before handing one out the manager tells the optimizer which logical batch it
+    belongs to and whether it is the last of it: step() on a physical batch that is not the last returns
+    without stepping, and zero_grad() inside a logical batch keeps the clipped sums of its earlier physical
+    batches (as Opacus does). Gradients of two logical batches at one step, a second step() for one logical
+    batch, or a step over a logical batch the loop left unfinished (leaving the `with` block in the middle of
+    one) are refused (errors name what happened and the fix). `len()` is the expected number of physical
+    batches."""
+
+    def __init__(self, *, data_loader: DataLoader, max_physical_batch_size: int, optimizer) -> None:
+        from .optimizer import DPOptimizer
+
+        if isinstance(data_loader, PoissonDataLoader):
+            raise TypeError("BatchMemoryManager splits the logical batches of a DPDataLoader; a PoissonDataLoader "
+                            "already yields each logical batch as a list of micro-batches (its "
+                            "max_physical_batch_size): loop over them directly")
+        sampler = getattr(data_loader, "batch_sampler", None)
+        if not isinstance(data_loader, DataLoader) or not isinstance(sampler, PoissonBatchSampler):
+            raise TypeError("BatchMemoryManager splits Poisson logical batches: give it the data loader that "
+                            "PrivacyEngine.make_private returned (a DPDataLoader), or a DataLoader whose "
+                            "batch_sampler is a PoissonBatchSampler")
+        if not isinstance(optimizer, DPOptimizer):
+            raise TypeError(f"BatchMemoryManager needs the DPOptimizer that steps these batches, got "
+                            f"{type(optimizer).__name__}")
+        self.max_physical_batch_size = _check_int("max_physical_batch_size", max_physical_batch_size)
+        self.optimizer = optimizer
+        self.data_loader = data_loader
+        self._split = _PhysicalBatchSampler(sampler, self.max_physical_batch_size)
+        collate_fn = data_loader.collate_fn
+        if not isinstance(collate_fn, EmptyBatchCollate):
+            collate_fn = EmptyBatchCollate(data_loader.dataset, collate_fn)
+        self._loader = DataLoader(data_loader.dataset, batch_sampler=self._split, collate_fn=collate_fn,
+                                  in_order=True, **_loader_settings(data_loader))
+
+    def __enter__(self) -> "BatchMemoryManager":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.optimizer.note_batches_end()
+        return False
+
+    def __len__(self) -> int:
+        return len(self._split)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self._loader:
+            chunk = self._split.chunks.popleft()
+            _notify(self.optimizer, chunk.batch, first=chunk.index == 0, last=chunk.index == chunk.count - 1)
+            yield batch
 
 
 class PoissonDataLoader:
@@ -110,10 +569,15 @@ class PoissonDataLoader:
             Incompatible with `generator`.
         collate_fn: turns a list of dataset items into a micro-batch; default
             `torch.utils.data.default_collate`.
+        num_workers, pin_memory, worker_generator, **loader_kwargs: with num_workers > 0 or pin_memory=True the
+            micro-batches are fetched and collated by a torch DataLoader with these settings (timeout,
+            worker_init_fn, prefetch_factor, persistent_workers, ...; worker_generator is its `generator`, which
+            seeds the workers); the indices are still drawn here, in the main process.
 
     Attributes `sample_rate` (q) and `expected_batch_size` (q·N, a float) are both set, whichever
-    was given. Inclusion is decided as `u < q` with u uniform on a grid of step 2**-53 (float64), so
-    the realised inclusion probability exceeds q by less than 2**-53.
+    was given; `batch_sampler` is the PoissonBatchSampler that draws the logical batches. Inclusion
+    is decided as `u < q` with u uniform on a grid of step 2**-53 (float64), so the realised
+    inclusion probability exceeds q by less than 2**-53.
     """
 
     def __init__(
@@ -127,67 +591,69 @@ class PoissonDataLoader:
         generator: Optional[torch.Generator] = None,
         secure_mode: bool = False,
         collate_fn: Optional[Callable[[List[Any]], Any]] = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        worker_generator: Optional[torch.Generator] = None,
+        **loader_kwargs: Any,
     ) -> None:
         if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
             raise TypeError("dataset must be a map-style dataset with __len__ and __getitem__")
         n = len(dataset)
         if n < 1:
             raise ValueError("dataset is empty: Poisson sampling needs at least one example")
-
-        if (sample_rate is None) == (expected_batch_size is None):
-            raise ValueError("give exactly one of sample_rate and expected_batch_size")
-        if sample_rate is not None:
-            if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real):
-                raise ValueError(f"sample_rate must be a number in (0, 1], got {sample_rate!r}")
-            q = float(sample_rate)
-            if not (0.0 < q <= 1.0):
-                raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
-            ebs = q * n
-        else:
-            if isinstance(expected_batch_size, bool) or not isinstance(expected_batch_size, numbers.Real):
-                raise ValueError(
-                    f"expected_batch_size must be a number in (0, len(dataset)={n}], got {expected_batch_size!r}"
-                )
-            ebs = float(expected_batch_size)
-            q = ebs / n
-            if not (0.0 < q <= 1.0):
-                raise ValueError(
-                    f"expected_batch_size must be in (0, len(dataset)={n}] (sample rate in (0, 1]), "
-                    f"got {expected_batch_size!r}"
-                )
-
+        q, _ = _check_rate(n, sample_rate, expected_batch_size)
         if max_physical_batch_size is not None:
             max_physical_batch_size = _check_int("max_physical_batch_size", max_physical_batch_size)
-        if steps is None:
-            steps = max(1, round(1.0 / q))
-        else:
+        if steps is not None:
             steps = _check_int("steps", steps)
-
-        if secure_mode and generator is not None:
-            raise ValueError(
-                "generator cannot be combined with secure_mode=True: secure sampling draws from os.urandom"
-            )
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-        if generator is None and not secure_mode:
-            generator = torch.Generator()
-            generator.manual_seed(int.from_bytes(os.urandom(8), "little") & ((1 << 63) - 1))
-
+        if isinstance(num_workers, bool) or not isinstance(num_workers, numbers.Integral) or num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+        for bad in ("batch_size", "shuffle", "sampler", "batch_sampler", "drop_last"):
+            if bad in loader_kwargs:
+                raise ValueError(f"PoissonDataLoader draws its own Poisson batches: {bad}= cannot be given")
+        self.batch_sampler = PoissonBatchSampler(n, q, steps, _check_generator(generator, bool(secure_mode)),
+                                                 bool(secure_mode))
         self.dataset = dataset
-        self.sample_rate: float = q
-        self.expected_batch_size: float = ebs
         self.max_physical_batch_size: Optional[int] = max_physical_batch_size
-        self.steps: int = steps
-        self.generator: Optional[torch.Generator] = generator
-        self.secure_mode: bool = bool(secure_mode)
         self.collate_fn: Callable[[List[Any]], Any] = collate_fn if collate_fn is not None else default_collate
+        self.num_workers = int(num_workers)
+        self.pin_memory = bool(pin_memory)
+        self.loader_kwargs = dict(loader_kwargs, generator=worker_generator)
         # Direct tensor indexing, only where it is exactly what collating the items would give.
-        self._fast_tensors = (
-            collate_fn is None
-            and isinstance(dataset, TensorDataset)
-            and type(dataset).__getitem__ is TensorDataset.__getitem__
-        )
+        self._fast_tensors = _is_fast_tensor_dataset(dataset, collate_fn)
         self._one_item: Any = None
+        self._torch_loader: Optional[DataLoader] = None
+        self._split: Optional[_PhysicalBatchSampler] = None
+        self._dp_optimizer = None
+
+    # -- the sampler's attributes --------------------------------------------------------------------------
+    @property
+    def sample_rate(self) -> float:
+        return self.batch_sampler.sample_rate
+
+    @sample_rate.setter
+    def sample_rate(self, value: float) -> None:
+        self.batch_sampler.sample_rate = value
+
+    @property
+    def expected_batch_size(self) -> float:
+        return self.batch_sampler.expected_batch_size
+
+    @property
+    def steps(self) -> int:
+        return self.batch_sampler.steps
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self.batch_sampler.steps = _check_int("steps", value)
+
+    @property
+    def generator(self) -> Optional[torch.Generator]:
+        return self.batch_sampler.generator
+
+    @property
+    def secure_mode(self) -> bool:
+        return self.batch_sampler.secure_mode
 
     def __len__(self) -> int:
         return self.steps
@@ -200,14 +666,19 @@ class PoissonDataLoader:
             f"secure_mode={self.secure_mode})"
         )
 
+    def attach_optimizer(self, optimizer) -> None:
+        """Tell `optimizer` the logical batch of every list of micro-batches handed out (None: stop)."""
+        self._dp_optimizer = optimizer
+
+    def state_dict(self, position: Optional[int] = None) -> dict:
+        return self.batch_sampler.state_dict(position)
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.batch_sampler.load_state_dict(state)
+
     def sample_indices(self) -> torch.Tensor:
         """Draw one logical batch: the sampled indices (int64, increasing), each included w.p. q."""
-        n = len(self.dataset)
-        if self.secure_mode:
-            u = _secure_uniform(n)
-        else:
-            u = torch.rand(n, generator=self.generator, dtype=torch.float64, device=self.generator.device)
-        return _indices_below(u, self.sample_rate)
+        return self.batch_sampler.sample_indices()
 
     def _collate(self, idx: torch.Tensor) -> Any:
         if self._fast_tensors:
@@ -222,10 +693,34 @@ class PoissonDataLoader:
         return _empty_like_batch(self._one_item)
 
     def __iter__(self) -> Iterator[List[Any]]:
-        for _ in range(self.steps):
+        if self.num_workers > 0 or self.pin_memory:
+            yield from self._iter_torch_loader()
+            return
+        for _ in range(self.batch_sampler._pass_length()):
             idx = self.sample_indices()
+            _notify(self._dp_optimizer, self.batch_sampler.last_info)
             if idx.numel() == 0:
                 yield [self._empty()]
                 continue
             size = self.max_physical_batch_size or idx.numel()
             yield [self._collate(chunk) for chunk in torch.split(idx, size)]
+
+    def _iter_torch_loader(self) -> Iterator[List[Any]]:
+        """The same logical batches, their micro-batches fetched and collated by a torch DataLoader."""
+        if self._torch_loader is None:
+            self._split = _PhysicalBatchSampler(self.batch_sampler, self.max_physical_batch_size)
+            if self._fast_tensors:
+                dataset, collate = _TensorRows(self.dataset), _passthrough
+            else:
+                dataset, collate = self.dataset, EmptyBatchCollate(self.dataset, self.collate_fn)
+            self._torch_loader = DataLoader(dataset, batch_sampler=self._split, collate_fn=collate,
+                                            num_workers=self.num_workers, pin_memory=self.pin_memory,
+                                            in_order=True, **self.loader_kwargs)
+        group: List[Any] = []
+        for batch in self._torch_loader:
+            chunk = self._split.chunks.popleft()
+            group.append(batch)
+            if chunk.index == chunk.count - 1:
+                _notify(self._dp_optimizer, chunk.batch)
+                yield group
+                group = []
