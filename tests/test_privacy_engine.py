@@ -396,3 +396,11 @@ def test_validate_reports_and_fix_repairs_batchnorm():
     dp.step()
     assert not torch.equal(weight.detach(), before)  # trained through the optimizer built before fix
     assert dpcompile.ModuleValidator.is_valid(model)
+
+
+def test_validate_reports_pooling_after_a_trainable_layer_and_other_refusals():
+    model = nn.Sequential(nn.MaxPool2d(2), nn.Conv2d(3, 4, 3), nn.MaxPool2d(2), nn.AdaptiveAvgPool2d(1),
+                          nn.ConvTranspose2d(4, 4, 2), nn.Flatten(), nn.Embedding(5, 2, scale_grad_by_freq=True),
+                          nn.CrossEntropyLoss(weight=torch.ones(2)))
+    assert [(p.path, p.kind) for p in dpcompile.validate(model)] == [
+        ("2", "pooling"), ("4", "unsupported_gradient"), ("6", "unsupported_gradient"), ("7", "sample_mixing_loss")]

@@ -88,6 +88,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
     logical steps; target_delta and epochs required) or noise_multiplier (epochs and target_delta optional).
     With target_epsilon, a step that would take epsilon past it is refused (PrivacyBudgetExceeded) unless
     allow_overspend=True. backend: "auto" = "flashdp" for a model on a CUDA device, "flashdp_eager" otherwise.
+    dynamic_seq / fullgraph go to dpcompile.compile; the other keywords are the backend's options.
     Privacy spent so far: `optimizer.get_epsilon(target_delta)`; `optimizer.accountant` holds the history.
     The loader tells the optimizer where each logical batch starts, so that a step over two of them is refused.
 
@@ -120,6 +121,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
         loader = _poisson_loader(data_loader, max_physical_batch_size, secure_mode, generator)
     q = loader.sample_rate
     steps = epochs * len(loader) if epochs is not None else None
+    compile_kwargs = {k: backend_options.pop(k) for k in ("dynamic_seq", "fullgraph") if k in backend_options}
     options = dict(max_grad_norm=max_grad_norm, clipping=clipping, loss_reduction=loss_reduction,
                    **backend_options)
     randomized = predict_randomized_accounting(model, options)
@@ -143,7 +145,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                   generator=None if secure_mode else generator, secure_mode=secure_mode,
                   accountant=PrivacyAccountant(accountant), sample_rate=q)
     if group is None:
-        compiled = dp_compile(model, backend=backend, **options)
+        compiled = dp_compile(model, backend=backend, **compile_kwargs, **options)
         dp_optimizer = DPOptimizer(optimizer, **common)
     else:
         if _dist.is_fsdp2_module(model):
@@ -157,7 +159,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                     "DistributedDPOptimizer and DistributedPoissonDataLoader directly: docs/distributed.md")
             compiled = _dist.compile_forward(model, backend=backend, **options)
         else:
-            compiled = dp_compile(model, backend=backend, **options)
+            compiled = dp_compile(model, backend=backend, **compile_kwargs, **options)
         # an FSDP2 root's units are set to sum (not average) here, before any backward
         dp_optimizer = _dist.DistributedDPOptimizer(optimizer, module=model, process_group=group, **common)
     dp_optimizer.target_delta = target_delta

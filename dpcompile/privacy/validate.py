@@ -25,7 +25,7 @@ __all__ = ["ModuleProblem", "validate", "fix", "GroupNorm", "ModuleValidator"]
 @dataclasses.dataclass(frozen=True)
 class ModuleProblem:
     """One thing the pass will refuse: `path` (the module's name in named_modules(), "" for the root), `kind`
-    ("batch_norm", "group_norm", "not_a_parameter", "sample_mixing_loss", "unsupported_gradient",
+    ("batch_norm", "group_norm", "not_a_parameter", "sample_mixing_loss", "unsupported_gradient", "pooling",
     "data_parallel_wrapper"), a message that names the fix, and whether `fix()` fixes it."""
     path: str
     kind: str
@@ -52,6 +52,18 @@ def _trainable_non_parameters(path: str, module: nn.Module):
             yield name, "buffer"
 
 
+_POOLS = (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._LPPoolNd,
+          nn.modules.pooling._AdaptiveMaxPoolNd, nn.FractionalMaxPool2d, nn.FractionalMaxPool3d)
+
+
+def _is_refused_pool(module: nn.Module) -> bool:
+    if isinstance(module, nn.modules.pooling._AdaptiveAvgPoolNd):
+        size = module.output_size
+        sizes = size if isinstance(size, (tuple, list)) else (size,)
+        return any(s is not None and s != 1 for s in sizes)
+    return isinstance(module, _POOLS)
+
+
 def validate(model: nn.Module, strict: bool = False) -> List[ModuleProblem]:
     """What the flashdp pass will refuse in `model`, as far as module types and attributes show it:
 
@@ -66,14 +78,24 @@ def validate(model: nn.Module, strict: bool = False) -> List[ModuleProblem]:
     - nn.Embedding / EmbeddingBag with scale_grad_by_freq=True (the gradient depends on the whole batch's counts),
       transposed convolutions (their gradient is refused), and DataParallel / DistributedDataParallel wrappers
       (give dpcompile the bare module; make_private trains data-parallel itself).
+    - pooling layers (MaxPool, AvgPool, LPPool, adaptive pools to more than one value) after a trainable layer:
+      the pass's batch-dim analysis does not follow their ops in this version, so the gradients of the layers
+      before them are refused. Strided convolutions, or AdaptiveAvgPool to size 1 (a mean), go through.
 
     Returns the list (empty: nothing seen); strict=True raises DPCompileError listing them instead."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"validate expects an nn.Module, got {type(model).__name__}")
     problems: List[ModuleProblem] = []
+    trainable_before = False  # a trainable parameter registered earlier (module order stands for data flow)
     for path, module in model.named_modules():
         where = _where(path)
         kind = type(module).__name__
+        if trainable_before and _is_refused_pool(module):
+            problems.append(ModuleProblem(path, "pooling", (
+                f"{where} ({kind}): the pass's batch-dim analysis does not follow pooling ops in this version, so "
+                "the gradients of the trainable layers before it are refused. Use a strided convolution, or "
+                "AdaptiveAvgPool to output size 1 (a mean), which go through")))
+        trainable_before = trainable_before or any(p.requires_grad for p in module.parameters(recurse=False))
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             if module.training or not module.track_running_stats:
                 why = "in training mode" if module.training else "without running statistics"
