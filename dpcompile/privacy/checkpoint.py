@@ -21,7 +21,8 @@ strings, lists and dicts only):
                           ran randomized norms unaccounted (the same as in `optimizer`; readers need no optimizer)
     sampler               PoissonBatchSampler.state_dict(position): N, q, steps per pass, secure_mode, and the
                           generator state before `draws`, the first logical batch the optimizer did not step on
-                          (a DataLoader's workers may have drawn beyond it); None without a Poisson loader
+                          (a DataLoader's workers may have drawn beyond it; an optimizer no loader told about
+                          its batches gives the sampler's current position); None without a Poisson loader
     epsilon               {"delta": target delta, "epsilon": spent}, for reading only (None if unknown)
     extra                 whatever the caller passed (epoch, LR scheduler state, ...)
 

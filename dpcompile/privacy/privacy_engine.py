@@ -40,9 +40,9 @@ class PrivacyEngine:
 
     accountant: "pld" (default), "prv" (answered by PLD) or "rdp". secure_mode: sampling from os.urandom and
     noise from OS-seeded generators (docs/privacy.md says what it does and does not protect). Without secure_mode
-    the sampling generator is the data loader's generator if it has one, else one seeded from torch's global
-    generator, and the noise comes from noise_generator (default: torch's global generator), so a script that
-    calls torch.manual_seed first runs the same way twice, as with Opacus."""
+    the sampling generator is seeded with torch.randint(2**62) drawn from the data loader's generator if it has
+    one, else from torch's global generator, and the noise comes from noise_generator (default: torch's global
+    generator), so a script that calls torch.manual_seed first runs the same way twice, as with Opacus."""
 
     def __init__(self, accountant: str = "pld", secure_mode: bool = False) -> None:
         if accountant not in _ACCOUNTANTS:
@@ -106,7 +106,9 @@ class PrivacyEngine:
         if self.secure_mode:
             return None
         source = getattr(data_loader, "generator", None)
-        seed = torch.randint(0, 2 ** 62, (1,), generator=source).item()  # the loader's generator, or torch's
+        device = source.device if isinstance(source, torch.Generator) else "cpu"
+        # the loader's generator, or torch's global one
+        seed = torch.randint(0, 2 ** 62, (1,), generator=source, device=device).item()
         return torch.Generator().manual_seed(int(seed))
 
     def _make_private(self, *, module, optimizer, data_loader, max_grad_norm, batch_first, loss_reduction,
