@@ -519,7 +519,7 @@ class DPOptimizer(Optimizer):
         #: True: a step past the target epsilon is taken (get_epsilon reports the true epsilon) instead of refused
         self.allow_overspend = False
         self._plan: Optional[dict] = None  # {"sigma", "sample_rate", "steps"} that target_epsilon was calibrated for
-        self._budget: Optional[tuple] = None  # (sigma, q, spec key, accountant steps, steps left) of the last search
+        self._budget: Optional[tuple] = None  # ((sigma, q, spec), steps left, accountant steps then) of the last search
         self._batches = LogicalBatchState()
         self._initial_c_total = self.max_grad_norm_total
         self._warned_c: set = set()

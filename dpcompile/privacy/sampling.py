@@ -39,7 +39,7 @@ except ImportError:  # pragma: no cover
     _np = None
 
 __all__ = ["PoissonDataLoader", "PoissonBatchSampler", "DPDataLoader", "BatchMemoryManager", "EmptyBatchCollate",
-           "BatchInfo"]
+           "BatchInfo", "UniformWithReplacementSampler"]
 
 _MANTISSA_BITS = 53
 _MANTISSA_MASK = (1 << _MANTISSA_BITS) - 1
@@ -262,6 +262,10 @@ class PoissonBatchSampler(Sampler[List[int]]):
         self._states.clear()
         done = draws % self.steps
         self._resume_remaining = self.steps - done if done else None
+
+
+#: Opacus's name for the same sampler (its arguments num_samples=, sample_rate=, generator=, steps= are taken)
+UniformWithReplacementSampler = PoissonBatchSampler
 
 
 class EmptyBatchCollate:
