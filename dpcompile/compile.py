@@ -120,13 +120,14 @@ def compile(model: nn.Module, *, backend: str = "flashdp", fullgraph: bool = Tru
 _COMPILES = itertools.count()
 
 
-def _own_code_object(model: nn.Module):
-    """`model(*args, **kwargs)` through a function whose code object belongs to this compile alone. Dynamo keeps
+def _own_code_object(self: nn.Module):
+    """`self(*args, **kwargs)` through a function whose code object belongs to this compile alone. Dynamo keeps
     its graphs, and counts them against its recompile limit (8), per code object: compiled directly, every model
     whose forward is one class's (LossModule, CausalLMLoss around different models) would share one count, and
-    the third model of a process could fail on the graphs of the first two."""
+    the third model of a process could fail on the graphs of the first two. The module is named `self` so that
+    Dynamo's sources read `L['self'].…` as when the module itself is compiled (the backend names tensors by them)."""
     def dp_forward(*args, **kwargs):
-        return model(*args, **kwargs)
+        return self(*args, **kwargs)
 
     dp_forward.__code__ = dp_forward.__code__.replace(co_name=f"dp_forward_{next(_COMPILES)}")
     return dp_forward

@@ -267,6 +267,42 @@ def _run_steps_no_count(compiled, model, case, make, shapes, C, clipping):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# images: the dims after the batch dim are (C, H, W)
+
+
+@pytest.mark.parametrize("head", ["pool", "flatten"])
+def test_conv_nets_any_batch_and_image_size(head):
+    """pool: H and W vary freely (one graph). flatten: a Linear on the flattened (C, H, W) fixes C*H*W by a guard
+    but not H and W apart, so the backward's view back to (C, H, W) is one sample's block only by that guard."""
+    torch.manual_seed(0)
+    if head == "pool":
+        model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.Tanh(),
+                                    torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(3, 1))
+        shapes = [(4, 5, 5), (3, 7, 6), (6, 4, 9), (5, 5, 5)]
+    else:
+        model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3), torch.nn.Tanh(), torch.nn.Flatten(),
+                                    torch.nn.Linear(3 * 2 * 2, 1))
+        shapes = [(4, 4, 4), (3, 4, 4), (6, 4, 4)]
+    model = model.double()
+
+    def loss(m, x):
+        return m(x).pow(2).sum()
+
+    torch._dynamo.reset()
+    counter = CountingBackend()
+    compiled = dpcompile.compile(LossModule(model, loss, False), backend=counter, max_grad_norm=SMALL_C,
+                                 clipping="per_layer", loss_reduction="sum")
+    for B, H, W in shapes:
+        x = torch.randn(B, 2, H, W, dtype=torch.float64)
+        model.zero_grad(set_to_none=True)
+        compiled(x).backward()
+        want = oracle.reference_clipped_grads(model, loss, (x,), max_grad_norm=SMALL_C, clipping="per_layer")
+        for name, p in model.named_parameters():
+            assert_grad_close(p.grad, want[name], f"B={B} H={H} W={W} {name}")
+    assert counter.graphs == 1
+
+
+# ----------------------------------------------------------------------------------------------------------
 # a layout that cannot be split with two symbolic sizes: recompiled static, with one warning
 
 

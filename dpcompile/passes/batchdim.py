@@ -306,6 +306,7 @@ class BatchDimAnalysis:
     def __init__(self, graph: fx.Graph, seeds: dict, batch_size: sympy.Expr):
         self.graph = graph
         self.B = batch_size
+        self.shape_env = graph_shape_env(graph)
         self.states: dict[fx.Node, State] = {}
         for node in graph.nodes:
             if node.op == "placeholder":
@@ -402,9 +403,28 @@ class BatchDimAnalysis:
         block = s.inner * prod(ins[s.dim + 1:])  # elements per sample block in row-major order
         for e in range(len(outs)):
             after = prod(outs[e + 1:])
-            if divides(after, block) and divides(block * self.B, after * outs[e]):
-                return BDim(e, sympy.cancel(block / after))
+            inner = self._quotient(block, after)  # indices of dim e per sample block
+            # dim e holds whole rounds of the B blocks (outer of them: T for a time-major flatten)
+            if inner is not None and self._quotient(outs[e], inner * self.B) is not None:
+                return BDim(e, inner)
         return self._mix(node, "a reshape that spreads one sample's block over several dims")
+
+    def _quotient(self, num: sympy.Expr, den: sympy.Expr) -> Optional[sympy.Expr]:
+        """num / den where it is an integer for every size the graph accepts, else None. Beyond polynomial
+        division, the ShapeEnv's guards count: a model that feeds a flattened (C, H, W) to a Linear fixes C*H*W
+        (a guard) but not H and W, and the backward's view back to (C, H, W) is one sample's block only by it."""
+        if divides(den, num):
+            return sympy.cancel(num / den)
+        if self.shape_env is None:
+            return None
+        try:
+            n, d = size_hint(num, self.shape_env), size_hint(den, self.shape_env)
+        except Exception:  # a size without a hint (unbacked): unknown
+            return None
+        if d == 0 or n % d:
+            return None
+        q = sympy.Integer(n // d)
+        return q if statically_equal(num, den * q, self.shape_env) else None
 
     def _reduction(self, node: fx.Node) -> State:
         dims_idx, keep_idx = _REDUCTIONS[node.target]
@@ -487,7 +507,8 @@ class BatchDimAnalysis:
         d = _norm_dim(_arg(node, 1, 0), rank)
         t = node.target
         if d == s.dim:
-            if t is aten.slice.Tensor and sizes_of(node)[d] == sizes_of(node.args[0])[d]:
+            if t is aten.slice.Tensor and statically_equal(sizes_of(node)[d], sizes_of(node.args[0])[d],
+                                                           self.shape_env):
                 return s  # a full slice
             return self._mix(node, "an op that takes part of the batch dim")
         if t is aten.select.int:
@@ -621,7 +642,8 @@ class BatchDimAnalysis:
         sb, ss = self.state(base), self.state(src)
         if isinstance(ss, BDim) and node.target is aten.select_scatter.default:
             ss = BDim(ss.dim + (1 if ss.dim >= d else 0), ss.inner)
-        full = node.target is aten.slice_scatter.default and sizes_of(base)[d] == sizes_of(src)[d] \
+        full = node.target is aten.slice_scatter.default and statically_equal(sizes_of(base)[d], sizes_of(src)[d],
+                                                                              self.shape_env) \
             and (len(node.args) < 6 or node.args[5] == 1)
         if full and not isinstance(sb, BDim):
             return ss  # the source covers the whole base: a copy

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import SampleMixingError, UnsupportedGradientError
-from .batchdim import BDim, Mixed, node_location, sizes_of
+from .batchdim import BDim, Mixed, graph_shape_env, node_location, sizes_of, statically_equal
 from .patterns import FUSED_KINDS, Site, classify_leaf
 
 aten = torch.ops.aten
@@ -135,7 +135,9 @@ def _positional_embedding(c: Contribution, batch_size) -> Optional[Contribution]
         return None
     dim, layout = site.layouts["x"]
     # the sum must be over exactly the samples: one dim, holding nothing but the batch
-    if site.info["reduced_pos"] != [dim + 1] or layout.inner != 1 or sizes_of(site.operands["x"])[dim] != batch_size:
+    x_size = sizes_of(site.operands["x"])[dim]
+    if site.info["reduced_pos"] != [dim + 1] or layout.inner != 1 or \
+            not statically_equal(x_size, batch_size, graph_shape_env(site.node.graph)):
         return None
     steps = list(c.chain)
     while steps and steps[0].node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):

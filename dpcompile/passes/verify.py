@@ -32,11 +32,16 @@ def _reaches_clipped_sum(node: fx.Node) -> bool:
             return True
         if n.op == "placeholder":
             return False
-        inputs = [a for a in n.all_input_nodes]
+        # sizes are not values: a view's symbolic shape (sym_size of an input) carries no gradient
+        inputs = [a for a in n.all_input_nodes if not _is_size(a)]
         if not inputs and n.target is torch.ops.aten.full.default and n.args[1] == 0:
             return True
         stack.extend(inputs)
     return False
+
+
+def _is_size(node: fx.Node) -> bool:
+    return isinstance(node.meta.get("val"), (torch.SymInt, int))
 
 
 def verify_coverage(graph: fx.Graph, ctx, params: list) -> None:
