@@ -328,14 +328,25 @@ def test_ghost_norm_op_equals_direct_norm_op():
 
 
 def test_every_summing_op_is_a_clipped_sum_for_the_coverage_check():
-    """The coverage check accepts a parameter's gradient only if it comes out of one of verify.clipped_sum_ops():
-    every registered op that returns a clipped sum must be on that list, and every op Inductor is to inline must be
-    a triton_op on the inlining list (a new op forgotten in either list would fail compilation or coverage)."""
+    """The coverage check accepts a parameter's gradient only if it comes out of an op registered with the role
+    "clipped_sum" (codegen/registry.py): every registered op that returns a clipped sum must have that role, and
+    every op Inductor is to inline must be a triton_op defined with dp_op (a new op without its role could not be
+    defined at all)."""
+    from dpcompile.codegen import randomized_ops  # noqa: F401  (registers the randomized ops too)
+    from dpcompile.codegen.registry import inlined_ops
     from dpcompile.passes.verify import clipped_sum_ops
 
-    ops.triton_ops()  # registers the randomized ops too
     names = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("dpcompile::")}
     summing = {n for n in names if "clipped_sum" in n or "single_pass" in n}
     assert summing == {op.name().split("::")[1].split(".")[0] for op in clipped_sum_ops()}
     custom = {"linear_single_pass_chunked", "probe_seed", "embedding_norm", "embedding_clipped_sum"}  # custom_ops
-    assert names - custom == {op.name().split("::")[1].split(".")[0] for op in ops.triton_ops()}
+    assert names - custom == {op.name().split("::")[1].split(".")[0] for op in inlined_ops()}
+
+
+def test_an_op_cannot_be_defined_without_its_role():
+    from dpcompile.codegen.registry import dp_op
+
+    with pytest.raises(TypeError):
+        dp_op()  # role is required
+    with pytest.raises(ValueError, match="role"):
+        dp_op(role="sum")(lambda x: x)

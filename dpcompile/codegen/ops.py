@@ -16,7 +16,8 @@ import math
 import torch
 from torch import Tensor
 
-_LIB = "dpcompile"
+from .registry import dp_custom_op, dp_op
+
 
 
 def _acc(x: Tensor, *others: Tensor) -> Tensor:
@@ -75,7 +76,7 @@ def _use_triton(*tensors: Tensor) -> bool:
 
 # triton_op: on CUDA, Inductor sees the Triton launches inside and emits them itself (no Python op in between);
 # elsewhere (CPU, fp64) the body is the PyTorch reference.
-@torch.library.triton_op(f"{_LIB}::linear_norm", mutates_args=())
+@dp_op(role="norm")
 def linear_norm(a: Tensor, b: Tensor) -> Tensor:
     """Direct per-sample norms: a GEMM per sample with the norm in its epilogue."""
     if not _use_triton(a, b):
@@ -85,7 +86,7 @@ def linear_norm(a: Tensor, b: Tensor) -> Tensor:
     return per_sample_sq_norms(a, b, launch=torch.library.wrap_triton)
 
 
-@torch.library.triton_op(f"{_LIB}::linear_ghost_norm", mutates_args=())
+@dp_op(role="norm")
 def linear_ghost_norm(a: Tensor, b: Tensor) -> Tensor:
     """Ghost per-sample norms: Gram products of the T rows, on chip."""
     if not _use_triton(a, b):
@@ -95,7 +96,7 @@ def linear_ghost_norm(a: Tensor, b: Tensor) -> Tensor:
     return ghost_sq_norms(a, b, launch=torch.library.wrap_triton)
 
 
-@torch.library.triton_op(f"{_LIB}::linear_clipped_sum", mutates_args=())
+@dp_op(role="clipped_sum")
 def linear_clipped_sum(a: Tensor, b: Tensor, coef: Tensor) -> Tensor:
     if not _use_triton(a, b):
         return linear_clipped_sum_reference(a, b, coef)
@@ -142,7 +143,7 @@ def _clip_coefficients(sq: Tensor, rest_sq: Tensor, sq_scale: float, threshold: 
 
 # The whole batch at once: a triton_op (Inductor inlines it; no Python on the step). The planner takes it when the
 # scratch of the compiled batch size fits the budget, and the chunked custom op below when it does not.
-@torch.library.triton_op(f"{_LIB}::linear_single_pass", mutates_args=())
+@dp_op(role="clipped_sum")
 def linear_single_pass(a: Tensor, b: Tensor, rest_sq: Tensor, sq_scale: float, threshold: float, clip_fn: str,
                        mean: bool) -> tuple[Tensor, Tensor]:
     """Single-pass clipping of a group whose only linear site is (a, b): every per-sample product is formed once;
@@ -169,12 +170,12 @@ linear_tile_clipped_sum_reference = linear_clipped_sum_reference
 
 # two_pass: the per-sample products formed twice by the vendor GEMM (for the norms, then for the clipped sum) and
 # never kept between the two passes; the choice for the sites of a group that cannot all be single-pass (flat).
-@torch.library.triton_op(f"{_LIB}::linear_tile_norm", mutates_args=())
+@dp_op(role="norm")
 def linear_tile_norm(a: Tensor, b: Tensor) -> Tensor:
     return _tiles_and_norms(a, b)[1]
 
 
-@torch.library.triton_op(f"{_LIB}::linear_tile_clipped_sum", mutates_args=())
+@dp_op(role="clipped_sum")
 def linear_tile_clipped_sum(a: Tensor, b: Tensor, coef: Tensor) -> Tensor:
     return _tiles_clipped_sum(_products(a, b), coef, norm_dtype(a.dtype, b.dtype, coef.dtype))
 
@@ -197,7 +198,7 @@ def tiles_clipped_sum_reference(tiles: Tensor, coef: Tensor) -> Tensor:
 # stored: the per-sample products formed once by the vendor GEMM and kept until the group's clip factor is known;
 # the choice for the other sites of a flat group where the products take no more memory than the operands (a, b)
 # the other multi-pass strategies keep for their clipped sum (M N <= T (M + N)).
-@torch.library.triton_op(f"{_LIB}::linear_tiles", mutates_args=())
+@dp_op(role="norm")
 def linear_tiles(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """(the per-sample products (B, M, N) in the data dtype, their squared norms in the accumulation dtype)."""
     return _tiles_and_norms(a, b)
@@ -205,20 +206,20 @@ def linear_tiles(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 # randomized_stored: the products kept as stored keeps them, normed by the probe estimate instead (randomized_ops);
 # no exact norm beside them, which eager execution would compute and throw away.
-@torch.library.triton_op(f"{_LIB}::linear_products", mutates_args=())
+@dp_op(role="prepare")
 def linear_products(a: Tensor, b: Tensor) -> Tensor:
     """The per-sample products (B, M, N) in the data dtype."""
     return _products(a, b)
 
 
-@torch.library.triton_op(f"{_LIB}::tiles_clipped_sum", mutates_args=())
+@dp_op(role="clipped_sum")
 def tiles_clipped_sum(tiles: Tensor, coef: Tensor) -> Tensor:
     """sum_i coef_i tiles_i of stored products, accumulated in fp32 (fp64 for fp64), in the tiles' dtype."""
     return _tiles_clipped_sum(tiles, coef, norm_dtype(tiles.dtype, coef.dtype))
 
 
 # A custom_op, not a triton_op: the chunk loop runs on concrete sizes (the batch dim is symbolic at compile time).
-@torch.library.custom_op(f"{_LIB}::linear_single_pass_chunked", mutates_args=())
+@dp_custom_op(role="clipped_sum")
 def linear_single_pass_chunked(a: Tensor, b: Tensor, rest_sq: Tensor, sq_scale: float, threshold: float,
                                clip_fn: str, mean: bool, budget_bytes: int) -> tuple[Tensor, Tensor]:
     """linear_single_pass in chunks of samples whose products fit `budget_bytes` (one Python loop per step)."""
@@ -262,20 +263,19 @@ def rows_colsum_reference(x: Tensor) -> Tensor:
     return _acc(x).sum(1)
 
 
-@torch.library.triton_op(f"{_LIB}::rows_colsum", mutates_args=())
+@dp_op(role="prepare")
 def rows_colsum(x: Tensor) -> Tensor:
     """Per-sample row sums (B, P) in the accumulation dtype: the group's norm and clipped sum both read this small
     tensor, so x is read once (Inductor fuses the producer of x, e.g. dY * x_hat, into this reduction)."""
     return rows_colsum_reference(x)
 
 
-@torch.library.triton_op(f"{_LIB}::rows_norm", mutates_args=())
+@dp_op(role="norm")
 def rows_norm(x: Tensor) -> Tensor:
     return rows_norm_reference(x)
 
 
-
-@torch.library.triton_op(f"{_LIB}::rows_clipped_sum", mutates_args=())
+@dp_op(role="clipped_sum")
 def rows_clipped_sum(x: Tensor, coef: Tensor) -> Tensor:
     return rows_clipped_sum_reference(x, coef)
 
@@ -315,7 +315,7 @@ def embedding_clipped_sum_reference(idx: Tensor, g: Tensor, coef: Tensor, num_we
     return out.index_add_(0, flat_idx, vals).to(g.dtype)
 
 
-@torch.library.custom_op(f"{_LIB}::embedding_norm", mutates_args=())
+@dp_custom_op(role="norm")
 def embedding_norm(idx: Tensor, g: Tensor, padding_idx: int) -> Tensor:
     return embedding_norm_reference(idx, g, padding_idx)
 
@@ -325,7 +325,7 @@ def _(idx, g, padding_idx):
     return g.new_empty((idx.shape[0],), dtype=norm_dtype(g.dtype))
 
 
-@torch.library.custom_op(f"{_LIB}::embedding_clipped_sum", mutates_args=())
+@dp_custom_op(role="clipped_sum")
 def embedding_clipped_sum(idx: Tensor, g: Tensor, coef: Tensor, num_weights: int, padding_idx: int) -> Tensor:
     return embedding_clipped_sum_reference(idx, g, coef, num_weights, padding_idx)
 
@@ -351,27 +351,11 @@ def persample_clipped_sum_reference(ps: Tensor, coef: Tensor) -> Tensor:
     return (coef.to(flat.dtype) @ flat).reshape(ps.shape[1:]).to(ps.dtype)
 
 
-@torch.library.triton_op(f"{_LIB}::persample_norm", mutates_args=())
+@dp_op(role="norm")
 def persample_norm(ps: Tensor) -> Tensor:
     return persample_norm_reference(ps)
 
 
-
-@torch.library.triton_op(f"{_LIB}::persample_clipped_sum", mutates_args=())
+@dp_op(role="clipped_sum")
 def persample_clipped_sum(ps: Tensor, coef: Tensor) -> Tensor:
     return persample_clipped_sum_reference(ps, coef)
-
-
-
-def triton_ops() -> set:
-    """The triton_op overloads: Inductor graphs get their bodies inlined (passes/rewrite.py: inline_triton_ops)."""
-    from . import randomized_ops  # noqa: F401  (registers the randomized-norm ops)
-
-    d = torch.ops.dpcompile
-    return {d.linear_norm.default, d.linear_ghost_norm.default, d.linear_clipped_sum.default,
-            d.linear_single_pass.default, d.linear_tile_norm.default,
-            d.linear_tile_clipped_sum.default, d.linear_tiles.default, d.linear_products.default,
-            d.tiles_clipped_sum.default,
-            d.linear_norm_randomized.default, d.persample_norm_randomized.default,
-            d.rows_colsum.default, d.rows_norm.default, d.rows_clipped_sum.default, d.persample_norm.default,
-            d.persample_clipped_sum.default}

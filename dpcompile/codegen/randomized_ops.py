@@ -46,12 +46,10 @@ from ..privacy.randomized_accounting import accounting_probes, record_randomized
 from .kernels.randomized import (VARIANTS, check_site, check_variant, randomized_sq_norms,
                                  randomized_sq_norms_of_products, randomized_sq_norms_of_products_reference,
                                  randomized_sq_norms_reference)
+from .registry import dp_custom_op, dp_op
 
 __all__ = ["VARIANTS", "linear_norm_randomized", "persample_norm_randomized", "probe_seed", "next_probe_seed",
            "manual_probe_seed", "exact_norms", "exact_norms_enabled", "accounting_probes"]
-
-_LIB = "dpcompile"
-
 
 # -- seed source ----------------------------------------------------------------------------------------------
 class _SeedSource:
@@ -87,7 +85,7 @@ def manual_probe_seed(seed: Optional[int]) -> None:
     _SOURCE.manual(seed)
 
 
-@torch.library.custom_op(f"{_LIB}::probe_seed", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,))
+@dp_custom_op(role="seed", tags=(torch.Tag.nondeterministic_seeded,))
 def probe_seed(like: Tensor, probes: int, variant: str) -> Tensor:
     check_variant(variant, probes)
     record_randomized_use(probes, variant)
@@ -141,7 +139,7 @@ def _exact(a: Tensor, b: Tensor) -> Tensor:
     return linear_norm_reference(a, b)
 
 
-@torch.library.triton_op(f"{_LIB}::linear_norm_randomized", mutates_args=())
+@dp_op(role="norm")
 def linear_norm_randomized(a: Tensor, b: Tensor, probes: int, variant: str, seed: Tensor, site_id: int) -> Tensor:
     check_variant(variant, probes)
     check_site(site_id)
@@ -152,7 +150,7 @@ def linear_norm_randomized(a: Tensor, b: Tensor, probes: int, variant: str, seed
     return randomized_sq_norms_reference(a, b, probes, variant, seed, site_id)
 
 
-@torch.library.triton_op(f"{_LIB}::persample_norm_randomized", mutates_args=())
+@dp_op(role="norm")
 def persample_norm_randomized(s: Tensor, probes: int, variant: str, seed: Tensor, site_id: int) -> Tensor:
     check_variant(variant, probes)
     check_site(site_id)

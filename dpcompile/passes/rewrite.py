@@ -15,6 +15,7 @@ import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..codegen import ops
+from ..codegen.registry import inlined_ops
 from ..errors import UnsupportedGradientError
 from ..clipping import clip_factors
 from .discover import Contribution, ParamGrad, Step
@@ -361,15 +362,13 @@ def decompose_kept_ops(graph: fx.Graph) -> None:
 
 
 def inline_triton_ops(graph: fx.Graph, decompositions: dict) -> None:
-    """For Inductor: replace every dpcompile triton_op node by its body, traced under functionalization (which is
-    where triton_op decomposes), so that Inductor emits the Triton launches itself and fuses the PyTorch parts
+    """For Inductor: replace every node of an op defined with codegen.registry.dp_op (a triton_op) by its body,
+    traced under functionalization (which is where triton_op decomposes), so that Inductor emits the Triton launches itself and fuses the PyTorch parts
     (row sums, casts, clip factors) into its own kernels. Left as op calls, each would run its Python body on every
     step, which made the step host-bound (measured: 0.4 ms of host time per op call on an H100 machine)."""
     from torch._subclasses.functional_tensor import dispatch_functionalize
 
-    from ..codegen.ops import triton_ops
-
-    inlined = triton_ops()
+    inlined = inlined_ops()
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in inlined:
             continue

@@ -4,31 +4,26 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ..codegen.registry import ops_with_role
 from ..errors import CoverageError
-
-_CLIPPED_SUM_OPS = None
 
 
 def clipped_sum_ops() -> set:
-    global _CLIPPED_SUM_OPS
-    if _CLIPPED_SUM_OPS is None:
-        d = torch.ops.dpcompile
-        _CLIPPED_SUM_OPS = {d.linear_clipped_sum.default, d.rows_clipped_sum.default,
-                            d.embedding_clipped_sum.default, d.persample_clipped_sum.default,
-                            d.linear_single_pass.default, d.linear_single_pass_chunked.default,
-                            d.linear_tile_clipped_sum.default, d.tiles_clipped_sum.default}
-    return _CLIPPED_SUM_OPS
+    """The ops registered with the role "clipped_sum" (codegen/registry.py): an op in the graph was defined, so
+    registered, so it is here."""
+    return ops_with_role("clipped_sum")
 
 
 def _reaches_clipped_sum(node: fx.Node) -> bool:
     """The output is a clipped sum up to reshapes/casts/scalings of it (or zeros for an empty batch)."""
+    summing = clipped_sum_ops()
     seen, stack = set(), [node]
     while stack:
         n = stack.pop()
         if n in seen or not isinstance(n, fx.Node):
             continue
         seen.add(n)
-        if n.target in clipped_sum_ops():
+        if n.target in summing:
             return True
         if n.op == "placeholder":
             return False
