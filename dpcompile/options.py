@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence, Union
 
+from . import strategy_registry
 from .errors import OptionsError
 
 # Stability constants of the clip functions (the contract's ε and AUTO-S γ). Fixed, not options:
@@ -20,11 +21,21 @@ AUTO_GAMMA = 1e-2
 CLIPPING_STYLES = ("flat", "per_layer", "per_param")
 CLIP_FNS = ("abadi", "automatic")
 LOSS_REDUCTIONS = ("sum", "mean")
-# strategies for linear weight sites (dpcompile/passes/plan.py): "auto" lets the cost model choose per site among
-# the exact ones; "randomized" (probe-estimated norms, docs/randomized.md) changes the privacy analysis, so it is
-# only ever used where the user forces it
-LINEAR_STRATEGIES = ("auto", "direct", "ghost", "single_pass", "stored", "two_pass", "randomized")
-EXACT_LINEAR_STRATEGIES = ("direct", "ghost", "single_pass", "stored", "two_pass")
+# strategies for linear weight sites: the registry's (dpcompile/strategy_registry.py; built-ins in
+# passes/strategies.py). "auto" lets the cost model choose per site among the exact ones; one that is not exact
+# ("randomized": probe-estimated norms, docs/randomized.md) changes the privacy analysis, so it is only ever used
+# where the user forces it. LINEAR_STRATEGIES and EXACT_LINEAR_STRATEGIES are read from the registry when asked
+# for (module __getattr__), so that a strategy registered by user code is accepted too.
+
+
+def __getattr__(name: str):
+    if name == "LINEAR_STRATEGIES":
+        return ("auto",) + strategy_registry.option_names()
+    if name == "EXACT_LINEAR_STRATEGIES":
+        return strategy_registry.exact_option_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 DEFAULT_SINGLE_PASS_BUDGET_MB = 256.0
 # randomized norms: the probe estimators and the default probe count (k = 32 costs about 9% more sigma)
 PROBE_VARIANTS = ("hutchinson", "hutchpp")
@@ -119,9 +130,9 @@ class DPOptions:
 
     def uses_randomized(self) -> bool:
         """Whether some linear site may be forced to the randomized strategy (changes the privacy analysis)."""
-        if isinstance(self.strategy, str):
-            return self.strategy == "randomized"
-        return any(s == "randomized" for _, s in self.strategy)
+        names = [self.strategy] if isinstance(self.strategy, str) else [s for _, s in self.strategy]
+        records = [strategy_registry.find_strategy(s) for s in names]
+        return any(r is not None and r.accounting == "randomized" for r in records)
 
     def forced_strategy(self, name: str) -> str:
         """The strategy the user asked for parameter `name` ("auto" when none)."""
@@ -225,9 +236,11 @@ def _parse_clipping(value: Any):
 
 
 def _parse_strategy(value: Any):
+    names = __getattr__("LINEAR_STRATEGIES")
+
     def check(v, where):
-        if v not in LINEAR_STRATEGIES:
-            raise OptionsError(f"option {where}={v!r} is invalid; choose one of {list(LINEAR_STRATEGIES)}")
+        if v not in names:
+            raise OptionsError(f"option {where}={v!r} is invalid; choose one of {list(names)}")
         return v
 
     if isinstance(value, tuple) and all(isinstance(v, tuple) and len(v) == 2 for v in value):
@@ -241,5 +254,5 @@ def _parse_strategy(value: Any):
                 raise OptionsError(f"option strategy: keys must be parameter-name globs (str), got {glob!r}")
             out.append((glob, check(v, f"strategy[{glob!r}]")))
         return tuple(out)  # order kept: the first matching glob wins
-    raise OptionsError(f"option strategy={value!r} must be one of {list(LINEAR_STRATEGIES)} or a non-empty dict "
+    raise OptionsError(f"option strategy={value!r} must be one of {list(names)} or a non-empty dict "
                        "{parameter-name glob: strategy}")

@@ -16,9 +16,11 @@ import torch
 import torch.fx as fx
 
 from ..options import DPOptions
+from ..strategy_registry import find_strategy
 from .batchdim import (BatchDimAnalysis, BDim, Mixed, graph_shape_env, guard_batch_sizes, size_hint,
                        sym_expr)
 from .discover import Contribution, ParamGrad, discover_contributions
+from . import strategies  # noqa: F401  (registers the built-in strategies)
 from .patterns import Site
 from .plan import LinearShape, check_forced_globs, check_randomizable, plan_group, plan_rows
 from .rewrite import (RandomizedNorms, decompose_kept_ops, group_inputs, inline_triton_ops, insert_traced,
@@ -248,7 +250,7 @@ def run_dp_pass(graph: fx.Graph, ctx: PassContext) -> None:
 
     # randomized sites: one secret probe seed per call of the graph, a distinct site id per site
     rand_pgs = [pg for _, pg in params if id(pg) in products or
-                (id(pg) in choices and choices[id(pg)].strategy == "randomized")]
+                (id(pg) in choices and _accounting(choices[id(pg)].strategy) == "randomized")]
     randomized = None
     if rand_pgs:
         randomized = RandomizedNorms(ctx.options.probes, ctx.options.probe_variant,
@@ -275,6 +277,11 @@ def run_dp_pass(graph: fx.Graph, ctx: PassContext) -> None:
                                 randomized=set(products), hints=hints))
     ctx.classified = True
     _finish(graph, ctx, params)
+
+
+def _accounting(name: str):
+    record = find_strategy(name)
+    return record.accounting if record else None
 
 
 def _insert_probe_seed(graph: fx.Graph, ctx: PassContext, batch_node: fx.Node) -> fx.Node:

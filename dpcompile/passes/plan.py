@@ -1,29 +1,8 @@
 """The planner: a strategy per parameter, chosen from sympy cost expressions, and the rows `explain` prints.
 
-Strategies:
-  direct        linear weight: a per-sample GEMM with the norm in its epilogue, then the clipped-sum GEMM (2 W)
-  ghost         linear weight: Gram products of the T rows on chip for the norm (B T^2 (M+N)), then the clipped sum
-  single_pass   linear weight, one site per clipping group: each per-sample product is formed once by the vendor
-                batched GEMM into a scratch buffer (chunks of samples within a memory budget), its norm taken from
-                the stored values, then reduced with the clip factors (W + 3 B M N bytes of traffic)
-  stored        linear weight, any number per group, where the scratch of one site fits the budget and the
-                products are no larger than the operands the other multi-pass strategies keep for their clipped sum
-                (M N <= T (M + N)): formed once by the vendor GEMM, normed, and kept until the group's clip factor
-                is known, then reduced (W + 3 B M N bytes; a flat group's sites keep them until the backward ends)
-  two_pass      linear weight, where the scratch of one site fits the budget: the products formed by the vendor
-                GEMM for the norms, dropped, and formed again for the clipped sum (2 W + 6 B M N bytes)
-  randomized    linear weight, only where the user forces it (it changes the privacy analysis): the norm estimated
-                with k Gaussian probes, 2 B T k (M+N) flops at fp32 accuracy on tensor cores
-                (docs/randomized.md), then the clipped sum (two_pass's where the products fit the budget). Never
-                chosen automatically, never single-pass, refused on T = 1 sites (the exact norm is cheaper there and
-                private for free). Wherever stored's conditions hold (long T: M N <= T (M + N)), the same
-                estimate with the same probes is taken from the products instead (randomized_stored: formed once,
-                kept, probed at 2 B M N k flops, reduced): never more work, the estimator's law (hence the
-                accounting) unchanged, and it estimates the norm of exactly the stored values that are summed
-  fused-rows / fused-embedding   bias, norm affine and elementwise parameters / embedding tables: own ops
-  materialize   per-sample gradients formed (B x numel), then norm and sum: several uses of one parameter
-                (tied weights), bmm and conv sites, scatters after other ops, and B == 1 graphs
-  zero          empty batch: the clipped sum is zero
+Strategies are records of the registry (dpcompile/strategy_registry.py); the built-in ones, what each does and
+its cost, are in passes/strategies.py. Besides those: fused-rows / fused-embedding (a site kind's own ops), zero
+(empty batch: the clipped sum is zero).
 
 Costs are seconds on a device model, as sympy expressions in the graph's symbolic sizes (the batch size B and,
 under dpcompile.compile, the sequence length T); every exact strategy is linear in B, so the choice depends on T,
@@ -40,6 +19,7 @@ from dataclasses import dataclass
 import sympy
 
 from ..errors import OptionsError
+from ..strategy_registry import find_strategy, get_strategy, inexact_names, strategies
 
 
 @dataclass(frozen=True)
@@ -75,37 +55,17 @@ class LinearShape:
 
 
 def linear_costs(s: LinearShape, budget_bytes: float, dev: DeviceModel = DEVICE, probes: int = 32) -> dict:
-    """Seconds for one linear weight site's norm + clipped sum under each strategy (sympy expressions in B).
-    "randomized" and "randomized_stored" (k = probes products per sample) are costed so that explain can show them;
-    plan_group only ever takes them where the user forced "randomized"."""
-    B, T, M, N, e = s.B, s.T, s.M, s.N, s.itemsize
-    flops = dev.flops_16 if e <= 2 else dev.flops_32
-    gemm = 2 * B * T * M * N / flops  # one weight-gradient-shaped GEMM of ours
-    bmm = 2 * B * T * M * N / (dev.flops_vendor if e <= 2 else dev.flops_32)  # the same products, vendor GEMM
-    tiles = B * M * N * e / dev.bandwidth  # one pass over the per-sample products
-    read = B * T * (M + N) * e / dev.bandwidth  # one pass over the operands
-    one_pass = bmm + read + 3 * tiles  # products formed once, written, read for the norm and for the sum
-    chunks = sympy.ceiling(B * M * N * e / budget_bytes)
-    # one chunk: a triton_op Inductor inlines; several: a Python loop on every step (host time, measured ~0.3 ms)
-    chunk_host = sympy.Piecewise((0, chunks <= 1), (dev.chunk_loop * chunks, True))
-    return {
-        "direct": 2 * gemm + 2 * read + 3 * dev.launch,
-        "ghost": B * T * T * (M + N) / flops + gemm + 2 * read + 3 * dev.launch,
-        "single_pass": one_pass + chunks * 6 * dev.launch + chunk_host,
-        "stored": one_pass + 6 * dev.launch,  # single_pass's kernels at one chunk, the factor computed apart
-        "two_pass": 2 * bmm + 2 * read + 6 * tiles + 4 * dev.launch,
-        # Z = a_i V and b_i^T Z at fp32 accuracy (T k (M + N) multiply-adds per sample), Z written and read back
-        # (B T k fp32), then the clipped sum: two_pass's (vendor GEMM, products reduced) where the products fit
-        # the budget, else our clipped-sum GEMM
-        "randomized": 2 * B * T * probes * (M + N) / dev.flops_probe + 2 * B * T * probes * 4 / dev.bandwidth
-        + sympy.Piecewise((bmm + read + 3 * tiles, B * M * N * e <= budget_bytes), (gemm + read, True))
-        + 5 * dev.launch,
-        # stored's products, probed (M N k multiply-adds per sample) instead of normed
-        "randomized_stored": one_pass + 2 * B * M * N * probes / dev.flops_probe + 6 * dev.launch,
-    }
+    """Seconds for one linear weight site's norm + clipped sum under each costed strategy of the registry (sympy
+    expressions in B). The strategies that are not exact ("randomized", "randomized_stored": k = probes products
+    per sample) are costed so that explain can show them; plan_group only ever takes them where the user forced
+    one."""
+    return {st.name: st.cost(s, budget_bytes, dev, probes) for st in strategies("linear") if st.cost is not None}
 
 
-RANDOMIZED_COSTS = ("randomized", "randomized_stored")
+def _inexact() -> tuple:
+    return inexact_names("linear")
+
+
 
 
 def evaluate(expr, batch_symbol, batch_hint: int, hints: dict | None = None) -> float:
@@ -134,56 +94,56 @@ class SiteChoice:
 
     @property
     def op_strategy(self) -> str:
-        """The strategy as the rewrite applies it: over the budget, single_pass runs chunked; within it, a
-        randomized site's clipped sum forms the products with the vendor GEMM and reduces them (two_pass's sum)."""
-        if self.stored_products:
-            return "randomized_stored"
-        if self.chunked:
-            return "single_pass_chunked" if self.strategy == "single_pass" else self.strategy
-        return "randomized_vendor_sum" if self.strategy == "randomized" else self.strategy
+        """The strategy as the rewrite applies it (Strategy.op_strategy): over the budget, single_pass runs chunked;
+        within it, a randomized site's clipped sum forms the products with the vendor GEMM and reduces them."""
+        record = find_strategy(self.strategy)
+        return record.op_strategy(self.chunked, self.stored_products) if record else self.strategy
 
 
 def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int, hints: dict | None = None) -> dict:
     """{id(pg): SiteChoice} for one clipping group. `shapes` maps id(pg) -> LinearShape for fused linear sites;
     `hints` gives the value of every other symbol in their sizes (the sequence length) at the compiled call.
 
-    single_pass needs the group's clip factor before the site's sum, so at most one site per group takes it (the
-    one it saves most on); the others choose between direct and ghost."""
+    Candidates come from the strategy registry. A strategy that forms the group's clip factor itself (group_clip:
+    single_pass) needs every other norm of the group first, so at most one site per group takes it (the one it
+    saves most on); the others choose among the exact strategies whose `requires` hold."""
     budget = options.single_pass_budget_mb * 2**20
     choices: dict = {}
     linear = [pg for pg in pgs if id(pg) in shapes]
     for pg in linear:
         costs = linear_costs(shapes[id(pg)], budget, probes=options.probes)
         forced = options.forced_strategy(pg.name)
-        if forced == "randomized":
-            check_randomizable(pg.name, shapes[id(pg)].T)
-        else:  # the randomized costs are shown only where the user asked for it: auto never weighs them
-            for k in RANDOMIZED_COSTS:
-                costs.pop(k)
+        record = None if forced == "auto" else get_strategy(forced)
+        if record is not None and record.check is not None:
+            record.check(pg.name, shapes[id(pg)])
+        if record is None or record.exact:  # inexact costs are shown only where the user asked for one
+            for k in _inexact():
+                costs.pop(k, None)
         choices[id(pg)] = SiteChoice(forced, costs, forced=forced != "auto")
-    forced_single = [pg for pg in linear if choices[id(pg)].strategy == "single_pass"]
-    prefer_single = options.strategy == "single_pass"  # the global form: wherever the scope allows (one per group)
+    single = next(st.name for st in strategies("linear") if st.group_clip and st.option and st.exact)
+    forced_single = [pg for pg in linear if _group_clip(choices[id(pg)].strategy)]
+    prefer_single = options.strategy == single  # the global form: wherever the scope allows (one per group)
     if prefer_single:
         for pg in linear:
             choices[id(pg)].strategy = "auto"
         forced_single = []
     elif len(forced_single) > 1:
         raise OptionsError(
-            f"option strategy: 'single_pass' was forced for {[pg.name for pg in forced_single]}, which share one "
-            "clipping group; single-pass clipping forms one site's per-sample products after every other norm of "
-            "the group, so only one site per group can take it (use per_layer clipping or force 'direct'/'ghost')")
-    def scratch_fits(pg):  # two_pass has no chunked form: its products must fit the budget at the compiled batch
-        s = shapes[id(pg)]
-        return evaluate(s.B * s.M * s.N * s.itemsize, batch_symbol, batch_hint, hints) <= budget
-
-    def keeps_no_more(pg):  # stored products (B M N) take no more memory than the operands (B T (M + N)) kept
-        s = shapes[id(pg)]  # by direct / ghost / two_pass until the group's factor is known
-        return evaluate(s.M * s.N - s.T * (s.M + s.N), batch_symbol, batch_hint, hints) <= 0
+            f"option strategy: {choices[id(forced_single[0])].strategy!r} was forced for "
+            f"{[pg.name for pg in forced_single]}, which share one clipping group; single-pass clipping forms one "
+            "site's per-sample products after every other norm of the group, so only one site per group can take it "
+            "(use per_layer clipping or force 'direct'/'ghost')")
+    conditions = {
+        # two_pass has no chunked form: its products must fit the budget at the compiled batch
+        "scratch_fits": lambda s: evaluate(s.B * s.M * s.N * s.itemsize, batch_symbol, batch_hint, hints) <= budget,
+        # stored products (B M N) take no more memory than the operands (B T (M + N)) kept by direct / ghost /
+        # two_pass until the group's factor is known
+        "keeps_no_more": lambda s: evaluate(s.M * s.N - s.T * (s.M + s.N), batch_symbol, batch_hint, hints) <= 0,
+    }
 
     def multi_pass(pg):  # what a site that is not the group's single-pass site chooses among
-        if not scratch_fits(pg):
-            return ("direct", "ghost")
-        return ("direct", "ghost", "stored", "two_pass") if keeps_no_more(pg) else ("direct", "ghost", "two_pass")
+        return tuple(st.name for st in strategies("linear") if st.option and st.exact and not st.group_clip
+                     and all(conditions[c](shapes[id(pg)]) for c in st.requires))
 
     if not forced_single:
         # the auto site that single_pass saves most on, if single_pass beats its best alternative
@@ -191,27 +151,34 @@ def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int, 
             # against the strategies that keep no products: stored is the same work for the group's other sites
             # (the same cost as single_pass at one chunk)
             c = choices[id(pg)].costs
-            best = min(evaluate(c[k], batch_symbol, batch_hint, hints) for k in multi_pass(pg) if k != "stored")
-            return best - evaluate(c["single_pass"], batch_symbol, batch_hint, hints)
+            best = min(evaluate(c[k], batch_symbol, batch_hint, hints) for k in multi_pass(pg)
+                       if not get_strategy(k).keeps_products)
+            return best - evaluate(c[single], batch_symbol, batch_hint, hints)
 
         auto = [pg for pg in linear if choices[id(pg)].strategy == "auto"]
         if auto:
             best = max(auto, key=saving)
             if prefer_single or saving(best) > 0:
-                choices[id(best)].strategy = "single_pass"
+                choices[id(best)].strategy = single
     for pg in linear:
         ch = choices[id(pg)]
         if ch.strategy == "auto":
             ch.strategy = choose_linear(ch.costs, multi_pass(pg), batch_symbol, batch_hint, hints)
-        ch.chunked = not scratch_fits(pg)
+        ch.chunked = not conditions["scratch_fits"](shapes[id(pg)])
         # randomized: the same estimate from stored products wherever stored may keep them. It is never more work:
         # the clipped sum within the budget forms the same products anyway (randomized_vendor_sum), and there
         # M N <= T (M + N), so probing the products costs at most what probing the rows does
-        ch.stored_products = ch.strategy == "randomized" and not ch.chunked and keeps_no_more(pg)
+        ch.stored_products = (get_strategy(ch.strategy).stored is not None and not ch.chunked
+                              and conditions["keeps_no_more"](shapes[id(pg)]))
     for pg in pgs:
         if id(pg) not in choices:
             choices[id(pg)] = SiteChoice(strategy(pg), {})
     return choices
+
+
+def _group_clip(name: str) -> bool:
+    record = find_strategy(name)
+    return record is not None and record.group_clip is not None
 
 
 def check_randomizable(name: str, T) -> None:
@@ -268,7 +235,7 @@ def plan_rows(params, ctx, empty: bool = False, choices: dict | None = None, bat
         elif randomized and id(pg) in randomized:
             chosen = "randomized"
         elif ch and ch.stored_products:
-            chosen = "randomized_stored"
+            chosen = get_strategy(ch.strategy).stored
         else:
             chosen = ch.strategy if ch else strategy(pg)
         rows.append({
@@ -277,8 +244,8 @@ def plan_rows(params, ctx, empty: bool = False, choices: dict | None = None, bat
             "threshold": ctx.thresholds[info.group],
             "pattern": "-" if empty else pattern(pg),
             "strategy": chosen,
-            "chunked": bool(ch and ch.strategy == "single_pass" and ch.chunked),
-            "forced": bool(ch and ch.forced) or chosen in RANDOMIZED_COSTS,
+            "chunked": bool(ch and _group_clip(ch.strategy) and ch.chunked),
+            "forced": bool(ch and ch.forced) or chosen in _inexact(),
             "cost_us_per_sample": {} if (empty or not ch) else per_sample_us(ch.costs, batch_symbol, batch_hint, hints),
             # as sympy prints them: simplify() took ~0.4 s a parameter, most of a 22-layer model's compile
             "cost_expr": {} if (empty or not ch) else {k: str(v) for k, v in ch.costs.items()},

@@ -17,17 +17,15 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from ..codegen import ops
 from ..codegen.registry import inlined_ops
 from ..errors import UnsupportedGradientError
+from ..strategy_registry import find_strategy, get_strategy
 from ..clipping import clip_factors
 from .discover import Contribution, ParamGrad, Step
 
 aten = torch.ops.aten
 
 def _site_clipped_sum(site, ins, coef, strategy: str):
-    if site.kind == "linear" and strategy in ("stored", "randomized_stored"):
-        return ops.tiles_clipped_sum(*ins, coef)
     if site.kind == "linear":
-        vendor = strategy in ("two_pass", "randomized_vendor_sum")  # products by the vendor GEMM, then reduced
-        return (ops.linear_tile_clipped_sum if vendor else ops.linear_clipped_sum)(*ins, coef)
+        return get_strategy(strategy or "direct").clipped_sum(ins, coef)
     if site.kind == "rows":
         return ops.rows_clipped_sum(*ins, coef).reshape(site.node.meta["val"].shape)
     return ops.embedding_clipped_sum(*ins, coef, site.info["num_weights"], site.info["padding_idx"]).reshape(
@@ -177,18 +175,8 @@ def _fused_norm(pg: ParamGrad, strategy: str, env: dict, bsz, randomized: Option
     """(squared norms with the contribution's scale, what the clipped sum needs) of one fused parameter."""
     c: Contribution = pg.contributions[0]
     ins = c.site.fused_inputs(env, bsz)
-    if c.site.kind == "linear" and strategy in ("randomized", "randomized_vendor_sum"):
-        n2 = randomized.norm(pg, *ins, env)
-    elif c.site.kind == "linear" and strategy == "randomized_stored":
-        tiles = ops.linear_products(*ins)
-        n2 = randomized.estimate(pg, tiles, env)
-        ins = (tiles,)
-    elif c.site.kind == "linear" and strategy == "stored":
-        tiles, n2 = ops.linear_tiles(*ins)
-        ins = (tiles,)  # the clipped sum reads the kept products, not the operands
-    elif c.site.kind == "linear":
-        norm = {"ghost": ops.linear_ghost_norm, "two_pass": ops.linear_tile_norm}.get(strategy, ops.linear_norm)
-        n2 = norm(*ins)
+    if c.site.kind == "linear":  # the strategy's norm op; what its clipped sum reads (the kept products for stored)
+        n2, ins = get_strategy(strategy or "direct").norm(ins, pg, env, randomized)
     elif c.site.kind == "rows":
         # the per-sample row sums, once: the norm and the clipped sum both read this (B, 1, P) tensor
         ins = (ops.rows_colsum(*ins).unsqueeze(1),)
@@ -213,7 +201,9 @@ def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: in
     """randomized: the graph's randomized sites (its seed node must be among `inputs` when a param of this group
     is randomized: strategy "randomized", or, in a batch-size-1 graph, an entry of randomized.products)."""
     strategies = strategies or {}
-    single = next((pg for pg in params if strategies.get(id(pg), "").startswith("single_pass")), None)
+    group_clip = {id(pg): find_strategy(strategies.get(id(pg), "")) for pg in params}
+    single = next((pg for pg in params if group_clip[id(pg)] and group_clip[id(pg)].group_clip), None)
+    materialize = get_strategy("materialize")
 
     def group_fn(*vals):
         env = dict(zip(inputs, vals))
@@ -224,23 +214,19 @@ def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: in
                 continue
             if pg.fused:
                 n2, prepared[id(pg)] = _fused_norm(pg, strategies.get(id(pg), ""), env, bsz, randomized)
+            elif randomized is not None and id(pg) in randomized.products:
+                prepared[id(pg)] = per_sample_grad(pg, env, bsz)
+                n2 = randomized.product_norm(pg, env)
             else:
-                prepared[id(pg)] = ps = per_sample_grad(pg, env, bsz)
-                if randomized is not None and id(pg) in randomized.products:
-                    n2 = randomized.product_norm(pg, env)
-                else:
-                    n2 = ops.persample_norm(ps)
+                n2, prepared[id(pg)] = materialize.norm(per_sample_grad(pg, env, bsz), pg, env, randomized)
             sq = n2 if sq is None else sq + n2
         sums = {}
         if single is not None:
             c = single.contributions[0]
             a, b = c.site.fused_inputs(env, bsz)
             rest = sq if sq is not None else a.new_zeros((bsz,), dtype=ops.norm_dtype(a.dtype, b.dtype))
-            if strategies[id(single)] == "single_pass_chunked":
-                s, coef = ops.linear_single_pass_chunked(a, b, rest, float(c.scale * c.scale), threshold, clip_fn,
-                                                         mean, budget_bytes)
-            else:
-                s, coef = ops.linear_single_pass(a, b, rest, float(c.scale * c.scale), threshold, clip_fn, mean)
+            s, coef = group_clip[id(single)].group_clip(a, b, rest, float(c.scale * c.scale), threshold, clip_fn,
+                                                        mean, budget_bytes)
             sums[id(single)] = _finish_fused(single, s, env)
         else:
             if mean:  # the loss carried 1/B: measure and sum B * g_i
@@ -256,7 +242,7 @@ def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: in
                 s = _finish_fused(pg, _site_clipped_sum(pg.contributions[0].site, prepared[id(pg)], coef,
                                                                strategies.get(id(pg), "")), env)
             else:
-                s = ops.persample_clipped_sum(prepared[id(pg)], coef)
+                s = materialize.clipped_sum(prepared[id(pg)], coef)
             val = pg.grad.meta["val"]
             outs.append(s.to(val.dtype).reshape(val.shape))
         return outs
