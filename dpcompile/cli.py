@@ -3,17 +3,25 @@
 
     dpcompile train                                   # SmolLM2-135M on Shakespeare, epsilon = 8, CPU or GPU
     dpcompile train --epsilon 3 --out runs/eps3
-    dpcompile train --model tiny-llama --data zen --steps 4     # a smoke run in seconds
-    dpcompile explain smollm2-135m
+    dpcompile train --model tiny-llama --data zen --seq-len 32 --max-windows 8 --steps 4 --save-every 2 --out runs/smoke
+    dpcompile train --resume runs/smoke --steps 8 --epsilon 12       # 4 more steps; epsilon 12 for all 8
+    dpcompile explain smollm2-135m --train-layers 1 --seq-len 32
     dpcompile bench --help
+
+Exit status: 0 done, 2 a bad option or missing input (the message names the option), 3 the DP pass refused the
+model, 130 interrupted (the last finished step is saved: --resume continues), 1 anything else (a bug: please report).
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import os
+import signal
 import sys
+import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -28,6 +36,33 @@ PROFILES = {
     "cuda": dict(seq_len=256, batch_size=256, micro_batch_size=32, steps=None, epochs=3.0, train_layers=None,
                  eval_windows=512, lr=5e-4),
 }
+
+#: exit statuses (docs/cli.md, docs/errors.md)
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+
+#: files `dpcompile train` writes into --out (besides the transformers checkpoint)
+REPORT_NAME, CURVE_CSV, CURVE_PNG = "dp_report.json", "curve.csv", "curve.png"
+RUN_FORMAT = "dpcompile.train"
+
+#: options that define a run's trajectory: `--resume` takes them from the checkpoint (given again, they must agree)
+RUN_OPTIONS = ("model", "data", "encoding", "seq_len", "max_windows", "batch_size", "micro_batch_size", "lr",
+               "weight_decay", "clipping", "clip_fn", "max_grad_norm", "strategy", "train_layers", "train_embeddings",
+               "backend", "seed", "secure_mode", "delta", "epsilon", "sigma", "no_dp", "eval_windows")
+
+
+TRAIN_EXAMPLES = """examples:
+  dpcompile train --model tiny-llama --data zen --seq-len 32 --max-windows 8 --steps 4 --save-every 2 --out runs/smoke
+  dpcompile train --resume runs/smoke --steps 8 --epsilon 12       # 4 more steps; epsilon 12 for all 8
+  dpcompile train --model runs/smoke --data zen --seq-len 32 --max-windows 8 --steps 4 --epsilon 16 --out runs/smoke2
+      (a new run on the trained model: its DP history continues, epsilon 16 for both runs together)
+
+exit status: 0 done, 2 a bad option or missing input, 3 the DP pass refused the model, 130 interrupted (Ctrl-C
+stops after the current step and saves it: --resume continues), 1 anything else (a bug: please report it)
+"""
+
+
+class UsageError(Exception):
+    """A bad option, or a combination that cannot run: `dpcompile` prints the message and exits with status 2."""
 
 
 def _log(msg: str) -> None:
@@ -46,26 +81,47 @@ def _positive(kind):
     return parse
 
 
+def _seq_len(s: str) -> int:
+    v = _positive(int)(s)
+    if v < 2:
+        raise argparse.ArgumentTypeError(f"must be >= 2, got {s!r}: a window of one token has no next token to "
+                                         "predict")
+    return v
+
+
 def _epsilon(s: str) -> float:
-    v = float(s)
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
     if not v > 0:
         raise argparse.ArgumentTypeError(f"must be > 0 (or inf for no privacy), got {s!r}")
     return v
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def _delta(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {s!r}")
+    return v
+
+
+def _add_model_options(p: argparse.ArgumentParser, train_layers_default: str) -> None:
     p.add_argument("--clipping", default="per_layer", choices=["flat", "per_layer", "per_param"],
                    help="clipping groups (default per_layer; every style bounds the whole per-sample norm by C)")
     p.add_argument("--clip-fn", default="abadi", choices=["abadi", "automatic"],
-                   help="min(1, C/|g|) (abadi, default) or C/(|g|+0.01) (automatic)")
+                   help="min(1, C/|g|) (abadi, the default) or C/(|g|+0.01) (automatic)")
     p.add_argument("--max-grad-norm", type=_positive(float), default=1.0, metavar="C",
                    help="per-sample gradient norm bound C (default 1.0)")
     p.add_argument("--strategy", default=None,
-                   help=f"strategy of linear weight sites: auto (the planner's cheapest, default) or one of {_EXACT} "
-                        "(the backend option 'strategy'; see docs/clipping.md)")
+                   help=f"strategy of linear weight sites: auto (the planner's cheapest, the default) or one of "
+                        f"{_EXACT} (the backend option 'strategy'; see docs/clipping.md)")
     p.add_argument("--train-layers", type=int, default=None, metavar="N",
-                   help="train only the last N transformer blocks (and the final norm); -1 = all. Default: 2 on CPU, "
-                        "all on a GPU")
+                   help="train only the last N transformer blocks (and the final norm); -1 = all. Default: "
+                        + train_layers_default)
     p.add_argument("--train-embeddings", action="store_true",
                    help="also train the token embedding (tied to the LM head in SmolLM2/GPT-2). Off by default: a "
                         "tied table materializes B x vocab x d per-sample gradients, and noise on 28M rarely-used "
@@ -81,63 +137,95 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", metavar="{train,explain,bench}")
 
     t = sub.add_parser("train", help="DP fine-tune a causal LM on a text corpus",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                       description="DP fine-tuning (DP-SGD with Poisson sampling, per-sample clipping in the compiled "
-                                   "graph, Gaussian noise, PLD accounting) of a causal LM on text. With no options: "
-                                   "SmolLM2-135M on Shakespeare at epsilon=8, delta=1e-5; on a CPU a short "
-                                   "demonstration run, on a GPU 3 epochs of the whole model.")
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TRAIN_EXAMPLES,
+                       description=textwrap.fill(
+                           "DP fine-tuning (DP-SGD with Poisson sampling, per-sample clipping in the compiled graph, "
+                           "Gaussian noise, PLD accounting) of a causal LM on text. With no options: SmolLM2-135M "
+                           "on Shakespeare at epsilon=8, delta=1e-5; on a CPU a short demonstration run, on a GPU "
+                           "3 epochs of the whole model. A model whose directory records earlier DP training "
+                           "(dp_checkpoint.pt / dp_report.json) continues that privacy history: epsilon and "
+                           "--epsilon are totals.", 100))
     t.add_argument("--model", default="smollm2-135m",
-                   help="smollm2-135m | tiny-llama | tiny-gpt2 | a .gguf file | a save_pretrained directory")
-    t.add_argument("--data", default="shakespeare", help="shakespeare | zen | a text file | a directory of .txt")
+                   help="smollm2-135m (the default) | tiny-llama | tiny-gpt2 | a .gguf file | a save_pretrained "
+                        "directory, e.g. an earlier run's --out (its DP history continues)")
+    t.add_argument("--data", default="shakespeare",
+                   help="shakespeare (the default) | zen | a text file | a directory of .txt files")
+    t.add_argument("--encoding", default="utf-8",
+                   help="text encoding of --data files, decoded strictly (default utf-8; e.g. latin-1)")
     priv = t.add_mutually_exclusive_group()
     priv.add_argument("--epsilon", type=_epsilon, default=8.0,
-                      help="target epsilon; sigma is calibrated for the whole run (inf: no privacy)")
+                      help="target epsilon of the whole privacy history, this run and any earlier one the model "
+                           "records; sigma is calibrated to it (default 8; inf: no privacy)")
     priv.add_argument("--sigma", type=_positive(float), default=None,
                       help="noise multiplier instead of a target epsilon (epsilon is then reported)")
     priv.add_argument("--no-dp", action="store_true",
                       help="non-private baseline: same sampling and optimizer, no clipping, no noise")
-    t.add_argument("--delta", type=float, default=1e-5, help="target delta")
+    t.add_argument("--delta", type=_delta, default=1e-5, help="target delta (default 1e-5)")
+    t.add_argument("--allow-overspend", action="store_true",
+                   help="train even when the model's earlier DP history already spends --epsilon (epsilon then "
+                        "reports the true total, above the target)")
     t.add_argument("--epochs", type=_positive(float), default=None,
                    help="passes over the training windows (in expectation); default: --steps on CPU, 3 on a GPU")
     t.add_argument("--steps", type=_positive(int), default=None,
-                   help="logical (Poisson) batches; overrides --epochs. Default: 20 on CPU")
+                   help="logical (Poisson) batches of the whole run, overriding --epochs (default 20 on CPU). With "
+                        "--resume: the new total (more steps extend the run)")
     t.add_argument("--batch-size", type=_positive(int), default=None,
                    help="expected logical batch size (Poisson); default 8 on CPU, 256 on a GPU")
     t.add_argument("--micro-batch-size", type=_positive(int), default=None,
                    help="physical micro-batch size (memory); default 8 on CPU, 32 on a GPU")
-    t.add_argument("--seq-len", type=_positive(int), default=None,
-                   help="tokens per example window; default 128 on CPU, 256 on a GPU")
+    t.add_argument("--seq-len", type=_seq_len, default=None,
+                   help="tokens per example window (>= 2); default 128 on CPU, 256 on a GPU")
     t.add_argument("--max-windows", type=_positive(int), default=None,
                    help="use only the first N training windows (N is what the accountant sees)")
     t.add_argument("--lr", type=_positive(float), default=None, help="AdamW learning rate (default 5e-4)")
-    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     t.add_argument("--eval-windows", type=int, default=None,
-                   help="held-out windows for perplexity before and after (0: skip); default 24 CPU, 512 GPU")
-    _add_model_options(t)
+                   help="held-out windows for perplexity before and after (0: skip); default 24 on CPU, 512 on a GPU")
+    _add_model_options(t, "2 on CPU, all on a GPU")
     t.add_argument("--backend", default="auto", choices=["auto", "flashdp", "flashdp_eager"],
-                   help="auto: flashdp (Inductor + Triton kernels) on a GPU, flashdp_eager on CPU")
-    t.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    t.add_argument("--seed", type=int, default=0)
+                   help="auto (the default): flashdp (Inductor + Triton kernels) on a GPU, flashdp_eager on CPU")
+    t.add_argument("--device", default="auto", help="auto (the default) | cpu | cuda | cuda:N")
+    t.add_argument("--seed", type=int, default=0, help="seed of the sampling, the noise and torch (default 0)")
     t.add_argument("--secure-mode", action="store_true",
                    help="OS-random sampling and noise (no reproducibility; see docs/privacy.md)")
-    t.add_argument("--out", default="dpcompile-out", help="output directory: checkpoint, tokenizer, report.json")
+    t.add_argument("--out", default=None,
+                   help="output directory: transformers checkpoint, tokenizer, dp_checkpoint.pt, dp_report.json, "
+                        "curve.csv, curve.png (default dpcompile-out; with --resume, the resumed directory). It must "
+                        "be empty or new unless --overwrite")
+    t.add_argument("--overwrite", action="store_true", help="write into a non-empty --out (files are replaced)")
+    t.add_argument("--save-every", type=_positive(int), default=None, metavar="N",
+                   help="also write the checkpoint every N steps (it is always written at the end)")
+    t.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run whose checkpoint is in DIR (an --out of dpcompile train): same settings, "
+                        "same batches and noise as if it had not stopped")
     t.add_argument("--no-save", action="store_true", help="do not write a checkpoint")
     t.add_argument("--sample", default="To be, or not to be,",
-                   help="prompt for a short generate() at the end ('' to skip)")
+                   help="prompt for a short generate() at the end ('' to skip; default 'To be, or not to be,')")
     t.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
 
-    e = sub.add_parser("explain", help="the per-parameter DP plan of a model (group, site, strategy, cost)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e = sub.add_parser("explain", help="the per-parameter DP plan of a model (group, site, strategy, cost)")
     e.add_argument("model", nargs="?", default="smollm2-135m",
-                   help="smollm2-135m | tiny-llama | tiny-gpt2 | a .gguf file | a save_pretrained directory")
-    e.add_argument("--seq-len", type=_positive(int), default=64)
-    e.add_argument("--batch-size", type=_positive(int), default=2, help="batch size of the example input (>= 2)")
-    _add_model_options(e)
+                   help="smollm2-135m (the default) | tiny-llama | tiny-gpt2 | a .gguf file | a save_pretrained "
+                        "directory")
+    e.add_argument("--seq-len", type=_seq_len, default=64, help="example length (default 64)")
+    e.add_argument("--batch-size", type=_positive(int), default=2, help="batch size of the example input (>= 2; "
+                                                                         "default 2)")
+    _add_model_options(e, "all")
 
     sub.add_parser("bench", help="run benchmarks/harness.py of a source checkout (arguments are passed on; try "
                                  "`dpcompile bench --help`)",
                    add_help=False)
     return ap
+
+
+def _explicit_options(argv: Sequence[str]) -> set:
+    """The dests of the options given on the command line (not left at their defaults)."""
+    p = build_parser()
+    sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction))
+    for parser in sub.choices.values():
+        for a in parser._actions:
+            a.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(argv))) - {"command"}
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------
@@ -147,7 +235,7 @@ def _strategy_option(strategy: Optional[str]) -> dict:
     if strategy in (None, "", "auto"):
         return {}
     if strategy == "randomized":
-        raise SystemExit("dpcompile: --strategy randomized estimates per-sample norms with probes, which changes the "
+        raise UsageError("--strategy randomized estimates per-sample norms with probes, which changes the "
                          "privacy analysis (docs/randomized.md); `dpcompile train` calibrates sigma for exact norms "
                          f"only. Use one of {_EXACT} here, or the Python API for randomized norms")
     from .errors import OptionsError
@@ -157,9 +245,9 @@ def _strategy_option(strategy: Optional[str]) -> dict:
         DPOptions.parse({"strategy": strategy})
     except OptionsError as err:
         if "unknown" in str(err):
-            raise SystemExit(f"dpcompile: --strategy {strategy}: this version of dpcompile has no strategy option "
+            raise UsageError(f"--strategy {strategy}: this version of dpcompile has no strategy option "
                              "(the planner chooses every site's strategy itself)") from None
-        raise SystemExit(f"dpcompile: --strategy {strategy}: {err}") from None
+        raise UsageError(f"--strategy {strategy}: {err}") from None
     return {"strategy": strategy}
 
 
@@ -182,9 +270,9 @@ def freeze(model, train_layers: Optional[int], train_embeddings: bool) -> tuple[
     if train_layers is not None and train_layers >= 0:
         blocks = decoder_blocks(model)
         if blocks is None:
-            raise SystemExit("dpcompile: --train-layers: found no list of transformer blocks in this model")
+            raise UsageError("--train-layers: found no list of transformer blocks in this model")
         if train_layers > len(blocks):
-            raise SystemExit(f"dpcompile: --train-layers {train_layers}: the model has only {len(blocks)} blocks")
+            raise UsageError(f"--train-layers {train_layers}: the model has only {len(blocks)} blocks")
         for b in list(blocks)[:len(blocks) - train_layers]:
             b.requires_grad_(False)
     params = {id(p): p for p in model.parameters()}.values()
@@ -239,62 +327,227 @@ def _resolve_device(name: str):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"dpcompile: --device {name}: no CUDA device is available")
+        raise UsageError(f"--device {name}: no CUDA device is available")
     return dev
 
 
 # ---- train ----------------------------------------------------------------------------------------------------
+
+def _dir_is_empty(path: Path) -> bool:
+    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+
+
+def _read_run(resume: str) -> dict:
+    """The dpcompile checkpoint of a `dpcompile train` output directory (torch.load, weights_only)."""
+    import torch
+
+    from .hf import DP_CHECKPOINT_NAME
+
+    path = Path(resume) / DP_CHECKPOINT_NAME
+    if not path.is_file():
+        raise UsageError(f"--resume {resume}: no {DP_CHECKPOINT_NAME} there; give the --out directory of an earlier "
+                         "`dpcompile train` run that saved a checkpoint")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    extra = state.get("extra") if isinstance(state, dict) else None
+    if not isinstance(extra, dict) or extra.get("format") != RUN_FORMAT:
+        raise UsageError(f"--resume {resume}: {path} was not written by `dpcompile train` (a DPTrainer checkpoint "
+                         "resumes with trainer.train(resume_from_checkpoint=...))")
+    return state
+
+
+def _resolve_run(args: argparse.Namespace, explicit: set, resumed: Optional[dict]) -> dict:
+    """The settings that define the run: the command line's (device defaults filled in), or a resumed run's."""
+    device = _resolve_device(args.device)
+    prof = PROFILES["cuda" if device.type == "cuda" else "cpu"]
+    if resumed is not None:
+        run = dict(resumed["extra"]["run"])
+        if "epsilon" in explicit and args.epsilon != run.get("epsilon"):
+            if run.get("epsilon") is None:
+                raise UsageError(f"--resume {args.resume}: that run has no target epsilon (it ran with "
+                                 f"{'--no-dp' if run.get('no_dp') else '--sigma'}): --epsilon cannot be given")
+            run["epsilon"] = args.epsilon  # a new target for the whole run (more steps): sigma is recalibrated
+        for key in RUN_OPTIONS:
+            if key == "backend" and args.backend == "auto" or key == "epsilon":
+                continue
+            if key in explicit and getattr(args, key) != run.get(key):
+                given = getattr(args, key)
+                raise UsageError(
+                    f"--resume continues the run as it was set up; --{key.replace('_', '-')} {given} differs from "
+                    f"its {run.get(key)!r}. To train further with other settings, start a new run from the "
+                    f"checkpoint: --model {args.resume} (its privacy history continues)")
+        run["device"] = str(device)
+        return run
+    B = args.batch_size or prof["batch_size"]
+    private = not args.no_dp and not (args.sigma is None and math.isinf(args.epsilon))
+    return {
+        "model": args.model, "data": args.data, "encoding": args.encoding,
+        "seq_len": args.seq_len or prof["seq_len"], "max_windows": args.max_windows, "batch_size": B,
+        "micro_batch_size": args.micro_batch_size or min(prof["micro_batch_size"], B),
+        "lr": args.lr or prof["lr"], "weight_decay": args.weight_decay, "clipping": args.clipping,
+        "clip_fn": args.clip_fn, "max_grad_norm": args.max_grad_norm, "strategy": args.strategy,
+        "train_layers": args.train_layers if args.train_layers is not None else prof["train_layers"],
+        "train_embeddings": args.train_embeddings,
+        "backend": args.backend if args.backend != "auto" else ("flashdp" if device.type == "cuda"
+                                                                else "flashdp_eager"),
+        "seed": args.seed, "secure_mode": args.secure_mode, "delta": args.delta,
+        "epsilon": args.epsilon if private and args.sigma is None else None, "sigma": args.sigma,
+        "no_dp": not private, "device": str(device),
+        "eval_windows": args.eval_windows if args.eval_windows is not None else prof["eval_windows"],
+    }
+
+
+def _planned_steps(args: argparse.Namespace, q: float, device_type: str) -> int:
+    prof = PROFILES["cuda" if device_type == "cuda" else "cpu"]
+    if args.steps is not None:
+        return args.steps
+    if args.epochs is not None or prof["steps"] is None:
+        return max(1, math.ceil((args.epochs or prof.get("epochs", 1.0)) / q))
+    return prof["steps"]
+
+
+class _StopRequest:
+    """Ctrl-C during training: the first one stops after the current step (which is then saved), a second one
+    stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        _log("interrupted: stopping after this step (Ctrl-C again to stop at once, unsaved)")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def write_curve(out_dir: Path, rows: list, title: str = "") -> Optional[Path]:
+    """curve.csv (step, loss, epsilon, examples, tokens, seconds) and, when matplotlib is installed, curve.png
+    (loss and epsilon against the step). Returns the PNG's path, None when it was skipped."""
+    out_dir = Path(out_dir)
+    fields = ["step", "loss", "epsilon", "examples", "tokens", "seconds"]
+    with open(out_dir / CURVE_CSV, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None or (isinstance(r.get(k), float) and not math.isfinite(r[k]))
+                            else r[k]) for k in fields})
+    try:
+        import matplotlib
+    except ImportError:
+        _log(f"matplotlib is not installed: {CURVE_PNG} skipped ({CURVE_CSV} has the numbers; "
+             "pip install matplotlib to get the plot)")
+        return None
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot(steps, [r["loss"] for r in rows], marker="." if len(rows) < 50 else None)
+    a.set_xlabel("step")
+    a.set_ylabel("training loss (not private)")
+    eps = [r.get("epsilon") for r in rows]
+    if any(e is not None and math.isfinite(e) for e in eps):
+        b.plot(steps, [e if e is not None and math.isfinite(e) else float("nan") for e in eps], color="C1")
+    b.set_xlabel("step")
+    b.set_ylabel("epsilon spent (total)")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_dir / CURVE_PNG, dpi=100)
+    plt.close(fig)
+    return out_dir / CURVE_PNG
+
 
 def train(args: argparse.Namespace) -> dict:
     import torch
 
     from . import data as D
     from .compile import compile as dp_compile
-    from .hf import CausalLMLoss
-    from .privacy.accounting import PrivacyAccountant, get_epsilon, get_noise_multiplier
+    from .hf import DP_CHECKPOINT_NAME, CausalLMLoss, load_privacy_history
+    from .privacy.accounting import PrivacyAccountant, get_noise_multiplier
+    from .privacy.checkpoint import restore_checkpoint, save_checkpoint
     from .privacy.optimizer import DPOptimizer
     from .privacy.sampling import PoissonDataLoader
 
     t_start = time.time()
-    device = _resolve_device(args.device)
-    prof = PROFILES["cuda" if device.type == "cuda" else "cpu"]
-    seq_len = args.seq_len or prof["seq_len"]
-    B = args.batch_size or prof["batch_size"]
-    micro = args.micro_batch_size or min(prof["micro_batch_size"], B)
-    lr = args.lr or prof["lr"]
-    train_layers = args.train_layers if args.train_layers is not None else prof["train_layers"]
-    eval_windows = args.eval_windows if args.eval_windows is not None else prof["eval_windows"]
-    private = not args.no_dp and not (args.sigma is None and math.isinf(args.epsilon))
-    if not 0 < args.delta < 1:
-        raise SystemExit(f"dpcompile: --delta {args.delta} must be in (0, 1)")
-    backend = args.backend if args.backend != "auto" else ("flashdp" if device.type == "cuda" else "flashdp_eager")
+    explicit = getattr(args, "explicit", None) or set()  # main() fills it in (_explicit_options)
+    resumed = _read_run(args.resume) if args.resume else None
+    run = _resolve_run(args, explicit, resumed)
+    device = torch.device(run["device"])
+    private = not run["no_dp"]
     progress = not args.no_progress
-    torch.manual_seed(args.seed)
+    eval_windows = run["eval_windows"]
 
-    _log(f"loading model {args.model} ...")
-    model, tok = D.load_model(args.model, progress=progress)
+    out_dir = None
+    if not args.no_save:
+        out_dir = Path(args.out or (args.resume if args.resume else "dpcompile-out"))
+        same = args.resume and out_dir.resolve() == Path(args.resume).resolve()
+        if out_dir.exists() and not out_dir.is_dir():
+            raise UsageError(f"--out {out_dir} is a file, not a directory")
+        if not same and not _dir_is_empty(out_dir) and not args.overwrite:
+            raise UsageError(f"--out {out_dir} is not empty: pass --overwrite to write into it (its files of the same "
+                             "names are replaced), or another --out")
+    torch.manual_seed(run["seed"])
+
+    source = args.resume if resumed is not None else run["model"]
+    _log(f"loading model {source} ...")
+    model, tok = D.load_model(source, progress=progress)
     model.to(device).train()
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
-    n_train, n_total = freeze(model, train_layers, args.train_embeddings)
+    train_layers = run["train_layers"]
+    n_train, n_total = freeze(model, train_layers, run["train_embeddings"])
     _log(f"{type(model).__name__}: {n_total / 1e6:.1f}M parameters, {n_train / 1e6:.2f}M trained "
          f"({'all blocks' if train_layers in (None, -1) else f'last {train_layers} blocks'}"
-         f"{', embeddings too' if args.train_embeddings else ', embeddings frozen'}) on {device}")
+         f"{', embeddings too' if run['train_embeddings'] else ', embeddings frozen'}) on {device}")
 
-    _log(f"loading corpus {args.data} ...")
-    corpus = D.load_corpus(args.data)
-    windows = D.token_windows(corpus.train, tok, seq_len, max_windows=args.max_windows)
-    held = D.token_windows(corpus.held_out, tok, seq_len, max_windows=eval_windows) if eval_windows > 0 else None
+    # the privacy already spent: a resumed run's own history, or the DP history of the model's directory
+    prior, prior_from = None, None
+    if resumed is None and Path(run["model"]).is_dir():
+        prior = load_privacy_history(run["model"])
+        prior_from = run["model"] if prior else None
+    elif resumed is not None:
+        prior_from = resumed["extra"].get("prior_from")
+        prior = resumed["extra"].get("prior_accountant")
+
+    _log(f"loading corpus {run['data']} ...")
+    corpus = D.load_corpus(run["data"], encoding=run["encoding"])
+    seq_len = run["seq_len"]
+    try:
+        windows = D.token_windows(corpus.train, tok, seq_len, max_windows=run["max_windows"])
+    except D.DataError as err:
+        raise D.DataError(f"--data {run['data']}: the training {err}; pass a smaller --seq-len") from None
+    held = None
+    if eval_windows > 0:
+        try:
+            held = D.token_windows(corpus.held_out, tok, seq_len, max_windows=eval_windows)
+        except D.DataError:
+            _log(f"warning: the held-out text of {run['data']} is shorter than one window of {seq_len} tokens: "
+                 "no perplexity (a smaller --seq-len gives some)")
     N = len(windows)
+    B = run["batch_size"]
     if B > N:
-        raise SystemExit(f"dpcompile: --batch-size {B} is larger than the {N} training windows")
+        raise UsageError(f"--batch-size {B} is larger than the {N} training windows of {seq_len} tokens "
+                         f"(pass a smaller --batch-size or --seq-len, or more text)")
+    micro = run["micro_batch_size"]
     q = B / N
-    if args.steps is not None:
-        steps = args.steps
-    elif args.epochs is not None or prof["steps"] is None:
-        steps = max(1, math.ceil((args.epochs or prof.get("epochs", 1.0)) / q))
+    steps_done = int(resumed["extra"]["step"]) if resumed is not None else 0
+    if resumed is not None and args.steps is None and args.epochs is None:
+        steps = int(run["steps"])
     else:
-        steps = prof["steps"]
+        steps = _planned_steps(args, q, device.type)
+    if steps <= steps_done:
+        raise UsageError(f"--resume {args.resume}: the run already took {steps_done} steps; pass --steps N with "
+                         f"N > {steps_done} to continue it")
     _log(f"{corpus.source}: {N} training windows of {seq_len} tokens, "
          f"{0 if held is None else len(held)} held-out windows")
 
@@ -303,132 +556,282 @@ def train(args: argparse.Namespace) -> dict:
         def autocast():
             return torch.autocast("cuda", dtype=torch.bfloat16)
 
-    ppl_before = perplexity(model, held, micro, device, autocast, "held-out perplexity (before)", progress)
-    if held is not None:
-        _log(f"held-out perplexity before training: {ppl_before:.3f}")
+    # -- privacy: the accountant continues the history; sigma is calibrated for the total -------------------------
+    accountant = PrivacyAccountant("pld")
+    if prior is not None:
+        accountant.load_state_dict(prior)
+    if resumed is not None:  # the history up to the checkpoint (the prior one included)
+        acc_state = (resumed.get("accountant") or (resumed.get("optimizer") or {}).get("accountant")
+                     or resumed["extra"].get("accountant"))
+        if acc_state:
+            accountant.load_state_dict(acc_state)
+    prior_eps = PrivacyAccountant("pld")
+    if prior is not None:
+        prior_eps.load_state_dict(prior)
+    eps_prior = prior_eps.get_epsilon(run["delta"]) if prior is not None else 0.0
+    if prior is not None and resumed is None:
+        _log(f"{prior_from} records earlier DP training: {prior_eps.steps} steps, epsilon = {eps_prior:.4g} at "
+             f"delta = {run['delta']}; this run continues that history (epsilon and --epsilon are totals)")
 
-    sigma = None
+    sigma, recalibrated = None, False
     if private:
-        if args.sigma is not None:
-            sigma = args.sigma
+        same_plan = resumed is not None and steps == int(resumed["extra"]["run"]["steps"]) and (
+            run["epsilon"] == resumed["extra"]["run"]["epsilon"])
+        if resumed is not None and (run["sigma"] is not None or same_plan):
+            sigma = float((resumed.get("optimizer") or {}).get("noise_multiplier", run.get("noise_multiplier")))
+        elif run["sigma"] is not None:
+            sigma = run["sigma"]
         else:
-            sigma = get_noise_multiplier(args.epsilon, args.delta, q, steps)
-        if args.delta > 1.0 / N:
-            _log(f"warning: delta={args.delta} is larger than 1/N = {1 / N:.2e}; the usual choice is delta << 1/N")
-    gen = None if args.secure_mode else torch.Generator().manual_seed(args.seed)
+            history = accountant.history
+            try:
+                recalibrated = resumed is not None
+                sigma = get_noise_multiplier(run["epsilon"], run["delta"], q, steps - steps_done,
+                                             history=history or None)
+            except ValueError as err:
+                spent = accountant.get_epsilon(run["delta"]) if history else 0.0
+                if not history or not args.allow_overspend:
+                    where = (f"the run in {args.resume} (its {accountant.steps} steps)" if resumed is not None
+                             else f"the earlier DP training recorded in {prior_from}")
+                    raise UsageError(
+                        f"--epsilon {run['epsilon']:g}: {where} already spent epsilon = {spent:.4g} at delta = "
+                        f"{run['delta']:g}, and the target applies to the total: no further step fits. "
+                        "Pass a larger --epsilon, or --allow-overspend to train anyway (epsilon then reports the "
+                        "true total)") from None
+                sigma = get_noise_multiplier(run["epsilon"], run["delta"], q, steps - steps_done)
+                _log(f"warning: --allow-overspend: the history already spent epsilon = {spent:.4g} > --epsilon "
+                     f"{run['epsilon']:g}; sigma = {sigma:.4g} is calibrated for this run alone, and the total "
+                     "epsilon will exceed the target")
+        if run["delta"] > 1.0 / N:
+            _log(f"warning: delta={run['delta']} is larger than 1/N = {1 / N:.2e}; the usual choice is delta << 1/N")
+    run.update(steps=steps, noise_multiplier=sigma, prior_from=prior_from)
+
+    # (after the privacy plan: a refused plan does not wait for an evaluation)
+    if resumed is not None:
+        ppl_before = resumed["extra"].get("perplexity_before", float("nan"))
+    else:
+        ppl_before = perplexity(model, held, micro, device, autocast, "held-out perplexity (before)", progress)
+        if held is not None:
+            _log(f"held-out perplexity before training: {ppl_before:.3f}")
+
+    gen = None if run["secure_mode"] else torch.Generator().manual_seed(run["seed"])
     loader = PoissonDataLoader(torch.utils.data.TensorDataset(windows), expected_batch_size=B,
                                max_physical_batch_size=micro, steps=steps, generator=gen,
-                               secure_mode=args.secure_mode)
+                               secure_mode=run["secure_mode"])
     params = [p for p in model.parameters() if p.requires_grad]
-    inner = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+    inner = torch.optim.AdamW(params, lr=run["lr"], weight_decay=run["weight_decay"])
     loss_model = CausalLMLoss(model)
-    dp_opts = dict(max_grad_norm=args.max_grad_norm, clipping=args.clipping, clip_fn=args.clip_fn,
-                   loss_reduction="mean", **_strategy_option(args.strategy))
+    dp_opts = dict(max_grad_norm=run["max_grad_norm"], clipping=run["clipping"], clip_fn=run["clip_fn"],
+                   loss_reduction="mean", **_strategy_option(run["strategy"]))
+    backend = run["backend"]
     if private:
         step_model = dp_compile(loss_model, backend=backend, **dp_opts)
-        optimizer = DPOptimizer(inner, noise_multiplier=sigma, max_grad_norm=args.max_grad_norm,
-                                expected_batch_size=q * N, loss_reduction="mean", secure_mode=args.secure_mode,
-                                generator=None if args.secure_mode else torch.Generator(device).manual_seed(
-                                    args.seed + 1),
-                                accountant=PrivacyAccountant("pld"), sample_rate=q)
-        eps_planned = get_epsilon(sigma, q, steps, args.delta)
-        _log(f"DP-SGD: sigma={sigma:.4f}, q={q:.3g} (expected batch {B}), {steps} steps -> epsilon={eps_planned:.3f} "
-             f"at delta={args.delta}; C={args.max_grad_norm}, {args.clipping} clipping, backend {backend}")
+        optimizer = DPOptimizer(inner, noise_multiplier=sigma, max_grad_norm=run["max_grad_norm"],
+                                expected_batch_size=q * N, loss_reduction="mean", secure_mode=run["secure_mode"],
+                                generator=None if run["secure_mode"] else torch.Generator(device).manual_seed(
+                                    run["seed"] + 1),
+                                accountant=accountant, sample_rate=q)
+        optimizer.target_delta = run["delta"]
+        loader.attach_optimizer(optimizer)
+    else:
+        step_model, optimizer = loss_model, inner
+    if resumed is not None:
+        restore_checkpoint(resumed, optimizer=optimizer, data_loader=loader)
+        if resumed["extra"].get("torch_rng") is not None:
+            torch.set_rng_state(resumed["extra"]["torch_rng"])
+        _log(f"resuming {args.resume} at step {steps_done} of {steps}")
+    if private:
+        if recalibrated:
+            optimizer.noise_multiplier = sigma
+        if run["epsilon"] is not None and (resumed is None or recalibrated):
+            optimizer.plan(target_epsilon=run["epsilon"], target_delta=run["delta"],
+                           steps=accountant.steps + steps - steps_done, allow_overspend=args.allow_overspend)
+        optimizer.allow_overspend = optimizer.allow_overspend or bool(args.allow_overspend)
+        eps_planned = _history_eps(accountant.history + [(sigma, q, steps - steps_done)], run["delta"])
+        _log(f"DP-SGD: sigma={sigma:.4f}, q={q:.3g} (expected batch {B}), {steps - steps_done} steps -> epsilon="
+             f"{eps_planned:.3f} at delta={run['delta']}"
+             f"{' in total with the earlier history' if accountant.steps else ''}; C={run['max_grad_norm']}, "
+             f"{run['clipping']} clipping, backend {backend}")
         if backend == "flashdp_eager":
             _log("the first step compiles the model (Dynamo + the DP pass): on a CPU this takes a few minutes")
     else:
-        step_model, optimizer, eps_planned = loss_model, inner, 0.0
-        _log(f"non-private baseline: no clipping, no noise; {steps} steps of expected batch {B}")
+        _log(f"non-private baseline: no clipping, no noise; {steps - steps_done} steps of expected batch {B}")
 
-    tokens, t0, loss_ema, last_loss = 0, None, None, float("nan")
-    bar = _bar(loader, "DP training" if private else "training", progress, total=steps)
+    extra0 = resumed["extra"] if resumed is not None else {}
+    rows = list(extra0.get("curve", []))
+    tokens = int(extra0.get("tokens", 0))
+    seconds_before = float(extra0.get("seconds", 0.0))
+    first_step_s = extra0.get("first_step_seconds")
+
+    def save(step: int, final: bool, report: Optional[dict] = None) -> None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        from transformers.utils import logging as hf_logging
+
+        if hasattr(model.config, "use_cache"):
+            model.config.use_cache = True  # for generate() after loading; training runs without a KV cache
+        if not progress:
+            hf_logging.disable_progress_bar()
+        try:
+            model.save_pretrained(out_dir)
+        finally:
+            if not progress:
+                hf_logging.enable_progress_bar()
+            if hasattr(model.config, "use_cache") and not final:
+                model.config.use_cache = False
+        tok.save_pretrained(out_dir)
+        extra = {"format": RUN_FORMAT, "version": 1, "run": run, "step": step, "curve": rows, "tokens": tokens,
+                 "seconds": seconds_before + time.time() - t_start, "first_step_seconds": first_step_s,
+                 "perplexity_before": ppl_before, "torch_rng": torch.get_rng_state(),
+                 "accountant": accountant.state_dict(), "prior_accountant": prior, "prior_from": prior_from}
+        save_checkpoint(out_dir / DP_CHECKPOINT_NAME, module=None, optimizer=optimizer, data_loader=loader,
+                        extra=extra)
+        if report is None:
+            report = _report(step, final=False)
+        (out_dir / REPORT_NAME).write_text(json.dumps(_json_safe(report), indent=1, default=str) + "\n")
+        write_curve(out_dir, rows, f"dpcompile train: {run['model']} on {run['data']}")
+
+    def _report(step: int, final: bool, **more) -> dict:
+        eps = accountant.get_epsilon(run["delta"]) if private else None
+        return {
+            "status": "finished" if final else f"checkpoint at step {step} of {steps}",
+            "model": run["model"], "data": run["data"], "corpus_source": corpus.source, "device": str(device),
+            "private": private, "epsilon": eps, "target_epsilon": run["epsilon"], "delta": run["delta"],
+            "epsilon_is_total": bool(prior), "prior_history_from": prior_from,
+            "prior_epsilon": eps_prior if prior else None, "prior_steps": prior_eps.steps if prior else 0,
+            "noise_multiplier": sigma, "sample_rate": q, "steps": step, "planned_steps": steps,
+            "expected_batch_size": B, "micro_batch_size": micro, "seq_len": seq_len, "train_windows": N,
+            "max_grad_norm": run["max_grad_norm"], "clipping": run["clipping"], "clip_fn": run["clip_fn"],
+            "backend": backend if private else None, "lr": run["lr"], "train_layers": train_layers,
+            "train_embeddings": run["train_embeddings"], "trainable_parameters": n_train,
+            "held_out_windows": 0 if held is None else len(held), "perplexity_before": ppl_before,
+            "final_loss": last_loss,
+            "seconds": round(seconds_before + time.time() - t_start, 1),
+            "first_step_seconds": first_step_s, "accountant": accountant.state_dict(),
+            "command": "dpcompile " + " ".join(getattr(args, "argv", []) or ["train"]),
+            "resumed_from": args.resume, **more,
+        }
+
+    last_loss = next((r["loss"] for r in reversed(rows) if r["examples"]), float("nan"))
+    bar = _bar(loader, "DP training" if private else "training", progress, total=steps - steps_done)
     step_times = []
-    for step, micro_batches in enumerate(bar):
-        ts = time.time()
-        total, count = 0.0, 0
-        for (ids,) in micro_batches:
-            ids = ids.to(device)
-            if ids.shape[0] == 0 and not private:
-                continue
-            with autocast() if autocast else _nullcontext():
-                loss = step_model(ids)
+    step = steps_done
+    interrupted = False
+    tokens_start = tokens
+    with _StopRequest() as stop:
+        for step, micro_batches in enumerate(bar, start=steps_done):
+            ts = time.time()
+            total, count = 0.0, 0
+            for (ids,) in micro_batches:
+                ids = ids.to(device)
+                if ids.shape[0] == 0 and not private:
+                    continue
+                with autocast() if autocast else _nullcontext():
+                    loss = step_model(ids)
+                if not private:
+                    loss = loss * ids.shape[0] / B  # sum of per-sample means / expected batch, as the DP step scales
+                loss.backward()
+                n = ids.shape[0]
+                total += float(loss.detach()) * (n if private else B)
+                count += n
+                tokens += ids.numel()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
             if not private:
-                loss = loss * ids.shape[0] / B  # sum of per-sample means / expected batch, as the DP step scales
-            loss.backward()
-            n = ids.shape[0]
-            total += float(loss.detach()) * (n if private else B)
-            count += n
-            tokens += ids.numel()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step == 0:
-            t0, tokens_at_t0 = time.time(), tokens
-        step_times.append(time.time() - ts)
-        if count:
-            last_loss = total / count
-            loss_ema = last_loss if loss_ema is None else 0.9 * loss_ema + 0.1 * last_loss
-        eps = optimizer.get_epsilon(args.delta) if private else 0.0
-        tps = (tokens - tokens_at_t0) / (time.time() - t0) if step > 0 else tokens / step_times[0]
-        stats = {"loss": f"{last_loss:.3f}", "tok/s": f"{tps:.0f}", "eps": f"{eps:.2f}" if private else "-"}
-        if progress:
-            bar.set_postfix(stats)
-        elif step % max(1, steps // 20) == 0 or step == steps - 1:
-            _log(f"step {step + 1}/{steps}  " + "  ".join(f"{k} {v}" for k, v in stats.items())
-                 + f"  ({time.time() - t_start:.0f}s)")
+                accountant.step(noise_multiplier=0.0, sample_rate=q)  # recorded: no DP guarantee (epsilon = inf)
+            step_times.append(time.time() - ts)
+            if first_step_s is None:
+                first_step_s = round(step_times[0], 1)
+            if len(step_times) == 1:
+                t0, tokens_at_t0 = time.time(), tokens
+            if count:
+                last_loss = total / count
+            eps = accountant.get_epsilon(run["delta"]) if private else None
+            rows.append({"step": step + 1, "loss": last_loss if count else float("nan"), "epsilon": eps,
+                         "examples": count, "tokens": tokens,
+                         "seconds": round(seconds_before + time.time() - t_start, 2)})
+            elapsed = time.time() - t0
+            tps = ((tokens - tokens_at_t0) / elapsed if len(step_times) > 1 and elapsed > 0
+                   else (tokens - tokens_start) / max(step_times[0], 1e-9))
+            stats = {"loss": f"{last_loss:.3f}", "tok/s": f"{tps:.0f}", "eps": f"{eps:.2f}" if private else "-"}
+            if progress:
+                bar.set_postfix(stats)
+            elif step % max(1, steps // 20) == 0 or step == steps - 1:
+                _log(f"step {step + 1}/{steps}  " + "  ".join(f"{k} {v}" for k, v in stats.items())
+                     + f"  ({time.time() - t_start:.0f}s)")
+            done = step + 1
+            if stop.requested and done < steps:
+                interrupted = True
+                break
+            if out_dir is not None and args.save_every and done % args.save_every == 0 and done < steps:
+                save(done, final=False)
+                _log(f"checkpoint: step {done} of {steps} in {out_dir}")
+    done = rows[-1]["step"] if rows else steps_done
+    if interrupted:
+        if out_dir is not None:
+            save(done, final=False)
+            _log(f"stopped at step {done} of {steps}; saved in {out_dir}: continue with "
+                 f"`dpcompile train --resume {out_dir}`")
+        raise KeyboardInterrupt
     train_s = time.time() - t_start
 
     ppl_after = perplexity(model, held, micro, device, autocast, "held-out perplexity (after)", progress)
-    eps_spent = optimizer.get_epsilon(args.delta) if private else math.inf
-    report = {
-        "model": args.model, "data": args.data, "corpus_source": corpus.source, "device": str(device),
-        "private": private, "epsilon": eps_spent if private else None,
-        "target_epsilon": args.epsilon if private and args.sigma is None else None,
-        "delta": args.delta, "noise_multiplier": sigma, "sample_rate": q, "steps": steps,
-        "expected_batch_size": B, "micro_batch_size": micro, "seq_len": seq_len, "train_windows": N,
-        "max_grad_norm": args.max_grad_norm, "clipping": args.clipping, "clip_fn": args.clip_fn,
-        "backend": backend if private else None, "lr": lr, "train_layers": train_layers,
-        "train_embeddings": args.train_embeddings, "trainable_parameters": n_train,
-        "held_out_windows": 0 if held is None else len(held),
-        "perplexity_before": ppl_before, "perplexity_after": ppl_after, "final_loss": last_loss,
-        "seconds": round(time.time() - t_start, 1),
-        "first_step_seconds": round(step_times[0], 1) if step_times else None,
-        "mean_step_seconds": round(sum(step_times[1:]) / max(1, len(step_times) - 1), 2) if step_times else None,
-        "command": "dpcompile " + " ".join(getattr(args, "argv", []) or ["train"]),
-    }
+    eps_spent = accountant.get_epsilon(run["delta"]) if private else math.inf
+    report = _report(done, final=True, perplexity_after=ppl_after,
+                     mean_step_seconds=round(sum(step_times[1:]) / max(1, len(step_times) - 1), 2)
+                     if step_times else None)
     if args.sample:
         model.eval()
         enc = tok(args.sample, return_tensors="pt").to(device)
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
         report["sample"] = tok.decode(out[0], skip_special_tokens=True)
-    if hasattr(model.config, "use_cache"):
-        model.config.use_cache = True  # for generate() after loading; training ran without a KV cache
-    if not args.no_save:
-        out_dir = Path(args.out)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out_dir)
-        tok.save_pretrained(out_dir)
-        (out_dir / "dp_report.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    if out_dir is not None:
+        save(done, final=True, report=report)
         report["out"] = str(out_dir)
+    elif hasattr(model.config, "use_cache"):
+        model.config.use_cache = True
 
     print("")
     print("=" * 72)
-    print(f"dpcompile train: {args.model} on {args.data} ({N} windows x {seq_len} tokens), {steps} steps, "
-          f"{train_s:.0f}s")
+    print(f"dpcompile train: {run['model']} on {run['data']} ({N} windows x {seq_len} tokens), {steps} steps"
+          f"{f' (resumed at step {steps_done})' if resumed is not None else ''}, {train_s:.0f}s")
     if private:
-        print(f"privacy:    epsilon = {eps_spent:.3f} at delta = {args.delta}  "
-              f"(sigma = {sigma:.4f}, q = {q:.3g}, C = {args.max_grad_norm}, {args.clipping} clipping)")
+        target = f", target {run['epsilon']:g}" if run["epsilon"] is not None else ""
+        total = " in total" if prior else ""
+        print(f"privacy:    epsilon = {eps_spent:.3f}{total} at delta = {run['delta']}{target}  (sigma = {sigma:.4f}, "
+              f"q = {q:.3g}, C = {run['max_grad_norm']}, {run['clipping']} clipping)")
     else:
         print("privacy:    none (non-private baseline)")
+    if prior:
+        print(f"            composed of the model's DP history ({prior_eps.steps} steps recorded in {prior_from}, "
+              f"epsilon = {eps_prior:.3f} alone) and this run's {steps} steps"
+              + ("; the target is for the total" if private and run["epsilon"] is not None else ""))
     if held is not None:
         print(f"perplexity: {ppl_before:.3f} -> {ppl_after:.3f} on {len(held)} held-out windows")
     print(f"final loss: {last_loss:.4f}")
     if "sample" in report:
         print(f"sample:     {report['sample']!r}")
     if "out" in report:
-        print(f"checkpoint: {report['out']}  (AutoModelForCausalLM.from_pretrained({report['out']!r}))")
+        print(f"checkpoint: {report['out']}  (AutoModelForCausalLM.from_pretrained({report['out']!r}); "
+              f"`dpcompile train --resume {report['out']} --steps N` continues it)")
     print("=" * 72)
     return report
+
+
+def _json_safe(obj):
+    """Strict JSON: non-finite floats (a perplexity not measured, epsilon = inf) become null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _history_eps(history: list, delta: float) -> float:
+    from .privacy.accounting import _history_epsilon
+
+    return _history_epsilon(history, delta, "pld", None)
 
 
 # ---- explain / bench ------------------------------------------------------------------------------------------
@@ -479,10 +882,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if argv and argv[0] == "bench":
         return bench(argv[1:])
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # a bad option: argparse prints usage and exits with status 2
     if args.command is None:
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     from .data import DataError
@@ -491,20 +894,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.command == "train":
             args.argv = argv
+            args.explicit = _explicit_options(argv)
             train(args)
-            return 0
+            return EXIT_OK
         if args.command == "explain":
             return explain(args)
-    except DataError as err:
+    except (DataError, UsageError) as err:
         print(f"dpcompile {args.command}: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"dpcompile {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as err:  # noqa: BLE001 - a DP refusal arrives wrapped in Dynamo's BackendCompilerFailed
         inner = _dp_error(err, DPCompileError)
         if inner is None:
             raise
         print(f"dpcompile {args.command}: refused by the DP pass: {type(inner).__name__}: {inner}", file=sys.stderr)
-        return 3
-    return 2
+        return EXIT_REFUSED
+    return EXIT_USAGE
 
 
 def _dp_error(err: BaseException, kind) -> Optional[BaseException]:

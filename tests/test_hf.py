@@ -370,3 +370,180 @@ def test_labels_loss_is_refused_naming_the_model_and_the_fix(make):
     refuse_labels_loss(model, (ids,), {"labels": None})
     refuse_labels_loss(CausalLMLoss(model), (ids,), {"labels": ids})  # the per-sample loss takes labels too
     refuse_labels_loss(torch.nn.Linear(2, 2), (ids,), {"labels": ids})
+
+
+# -- issue 22: DPTrainer resumes exactly, honours labels, trains classification heads --------------------------------
+
+
+def _trainer_data(n=16, seed=0, labels=False):
+    g = torch.Generator().manual_seed(seed)
+    data = [torch.randint(1, 64, (int(k),), generator=g).tolist() for k in torch.randint(3, 9, (n,), generator=g)]
+    if not labels:
+        return data
+    # SFT-style prompt masking: the first half of every sample has no target
+    return [{"input_ids": ids, "labels": [-100] * (len(ids) // 2) + ids[len(ids) // 2:]} for ids in data]
+
+
+def test_dp_trainer_resumes_from_its_checkpoint_bit_for_bit(tmp_path):
+    """A 4-step DPTrainer run saving every 2 steps; a new trainer on a freshly built model resumed from its
+    checkpoint-2 (model.safetensors, dp_checkpoint.pt, scheduler, trainer state) ends with the same weights, bit
+    for bit, and the same epsilon: same Poisson batches (q = 6/16), same noise, same Adam state. Today's
+    `'_PoissonBatches' object has no attribute 'sampler'` is gone; the dataset's labels ride along."""
+    from dpcompile.hf import DP_CHECKPOINT_NAME, DPTrainer
+
+    data = _trainer_data(labels=True)
+
+    def trainer():
+        model = hf_gpt2(T=8, n_layer=1).model
+        args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8,
+                                              learning_rate=1e-2, logging_steps=1, save_strategy="steps",
+                                              save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True, seed=3)
+        return model, DPTrainer(model=model, args=args, train_dataset=data, target_epsilon=8.0, target_delta=1e-3,
+                                max_grad_norm=1.0, expected_batch_size=6)
+
+    model_a, a = trainer()
+    a.train()
+    eps_a = a.get_epsilon()
+    ckpt = tmp_path / "checkpoint-2"
+    assert (ckpt / DP_CHECKPOINT_NAME).is_file() and not (ckpt / "optimizer.pt").exists()
+    state = torch.load(ckpt / DP_CHECKPOINT_NAME, weights_only=True)
+    assert state["module"] is None and state["sampler"]["draws"] == 2 and state["optimizer"]["steps_taken"] == 2
+    assert state["accountant"]["history"][0][2] == 2
+    torch._dynamo.reset()
+
+    model_b, b = trainer()
+    b.train(resume_from_checkpoint=str(ckpt))
+    for (n, p), (_, r) in zip(model_a.named_parameters(), model_b.named_parameters()):
+        assert torch.equal(p, r), f"{n} differs after resuming"
+    assert b.get_epsilon() == eps_a and 0 < eps_a <= 8.0
+    assert b.state.global_step == 4
+    with pytest.raises(ValueError, match="holds no dp_checkpoint.pt"):  # a plain Trainer checkpoint: refused
+        (ckpt / DP_CHECKPOINT_NAME).unlink()
+        trainer()[1].train(resume_from_checkpoint=str(ckpt))
+    torch._dynamo.reset()
+
+
+def test_labels_mask_per_token_against_the_oracle():
+    """CausalLMLoss with labels (-100 = no target, e.g. a masked prompt; one sample with no target at all): each
+    sample's loss is the mean over its own unmasked targets, and the compiled clipped sums match the float64
+    oracle (a sample with every label -100 contributes nothing)."""
+    case = hf_llama(T=8, seed=1, layers=1)
+    model = CausalLMLoss(case.model)
+    ids, mask = _padded_batch(64, 8, [8, 6, 7, 5])
+    labels = ids.clone()
+    labels[0, :4] = -100            # prompt masking
+    labels[1, :] = -100             # nothing to learn from sample 1
+    labels[2, 3] = -100             # one token masked in the middle
+    C = 0.05
+
+    def oracle_loss(m, ids, mask, labels):
+        keep = mask[0].bool()
+        logits = m.model(input_ids=ids[:, keep], use_cache=False).logits[0, :-1]
+        target = labels[0, keep][1:]
+        ok = target != -100
+        if not ok.any():
+            return logits.sum() * 0.0
+        return torch.nn.functional.cross_entropy(logits[ok], target[ok])
+
+    per = model.per_sample(ids, mask, labels)
+    assert per[1].item() == 0.0
+    dp = dpcompile.compile(model, backend="flashdp_eager", max_grad_norm=C, clipping="per_layer")
+    dp(ids, mask, labels).backward()
+    want = reference_clipped_grads(model, oracle_loss, (ids, mask, labels), max_grad_norm=C, clipping="per_layer")
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad.double(), want[n], rtol=1e-4, atol=1e-6, msg=n)
+    torch._dynamo.reset()
+
+
+def test_dp_trainer_does_not_train_on_samples_whose_labels_are_all_masked(tmp_path):
+    """Every label -100: no sample has a target, so with no noise (sigma = 0) the weights do not move. Before,
+    DPTrainer ignored the dataset's labels and trained on every token."""
+    from dpcompile.hf import DPTrainer
+
+    model = hf_gpt2(T=8, n_layer=1).model
+    data = [{"input_ids": ids, "labels": [-100] * len(ids)} for ids in _trainer_data(n=4)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4,
+                                          learning_rate=1e-1, save_strategy="no", report_to=[], use_cpu=True,
+                                          disable_tqdm=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    DPTrainer(model=model, args=args, train_dataset=data, noise_multiplier=0.0, target_delta=1e-3,
+              expected_batch_size=4).train()  # q = 1: all four samples
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    torch._dynamo.reset()
+
+
+def _classifier(kind, num_labels=3, seed=0):
+    if kind == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=8, attn_pdrop=0.0,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, num_labels=num_labels, pad_token_id=0,
+                                      bos_token_id=63, eos_token_id=63)
+        cls = transformers.GPT2ForSequenceClassification
+    else:
+        cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                       num_key_value_heads=1, intermediate_size=32, max_position_embeddings=8,
+                                       num_labels=num_labels, pad_token_id=0)
+        cls = transformers.LlamaForSequenceClassification
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return cls(cfg)
+
+
+@pytest.mark.parametrize("kind,left", [("gpt2", False), ("llama", True)], ids=["gpt2-right", "llama-left"])
+def test_sequence_classification_heads_match_the_oracle(kind, left):
+    """GPT2ForSequenceClassification / LlamaForSequenceClassification through SequenceClassificationLoss: the
+    logits of each sample's last real token equal transformers' own forward on the sample alone, and the compiled
+    clipped sums equal the float64 oracle built on transformers' forward (its own pooling) per sample."""
+    from dpcompile.hf import SequenceClassificationLoss
+
+    model = SequenceClassificationLoss(_classifier(kind))
+    ids, mask = _padded_batch(64, 8, [8, 5, 2, 6], left=left)
+    labels = torch.tensor([0, 2, 1, 2])
+    with torch.no_grad():
+        for i in range(4):
+            alone = model.model(input_ids=ids[i:i + 1, mask[i].bool()]).logits
+            torch.testing.assert_close(model.logits(ids[i:i + 1], mask[i:i + 1]), alone)
+
+    def oracle_loss(m, ids, mask, labels):
+        logits = m.model(input_ids=ids[:, mask[0].bool()]).logits  # transformers' pooling, one sample
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+    C = 0.05
+    dp = dpcompile.compile(model, backend="flashdp_eager", max_grad_norm=C, clipping="per_layer")
+    dp(ids, mask, labels).backward()
+    want = reference_clipped_grads(model, oracle_loss, (ids, mask, labels), max_grad_norm=C, clipping="per_layer")
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad.double(), want[n], rtol=1e-4, atol=1e-6, msg=n)
+    torch._dynamo.reset()
+
+
+def test_dp_trainer_trains_a_sequence_classifier_and_refuses_other_heads(tmp_path):
+    """DPTrainer picks the per-sample classification loss for GPT2ForSequenceClassification (before: a fake-tensor
+    crash) and refuses a head it has no per-sample loss for, naming the class and what is supported."""
+    from dpcompile.hf import CausalLMLoss, DPTrainer, UnsupportedHeadError, per_sample_classification_loss
+
+    model = _classifier("gpt2", num_labels=2)
+    data = [{"input_ids": ids, "labels": i % 2} for i, ids in enumerate(_trainer_data(n=8))]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8,
+                                          learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[],
+                                          use_cpu=True, disable_tqdm=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = DPTrainer(model=model, args=args, train_dataset=data, target_epsilon=8.0, target_delta=1e-3,
+                        expected_batch_size=8)
+    trainer.train()
+    assert 0 < trainer.get_epsilon() <= 8.0
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.requires_grad)
+    torch._dynamo.reset()
+
+    other = transformers.GPT2ForTokenClassification(model.config)
+    with pytest.raises(UnsupportedHeadError, match=r"GPT2ForTokenClassification is not supported.*"
+                                                   r"GPT2ForSequenceClassification.*LlamaForSequenceClassification"):
+        DPTrainer(model=other, args=args, train_dataset=data, target_epsilon=8.0, expected_batch_size=8)
+    with pytest.raises(UnsupportedHeadError, match="SequenceClassificationLoss"):
+        CausalLMLoss(model)
+    # regression and multi-label losses are per sample too (transformers' losses without the batch mean)
+    logits = torch.randn(3, 2)
+    torch.testing.assert_close(per_sample_classification_loss(logits, torch.tensor([0.5, 1.0, 2.0])[:, None].expand(
+        3, 2), "regression").mean(), torch.nn.functional.mse_loss(logits, torch.tensor([[.5, .5], [1., 1.], [2., 2.]])))
+    y = torch.tensor([[0., 1.], [1., 1.], [0., 0.]])
+    torch.testing.assert_close(per_sample_classification_loss(logits, y, "multi_label_classification").mean(),
+                               torch.nn.functional.binary_cross_entropy_with_logits(logits, y))

@@ -296,10 +296,15 @@ def get_noise_multiplier(target_epsilon: float, target_delta: float, sample_rate
                          accountant: str = "pld", epsilon_tolerance: float = 0.01, *,
                          value_discretization_interval: Optional[float] = None,
                          probes: Optional[int] = None, variant: str = "hutchinson",
-                         group_weights: Optional[Sequence[float]] = None, envelope: str = "chi2") -> float:
+                         group_weights: Optional[Sequence[float]] = None, envelope: str = "chi2",
+                         history: Optional[Sequence[tuple]] = None) -> float:
     """The smallest σ, rounded up, with get_epsilon(σ, sample_rate, steps, target_delta) <= target_epsilon.
 
     probes / variant / group_weights / envelope: randomized norms, as in get_epsilon.
+    history: steps already taken, as `PrivacyAccountant.history` gives them ((σ, q, count[, RandomizedSpec])
+    entries): σ is then the smallest whose `steps` further steps keep the composition of the history and them at
+    or below target_epsilon (a run that continues an earlier one's privacy spending). ValueError when the history
+    alone already spends target_epsilon.
 
     Search (ε decreases with σ): for PLD, RDP first brackets σ (fast at any σ; its ε is an upper bound, so its σ
     is one too), then secant steps on log σ against log ε with PLD, each checked by evaluating on both sides of
@@ -326,6 +331,8 @@ def get_noise_multiplier(target_epsilon: float, target_delta: float, sample_rate
     spec = _randomized_spec(probes, variant, group_weights, envelope)
     if n == 0 or q == 0:
         return 0.0
+    if history:
+        return _noise_multiplier_after(list(history), target, d, q, n, spec, acc, vdi, tol)
 
     def exact(sigma: float) -> float:
         return _history_epsilon([(sigma, q, n, spec)], d, acc, vdi)
@@ -348,6 +355,28 @@ def get_noise_multiplier(target_epsilon: float, target_delta: float, sample_rate
         except ValueError:
             start = SIGMA_MAX
     return _smallest_sigma(exact, target, tol, start, unreachable)
+
+
+def _noise_multiplier_after(history: list, target: float, d: float, q: float, n: int, spec, acc: str,
+                            vdi: Optional[float], tol: float) -> float:
+    """get_noise_multiplier with a history: the σ of `n` more steps that keeps the composition <= target."""
+    spent = _history_epsilon(history, d, acc, vdi)
+    if not spent < target:
+        raise ValueError(f"target_epsilon={target} at target_delta={d} is already spent by the history "
+                         f"(epsilon = {spent:.6g} over {sum(e[2] for e in history)} steps): no further step fits")
+
+    def exact(sigma: float) -> float:
+        return _history_epsilon(history + [(sigma, q, n, spec)], d, acc, vdi)
+
+    def unreachable() -> ValueError:
+        return ValueError(f"target_epsilon={target} at target_delta={d} is unreachable with "
+                          f"noise_multiplier <= {SIGMA_MAX:g} after the history (epsilon = {spent:.6g}; "
+                          f"sample_rate={q}, steps={n})")
+
+    # the σ of exact-norm steps for the whole target without the history is a lower bound (the history and
+    # randomized norms only add privacy loss)
+    start = get_noise_multiplier(target, d, q, n, acc, tol, value_discretization_interval=vdi)
+    return _smallest_sigma(exact, target, tol, max(start, SIGMA_MIN), unreachable)
 
 
 SIGMA_MAX, SIGMA_MIN = 1e6, 1e-4   # the σ search's range (below SIGMA_MIN: "almost no noise needed")

@@ -9,7 +9,9 @@ The file is a `torch.save` of one dict (loadable with `torch.load(path, weights_
 strings, lists and dicts only):
 
     format, version       "dpcompile.checkpoint", 1
-    module                the model's state_dict (of the module itself, not of a compiled wrapper)
+    module                the model's state_dict (of the module itself, not of a compiled wrapper), or None when
+                          module=None was passed because the weights are saved elsewhere (`dpcompile train` and
+                          DPTrainer keep them in the transformers checkpoint next to this file)
     optimizer             DPOptimizer.state_dict(): the wrapped optimizer's state_dict, noise_multiplier,
                           max_grad_norm, expected_batch_size, loss_reduction, sample_rate, steps_taken, the noise
                           generator's state, the accountant, and the privacy plan (target epsilon and delta,
@@ -80,7 +82,8 @@ def _accountant_of(optimizer):
 
 
 def checkpoint_state(*, module, optimizer=None, data_loader=None, extra: Any = None) -> dict:
-    """The dict `save_checkpoint` writes (see the module docstring)."""
+    """The dict `save_checkpoint` writes (see the module docstring). module=None leaves the weights out (saved
+    elsewhere, e.g. by `save_pretrained` next to the checkpoint)."""
     sampler = _sampler_of(data_loader)
     accountant = _accountant_of(optimizer)
     sampler_state = None
@@ -100,7 +103,7 @@ def checkpoint_state(*, module, optimizer=None, data_loader=None, extra: Any = N
     return {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
-        "module": _module_of(module).state_dict(),
+        "module": _module_of(module).state_dict() if module is not None else None,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "accountant": accountant.state_dict() if hasattr(accountant, "state_dict") else None,
         "sampler": sampler_state,
@@ -131,6 +134,9 @@ def restore_checkpoint(state: dict, *, module=None, optimizer=None, data_loader=
         raise ValueError(f"checkpoint version {state['version']} is newer than this dpcompile reads "
                          f"({CHECKPOINT_VERSION})")
     if module is not None:
+        if state.get("module") is None:
+            raise ValueError("the checkpoint holds no model weights (it was saved with module=None: the weights are "
+                             "in the model checkpoint saved next to it); load them from there")
         _module_of(module).load_state_dict(state["module"], strict=strict)
     if optimizer is not None:
         if state.get("optimizer") is None:
