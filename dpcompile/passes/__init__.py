@@ -21,7 +21,7 @@ from .batchdim import (BatchDimAnalysis, BDim, Mixed, graph_shape_env, guard_bat
                        sym_expr)
 from .discover import Contribution, ParamGrad, discover_contributions
 from . import strategies  # noqa: F401  (registers the built-in strategies)
-from .patterns import Site
+from .sites import bmm, conv, embedding, linear, rows, site_kind, whole  # noqa: F401  (registers the kinds)
 from .plan import LinearShape, check_forced_globs, check_randomizable, plan_group, plan_rows
 from .rewrite import (RandomizedNorms, decompose_kept_ops, group_inputs, inline_triton_ops, insert_traced,
                       make_group_fn, set_outputs, zero_grads)
@@ -226,7 +226,7 @@ def run_dp_pass(graph: fx.Graph, ctx: PassContext) -> None:
     if batch_size == 1:
         # one sample: each gradient is that sample's gradient; nothing can mix samples
         for _, pg in params:
-            pg.contributions.append(Contribution(Site("whole", pg.grad, {"x": pg.grad}, {}), []))
+            pg.contributions.append(Contribution(whole.site_of(pg.grad), []))
         products = _one_sample_randomized_sites(graph, params, ctx, primals)
     else:
         seeds = {primals[i]: BDim(d) for i, d in ctx.batch_inputs.items()}
@@ -245,7 +245,7 @@ def run_dp_pass(graph: fx.Graph, ctx: PassContext) -> None:
     choices: dict = {}
     for group, pgs in groups.items():
         shapes = {id(pg): linear_shape(pg, batch_node, batch_dim) for pg in pgs
-                  if pg.fused and pg.contributions[0].site.kind == "linear"}
+                  if pg.fused and site_kind(pg.contributions[0].site.kind).strategies}
         choices.update(plan_group(pgs, shapes, ctx.options, bsym, bhint, hints))
 
     # randomized sites: one secret probe seed per call of the graph, a distinct site id per site

@@ -15,8 +15,9 @@ import torch
 import torch.fx as fx
 
 from ..errors import SampleMixingError, UnsupportedGradientError
-from .batchdim import BDim, Mixed, graph_shape_env, node_location, sizes_of, statically_equal
-from .patterns import FUSED_KINDS, Site, classify_leaf
+from .batchdim import BDim, Mixed, node_location
+from .patterns import Site, classify_leaf
+from .sites import kinds, site_kind
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -87,7 +88,7 @@ class ParamGrad:
     def fused(self) -> bool:
         """One contribution through a norm-preserving chain: the site's own norm and clipped-sum ops apply."""
         return (len(self.contributions) == 1 and self.contributions[0].norm_preserving
-                and self.contributions[0].site.kind in FUSED_KINDS)
+                and site_kind(self.contributions[0].site.kind).fused)
 
 
 def discover_contributions(pg: ParamGrad, st: Callable, batch_size) -> None:
@@ -124,34 +125,17 @@ def discover_contributions(pg: ParamGrad, st: Callable, batch_size) -> None:
         raise _mixing_error(pg.name, node, state)
 
     walk(pg.grad, [], False)
-    pg.contributions = [_positional_embedding(c, batch_size) or c for c in pg.contributions]
+    pg.contributions = [_absorbed(c, batch_size) for c in pg.contributions]
 
 
-def _positional_embedding(c: Contribution, batch_size) -> Optional[Contribution]:
-    """sum over the batch, reshapes, then a scatter by batch-free ids (a position embedding's gradient): the
-    same as an embedding site whose ids every sample shares. Returns that site, or None if c is not this shape."""
-    site = c.site
-    if site.kind != "rows":
-        return None
-    dim, layout = site.layouts["x"]
-    # the sum must be over exactly the samples: one dim, holding nothing but the batch
-    x_size = sizes_of(site.operands["x"])[dim]
-    if site.info["reduced_pos"] != [dim + 1] or layout.inner != 1 or \
-            not statically_equal(x_size, batch_size, graph_shape_env(site.node.graph)):
-        return None
-    steps = list(c.chain)
-    while steps and steps[0].node.target in (aten.view.default, aten.reshape.default, aten._unsafe_view.default):
-        steps.pop(0)
-    if not steps or steps[0].node.target is not aten.embedding_dense_backward.default or steps[0].pos != 0:
-        return None
-    emb = steps[0].node
-    grad_in, idx, num_weights, padding_idx = emb.args[:4]
-    width = grad_in.meta["val"].shape[-1]
-    if grad_in.meta["val"].numel() != site.node.meta["val"].numel() or site.node.meta["val"].shape[-1] != width:
-        return None  # the reshapes must keep rows of `width` in order
-    new = Site("embedding", emb, {"idx": idx, "grad": site.operands["x"]}, {"grad": site.layouts["x"]},
-               {"num_weights": num_weights, "padding_idx": padding_idx, "width": width})
-    return Contribution(new, steps[1:], c.negate)
+def _absorbed(c: Contribution, batch_size) -> Contribution:
+    """c as the first kind that recognises it as one of its own sites (SiteKind.absorb), or c."""
+    for kind in kinds():
+        if kind.absorb is not None:
+            new = kind.absorb(c, batch_size)
+            if new is not None:
+                return new
+    return c
 
 
 def _op_name(node: fx.Node) -> str:

@@ -20,16 +20,12 @@ from ..errors import UnsupportedGradientError
 from ..strategy_registry import find_strategy, get_strategy
 from ..clipping import clip_factors
 from .discover import Contribution, ParamGrad, Step
+from .sites import site_kind
 
 aten = torch.ops.aten
 
 def _site_clipped_sum(site, ins, coef, strategy: str):
-    if site.kind == "linear":
-        return get_strategy(strategy or "direct").clipped_sum(ins, coef)
-    if site.kind == "rows":
-        return ops.rows_clipped_sum(*ins, coef).reshape(site.node.meta["val"].shape)
-    return ops.embedding_clipped_sum(*ins, coef, site.info["num_weights"], site.info["padding_idx"]).reshape(
-        site.node.meta["val"].shape)
+    return site_kind(site.kind).clipped_sum(site, ins, coef, strategy)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -174,15 +170,9 @@ class RandomizedNorms:
 def _fused_norm(pg: ParamGrad, strategy: str, env: dict, bsz, randomized: Optional[RandomizedNorms] = None):
     """(squared norms with the contribution's scale, what the clipped sum needs) of one fused parameter."""
     c: Contribution = pg.contributions[0]
-    ins = c.site.fused_inputs(env, bsz)
-    if c.site.kind == "linear":  # the strategy's norm op; what its clipped sum reads (the kept products for stored)
-        n2, ins = get_strategy(strategy or "direct").norm(ins, pg, env, randomized)
-    elif c.site.kind == "rows":
-        # the per-sample row sums, once: the norm and the clipped sum both read this (B, 1, P) tensor
-        ins = (ops.rows_colsum(*ins).unsqueeze(1),)
-        n2 = ops.rows_norm(*ins)
-    else:
-        n2 = ops.embedding_norm(*ins, c.site.info["padding_idx"])
+    kind = site_kind(c.site.kind)
+    # the kind's norm op (for linear sites, the strategy's); what its clipped sum reads (e.g. kept products)
+    n2, ins = kind.norm(c.site, kind.fused_inputs(c.site, env, bsz), strategy, pg, env, randomized)
     if c.scale != 1.0:
         n2 = n2 * (c.scale * c.scale)
     return n2, ins

@@ -6,6 +6,7 @@ import torch.fx as fx
 
 from ..codegen.registry import ops_with_role
 from ..errors import CoverageError
+from .sites import site_kind
 
 
 def clipped_sum_ops() -> set:
@@ -50,7 +51,7 @@ def verify_coverage(graph: fx.Graph, ctx, params: list) -> None:
             )
         # the unclipped contributions must be gone: no path from the output back to an original site
         for c in pg.contributions:
-            if c.site.kind != "whole" and _depends_on(out, c.site.node):
+            if not site_kind(c.site.kind).keeps_node and _depends_on(out, c.site.node):
                 raise CoverageError(
                     f"parameter `{info.name}`: the non-private gradient `{c.site.node.name}` still feeds the output"
                 )
