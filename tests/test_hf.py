@@ -547,3 +547,39 @@ def test_dp_trainer_trains_a_sequence_classifier_and_refuses_other_heads(tmp_pat
     y = torch.tensor([[0., 1.], [1., 1.], [0., 0.]])
     torch.testing.assert_close(per_sample_classification_loss(logits, y, "multi_label_classification").mean(),
                                torch.nn.functional.binary_cross_entropy_with_logits(logits, y))
+
+
+def test_dp_trainer_continues_the_dp_history_of_the_model_it_was_loaded_from(tmp_path):
+    """A model loaded from a directory whose dp_checkpoint.pt records earlier DP steps: DPTrainer's accountant starts
+    from that history, sigma is calibrated so that the total stays within target_epsilon, and a target the history
+    alone spends is refused (unless allow_overspend, or privacy_history=None)."""
+    from dpcompile.hf import DP_CHECKPOINT_NAME, DPTrainer
+
+    earlier = dpcompile.PrivacyAccountant("pld")
+    earlier.step(noise_multiplier=0.8, sample_rate=0.5, num_steps=6)
+    opt = dpcompile.DPOptimizer(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1), noise_multiplier=0.8,
+                                max_grad_norm=1.0, expected_batch_size=8, accountant=earlier, sample_rate=0.5)
+    hf_gpt2(T=8, n_layer=1).model.save_pretrained(tmp_path / "model")
+    dpcompile.save_checkpoint(tmp_path / "model" / DP_CHECKPOINT_NAME, module=None, optimizer=opt)
+    spent = earlier.get_epsilon(1e-3)
+
+    def trainer(target, **kw):
+        model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+        args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=3, report_to=[],
+                                              per_device_train_batch_size=8, use_cpu=True, save_strategy="no")
+        return DPTrainer(model=model, args=args, train_dataset=_trainer_data(), target_epsilon=target,
+                         target_delta=1e-3, expected_batch_size=8, **kw)
+
+    t = trainer(spent + 2.0)
+    dp_opt = t.create_optimizer()
+    assert dp_opt.accountant.history[0] == (0.8, 0.5, 6)
+    total = [(0.8, 0.5, 6), (dp_opt.noise_multiplier, 0.5, 3)]
+    composed = dpcompile.PrivacyAccountant("pld")
+    for s, q, n in total:
+        composed.step(noise_multiplier=s, sample_rate=q, num_steps=n)
+    assert spent < composed.get_epsilon(1e-3) <= spent + 2.0
+    assert dp_opt.planned_steps == 9
+    with pytest.raises(ValueError, match="already spent by the history.*allow_overspend=True"):
+        trainer(spent * 0.9).create_optimizer()
+    assert trainer(spent * 0.9, allow_overspend=True).create_optimizer().accountant.steps == 6
+    assert trainer(spent * 0.9, privacy_history=None).create_optimizer().accountant.steps == 0
