@@ -65,7 +65,7 @@ def _regression(d_in, d_out):
 # plain PyTorch models whose batch maker takes T: (case, make(B, T, generator), clipping)
 PLAIN = {
     "mlp3d": lambda: (models.mlp(input_ndim=3), _regression(3, 2), "flat"),
-    "gpt_tied_manual_pad": lambda: (models.gpt_like(tied=True, attn="manual", padding_idx=0, T=12),
+    "gpt_tied_manual_pad": lambda: (models.gpt_like(tied=True, attn="manual", padding_idx=0, n_layer=1, T=12),
                                     lambda B, T, g: _tokens(11, B, T, g), "per_layer"),
     "llama_gqa_rope": lambda: (models.llama_like(n_head=4, n_kv_head=2, n_layer=1, T=12),
                                lambda B, T, g: _tokens(11, B, T, g), "per_layer"),
@@ -213,7 +213,7 @@ def test_a_call_whose_targets_have_another_batch_size_compiles_its_own_graph():
     """The graph was built taking the targets to carry the same samples as the inputs (equal batch dims at the
     compiling call). With B and T symbolic, Dynamo alone only knows B*T == B'*T' (a flatten): the pass's guard
     B' == B makes a call with targets of shape (3, 8) next to inputs (4, 6) compile anew, never reuse that graph."""
-    case = models.gpt_like(tied=True, T=12)
+    case = models.gpt_like(tied=True, n_layer=1, T=12)
     model = copy.deepcopy(case.model).double()
     torch._dynamo.reset()
     compiled, counter = _compile(case, model, 1.0, "per_layer", mean=False)
