@@ -8,7 +8,7 @@ optimizer wrapper adds it). See docs/ and README.md.
 from .codegen import ops as _ops  # noqa: F401  (registers the dpcompile:: custom ops)
 from .backend import flashdp, flashdp_eager, register_backends
 from .compile import DPCompiled, compile
-from .errors import (CoverageError, DPCompileError, OptionsError, SampleMixingError,
+from .errors import (CoverageError, DPCompileError, GraphBreakError, OptionsError, SampleMixingError,
                      UnsupportedGradientError)
 from .explain import Plan, explain
 from .options import DPOptions
@@ -31,6 +31,6 @@ __all__ = [
     "PrivacyEngine", "PoissonBatchSampler", "DPDataLoader", "BatchMemoryManager", "EmptyBatchCollate",
     "save_checkpoint", "load_checkpoint", "validate", "fix", "ModuleValidator",
     "LogicalBatchError", "PrivacyBudgetExceeded",
-    "DPCompileError", "OptionsError", "UnsupportedGradientError", "SampleMixingError", "CoverageError",
+    "DPCompileError", "GraphBreakError", "OptionsError", "UnsupportedGradientError", "SampleMixingError", "CoverageError",
 ]
 __version__ = "0.1.0"

@@ -12,6 +12,7 @@ also tells T = 2 apart).
 from __future__ import annotations
 
 import itertools
+import sys
 import warnings
 from typing import Any
 
@@ -19,6 +20,8 @@ import torch
 import torch.nn as nn
 
 from .errors import SymbolicLayoutError
+from .graph_breaks import explain_graph_break
+from .hf import disable_hub_kernels, refuse_labels_loss
 from .options import DPOptions
 
 
@@ -72,10 +75,14 @@ class DPCompiled:
                 torch._dynamo.mark_static(t, others)
 
     def __call__(self, *args, **kwargs):
+        refuse_labels_loss(self.module, args, kwargs)  # before Dynamo trips on transformers' logging
         self._mark(args, kwargs)
         try:
             return self._compiled(*args, **kwargs)
         except Exception as exc:  # Dynamo wraps backend errors (BackendCompilerFailed)
+            graph_break = explain_graph_break(exc, self.module)
+            if graph_break is not None:
+                raise graph_break from exc
             if not (self.dynamic_seq and _caused_by(exc, SymbolicLayoutError)):
                 raise
             warnings.warn(
@@ -113,8 +120,15 @@ def compile(model: nn.Module, *, backend: str = "flashdp", fullgraph: bool = Tru
     if not isinstance(dynamic_seq, bool):
         raise TypeError(f"dpcompile.compile: dynamic_seq must be True or False, got {dynamic_seq!r}")
     opts = DPOptions.parse(options)
+    if _holds_transformers_model(model):  # compiled directly: no opaque hub kernels in the graph
+        disable_hub_kernels(model)
     compiled = torch.compile(_own_code_object(model), backend=backend, options=opts.as_dict(), fullgraph=fullgraph)
     return DPCompiled(model, compiled, opts, dynamic_seq=dynamic_seq)
+
+
+def _holds_transformers_model(model: nn.Module) -> bool:
+    modeling_utils = sys.modules.get("transformers.modeling_utils")
+    return modeling_utils is not None and any(isinstance(m, modeling_utils.PreTrainedModel) for m in model.modules())
 
 
 _COMPILES = itertools.count()

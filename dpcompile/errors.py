@@ -24,3 +24,8 @@ class CoverageError(DPCompileError):
 class SymbolicLayoutError(UnsupportedGradientError):
     """A sample layout that cannot be split while the batch size and another size are both symbolic.
     dpcompile.compile catches it and recompiles that shape with static non-batch sizes."""
+
+
+class GraphBreakError(DPCompileError):
+    """The model cannot be traced into one graph (a graph break under fullgraph=True): one sample's gradient would
+    be clipped in pieces, each to its own bound."""

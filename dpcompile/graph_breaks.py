@@ -13,11 +13,7 @@ from typing import Optional
 
 from torch import nn
 
-from .errors import DPCompileError
-
-
-class GraphBreakError(DPCompileError):
-    """The model cannot be traced into one graph (a graph break under fullgraph=True)."""
+from .errors import GraphBreakError
 
 
 def _forward_span(module: nn.Module) -> Optional[tuple]:

@@ -180,3 +180,39 @@ def test_trainable_tensor_that_is_not_a_parameter_is_refused_at_compile_time():
         dpcompile.compile(Scaled(), backend="flashdp_eager", loss_reduction="sum")(torch.randn(4, 3)).backward()
     err = unwrap(info.value)
     assert isinstance(err, dpcompile.CoverageError) and "`scale`" in str(err) and "nn.Parameter" in str(err)
+
+
+def test_graph_break_names_the_module_and_the_line():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            y = self.lin(x)
+            if y.sum() > 0:  # data-dependent Python branching: a graph break
+                y = y * 2
+            return y
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Branchy()
+
+        def forward(self, x):
+            return self.block(x).sum()
+
+    torch._dynamo.reset()
+    with pytest.raises(dpcompile.GraphBreakError) as info:
+        dpcompile.compile(Net(), backend="flashdp_eager", loss_reduction="sum")(torch.randn(4, 3)).backward()
+    msg = str(info.value)
+    assert "`block` (Branchy)" in msg and "if y.sum() > 0:" in msg and "test_refusals.py line" in msg
+
+
+def test_hf_labels_loss_is_refused_before_dynamo_runs():
+    transformers = pytest.importorskip("transformers")
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=32,
+                                                                 n_positions=16))
+    ids = torch.randint(0, 32, (3, 8))
+    with pytest.raises(dpcompile.SampleMixingError, match=r"GPT2LMHeadModel.*CausalLMLoss"):
+        dpcompile.compile(model, backend="flashdp_eager")(ids, labels=ids)
