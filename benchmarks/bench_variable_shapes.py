@@ -22,6 +22,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -31,8 +32,9 @@ MODES = ["fixed non-DP", "fixed DP", "variable non-DP", "variable DP", "pad-to-m
 T_MAX = 1024
 
 
-def shape_sequence(steps: int, mean_batch: float = 8.0, seed: int = 0) -> list:
-    """[(B_k, T_k)]: Poisson batch sizes, each batch padded to its longest sample (T_k >= 2)."""
+def shape_sequence(steps: int, mean_batch: float = 8.0, seed: int = 0, multiple: int = 1) -> list:
+    """[(B_k, T_k)]: Poisson batch sizes, each batch padded to its longest sample (T_k >= 2), rounded up to a
+    multiple of `multiple` (a collator's pad_to_multiple_of)."""
     with open(os.path.join(HERE, "data", "shakespeare_passage_lengths.json")) as f:
         hist = json.load(f)["histogram"]
     lengths, weights = [int(k) for k in hist], list(hist.values())
@@ -47,17 +49,18 @@ def shape_sequence(steps: int, mean_batch: float = 8.0, seed: int = 0) -> list:
             p *= mean_batch / b
             s += p
         t = max(rng.choices(lengths, weights, k=b)) if b else 2
+        t = -(-t // multiple) * multiple
         out.append((b, max(2, min(t, T_MAX))))
     return out
 
 
-def run_mode(model_name: str, mode: str, steps: int) -> dict:
+def run_mode(model_name: str, mode: str, steps: int, multiple: int = 1) -> dict:
     import torch
 
     import dpcompile
     from model_zoo import build_model  # the harness's models (benchmarks/model_zoo.py)
 
-    seq = shape_sequence(steps)
+    seq = shape_sequence(steps, multiple=multiple)
     if mode.startswith("fixed"):
         mean_b = 8
         mean_t = round(sum(t for b, t in seq if b) / sum(1 for b, _ in seq if b))
@@ -104,6 +107,7 @@ def run_mode(model_name: str, mode: str, steps: int) -> dict:
             "median_step_ms": 1e3 * statistics.median(s for _, _, s in times) if times else float("nan"),
             "train_s": steady + sum(b * t * per_token for b, t, _ in compiled_steps),
             "mean_B": statistics.mean(b for b, _ in seq), "mean_T": statistics.mean(t for _, t in seq),
+            "pad_multiple": multiple, "step_ms": [round(1e3 * s, 1) for _, _, s in compiled_steps + times],
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
@@ -113,16 +117,20 @@ def main(argv=None) -> int:
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--out", default=None, help="folder for the JSON lines of every mode")
+    ap.add_argument("--pad-multiple", type=int, default=1, help="round each batch's T up to a multiple of this")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one mode in this process
     args = ap.parse_args(argv)
     if args.one:
-        print("RESULT " + json.dumps(run_mode(args.model, args.one, args.steps)), flush=True)
+        print("RESULT " + json.dumps(run_mode(args.model, args.one, args.steps, args.pad_multiple)), flush=True)
         return 0
     rows = []
     for mode in args.modes.split(","):
         print(f"== {args.model} / {mode}", file=sys.stderr, flush=True)
+        # a cold Inductor cache per mode: compile times are not shortened by an earlier mode's kernels
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="dpcompile-vary-"))
         p = subprocess.run([sys.executable, __file__, "--model", args.model, "--steps", str(args.steps),
-                            "--one", mode], capture_output=True, text=True)
+                            "--pad-multiple", str(args.pad_multiple), "--one", mode],
+                           capture_output=True, text=True, env=env)
         line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
             print(p.stderr[-4000:], file=sys.stderr)
@@ -132,7 +140,7 @@ def main(argv=None) -> int:
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     if args.out:
         os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, f"variable_shapes_{args.model}.jsonl"), "w") as f:
+        with open(os.path.join(args.out, f"variable_shapes_{args.model}_pad{args.pad_multiple}.jsonl"), "w") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
     ref = {r["mode"]: r for r in rows if "error" not in r}

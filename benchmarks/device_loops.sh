@@ -24,7 +24,7 @@ transformers.__version__, torch.cuda.get_device_name())" 2>&1 | tee "$OUT/versio
       summary+=("tests: $(tail -1 "$OUT/tests.txt")") ;;
     vary:*)  # vary:MODEL[:MODES]
       IFS=: read -r _ model modes <<< "$stage"
-      timeout 560 python3 benchmarks/bench_variable_shapes.py --model "$model" ${modes:+--modes "$modes"} \
+      timeout 560 python3 benchmarks/bench_variable_shapes.py --model "$model" ${modes:+--modes "$modes"} ${VARY_FLAGS:-} \
         --out "$OUT" > "$OUT/vary_$model.log" 2>&1
       summary+=("vary $model rc=$?"); sed -n '/^| /,$p' "$OUT/vary_$model.log" ;;
     bench:*)  # bench:WORKLOAD[:MODES[:PARALLEL]]
