@@ -5,12 +5,14 @@ CLI's `--strategy`), the planner's candidates and costs (passes/plan.py), the op
 (passes/rewrite.py) and the costs `explain` prints. The built-in records are in passes/strategies.py; user code
 registers its own with `register_strategy` (tests/test_extending.py does).
 
-This module imports nothing from dpcompile, so options.py (below the pass in the layer order) can read it.
+This module imports only dpcompile/registry.py, so options.py (below the pass in the layer order) can read it.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Optional
+
+from .registry import Registry
 
 #: how the privacy analysis accounts for a strategy whose norms are not exact. Only one is known to the optimizer
 #: and accountant: "randomized" (probe-estimated norms, the graph records its probes: docs/randomized.md).
@@ -77,31 +79,11 @@ class Strategy:
         return self.within_budget or self.name
 
 
-_STRATEGIES: dict[str, Strategy] = {}
-
-
-def register_strategy(strategy: Strategy, replace: bool = False) -> Strategy:
-    """Add a strategy (user code may call this before compiling). replace=True swaps a record of the same name."""
-    if strategy.name in _STRATEGIES and not replace:
-        raise ValueError(f"strategy {strategy.name!r} is already registered")
-    _STRATEGIES[strategy.name] = strategy
-    return strategy
-
-
-def unregister_strategy(name: str) -> None:
-    _STRATEGIES.pop(name, None)
-
-
-def get_strategy(name: str) -> Strategy:
-    try:
-        return _STRATEGIES[name]
-    except KeyError:
-        raise KeyError(f"unknown strategy {name!r}; registered: {sorted(_STRATEGIES)}") from None
-
-
-def find_strategy(name: str) -> Optional[Strategy]:
-    """The record of `name`, or None (a kind's own strategy such as "fused-rows", "zero")."""
-    return _STRATEGIES.get(name)
+_STRATEGIES = Registry("strategy")
+register_strategy = _STRATEGIES.register  # (strategy, replace=False): user code may call it before compiling
+unregister_strategy = _STRATEGIES.unregister
+get_strategy = _STRATEGIES.get
+find_strategy = _STRATEGIES.find  # None for a name that is not a record ("auto", a kind's own "fused-rows", "zero")
 
 
 def strategies(kind: Optional[str] = "linear") -> list:

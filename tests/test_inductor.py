@@ -74,8 +74,8 @@ def test_cache_key_hashes_the_graph_sources_only(tmp_path):
     (root / "notes.py").write_text("x = 1\n")
     assert passes._source_hash(root) == base
     (root / "notes.py").unlink()
-    for rel in ("passes/plan.py", "passes/__init__.py", "codegen/ops.py", "codegen/kernels/linear.py", "options.py",
-                "clipping.py"):
+    for rel in ("passes/plan.py", "passes/__init__.py", "passes/driver.py", "passes/sites/linear.py",
+                "codegen/ops.py", "codegen/kernels/linear.py", "options.py", "clipping.py", "strategy_registry.py"):
         assert edited(rel) != base, rel
     assert edited("backend.py", "aten.embedding_dense_backward.default", "aten.embedding_dense_backward.default, "
                   "aten.addmm.default") != base

@@ -817,7 +817,7 @@ def test_batch_one_graph_must_agree_with_the_batched_one(monkeypatch):
     torch._dynamo.reset()
     compiled = dpcompile.compile(model, backend="flashdp_eager", strategy={"2.*": "randomized"}, loss_reduction="sum")
     compiled(torch.randn(3, 5, 3)).sum().backward()
-    monkeypatch.setattr(passes, "_one_sample_randomized_sites", lambda *a: {})
+    monkeypatch.setattr(passes.one_sample, "randomized_products", lambda *a: {})
     with pytest.raises(Exception) as info:
         compiled(torch.randn(1, 5, 3)).sum().backward()
     err = unwrap(info.value)

@@ -16,6 +16,7 @@ import math
 import torch
 from torch import Tensor
 
+from ..clipping import group_clip_factors
 from .registry import dp_custom_op, dp_op
 
 
@@ -132,13 +133,7 @@ def _reduce_into(tiles: Tensor, coef: Tensor, acc: Tensor, accumulate: bool, lau
 
 def _clip_coefficients(sq: Tensor, rest_sq: Tensor, sq_scale: float, threshold: float, clip_fn: str, mean: bool,
                        batch) -> Tensor:
-    from ..clipping import clip_factors
-
-    total = rest_sq.to(sq.dtype) + sq * sq_scale
-    if mean:  # the loss carried 1/B: measure and sum B * g_i
-        total = total * (batch * batch)
-    coef = clip_factors(total, threshold, clip_fn)
-    return coef * batch if mean else coef
+    return group_clip_factors(rest_sq.to(sq.dtype) + sq * sq_scale, threshold, clip_fn, mean, batch)
 
 
 # The whole batch at once: a triton_op (Inductor inlines it; no Python on the step). The planner takes it when the
@@ -260,25 +255,15 @@ def rows_clipped_sum_reference(x: Tensor, coef: Tensor) -> Tensor:
 
 
 def rows_colsum_reference(x: Tensor) -> Tensor:
+    """Per-sample row sums (B, P) in the accumulation dtype: the group's norm and clipped sum both read this small
+    tensor, so x is read once (Inductor fuses the producer of x, e.g. dY * x_hat, into this reduction)."""
     return _acc(x).sum(1)
 
 
-@dp_op(role="prepare")
-def rows_colsum(x: Tensor) -> Tensor:
-    """Per-sample row sums (B, P) in the accumulation dtype: the group's norm and clipped sum both read this small
-    tensor, so x is read once (Inductor fuses the producer of x, e.g. dY * x_hat, into this reduction)."""
-    return rows_colsum_reference(x)
-
-
-@dp_op(role="norm")
-def rows_norm(x: Tensor) -> Tensor:
-    return rows_norm_reference(x)
-
-
-@dp_op(role="clipped_sum")
-def rows_clipped_sum(x: Tensor, coef: Tensor) -> Tensor:
-    return rows_clipped_sum_reference(x, coef)
-
+# the ops' bodies are the references themselves
+rows_colsum = dp_op(role="prepare", name="rows_colsum")(rows_colsum_reference)
+rows_norm = dp_op(role="norm", name="rows_norm")(rows_norm_reference)
+rows_clipped_sum = dp_op(role="clipped_sum", name="rows_clipped_sum")(rows_clipped_sum_reference)
 
 
 # -- embedding ----------------------------------------------------------------------------------------------
@@ -351,11 +336,5 @@ def persample_clipped_sum_reference(ps: Tensor, coef: Tensor) -> Tensor:
     return (coef.to(flat.dtype) @ flat).reshape(ps.shape[1:]).to(ps.dtype)
 
 
-@dp_op(role="norm")
-def persample_norm(ps: Tensor) -> Tensor:
-    return persample_norm_reference(ps)
-
-
-@dp_op(role="clipped_sum")
-def persample_clipped_sum(ps: Tensor, coef: Tensor) -> Tensor:
-    return persample_clipped_sum_reference(ps, coef)
+persample_norm = dp_op(role="norm", name="persample_norm")(persample_norm_reference)
+persample_clipped_sum = dp_op(role="clipped_sum", name="persample_clipped_sum")(persample_clipped_sum_reference)

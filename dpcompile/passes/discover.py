@@ -16,7 +16,7 @@ import torch.fx as fx
 
 from ..errors import SampleMixingError, UnsupportedGradientError
 from .batchdim import BDim, Mixed, node_location
-from .patterns import Site, classify_leaf
+from .patterns import Site, classify_leaf, op_name
 from .sites import kinds, site_kind
 
 aten = torch.ops.aten
@@ -139,7 +139,7 @@ def _absorbed(c: Contribution, batch_size) -> Contribution:
 
 
 def _op_name(node: fx.Node) -> str:
-    return getattr(node.target, "__name__", str(node.target))
+    return op_name(node.target)
 
 
 def _is_contraction(node: fx.Node, st: Callable) -> bool:

@@ -102,9 +102,14 @@ def classify_leaf(node: fx.Node, st, param_name: str) -> Site:
         return kind.classify(node, st, state, param_name)
     raise UnsupportedGradientError(
         f"gradient of parameter `{param_name}` is contracted over the batch by op `{node.name}` "
-        f"({getattr(node.target, '__name__', node.target)}){node_location(node)}, which dpcompile cannot compute per "
+        f"({op_name(node.target)}){node_location(node)}, which dpcompile cannot compute per "
         f"sample{reason(state)}"
     )
+
+
+def op_name(target) -> str:
+    """An op's name as messages and explain print it (aten.mm.default -> "mm.default")."""
+    return getattr(target, "__name__", str(target))
 
 
 def reason(state) -> str:

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import sympy
 
 from ..errors import OptionsError
+from .batchdim import sym_expr
+from .patterns import op_name
 from ..strategy_registry import find_strategy, get_strategy, inexact_names, strategies
 
 
@@ -52,6 +54,21 @@ class LinearShape:
     M: object
     N: object
     itemsize: int
+
+
+def linear_shape(pg, batch_node, batch_dim: int) -> LinearShape:
+    """The (B, T, M) x (B, T, N) operand shapes a linear site's kernels will see, from the fake values."""
+    from torch._guards import detect_fake_mode
+
+    site = pg.contributions[0].site
+    env = {n: n.meta["val"] for n in site.inputs}
+    bsz = batch_node.meta["val"].shape[batch_dim]
+    with detect_fake_mode(list(env.values()) + [batch_node.meta["val"]]):
+        a, b = site.fused_inputs(env, bsz)
+    itemsize = max(a.element_size(), b.element_size())
+    # sizes as expressions, never int(): int() of a symbolic T would guard on (specialize) the sequence length
+    return LinearShape(sym_expr(a.shape[0]), sym_expr(a.shape[1]), sym_expr(a.shape[2]), sym_expr(b.shape[2]),
+                       itemsize)
 
 
 def linear_costs(s: LinearShape, budget_bytes: float, dev: DeviceModel = DEVICE, probes: int = 32) -> dict:
@@ -212,8 +229,8 @@ def pattern(pg) -> str:
     parts = []
     for c in pg.contributions:
         op = c.site.node.args[0] if c.site.node.target is operator.getitem else c.site.node
-        name = getattr(op.target, "__name__", str(op.target))
-        chain = [getattr(s.node.target, "__name__", str(s.node.target)).split(".")[0] for s in c.chain]
+        name = op_name(op.target)
+        chain = [op_name(s.node.target).split(".")[0] for s in c.chain]
         tail = ("->" + "->".join(dict.fromkeys(chain))) if chain else ""
         parts.append(f"{c.site.kind}({name}){tail}")
     return " + ".join(parts)

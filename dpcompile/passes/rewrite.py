@@ -18,7 +18,7 @@ from ..codegen import ops
 from ..codegen.registry import inlined_ops
 from ..errors import UnsupportedGradientError
 from ..strategy_registry import find_strategy, get_strategy
-from ..clipping import clip_factors
+from ..clipping import group_clip_factors
 from .discover import Contribution, ParamGrad, Step
 from .sites import site_kind
 
@@ -219,11 +219,7 @@ def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: in
                                                         mean, budget_bytes)
             sums[id(single)] = _finish_fused(single, s, env)
         else:
-            if mean:  # the loss carried 1/B: measure and sum B * g_i
-                sq = sq * (bsz * bsz)
-            coef = clip_factors(sq, threshold, clip_fn)
-            if mean:
-                coef = coef * bsz
+            coef = group_clip_factors(sq, threshold, clip_fn, mean, bsz)
         outs = []
         for pg in params:
             if id(pg) in sums:

@@ -256,7 +256,11 @@ def ghost_sq_norms(a: torch.Tensor, b: torch.Tensor, block: int | None = None, l
     return partial.sum(1)
 
 
-def sample_splits(M: int, N: int, sms: int = 132) -> int:
+#: streaming multiprocessors of the GPU the launch heuristics are tuned for (an H100 SXM)
+H100_SMS = 132
+
+
+def sample_splits(M: int, N: int, sms: int = H100_SMS) -> int:
     """How many sample groups the clipped sum runs in parallel: enough programs for about two waves."""
     return max(1, min(8, -(-2 * sms // _ref_tiles(M, N))))
 

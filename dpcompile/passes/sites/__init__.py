@@ -13,6 +13,8 @@ from typing import Callable, Optional
 
 import torch.fx as fx
 
+from ...registry import Registry
+
 
 @dataclass(frozen=True)
 class SiteKind:
@@ -59,29 +61,14 @@ class SiteKind:
         return node.target in self.targets or (self.matches is not None and bool(self.matches(node)))
 
 
-_KINDS: dict[str, SiteKind] = {}
-
-
-def register_site_kind(kind: SiteKind, replace: bool = False) -> SiteKind:
-    if kind.name in _KINDS and not replace:
-        raise ValueError(f"site kind {kind.name!r} is already registered")
-    _KINDS[kind.name] = kind
-    return kind
-
-
-def unregister_site_kind(name: str) -> None:
-    _KINDS.pop(name, None)
-
-
-def site_kind(name: str) -> SiteKind:
-    try:
-        return _KINDS[name]
-    except KeyError:
-        raise KeyError(f"unknown site kind {name!r}; registered: {sorted(_KINDS)}") from None
+_KINDS = Registry("site kind")
+register_site_kind = _KINDS.register  # (kind, replace=False)
+unregister_site_kind = _KINDS.unregister
+site_kind = _KINDS.get
 
 
 def kinds() -> list:
-    return list(_KINDS.values())
+    return _KINDS.values()
 
 
 def match(node: fx.Node) -> Optional[SiteKind]:

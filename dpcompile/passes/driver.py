@@ -1,0 +1,152 @@
+"""The joint-graph pass, one named function per stage:
+
+    read_graph → batch_dims → discover → plan → randomized_norms → rewrite → verify → inline
+
+`DPJointPass` is what the backends install: Inductor calls it as `joint_custom_pre_pass`, the eager backend calls
+it from its partition function. Both see the joint graph after the decomposition table of backend.py.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import Counter
+from typing import Optional
+
+import torch.fx as fx
+
+from . import one_sample
+from .batchdim import BatchDimAnalysis, BDim
+from .context import PassContext, source_hash
+from .discover import discover_contributions
+from .graph_io import GraphIO, batch_symbol, read_graph, size_hints, tangent_seeds
+from .plan import check_forced_globs, linear_shape, plan_group, plan_rows
+from .probes import randomized_norms
+from .rewrite import decompose_kept_ops, group_inputs, inline_triton_ops, insert_traced, make_group_fn, set_outputs, \
+    zero_grads
+from .sites import site_kind
+from .verify import verify_coverage
+
+log = logging.getLogger("dpcompile")
+
+try:
+    from torch._inductor.custom_graph_pass import CustomGraphPass as _PassBase
+except ImportError:  # pragma: no cover - very old torch
+    _PassBase = object
+
+
+class DPJointPass(_PassBase):
+    def __init__(self, ctx: PassContext):
+        self.ctx = ctx
+
+    def __call__(self, graph: fx.Graph) -> None:
+        run_dp_pass(graph, self.ctx)
+
+    def uuid(self) -> Optional[str]:
+        # every option and the pass source: a cached graph compiled with another C must never be reused.
+        # Graphs that may hold randomized sites are not cached (None): the optimizer's privacy accounting reads
+        # which sites the pass randomized (ctx.randomized), and a cache hit would skip the pass.
+        if self.ctx.options.uses_randomized():
+            return None
+        return hashlib.sha256((source_hash() + self.ctx.key()).encode()).hexdigest()
+
+
+def run_dp_pass(graph: fx.Graph, ctx: PassContext) -> None:
+    io = read_graph(graph, ctx)
+    ctx.report.clear()
+    ctx.randomized.clear()
+    ctx.classified = False
+    if io.batch_size == 0:  # an empty (Poisson) batch: clipped sums are zero
+        zero_grads(graph, [pg for _, pg in io.params])
+        ctx.report.extend(plan_rows(io.params, ctx, empty=True))
+    else:
+        products = {}
+        if io.batch_size == 1:  # one sample: each gradient is that sample's gradient; nothing can mix samples
+            one_sample.whole_sites(io.params)
+            products = one_sample.randomized_products(graph, io.params, ctx, io.primals)
+        else:
+            discover(io, batch_dims(graph, ctx, io))
+        choices = plan(graph, ctx, io)
+        rewrite(graph, ctx, io, choices, randomized_norms(graph, ctx, io, choices, products))
+        bsym, bhint = batch_symbol(io.batch_extent)
+        ctx.report.extend(plan_rows(io.params, ctx, choices=choices, batch_symbol=bsym, batch_hint=bhint,
+                                    randomized=set(products), hints=size_hints(graph)))
+        ctx.classified = True
+    verify(graph, ctx, io)
+    inline(graph, ctx)
+    _log_summary(ctx, io)
+
+
+def batch_dims(graph: fx.Graph, ctx: PassContext, io: GraphIO):
+    """Which dim of every value carries samples: seeded by the batch inputs, then by the tangents (each carries
+    samples the way its forward output does, which the first run tells)."""
+    seeds = {io.primals[i]: BDim(d) for i, d in ctx.batch_inputs.items()}
+    first = BatchDimAnalysis(graph, seeds, io.batch_size)
+    seeds.update(tangent_seeds(graph, first.states, len(io.primals)))
+    return BatchDimAnalysis(graph, seeds, io.batch_size)
+
+
+def discover(io: GraphIO, analysis) -> None:
+    """Each parameter's gradient down to its sites."""
+    for _, pg in io.params:
+        discover_contributions(pg, analysis.state, io.batch_size)
+
+
+def groups_of(io: GraphIO) -> dict:
+    groups: dict[str, list] = {}
+    for info, pg in io.params:
+        groups.setdefault(info.group, []).append(pg)
+    return groups
+
+
+def plan(graph: fx.Graph, ctx: PassContext, io: GraphIO) -> dict:
+    """{id(pg): SiteChoice}: a strategy per site, per clipping group, from the registry's costs."""
+    check_forced_globs(ctx.options, [info.name for info, _ in io.params])
+    bsym, bhint = batch_symbol(io.batch_extent)
+    hints = size_hints(graph)
+    choices: dict = {}
+    for pgs in groups_of(io).values():
+        shapes = {id(pg): linear_shape(pg, io.batch_node, io.batch_dim) for pg in pgs
+                  if pg.fused and site_kind(pg.contributions[0].site.kind).strategies}
+        choices.update(plan_group(pgs, shapes, ctx.options, bsym, bhint, hints))
+    return choices
+
+
+def rewrite(graph: fx.Graph, ctx: PassContext, io: GraphIO, choices: dict, randomized) -> None:
+    """Per group: norms → clip factors → clipped sums, traced and inserted; the outputs point at the sums."""
+    replacements = {}
+    for group, pgs in groups_of(io).items():
+        inputs = group_inputs(pgs, io.batch_node)
+        if randomized is not None and any(id(pg) in randomized.site_ids for pg in pgs):
+            extra = [randomized.seed] + [randomized.products[id(pg)][0] for pg in pgs if id(pg) in randomized.products]
+            inputs += [n for n in dict.fromkeys(extra) if n not in inputs]
+        fn = make_group_fn(pgs, inputs, io.batch_node, io.batch_dim, ctx.thresholds[group], ctx.options.clip_fn,
+                           ctx.options.loss_reduction == "mean",
+                           {id(pg): choices[id(pg)].op_strategy for pg in pgs if id(pg) in choices},
+                           int(ctx.options.single_pass_budget_mb * 2**20), randomized)
+        for pg, node in zip(pgs, insert_traced(graph, fn, inputs, ctx.decompositions)):
+            replacements[pg.out_pos] = node
+    set_outputs(graph, replacements)
+
+
+def verify(graph: fx.Graph, ctx: PassContext, io: GraphIO) -> None:
+    """Dead originals removed, kept ops decomposed, then the coverage check."""
+    graph.eliminate_dead_code()
+    decompose_kept_ops(graph)
+    graph.lint()
+    verify_coverage(graph, ctx, io.params)
+
+
+def inline(graph: fx.Graph, ctx: PassContext) -> None:
+    """Inductor only: the dp_op bodies inlined, so that Inductor emits their launches itself."""
+    if ctx.inline_ops:
+        inline_triton_ops(graph, ctx.decompositions)
+        graph.eliminate_dead_code()
+        graph.lint()
+
+
+def _log_summary(ctx: PassContext, io: GraphIO) -> None:
+    strategies = Counter(row["strategy"] for row in ctx.report)
+    log.info("flashdp: %d trainable parameters in %d clipping groups (%s), strategies: %s",
+             len(io.params), len({info.group for info, _ in io.params}), ctx.options.clipping
+             if isinstance(ctx.options.clipping, str) else "explicit groups",
+             ", ".join(f"{k} x{v}" for k, v in sorted(strategies.items())))
