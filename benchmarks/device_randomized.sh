@@ -17,7 +17,7 @@ for stage in "$@"; do
   case "$stage" in
     tests|tests:*)  # tests:EXPR runs only the tests pytest -k EXPR selects
       k=${stage#tests}; k=${k#:}
-      timeout 240 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_randomized.py ${k:+-k "$k"} \
+      timeout 240 python3 -m pytest -q -n 8 -p no:cacheprovider tests/test_randomized_*.py ${k:+-k "$k"} \
         > "$OUT/tests.txt" 2>&1
       summary+=("tests: $(tail -1 "$OUT/tests.txt")") ;;
     sweep|sweep:*)  # sweep:project or sweep:bt_z times only that kernel

@@ -13,7 +13,7 @@ import models
 from dp_check import assert_matches
 from dpcompile.options import LINEAR_STRATEGIES
 
-# the strategies whose gradients equal the oracle's ("randomized" estimates the norms: tests/test_randomized.py)
+# the strategies whose gradients equal the oracle's ("randomized" estimates the norms: tests/test_randomized_*.py)
 EXACT_STRATEGIES = [s for s in LINEAR_STRATEGIES if s != "randomized"]
 
 STYLES = ["flat", "per_layer", "per_param"]
