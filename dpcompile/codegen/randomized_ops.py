@@ -43,9 +43,10 @@ import torch
 from torch import Tensor
 
 from ..privacy.randomized_accounting import accounting_probes, record_randomized_use
-from .kernels.randomized import (VARIANTS, check_site, check_variant, randomized_sq_norms,
+from .kernels.randomized import (VARIANTS, _as_sites, check_site, check_variant, randomized_sq_norms,
                                  randomized_sq_norms_of_products, randomized_sq_norms_of_products_reference,
                                  randomized_sq_norms_reference)
+from .ops import linear_norm_reference, persample_norm_reference
 from .registry import dp_custom_op, dp_op
 
 __all__ = ["VARIANTS", "linear_norm_randomized", "persample_norm_randomized", "probe_seed", "next_probe_seed",
@@ -128,9 +129,6 @@ def _use_triton(*tensors: Tensor) -> bool:
 
 
 def _exact(a: Tensor, b: Tensor) -> Tensor:
-    from .kernels.randomized import _as_sites
-    from .ops import linear_norm_reference
-
     a, b = _as_sites(a, b)
     if _use_triton(a, b):
         from .kernels.linear import per_sample_sq_norms
@@ -155,8 +153,6 @@ def persample_norm_randomized(s: Tensor, probes: int, variant: str, seed: Tensor
     check_variant(variant, probes)
     check_site(site_id)
     if exact_norms_enabled():
-        from .ops import persample_norm_reference
-
         return persample_norm_reference(s)
     if _use_triton(s):
         return randomized_sq_norms_of_products(s, probes, variant, seed, site_id, launch=torch.library.wrap_triton)
