@@ -76,11 +76,11 @@ def linear_costs(s: LinearShape, budget_bytes: float, dev: DeviceModel = DEVICE,
     expressions in B). The strategies that are not exact ("randomized", "randomized_stored": k = probes products
     per sample) are costed so that explain can show them; plan_group only ever takes them where the user forced
     one."""
-    return {st.name: st.cost(s, budget_bytes, dev, probes) for st in strategies("linear") if st.cost is not None}
+    return {st.name: st.cost(s, budget_bytes, dev, probes) for st in strategies() if st.cost is not None}
 
 
 def _inexact() -> tuple:
-    return inexact_names("linear")
+    return inexact_names()
 
 
 
@@ -137,7 +137,7 @@ def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int, 
             for k in _inexact():
                 costs.pop(k, None)
         choices[id(pg)] = SiteChoice(forced, costs, forced=forced != "auto")
-    single = next(st.name for st in strategies("linear") if st.group_clip and st.option and st.exact)
+    single = next(st.name for st in strategies() if st.group_clip and st.option and st.exact)
     forced_single = [pg for pg in linear if _group_clip(choices[id(pg)].strategy)]
     prefer_single = options.strategy == single  # the global form: wherever the scope allows (one per group)
     if prefer_single:
@@ -159,7 +159,7 @@ def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int, 
     }
 
     def multi_pass(pg):  # what a site that is not the group's single-pass site chooses among
-        return tuple(st.name for st in strategies("linear") if st.option and st.exact and not st.group_clip
+        return tuple(st.name for st in strategies() if st.option and st.exact and not st.group_clip
                      and all(conditions[c](shapes[id(pg)]) for c in st.requires))
 
     if not forced_single:
