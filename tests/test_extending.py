@@ -30,12 +30,12 @@ def _acc(*xs: Tensor) -> torch.dtype:
 @dp_op(role="norm")
 def ext_bmm_norm(a: Tensor, b: Tensor) -> Tensor:
     acc = _acc(a, b)
-    return torch.einsum("bnmt,bntk->bnmk", a.to(acc), b.to(acc)).pow(2).sum((1, 2, 3))
+    return torch.matmul(a.to(acc), b.to(acc)).pow(2).sum((1, 2, 3))
 
 
 @dp_op(role="clipped_sum")
 def ext_bmm_clipped_sum(a: Tensor, b: Tensor, coef: Tensor) -> Tensor:
-    return torch.einsum("b,bnmt,bntk->nmk", coef.to(a.dtype), a, b)
+    return torch.matmul(a * coef.to(a.dtype).view(-1, 1, 1, 1), b).sum(0)
 
 
 def _bmm_classify(node, st, state, name) -> Site:
@@ -53,25 +53,26 @@ def _bmm_inputs(site, env, bsz):
 
 FUSED_BMM = SiteKind(
     "fused_bmm", _bmm_classify, targets=(aten.bmm.default,),
-    per_sample=lambda site, env, bsz: torch.einsum("bnmt,bntk->bnmk", *_bmm_inputs(site, env, bsz)),
+    per_sample=lambda site, env, bsz: torch.matmul(*_bmm_inputs(site, env, bsz)),
     fused_inputs=_bmm_inputs,
     norm=lambda site, ins, strategy, pg, env, randomized: (ext_bmm_norm(*ins), ins),
     clipped_sum=lambda site, ins, coef, strategy: ext_bmm_clipped_sum(*ins, coef).reshape(site.node.meta["val"].shape),
 )
 
 
-# ---- a linear strategy: per-sample products by einsum, normed and reduced (exact) ----------------------------
+# ---- a linear strategy: per-sample products by matmul, normed and reduced (exact) ----------------------------
 
 @dp_op(role="norm")
 def ext_products_norm(a: Tensor, b: Tensor) -> Tensor:
     acc = _acc(a, b)
-    return torch.einsum("btm,btn->bmn", a.to(acc), b.to(acc)).pow(2).sum((1, 2))
+    return torch.bmm(a.to(acc).transpose(1, 2), b.to(acc)).pow(2).sum((1, 2))
 
 
 @dp_op(role="clipped_sum")
 def ext_products_clipped_sum(a: Tensor, b: Tensor, coef: Tensor) -> Tensor:
     acc = _acc(a, b)
-    return torch.einsum("b,btm,btn->mn", coef.to(acc), a.to(acc), b.to(acc)).to(torch.promote_types(a.dtype, b.dtype))
+    scaled = a.to(acc) * coef.to(acc).view(-1, 1, 1)  # no einsum: its contraction path would guard on sizes
+    return (scaled.reshape(-1, a.shape[-1]).t() @ b.to(acc).reshape(-1, b.shape[-1])).to(torch.promote_types(a.dtype, b.dtype))
 
 
 EINSUM = Strategy(
