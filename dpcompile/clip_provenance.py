@@ -66,7 +66,8 @@ class GradProvenance:
     foreign: why that `.grad` holds a term no clipping graph produced (None: every term was clipped).
     """
 
-    __slots__ = ("name", "graphs", "pending", "replayed", "grad", "foreign", "_before", "_arrival", "__weakref__")
+    __slots__ = ("name", "graphs", "pending", "replayed", "grad", "foreign", "arrivals", "_before", "_arrival",
+                 "__weakref__")
 
     def __init__(self, name: str):
         self.name = name  # the parameter name the first graph that clipped it gave it (for messages)
@@ -75,6 +76,7 @@ class GradProvenance:
         self.replayed = False  # a tap's backward ran a second time (retain_graph) in the running backward
         self.grad = None
         self.foreign: Optional[str] = None
+        self.arrivals = 0  # backward passes that accumulated into `grad` (one per compiled call backpropagated)
         self._before = None
         self._arrival: Optional[str] = None  # the verdict of the arrival between the two hooks
 
@@ -107,6 +109,14 @@ def grad_problem(p: torch.Tensor) -> Optional[str]:
     if prov is None or not prov.graphs:
         return "no flashdp graph produced it (its gradient was not clipped)"
     return prov.current_grad_problem(p)
+
+
+def clipped_arrivals(p: torch.Tensor) -> int:
+    """How many backward passes accumulated into `p.grad` (0 when its .grad is not the one recorded)."""
+    prov = _PROVENANCE.get(p)
+    if prov is None or p.grad is None or prov.grad is None or prov.grad() is not p.grad:
+        return 0
+    return prov.arrivals
 
 
 def last_arrival_problem(p: torch.Tensor) -> Optional[str]:
@@ -151,6 +161,7 @@ def _accumulated(p: torch.Tensor) -> None:
     if prov is None:
         return
     before, prov._before = prov._before, None
+    prov.arrivals = 1 if before is None else prov.arrivals + 1
     if before is None:
         prov.foreign = prov._arrival
     elif prov.grad is None or prov.grad() is not before:

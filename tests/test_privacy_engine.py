@@ -160,6 +160,20 @@ def test_two_logical_batches_before_one_step_are_refused():
     assert optimizer.steps_taken == 1 and optimizer.accountant.steps == 1
 
 
+def test_a_micro_batch_backpropagated_twice_is_refused():
+    """The same physical batch through forward and backward twice: its samples would be clipped and summed twice.
+    The optimizer counts the compiled calls' backward passes (recorded at run time) against the batches the loader
+    handed out."""
+    model, optimizer, loader, _ = _engine_run(noise_multiplier=1.0, batch_size=12)
+    with BatchMemoryManager(data_loader=loader, max_physical_batch_size=100, optimizer=optimizer) as batches:
+        x, y = next(iter(batches))
+        _backward(model, x, y)
+        _backward(model, x, y)  # counted twice
+        with pytest.raises(LogicalBatchError, match="2 backward passes of compiled calls but the loader handed out "
+                                                    "1 physical batch of logical batch 0"):
+            optimizer.step()
+
+
 def test_batch_memory_manager_refuses_a_skipped_end_and_a_second_step():
     model, optimizer, loader, _ = _engine_run(noise_multiplier=1.0, batch_size=12)
     with BatchMemoryManager(data_loader=loader, max_physical_batch_size=2, optimizer=optimizer) as batches:

@@ -636,7 +636,7 @@ def test_batch_memory_manager_splits_and_tells_the_optimizer(num_workers):
         parts = list(torch.split(want, 3)) or [want]
         for j, part in enumerate(parts):
             assert torch.equal(got[k], part)
-            assert told[k] == dict(draw=draw, sample_rate=0.2, first=j == 0, last=j == len(parts) - 1)
+            assert told[k] == dict(draw=draw, sample_rate=0.2, first=j == 0, last=j == len(parts) - 1, count=1)
             k += 1
     assert k == len(got)
 

@@ -37,6 +37,7 @@ class LogicalBatchState:
     """Where the loaders' batches stand, as the optimizer was told (all None / defaults when no loader tells)."""
     open: Optional[int] = None          #: draw number of the logical batch whose batches are being handed out
     index: int = 0                      #: physical batches of it handed out so far, minus one
+    handed: int = 0                     #: micro-batches of it handed out so far (a list of several counts each)
     last: bool = True                   #: the latest physical batch is the last of its logical batch
     sample_rate: Optional[float] = None  #: the q that logical batch was drawn with
     stepped: Optional[int] = None       #: draw number of the last logical batch a step() stepped on

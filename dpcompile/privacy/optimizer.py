@@ -18,7 +18,7 @@ from typing import Mapping, Optional, Union
 import torch
 from torch.optim import Optimizer
 
-from ..clip_provenance import clipped_by_some_graph, grad_problem, provenance
+from ..clip_provenance import clipped_arrivals, clipped_by_some_graph, grad_problem, provenance
 from ..errors import CoverageError, DPCompileError
 
 #: relative slack when comparing the graphs' sensitivity with the optimizer's C (sqrt / sums of floats)
@@ -536,20 +536,23 @@ class DPOptimizer(Optimizer):
         self._plan = {"sigma": float(self.noise_multiplier), "sample_rate": self.sample_rate, "steps": int(steps)}
         self._budget = None
 
-    def note_physical_batch(self, *, draw: int, sample_rate: Optional[float], first: bool, last: bool) -> None:
+    def note_physical_batch(self, *, draw: int, sample_rate: Optional[float], first: bool, last: bool,
+                            count: int = 1) -> None:
         """Called by the loaders (DPDataLoader, BatchMemoryManager, PoissonDataLoader) before they hand out a
         batch: it belongs to logical batch `draw` (drawn with `sample_rate`), and is its first / last physical
         batch. A logical batch starting while .grad still holds the clipped sums of an earlier one that was never
         stepped on (or of a backward outside any logical batch) is remembered, and the next step() refuses it
-        unless zero_grad() discards them first."""
+        unless zero_grad() discards them first. count: how many micro-batches this hand-out holds (a
+        PoissonDataLoader yields a logical batch as a list of them): step() refuses more backward passes than that."""
         st = self._batches
         if first:
             if st.mixed is None and (st.open is None or st.open != st.stepped):
                 if self._holds_gradients():
                     st.mixed = (st.open, int(draw))
-            st.open, st.index = int(draw), 0
+            st.open, st.index, st.handed = int(draw), 0, int(count)
         else:
             st.index += 1
+            st.handed += int(count)
         st.last = bool(last)
         st.sample_rate = None if sample_rate is None else float(sample_rate)
 
@@ -605,6 +608,15 @@ class DPOptimizer(Optimizer):
         if not st.last:
             st.skip_pending = True
             return True
+        handed_out = st.handed
+        passes = max((clipped_arrivals(p) for p in self._params() if p.grad is not None), default=0)
+        if passes > handed_out:
+            raise LogicalBatchError(
+                f"{type(self).__name__}.step(): .grad holds {passes} backward passes of compiled calls but the loader "
+                f"handed out {handed_out} physical batch{'es' if handed_out > 1 else ''} of logical batch {st.open}: "
+                "a micro-batch was counted more than once (its samples' clipped gradients added twice, which the "
+                "noise does not cover). Run forward and backward once per physical batch, or "
+                "optimizer.zero_grad() to discard these gradients")
         if st.sample_rate is not None and self.sample_rate is not None and not close(st.sample_rate,
                                                                                      float(self.sample_rate)):
             raise LogicalBatchError(

@@ -383,9 +383,10 @@ def _warn_ignored_settings(data_loader: DataLoader, stacklevel: int) -> None:
                       "the last batch of a pass is no smaller than the others", stacklevel=stacklevel + 1)
 
 
-def _notify(optimizer, info: Optional[BatchInfo], first: bool = True, last: bool = True) -> None:
+def _notify(optimizer, info: Optional[BatchInfo], first: bool = True, last: bool = True, count: int = 1) -> None:
     if optimizer is not None and info is not None:
-        optimizer.note_physical_batch(draw=info.draw, sample_rate=info.sample_rate, first=first, last=last)
+        optimizer.note_physical_batch(draw=info.draw, sample_rate=info.sample_rate, first=first, last=last,
+                                      count=count)
 
 
 class DPDataLoader(DataLoader):
@@ -702,12 +703,14 @@ class PoissonDataLoader:
             return
         for _ in range(self.batch_sampler._pass_length()):
             idx = self.sample_indices()
-            _notify(self._dp_optimizer, self.batch_sampler.last_info)
             if idx.numel() == 0:
+                _notify(self._dp_optimizer, self.batch_sampler.last_info)
                 yield [self._empty()]
                 continue
             size = self.max_physical_batch_size or idx.numel()
-            yield [self._collate(chunk) for chunk in torch.split(idx, size)]
+            group = [self._collate(chunk) for chunk in torch.split(idx, size)]
+            _notify(self._dp_optimizer, self.batch_sampler.last_info, count=len(group))
+            yield group
 
     def _iter_torch_loader(self) -> Iterator[List[Any]]:
         """The same logical batches, their micro-batches fetched and collated by a torch DataLoader."""
@@ -725,6 +728,6 @@ class PoissonDataLoader:
             chunk = self._split.chunks.popleft()
             group.append(batch)
             if chunk.index == chunk.count - 1:
-                _notify(self._dp_optimizer, chunk.batch)
+                _notify(self._dp_optimizer, chunk.batch, count=len(group))
                 yield group
                 group = []
