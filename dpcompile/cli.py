@@ -915,13 +915,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _dp_error(err: BaseException, kind) -> Optional[BaseException]:
-    seen = set()
-    while err is not None and id(err) not in seen:
-        if isinstance(err, kind):
-            return err
-        seen.add(id(err))
-        err = getattr(err, "inner_exception", None) or err.__cause__ or err.__context__
-    return None
+    """The `kind` error among err's causes (Dynamo wraps backend errors), or None."""
+    from .compile import _caused_by
+
+    return _caused_by(err, kind)
 
 
 if __name__ == "__main__":
