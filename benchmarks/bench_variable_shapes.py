@@ -29,6 +29,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 MODES = ["fixed non-DP", "fixed DP", "variable non-DP", "variable DP", "pad-to-max DP"]
+# diagnostic modes (not in the default list): only B or only T varies
+EXTRA_MODES = ["varyB non-DP", "varyT non-DP", "varyB DP", "varyT DP"]
 T_MAX = 1024
 
 
@@ -54,7 +56,8 @@ def shape_sequence(steps: int, mean_batch: float = 8.0, seed: int = 0, multiple:
     return out
 
 
-def run_mode(model_name: str, mode: str, steps: int, multiple: int = 1) -> dict:
+def run_mode(model_name: str, mode: str, steps: int, multiple: int = 1, profile_at: int = 0,
+             out: str | None = None) -> dict:
     import torch
 
     import dpcompile
@@ -67,6 +70,9 @@ def run_mode(model_name: str, mode: str, steps: int, multiple: int = 1) -> dict:
         seq = [(mean_b, mean_t)] * steps
     elif mode.startswith("pad-to-max"):
         seq = [(b, T_MAX) for b, _ in seq]
+    elif mode.startswith("vary"):  # varyB: T fixed at the mean; varyT: B fixed at 8
+        mean_t = round(sum(t for b, t in seq if b) / sum(1 for b, _ in seq if b))
+        seq = [(b, mean_t) for b, _ in seq] if mode.startswith("varyB") else [(8, t) for _, t in seq]
     torch.manual_seed(0)
     model = build_model(model_name, T_MAX).cuda()
     for p in model.frozen():
@@ -82,7 +88,12 @@ def run_mode(model_name: str, mode: str, steps: int, multiple: int = 1) -> dict:
     from torch._dynamo.utils import counters
 
     times, compiled_steps = [], []
-    for b, t in seq:
+    prof = None
+    for k, (b, t) in enumerate(seq):
+        if profile_at and k == profile_at:
+            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                      torch.profiler.ProfilerActivity.CUDA])
+            prof.__enter__()
         idx = torch.randint(0, vocab, (b, t + 1), device="cuda")
         x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
         graphs = counters["stats"]["unique_graphs"]
@@ -95,7 +106,12 @@ def run_mode(model_name: str, mode: str, steps: int, multiple: int = 1) -> dict:
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         took = time.perf_counter() - t0
-        (compiled_steps if counters["stats"]["unique_graphs"] > graphs else times).append((b, t, took))
+        if prof is None:  # profiled steps are slowed by the profiler: not counted
+            (compiled_steps if counters["stats"]["unique_graphs"] > graphs else times).append((b, t, took))
+        if prof is not None and k == profile_at + 2:  # three steps profiled
+            prof.__exit__(None, None, None)
+            _write_profile(prof, mode, seq[profile_at:k + 1], out)
+            prof = None
     steady = sum(s for _, _, s in times)
     tokens = sum(b * t for b, t, _ in times)
     per_token = steady / max(tokens, 1)
@@ -111,6 +127,19 @@ def run_mode(model_name: str, mode: str, steps: int, multiple: int = 1) -> dict:
             "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
+def _write_profile(prof, mode: str, shapes: list, out: str | None) -> None:
+    """The profiled steps' top ops by self CPU time and by self device time, to stderr and $OUT."""
+    ka = prof.key_averages()
+    text = (f"== profile of {mode}, steps with (B, T) = {shapes}\n"
+            + ka.table(sort_by="self_cpu_time_total", row_limit=30) + "\n"
+            + ka.table(sort_by="self_device_time_total", row_limit=30))
+    print(text, file=sys.stderr, flush=True)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, f"profile_{mode.replace(' ', '_')}.txt"), "w") as f:
+            f.write(text)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="gpt2-small", help="gpt2-small (default), gpt2-medium, llama-1b")
@@ -118,18 +147,25 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--out", default=None, help="folder for the JSON lines of every mode")
     ap.add_argument("--pad-multiple", type=int, default=1, help="round each batch's T up to a multiple of this")
+    ap.add_argument("--profile-at", type=int, default=0, help="profile steps N..N+2 of each mode (0: none)")
+    ap.add_argument("--shared-cache", action="store_true",
+                    help="one Inductor cache for all modes (compile times then are not cold)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run one mode in this process
     args = ap.parse_args(argv)
     if args.one:
-        print("RESULT " + json.dumps(run_mode(args.model, args.one, args.steps, args.pad_multiple)), flush=True)
+        print("RESULT " + json.dumps(run_mode(args.model, args.one, args.steps, args.pad_multiple, args.profile_at,
+                                              args.out)), flush=True)
         return 0
     rows = []
+    shared = tempfile.mkdtemp(prefix="dpcompile-vary-")
     for mode in args.modes.split(","):
         print(f"== {args.model} / {mode}", file=sys.stderr, flush=True)
         # a cold Inductor cache per mode: compile times are not shortened by an earlier mode's kernels
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(prefix="dpcompile-vary-"))
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=shared if args.shared_cache
+                   else tempfile.mkdtemp(prefix="dpcompile-vary-"))
         p = subprocess.run([sys.executable, __file__, "--model", args.model, "--steps", str(args.steps),
-                            "--pad-multiple", str(args.pad_multiple), "--one", mode],
+                            "--pad-multiple", str(args.pad_multiple), "--one", mode,
+                            "--profile-at", str(args.profile_at)] + (["--out", args.out] if args.out else []),
                            capture_output=True, text=True, env=env)
         line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
         if line is None:
