@@ -74,3 +74,85 @@ def test_op_roles():
     assert role_of("rows_colsum") == "prepare" and role_of("nope") is None
     with pytest.raises(ValueError, match="role"):
         ops_with_role("sum")
+
+
+# -- import layering (issue 20): options -> passes -> codegen; privacy only through the contract modules ------------
+PACKAGE = Path(dpcompile.__file__).resolve().parent
+#: modules the graph side may import from dpcompile: anything but privacy/ (and the package root, which imports all)
+GRAPH_SIDE = ("passes", "codegen", "randomized_contract.py", "clip_provenance.py")
+CONTRACTS = ("dpcompile.randomized_contract", "dpcompile.clip_provenance")
+
+
+def _imports(path: Path):
+    """(line, module imported, inside a function) for every import statement of `path`, relative ones resolved
+    (`from . import x` counts as importing package.x)."""
+    import ast
+
+    package = list(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
+    out = []
+
+    def visit(node, local):
+        for child in ast.iter_child_nodes(node):
+            inner = local or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                out.extend((child.lineno, a.name, inner) for a in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                base = ".".join(package[:len(package) - child.level + 1] if child.level else [])
+                if child.module is None:
+                    out.extend((child.lineno, f"{base}.{a.name}", inner) for a in child.names)
+                else:
+                    out.append((child.lineno, f"{base}.{child.module}" if base else child.module, inner))
+            visit(child, inner)
+
+    visit(ast.parse(path.read_text()), False)
+    return out
+
+
+def _graph_side_files():
+    for entry in GRAPH_SIDE:
+        p = PACKAGE / entry
+        yield from (sorted(p.rglob("*.py")) if p.is_dir() else [p])
+
+
+def test_graph_side_never_imports_privacy():
+    """passes/ and codegen/ (and the contract modules) reach privacy/ only through the contract modules, which import
+    nothing of privacy/ either; function-local imports included (none may hide a cycle)."""
+    offenders = [f"{f.relative_to(PACKAGE)}:{line}: {mod}" for f in _graph_side_files()
+                 for line, mod, _ in _imports(f)
+                 if mod == "dpcompile.privacy" or mod.startswith("dpcompile.privacy.") or mod == "dpcompile"]
+    assert not offenders, offenders
+    assert any(m.startswith("dpcompile.randomized_contract")
+               for _, m, _ in _imports(PACKAGE / "codegen" / "randomized_ops.py"))
+
+
+def test_contract_modules_import_no_layer():
+    """randomized_contract.py is imported by both sides: it imports nothing of the package."""
+    assert not [m for _, m, _ in _imports(PACKAGE / "randomized_contract.py") if m.startswith("dpcompile")]
+
+
+def test_privacy_imports_the_randomized_contract_at_the_top():
+    """No function-local import of the randomized contract or accounting in privacy/ (they would hide a cycle)."""
+    offenders = [f"{f.name}:{line}: {mod}" for f in sorted((PACKAGE / "privacy").glob("*.py"))
+                 for line, mod, local in _imports(f) if local and
+                 (mod.startswith("dpcompile.randomized_contract") or
+                  mod.startswith("dpcompile.privacy.randomized_accounting"))]
+    assert not offenders, offenders
+    assert any(m.startswith("dpcompile.randomized_contract") and not local
+               for _, m, local in _imports(PACKAGE / "privacy" / "accounting.py"))
+
+
+def test_the_contract_records_randomized_runs():
+    from dpcompile import randomized_contract as RC
+    from dpcompile.privacy import randomized_accounting as RA
+
+    assert RA.take_randomized_use is RC.take_randomized_use and RA.accounting_probes is RC.accounting_probes
+    use = RC.RandomizedUse()  # a record of its own: the process's record is untouched
+    assert use.take() is None
+    use.record(12, "hutchpp")
+    use.record(8)
+    assert use.peek() == (4, True) and use.take() == (4, True) and use.take() is None
+    use.record(5)
+    use.record(8)
+    assert use.take() == (5, False)
+    with pytest.raises(ValueError, match="hutchpp needs probes >= 3"):
+        use.record(2, "hutchpp")

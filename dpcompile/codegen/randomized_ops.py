@@ -3,7 +3,7 @@
   dpcompile::probe_seed(like, probes, variant) -> int64 (1,)
       A fresh secret 63-bit seed for one call of the graph, on like's device. Draws from the module's seed
       source (OS entropy, `secrets`, unless manual_probe_seed() fixed it for tests) and records that randomized
-      norms with `probes` / `variant` ran (privacy.randomized_accounting.record_randomized_use), which the
+      norms with `probes` / `variant` ran (randomized_contract.record_randomized_use), which the
       PrivacyAccountant checks. Opaque custom op tagged nondeterministic_seeded: never CSE'd or constant-folded,
       run on every call of the compiled graph (so also once per micro-batch). Not CUDA-graph safe (a CUDA graph
       would replay one seed).
@@ -42,7 +42,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..privacy.randomized_accounting import accounting_probes, record_randomized_use
+from ..randomized_contract import accounting_probes, record_randomized_use
 from .kernels.randomized import (VARIANTS, _as_sites, check_site, check_variant, randomized_sq_norms,
                                  randomized_sq_norms_of_products, randomized_sq_norms_of_products_reference,
                                  randomized_sq_norms_reference)

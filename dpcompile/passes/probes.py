@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ..codegen import randomized_ops  # noqa: F401  (registers dpcompile::probe_seed and the randomized norm ops)
 from .one_sample import accounting
 from .rewrite import RandomizedNorms, insert_traced
 
@@ -27,10 +28,6 @@ def insert_probe_seed(graph: fx.Graph, ctx, batch_node: fx.Node) -> fx.Node:
     """One dpcompile::probe_seed node, right after the placeholders: it runs on every call of the graph (an
     opaque op tagged nondeterministic_seeded: never folded, merged or cached). Its `like` input is a tangent on
     the batch's device where there is one, so that the seed is drawn in the backward (a forward alone draws none)."""
-    # registers the op; imported here, not at the top: randomized_ops records runs in privacy/, whose package
-    # imports the backend, which imports this pass (issue 20: a contract module would break that cycle)
-    from ..codegen import randomized_ops  # noqa: F401
-
     device = batch_node.meta["val"].device
     like = next((n for n in graph.nodes if n.op == "placeholder" and n.name.startswith("tangents")
                  and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].device == device), batch_node)

@@ -32,6 +32,9 @@ import math
 import numbers
 from typing import Dict, List, Optional, Sequence
 
+from ..randomized_contract import take_randomized_use
+from .randomized_accounting import RandomizedSpec, mog_event, tail_probability
+
 __all__ = ["ACCOUNTANTS", "get_epsilon", "get_noise_multiplier", "PrivacyAccountant", "RandomizedAccountingError"]
 
 ACCOUNTANTS = ("pld", "rdp")
@@ -95,8 +98,6 @@ def _randomized_spec(probes, variant, group_weights, envelope):
         if group_weights is not None:
             raise ValueError("group_weights describe randomized norms: pass probes= too")
         return None
-    from .randomized_accounting import RandomizedSpec
-
     return RandomizedSpec.make(probes, variant, group_weights, envelope)
 
 
@@ -128,8 +129,6 @@ def _history_epsilon(history: Sequence[tuple], delta: float, accountant: str,
     events = []
     tail_a = tail_b = 0.0
     if randomized:
-        from .randomized_accounting import mog_event, tail_probability
-
         sampled = sum(e[2] * e[1] for e in randomized)
         tau = tail_probability(delta, sampled, sum(e[2] for e in randomized))
         tail_a = tau * sampled                                     # P(some cut-off event) <= a: added to δ
@@ -468,7 +467,7 @@ class PrivacyAccountant:
     until the next step. state_dict() is a plain JSON-serialisable dict for checkpoints.
 
     Randomized norms: step(..., probes=k) records a step whose per-sample norms were estimated with k probes.
-    The randomized kernels record every run (randomized_accounting.record_randomized_use, via the
+    The randomized kernels record every run (randomized_contract.record_randomized_use, via the
     dpcompile::probe_seed op); each step() takes that record, and a step taken without probes= after randomized
     norms ran is counted as unaccounted: get_epsilon then raises RandomizedAccountingError instead of reporting
     a plain Gaussian ε. When the record shows fewer probes than probes= says, the smaller count is used; when
@@ -495,8 +494,6 @@ class PrivacyAccountant:
         spec = _randomized_spec(probes, variant, group_weights, envelope)
         if n == 0:
             return
-        from .randomized_accounting import take_randomized_use
-
         ran = take_randomized_use()
         self._cache.clear()
         if ran is not None and spec is None:
@@ -557,8 +554,6 @@ class PrivacyAccountant:
             s, q, n = entry[:3]
             e = (_check_sigma(s), _check_rate(q), _check_steps(n, "count"))
             if len(entry) > 3:
-                from .randomized_accounting import RandomizedSpec
-
                 e = e + (RandomizedSpec.from_json(entry[3]),)
             history.append(e)
         unaccounted = _check_steps(state.get("unaccounted_randomized_steps", 0), "unaccounted_randomized_steps")

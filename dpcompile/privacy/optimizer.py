@@ -20,6 +20,8 @@ from torch.optim import Optimizer
 
 from ..clip_provenance import clipped_arrivals, clipped_by_some_graph, grad_problem, provenance
 from ..errors import CoverageError, DPCompileError
+from ..randomized_contract import accounting_probes, peek_randomized_use
+from .randomized_accounting import RandomizedSpec
 
 #: relative slack when comparing the graphs' sensitivity with the optimizer's C (sqrt / sums of floats)
 SENSITIVITY_RTOL = 1e-9
@@ -78,8 +80,6 @@ def randomized_accounting(params, max_grad_norm_total: float) -> Optional[dict]:
     the fewest effective probes (the accountant switches to the Chernoff envelope itself when the counts that ran
     are not multiples of one another). Graphs over overlapping, unequal parameter sets are refused: their
     sensitivities add up (triangle inequality), outside the per-group analysis."""
-    from .randomized_accounting import accounting_probes
-
     by_set = _graphs_by_set(params)
     groups: dict = {}
     kinds = set()
@@ -119,14 +119,10 @@ def sensitivity_problem(clipped: list, max_grad_norm_total: float, who: str) -> 
 
 
 def _randomized_ran() -> bool:
-    from .randomized_accounting import peek_randomized_use
-
     return peek_randomized_use() is not None
 
 
 def _same_spec(a: dict, b: dict) -> bool:
-    from .randomized_accounting import RandomizedSpec
-
     def spec(d):
         return RandomizedSpec.make(d["probes"], d["variant"], d.get("group_weights"))
 
@@ -344,8 +340,6 @@ class DPOptimizer(Optimizer):
                     "them (the accountant would refuse to report epsilon). Step the optimizer of the model that "
                     "was compiled with strategy='randomized'")
             return {}
-        from .randomized_accounting import RandomizedSpec
-
         try:
             RandomizedSpec.make(spec["probes"], spec["variant"], spec["group_weights"])
         except ValueError as e:

@@ -36,21 +36,24 @@ random sensitivity: a mixture of Gaussians (MoG). Accounted here:
 
 The probes are modelled as exact Gaussians; the kernels draw Philox + Box-Muller fp32 normals (truncated at
 |z| <= 6.66, i.e. at probability 2^-32 per entry). This module has no torch dependency (it is imported by the
-accountant); dp_accounting / scipy are imported lazily.
+accountant); dp_accounting / scipy are imported lazily. The probe-count rule (accounting_probes) and the record of
+runs (take_randomized_use) come from dpcompile/randomized_contract.py, which the graphs' seed op shares.
 """
 from __future__ import annotations
 
 import functools
 import math
-import threading
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
+
+# the probe-count rule and the record of runs are shared with the graphs' seed op: they live in the contract module
+from ..randomized_contract import (VARIANTS, accounting_probes, peek_randomized_use, record_randomized_use,
+                                   take_randomized_use)
 
 __all__ = ["ENVELOPES", "VARIANTS", "RandomizedSpec", "accounting_probes", "envelope_cdf", "sensitivity_law",
            "mog_event", "tail_probability", "record_randomized_use", "take_randomized_use",
            "peek_randomized_use"]
 
-VARIANTS = ("hutchinson", "hutchpp")
 ENVELOPES = ("chi2", "chernoff")
 DEFAULT_ENVELOPE = "chi2"
 
@@ -69,19 +72,6 @@ LATTICE = 8192
 
 
 # ------------------------------------------------------------------------------------------------ spec
-def accounting_probes(probes: int, variant: str = "hutchinson") -> int:
-    """The Hutchinson-equivalent probe count the accountant uses for `probes` matrix-vector products."""
-    if variant not in VARIANTS:
-        raise ValueError(f"variant={variant!r} is unknown; use one of {VARIANTS}")
-    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
-        raise ValueError(f"probes={probes!r} must be a positive integer")
-    if variant == "hutchpp":
-        if probes < 3:
-            raise ValueError(f"hutchpp needs probes >= 3, got {probes}")
-        return probes - 2 * (probes // 3)
-    return probes
-
-
 @dataclass(frozen=True)
 class RandomizedSpec:
     """What the accountant needs about one step's randomized norms.
@@ -346,40 +336,3 @@ def tail_probability(delta: float, randomized_sampled_steps: float, randomized_s
     if randomized_steps > 0:
         tau = min(tau, 1e-4 / randomized_steps)
     return tau
-
-
-# ------------------------------------------------------------------------------------------------ usage
-# The kernels' seed op records every run of randomized norms here; PrivacyAccountant.step() takes the record, so
-# an accountant refuses to report a plain Gaussian ε for steps that ran randomized norms it was not told about.
-_lock = threading.Lock()
-_use: set = set()
-
-
-def record_randomized_use(probes: int, variant: str = "hutchinson") -> None:
-    """Called by dpcompile::probe_seed each time a graph draws probe seeds (any thread)."""
-    k = accounting_probes(probes, variant)
-    with _lock:
-        _use.add(k)
-
-
-def _summary(counts) -> Optional[Tuple[int, bool]]:
-    if not counts:
-        return None
-    k = min(counts)
-    return k, all(c % k == 0 for c in counts)
-
-
-def take_randomized_use() -> Optional[Tuple[int, bool]]:
-    """(smallest effective probe count, whether every count run is a multiple of it) for the randomized norms
-    run since the last call, or None; and forget them. Counts that are not multiples of the smallest are outside
-    the chi2 envelope's argument (a chi^2_mk / mk is a mean of m chi^2_k / k, other mixes are not): the
-    accountant then uses the Chernoff envelope, which covers any mix."""
-    with _lock:
-        counts = set(_use)
-        _use.clear()
-    return _summary(counts)
-
-
-def peek_randomized_use() -> Optional[Tuple[int, bool]]:
-    with _lock:
-        return _summary(set(_use))

@@ -50,30 +50,12 @@ try:  # the PyTorch reference below works without Triton (CPU-only installs); th
 except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = tl = None
 
-VARIANTS = ("hutchinson", "hutchpp")
+from ...randomized_contract import VARIANTS, check_variant, hutchpp_split  # noqa: F401  (shared with the accountant)
 
 _TWO_PI = 6.283185307179586
 _TWO_POW_M31 = 4.656612873077393e-10  # 2^-31, exact in fp32
 _F32_EPS = 2.0 ** -23                 # fp32 machine epsilon (2u)
 _F64_EPS = 2.0 ** -52
-
-
-def hutchpp_split(probes: int) -> tuple[int, int]:
-    """(sketch probes s, residual probes h) of Hutch++ with `probes` = k matrix-vector products: s = k // 3
-    sketch probes, s more products for ||s_i Q||^2, and h = k - 2 s >= k // 3 residual Hutchinson probes."""
-    if probes < 3:
-        raise ValueError(f"hutchpp needs probes >= 3, got {probes}")
-    s = probes // 3
-    return s, probes - 2 * s
-
-
-def check_variant(variant: str, probes: int) -> None:
-    if variant not in VARIANTS:
-        raise ValueError(f"variant={variant!r} is unknown; use one of {VARIANTS}")
-    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
-        raise ValueError(f"probes={probes!r} must be a positive integer")
-    if variant == "hutchpp":
-        hutchpp_split(probes)
 
 
 # ------------------------------------------------------------------------------------------------ probes
