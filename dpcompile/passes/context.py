@@ -57,8 +57,9 @@ class PassContext:
 #:   clipping.py  clip_factors, traced into the graph by rewrite.py and codegen/ops.py
 #:   backend.py   only dp_decomposition_table(): the decompositions run before the pass sees the joint graph. The
 #:                rest of backend.py builds the PassContext, whose every field is in PassContext.key().
-#: Not included: privacy/ (the optimizer, noise and accounting run outside the graph; randomized_accounting only
-#: records runs, and graphs with randomized sites are never cached), errors.py (a refusal is not cached), cli.py,
+#: Not included: privacy/ (the optimizer, noise and accounting run outside the graph), randomized_contract.py (the
+#: probe-count rule and the record of runs; graphs with randomized sites are never cached), clip_provenance.py (run
+#: time only), errors.py (a refusal is not cached), cli.py,
 #: compile.py (it passes options, which are in the key), data.py, hf.py, memarc/, explain.py.
 GRAPH_SOURCES = ("passes", "codegen", "options.py", "clipping.py", "strategy_registry.py", "registry.py")
 GRAPH_FUNCTIONS = {"backend.py": ("dp_decomposition_table",)}
