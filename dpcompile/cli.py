@@ -234,12 +234,17 @@ def _strategy_option(strategy: Optional[str]) -> dict:
     """{"strategy": s} if this dpcompile's options know the key (the planner adds it), {} for the default."""
     if strategy in (None, "", "auto"):
         return {}
-    if strategy == "randomized":
-        raise UsageError("--strategy randomized estimates per-sample norms with probes, which changes the "
-                         "privacy analysis (docs/randomized.md); `dpcompile train` calibrates sigma for exact norms "
-                         f"only. Use one of {_EXACT} here, or the Python API for randomized norms")
     from .errors import OptionsError
     from .options import DPOptions
+    from .strategy_registry import ACCOUNTING_DOCS, find_strategy
+
+    record = find_strategy(strategy)
+    if record is not None and not record.exact:  # its own accounting (the strategy registry says which)
+        raise UsageError(f"--strategy {strategy} estimates per-sample norms instead of computing them exactly, "
+                         f"which changes the privacy analysis ({record.accounting} accounting, "
+                         f"{ACCOUNTING_DOCS.get(record.accounting, 'docs/clipping.md')}); `dpcompile train` "
+                         f"calibrates sigma for exact norms only. Use one of {_EXACT} here, or the Python API for "
+                         f"{strategy} norms")
 
     try:
         DPOptions.parse({"strategy": strategy})

@@ -17,6 +17,8 @@ from .registry import Registry
 #: how the privacy analysis accounts for a strategy whose norms are not exact. Only one is known to the optimizer
 #: and accountant: "randomized" (probe-estimated norms, the graph records its probes: docs/randomized.md).
 ACCOUNTINGS = ("randomized",)
+#: where each accounting is described (messages that refuse a non-exact strategy point there)
+ACCOUNTING_DOCS = {"randomized": "docs/randomized.md"}
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class Strategy:
     chunked / within_budget / stored: the internal strategy the rewrite runs instead when the site's products
         exceed the budget / fit it / may be kept (as stored keeps them).
     check: (parameter name, LinearShape) -> None or raises OptionsError, for a site this strategy is forced on.
+    runtime_threshold: its ops can read the group's threshold as a tensor of the graph (max_grad_norm="adaptive");
+        False for a group_clip op that takes it as a number: the planner never gives it to run-time thresholds.
     """
 
     name: str
@@ -57,6 +61,7 @@ class Strategy:
     within_budget: Optional[str] = None
     stored: Optional[str] = None
     check: Optional[Callable] = None
+    runtime_threshold: bool = True
     doc: str = ""
 
     def __post_init__(self):

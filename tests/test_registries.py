@@ -156,3 +156,21 @@ def test_the_contract_records_randomized_runs():
     assert use.take() == (5, False)
     with pytest.raises(ValueError, match="hutchpp needs probes >= 3"):
         use.record(2, "hutchpp")
+
+
+def test_cli_refuses_non_exact_strategies_from_the_registry():
+    """`dpcompile train` calibrates sigma for exact norms: it refuses every strategy the registry marks not exact,
+    by the record, not by name."""
+    from dpcompile import cli
+
+    with pytest.raises(cli.UsageError, match="--strategy randomized estimates per-sample norms.*randomized.md"):
+        cli._strategy_option("randomized")
+    estimate = SR.Strategy("user_estimate", exact=False, accounting="randomized", norm=lambda *a: None,
+                           clipped_sum=lambda *a: None)
+    SR.register_strategy(estimate)
+    try:
+        with pytest.raises(cli.UsageError, match="--strategy user_estimate estimates per-sample norms"):
+            cli._strategy_option("user_estimate")
+    finally:
+        SR.unregister_strategy("user_estimate")
+    assert cli._strategy_option("ghost") == {"strategy": "ghost"}
