@@ -17,30 +17,22 @@ import math
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DPCompileError, OptionsError
-from ..hf import disable_hub_kernels
-
-IGNORE_INDEX = -100
+from ..hf import IGNORE_INDEX, disable_hub_kernels
+from ..hf import per_sample_lm_loss as _per_sample_losses
 
 
 def per_sample_lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = IGNORE_INDEX,
                        reduction: str = "mean") -> torch.Tensor:
     """Mean (or sum, `reduction="sum"`) over samples of each sample's mean token cross-entropy (logits (B, T, V),
-    targets (B, T)). A sample whose targets are all `ignore_index` contributes 0. Cross-entropy is taken in float32
-    at least."""
-    logits = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-    tok = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none", ignore_index=ignore_index)
-    tok = tok.view(targets.shape)
-    count = (targets != ignore_index).sum(1).clamp(min=1).to(tok.dtype)
-    per_sample = tok.sum(1) / count
-    if reduction == "mean":
-        return per_sample.mean()
-    if reduction == "sum":
-        return per_sample.sum()
-    raise ValueError(f"reduction={reduction!r}: 'mean' or 'sum'")
+    targets (B, T), already aligned: no shift). The per-sample losses are dpcompile.hf.per_sample_lm_loss's: a
+    sample whose targets are all `ignore_index` contributes 0; cross-entropy is taken in float32 at least."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction={reduction!r}: 'mean' or 'sum'")
+    per_sample = _per_sample_losses(logits, targets, ignore_index=ignore_index, shift=False)
+    return per_sample.mean() if reduction == "mean" else per_sample.sum()
 
 
 #: clipping styles and what they cost per transformation; None = supported at no extra cost
