@@ -20,6 +20,7 @@ from .errors import CoverageError, DPCompileError, OptionsError
 from .options import DPOptions
 from .passes import DPJointPass, ParamInfo, PassContext, run_dp_pass
 from .passes.batchdim import sym_expr
+from .sdpa_policy import attention_for
 
 aten = torch.ops.aten
 
@@ -315,8 +316,9 @@ def flashdp(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
                 "option strategy: randomized norms do not work under CUDA graphs (a replay would reuse one probe "
                 "seed, which the privacy analysis forbids); set torch._inductor.config.triton.cudagraphs = False "
                 "(do not compile with mode='reduce-overhead')")
-    compiled = compile_fx(gm, example_inputs, config_patches={"joint_custom_pre_pass": DPJointPass(ctx)},
-                          decompositions=ctx.decompositions)
+    with attention_for(gm):  # traced here: symbolic sizes prefer attention kernels without per-shape plans
+        compiled = compile_fx(gm, example_inputs, config_patches={"joint_custom_pre_pass": DPJointPass(ctx)},
+                              decompositions=ctx.decompositions)
     return _recording_clipping(compiled, ctx)
 
 
@@ -336,8 +338,9 @@ def flashdp_eager(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
     def boxed(g, _inputs):
         return make_boxed_func(g.forward)
 
-    compiled = aot_autograd(fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition,
-                            decompositions=ctx.decompositions)(gm, example_inputs)
+    with attention_for(gm):
+        compiled = aot_autograd(fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition,
+                                decompositions=ctx.decompositions)(gm, example_inputs)
     return _recording_clipping(compiled, ctx)
 
 
