@@ -63,6 +63,43 @@ def oracle_grads(case, batch, *, max_grad_norm=1.0, clipping="per_layer", clip_f
 def assert_matches(case, batch, *, atol=1e-9, rtol=1e-7, oracle_kind="loop", **options):
     got = compiled_grads(case, batch, **options)
     want = oracle_grads(case, batch, oracle_kind=oracle_kind, **options)
+    _assert_close(case, got, want, atol, rtol, options)
+
+
+#: the sweep every site kind's test file runs (tests/test_site_*.py): flat and per-layer clipping, each with every
+#: sample clipped (small C) and none clipped (large C: catches scaling bugs that clipping hides), both reductions
+SMALL_C, LARGE_C = 1e-3, 1e6
+SITE_SWEEP = [("flat", SMALL_C, "sum"), ("flat", LARGE_C, "mean"), ("per_layer", SMALL_C, "mean"),
+              ("per_layer", LARGE_C, "sum")]
+SITE_BATCHES = (0, 1, 2, 5)
+
+
+def assert_matches_batches(case, sizes=SITE_BATCHES, *, atol=1e-9, rtol=1e-7, dtype=torch.float64, **options):
+    """assert_matches at each batch size in `sizes`, on one compiled model (B >= 2 share one graph; B = 0 and B = 1
+    get their own)."""
+    model = copy.deepcopy(case.model).to(dtype)
+    wrapper = LossModule(model, case.loss_fn, options.get("loss_reduction", "mean") == "mean")
+    torch._dynamo.reset()
+    compiled = dpcompile.compile(wrapper, backend=options.pop("backend", "flashdp_eager"), **_prefixed(options))
+    for B in sizes:
+        batch = case.batch(B, seed=B)
+        for p in model.parameters():
+            p.grad = None
+        compiled(*(b.to(dtype) if b.is_floating_point() else b for b in batch)).backward()
+        got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        _assert_close(case, got, oracle_grads(case, batch, **options), atol, rtol, dict(options, B=B))
+
+
+def site_kinds(case, B: int, seed: int = 0, **options) -> dict:
+    """{parameter name: the site kinds its gradient contracts at, as dpcompile.explain reports them} at batch size B
+    ("zero" for an empty batch)."""
+    wrapper = LossModule(copy.deepcopy(case.model), case.loss_fn, options.get("loss_reduction", "mean") == "mean")
+    plan = dpcompile.explain(wrapper, case.batch(B, seed=seed), **_prefixed(options))
+    return {r["parameter"].removeprefix("m."): tuple(p.split("(")[0] for p in r["pattern"].split(" + "))
+            if r["pattern"] != "-" else ("zero",) for r in plan.rows}
+
+
+def _assert_close(case, got: dict, want: dict, atol: float, rtol: float, options: dict) -> None:
     assert set(got) == set(want), (sorted(got), sorted(want))
     # A parameter whose true gradient cancels to ~0 (LayerNorm over one feature, k.bias under softmax) holds
     # only rounding noise of the terms that cancelled: measure that noise against the largest gradient.
