@@ -6,6 +6,7 @@ and `aten.embedding_dense_backward` whole (their decompositions depend on shape,
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 import warnings
@@ -15,7 +16,7 @@ import sympy
 import torch
 import torch.nn as nn
 
-from .clip_provenance import GraphClipping, tap
+from .clip_provenance import GraphClipping, tap, threshold_input
 from .errors import CoverageError, DPCompileError, OptionsError
 from .options import DPOptions
 from .passes import DPJointPass, ParamInfo, PassContext, run_dp_pass
@@ -253,10 +254,16 @@ def build_context(gm: torch.fx.GraphModule, example_inputs: list, options: Any) 
                 "unused (set requires_grad=False on them)"
             )
     n_groups = len(set(groups.values()))  # every trainable parameter of the model is in this graph
-    thresholds = {g: opts.threshold_for(g, n_groups) for g in sorted(set(groups.values()))}
+    if opts.adaptive:  # run-time thresholds: an input the backend appends (_with_threshold_input)
+        thresholds = {}
+    else:
+        thresholds = {g: opts.threshold_for(g, n_groups) for g in sorted(set(groups.values()))}
     params = {i: ParamInfo(name, groups[name]) for i, name in trainable.items()}
     ctx = PassContext(opts, params, batch_inputs, thresholds, dp_decomposition_table(),
                       input_sources={sources[i] or f"input{i}": d for i, d in batch_inputs.items()})
+    if opts.adaptive:
+        ctx.threshold_input = len(example_inputs)
+        ctx.threshold_groups = tuple(sorted(set(groups.values())))
     if opts.uses_randomized():
         from .codegen.randomized_ops import exact_norms_enabled
 
@@ -266,24 +273,60 @@ def build_context(gm: torch.fx.GraphModule, example_inputs: list, options: Any) 
     return ctx
 
 
+def _with_threshold_input(gm: torch.fx.GraphModule, example_inputs: list, ctx: PassContext):
+    """max_grad_norm="adaptive": (a copy of gm with one more input, the (G,) float64 thresholds tensor, and the
+    example inputs with a fake one). The forward does not read it; the pass reads C_g from it in the backward and
+    makes its gradient the groups' quantile counts, so it requires grad. Dynamo's own graph is left as it is."""
+    if not ctx.runtime_thresholds:
+        return gm, example_inputs
+    from torch._guards import detect_fake_mode
+
+    graph = torch.fx.Graph()
+    copies: dict = {}
+    out = graph.graph_copy(gm.graph, copies)
+    for old, new in copies.items():
+        if hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    last = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    with graph.inserting_after(last):
+        node = graph.placeholder("dpcompile_thresholds")
+    node._dynamo_source = None  # no user source: AOTAutograd takes it as a plain input
+    graph.output(out)
+    fake_mode = detect_fake_mode(example_inputs)
+    with fake_mode if fake_mode is not None else contextlib.nullcontext():
+        example = torch.ones(len(ctx.threshold_groups), dtype=torch.float64, requires_grad=True)
+    node.meta["example_value"] = node.meta["val"] = example
+    new_gm = torch.fx.GraphModule(gm, graph)
+    new_gm.meta.update(gm.meta)
+    if hasattr(gm, "_param_name_to_source"):
+        new_gm._param_name_to_source = gm._param_name_to_source
+    return new_gm, list(example_inputs) + [example]
+
+
 def _recording_clipping(compiled, ctx: PassContext):
     """The compiled graph, wrapped so that every call that can backpropagate records, for the parameters it is
     given at run time, that their gradients come out of this clipping graph and with which thresholds
     (clip_provenance.py). Run time, not compile time: Dynamo hands this graph to every instance of the model, and
     the record must follow the tensors that are passed. explain()'s graphs vouch for nothing."""
-    if _EXPLAINING[0]:
-        return compiled
     record = GraphClipping.from_context(ctx)
     positions = list(ctx.params)
+    if _EXPLAINING[0]:
+        if not ctx.runtime_thresholds:
+            return compiled
+        return lambda *args: compiled(*args, torch.ones(len(ctx.threshold_groups), dtype=torch.float64,
+                                                          device=args[positions[0]].device))
 
     def call(*args):  # Dynamo calls its backend's result with the graph inputs unboxed
-        if torch.is_grad_enabled():
-            params = [args[i] for i in positions]
-            if any(p.requires_grad for p in params):
-                args = list(args)
-                for i, t in zip(positions, tap(record, params)):
-                    args[i] = t
-        return compiled(*args)
+        params = [args[i] for i in positions]
+        backprop = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+        extra = ()
+        if ctx.runtime_thresholds:  # C_g of this call, from the optimizer bound to its parameters
+            extra = (threshold_input(record, params, params[0].device, backprop),)
+        if backprop:
+            args = list(args)
+            for i, t in zip(positions, tap(record, params)):
+                args[i] = t
+        return compiled(*args, *extra)
 
     return call
 
@@ -316,6 +359,7 @@ def flashdp(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
                 "option strategy: randomized norms do not work under CUDA graphs (a replay would reuse one probe "
                 "seed, which the privacy analysis forbids); set torch._inductor.config.triton.cudagraphs = False "
                 "(do not compile with mode='reduce-overhead')")
+    gm, example_inputs = _with_threshold_input(gm, example_inputs, ctx)
     with attention_for(gm):  # traced here: symbolic sizes prefer attention kernels without per-shape plans
         compiled = compile_fx(gm, example_inputs, config_patches={"joint_custom_pre_pass": DPJointPass(ctx)},
                               decompositions=ctx.decompositions)
@@ -338,6 +382,7 @@ def flashdp_eager(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
     def boxed(g, _inputs):
         return make_boxed_func(g.forward)
 
+    gm, example_inputs = _with_threshold_input(gm, example_inputs, ctx)
     with attention_for(gm):
         compiled = aot_autograd(fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition,
                                 decompositions=ctx.decompositions)(gm, example_inputs)

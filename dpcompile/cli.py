@@ -81,6 +81,13 @@ def _positive(kind):
     return parse
 
 
+def _max_grad_norm(s: str):
+    """--max-grad-norm: a positive number, or "adaptive" (adaptive clipping)."""
+    if s == "adaptive":
+        return s
+    return _positive(float)(s)
+
+
 def _seq_len(s: str) -> int:
     v = _positive(int)(s)
     if v < 2:
@@ -99,6 +106,19 @@ def _epsilon(s: str) -> float:
     return v
 
 
+def _adaptive_run_options(args) -> Optional[dict]:
+    """The adaptive clipping options of a run (None unless --max-grad-norm adaptive)."""
+    given = {"target_quantile": args.target_quantile, "clip_learning_rate": args.clip_learning_rate,
+             "quantile_noise_std": args.quantile_noise_std}
+    if args.max_grad_norm != "adaptive":
+        named = [k for k, v in given.items() if v is not None]
+        if named:
+            raise UsageError(f"--{named[0].replace('_', '-')} is an option of adaptive clipping: pass "
+                             "--max-grad-norm adaptive with it")
+        return None
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def _delta(s: str) -> float:
     try:
         v = float(s)
@@ -114,8 +134,10 @@ def _add_model_options(p: argparse.ArgumentParser, train_layers_default: str) ->
                    help="clipping groups (default per_layer; every style bounds the whole per-sample norm by C)")
     p.add_argument("--clip-fn", default="abadi", choices=["abadi", "automatic"],
                    help="min(1, C/|g|) (abadi, the default) or C/(|g|+0.01) (automatic)")
-    p.add_argument("--max-grad-norm", type=_positive(float), default=1.0, metavar="C",
-                   help="per-sample gradient norm bound C (default 1.0)")
+    p.add_argument("--max-grad-norm", type=_max_grad_norm, default=1.0, metavar="C",
+                   help="per-sample gradient norm bound C (default 1.0), or 'adaptive': each clipping group's bound "
+                        "follows a quantile of its per-sample norms, estimated privately every step (Andrew et al. "
+                        "2021; --target-quantile, --clip-learning-rate; docs/privacy.md)")
     p.add_argument("--strategy", default=None,
                    help=f"strategy of linear weight sites: auto (the planner's cheapest, the default) or one of "
                         f"{_EXACT} (the backend option 'strategy'; see docs/clipping.md)")
@@ -161,6 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     priv.add_argument("--no-dp", action="store_true",
                       help="non-private baseline: same sampling and optimizer, no clipping, no noise")
     t.add_argument("--delta", type=_delta, default=1e-5, help="target delta (default 1e-5)")
+    t.add_argument("--target-quantile", type=_delta, default=None,
+                   help="--max-grad-norm adaptive: the fraction of samples meant to be within the bound (default 0.5)")
+    t.add_argument("--clip-learning-rate", type=_positive(float), default=None,
+                   help="--max-grad-norm adaptive: the bound's geometric learning rate (default 0.2)")
+    t.add_argument("--quantile-noise-std", type=_positive(float), default=None,
+                   help="--max-grad-norm adaptive: noise of the quantile count (default: expected batch / 20); "
+                        "epsilon covers it (the gradient noise is raised to keep the target)")
     t.add_argument("--allow-overspend", action="store_true",
                    help="train even when the model's earlier DP history already spends --epsilon (epsilon then "
                         "reports the true total, above the target)")
@@ -390,6 +419,7 @@ def _resolve_run(args: argparse.Namespace, explicit: set, resumed: Optional[dict
         "micro_batch_size": args.micro_batch_size or min(prof["micro_batch_size"], B),
         "lr": args.lr or prof["lr"], "weight_decay": args.weight_decay, "clipping": args.clipping,
         "clip_fn": args.clip_fn, "max_grad_norm": args.max_grad_norm, "strategy": args.strategy,
+        "adaptive_clipping": _adaptive_run_options(args),
         "train_layers": args.train_layers if args.train_layers is not None else prof["train_layers"],
         "train_embeddings": args.train_embeddings,
         "backend": args.backend if args.backend != "auto" else ("flashdp" if device.type == "cuda"
@@ -630,11 +660,16 @@ def train(args: argparse.Namespace) -> dict:
     backend = run["backend"]
     if private:
         step_model = dp_compile(loss_model, backend=backend, **dp_opts)
+        adaptive = run.get("adaptive_clipping")
+        if adaptive is not None:  # a sigma the quantile release leaves no room for: refused before training
+            from .privacy.engine import _check_adaptive_noise
+
+            _check_adaptive_noise(loss_model, dp_opts, sigma, q * N, adaptive)
         optimizer = DPOptimizer(inner, noise_multiplier=sigma, max_grad_norm=run["max_grad_norm"],
                                 expected_batch_size=q * N, loss_reduction="mean", secure_mode=run["secure_mode"],
                                 generator=None if run["secure_mode"] else torch.Generator(device).manual_seed(
                                     run["seed"] + 1),
-                                accountant=accountant, sample_rate=q)
+                                accountant=accountant, sample_rate=q, adaptive_clipping=adaptive)
         optimizer.target_delta = run["delta"]
         loader.attach_optimizer(optimizer)
     else:
@@ -705,6 +740,8 @@ def train(args: argparse.Namespace) -> dict:
             "noise_multiplier": sigma, "sample_rate": q, "steps": step, "planned_steps": steps,
             "expected_batch_size": B, "micro_batch_size": micro, "seq_len": seq_len, "train_windows": N,
             "max_grad_norm": run["max_grad_norm"], "clipping": run["clipping"], "clip_fn": run["clip_fn"],
+            "adaptive_thresholds": (dict(optimizer.adaptive.values)
+                                    if private and getattr(optimizer, "adaptive", None) is not None else None),
             "backend": backend if private else None, "lr": run["lr"], "train_layers": train_layers,
             "train_embeddings": run["train_embeddings"], "trainable_parameters": n_train,
             "held_out_windows": 0 if held is None else len(held), "perplexity_before": ppl_before,

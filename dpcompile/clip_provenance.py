@@ -46,15 +46,22 @@ class GraphClipping:
     probes: Optional[int] = None
     variant: Optional[str] = None
     options_key: Optional[str] = None
+    #: max_grad_norm="adaptive": the groups of the graph's run-time thresholds, in the order of its thresholds
+    #: input (empty for compile-time thresholds). Such a graph's sensitivity is inf here: each call's thresholds
+    #: are the ones its parameters' RuntimeThresholds held at that call (`threshold_input`)
+    runtime_groups: tuple = ()
 
     @classmethod
     def from_context(cls, ctx) -> "GraphClipping":
         positions = {idx: k for k, idx in enumerate(ctx.params)}
-        return cls(math.sqrt(sum(float(c) ** 2 for c in ctx.thresholds.values())),
+        sensitivity = (math.inf if ctx.runtime_thresholds
+                       else math.sqrt(sum(float(c) ** 2 for c in ctx.thresholds.values())))
+        return cls(sensitivity,
                    tuple(info.name for info in ctx.params.values()),
                    frozenset(positions[i] for i in ctx.randomized),
                    ctx.randomized_groups() if ctx.randomized else {},
-                   ctx.classified, ctx.options.probes, ctx.options.probe_variant, ctx.options.cache_key())
+                   ctx.classified, ctx.options.probes, ctx.options.probe_variant, ctx.options.cache_key(),
+                   tuple(ctx.threshold_groups))
 
 
 class GradProvenance:
@@ -233,3 +240,73 @@ def tap(record: GraphClipping, params: list) -> list:
             _check_consistent(prov, record, k)
         provs.append(prov)
     return list(_ClipTap.apply(tuple(provs), *params))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# run-time thresholds (max_grad_norm="adaptive")
+
+#: parameter -> the RuntimeThresholds object (privacy/adaptive.py AdaptiveClipping) that chooses its graphs' C_g
+_RUNTIME_THRESHOLDS: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+
+
+def bind_runtime_thresholds(params, owner) -> None:
+    """The thresholds of every adaptive graph call that receives these parameters come from `owner`, which has
+    `thresholds(groups, device) -> (G,) float64 tensor, version` (run time, by group name) and
+    `deliver(groups, counts, version)` (the call's quantile counts, from its backward). A parameter bound to another
+    owner is refused: two optimizers would each believe they chose its clipping."""
+    for p in params:
+        other = _RUNTIME_THRESHOLDS.get(p)
+        if other is not None and other is not owner:
+            raise DPCompileError("adaptive clipping: a parameter is already managed by another "
+                                 "DPOptimizer(max_grad_norm='adaptive'); one optimizer per parameter")
+        _RUNTIME_THRESHOLDS[p] = owner
+
+
+def unbind_runtime_thresholds(params, owner) -> None:
+    for p in params:
+        if _RUNTIME_THRESHOLDS.get(p) is owner:
+            del _RUNTIME_THRESHOLDS[p]
+
+
+def runtime_thresholds_of(p: torch.Tensor):
+    return _RUNTIME_THRESHOLDS.get(p)
+
+
+class _CountTap(torch.autograd.Function):
+    """Identity on the thresholds tensor of one graph call; its backward receives the graph's quantile counts (the
+    "gradient" the pass puts on that input) and hands them to the owner with the version of the thresholds the call
+    read."""
+
+    @staticmethod
+    def forward(ctx, owner, groups, version, thresholds):
+        ctx.owner, ctx.groups, ctx.version = owner, groups, version
+        return thresholds.view_as(thresholds)
+
+    @staticmethod
+    def backward(ctx, counts):
+        if counts is not None:
+            ctx.owner.deliver(ctx.groups, counts.detach(), ctx.version)
+        return None, None, None, None
+
+
+def threshold_input(record: GraphClipping, params: list, device, needs_counts: bool) -> torch.Tensor:
+    """The thresholds tensor one call of an adaptive graph takes: C_g of record.runtime_groups from the owner bound
+    to its parameters. needs_counts: the call can backpropagate; its counts are then delivered to the owner.
+    Refused, naming a parameter, when a call that can backpropagate has parameters no owner (or several) chose."""
+    owners = {id(o): o for o in (_RUNTIME_THRESHOLDS.get(p) for p in params) if o is not None}
+    if len(owners) != 1 or (needs_counts and any(_RUNTIME_THRESHOLDS.get(p) is None for p in params)):
+        if not needs_counts and not owners:  # no backward: the thresholds are never read
+            return torch.ones(len(record.runtime_groups), dtype=torch.float64, device=device)
+        unbound = [record.names[k] for k, p in enumerate(params) if _RUNTIME_THRESHOLDS.get(p) is None]
+        why = (f"parameter `{unbound[0]}` is managed by no DPOptimizer(max_grad_norm='adaptive')" if unbound
+               else "its parameters are managed by several adaptive optimizers")
+        raise DPCompileError(
+            f"adaptive clipping: this graph was compiled with max_grad_norm='adaptive' (its thresholds are chosen at "
+            f"run time by the optimizer), but {why}. Build DPOptimizer(..., max_grad_norm='adaptive') (or "
+            "dpcompile.make_private(..., max_grad_norm='adaptive')) over the model's parameters before the first "
+            "forward")
+    owner = next(iter(owners.values()))
+    values, version = owner.thresholds(record.runtime_groups, device)
+    if not needs_counts:
+        return values
+    return _CountTap.apply(owner, tuple(record.runtime_groups), version, values.detach().requires_grad_(True))

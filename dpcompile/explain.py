@@ -17,7 +17,7 @@ class Plan:
         head = ("parameter", "shape", "group", "C_g", "pattern", "strategy", "predicted us/sample")
         table = [head] + [
             (r["parameter"], "x".join(map(str, r["shape"])) or "scalar", r["group"] or "(root)",
-             f"{r['threshold']:.4g}", r["pattern"], r["strategy"] + (" chunked" if r.get("chunked") else "") + (" (forced)" if r.get("forced") else ""),
+             f"{r['threshold']:.4g}" if isinstance(r["threshold"], (int, float)) else str(r["threshold"]), r["pattern"], r["strategy"] + (" chunked" if r.get("chunked") else "") + (" (forced)" if r.get("forced") else ""),
              _costs(r)) for r in self.rows
         ]
         widths = [max(len(str(row[i])) for row in table) for i in range(len(head))]

@@ -569,6 +569,12 @@ def _make_dp_trainer():
           starts from that history, epsilon is the composition, and target_epsilon applies to the total.
         Logged metrics gain `epsilon` (spent so far at `target_delta`) and lose `grad_norm` (the norm of the
         gradient before the noise is not private).
+        max_grad_norm="adaptive": adaptive clipping (docs/privacy.md): each clipping group's threshold follows a
+        quantile of its per-sample norms, estimated privately every step; `adaptive_clipping` takes its options
+        {target_quantile (0.5), clip_learning_rate (0.2), initial_max_grad_norm (1.0), quantile_noise_std
+        (expected batch / 20)}. The epsilon is that of noise_multiplier (or the one calibrated for target_epsilon):
+        the gradient noise is raised so that the gradient and quantile releases together cost it. Logs gain
+        `max_grad_norm` (the current total threshold).
         """
 
         def __init__(self, *args, target_epsilon: Optional[float] = None, noise_multiplier: Optional[float] = None,
@@ -576,7 +582,7 @@ def _make_dp_trainer():
                      expected_batch_size: Optional[int] = None, backend: Optional[str] = None,
                      secure_mode: bool = False, pad_token_id: Optional[int] = None,
                      max_length: Optional[int] = None, allow_overspend: bool = False,
-                     privacy_history: Any = "auto", **kwargs):
+                     privacy_history: Any = "auto", adaptive_clipping: Optional[dict] = None, **kwargs):
             if (target_epsilon is None) == (noise_multiplier is None):
                 raise ValueError("DPTrainer: give exactly one of target_epsilon or noise_multiplier")
             model = kwargs.get("model", args[0] if args else None)
@@ -592,6 +598,9 @@ def _make_dp_trainer():
             self.dp_noise_multiplier = noise_multiplier
             self.dp_target_delta = target_delta
             self.dp_max_grad_norm = max_grad_norm
+            if adaptive_clipping is not None and max_grad_norm != "adaptive":
+                raise ValueError("DPTrainer: adaptive_clipping= needs max_grad_norm='adaptive'")
+            self.dp_adaptive_clipping = (dict(adaptive_clipping or {}) if max_grad_norm == "adaptive" else None)
             self.dp_clipping = clipping
             self.dp_expected_batch_size = expected_batch_size or self.args.per_device_train_batch_size
             self.dp_backend = backend or ("flashdp" if self.args.device.type == "cuda" else "flashdp_eager")
@@ -685,10 +694,16 @@ def _make_dp_trainer():
                                          "privacy_history=None if that history is not about this data") from None
                     sigma = get_noise_multiplier(self.dp_target_epsilon, self.dp_target_delta, q, steps)
             gen = None if self.dp_secure_mode else torch.Generator(self.args.device).manual_seed(self.args.seed + 1)
+            if self.dp_adaptive_clipping is not None:  # a sigma the quantile release leaves no room for: refused
+                from .privacy.engine import _check_adaptive_noise
+
+                _check_adaptive_noise(loss_module(self.model), {"max_grad_norm": "adaptive",
+                                                                "clipping": self.dp_clipping},
+                                      sigma, q * len(loader.dataset), self.dp_adaptive_clipping)
             dp_opt = DPOptimizer(opt, noise_multiplier=sigma, max_grad_norm=self.dp_max_grad_norm,
                                  expected_batch_size=q * len(loader.dataset), loss_reduction="mean",
                                  secure_mode=self.dp_secure_mode, generator=gen, accountant=accountant,
-                                 sample_rate=q)
+                                 sample_rate=q, adaptive_clipping=self.dp_adaptive_clipping)
             dp_opt.target_delta = self.dp_target_delta
             if self.dp_target_epsilon is not None:
                 dp_opt.plan(target_epsilon=self.dp_target_epsilon, target_delta=self.dp_target_delta,
@@ -792,6 +807,9 @@ def _make_dp_trainer():
             logs = {k: v for k, v in logs.items() if k != "grad_norm"}  # (see _get_grad_norm)
             if self.optimizer is not None:
                 logs = {**logs, "epsilon": round(self.get_epsilon(), 4)}
+                opt = self._dp_optimizer()
+                if opt is not None and getattr(opt, "adaptive", None) is not None:
+                    logs["max_grad_norm"] = round(opt.max_grad_norm_total, 6)
             return super().log(logs, *args, **kwargs)
 
     return DPTrainer

@@ -49,7 +49,10 @@ class DPOptions:
     """Validated options. Build with `DPOptions.parse(dict)`.
 
     max_grad_norm: total per-sample norm bound C (float; groups get C/sqrt(G)), or a dict of per-group
-        thresholds keyed by group name (see `group names` in dpcompile.explain).
+        thresholds keyed by group name (see `group names` in dpcompile.explain), or "adaptive": the thresholds are
+        an input of the compiled graph, read at every call from the DPOptimizer(max_grad_norm="adaptive") that
+        manages the parameters (adaptive clipping, docs/privacy.md), and the graph reports how many samples of each
+        group were within their threshold. Changing them never recompiles.
     clipping: "flat" | "per_layer" | "per_param" | explicit list of groups of parameter names.
     clip_fn: "abadi" (min(1, C/(|g|+eps))) or "automatic" (C/(|g|+gamma)).
     loss_reduction: "sum" or "mean" (loss = mean over the batch of per-sample losses).
@@ -70,7 +73,7 @@ class DPOptions:
         <= k // 3, accounted like Hutchinson with k - 2 floor(k/3) probes).
     """
 
-    max_grad_norm: Union[float, tuple] = 1.0  # float, or sorted tuple of (group, threshold)
+    max_grad_norm: Union[float, tuple, str] = 1.0  # float, sorted tuple of (group, threshold), or "adaptive"
     clipping: Union[str, tuple] = "per_layer"  # style name, or tuple of tuples of names
     clip_fn: str = "abadi"
     loss_reduction: str = "mean"
@@ -126,7 +129,15 @@ class DPOptions:
             kw["probe_variant"] = value
         if "probes" in options:
             kw["probes"] = _parse_probes(options["probes"], kw.get("probe_variant", "hutchinson"))
-        return cls(**kw)
+        out = cls(**kw)
+        if out.adaptive:
+            _check_adaptive(out)
+        return out
+
+    @property
+    def adaptive(self) -> bool:
+        """max_grad_norm="adaptive": the thresholds are a run-time input of the graph (adaptive clipping)."""
+        return self.max_grad_norm == ADAPTIVE
 
     def uses_randomized(self) -> bool:
         """Whether some linear site may be forced to the randomized strategy (changes the privacy analysis)."""
@@ -147,6 +158,8 @@ class DPOptions:
 
     def threshold_for(self, group: str, n_groups: int) -> float:
         """C_g of one group: C/sqrt(G) by default, or the user's per-group value."""
+        if self.adaptive:
+            raise OptionsError("max_grad_norm='adaptive': the thresholds are chosen at run time by the optimizer")
         if isinstance(self.max_grad_norm, tuple):
             table = dict(self.max_grad_norm)
             if group not in table:
@@ -159,6 +172,8 @@ class DPOptions:
 
     def total_max_grad_norm(self) -> float:
         """C_total: the bound on the whole per-sample gradient norm (what the noise is scaled by)."""
+        if self.adaptive:
+            raise OptionsError("max_grad_norm='adaptive': the thresholds are chosen at run time by the optimizer")
         if isinstance(self.max_grad_norm, tuple):
             return math.sqrt(sum(c * c for _, c in self.max_grad_norm))
         return self.max_grad_norm
@@ -195,7 +210,35 @@ def _parse_probes(value: Any, variant: str) -> int:
     return value
 
 
+#: max_grad_norm="adaptive": run-time thresholds (adaptive clipping)
+ADAPTIVE = "adaptive"
+
+
+def _check_adaptive(opts: "DPOptions") -> None:
+    """Combinations adaptive clipping refuses: the quantile estimate needs the exact per-sample norms and the
+    abadi clip (under AUTO-S every sample is rescaled, whatever C is), and a strategy that takes the threshold as a
+    compile-time number cannot read it at run time."""
+    if opts.clip_fn != "abadi":
+        raise OptionsError(f"max_grad_norm='adaptive' needs clip_fn='abadi' (got {opts.clip_fn!r}): automatic "
+                           "clipping rescales every sample whatever the threshold, so there is no quantile to track")
+    if opts.uses_randomized():
+        raise OptionsError("max_grad_norm='adaptive' with strategy 'randomized': the quantile of probe-estimated "
+                           "norms is not accounted; use an exact strategy")
+    names = [opts.strategy] if isinstance(opts.strategy, str) else [s for _, s in opts.strategy]
+    for name in names:
+        record = strategy_registry.find_strategy(name)
+        if record is not None and not record.runtime_threshold:
+            raise OptionsError(f"max_grad_norm='adaptive' with strategy {name!r}: that strategy takes the threshold "
+                               "as a compile-time number; leave strategy='auto' (or choose another) for run-time "
+                               "thresholds")
+
+
 def _parse_max_grad_norm(value: Any):
+    if isinstance(value, str):
+        if value != ADAPTIVE:
+            raise OptionsError(f"option max_grad_norm={value!r}: a positive number, a dict of per-group "
+                               "thresholds, or 'adaptive'")
+        return value
     if isinstance(value, tuple) and value and all(isinstance(v, tuple) and len(v) == 2 for v in value):
         value = dict(value)  # the normalised form DPOptions stores
     if isinstance(value, Mapping):

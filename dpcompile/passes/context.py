@@ -6,6 +6,7 @@ import ast
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 from ..options import DPOptions
 
@@ -23,7 +24,7 @@ class PassContext:
     options: DPOptions
     params: dict  # input index -> ParamInfo (trainable parameters only)
     batch_inputs: dict  # input index -> sample dim; the main batch input first
-    thresholds: dict  # group name -> C_g
+    thresholds: dict  # group name -> C_g ({} for run-time thresholds)
     decompositions: dict
     input_sources: dict = field(default_factory=dict)  # Dynamo source name of each batch input -> sample dim
     inline_ops: bool = False  # Inductor: inline the triton_op bodies after the coverage check
@@ -33,6 +34,15 @@ class PassContext:
     randomized: dict = field(default_factory=dict)
     classified: bool = False
     exact_norms: bool = False  # randomized_ops.exact_norms() was on when the graph was built (tests only)
+    # max_grad_norm="adaptive": the Dynamo input index of the (G,) float64 thresholds tensor the backend appends to
+    # the graph's inputs, and the group of each of its entries. The pass reads C_g from it, and the graph's
+    # "gradient" for that input is, per group, sum_i (1[||g_i|| <= C_g] - 1/2) (the quantile estimate's count)
+    threshold_input: Optional[int] = None
+    threshold_groups: tuple = ()
+
+    @property
+    def runtime_thresholds(self) -> bool:
+        return self.threshold_input is not None
 
     def randomized_groups(self) -> dict:
         """Clipping group -> C_g of every group that holds a randomized site of this graph."""
@@ -41,7 +51,7 @@ class PassContext:
     def key(self) -> str:
         parts = [self.options.cache_key(), repr(sorted((k, v.name, v.group) for k, v in self.params.items())),
                  repr(sorted(self.batch_inputs.items())), repr(sorted(self.thresholds.items())), repr(self.inline_ops),
-                 repr(self.exact_norms)]
+                 repr(self.exact_norms), repr((self.threshold_input, self.threshold_groups))]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 

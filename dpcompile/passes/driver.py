@@ -12,17 +12,20 @@ import logging
 from collections import Counter
 from typing import Optional
 
+import torch
 import torch.fx as fx
+
+from ..errors import DPCompileError
 
 from . import one_sample
 from .batchdim import BatchDimAnalysis, BDim
 from .context import PassContext, source_hash
 from .discover import discover_contributions
-from .graph_io import GraphIO, batch_symbol, read_graph, size_hints, tangent_seeds
+from .graph_io import GraphIO, batch_symbol, grad_output_positions, read_graph, size_hints, tangent_seeds
 from .plan import check_forced_globs, linear_shape, plan_group, plan_rows
 from .probes import randomized_norms
-from .rewrite import decompose_kept_ops, group_inputs, inline_triton_ops, insert_traced, make_group_fn, set_outputs, \
-    zero_grads
+from .rewrite import RuntimeThreshold, decompose_kept_ops, group_inputs, inline_triton_ops, insert_traced, \
+    make_group_fn, set_outputs, zero_grads
 from .sites import site_kind
 from .verify import verify_coverage
 
@@ -57,6 +60,8 @@ def run_dp_pass(graph: fx.Graph, ctx: PassContext) -> None:
     ctx.classified = False
     if io.batch_size == 0:  # an empty (Poisson) batch: clipped sums are zero
         zero_grads(graph, [pg for _, pg in io.params])
+        if ctx.runtime_thresholds:
+            set_quantile_counts(graph, ctx, io, {})
         ctx.report.extend(plan_rows(io.params, ctx, empty=True))
     else:
         products = {}
@@ -112,20 +117,60 @@ def plan(graph: fx.Graph, ctx: PassContext, io: GraphIO) -> dict:
 
 
 def rewrite(graph: fx.Graph, ctx: PassContext, io: GraphIO, choices: dict, randomized) -> None:
-    """Per group: norms → clip factors → clipped sums, traced and inserted; the outputs point at the sums."""
+    """Per group: norms → clip factors → clipped sums, traced and inserted; the outputs point at the sums.
+    Run-time thresholds (max_grad_norm="adaptive"): C_g is read from the thresholds input, and each group's
+    quantile count goes to that input's gradient output (set_quantile_counts)."""
     replacements = {}
+    counts = {}
     for group, pgs in groups_of(io).items():
         inputs = group_inputs(pgs, io.batch_node)
         if randomized is not None and any(id(pg) in randomized.site_ids for pg in pgs):
             extra = [randomized.seed] + [randomized.products[id(pg)][0] for pg in pgs if id(pg) in randomized.products]
             inputs += [n for n in dict.fromkeys(extra) if n not in inputs]
-        fn = make_group_fn(pgs, inputs, io.batch_node, io.batch_dim, ctx.thresholds[group], ctx.options.clip_fn,
+        if ctx.runtime_thresholds:
+            thresholds = io.primals[ctx.threshold_input]
+            inputs += [thresholds] if thresholds not in inputs else []
+            threshold = RuntimeThreshold(thresholds, ctx.threshold_groups.index(group))
+        else:
+            threshold = ctx.thresholds[group]
+        fn = make_group_fn(pgs, inputs, io.batch_node, io.batch_dim, threshold, ctx.options.clip_fn,
                            ctx.options.loss_reduction == "mean",
                            {id(pg): choices[id(pg)].op_strategy for pg in pgs if id(pg) in choices},
                            int(ctx.options.single_pass_budget_mb * 2**20), randomized)
-        for pg, node in zip(pgs, insert_traced(graph, fn, inputs, ctx.decompositions)):
+        nodes = insert_traced(graph, fn, inputs, ctx.decompositions)
+        if ctx.runtime_thresholds:
+            counts[group] = nodes.pop()
+        for pg, node in zip(pgs, nodes):
             replacements[pg.out_pos] = node
     set_outputs(graph, replacements)
+    if ctx.runtime_thresholds:
+        set_quantile_counts(graph, ctx, io, counts)
+
+
+def set_quantile_counts(graph: fx.Graph, ctx: PassContext, io: GraphIO, counts: dict) -> None:
+    """The thresholds input's gradient output becomes the (G,) float64 vector of the groups' quantile counts
+    sum_i (1[||g_i|| <= C_g] - 1/2), in ctx.threshold_groups order: what the backend's run-time record hands the
+    optimizer. A group without a gradient in this graph has every norm 0 (+B/2); an empty batch gives zeros."""
+    thresholds = io.primals[ctx.threshold_input]
+    pos = grad_output_positions(graph, len(io.primals)).get(ctx.threshold_input)
+    outs = list(graph.output_node().args[0])
+    if pos is None or pos >= len(outs):
+        raise DPCompileError("flashdp: the joint graph has no gradient output for the run-time thresholds input "
+                             "(max_grad_norm='adaptive'); this torch version's AOTAutograd is not supported")
+    order = list(ctx.threshold_groups)
+    present = [g for g in order if g in counts]
+    inputs = [thresholds, io.batch_node] + [counts[g] for g in present]
+    empty = io.batch_size == 0
+
+    def fn(thr, batch, *values):
+        if empty:
+            return [torch.zeros_like(thr)]
+        by_group = dict(zip(present, values))
+        half = thr.new_full((), 0.5) * batch.shape[io.batch_dim]
+        return [torch.stack([by_group[g] if g in by_group else half for g in order]).to(thr.dtype)]
+
+    (node,) = insert_traced(graph, fn, inputs, ctx.decompositions)
+    set_outputs(graph, {pos: node})
 
 
 def verify(graph: fx.Graph, ctx: PassContext, io: GraphIO) -> None:

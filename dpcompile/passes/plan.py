@@ -137,9 +137,11 @@ def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int, 
             for k in _inexact():
                 costs.pop(k, None)
         choices[id(pg)] = SiteChoice(forced, costs, forced=forced != "auto")
-    single = next(st.name for st in strategies() if st.group_clip and st.option and st.exact)
+    # run-time thresholds (max_grad_norm="adaptive"): only strategies whose ops read the threshold as a tensor
+    single = next((st.name for st in strategies() if st.group_clip and st.option and st.exact
+                   and (st.runtime_threshold or not getattr(options, "adaptive", False))), None)
     forced_single = [pg for pg in linear if _group_clip(choices[id(pg)].strategy)]
-    prefer_single = options.strategy == single  # the global form: wherever the scope allows (one per group)
+    prefer_single = single is not None and options.strategy == single  # wherever the scope allows (one per group)
     if prefer_single:
         for pg in linear:
             choices[id(pg)].strategy = "auto"
@@ -162,7 +164,7 @@ def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int, 
         return tuple(st.name for st in strategies() if st.option and st.exact and not st.group_clip
                      and all(conditions[c](shapes[id(pg)]) for c in st.requires))
 
-    if not forced_single:
+    if not forced_single and single is not None:
         # the auto site that single_pass saves most on, if single_pass beats its best alternative
         def saving(pg):  # only "auto" sites: a forced site ("randomized" included) keeps what it was given
             # against the strategies that keep no products: stored is the same work for the group's other sites
@@ -258,7 +260,7 @@ def plan_rows(params, ctx, empty: bool = False, choices: dict | None = None, bat
         rows.append({
             "parameter": info.name,
             "group": info.group,
-            "threshold": ctx.thresholds[info.group],
+            "threshold": ctx.thresholds.get(info.group, "adaptive"),
             "pattern": "-" if empty else pattern(pg),
             "strategy": chosen,
             "chunked": bool(ch and _group_clip(ch.strategy) and ch.chunked),

@@ -185,19 +185,48 @@ def _finish_fused(pg: ParamGrad, s, env: dict):
     return -s if c.negate else s
 
 
-def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: int, threshold: float,
+@dataclass(frozen=True)
+class RuntimeThreshold:
+    """A group's threshold read at run time (max_grad_norm="adaptive"): entry `index` of the (G,) thresholds
+    placeholder `node` (which must be among the group function's inputs)."""
+
+    node: fx.Node
+    index: int
+
+    def value(self, env: dict):
+        return env[self.node][self.index]
+
+
+def quantile_count(sq_norms: torch.Tensor, threshold, mean: bool, batch) -> torch.Tensor:
+    """sum_i (1[||g_i|| <= C] - 1/2) in float64, from a group's squared norms of the gradients of the loss as
+    written (under "mean" they carry 1/B, undone as in group_clip_factors): the count the adaptive-clipping quantile
+    estimate needs, centred so that adding or removing one sample changes it by 1/2 (privacy/adaptive.py)."""
+    if mean:
+        sq_norms = sq_norms * (batch * batch)
+    inside = sq_norms.clamp_min(0).sqrt().to(torch.float64) <= threshold
+    return (inside.to(torch.float64) - 0.5).sum()
+
+
+def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: int, threshold,
                   clip_fn: str, mean: bool, strategies: dict | None = None, budget_bytes: int = 0,
                   randomized: Optional[RandomizedNorms] = None) -> Callable:
-    """randomized: the graph's randomized sites (its seed node must be among `inputs` when a param of this group
+    """threshold: C_g (a number), or a RuntimeThreshold: then the function returns, after the clipped sums, the
+    group's quantile_count (a 0-dim float64 tensor).
+    randomized: the graph's randomized sites (its seed node must be among `inputs` when a param of this group
     is randomized: strategy "randomized", or, in a batch-size-1 graph, an entry of randomized.products)."""
     strategies = strategies or {}
     group_clip = {id(pg): find_strategy(strategies.get(id(pg), "")) for pg in params}
     single = next((pg for pg in params if group_clip[id(pg)] and group_clip[id(pg)].group_clip), None)
     materialize = get_strategy("materialize")
+    runtime = isinstance(threshold, RuntimeThreshold)
+    if runtime and single is not None:  # the planner never gives one (Strategy.runtime_threshold)
+        raise UnsupportedGradientError(f"strategy {group_clip[id(single)].name!r} forms the group's clip factor "
+                                       f"itself, which run-time thresholds do not support (parameter `{single.name}`)")
 
     def group_fn(*vals):
         env = dict(zip(inputs, vals))
         bsz = env[batch_node].shape[batch_dim]
+        thr = threshold.value(env) if runtime else threshold
         sq, prepared = None, {}
         for pg in params:
             if pg is single:
@@ -215,11 +244,11 @@ def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: in
             c = single.contributions[0]
             a, b = c.site.fused_inputs(env, bsz)
             rest = sq if sq is not None else a.new_zeros((bsz,), dtype=ops.norm_dtype(a.dtype, b.dtype))
-            s, coef = group_clip[id(single)].group_clip(a, b, rest, float(c.scale * c.scale), threshold, clip_fn,
+            s, coef = group_clip[id(single)].group_clip(a, b, rest, float(c.scale * c.scale), thr, clip_fn,
                                                         mean, budget_bytes)
             sums[id(single)] = _finish_fused(single, s, env)
         else:
-            coef = group_clip_factors(sq, threshold, clip_fn, mean, bsz)
+            coef = group_clip_factors(sq, thr, clip_fn, mean, bsz)
         outs = []
         for pg in params:
             if id(pg) in sums:
@@ -231,6 +260,8 @@ def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: in
                 s = materialize.clipped_sum(prepared[id(pg)], coef)
             val = pg.grad.meta["val"]
             outs.append(s.to(val.dtype).reshape(val.shape))
+        if runtime:
+            outs.append(quantile_count(sq, thr, mean, bsz))
         return outs
 
     return group_fn

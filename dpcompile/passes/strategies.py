@@ -107,8 +107,9 @@ BUILTIN = (
              norm=_plain(ops.linear_ghost_norm), clipped_sum=_sum(ops.linear_clipped_sum)),
     Strategy("single_pass", cost=_costed(lambda t, s, dev, k: t.one_pass + t.chunks * 6 * dev.launch
                                          + _chunk_host(t, dev)),
-             group_clip=_single_pass, keeps_products=True, chunked="single_pass_chunked"),
-    Strategy("single_pass_chunked", option=False, group_clip=ops.linear_single_pass_chunked, keeps_products=True),
+             group_clip=_single_pass, keeps_products=True, chunked="single_pass_chunked", runtime_threshold=False),
+    Strategy("single_pass_chunked", option=False, group_clip=ops.linear_single_pass_chunked, keeps_products=True,
+             runtime_threshold=False),
     # single_pass's kernels at one chunk, the factor computed apart
     Strategy("stored", cost=_costed(lambda t, s, dev, k: t.one_pass + 6 * dev.launch),
              norm=_kept(ops.linear_tiles), clipped_sum=_sum(ops.tiles_clipped_sum),

@@ -483,12 +483,25 @@ class PrivacyAccountant:
 
     def step(self, *, noise_multiplier: float, sample_rate: float, num_steps: int = 1,
              probes: Optional[int] = None, variant: str = "hutchinson",
-             group_weights: Optional[Sequence[float]] = None, envelope: str = "chi2") -> None:
+             group_weights: Optional[Sequence[float]] = None, envelope: str = "chi2",
+             quantile_noise_multiplier: Optional[float] = None) -> None:
         """Record `num_steps` logical steps with noise multiplier σ and Poisson sampling rate q.
 
         probes / variant / group_weights / envelope: the step's per-sample norms were randomized (see
-        get_epsilon); None = exact norms."""
+        get_epsilon); None = exact norms.
+        quantile_noise_multiplier: adaptive clipping (privacy/adaptive.py): the same Poisson sample also released
+        the noisy quantile counts, a Gaussian mechanism of this multiplier z_b. The step is recorded as the
+        composition of the two Gaussian mechanisms, which is exactly one Gaussian mechanism of multiplier
+        (σ^-2 + z_b^-2)^-1/2 (what dp_accounting's RDP accountant makes of a PoissonSampledDpEvent of their
+        ComposedDpEvent, and what its PLD accountant gives for their composition without sampling)."""
         s = _check_sigma(noise_multiplier)
+        if quantile_noise_multiplier is not None:
+            if probes is not None:
+                raise ValueError("adaptive clipping with randomized norms is not accounted")
+            from .adaptive import combined_noise_multiplier
+
+            zb = _check_sigma(quantile_noise_multiplier, "quantile_noise_multiplier")
+            s = combined_noise_multiplier(s, zb)
         q = _check_rate(sample_rate)
         n = _check_steps(num_steps, "num_steps")
         spec = _randomized_spec(probes, variant, group_weights, envelope)

@@ -16,7 +16,8 @@ strings, lists and dicts only):
                           max_grad_norm, expected_batch_size, loss_reduction, sample_rate, steps_taken, the noise
                           generator's state, the accountant, and the privacy plan (target epsilon and delta,
                           planned steps, allow_overspend, the sigma and q it was calibrated for, the draw number
-                          of the last logical batch stepped on)
+                          of the last logical batch stepped on), and under max_grad_norm="adaptive" the adaptive
+                          clipping state (each group's current threshold, the update count, gamma, eta, sigma_b)
     accountant            PrivacyAccountant.state_dict(): its kind, PLD interval, and its history, one entry
                           [sigma, q, count] per run of equal steps, or [sigma, q, count, randomized] for steps with
                           randomized norms (probes, variant, group weights, envelope), and the count of steps that

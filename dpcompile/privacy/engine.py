@@ -89,6 +89,12 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
     With target_epsilon, a step that would take epsilon past it is refused (PrivacyBudgetExceeded) unless
     allow_overspend=True. backend: "auto" = "flashdp" for a model on a CUDA device, "flashdp_eager" otherwise.
     dynamic_seq / fullgraph go to dpcompile.compile; the other keywords are the backend's options.
+    max_grad_norm="adaptive": adaptive clipping (privacy/adaptive.py, docs/privacy.md): every group's threshold
+    follows the target_quantile (default 0.5) of its per-sample norms, estimated privately each step with noise
+    quantile_noise_std (default expected batch / 20), updated geometrically at clip_learning_rate (default 0.2) from
+    initial_max_grad_norm (default 1.0, split over the groups as C/sqrt(G)); noise_multiplier (or the one calibrated
+    for target_epsilon) is what each step is charged: the gradient noise is raised so that the gradient and quantile
+    releases together cost that.
     Privacy spent so far: `optimizer.get_epsilon(target_delta)`; `optimizer.accountant` holds the history.
     The loader tells the optimizer where each logical batch starts, so that a step over two of them is refused.
 
@@ -122,6 +128,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
     q = loader.sample_rate
     steps = epochs * len(loader) if epochs is not None else None
     compile_kwargs = {k: backend_options.pop(k) for k in ("dynamic_seq", "fullgraph") if k in backend_options}
+    adaptive = _adaptive_options(max_grad_norm, backend_options, group)
     options = dict(max_grad_norm=max_grad_norm, clipping=clipping, loss_reduction=loss_reduction,
                    **backend_options)
     randomized = predict_randomized_accounting(model, options)
@@ -135,6 +142,8 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
         if randomized is not None:
             calibration = dict(target_epsilon=target_epsilon, target_delta=target_delta, steps=steps,
                                accountant=accountant, spec=randomized)
+    if adaptive is not None:  # refuse a noise_multiplier the quantile release leaves no room for, before compiling
+        _check_adaptive_noise(model, options, noise_multiplier, q * len(loader.dataset), adaptive)
     if target_delta is not None and target_delta > 1.0 / len(loader.dataset):
         import warnings
 
@@ -146,7 +155,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
                   accountant=PrivacyAccountant(accountant), sample_rate=q)
     if group is None:
         compiled = dp_compile(model, backend=backend, **compile_kwargs, **options)
-        dp_optimizer = DPOptimizer(optimizer, **common)
+        dp_optimizer = DPOptimizer(optimizer, **common, adaptive_clipping=adaptive)
     else:
         if _dist.is_fsdp2_module(model):
             nested = [n for n, m in model.named_modules() if n and _dist.is_fsdp2_module(m)]
@@ -172,6 +181,36 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
     if hasattr(loader, "attach_optimizer"):
         loader.attach_optimizer(dp_optimizer)
     return PrivateTraining(compiled, dp_optimizer, loader)
+
+
+def _adaptive_options(max_grad_norm, backend_options: dict, group) -> Optional[dict]:
+    """The adaptive clipping keywords (taken out of backend_options) when max_grad_norm == "adaptive", else None."""
+    from .adaptive import ADAPTIVE_KEYS
+
+    given = {k: backend_options.pop(k) for k in ADAPTIVE_KEYS if k in backend_options}
+    if not (isinstance(max_grad_norm, str) and max_grad_norm == "adaptive"):
+        if given:
+            raise ValueError(f"make_private: {sorted(given)} are options of adaptive clipping; pass "
+                             "max_grad_norm='adaptive' with them")
+        return None
+    if group is not None:
+        raise DPCompileError("make_private: max_grad_norm='adaptive' is not supported under torch.distributed yet "
+                             "(the quantile counts would have to be summed over ranks)")
+    return given
+
+
+def _check_adaptive_noise(model: nn.Module, options: dict, noise_multiplier: float, expected_batch: float,
+                          adaptive: dict) -> None:
+    from ..backend import _groups_of
+    from ..options import DPOptions
+    from .adaptive import gradient_noise_multiplier, make_adaptive
+
+    opts = DPOptions.parse(options)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not names:
+        return
+    groups = len(set(_groups_of(names, dict(model.named_parameters()), opts).values()))
+    gradient_noise_multiplier(noise_multiplier, make_adaptive(expected_batch, adaptive).quantile_noise_std, groups)
 
 
 def predict_randomized_accounting(model: nn.Module, options: dict) -> Optional[dict]:

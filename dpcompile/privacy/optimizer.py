@@ -172,6 +172,23 @@ def _refuse_unsynchronized(optimizer: Optimizer, independent_ranks: bool) -> Non
             "separate DP training run on its own data")
 
 
+def _adaptive_of(max_grad_norm, adaptive_clipping, expected_batch_size: float, who: str):
+    """The AdaptiveClipping of max_grad_norm="adaptive" (adaptive_clipping: its options dict, or one built), or None."""
+    from .adaptive import AdaptiveClipping, make_adaptive
+
+    if isinstance(max_grad_norm, str):
+        if max_grad_norm != "adaptive":
+            raise ValueError(f"max_grad_norm={max_grad_norm!r}: a positive number, a dict of per-group thresholds, "
+                             "or 'adaptive'")
+        if isinstance(adaptive_clipping, AdaptiveClipping):
+            return adaptive_clipping
+        return make_adaptive(expected_batch_size, adaptive_clipping)
+    if adaptive_clipping is not None:
+        raise ValueError(f"{who}: adaptive_clipping= is given but max_grad_norm={max_grad_norm!r} is fixed; pass "
+                         "max_grad_norm='adaptive'")
+    return None
+
+
 class DPOptimizer(Optimizer):
     """Wraps `optimizer`; see the module docstring.
 
@@ -203,14 +220,21 @@ class DPOptimizer(Optimizer):
     def __init__(self, optimizer: Optimizer, *, noise_multiplier: float, max_grad_norm, expected_batch_size: float,
                  loss_reduction: str = "mean", generator: Optional[torch.Generator] = None,
                  secure_mode: bool = False, accountant=None, sample_rate: Optional[float] = None,
-                 check_coverage: bool = True, independent_ranks: bool = False, check_sensitivity: bool = True):
+                 check_coverage: bool = True, independent_ranks: bool = False, check_sensitivity: bool = True,
+                 adaptive_clipping=None):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"DPOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not self._sums_across_ranks:
             _refuse_unsynchronized(optimizer, independent_ranks)
         if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
             raise ValueError(f"noise_multiplier={noise_multiplier!r} must be a finite number >= 0")
-        c_total = total_max_grad_norm(max_grad_norm)
+        if not expected_batch_size > 0:
+            raise ValueError(f"expected_batch_size={expected_batch_size!r} must be positive")
+        self.adaptive = _adaptive_of(max_grad_norm, adaptive_clipping, expected_batch_size, type(self).__name__)
+        if self.adaptive is not None and self._sums_across_ranks:
+            raise DPCompileError(f"{type(self).__name__}: max_grad_norm='adaptive' is not supported across ranks yet "
+                                 "(the quantile counts would have to be summed over ranks before the noise)")
+        c_total = self.adaptive.total() if self.adaptive is not None else total_max_grad_norm(max_grad_norm)
         if not (c_total > 0 and math.isfinite(c_total)):
             raise ValueError(f"max_grad_norm={max_grad_norm!r} must be positive")
         if not expected_batch_size > 0:
@@ -242,6 +266,11 @@ class DPOptimizer(Optimizer):
         self._optimizer_step_pre_hooks = getattr(optimizer, "_optimizer_step_pre_hooks", {})
         self._optimizer_step_post_hooks = getattr(optimizer, "_optimizer_step_post_hooks", {})
         self._init_guards()
+        if self.adaptive is not None:  # its graphs read their thresholds from here (clip_provenance)
+            from ..clip_provenance import bind_runtime_thresholds
+
+            bind_runtime_thresholds(list(self._params()), self.adaptive)
+        self._pending_quantile = None  # (z_D, z_b, noisy fractions) of the step being taken
 
     # -- the wrapped optimizer's state ---------------------------------------------------------------------
     @property
@@ -268,10 +297,15 @@ class DPOptimizer(Optimizer):
         (BatchMemoryManager), a no-op that keeps their clipped sums (see note_physical_batch)."""
         if self._keep_gradients_on_zero_grad():
             return
+        if self.adaptive is not None:  # the quantile counts belong to the gradients discarded here
+            self.adaptive.discard_counts()
         self.original_optimizer.zero_grad(set_to_none=set_to_none)
 
     @property
     def max_grad_norm_total(self) -> float:
+        """C_total (adaptive clipping: sqrt(sum_g C_g^2) of the thresholds the graphs read now)."""
+        if self.adaptive is not None:
+            return self.adaptive.total()
         return total_max_grad_norm(self.max_grad_norm)
 
     def _name_of(self, p: torch.Tensor) -> Optional[str]:
@@ -318,10 +352,36 @@ class DPOptimizer(Optimizer):
                 raise CoverageError(_uncovered_message(p, why, self._name_of(p)))
             if is_privatized(p):
                 clipped.append(p)
-        if self.check_sensitivity and clipped:
+        if self.adaptive is not None:
+            self._check_adaptive(clipped)
+        elif self.check_sensitivity and clipped:
             problem = sensitivity_problem(clipped, self.max_grad_norm_total, type(self).__name__)
             if problem is not None:
                 raise problem
+
+    def _check_adaptive(self, clipped: list) -> None:
+        """Adaptive clipping: every gradient comes from graphs that read their thresholds from this optimizer, at
+        the thresholds it holds now (those the noise is scaled to). Not switched off by check_sensitivity."""
+        from ..clip_provenance import runtime_thresholds_of
+
+        who = type(self).__name__
+        for p in clipped:
+            prov = provenance(p)
+            fixed = [g for g in prov.graphs if not g.runtime_groups]
+            if fixed:
+                raise DPCompileError(
+                    f"{who}: max_grad_norm='adaptive', but parameter `{prov.name}` was clipped by a graph compiled with "
+                    f"fixed thresholds (sensitivity {fixed[0].sensitivity:.6g}); compile the model with "
+                    "max_grad_norm='adaptive' (dpcompile.make_private does)")
+            if runtime_thresholds_of(p) is not self.adaptive:
+                raise DPCompileError(f"{who}: parameter `{prov.name}` reads its thresholds from another optimizer")
+        why = self.adaptive.problem()
+        if why is not None:
+            raise DPCompileError(f"{who}: {why}")
+        if not self.adaptive.values:
+            raise DPCompileError(
+                f"{who}: step() before any call of the compiled model: adaptive clipping's groups (and so its "
+                "quantile release) are not known yet. Run the model on the logical batch (an empty one too) first")
 
     def _accounting(self) -> dict:
         """The randomized-norm arguments of this step's accountant.step ({} for exact norms), checked before any
@@ -414,6 +474,8 @@ class DPOptimizer(Optimizer):
         self._pending_accounting = self._accounting()
         self._noised_sigma = self.noise_multiplier  # what the accountant records for this step (see step)
         std = self.noise_multiplier * self.max_grad_norm_total
+        if self.adaptive is not None:  # the gradient's share of the noise: z_D, with the counts' z_b (adaptive.py)
+            std = self._release_quantiles() * self.max_grad_norm_total
         scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
         by_device: dict = {}
         for p in self._params():
@@ -421,6 +483,21 @@ class DPOptimizer(Optimizer):
         for device, params in by_device.items():
             gen = self._step_generator(device) if self.secure_mode else self.generator
             self._noise_params(params, device, std, scale, gen)
+
+    def _release_quantiles(self) -> float:
+        """Adaptive clipping, in add_noise: the noisy fraction of samples within each group's threshold (drawn
+        every step, an empty batch too) for the update after the step; returns z_D, the gradient noise multiplier
+        (noise_multiplier is the multiplier of the pair, what the accountant charges)."""
+        from .adaptive import gradient_noise_multiplier, quantile_noise_multiplier
+
+        ad = self.adaptive
+        z_d = gradient_noise_multiplier(self.noise_multiplier, ad.quantile_noise_std, ad.groups)
+        z_b = quantile_noise_multiplier(ad.quantile_noise_std, ad.groups)
+        device = next(iter(self._params())).device
+        gen = self._step_generator(device) if self.secure_mode else self.generator
+        noise = self._noise((ad.groups,), gen.device if gen is not None else device, ad.quantile_noise_std, gen)
+        self._pending_quantile = (z_d, z_b, ad.noisy_fractions(ad.take_counts(), noise.cpu()))
+        return z_d
 
     def _noise_params(self, params: list, device, std: float, scale: float, gen) -> None:
         """(g + N(0, std^2 I)) * scale for every parameter of one device from one draw and a few foreach kernels:
@@ -453,15 +530,31 @@ class DPOptimizer(Optimizer):
         # the sigma the noise was drawn with (add_noise may recalibrate it), whatever hooks do afterwards
         sigma = self.noise_multiplier if self._noised_sigma is None else self._noised_sigma
         out = self.original_optimizer.step()
+        quantile, self._pending_quantile = self._pending_quantile, None
         if self.accountant is not None:
-            self.accountant.step(noise_multiplier=sigma, sample_rate=self.sample_rate,
-                                 **self._pending_accounting)
+            if quantile is not None:  # the gradient release at z_D and the counts' at z_b, composed
+                self._account_adaptive(quantile[0], quantile[1])
+            else:
+                self.accountant.step(noise_multiplier=sigma, sample_rate=self.sample_rate,
+                                     **self._pending_accounting)
         self._pending_accounting = {}
+        if quantile is not None:  # the next graph calls clip to the updated thresholds
+            self.adaptive.update(quantile[2], self.steps_taken + 1)
         self._after_step()
         self.steps_taken += 1
         # the noisy gradients belong to this step: never let them leak into the next one's sum
         self.original_optimizer.zero_grad(set_to_none=True)
         return out
+
+    def _account_adaptive(self, z_d: float, z_b: float) -> None:
+        from .accounting import PrivacyAccountant
+
+        if isinstance(self.accountant, PrivacyAccountant):
+            self.accountant.step(noise_multiplier=z_d, sample_rate=self.sample_rate, quantile_noise_multiplier=z_b)
+        else:  # an accountant of its own: one Gaussian step at the pair's multiplier
+            from .adaptive import combined_noise_multiplier
+
+            self.accountant.step(noise_multiplier=combined_noise_multiplier(z_d, z_b), sample_rate=self.sample_rate)
 
     # -- privacy spent and checkpoints -------------------------------------------------------------------------
     def get_epsilon(self, delta: float) -> float:
@@ -482,6 +575,7 @@ class DPOptimizer(Optimizer):
             "accountant": self.accountant.state_dict() if self.accountant is not None else None,
             "generator": self.generator.get_state() if self.generator is not None else None,
             "privacy_plan": self._plan_state(),
+            "adaptive_clipping": self.adaptive.state_dict() if self.adaptive is not None else None,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -498,6 +592,11 @@ class DPOptimizer(Optimizer):
             self.generator.set_state(state["generator"])
         if state.get("privacy_plan") is not None:
             self._load_plan_state(state["privacy_plan"])
+        if (state.get("adaptive_clipping") is not None) != (self.adaptive is not None):
+            raise ValueError("the checkpoint and this optimizer disagree on max_grad_norm='adaptive'")
+        if self.adaptive is not None:
+            self.adaptive.load_state_dict(state["adaptive_clipping"])
+            self._initial_c_total = self.max_grad_norm_total
 
     # == logical batches, the target epsilon and mid-run changes (issue 22; guards.py) ==========================
     # Nothing above depends on this section except through _init_guards, _keep_gradients_on_zero_grad,
@@ -630,7 +729,7 @@ class DPOptimizer(Optimizer):
         if self.sample_rate is not None:
             _check_rate(self.sample_rate)
         c = self.max_grad_norm_total
-        if c != self._initial_c_total and c not in self._warned_c:
+        if self.adaptive is None and c != self._initial_c_total and c not in self._warned_c:
             self._warned_c.add(c)
             bound = clipped_sensitivity(self._accounted_params())
             if bound > 0 and c > bound * (1 + 1e-6):
