@@ -90,6 +90,20 @@ def assert_matches_batches(case, sizes=SITE_BATCHES, *, atol=1e-9, rtol=1e-7, dt
         _assert_close(case, got, oracle_grads(case, batch, **options), atol, rtol, dict(options, B=B))
 
 
+def site_sweep(case, *others):
+    """Parametrize a test over (case, combo): `case` with every combo of SITE_SWEEP, each of `others` with one."""
+    import pytest
+
+    pairs = [(case, c) for c in SITE_SWEEP] + [(o, SITE_SWEEP[i % len(SITE_SWEEP)]) for i, o in enumerate(others)]
+    return pytest.mark.parametrize("case,combo", pairs, ids=["-".join(map(str, (c.name, *k))) for c, k in pairs])
+
+
+def assert_site_combo(case, combo, sizes=SITE_BATCHES):
+    """assert_matches_batches under one (clipping, C, loss_reduction) of SITE_SWEEP."""
+    clipping, C, reduction = combo
+    assert_matches_batches(case, sizes, max_grad_norm=C, clipping=clipping, loss_reduction=reduction)
+
+
 def site_kinds(case, B: int, seed: int = 0, **options) -> dict:
     """{parameter name: the site kinds its gradient contracts at, as dpcompile.explain reports them} at batch size B
     ("zero" for an empty batch)."""

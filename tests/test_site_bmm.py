@@ -2,10 +2,8 @@
 weights through einsum), materialized as a per-sample einsum."""
 from __future__ import annotations
 
-import pytest
-
 import models
-from dp_check import SITE_SWEEP, assert_matches_batches, site_kinds
+from dp_check import assert_site_combo, site_kinds, site_sweep
 
 CASE = models.per_head_einsum()
 
@@ -15,6 +13,6 @@ def test_per_head_weight_lands_on_bmm():
     assert kinds["w"] == ("bmm",) and kinds["scale"] == ("rows",), kinds
 
 
-@pytest.mark.parametrize("clipping,C,reduction", SITE_SWEEP)
-def test_bmm_matches_oracle(clipping, C, reduction):
-    assert_matches_batches(CASE, max_grad_norm=C, clipping=clipping, loss_reduction=reduction)
+@site_sweep(CASE)
+def test_bmm_matches_oracle(case, combo):
+    assert_site_combo(case, combo)

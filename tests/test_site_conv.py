@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import models
-from dp_check import SITE_SWEEP, assert_matches_batches, site_kinds
+from dp_check import assert_site_combo, site_kinds, site_sweep
 
 CASE = models.conv_net(dim=1)
 CONV2D = models.conv_net(dim=2, groups=1)
@@ -17,11 +17,6 @@ def test_conv_parameters_land_on_conv(case):
     assert kinds and all(k == ("conv",) for k in kinds.values()), kinds
 
 
-@pytest.mark.parametrize("clipping,C,reduction", SITE_SWEEP)
-def test_conv_matches_oracle(clipping, C, reduction):
-    assert_matches_batches(CASE, max_grad_norm=C, clipping=clipping, loss_reduction=reduction)
-
-
-def test_conv2d_matches_oracle():
-    clipping, C, reduction = SITE_SWEEP[2]
-    assert_matches_batches(CONV2D, max_grad_norm=C, clipping=clipping, loss_reduction=reduction)
+@site_sweep(CASE, CONV2D)
+def test_conv_matches_oracle(case, combo):
+    assert_site_combo(case, combo)

@@ -3,12 +3,11 @@
 an embedding site of one parameter (materialized)."""
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 
 import models
-from dp_check import SITE_SWEEP, assert_matches_batches, site_kinds
+from dp_check import assert_site_combo, site_kinds, site_sweep
 
 VOCAB, D, T = 7, 4, 3
 
@@ -45,11 +44,6 @@ def test_tied_table_is_linear_plus_embedding():
     assert sorted(site_kinds(TIED, 4)["tok.weight"]) == ["embedding", "linear"]
 
 
-@pytest.mark.parametrize("clipping,C,reduction", SITE_SWEEP)
-def test_embedding_matches_oracle(clipping, C, reduction):
-    assert_matches_batches(CASE, max_grad_norm=C, clipping=clipping, loss_reduction=reduction)
-
-
-def test_tied_embedding_matches_oracle():
-    clipping, C, reduction = SITE_SWEEP[0]
-    assert_matches_batches(TIED, max_grad_norm=C, clipping=clipping, loss_reduction=reduction)
+@site_sweep(CASE, TIED)
+def test_embedding_matches_oracle(case, combo):
+    assert_site_combo(case, combo)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import models
-from dp_check import SITE_SWEEP, assert_matches_batches, site_kinds
+from dp_check import assert_site_combo, site_kinds, site_sweep
 
 # (B, T, d) inputs: the mm contracts (batch, time); (B, d) inputs: one row per sample
 CASE = models.mlp(input_ndim=3, bias=False, depth=3)
@@ -19,11 +19,6 @@ def test_weights_land_on_linear(case):
     assert weights and all(kinds[n] == ("linear",) for n in weights), kinds
 
 
-@pytest.mark.parametrize("clipping,C,reduction", SITE_SWEEP)
-def test_linear_matches_oracle(clipping, C, reduction):
-    assert_matches_batches(CASE, max_grad_norm=C, clipping=clipping, loss_reduction=reduction)
-
-
-def test_one_row_per_sample_matches_oracle():
-    clipping, C, reduction = SITE_SWEEP[0]
-    assert_matches_batches(ONE_ROW, max_grad_norm=C, clipping=clipping, loss_reduction=reduction)
+@site_sweep(CASE, ONE_ROW)
+def test_linear_matches_oracle(case, combo):
+    assert_site_combo(case, combo)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import models
-from dp_check import SITE_SWEEP, assert_matches_batches, site_kinds
+from dp_check import assert_site_combo, site_kinds, site_sweep
 
 CASE = models.elementwise_params()  # scale (d,), scalar bias (), lin.bias
 
@@ -35,11 +35,6 @@ def test_biases_norms_and_scales_land_on_rows(case, rows):
     assert all(kinds[n] == ("rows",) for n in rows), kinds
 
 
-@pytest.mark.parametrize("clipping,C,reduction", SITE_SWEEP)
-def test_rows_matches_oracle(clipping, C, reduction):
-    assert_matches_batches(CASE, max_grad_norm=C, clipping=clipping, loss_reduction=reduction)
-
-
-def test_norm_affine_matches_oracle():
-    clipping, C, reduction = SITE_SWEEP[2]
-    assert_matches_batches(NORMED, max_grad_norm=C, clipping=clipping, loss_reduction=reduction)
+@site_sweep(CASE, NORMED)
+def test_rows_matches_oracle(case, combo):
+    assert_site_combo(case, combo)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 import models
-from dp_check import SITE_SWEEP, assert_matches_batches, site_kinds
+from dp_check import SITE_SWEEP, assert_site_combo, site_kinds
 
 CASES = [models.elementwise_params(), models.per_head_einsum(), models.conv_net(dim=1),
          models.gpt_like(n_layer=1, tied=True)]
@@ -19,14 +19,12 @@ def test_every_parameter_lands_on_whole_at_batch_size_one(case):
     assert kinds and all(k == ("whole",) for k in kinds.values()), kinds
 
 
-@pytest.mark.parametrize("clipping,C,reduction", SITE_SWEEP)
-def test_whole_matches_oracle(clipping, C, reduction):
+@pytest.mark.parametrize("combo", SITE_SWEEP, ids=lambda k: "-".join(map(str, k)))
+def test_whole_matches_oracle(combo):
     # one compiled model: the batch-of-one graph before, between and after the batched and empty ones
-    assert_matches_batches(CASES[0], (1, 2, 1, 0, 5, 1), max_grad_norm=C, clipping=clipping,
-                           loss_reduction=reduction)
+    assert_site_combo(CASES[0], combo, sizes=(1, 2, 1, 0, 5, 1))
 
 
 @pytest.mark.parametrize("case", CASES[1:], ids=lambda c: c.name)
 def test_whole_matches_oracle_on_every_kind(case):
-    clipping, C, reduction = SITE_SWEEP[2]
-    assert_matches_batches(case, (1,), max_grad_norm=C, clipping=clipping, loss_reduction=reduction)
+    assert_site_combo(case, SITE_SWEEP[2], sizes=(1,))
