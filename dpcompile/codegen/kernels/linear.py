@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 REF_TILE = 128  # grid layout unit (see module docstring)
+GHOST_MIN_PROGRAMS = 64  # the ghost kernel's programs per sample at T = 1024: idle ones at short T store a zero
 REDUCE_BLOCK = 1024
 
 
@@ -224,6 +225,17 @@ def _t_bucket(T) -> int:
     return triton.next_power_of_2(max(size_hint(T), 1))
 
 
+def _ghost_programs(T) -> int:
+    """Programs per sample of the ghost kernel: one per pair of reference row tiles at T's hint, and at least
+    GHOST_MIN_PROGRAMS (a graph compiled at a short T also runs long ones). The kernel loops over the pairs with this
+    stride, so any count is exact. From the hint, not from T: a symbolic T would put ceil(T/128)^2 in the buffer's
+    shape, whose contiguity check guards on that size being 1, and the graph then recompiled when T crossed 128
+    (benchmarks/NOTES.md entry 12)."""
+    from ..ops import size_hint
+
+    return max(triton.cdiv(size_hint(T), REF_TILE) ** 2, GHOST_MIN_PROGRAMS)
+
+
 def per_sample_sq_norms(a: torch.Tensor, b: torch.Tensor, block: int | None = None, launch=None) -> torch.Tensor:
     """launch: torch.library.wrap_triton inside a triton_op (Inductor then emits the launch itself)."""
     launch = launch or (lambda k: k)
@@ -245,7 +257,7 @@ def ghost_sq_norms(a: torch.Tensor, b: torch.Tensor, block: int | None = None, l
     a, b, ieee = _common(a, b)
     B, T, M = a.shape
     N = b.shape[-1]
-    P = max(triton.cdiv(T, REF_TILE) ** 2, 1)
+    P = _ghost_programs(T)
     partial = torch.empty((B, P), device=a.device, dtype=torch.float32)
     if M > 0 and N > 0 and T > 0:
         fixed = {"BLOCK_T": block or 32, "BLOCK_K": block or 32}
