@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--clip-learning-rate", type=_positive(float), default=None,
                    help="--max-grad-norm adaptive: the bound's geometric learning rate (default 0.2)")
     t.add_argument("--quantile-noise-std", type=_positive(float), default=None,
-                   help="--max-grad-norm adaptive: noise of the quantile count (default: expected batch / 20); "
+                   help="--max-grad-norm adaptive: noise of the quantile count (default expected batch / 20); "
                         "epsilon covers it (the gradient noise is raised to keep the target)")
     t.add_argument("--allow-overspend", action="store_true",
                    help="train even when the model's earlier DP history already spends --epsilon (epsilon then "

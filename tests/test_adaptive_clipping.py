@@ -354,6 +354,32 @@ def test_cli_options():
         build_parser().parse_args(["train", "--max-grad-norm", "adaptiv"])
 
 
+def test_cli_trains_with_adaptive_clipping(tmp_path, capsys):
+    """`dpcompile train --max-grad-norm adaptive` on the tiny configuration: the report holds the thresholds it
+    ended with and the epsilon of --sigma; a sigma the quantile release leaves no room for exits with status 2."""
+    import json
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    pytest.importorskip("transformers")
+    from dpcompile import cli
+
+    tiny = ["--model", "tiny-llama", "--data", "zen", "--seq-len", "16", "--max-windows", "6", "--batch-size", "6",
+            "--micro-batch-size", "3", "--eval-windows", "2", "--lr", "1e-2", "--no-progress", "--delta", "1e-3"]
+    out = tmp_path / "run"
+    rc = cli.main(["train", *tiny, "--steps", "2", "--sigma", "0.6", "--max-grad-norm", "adaptive",
+                   "--clipping", "flat", "--quantile-noise-std", "1.0", "--target-quantile", "0.7", "--out", str(out)])
+    assert rc == 0
+    report = json.loads((out / "dp_report.json").read_text())
+    assert report["max_grad_norm"] == "adaptive" and set(report["adaptive_thresholds"]) == {"flat"}
+    assert report["adaptive_thresholds"]["flat"] != 1.0
+    assert report["epsilon"] == pytest.approx(get_epsilon(0.6, 1.0, 2, 1e-3), rel=2e-3)
+    rc = cli.main(["train", *tiny, "--steps", "2", "--sigma", "5", "--max-grad-norm", "adaptive",
+                   "--out", str(tmp_path / "run2")])
+    assert rc != 0 and "quantile_noise_std" in capsys.readouterr().err
+    torch._dynamo.reset()
+
+
 def test_dp_trainer_trains_with_adaptive_clipping(tmp_path):
     transformers = pytest.importorskip("transformers")
     from dpcompile.hf import DPTrainer

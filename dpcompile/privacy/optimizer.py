@@ -209,6 +209,12 @@ class DPOptimizer(Optimizer):
     Randomized norms (strategy "randomized", docs/randomized.md): when the graphs that clipped the parameters hold
     randomized sites, every accountant step is told their probes, variant and group weights
     (`randomized_norms`); an accountant that cannot account for them is refused before any noise is added.
+    max_grad_norm="adaptive" (adaptive clipping, privacy/adaptive.py, docs/privacy.md): the model must be compiled
+        with max_grad_norm="adaptive"; its graphs read each group's threshold from this optimizer at every call.
+        adaptive_clipping: {target_quantile, clip_learning_rate, initial_max_grad_norm, quantile_noise_std} (or an
+        AdaptiveClipping). noise_multiplier is what each step is charged: the gradient noise is z_D (> sigma) so that
+        it and the noisy quantile counts drawn every step together cost sigma; the thresholds are updated after
+        each step (`optimizer.adaptive.values`).
     independent_ranks: under an initialized torch.distributed group of several ranks this class refuses to be
         built, because it would noise and step each rank's gradient alone (the ranks' models drift apart); use
         dpcompile.DistributedDPOptimizer (make_private picks it). True: each rank is a separate DP run on purpose.
