@@ -401,7 +401,7 @@ def test_inductor_serves_every_length_with_one_graph():
 def test_cuda_triton_kernels_serve_every_length_with_one_graph(strategy):
     """On CUDA the linear sites run Triton kernels inlined by Inductor, traced with a symbolic T: their launch
     parameters (grid, autotune key) must not guard on T, and the results must hold at every length."""
-    case = models.gpt_like(tied=False, n_layer=1, d=16, T=64)
+    case = models.gpt_like(tied=False, n_layer=1, d=16, T=256)
     model = copy.deepcopy(case.model).cuda()
     calls = []
 
@@ -414,7 +414,8 @@ def test_cuda_triton_kernels_serve_every_length_with_one_graph(strategy):
     compiled = dpcompile.compile(LossModule(model, case.loss_fn, True), backend=counting, max_grad_norm=0.05,
                                  clipping="per_layer", strategy={"m.blocks.*": strategy})
     g = torch.Generator().manual_seed(0)
-    for B, T in [(3, 5), (6, 33), (2, 17), (4, 64)]:
+    # across T = 128: the ghost kernel's buffer once had ceil(T/128)^2 columns, and recompiled there
+    for B, T in [(3, 5), (6, 33), (2, 17), (4, 64), (2, 130), (3, 200)]:
         batch = _tokens(11, B, T, g)
         model.zero_grad(set_to_none=True)
         compiled(*(t.cuda() for t in batch)).backward()
