@@ -662,9 +662,9 @@ def train(args: argparse.Namespace) -> dict:
         step_model = dp_compile(loss_model, backend=backend, **dp_opts)
         adaptive = run.get("adaptive_clipping")
         if adaptive is not None:  # a sigma the quantile release leaves no room for: refused before training
-            from .privacy.engine import _check_adaptive_noise
+            from .privacy.engine import check_adaptive_noise
 
-            _check_adaptive_noise(loss_model, dp_opts, sigma, q * N, adaptive)
+            check_adaptive_noise(loss_model, dp_opts, sigma, q * N, adaptive)
         optimizer = DPOptimizer(inner, noise_multiplier=sigma, max_grad_norm=run["max_grad_norm"],
                                 expected_batch_size=q * N, loss_reduction="mean", secure_mode=run["secure_mode"],
                                 generator=None if run["secure_mode"] else torch.Generator(device).manual_seed(

@@ -252,7 +252,8 @@ _RUNTIME_THRESHOLDS: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
 def bind_runtime_thresholds(params, owner) -> None:
     """The thresholds of every adaptive graph call that receives these parameters come from `owner`, which has
     `thresholds(groups, device) -> (G,) float64 tensor, version` (run time, by group name) and
-    `deliver(groups, counts, version)` (the call's quantile counts, from its backward). A parameter bound to another
+    `deliver(groups, counts, version)` (the call's quantile counts, from its backward; `version` is what
+    `thresholds` returned with them, so that counts of a call that read older thresholds are told apart). A parameter bound to another
     owner is refused: two optimizers would each believe they chose its clipping."""
     for p in params:
         other = _RUNTIME_THRESHOLDS.get(p)

@@ -695,9 +695,9 @@ def _make_dp_trainer():
                     sigma = get_noise_multiplier(self.dp_target_epsilon, self.dp_target_delta, q, steps)
             gen = None if self.dp_secure_mode else torch.Generator(self.args.device).manual_seed(self.args.seed + 1)
             if self.dp_adaptive_clipping is not None:  # a sigma the quantile release leaves no room for: refused
-                from .privacy.engine import _check_adaptive_noise
+                from .privacy.engine import check_adaptive_noise
 
-                _check_adaptive_noise(loss_module(self.model), {"max_grad_norm": "adaptive",
+                check_adaptive_noise(loss_module(self.model), {"max_grad_norm": "adaptive",
                                                                 "clipping": self.dp_clipping},
                                       sigma, q * len(loader.dataset), self.dp_adaptive_clipping)
             dp_opt = DPOptimizer(opt, noise_multiplier=sigma, max_grad_norm=self.dp_max_grad_norm,

@@ -102,6 +102,7 @@ class AdaptiveClipping:
                                    else positive("quantile_noise_std", quantile_noise_std))
         self.values: dict = {}  # group -> C_g (float), known from the first graph call on
         self.version = 0  # one per update: every graph call reads the thresholds of one version
+        self._epoch = 0  # one per update or load (never saved): what a delivery is checked against
         self.history: list = []  # (step, {group: C_g}) of every update, for reports
         self._tensors: dict = {}  # (groups, device) -> the (G,) float64 thresholds tensor of `version`
         self._counts: dict = {}  # groups -> summed counts (G,) delivered at `version`
@@ -123,11 +124,11 @@ class AdaptiveClipping:
         if t is None:
             t = torch.tensor([self.values[g] for g in groups], dtype=torch.float64, device=device)
             self._tensors[key] = t
-        return t, self.version
+        return t, self._epoch
 
-    def deliver(self, groups: tuple, counts: torch.Tensor, version: int) -> None:
-        """A graph call's backward: its centred counts, for the thresholds of `version`."""
-        if version != self.version:
+    def deliver(self, groups: tuple, counts: torch.Tensor, epoch: int) -> None:
+        """A graph call's backward: its centred counts, for the thresholds it read (`epoch`, from thresholds())."""
+        if epoch != self._epoch:
             self._stale += 1
             return
         key = tuple(groups)
@@ -172,9 +173,11 @@ class AdaptiveClipping:
         self._counts.clear()
         self._stale = 0
 
-    def noisy_fractions(self, counts: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """b_g = 1/2 + (s_g + noise_g) / m."""
-        return 0.5 + (counts + noise.to(torch.float64)) / self.expected_batch_size
+    def noisy_fractions(self, counts: torch.Tensor, noise: torch.Tensor,
+                        expected_batch_size: Optional[float] = None) -> torch.Tensor:
+        """b_g = 1/2 + (s_g + noise_g) / m (m: the optimizer's expected batch size of this step)."""
+        m = self.expected_batch_size if expected_batch_size is None else float(expected_batch_size)
+        return 0.5 + (counts + noise.to(torch.float64)) / m
 
     def update(self, fractions: torch.Tensor, step: int) -> None:
         """C_g <- C_g exp(-eta (b_g - gamma)), then a new version (the next graph calls read it)."""
@@ -182,6 +185,7 @@ class AdaptiveClipping:
         for k, g in enumerate(order):
             self.values[g] = self.values[g] * math.exp(-self.learning_rate * (float(fractions[k]) - self.target_quantile))
         self.version += 1
+        self._epoch += 1
         self._tensors.clear()
         self._counts.clear()
         self._stale = 0
@@ -200,9 +204,11 @@ class AdaptiveClipping:
         self.quantile_noise_std = float(state["quantile_noise_std"])
         self.values = {str(k): float(v) for k, v in state["values"].items()}
         self.version = int(state["version"])
+        self._epoch += 1  # a call that read the thresholds before the load is stale after it
         self._tensors.clear()
+        # gradients already delivered were clipped to the thresholds before the load: refused until zero_grad
+        self._stale = self._stale + len(self._counts)
         self._counts.clear()
-        self._stale = 0
 
     def __repr__(self) -> str:
         return (f"AdaptiveClipping(gamma={self.target_quantile}, eta={self.learning_rate}, "

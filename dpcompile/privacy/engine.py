@@ -143,7 +143,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
             calibration = dict(target_epsilon=target_epsilon, target_delta=target_delta, steps=steps,
                                accountant=accountant, spec=randomized)
     if adaptive is not None:  # refuse a noise_multiplier the quantile release leaves no room for, before compiling
-        _check_adaptive_noise(model, options, noise_multiplier, q * len(loader.dataset), adaptive)
+        check_adaptive_noise(model, options, noise_multiplier, q * len(loader.dataset), adaptive)
     if target_delta is not None and target_delta > 1.0 / len(loader.dataset):
         import warnings
 
@@ -199,8 +199,10 @@ def _adaptive_options(max_grad_norm, backend_options: dict, group) -> Optional[d
     return given
 
 
-def _check_adaptive_noise(model: nn.Module, options: dict, noise_multiplier: float, expected_batch: float,
-                          adaptive: dict) -> None:
+def check_adaptive_noise(model: nn.Module, options: dict, noise_multiplier: float, expected_batch: float,
+                         adaptive: dict) -> None:
+    """Refuses (DPCompileError), before anything is compiled, a noise_multiplier that the quantile release of
+    adaptive clipping leaves no room for (privacy/adaptive.gradient_noise_multiplier), from the model's groups."""
     from ..backend import _groups_of
     from ..options import DPOptions
     from .adaptive import gradient_noise_multiplier, make_adaptive

@@ -502,7 +502,7 @@ class DPOptimizer(Optimizer):
         device = next(iter(self._params())).device
         gen = self._step_generator(device) if self.secure_mode else self.generator
         noise = self._noise((ad.groups,), gen.device if gen is not None else device, ad.quantile_noise_std, gen)
-        self._pending_quantile = (z_d, z_b, ad.noisy_fractions(ad.take_counts(), noise.cpu()))
+        self._pending_quantile = (z_d, z_b, ad.noisy_fractions(ad.take_counts(), noise.cpu(), self.expected_batch_size))
         return z_d
 
     def _noise_params(self, params: list, device, std: float, scale: float, gen) -> None:
