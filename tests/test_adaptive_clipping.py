@@ -464,3 +464,12 @@ def test_misuse_is_refused_clearly():
                                max_grad_norm="adaptive", backend="flashdp_eager")
     with pytest.raises(DPCompileError, match="not below"):
         gradient_noise_multiplier(1.0, 0.5, 1)
+
+
+def test_explain_shows_run_time_thresholds_and_no_strategy_that_needs_a_number():
+    model = _mlp()
+    torch._dynamo.reset()
+    plan = dpcompile.explain(LossModule(model, _mse, True), _batch(4, torch.Generator().manual_seed(0)),
+                             max_grad_norm="adaptive")
+    text = str(plan)
+    assert "adaptive" in text and "single_pass" not in text

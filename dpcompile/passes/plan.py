@@ -136,6 +136,10 @@ def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int, 
         if record is None or record.exact:  # inexact costs are shown only where the user asked for one
             for k in _inexact():
                 costs.pop(k, None)
+        if getattr(options, "adaptive", False):  # run-time thresholds: not a candidate, not shown
+            for st in strategies():
+                if not st.runtime_threshold:
+                    costs.pop(st.name, None)
         choices[id(pg)] = SiteChoice(forced, costs, forced=forced != "auto")
     # run-time thresholds (max_grad_norm="adaptive"): only strategies whose ops read the threshold as a tensor
     single = next((st.name for st in strategies() if st.group_clip and st.option and st.exact
