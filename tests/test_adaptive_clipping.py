@@ -473,3 +473,26 @@ def test_explain_shows_run_time_thresholds_and_no_strategy_that_needs_a_number()
                              max_grad_norm="adaptive")
     text = str(plan)
     assert "adaptive" in text and "single_pass" not in text
+
+
+def test_batch_memory_manager_and_secure_mode_step_once_per_logical_batch():
+    """Physical batches of one logical batch add their counts; the thresholds move once per logical batch; secure
+    mode draws the counts' noise from its OS-seeded generators too."""
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(4, 3)).double()
+    engine = dpcompile.PrivacyEngine(secure_mode=True)
+    net, opt, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                           data_loader=torch.utils.data.DataLoader(_dataset(), batch_size=24),
+                                           noise_multiplier=0.8, max_grad_norm="adaptive", backend="flashdp_eager")
+    delivered = []
+    deliver = opt.adaptive.deliver
+    opt.adaptive.deliver = lambda groups, counts, epoch: (delivered.append(float(counts.sum())),
+                                                          deliver(groups, counts, epoch))
+    with dpcompile.BatchMemoryManager(data_loader=loader, max_physical_batch_size=5, optimizer=opt) as batches:
+        for x, y in batches:
+            ((net(x) - y) ** 2).sum(1).mean().backward()
+            opt.step()
+            if opt.steps_taken == 2:
+                break
+    assert opt.adaptive.version == opt.steps_taken == 2
+    assert len(delivered) > 2  # several physical batches per logical one
