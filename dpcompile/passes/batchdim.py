@@ -246,7 +246,7 @@ _IDENTITY_OPS = {
 _BATCH_FREE_FACTORIES = {
     aten.empty_like.default, aten.zeros_like.default, aten.ones_like.default, aten.full_like.default,
     aten.rand_like.default, aten.randn_like.default, aten.new_zeros.default, aten.new_ones.default,
-    aten.new_empty.default, aten.new_full.default, aten.empty_strided.default, aten.sym_size.int,
+    aten.new_empty.default, aten.new_full.default, aten.empty_strided.default, aten.new_empty_strided.default, aten.sym_size.int,
     aten.sym_numel.default, aten.sym_stride.int, aten.sym_storage_offset.default,
     aten.scalar_tensor.default, aten.full.default, aten.zeros.default, aten.ones.default,
     aten.arange.default, aten.arange.start, aten.arange.start_step, aten.empty.memory_format,
@@ -266,6 +266,13 @@ _REDUCTIONS = {
     aten.max.default: (None, None), aten.min.default: (None, None), aten.linalg_vector_norm.default: (2, 3),
     prims.sum.default: (1, None), prims.var.default: (1, None),
 }
+
+_IGNORE_INDEX = -100  # F.cross_entropy / nll_loss's default ignore_index
+_IGNORED_TARGET_MESSAGE = (
+    "dpcompile: a target equals ignore_index=-100 in a loss whose default reduction='mean' divides by the number of "
+    "targets that are not ignored in the whole batch; that count depends on every sample's label, so the loss is "
+    "not a mean of per-sample losses. Write F.cross_entropy(..., reduction='sum') / batch_size, or leave no target "
+    "ignored")
 
 # ops that act along one dim (arg index of dim); samples must not be that dim
 _ALONG_DIM = {
@@ -371,9 +378,11 @@ class BatchDimAnalysis:
         handler = _HANDLERS.get(t)
         if handler is not None:
             return handler(self, node)
-        name = getattr(getattr(t, "_overloadpacket", None), "__name__", "")
+        name = _packet_name(t)
         if name in _SDPA_OPS:
             return self._sdpa(node)
+        if name in _POOLS and getattr(t, "_overloadname", None) == "default":
+            return self._pool(node)
         if _is_pointwise(t):
             return self._pointwise(node)
         return self._unknown(node, "an op the batch-dim analysis does not know, applied to per-sample data")
@@ -437,12 +446,54 @@ class BatchDimAnalysis:
             dims = [dims]
         dims = [_norm_dim(d, rank) for d in dims]
         if s.dim in dims:
+            if self._is_target_count(node, dims):
+                return self._checked_count(node)
             return self._mix(node, "a reduction over the batch dim")
         keep = bool(_arg(node, keep_idx, False)) if keep_idx is not None else False
         new = BDim(s.dim if keep else s.dim - sum(d < s.dim for d in dims), s.inner)
         if node.target in (aten.var_mean.correction, aten.max.dim, aten.min.dim):
             return (new, new)
         return new
+
+    def _is_target_count(self, node: fx.Node, dims) -> bool:
+        """sum(y != -100) over a 1-D integer target tensor with one target per sample (BDim(0, 1)): the count by
+        which F.cross_entropy / nll_loss's default mean divides (ignore_index=-100)."""
+        if node.target not in (aten.sum.default, aten.sum.dim_IntList) or _arg(node, 3) is not None \
+                or node.kwargs.get("dtype") is not None:
+            return False
+        x = node.args[0]
+        if not (isinstance(x, fx.Node) and x.target is aten.ne.Scalar and x.args[1] == _IGNORE_INDEX):
+            return False
+        y = x.args[0]
+        val = y.meta.get("val") if isinstance(y, fx.Node) else None
+        return isinstance(val, torch.Tensor) and val.dim() == 1 and not val.is_floating_point() \
+            and not val.is_complex() and val.dtype is not torch.bool and self.state(y) == BDim(0) and dims == [0]
+
+    def _checked_count(self, node: fx.Node) -> State:
+        """The count of targets != -100 equals the batch size exactly when no target is ignored: a check that it
+        does is added to the graph (once), right after the count, and the count is then batch-free (it is B). A
+        batch with an ignored target stops at that check: the loss would divide by a count over every sample's
+        label, which mixes samples."""
+        if not node.meta.get("dpcompile_checked_count"):
+            from torch._guards import detect_fake_mode
+
+            y = node.args[0].args[0]
+            count = node.meta["val"]
+            fake_mode = detect_fake_mode([count])
+            graph = self.graph
+            with graph.inserting_after(node):
+                size = graph.call_function(aten.sym_size.int, (y, 0))
+            size.meta["val"] = y.meta["val"].shape[0]
+            with graph.inserting_after(size):
+                same = graph.call_function(aten.eq.Scalar, (node, size))
+            with fake_mode:
+                same.meta["val"] = aten.eq.Scalar(count, size.meta["val"])
+            with graph.inserting_after(same):
+                graph.call_function(aten._assert_async.msg, (same, _IGNORED_TARGET_MESSAGE))
+            node.meta["dpcompile_checked_count"] = True
+            for n in (size, same):
+                self.states[n] = None
+        return None
 
     def _along_dim(self, node: fx.Node) -> State:
         idx = _ALONG_DIM[node.target]
@@ -555,8 +606,19 @@ class BatchDimAnalysis:
             out = aligned
         return out
 
-    def _bmm(self, node: fx.Node) -> State:
-        a, b = node.args[:2]
+    def _baddbmm(self, node: fx.Node) -> State:
+        """baddbmm(input, b1, b2): beta * input + alpha * bmm(b1, b2), input broadcast to the product's shape."""
+        prod_state = self._bmm(node, node.args[1:3])
+        if isinstance(prod_state, Mixed):
+            return prod_state
+        operands = [node.args[0]]
+        found = self._pointwise(node, operands, 3)
+        if isinstance(found, BDim) and isinstance(prod_state, BDim) and found != prod_state:
+            return self._mix(node, "baddbmm adds values of different samples")
+        return prod_state if isinstance(prod_state, BDim) else found
+
+    def _bmm(self, node: fx.Node, operands=None) -> State:
+        a, b = operands if operands is not None else node.args[:2]
         sa, sb = self.state(a), self.state(b)
         if isinstance(sa, BDim) and sa.dim == 2 or isinstance(sb, BDim) and sb.dim == 1:
             return self._mix(node, "a batched matmul contracting the batch dim")
@@ -567,7 +629,7 @@ class BatchDimAnalysis:
             outs.append(BDim(0 if sb.dim == 0 else 2, sb.inner))
         if len(outs) == 2 and (outs[0] != outs[1] or outs[0].dim != 0):
             return self._mix(node, "a batched matmul pairing different samples")
-        return outs[0]
+        return outs[0] if outs else None
 
     def _embedding(self, node: fx.Node) -> State:
         weight, idx = node.args[:2]
@@ -645,7 +707,7 @@ class BatchDimAnalysis:
         full = node.target is aten.slice_scatter.default and statically_equal(sizes_of(base)[d], sizes_of(src)[d],
                                                                               self.shape_env) \
             and (len(node.args) < 6 or node.args[5] == 1)
-        if full and not isinstance(sb, BDim):
+        if full:
             return ss  # the source covers the whole base: a copy
         found = None
         for s in (sb, ss):
@@ -737,12 +799,140 @@ class BatchDimAnalysis:
         summed = self._mix(node, "a convolution weight gradient summed over the batch")
         return (BDim(0), summed, summed)
 
+    def _as_strided(self, node: fx.Node) -> State:
+        """as_strided(x, size, stride, offset) that reads x's elements in row-major order (contiguous x at offset 0,
+        contiguous strides of `size`, as many elements): the same as x.view(size) (GroupNorm's decomposition).
+        Any other as_strided may read one sample's memory at another's position: unknown."""
+        x, size, stride = node.args[:3]
+        offset = _arg(node, 3, None)
+        xv, out = x.meta.get("val"), node.meta.get("val")
+        env = self.shape_env
+        if isinstance(xv, torch.Tensor) and isinstance(out, torch.Tensor) and offset in (None, 0) \
+                and _contiguous_strides(xv.shape, xv.stride(), env) and statically_equal(
+                    sym_expr(xv.storage_offset()), 0, env) \
+                and _contiguous_strides(out.shape, list(stride), env) \
+                and statically_equal(prod(sizes_of(x)), prod(sizes_of(node)), env):
+            return self._view(node, x)
+        return self._unknown(node, "an as_strided that is not a plain reshape of a contiguous tensor")
+
+    def _pool(self, node: fx.Node) -> State:
+        """Pooling and its backward act on each plane of the last len(kernel_size) (spatial) dims on its own (max
+        pool indices are offsets within a plane): samples must sit on a leading dim, the same one in every operand."""
+        n_spatial = len(_arg(node, _POOLS[_packet_name(node.target)]))
+        out_rank = rank_of(node.args[0])
+        operands = [a for a in _flatten_nodes((node.args, node.kwargs)) if isinstance(self.state(a), BDim)]
+        for a in operands:
+            if rank_of(a) != out_rank or self.state(a).dim >= out_rank - n_spatial:
+                return self._unknown(node, "a pooling whose samples are not on a leading dim")
+        found = self._pointwise(node, operands, out_rank)
+        if isinstance(node.meta.get("val"), (tuple, list)):
+            return tuple(found for _ in node.meta["val"])
+        return found
+
+    def _embedding_bag(self, node: fx.Node) -> State:
+        """_embedding_bag(weight, indices, offsets, ...) with one bag per sample: 1-D indices holding L per sample
+        (BDim(0, L): a (B, L) input flattened) and offsets = iota(B, start=0, step=L), which nn.EmbeddingBag builds
+        for a 2-D input. Bag b is then exactly sample b's L indices. Any other offsets (a user's 1-D input with its
+        own offsets) may put several samples in one bag: unknown."""
+        weight, idx, offsets = node.args[:3]
+        include_last = _arg(node, 7, False)
+        si, psw = self.state(idx), _arg(node, 6)
+        if self.state(weight) is not None or self.state(offsets) is not None or include_last \
+                or not isinstance(si, BDim) or si.dim != 0 or rank_of(idx) != 1:
+            return self._unknown(node, "an embedding bag whose bags are not one per sample")
+        if psw is not None and self.state(psw) not in (None, si):
+            return self._unknown(node, "an embedding bag with per-sample weights laid out unlike its indices")
+        if not self._bags_are_samples(idx, offsets):
+            return self._unknown(node, "an embedding bag whose bags are not one per sample (its offsets are not those "
+                                              "nn.EmbeddingBag builds for a 2-D input, one bag of L ids per sample)")
+        env, bags, n_idx = self.shape_env, sizes_of(offsets)[0], sizes_of(idx)[0]
+        outs = []
+        for v in node.meta["val"]:
+            if v.dim() == 0:
+                return self._unknown(node, "an embedding bag output of an unexpected size")
+            size = sym_expr(v.shape[0])
+            if size == 0:
+                outs.append(None)  # an output this mode does not fill
+            elif statically_equal(size, bags, env):
+                outs.append(BDim(0))
+            elif statically_equal(size, n_idx, env):
+                outs.append(BDim(0, si.inner))
+            else:
+                return self._unknown(node, "an embedding bag output of an unexpected size")
+        return tuple(outs)
+
+    def _bags_are_samples(self, idx, offsets) -> bool:
+        """Bag b holds exactly sample b's indices: 1-D indices BDim(0, L) of B*L elements, offsets a batch-free
+        iota(B, start=0, step=L)."""
+        si, env = self.state(idx), self.shape_env
+        if not isinstance(si, BDim) or si.dim != 0 or rank_of(idx) != 1 or self.state(offsets) is not None:
+            return False
+        if not (isinstance(offsets, fx.Node) and offsets.target is prims.iota.default
+                and offsets.kwargs.get("start", None) == 0 and isinstance(offsets.kwargs.get("step"), (int, fx.Node))):
+            return False
+        step = offsets.kwargs["step"]
+        step = sym_expr(step.meta["val"]) if isinstance(step, fx.Node) else sympy.Integer(step)
+        return statically_equal(step, si.inner, env) and statically_equal(sizes_of(idx)[0], self.B * si.inner, env) \
+            and self._is_batch_count(sizes_of(offsets)[0])
+
+    def _embedding_bag_backward(self, node: fx.Node) -> State:
+        """The weight gradient of an embedding bag sums over bags: over samples where bags are samples (a site,
+        sites/embedding_bag.py), else unknown."""
+        grad, idx = node.args[:2]
+        if node.target is aten._embedding_bag_backward.default and self._bags_are_samples(idx, node.args[2]) \
+                and self.state(grad) == BDim(0):
+            return self._mix(node, "an embedding-bag gradient summed over the batch")
+        return self._unknown(node, "an embedding-bag gradient whose bags are not one per sample")
+
+    def _is_batch_count(self, size) -> bool:
+        """size == B for every size: also as ceil(B*L / L) = FloorDiv(B*L + L - 1, L), L >= 1 (arange's length)."""
+        from torch.utils._sympy.functions import FloorDiv
+
+        if statically_equal(size, self.B, self.shape_env):
+            return True
+        if isinstance(size, FloorDiv):
+            num, den = size.args
+            rest = sympy.expand(num - self.B * den)
+            return (rest == 0 or sympy.expand(rest - den + 1) == 0) and _provably_positive(den, self.shape_env)
+        return False
+
+    def _copy(self, node: fx.Node) -> State:
+        """copy(self, src): src's values broadcast to self's shape (and dtype); self gives only the shape."""
+        return self._pointwise(node, [node.args[1]])
+
     def _flip(self, node: fx.Node) -> State:
         s = self.state(node.args[0])
         dims = [_norm_dim(d, rank_of(node.args[0])) for d in node.args[1]]
         if s.dim in dims:
             return self._mix(node, "reversing the batch dim")
         return s
+
+
+# pooling ops (by overload packet name: Inductor's prims are registered only once Inductor is imported) -> arg
+# index of kernel_size (adaptive pools: of output_size), whose length is the number of spatial dims
+_POOLS = {
+    "_low_memory_max_pool_with_offsets": 1, "_low_memory_max_pool_offsets_to_indices": 1,
+    "max_pool2d_with_indices": 1, "max_pool3d_with_indices": 1, "max_pool2d_with_indices_backward": 2,
+    "max_pool3d_with_indices_backward": 2, "avg_pool2d": 1, "avg_pool3d": 1, "avg_pool2d_backward": 2,
+    "avg_pool3d_backward": 2, "_adaptive_avg_pool2d": 1, "_adaptive_avg_pool3d": 1,
+}
+
+
+def _packet_name(target) -> str:
+    return getattr(getattr(target, "_overloadpacket", None), "__name__", "")
+
+
+def _contiguous_strides(shape, strides, shape_env) -> bool:
+    """strides are the row-major strides of shape (dims of size 1 may have any stride), for every size."""
+    if len(shape) != len(strides):
+        return False
+    expected = sympy.Integer(1)
+    for size, stride in reversed(list(zip(shape, strides))):
+        size = sym_expr(size)
+        if not statically_equal(size, 1, shape_env) and not statically_equal(sym_expr(stride), expected, shape_env):
+            return False
+        expected = expected * size
+    return True
 
 
 def _flatten_nodes(x) -> list[fx.Node]:
@@ -780,6 +970,7 @@ _HANDLERS = {
     aten.mm.default: BatchDimAnalysis._mm,
     aten.addmm.default: BatchDimAnalysis._mm,
     aten.bmm.default: BatchDimAnalysis._bmm,
+    aten.baddbmm.default: BatchDimAnalysis._baddbmm,
     aten.embedding.default: BatchDimAnalysis._embedding,
     aten.index_select.default: BatchDimAnalysis._index_select,
     aten.index.Tensor: BatchDimAnalysis._index,
@@ -793,6 +984,11 @@ _HANDLERS = {
     aten.triu.default: BatchDimAnalysis._last_two_dims,
     aten.repeat_interleave.self_int: BatchDimAnalysis._repeat_interleave,
     aten.flip.default: BatchDimAnalysis._flip,
+    aten.as_strided.default: BatchDimAnalysis._as_strided,
+    aten.copy.default: BatchDimAnalysis._copy,
+    aten._embedding_bag.default: BatchDimAnalysis._embedding_bag,
+    aten._embedding_bag_forward_only.default: BatchDimAnalysis._embedding_bag,
+    aten._embedding_bag_backward.default: BatchDimAnalysis._embedding_bag_backward,
     aten.convolution.default: BatchDimAnalysis._convolution,
     aten.convolution_backward.default: BatchDimAnalysis._convolution_backward,
     prims.rev.default: BatchDimAnalysis._flip,

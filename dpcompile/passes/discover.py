@@ -18,6 +18,7 @@ from ..errors import SampleMixingError, UnsupportedGradientError
 from .batchdim import BDim, Mixed, node_location
 from .patterns import Site, classify_leaf, op_name
 from .sites import kinds, site_kind
+from .sites import embedding_bag, mapped  # noqa: F401  (registers the kinds)
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -94,7 +95,7 @@ class ParamGrad:
 def discover_contributions(pg: ParamGrad, st: Callable, batch_size) -> None:
     """Fill pg.contributions by walking down from pg.grad (batch_size: the symbolic B)."""
 
-    def walk(node, chain: list, negate: bool):
+    def walk(node, chain: list, negate: bool, out: list):
         if not isinstance(node, fx.Node):
             raise UnsupportedGradientError(f"gradient of parameter `{pg.name}` has a constant term {node!r}")
         state = st(node)
@@ -106,26 +107,46 @@ def discover_contributions(pg: ParamGrad, st: Callable, batch_size) -> None:
             )
         if isinstance(state, BDim) or _is_contraction(node, st):
             site = classify_leaf(node, st, pg.name)
-            pg.contributions.append(Contribution(site, list(reversed(chain)), negate))
+            out.append(Contribution(site, list(reversed(chain)), negate))
             return
         t = node.target
         if t is aten.add.Tensor and len(node.args) == 2 and all(isinstance(a, fx.Node) for a in node.args) \
                 and node.kwargs.get("alpha", 1) == 1:
             for a in node.args:
-                walk(a, chain, negate)
+                walk(a, chain, negate, out)
             return
         if t is aten.sub.Tensor and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1:
-            walk(node.args[0], chain, negate)
-            walk(node.args[1], chain, not negate)
+            walk(node.args[0], chain, negate, out)
+            walk(node.args[1], chain, not negate, out)
             return
         if t in _SHAPE_OPS or t in _LINEAR_OPS:
             pos = _contribution_arg(node, st, pg.name)
-            walk(node.args[pos], chain + [Step(node, pos)], negate)
+            walk(node.args[pos], chain + [Step(node, pos)], negate, out)
+            return
+        mapping = mapped.map_of(node)
+        if mapping is not None and _map_operand_ok(mapping, st):
+            # a fixed linear map of a gradient summed over the batch (the backward of slicing the parameter, of
+            # weight_norm): each contribution of the mapped gradient becomes one site with the map applied per sample
+            op, pos = mapping
+            inner: list = []
+            walk(op.args[pos], [], False, inner)
+            for c in inner:
+                out.append(Contribution(mapped.site_of(node, op, pos, _absorbed(c, batch_size)),
+                                        list(reversed(chain)), negate))
             return
         raise _mixing_error(pg.name, node, state)
 
-    walk(pg.grad, [], False)
-    pg.contributions = [_absorbed(c, batch_size) for c in pg.contributions]
+    found: list = []
+    walk(pg.grad, [], False, found)
+    pg.contributions = [_absorbed(c, batch_size) for c in found]
+
+
+def _map_operand_ok(mapping, st) -> bool:
+    """The mapped gradient is the op's only operand that depends on samples."""
+    op, pos = mapping
+    others = []
+    fx.node.map_arg(([a for i, a in enumerate(op.args) if i != pos], op.kwargs), lambda n: others.append(n) or n)
+    return isinstance(op.args[pos], fx.Node) and st(op.args[pos]) is not None and all(st(n) is None for n in others)
 
 
 def _absorbed(c: Contribution, batch_size) -> Contribution:

@@ -7,6 +7,7 @@ import torch.fx as fx
 from ..codegen.registry import ops_with_role
 from ..errors import CoverageError
 from .sites import site_kind
+from .sites import mapped
 
 
 def clipped_sum_ops() -> set:
@@ -51,10 +52,13 @@ def verify_coverage(graph: fx.Graph, ctx, params: list) -> None:
             )
         # the unclipped contributions must be gone: no path from the output back to an original site
         for c in pg.contributions:
-            if not site_kind(c.site.kind).keeps_node and _depends_on(out, c.site.node):
-                raise CoverageError(
-                    f"parameter `{info.name}`: the non-private gradient `{c.site.node.name}` still feeds the output"
-                )
+            if site_kind(c.site.kind).keeps_node:
+                continue
+            for original in mapped.originals(c.site):
+                if _depends_on(out, original):
+                    raise CoverageError(
+                        f"parameter `{info.name}`: the non-private gradient `{original.name}` still feeds the output"
+                    )
 
 
 def _depends_on(node: fx.Node, target: fx.Node) -> bool:

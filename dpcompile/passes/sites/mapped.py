@@ -1,0 +1,134 @@
+"""mapped: a parameter gradient that is a fixed linear map, applied after the batch was summed, of other
+contributions: the backward of slicing the parameter (pos[:T], W[:3], W[i]: slice_scatter / select_scatter of the
+slice's gradient into zeros) and of a weight_norm parametrization (_weight_norm_interface_backward).
+
+The map's other operands are batch-free, so it acts on each sample's gradient on its own: the inner value is a sum of
+ordinary contributions (sites and their chains); each is wrapped in one site of this kind (`info["inner"]`), whose
+per-sample form is the inner contribution's per-sample form with the map applied per sample. Not matched by any op:
+discover.py builds these sites with `site_of` where its walk meets such a map. Materialized."""
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.fx as fx
+
+from ...errors import UnsupportedGradientError
+from ..patterns import Site
+from . import SiteKind, register_site_kind
+
+aten = torch.ops.aten
+
+
+def _zeros(node) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    if node.target is aten.full.default:
+        return node.args[1] == 0
+    return node.target in (aten.zeros.default, aten.new_zeros.default, aten.zeros_like.default)
+
+
+def _scatter(op, node, ps, env):
+    """slice_scatter / select_scatter of each sample's slice gradient into zeros of the parameter's shape."""
+    base = env[op.args[0]]
+    out = ps.new_zeros((ps.shape[0], *base.shape))
+    ps = ps.reshape(ps.shape[0], *op.args[1].meta["val"].shape)
+    args = fx.node.map_arg(tuple(op.args[2:]), lambda n: env[n])
+    dim = args[0] if args else 0
+    dim = dim + base.dim() if dim < 0 else dim
+    if op.target is aten.select_scatter.default:
+        return torch.select_scatter(out, ps, dim + 1, args[1])
+    return torch.slice_scatter(out, ps, dim + 1, *args[1:])
+
+
+def _weight_norm(op, node, ps, env):
+    """(grad_v, grad_g) of w = g * v / ||v|| for each sample's grad_w: the op's own formula, per sample. The norm
+    is over the dims where `norms` (keepdim) has size 1 (a size-1 dim of v summed or not is the same)."""
+    v, g, norms = (env[a] for a in op.args[1:4])
+    ps = ps.reshape(ps.shape[0], *v.shape)
+    red = [i + 1 for i in range(v.dim()) if norms.shape[i] == 1]
+    grad_g = (ps * v).sum(red, keepdim=True) / norms
+    if node.args[1] == 1:
+        return grad_g.reshape(ps.shape[0], *g.shape)
+    return (g / norms) * (ps - v * (grad_g / norms))
+
+
+def _scatter_ok(op) -> bool:
+    return _zeros(op.args[0]) and not op.kwargs
+
+
+def _weight_norm_ok(op) -> bool:
+    vals = [a.meta.get("val") if isinstance(a, fx.Node) else None for a in op.args[1:4]]
+    return all(isinstance(v, torch.Tensor) for v in vals) and vals[0].dim() == vals[2].dim() and not op.kwargs
+
+
+# op -> (position of the gradient among its args, is this use of the op a map, the per-sample map)
+MAPS = {
+    aten.slice_scatter.default: (1, _scatter_ok, _scatter),
+    aten.select_scatter.default: (1, _scatter_ok, _scatter),
+    aten._weight_norm_interface_backward.default: (0, _weight_norm_ok, _weight_norm),
+}
+
+
+def map_of(node: fx.Node):
+    """(the op node, the position of the mapped gradient in its args) if `node` is one of the maps (or an output of
+    one), else None. The op's other tensor operands must be batch-free: the caller checks."""
+    op = node.args[0] if node.target is operator.getitem and isinstance(node.args[0], fx.Node) else node
+    entry = MAPS.get(op.target)
+    if entry is None or (op is not node and op.target not in (aten._weight_norm_interface_backward.default,)):
+        return None
+    if op is node and op.target is aten._weight_norm_interface_backward.default:
+        return None  # its outputs are reached through getitem
+    pos, ok, _ = entry
+    return (op, pos) if ok(op) else None
+
+
+def reads(c) -> list:
+    """Every existing graph value a contribution's per-sample form reads (its site's operands, its chain's other
+    arguments)."""
+    seen: dict = {n: None for n in c.site.inputs}
+    for step in c.chain:
+        for i, a in enumerate(step.node.args):
+            if i != step.pos:
+                fx.node.map_arg(a, lambda n: seen.setdefault(n, None))
+        fx.node.map_arg(step.node.kwargs, lambda n: seen.setdefault(n, None))
+    return list(seen)
+
+
+def site_of(node: fx.Node, op: fx.Node, pos: int, inner) -> Site:
+    """The site for map `node` (an output of `op`) around one inner contribution."""
+    operands = {}
+    for i, n in enumerate(reads(inner)):
+        operands[f"read{i}"] = n
+    for i, a in enumerate(op.args):
+        if i != pos:
+            fx.node.map_arg(a, lambda n: operands.setdefault(f"arg_{n.name}", n))
+    return Site(KIND.name, node, operands, {}, {"inner": inner, "op": op})
+
+
+def originals(site: Site) -> list:
+    """The nodes of the original (non-private) computation a site stands for, its inner sites' included."""
+    out = [site.node]
+    inner = site.info.get("inner") if site.kind == KIND.name else None
+    if inner is not None:
+        out += originals(inner.site)
+    return out
+
+
+def classify(node, st, state, name) -> Site:
+    raise UnsupportedGradientError(f"`{name}`: a mapped site is only built around another contribution")
+
+
+def per_sample(site: Site, env: dict, bsz) -> torch.Tensor:
+    from ..rewrite import replay_per_sample  # (rewrite imports the pass's sites)
+
+    c = site.info["inner"]
+    ps = c.site.per_sample(env, bsz)
+    for step in c.chain:
+        ps = replay_per_sample(step, ps, env)
+    ps = -ps if c.negate else ps
+    op = site.info["op"]
+    return MAPS[op.target][2](op, site.node, ps, env)
+
+
+KIND = register_site_kind(SiteKind("mapped", classify, per_sample), replace=True)
