@@ -156,6 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"dpcompile {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="{train,explain,bench}")
 
+    _add_train_parser(sub)
+    _add_explain_parser(sub)
+    sub.add_parser("bench", help="run benchmarks/harness.py of a source checkout (arguments are passed on; try "
+                                 "`dpcompile bench --help`)",
+                   add_help=False)
+    return ap
+
+
+def _add_train_parser(sub) -> None:
+    """`dpcompile train` and its options."""
     t = sub.add_parser("train", help="DP fine-tune a causal LM on a text corpus",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TRAIN_EXAMPLES,
                        description=textwrap.fill(
@@ -172,25 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shakespeare (the default) | zen | a text file | a directory of .txt files")
     t.add_argument("--encoding", default="utf-8",
                    help="text encoding of --data files, decoded strictly (default utf-8; e.g. latin-1)")
-    priv = t.add_mutually_exclusive_group()
-    priv.add_argument("--epsilon", type=_epsilon, default=8.0,
-                      help="target epsilon of the whole privacy history, this run and any earlier one the model "
-                           "records; sigma is calibrated to it (default 8; inf: no privacy)")
-    priv.add_argument("--sigma", type=_positive(float), default=None,
-                      help="noise multiplier instead of a target epsilon (epsilon is then reported)")
-    priv.add_argument("--no-dp", action="store_true",
-                      help="non-private baseline: same sampling and optimizer, no clipping, no noise")
-    t.add_argument("--delta", type=_delta, default=1e-5, help="target delta (default 1e-5)")
-    t.add_argument("--target-quantile", type=_delta, default=None,
-                   help="--max-grad-norm adaptive: the fraction of samples meant to be within the bound (default 0.5)")
-    t.add_argument("--clip-learning-rate", type=_positive(float), default=None,
-                   help="--max-grad-norm adaptive: the bound's geometric learning rate (default 0.2)")
-    t.add_argument("--quantile-noise-std", type=_positive(float), default=None,
-                   help="--max-grad-norm adaptive: noise of the quantile count (default expected batch / 20); "
-                        "epsilon covers it (the gradient noise is raised to keep the target)")
-    t.add_argument("--allow-overspend", action="store_true",
-                   help="train even when the model's earlier DP history already spends --epsilon (epsilon then "
-                        "reports the true total, above the target)")
+    _add_privacy_options(t)
     t.add_argument("--epochs", type=_positive(float), default=None,
                    help="passes over the training windows (in expectation); default: --steps on CPU, 3 on a GPU")
     t.add_argument("--steps", type=_positive(int), default=None,
@@ -230,6 +222,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt for a short generate() at the end ('' to skip; default 'To be, or not to be,')")
     t.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
 
+
+def _add_privacy_options(t: argparse.ArgumentParser) -> None:
+    """`dpcompile train`: the privacy target (or sigma, or none), delta, adaptive clipping, --allow-overspend."""
+    priv = t.add_mutually_exclusive_group()
+    priv.add_argument("--epsilon", type=_epsilon, default=8.0,
+                      help="target epsilon of the whole privacy history, this run and any earlier one the model "
+                           "records; sigma is calibrated to it (default 8; inf: no privacy)")
+    priv.add_argument("--sigma", type=_positive(float), default=None,
+                      help="noise multiplier instead of a target epsilon (epsilon is then reported)")
+    priv.add_argument("--no-dp", action="store_true",
+                      help="non-private baseline: same sampling and optimizer, no clipping, no noise")
+    t.add_argument("--delta", type=_delta, default=1e-5, help="target delta (default 1e-5)")
+    t.add_argument("--target-quantile", type=_delta, default=None,
+                   help="--max-grad-norm adaptive: the fraction of samples meant to be within the bound (default 0.5)")
+    t.add_argument("--clip-learning-rate", type=_positive(float), default=None,
+                   help="--max-grad-norm adaptive: the bound's geometric learning rate (default 0.2)")
+    t.add_argument("--quantile-noise-std", type=_positive(float), default=None,
+                   help="--max-grad-norm adaptive: noise of the quantile count (default expected batch / 20); "
+                        "epsilon covers it (the gradient noise is raised to keep the target)")
+    t.add_argument("--allow-overspend", action="store_true",
+                   help="train even when the model's earlier DP history already spends --epsilon (epsilon then "
+                        "reports the true total, above the target)")
+
+
+def _add_explain_parser(sub) -> None:
+    """`dpcompile explain` and its options."""
     e = sub.add_parser("explain", help="the per-parameter DP plan of a model (group, site, strategy, cost)")
     e.add_argument("model", nargs="?", default="smollm2-135m",
                    help="smollm2-135m (the default) | tiny-llama | tiny-gpt2 | a .gguf file | a save_pretrained "
@@ -238,11 +256,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=_positive(int), default=2, help="batch size of the example input (>= 2; "
                                                                          "default 2)")
     _add_model_options(e, "all")
-
-    sub.add_parser("bench", help="run benchmarks/harness.py of a source checkout (arguments are passed on; try "
-                                 "`dpcompile bench --help`)",
-                   add_help=False)
-    return ap
 
 
 def _explicit_options(argv: Sequence[str]) -> set:

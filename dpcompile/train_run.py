@@ -304,7 +304,9 @@ class Training:
         self.seconds_before = float(extra0.get("seconds", 0.0))
         self.first_step_s = extra0.get("first_step_seconds")
         self.last_loss = float("nan")
-        self.step_times: list = []
+        self.step_times: list = []  # seconds of each step of this process
+        self._tokens_start = self.tokens
+        self._t0, self._tokens_at_t0 = 0.0, 0  # after the first step of this process (tokens per second)
 
     def seconds(self) -> float:
         """Seconds of the whole run (a resumed one's earlier seconds included)."""
@@ -407,7 +409,6 @@ class Training:
         s, d = self.s, self.d
         self.last_loss = next((r["loss"] for r in reversed(self.rows) if r["examples"]), float("nan"))
         bar = _bar(self.loader, "DP training" if s.private else "training", s.progress, total=d.steps - d.steps_done)
-        self._tokens_start = self.tokens
         interrupted = False
         with _StopRequest() as stop:
             for step, micro_batches in enumerate(bar, start=d.steps_done):
