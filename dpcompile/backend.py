@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .clip_provenance import GraphClipping, tap, threshold_input
 from .errors import CoverageError, DPCompileError, OptionsError
-from .options import DPOptions
+from .options import DPOptions, infer_batch_input
 from .passes import DPJointPass, ParamInfo, PassContext, run_dp_pass
 from .passes.batchdim import sym_expr
 from .sdpa_policy import attention_for
@@ -230,7 +230,8 @@ def build_context(gm: torch.fx.GraphModule, example_inputs: list, options: Any) 
             f"flashdp: no tensor input matches batch_arg={opts.batch_arg!r} with a dim {opts.batch_dim}; "
             f"graph inputs: {[s for s in sources]}"
         )
-    main = candidates[0]
+    main = candidates[0] if opts.batch_arg is not None else candidates[
+        infer_batch_input([example_inputs[i].shape[opts.batch_dim] for i in candidates])]
     bsize = sym_expr(example_inputs[main].shape[opts.batch_dim])
     batch_inputs = {main: opts.batch_dim}
     # other inputs with the same batch size on the batch dim carry samples too (targets, masks): see docs

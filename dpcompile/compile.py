@@ -22,7 +22,7 @@ import torch.nn as nn
 from .errors import SymbolicLayoutError
 from .graph_breaks import explain_graph_break
 from .hf import disable_hub_kernels, refuse_labels_loss
-from .options import DPOptions
+from .options import DPOptions, infer_batch_input
 
 
 class DPCompiled:
@@ -45,10 +45,9 @@ class DPCompiled:
             return kwargs.get(arg)
         if isinstance(arg, int):
             return args[arg] if arg < len(args) else None
-        for a in list(args) + list(kwargs.values()):
-            if isinstance(a, torch.Tensor):
-                return a
-        return None
+        d = self.options.batch_dim
+        tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() > d]
+        return tensors[infer_batch_input([t.shape[d] for t in tensors])] if tensors else None
 
     def _sample_inputs(self, args, kwargs) -> list:
         """The tensor inputs that carry samples: those with the batch size on the batch dim (targets, masks)."""

@@ -185,6 +185,17 @@ class DPOptions:
         return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True, default=repr).encode()).hexdigest()
 
 
+def infer_batch_input(batch_sizes: Sequence) -> int:
+    """Which tensor input carries samples when `batch_arg` is not given, from their sizes on the batch dim in call
+    order: the first one whose size is not 1. A leading 1 is how a tensor shared by the batch is passed, so a shared
+    tensor passed first is not taken for the batch (which would clip the whole batch as one sample). When every size
+    is 1 (a batch of one sample) the first; the choice then changes nothing."""
+    for i, size in enumerate(batch_sizes):
+        if not (isinstance(size, int) and size == 1):  # a symbolic size is never the shared 1 (0 and 1 are static)
+            return i
+    return 0
+
+
 def _positive_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise OptionsError(f"option {name}={value!r} must be a positive number")
