@@ -28,7 +28,16 @@ OPS = {
     "tril_time": lambda h: torch.tril(h @ h.transpose(1, 2)) @ h,  # (B, T, T) mask within a sample
     "pad_time": lambda h: nn.functional.pad(h, (0, 0, 1, 0))[:, :-1] + h,
     "flatten_unflatten": lambda h: h.flatten(1).unflatten(1, h.shape[1:]),
+    "baddbmm": lambda h: torch.baddbmm(h, h @ h.transpose(1, 2), h, beta=0.5),  # (B, T, T) @ (B, T, 3) + h
+    "max_pool_time": lambda h: nn.functional.max_pool1d(h.transpose(1, 2), 2, 1, padding=1)[..., 1:].transpose(1, 2),
+    "inplace_slice": lambda h: _assign_first(h.clone(), h[:, -1] * 2),
+    "group_norm_fn": lambda h: nn.functional.group_norm(h.transpose(1, 2), 1).transpose(1, 2),
 }
+
+
+def _assign_first(h, v):
+    h[:, 0] = v
+    return h
 
 
 class OpModel(nn.Module):

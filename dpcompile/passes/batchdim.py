@@ -818,7 +818,9 @@ class BatchDimAnalysis:
     def _pool(self, node: fx.Node) -> State:
         """Pooling and its backward act on each plane of the last len(kernel_size) (spatial) dims on its own (max
         pool indices are offsets within a plane): samples must sit on a leading dim, the same one in every operand."""
-        n_spatial = len(_arg(node, _POOLS[_packet_name(node.target)]))
+        n_spatial = _POOLS[_packet_name(node.target)]
+        if n_spatial is None:
+            n_spatial = len(_arg(node, 1))
         out_rank = rank_of(node.args[0])
         operands = [a for a in _flatten_nodes((node.args, node.kwargs)) if isinstance(self.state(a), BDim)]
         for a in operands:
@@ -908,13 +910,14 @@ class BatchDimAnalysis:
         return s
 
 
-# pooling ops (by overload packet name: Inductor's prims are registered only once Inductor is imported) -> arg
-# index of kernel_size (adaptive pools: of output_size), whose length is the number of spatial dims
+# pooling ops and their backwards, by overload packet name (Inductor's prims are registered only once Inductor is
+# imported) -> the number of spatial dims (None: the length of the kernel_size argument, args[1])
 _POOLS = {
-    "_low_memory_max_pool_with_offsets": 1, "_low_memory_max_pool_offsets_to_indices": 1,
-    "max_pool2d_with_indices": 1, "max_pool3d_with_indices": 1, "max_pool2d_with_indices_backward": 2,
-    "max_pool3d_with_indices_backward": 2, "avg_pool2d": 1, "avg_pool3d": 1, "avg_pool2d_backward": 2,
-    "avg_pool3d_backward": 2, "_adaptive_avg_pool2d": 1, "_adaptive_avg_pool3d": 1,
+    "_low_memory_max_pool_with_offsets": None, "_low_memory_max_pool_offsets_to_indices": None,
+    **{f"{name}{d}d{suffix}": d for d in (1, 2, 3) for name, suffix in (
+        ("max_pool", "_with_indices"), ("max_pool", "_with_indices_backward"), ("avg_pool", ""),
+        ("avg_pool", "_backward"), ("_adaptive_avg_pool", ""), ("_adaptive_avg_pool", "_backward"),
+        ("adaptive_max_pool", ""), ("adaptive_max_pool", "_backward"))},
 }
 
 

@@ -54,7 +54,8 @@ class Contribution:
 
     @property
     def norm_preserving(self) -> bool:
-        return all(s.node.target in _SHAPE_OPS or _scalar_factor(s) is not None for s in self.chain)
+        return all(s.node.target in _SHAPE_OPS or _scalar_factor(s) is not None or _places_into_zeros(s)
+                   for s in self.chain)
 
     @property
     def scale(self) -> float:
@@ -139,6 +140,31 @@ def discover_contributions(pg: ParamGrad, st: Callable, batch_size) -> None:
     found: list = []
     walk(pg.grad, [], False, found)
     pg.contributions = [_absorbed(c, batch_size) for c in found]
+    if len(pg.contributions) == 1:
+        pg.contributions = [_unwrapped(pg.contributions[0])]
+
+
+def _unwrapped(c: Contribution) -> Contribution:
+    """A parameter's only contribution, a slice site around a fused site through a norm-preserving chain
+    (pos[:T] of a learned position table): the scatter into zeros keeps each sample's norm, so it becomes a step of
+    the chain (replayed on the clipped sum) and the inner site is fused."""
+    inner = mapped.inner_of(c.site)
+    if inner is None or c.site.node.target not in _PLACES or inner.negate:
+        return c
+    inner = _unwrapped(inner)
+    if not (inner.norm_preserving and site_kind(inner.site.kind).fused):
+        return c
+    new = Contribution(inner.site, inner.chain + [Step(c.site.node, 1)] + c.chain, c.negate)
+    return new if new.norm_preserving else c
+
+
+_PLACES = (aten.slice_scatter.default, aten.select_scatter.default)
+
+
+def _places_into_zeros(step: Step) -> bool:
+    """A slice_scatter / select_scatter of the contribution into zeros (discover only makes such steps where the
+    base is a batch-free zero fill): each sample's gradient keeps its norm."""
+    return step.node.target in _PLACES and step.pos == 1 and mapped.places_into_zeros(step.node)
 
 
 def _map_operand_ok(mapping, st) -> bool:

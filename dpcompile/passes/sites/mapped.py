@@ -57,6 +57,9 @@ def _scatter_ok(op) -> bool:
     return _zeros(op.args[0]) and not op.kwargs
 
 
+places_into_zeros = _scatter_ok
+
+
 def _weight_norm_ok(op) -> bool:
     vals = [a.meta.get("val") if isinstance(a, fx.Node) else None for a in op.args[1:4]]
     return all(isinstance(v, torch.Tensor) for v in vals) and vals[0].dim() == vals[2].dim() and not op.kwargs
@@ -106,10 +109,15 @@ def site_of(node: fx.Node, op: fx.Node, pos: int, inner) -> Site:
     return Site(KIND.name, node, operands, {}, {"inner": inner, "op": op})
 
 
+def inner_of(site: Site):
+    """The contribution a mapped site wraps (None for a site of another kind)."""
+    return site.info.get("inner") if site.kind == KIND.name else None
+
+
 def originals(site: Site) -> list:
     """The nodes of the original (non-private) computation a site stands for, its inner sites' included."""
     out = [site.node]
-    inner = site.info.get("inner") if site.kind == KIND.name else None
+    inner = inner_of(site)
     if inner is not None:
         out += originals(inner.site)
     return out
