@@ -340,3 +340,25 @@ def test_embedding_bag_with_own_offsets_is_refused():
         compiled(torch.randint(0, 7, (4, 3))).backward()
     err = unwrap(info.value)
     assert isinstance(err, dpcompile.UnsupportedGradientError) and "bags are not one per sample" in str(err), err
+
+
+def test_op_after_the_batch_sum_is_refused_without_claiming_mixing():
+    """A parameter transformed by an op the pass has no per-sample rule for (W.cumsum(0)): the backward applies that
+    op to the gradient already summed over the batch. Refused, saying so, not that samples mix."""
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 4, bias=False)
+
+        def forward(self, x):
+            return x @ self.lin.weight.cumsum(0).t()
+
+    torch._dynamo.reset()
+    compiled = dpcompile.compile(LossModule(models._build(0, M), lambda m, x: m(x).pow(2).sum(), False),
+                                 backend="flashdp_eager", max_grad_norm=1.0, loss_reduction="sum")
+    with pytest.raises(Exception) as info:
+        compiled(torch.randn(4, 3)).backward()
+    err = unwrap(info.value)
+    assert type(err) is dpcompile.UnsupportedGradientError, err
+    assert "m.lin.weight" in str(err) and "summed over the batch" in str(err) and "samples do not mix" in str(err)

@@ -17,7 +17,7 @@ import torch.fx as fx
 from ..errors import SampleMixingError, UnsupportedGradientError
 from .batchdim import BDim, Mixed, node_location
 from .patterns import Site, classify_leaf, op_name
-from .sites import kinds, site_kind
+from .sites import kinds, match, site_kind
 from .sites import embedding_bag, mapped  # noqa: F401  (registers the kinds)
 
 aten = torch.ops.aten
@@ -135,6 +135,14 @@ def discover_contributions(pg: ParamGrad, st: Callable, batch_size) -> None:
                 out.append(Contribution(mapped.site_of(node, op, pos, _absorbed(c, batch_size)),
                                         list(reversed(chain)), negate))
             return
+        summed = _summed_before(node, state, st)
+        if summed is not None:
+            raise UnsupportedGradientError(
+                f"gradient of parameter `{pg.name}` is summed over the batch at op `{summed.name}` ({_op_name(summed)}) "
+                f"and then goes through op `{node.name}` ({_op_name(node)}){node_location(node)}, which dpcompile "
+                "cannot apply to each sample's gradient separately; samples do not mix before it, but the pass has "
+                "no per-sample rule for that op: keep the parameter frozen, restructure the op, or add a site kind "
+                "(docs/extending.md)")
         raise _mixing_error(pg.name, node, state)
 
     found: list = []
@@ -165,6 +173,23 @@ def _places_into_zeros(step: Step) -> bool:
     """A slice_scatter / select_scatter of the contribution into zeros (discover only makes such steps where the
     base is a batch-free zero fill): each sample's gradient keeps its norm."""
     return step.node.target in _PLACES and step.pos == 1 and mapped.places_into_zeros(step.node)
+
+
+def _summed_before(node: fx.Node, state, st) -> Optional[fx.Node]:
+    """The site (an op some kind recognises, contracting per-sample operands) whose batch sum is the only value
+    `node` reads that depends on samples, through ops that each read nothing else that does: ops after the sum that
+    the walk does not know, which mix nothing themselves. None otherwise."""
+    if not isinstance(state, Mixed) or state.unknown:
+        return None
+    x = node
+    for _ in range(64):
+        carrying = [a for a in x.all_input_nodes if st(a) is not None]
+        if len(carrying) != 1:
+            return None
+        x = carrying[0]
+        if x is state.origin:
+            return x if _is_contraction(x, st) and match(x) is not None else None
+    return None
 
 
 def _map_operand_ok(mapping, st) -> bool:
