@@ -16,6 +16,7 @@ import sympy
 import torch
 import torch.nn as nn
 
+from .codegen.randomized_ops import exact_norms_enabled
 from .clip_provenance import GraphClipping, tap, threshold_input
 from .errors import CoverageError, DPCompileError, OptionsError
 from .options import DPOptions, infer_batch_input
@@ -266,8 +267,6 @@ def build_context(gm: torch.fx.GraphModule, example_inputs: list, options: Any) 
         ctx.threshold_input = len(example_inputs)
         ctx.threshold_groups = tuple(sorted(set(groups.values())))
     if opts.uses_randomized():
-        from .codegen.randomized_ops import exact_norms_enabled
-
         ctx.exact_norms = exact_norms_enabled()
     for listener in _CONTEXT_LISTENERS:
         listener.append(ctx)

@@ -41,15 +41,15 @@ class Mixed:
     unknown: bool = False  # True: not known to mix samples, but not understood either
 
     def describe(self) -> str:
-        return f"{self.reason} at op `{self.origin.name}` ({_target_name(self.origin)}){node_location(self.origin)}"
+        return f"{self.reason} at op `{self.origin.name}` ({op_name(self.origin.target)}){node_location(self.origin)}"
 
 
 State = Any  # None | BDim | Mixed | tuple of states
 
 
-def _target_name(node: fx.Node) -> str:
-    t = node.target
-    return getattr(t, "__name__", None) or str(t)
+def op_name(target) -> str:
+    """An op's name as messages and explain print it (aten.mm.default -> "mm.default")."""
+    return getattr(target, "__name__", None) or str(target)
 
 
 def node_location(node: fx.Node) -> str:

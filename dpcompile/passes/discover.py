@@ -103,7 +103,7 @@ def discover_contributions(pg: ParamGrad, st: Callable, batch_size) -> None:
         if state is None:
             raise UnsupportedGradientError(
                 f"gradient of parameter `{pg.name}` has a term that does not depend on the batch, at op "
-                f"`{node.name}` ({_op_name(node)}){node_location(node)}; a data-independent term (a regulariser "
+                f"`{node.name}` ({op_name(node.target)}){node_location(node)}; a data-independent term (a regulariser "
                 "in the loss) has no per-sample gradient: apply it in the optimizer (weight_decay) instead"
             )
         if isinstance(state, BDim) or _is_contraction(node, st):
@@ -138,8 +138,8 @@ def discover_contributions(pg: ParamGrad, st: Callable, batch_size) -> None:
         summed = _summed_before(node, state, st)
         if summed is not None:
             raise UnsupportedGradientError(
-                f"gradient of parameter `{pg.name}` is summed over the batch at op `{summed.name}` ({_op_name(summed)}) "
-                f"and then goes through op `{node.name}` ({_op_name(node)}){node_location(node)}, which dpcompile "
+                f"gradient of parameter `{pg.name}` is summed over the batch at op `{summed.name}` ({op_name(summed.target)}) "
+                f"and then goes through op `{node.name}` ({op_name(node.target)}){node_location(node)}, which dpcompile "
                 "cannot apply to each sample's gradient separately; samples do not mix before it, but the pass has "
                 "no per-sample rule for that op: keep the parameter frozen, restructure the op, or add a site kind "
                 "(docs/extending.md)")
@@ -210,10 +210,6 @@ def _absorbed(c: Contribution, batch_size) -> Contribution:
     return c
 
 
-def _op_name(node: fx.Node) -> str:
-    return op_name(node.target)
-
-
 def _is_contraction(node: fx.Node, st: Callable) -> bool:
     """A node that sums over samples whose inputs are all per-sample or batch-free (for one output of a
     multi-output op, such as convolution_backward, the op's inputs)."""
@@ -248,7 +244,7 @@ def _contribution_arg(node: fx.Node, st: Callable, name: str) -> int:
 
 
 def _mixing_error(name: str, node: fx.Node, state) -> Exception:
-    where = f"op `{node.name}` ({_op_name(node)}){node_location(node)}"
+    where = f"op `{node.name}` ({op_name(node.target)}){node_location(node)}"
     if isinstance(state, Mixed) and state.unknown:
         return UnsupportedGradientError(
             f"gradient of parameter `{name}` goes through {where}, which depends on {state.describe()}; "

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from ..errors import SymbolicLayoutError, UnsupportedGradientError
-from .batchdim import BDim, Mixed, canonical, node_location, sym_expr
+from .batchdim import BDim, Mixed, canonical, node_location, op_name, sym_expr
 from .sites import match, site_kind
 
 
@@ -105,11 +105,6 @@ def classify_leaf(node: fx.Node, st, param_name: str) -> Site:
         f"({op_name(node.target)}){node_location(node)}, which dpcompile cannot compute per "
         f"sample{reason(state)}"
     )
-
-
-def op_name(target) -> str:
-    """An op's name as messages and explain print it (aten.mm.default -> "mm.default")."""
-    return getattr(target, "__name__", str(target))
 
 
 def reason(state) -> str:
