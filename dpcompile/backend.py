@@ -21,7 +21,7 @@ from .clip_provenance import GraphClipping, tap, threshold_input
 from .errors import CoverageError, DPCompileError, OptionsError
 from .options import DPOptions, infer_batch_input
 from .passes import DPJointPass, ParamInfo, PassContext, run_dp_pass
-from .passes.batchdim import sym_expr
+from .passes.symbolic import sym_expr
 from .sdpa_policy import attention_for
 
 aten = torch.ops.aten

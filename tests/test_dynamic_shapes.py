@@ -25,7 +25,7 @@ import dpcompile
 import dpcompile.backend
 import models
 from dp_check import LossModule
-from dpcompile.passes.batchdim import graph_shape_env
+from dpcompile.passes.symbolic import graph_shape_env
 from dpcompile.testing import oracle
 
 SMALL_C, LARGE_C = 1e-3, 1e3  # every sample clipped / none clipped (a scaling bug shows only there)

@@ -24,6 +24,10 @@ import sympy
 import torch
 import torch.fx as fx
 
+from .symbolic import (_provably_positive, contiguous_strides, divides, graph_shape_env, prod, rank_of, size_hint,
+                       sizes_of, statically_equal,
+                       sym_expr)
+
 aten = torch.ops.aten
 prims = torch.ops.prims
 
@@ -80,155 +84,6 @@ def _clean_module_path(path: str) -> str:
 
 # ----------------------------------------------------------------------------------------------------------
 # symbolic size helpers
-
-
-def sym_expr(s) -> sympy.Expr:
-    """A size as a sympy expression in the graph's canonical symbols: the ShapeEnv's replacements applied (a
-    symbol that a guard made equal to another, or to a constant, is written as that one), so that sizes read at
-    different times of the compilation compare equal."""
-    if isinstance(s, torch.SymInt):
-        return canonical(s.node.expr, s.node.shape_env)
-    if isinstance(s, sympy.Expr):
-        return s
-    return sympy.Integer(int(s))
-
-
-def canonical(expr, shape_env) -> sympy.Expr:
-    """expr with the ShapeEnv's replacements applied (no guard is added)."""
-    expr = sympy.sympify(expr)
-    if shape_env is None or not expr.free_symbols:
-        return expr
-    return shape_env.replace(expr)
-
-
-def graph_shape_env(graph: fx.Graph):
-    """The ShapeEnv of a graph's fake values (None when every size is static)."""
-    for node in graph.nodes:
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor):
-            for s in val.shape:
-                if isinstance(s, torch.SymInt):
-                    return s.node.shape_env
-    return None
-
-
-def size_hint(expr, shape_env) -> int:
-    """A symbolic size's value at the shapes the graph was traced with, read without adding a guard: for choices
-    that are valid at every size and only tuned to it (strategies, launch parameters)."""
-    expr = sympy.sympify(expr)
-    if not expr.free_symbols:
-        return int(expr)
-    if shape_env is None:
-        raise ValueError(f"no ShapeEnv to give a hint for the symbolic size {expr}")
-    expr = canonical(expr, shape_env)
-    hint = getattr(shape_env, "optimization_hint", None)  # torch >= 2.13; size_hint before
-    return int(hint(expr) if hint is not None else shape_env.size_hint(expr))
-
-
-def guard_batch_sizes(shape_env, batch_size, sizes: list) -> None:
-    """Guard that each size in `sizes` (the batch dim of another sample-carrying input: targets, masks) equals the
-    batch size, and solve what that implies. The backend took those inputs to carry samples because their batch
-    dim had the batch size at the compiling call; with B and T symbolic, Dynamo only knows products of them equal
-    (B*T == B'*T' from a flatten), so the graph must say that B' == B itself (a guard: a call where they differ
-    compiles its own graph). The guards are added before the batch-dim analysis reads any size."""
-    if shape_env is None:
-        return
-    for size in sizes:
-        if statically_equal(size, batch_size, shape_env):
-            continue
-        holds = shape_env.evaluate_expr(sympy.Eq(canonical(size, shape_env), canonical(batch_size, shape_env)))
-        if not bool(holds):
-            raise AssertionError(f"a sample-carrying input has batch size {size}, not {batch_size}, at the compiling "
-                                 "call")
-    solve_implied_equalities(shape_env)
-
-
-def solve_implied_equalities(shape_env) -> None:
-    """Make the ShapeEnv replace a symbol by another where its guards already imply they are equal but it did not
-    solve for it: Eq(s0*s1, s0*s2) with s0 >= 1 implies s1 == s2 (a flatten of (B, T) next to one of (B, T')).
-    Re-issuing the implied equality adds no restriction (the guards already hold only where it holds), and the
-    replacement lets sizes of different inputs compare equal."""
-    seen = set()
-    while True:
-        before = dict(shape_env.replacements)
-        for guard in list(shape_env.guards):
-            expr = guard.expr
-            if not isinstance(expr, sympy.Eq):
-                continue
-            diff = canonical(expr.lhs - expr.rhs, shape_env)
-            if diff == 0 or not diff.free_symbols or diff in seen:
-                continue
-            seen.add(diff)
-            try:
-                _, factors = sympy.factor_list(diff)
-            except (sympy.PolynomialError, NotImplementedError):
-                continue
-            unknown = [f for f, _ in factors if not _provably_positive(f, shape_env)]
-            if len(unknown) != 1:
-                continue
-            zero = unknown[0]
-            if zero.is_polynomial() and sympy.Poly(zero).total_degree() == 1 and len(zero.free_symbols) <= 2:
-                shape_env.evaluate_expr(sympy.Eq(zero, 0))
-        if dict(shape_env.replacements) == before:
-            return
-
-
-def _provably_positive(expr, shape_env) -> bool:
-    if expr.is_number:
-        return bool(expr > 0)
-    try:
-        return bool(shape_env.bound_sympy(expr).lower > 0)
-    except Exception:  # an expression value ranges cannot bound: not provably positive
-        return False
-
-
-def statically_equal(a, b, shape_env) -> bool:
-    """a == b for every value the symbols may take, as far as the ShapeEnv knows (its replacements, ranges and
-    guards), without adding a guard. False when unsure."""
-    diff = canonical(sympy.sympify(a) - sympy.sympify(b), shape_env)
-    if diff == 0:
-        return True
-    if shape_env is None or not diff.free_symbols:
-        return False
-    return shape_env._maybe_evaluate_static(sympy.Eq(diff, 0)) == sympy.true
-
-
-def sizes_of(node: Any) -> Optional[list]:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    if isinstance(val, torch.Tensor):
-        return [sym_expr(s) for s in val.shape]
-    return None
-
-
-def rank_of(node: Any) -> Optional[int]:
-    val = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return val.dim() if isinstance(val, torch.Tensor) else None
-
-
-def prod(xs) -> sympy.Expr:
-    out = sympy.Integer(1)
-    for x in xs:
-        out = out * x
-    return out
-
-
-def divides(a: sympy.Expr, b: sympy.Expr) -> bool:
-    """True if a | b for every value of the symbols (a, b products of sizes)."""
-    if a == 0:
-        return b == 0
-    q = sympy.cancel(b / a)
-    num, den = sympy.fraction(sympy.together(q))
-    if den.free_symbols or not den.is_number:
-        return False
-    if num.free_symbols:
-        return bool(den == 1) and num.is_polynomial() and all(
-            c.is_integer for c in sympy.Poly(num).coeffs()
-        )
-    return bool(q.is_integer)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# op rules
 
 
 def _is_pointwise(target) -> bool:
@@ -555,8 +410,8 @@ class BatchDimAnalysis:
         # slice / narrow / select / split along a dim: fine unless that dim carries samples
         s = self.state(node.args[0])
         rank = rank_of(node.args[0])
-        d = _norm_dim(_arg(node, 1, 0), rank)
         t = node.target
+        d = _norm_dim(_arg(node, _SPLIT_DIM_ARG.get(t, 1), node.kwargs.get("dim", 0)), rank)
         if d == s.dim:
             if t is aten.slice.Tensor and statically_equal(sizes_of(node)[d], sizes_of(node.args[0])[d],
                                                            self.shape_env):
@@ -808,9 +663,9 @@ class BatchDimAnalysis:
         xv, out = x.meta.get("val"), node.meta.get("val")
         env = self.shape_env
         if isinstance(xv, torch.Tensor) and isinstance(out, torch.Tensor) and offset in (None, 0) \
-                and _contiguous_strides(xv.shape, xv.stride(), env) and statically_equal(
+                and contiguous_strides(xv.shape, xv.stride(), env) and statically_equal(
                     sym_expr(xv.storage_offset()), 0, env) \
-                and _contiguous_strides(out.shape, list(stride), env) \
+                and contiguous_strides(out.shape, list(stride), env) \
                 and statically_equal(prod(sizes_of(x)), prod(sizes_of(node)), env):
             return self._view(node, x)
         return self._unknown(node, "an as_strided that is not a plain reshape of a contiguous tensor")
@@ -912,6 +767,9 @@ class BatchDimAnalysis:
 
 # pooling ops and their backwards, by overload packet name (Inductor's prims are registered only once Inductor is
 # imported) -> the number of spatial dims (None: the length of the kernel_size argument, args[1])
+# split / chunk take their sizes (or count) first and the dim second; slice, narrow, select, unbind the dim first
+_SPLIT_DIM_ARG = {aten.split.Tensor: 2, aten.split_with_sizes.default: 2, aten.chunk.default: 2}
+
 _POOLS = {
     "_low_memory_max_pool_with_offsets": None, "_low_memory_max_pool_offsets_to_indices": None,
     **{f"{name}{d}d{suffix}": d for d in (1, 2, 3) for name, suffix in (
@@ -923,19 +781,6 @@ _POOLS = {
 
 def _packet_name(target) -> str:
     return getattr(getattr(target, "_overloadpacket", None), "__name__", "")
-
-
-def _contiguous_strides(shape, strides, shape_env) -> bool:
-    """strides are the row-major strides of shape (dims of size 1 may have any stride), for every size."""
-    if len(shape) != len(strides):
-        return False
-    expected = sympy.Integer(1)
-    for size, stride in reversed(list(zip(shape, strides))):
-        size = sym_expr(size)
-        if not statically_equal(size, 1, shape_env) and not statically_equal(sym_expr(stride), expected, shape_env):
-            return False
-        expected = expected * size
-    return True
 
 
 def _flatten_nodes(x) -> list[fx.Node]:

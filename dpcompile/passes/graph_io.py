@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from .batchdim import BDim, graph_shape_env, guard_batch_sizes, size_hint, sym_expr
+from .batchdim import BDim
+from .symbolic import graph_shape_env, guard_batch_sizes, size_hint, sym_expr
 from .discover import ParamGrad
 
 

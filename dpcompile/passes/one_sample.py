@@ -7,7 +7,7 @@ import torch
 import torch.fx as fx
 
 from ..strategy_registry import find_strategy
-from .batchdim import sym_expr
+from .symbolic import sym_expr
 from .discover import _SHAPE_OPS, Contribution
 from .graph_io import dependents
 from .plan import check_randomizable

@@ -15,7 +15,8 @@ import torch
 import torch.fx as fx
 
 from ..errors import SymbolicLayoutError, UnsupportedGradientError
-from .batchdim import BDim, Mixed, canonical, node_location, op_name, sym_expr
+from .batchdim import BDim, Mixed, node_location, op_name
+from .symbolic import canonical, sym_expr
 from .sites import match, site_kind
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import sympy
 
 from ..errors import OptionsError
-from .batchdim import sym_expr
+from .symbolic import sym_expr
 from .patterns import op_name
 from ..strategy_registry import find_strategy, get_strategy, inexact_names, strategies
 

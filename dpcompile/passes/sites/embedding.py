@@ -11,7 +11,8 @@ import torch.fx as fx
 
 from ...codegen import ops
 from ...errors import UnsupportedGradientError
-from ..batchdim import BDim, graph_shape_env, node_location, rank_of, sizes_of, statically_equal
+from ..batchdim import BDim, node_location
+from ..symbolic import graph_shape_env, rank_of, sizes_of, statically_equal
 from ..patterns import Site
 from . import SiteKind, register_site_kind
 from . import rows as rows_kind

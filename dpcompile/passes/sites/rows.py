@@ -8,7 +8,8 @@ import torch
 
 from ...codegen import ops
 from ...errors import UnsupportedGradientError
-from ..batchdim import BDim, node_location, rank_of
+from ..batchdim import BDim, node_location
+from ..symbolic import rank_of
 from ..patterns import Site, numel, reason
 from . import SiteKind, register_site_kind
 
