@@ -32,7 +32,8 @@ class GroupNorms(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.inp, self.gn2, self.gn3, self.out = nn.Linear(3, 4), nn.GroupNorm(2, 4), nn.GroupNorm(2, 4), nn.Linear(4, 2)
+        self.inp, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.gn2, self.gn3 = nn.GroupNorm(2, 4), nn.GroupNorm(2, 4)
 
     def forward(self, x):  # x (B, L, 3)
         h = self.inp(x)  # (B, L, 4)
@@ -98,27 +99,13 @@ class ReusedWeight(nn.Module):
         return self.out(torch.tanh(h))
 
 
-# ---- (d) in-place slice assignment ----------------------------------------------------------------------------
-
-
-class SliceAssign(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.inp, self.cls, self.out = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 2)
-
-    def forward(self, x):  # x (B, T, 3)
-        h = self.inp(x)
-        h[:, 0] = self.cls(x[:, 0]) * 2
-        return self.out(torch.tanh(h))
-
-
-# ---- (e) gather / scatter_add / index_add on non-batch dims ---------------------------------------------------
+# ---- (e) gather / scatter_add / index_add on non-batch dims, (d) in-place slice assignment ---------------------
 
 
 class GatherScatter(nn.Module):
     def __init__(self):
         super().__init__()
-        self.inp, self.out = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.inp, self.cls, self.out = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 2)
         self.register_buffer("idx", torch.tensor([2, 0, 3, 0]))
 
     def forward(self, x):  # x (B, T, 3)
@@ -131,7 +118,9 @@ class GatherScatter(nn.Module):
         s = s + torch.zeros_like(h).scatter_add(2, order, h * h)
         a = torch.zeros_like(h).index_add(2, self.idx, h * 0.5) + torch.zeros_like(h).index_add(1, self.idx[:T] % T, h)
         wide = h.new_zeros(B, T, 6).scatter_add(2, order + 2, h).index_add(2, self.idx + 1, h)  # other sizes
-        return self.out(g + s + a + torch.gather(wide, 2, order + 1))
+        h = g + s + a + torch.gather(wide, 2, order + 1)
+        h[:, 0] = self.cls(x[:, 0]) * 2  # (d) in-place slice assignment
+        return self.out(h)
 
 
 # ---- (f) max_pool2d, adaptive pools, circular padding ---------------------------------------------------------
@@ -178,26 +167,19 @@ def _mha_batch(B, g=None):
 # ---- (h) LoRA merged, weight_norm -----------------------------------------------------------------------------
 
 
-class MergedLoRA(nn.Module):
+class LoRAWeightNorm(nn.Module):
+    """A frozen W0 plus a merged LoRA product, next to a weight_norm parametrization."""
+
     def __init__(self):
         super().__init__()
         self.w0 = nn.Parameter(torch.randn(4, 3), requires_grad=False)
         self.A = nn.Parameter(torch.randn(4, 2) * 0.5)
         self.B = nn.Parameter(torch.randn(2, 3) * 0.5)
+        self.wn = nn.utils.parametrizations.weight_norm(nn.Linear(3, 4))
         self.out = nn.Linear(4, 2)
 
     def forward(self, x):
-        return self.out(torch.tanh(F.linear(x, self.w0 + self.A @ self.B)))
-
-
-class WeightNorm(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.inp = nn.utils.parametrizations.weight_norm(nn.Linear(3, 4))
-        self.out = nn.Linear(4, 2)
-
-    def forward(self, x):
-        return self.out(torch.tanh(self.inp(x)))
+        return self.out(torch.tanh(F.linear(x, self.w0 + self.A @ self.B)) + torch.tanh(self.wn(x)))
 
 
 # ---- (i) EmbeddingBag -----------------------------------------------------------------------------------------
@@ -238,13 +220,12 @@ CASES = {
                                         lambda m, x, y: F.cross_entropy(m(x), y) * x.shape[0]),
     "sliced_positions": lambda: _case("sliced_positions", SlicedPositions, _token_regression),
     "reused_weight": lambda: _case("reused_weight", ReusedWeight, _regression((3,), (2,))),
-    "slice_assign": lambda: _case("slice_assign", SliceAssign, _regression((3, 3), (3, 2))),
-    "gather_scatter": lambda: _case("gather_scatter", GatherScatter, _regression((3, 3), (3, 2))),
+    "gather_scatter_slice_assign": lambda: _case("gather_scatter_slice_assign", GatherScatter,
+                                                 _regression((3, 3), (3, 2))),
     "pool_circular_pad": lambda: _case("pool_circular_pad", PoolPad, _regression((2, 4, 4), (2,))),
     "mha_key_padding": lambda: _case("mha_key_padding", MHAPadding, _mha_batch,
                                      lambda m, x, mask, y: models.mse_sum(m(x, mask), y)),
-    "merged_lora": lambda: _case("merged_lora", MergedLoRA, _regression((3,), (2,))),
-    "weight_norm": lambda: _case("weight_norm", WeightNorm, _regression((3,), (2,))),
+    "lora_weight_norm": lambda: _case("lora_weight_norm", LoRAWeightNorm, _regression((3,), (2,))),
     "embedding_bag": lambda: _case("embedding_bag", Bags, _bag_batch),
 }
 
