@@ -368,6 +368,7 @@ def flashdp(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
 
 def flashdp_eager(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
     """Same pass, no code generation: the rewritten graphs run op by op (tests, debugging)."""
+    import torch._inductor.lowering  # noqa: F401 - Inductor's max_pool decomposition reads it without importing it
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition

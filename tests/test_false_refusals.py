@@ -210,6 +210,21 @@ def _bag_batch(B, g=None):
     return idx, torch.randn(B, 2, generator=g)
 
 
+class SplitHeads(nn.Module):
+    """Fused QKV split by sizes along the feature dim (Falcon, GPT-BigCode, Mamba mixers): the split dim is the
+    op's third argument (its second holds the sizes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 6)
+        self.out = nn.Linear(2, 1)
+
+    def forward(self, x):
+        a, b = self.lin(x).split([2, 4], dim=-1)
+        c, d = b.chunk(2, dim=-1)
+        return self.out(torch.tanh(a) * c + d)
+
+
 def _case(name, build, make_batch, loss_fn=_mse):
     return models.Case(name, models._build(0, build), make_batch, loss_fn)
 
@@ -227,6 +242,7 @@ CASES = {
                                      lambda m, x, mask, y: models.mse_sum(m(x, mask), y)),
     "lora_weight_norm": lambda: _case("lora_weight_norm", LoRAWeightNorm, _regression((3,), (2,))),
     "embedding_bag": lambda: _case("embedding_bag", Bags, _bag_batch),
+    "split_with_sizes_chunk": lambda: _case("split_with_sizes_chunk", SplitHeads, _regression((4,), (1,))),
 }
 
 
@@ -343,3 +359,4 @@ def test_op_after_the_batch_sum_is_refused_without_claiming_mixing():
     err = unwrap(info.value)
     assert type(err) is dpcompile.UnsupportedGradientError, err
     assert "m.lin.weight" in str(err) and "summed over the batch" in str(err) and "samples do not mix" in str(err)
+

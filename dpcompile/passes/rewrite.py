@@ -326,7 +326,9 @@ def zero_grads(graph: fx.Graph, params: list) -> None:
     outs = list(out.args[0])
     anchor = out
     for pg in params:
-        val = pg.grad.meta["val"]
+        # the parameter's shape, not its gradient's: the gradient may carry sizes the B = 0 graph never binds
+        # (a Linear after flattening a pooled image of symbolic size)
+        val = pg.placeholder.meta["val"]
         with graph.inserting_before(anchor):
             z = graph.call_function(aten.full.default, (list(val.shape), 0),
                                     {"dtype": val.dtype, "layout": torch.strided, "device": val.device,
