@@ -232,7 +232,7 @@ def build_context(gm: torch.fx.GraphModule, example_inputs: list, options: Any) 
             f"graph inputs: {[s for s in sources]}"
         )
     main = candidates[0] if opts.batch_arg is not None else candidates[
-        infer_batch_input([example_inputs[i].shape[opts.batch_dim] for i in candidates])]
+        infer_batch_input([example_inputs[i].shape[opts.batch_dim] for i in candidates], opts.batch_dim)]
     bsize = sym_expr(example_inputs[main].shape[opts.batch_dim])
     batch_inputs = {main: opts.batch_dim}
     # other inputs with the same batch size on the batch dim carry samples too (targets, masks): see docs

@@ -47,7 +47,7 @@ class DPCompiled:
             return args[arg] if arg < len(args) else None
         d = self.options.batch_dim
         tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() > d]
-        return tensors[infer_batch_input([t.shape[d] for t in tensors])] if tensors else None
+        return tensors[infer_batch_input([t.shape[d] for t in tensors], d)] if tensors else None
 
     def _sample_inputs(self, args, kwargs) -> list:
         """The tensor inputs that carry samples: those with the batch size on the batch dim (targets, masks)."""

@@ -185,14 +185,21 @@ class DPOptions:
         return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True, default=repr).encode()).hexdigest()
 
 
-def infer_batch_input(batch_sizes: Sequence) -> int:
+def infer_batch_input(batch_sizes: Sequence, batch_dim: int = 0) -> int:
     """Which tensor input carries samples when `batch_arg` is not given, from their sizes on the batch dim in call
-    order: the first one whose size is not 1. A leading 1 is how a tensor shared by the batch is passed, so a shared
-    tensor passed first is not taken for the batch (which would clip the whole batch as one sample). When every size
-    is 1 (a batch of one sample) the first; the choice then changes nothing."""
-    for i, size in enumerate(batch_sizes):
-        if not (isinstance(size, int) and size == 1):  # a symbolic size is never the shared 1 (0 and 1 are static)
-            return i
+    order: the first. Refused (OptionsError) when that first size is 1 and another input's is 2 or more: a tensor
+    shared by the batch passed first (its leading 1) and a batch of one sample next to a larger input (flattened
+    labels, a table) look the same, and either reading of the other would break the per-sample bound (the whole
+    batch clipped as one sample, or one sample's gradient clipped in pieces)."""
+    first = batch_sizes[0] if batch_sizes else None
+    if isinstance(first, int) and first == 1:
+        for i, size in enumerate(batch_sizes[1:], start=1):
+            if not isinstance(size, int) or size >= 2:  # a symbolic size is a batch of 2 or more
+                raise OptionsError(
+                    f"flashdp: cannot tell which input carries the samples: the first tensor argument has size 1 on "
+                    f"dim {batch_dim} (a tensor shared by the batch, or a batch of one sample?) and tensor argument "
+                    f"#{i} has size {size} there. Pass batch_arg=<the name or position of the argument that carries "
+                    "the batch> to dpcompile.compile / the backend options, or pass shared tensors after the batch")
     return 0
 
 

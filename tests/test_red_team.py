@@ -328,7 +328,7 @@ ATTACKS = [
            lambda m, a, C, r: _plain(m, a, C, r, loss=_shared_first, batch_arg=1), _shared_first),
     Attack("batch-shared (1, d) tensor as the first argument, batch_arg not given", Lin, _shared_first_inputs,
            (None, 0, 0), lambda m, a, C, r: _plain(m, a, C, r, loss=_shared_first), _shared_first,
-           batches=(1, 2, 5)),
+           batches=(1, 2, 5)),  # B = 1: exact (one sample); B >= 2: refused (which input is the batch?)
     Attack("batch-shared (1, d) tensor as the second argument", Lin, _shared_second_inputs, (0, None, 0),
            lambda m, a, C, r: _plain(m, a, C, r, loss=_shared_second), _shared_second),
     Attack("labels pre-flattened to (B*T,), token sum", Lin, _flat_labels, (0, None),
