@@ -26,6 +26,7 @@ from torch import nn
 
 import dpcompile
 from dpcompile import DPOptimizer
+from dpcompile.compile import _caused_by
 from dpcompile.errors import DPCompileError
 from dpcompile.options import CLIP_EPS
 
@@ -37,13 +38,7 @@ SMALL_C, LARGE_C = 1e-3, 1e6
 
 def _refusal(exc: BaseException) -> Optional[DPCompileError]:
     """The dpcompile error among exc's causes (Dynamo wraps backend errors), or None."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, DPCompileError):
-            return exc
-        seen.add(id(exc))
-        exc = getattr(exc, "inner_exception", None) or exc.__cause__ or exc.__context__
-    return None
+    return _caused_by(exc, DPCompileError)
 
 
 @dataclass
