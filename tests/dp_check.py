@@ -132,3 +132,15 @@ def unwrap(exc: BaseException) -> BaseException:
     while getattr(exc, "inner_exception", None) is not None:
         exc = exc.inner_exception
     return exc
+
+
+class CountingBackend:
+    """flashdp_eager, counting the graphs it compiled (a compile the pass refused counts as none)."""
+
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs, **kw):
+        out = dpcompile.flashdp_eager(gm, example_inputs, **kw)
+        self.graphs += 1
+        return out

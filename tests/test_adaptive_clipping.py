@@ -6,7 +6,6 @@ norms, epsilon equals a direct composition of the two Gaussian mechanisms comput
 is z_D times the thresholds that clipped, checkpoints resume exactly, and misuse is refused."""
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -14,7 +13,7 @@ import torch
 from torch import nn
 
 import dpcompile
-from dp_check import LossModule
+from dp_check import CountingBackend, LossModule
 from dpcompile.errors import DPCompileError, OptionsError
 from dpcompile.privacy.accounting import PrivacyAccountant, get_epsilon
 from dpcompile.privacy.adaptive import (combined_noise_multiplier, gradient_noise_multiplier,
@@ -22,18 +21,6 @@ from dpcompile.privacy.adaptive import (combined_noise_multiplier, gradient_nois
 from dpcompile.testing import oracle
 
 DELTA = 1e-5
-
-
-class CountingBackend:
-    """flashdp_eager, counting the graphs it compiled (as tests/test_dynamic_shapes.py)."""
-
-    def __init__(self):
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs, **kw):
-        out = dpcompile.flashdp_eager(gm, example_inputs, **kw)
-        self.graphs += 1
-        return out
 
 
 def _mlp():

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import dpcompile
 import dpcompile.backend
 import models
-from dp_check import LossModule
+from dp_check import CountingBackend, LossModule
 from dpcompile.passes.symbolic import graph_shape_env
 from dpcompile.testing import oracle
 
@@ -38,18 +38,6 @@ def assert_grad_close(got, want, msg, rtol=RTOL, atol=ATOL):
     err = (got.double() - want).abs().max().item() if want.numel() else 0.0
     scale = want.abs().max().item() if want.numel() else 0.0
     assert err <= atol + rtol * scale, f"{msg}: max err {err:.3e} (scale {scale:.3e})"
-
-
-class CountingBackend:
-    """flashdp_eager, counting the graphs it compiled (a compile the pass refused counts as none)."""
-
-    def __init__(self):
-        self.graphs = 0
-
-    def __call__(self, gm, example_inputs, **kw):
-        out = dpcompile.flashdp_eager(gm, example_inputs, **kw)
-        self.graphs += 1
-        return out
 
 
 def _tokens(vocab, B, T, g):

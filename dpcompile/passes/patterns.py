@@ -48,6 +48,18 @@ class Site:
         return site_kind(self.kind).per_sample(self, env, bsz)
 
 
+def contribution_reads(c) -> list:
+    """Every existing graph value a contribution's per-sample form reads (its site's operands, its chain's other
+    arguments), in first-use order."""
+    seen: dict = {n: None for n in c.site.inputs}
+    for step in c.chain:
+        for i, a in enumerate(step.node.args):
+            if i != step.pos:
+                fx.node.map_arg(a, lambda n: seen.setdefault(n, None))
+        fx.node.map_arg(step.node.kwargs, lambda n: seen.setdefault(n, None))
+    return list(seen)
+
+
 def numel(node: fx.Node) -> int:
     n = 1
     for s in node.meta["val"].shape:

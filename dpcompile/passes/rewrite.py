@@ -20,6 +20,7 @@ from ..errors import UnsupportedGradientError
 from ..strategy_registry import find_strategy, get_strategy
 from ..clipping import group_clip_factors
 from .discover import Contribution, ParamGrad, Step
+from .patterns import contribution_reads
 from .sites import site_kind
 
 aten = torch.ops.aten
@@ -129,13 +130,7 @@ def group_inputs(params: list, batch_node: fx.Node) -> list[fx.Node]:
     seen: dict[fx.Node, None] = {batch_node: None}
     for pg in params:
         for c in pg.contributions:
-            for n in c.site.inputs:
-                seen[n] = None
-            for step in c.chain:
-                for i, a in enumerate(step.node.args):
-                    if i != step.pos:
-                        fx.node.map_arg(a, lambda n: seen.setdefault(n, None))
-                fx.node.map_arg(step.node.kwargs, lambda n: seen.setdefault(n, None))
+            seen.update(dict.fromkeys(n for n in contribution_reads(c) if n not in seen))
     return list(seen)
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 
 from ...errors import UnsupportedGradientError
-from ..patterns import Site
+from ..patterns import Site, contribution_reads
 from . import SiteKind, register_site_kind
 
 aten = torch.ops.aten
@@ -86,22 +86,10 @@ def map_of(node: fx.Node):
     return (op, pos) if ok(op) else None
 
 
-def reads(c) -> list:
-    """Every existing graph value a contribution's per-sample form reads (its site's operands, its chain's other
-    arguments)."""
-    seen: dict = {n: None for n in c.site.inputs}
-    for step in c.chain:
-        for i, a in enumerate(step.node.args):
-            if i != step.pos:
-                fx.node.map_arg(a, lambda n: seen.setdefault(n, None))
-        fx.node.map_arg(step.node.kwargs, lambda n: seen.setdefault(n, None))
-    return list(seen)
-
-
 def site_of(node: fx.Node, op: fx.Node, pos: int, inner) -> Site:
     """The site for map `node` (an output of `op`) around one inner contribution."""
     operands = {}
-    for i, n in enumerate(reads(inner)):
+    for i, n in enumerate(contribution_reads(inner)):
         operands[f"read{i}"] = n
     for i, a in enumerate(op.args):
         if i != pos:
