@@ -21,6 +21,8 @@ from torch.optim import Optimizer
 from ..clip_provenance import clipped_arrivals, clipped_by_some_graph, grad_problem, provenance
 from ..errors import CoverageError, DPCompileError
 from ..randomized_contract import accounting_probes, peek_randomized_use
+from .adaptive import (AdaptiveClipping, combined_noise_multiplier, gradient_noise_multiplier, make_adaptive,
+                       quantile_noise_multiplier)
 from .randomized_accounting import RandomizedSpec
 
 #: relative slack when comparing the graphs' sensitivity with the optimizer's C (sqrt / sums of floats)
@@ -174,8 +176,6 @@ def _refuse_unsynchronized(optimizer: Optimizer, independent_ranks: bool) -> Non
 
 def _adaptive_of(max_grad_norm, adaptive_clipping, expected_batch_size: float, who: str):
     """The AdaptiveClipping of max_grad_norm="adaptive" (adaptive_clipping: its options dict, or one built), or None."""
-    from .adaptive import AdaptiveClipping, make_adaptive
-
     if isinstance(max_grad_norm, str):
         if max_grad_norm != "adaptive":
             raise ValueError(f"max_grad_norm={max_grad_norm!r}: a positive number, a dict of per-group thresholds, "
@@ -494,8 +494,6 @@ class DPOptimizer(Optimizer):
         """Adaptive clipping, in add_noise: the noisy fraction of samples within each group's threshold (drawn
         every step, an empty batch too) for the update after the step; returns z_D, the gradient noise multiplier
         (noise_multiplier is the multiplier of the pair, what the accountant charges)."""
-        from .adaptive import gradient_noise_multiplier, quantile_noise_multiplier
-
         ad = self.adaptive
         z_d = gradient_noise_multiplier(self.noise_multiplier, ad.quantile_noise_std, ad.groups)
         z_b = quantile_noise_multiplier(ad.quantile_noise_std, ad.groups)
@@ -558,8 +556,6 @@ class DPOptimizer(Optimizer):
         if isinstance(self.accountant, PrivacyAccountant):
             self.accountant.step(noise_multiplier=z_d, sample_rate=self.sample_rate, quantile_noise_multiplier=z_b)
         else:  # an accountant of its own: one Gaussian step at the pair's multiplier
-            from .adaptive import combined_noise_multiplier
-
             self.accountant.step(noise_multiplier=combined_noise_multiplier(z_d, z_b), sample_rate=self.sample_rate)
 
     # -- privacy spent and checkpoints -------------------------------------------------------------------------
