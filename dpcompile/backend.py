@@ -139,6 +139,36 @@ def _attribute_path(source: str) -> str:
     return path or source
 
 
+def _tracing_fullgraph() -> bool:
+    """Dynamo is tracing the frame this graph comes from with fullgraph=True (dpcompile.compile's default,
+    CausalLMLoss, DPTrainer, export): the frame is this one graph, a graph break would have raised."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except Exception:  # noqa: BLE001 (not inside Dynamo's tracer, or its internals moved)
+        return False
+    return bool(getattr(tx, "one_graph", False))
+
+
+def _refuse_missing_unless_fullgraph(missing: list) -> None:
+    """Trainable parameters of the compiled model that this graph does not read. Under fullgraph the whole
+    forward is this graph, so the forward never uses them: eager PyTorch leaves their .grad None, and so does the
+    pass. A gradient that reaches them later from eager code or another backend is one no flashdp graph produced,
+    which DPOptimizer refuses at step (clip_provenance.grad_problem); another flashdp graph that clips them is
+    counted in the optimizer's sensitivity (clipped_sensitivity). Without fullgraph they may be the other side of
+    a graph break, where a sample's gradient would be clipped in pieces: refused."""
+    if _tracing_fullgraph():
+        return
+    raise CoverageError(
+        f"flashdp: trainable parameters {missing[:8]}{' ...' if len(missing) > 8 else ''} of the model are "
+        "not in this compiled graph, so their gradients would not be clipped here. Either the model has a "
+        "graph break (compile with fullgraph=True, e.g. through dpcompile.compile; under fullgraph, parameters the "
+        "forward never uses are accepted and keep a None gradient) or those parameters are unused (set "
+        "requires_grad=False on them)"
+    )
+
+
 def _refuse_trainable_non_parameter(source: str, t: torch.Tensor) -> None:
     """A tensor the model reads that requires grad but is no nn.Parameter (a `requires_grad=True` attribute, buffer
     or global, or one computed from parameters outside the compiled call): the pass clips parameter gradients
@@ -243,19 +273,15 @@ def build_context(gm: torch.fx.GraphModule, example_inputs: list, options: Any) 
 
     names = list(trainable.values())
     groups = _groups_of(names, all_names, opts)
+    n_groups = len(set(groups.values()))
     if root is not None:
         model_trainable = [n for n, p in root.named_parameters() if p.requires_grad]
         missing = sorted(set(model_trainable) - set(names))
         if missing:
-            # A parameter outside this graph would get its gradient from another graph or from eager code,
-            # where nothing clips it; and a group split over graphs would be clipped piecewise.
-            raise CoverageError(
-                f"flashdp: trainable parameters {missing[:8]}{' ...' if len(missing) > 8 else ''} of the model are "
-                "not in this compiled graph, so their gradients would not be clipped here. Either the model has a "
-                "graph break (compile with fullgraph=True, e.g. through dpcompile.compile) or those parameters are "
-                "unused (set requires_grad=False on them)"
-            )
-    n_groups = len(set(groups.values()))  # every trainable parameter of the model is in this graph
+            _refuse_missing_unless_fullgraph(missing)
+            # the forward never uses them: their .grad stays None (as in eager PyTorch) and DPOptimizer noises
+            # them as a zero clipped sum. C_g is counted over every group of the model, as if they were here
+            n_groups = len(set(_groups_of(model_trainable, all_names, opts).values()))
     if opts.adaptive:  # run-time thresholds: an input the backend appends (_with_threshold_input)
         thresholds = {}
     else:
