@@ -232,7 +232,8 @@ def _add_privacy_options(t: argparse.ArgumentParser) -> None:
     priv.add_argument("--sigma", type=_positive(float), default=None,
                       help="noise multiplier instead of a target epsilon (epsilon is then reported)")
     priv.add_argument("--no-dp", action="store_true",
-                      help="non-private baseline: same sampling and optimizer, no clipping, no noise")
+                      help="non-private baseline: same sampling, optimizer and compiler (torch.compile with inductor on "
+                           "a GPU, aot_eager on CPU, as the DP run's backend), no clipping, no noise")
     t.add_argument("--delta", type=_delta, default=1e-5, help="target delta (default 1e-5)")
     t.add_argument("--target-quantile", type=_delta, default=None,
                    help="--max-grad-norm adaptive: the fraction of samples meant to be within the bound (default 0.5)")

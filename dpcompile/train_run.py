@@ -246,6 +246,16 @@ def _autocast(device: torch.device):
     return autocast
 
 
+#: the torch.compile backend of a --no-dp run, by the DP run's backend: the same compiler without the DP pass
+NO_DP_BACKENDS = {"flashdp": "inductor", "flashdp_eager": "aot_eager"}
+
+
+def compile_no_dp(loss_model, dp_backend: str):
+    """The --no-dp baseline compiled as the DP run is (same compiler, one graph, dynamic batch and sequence dims),
+    without clipping or noise: its speed and its numerics are comparable with the DP run's."""
+    return torch.compile(loss_model, backend=NO_DP_BACKENDS[dp_backend], fullgraph=True, dynamic=True)
+
+
 def build(s: Setup, m: Model, d: Data, p: Privacy) -> "Training":
     """The perplexity before training (after the privacy plan: a refused plan does not wait for an evaluation), the
     Poisson loader, the optimizer (DPOptimizer around AdamW unless --no-dp) and the compiled loss."""
@@ -272,7 +282,7 @@ def build(s: Setup, m: Model, d: Data, p: Privacy) -> "Training":
     dp_opts = dict(max_grad_norm=run["max_grad_norm"], clipping=run["clipping"], clip_fn=run["clip_fn"],
                    loss_reduction="mean", **_strategy_option(run["strategy"]))
     if not s.private:
-        return Training(s, m, d, p, loader, inner, loss_model, autocast, ppl_before)
+        return Training(s, m, d, p, loader, inner, compile_no_dp(loss_model, run["backend"]), autocast, ppl_before)
     step_model = dp_compile(loss_model, backend=run["backend"], **dp_opts)
     adaptive = run.get("adaptive_clipping")
     if adaptive is not None:  # a sigma the quantile release leaves no room for: refused before training
@@ -392,7 +402,8 @@ class Training:
             "clip_fn": run["clip_fn"],
             "adaptive_thresholds": (dict(self.optimizer.adaptive.values)
                                     if private and getattr(self.optimizer, "adaptive", None) is not None else None),
-            "backend": run["backend"] if private else None, "lr": run["lr"], "train_layers": run["train_layers"],
+            "backend": run["backend"] if private else NO_DP_BACKENDS[run["backend"]], "lr": run["lr"],
+            "train_layers": run["train_layers"],
             "train_embeddings": run["train_embeddings"], "trainable_parameters": self.m.n_train,
             "held_out_windows": 0 if d.held is None else len(d.held), "perplexity_before": self.ppl_before,
             "final_loss": self.last_loss,

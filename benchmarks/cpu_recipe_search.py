@@ -1,0 +1,187 @@
+"""Which recipe of `dpcompile train` learns most under DP (issue 23: the CPU default in ten minutes, the GPU
+default).
+
+One process per set of trained parameters (compiling is the expensive part, and a compiled step serves every
+recipe on the same parameters): the model is loaded and compiled once, then each recipe starts from the loaded
+weights, trains with DP-SGD at the target epsilon and again without privacy (same steps, batches, lr), and
+reports held-out perplexity before and after. Times are per step, so that a recipe's wall time on the 2-core
+machine can be predicted before the CLI runs it.
+
+    python benchmarks/cpu_recipe_search.py --train norms --recipes "B=64,steps=20,lr=2e-3" "B=32,steps=40,lr=2e-3"
+
+--train: blocks (every block), blocks:K (the last K blocks, the CLI's --train-layers K), norms (every norm
+weight: RMSNorm/LayerNorm scales, as BitFit trains biases), norms:K (the last K blocks' norms and the final norm).
+A recipe is B (expected batch), steps, lr, and optionally C, eps (default --epsilon), seed, sched (const | linear:
+linear decay to 0). The non-private run of a recipe is compiled like the CLI's --no-dp (train_run.compile_no_dp).
+On a GPU (--device cuda) steps run under bf16 autocast, as the CLI's do.
+Appends one JSON line per recipe to --out (default benchmarks/cpu_recipe_search.jsonl).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import platform
+import time
+
+import torch
+
+
+def parse_recipe(text: str) -> dict:
+    out = {}
+    for part in text.split(","):
+        k, v = part.split("=")
+        k, v = k.strip(), v.strip()
+        if k == "sched":
+            out[k] = v
+        else:
+            out[k] = float(v) if any(c in v for c in ".e") or k in ("lr", "C", "eps") else int(v)
+    return out
+
+
+def select_trainable(model, spec: str, decoder_blocks) -> None:
+    """Freeze everything, then unfreeze what `spec` names (see the module docstring)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    kind, _, k = spec.partition(":")
+    blocks = list(decoder_blocks(model))
+    chosen = blocks[len(blocks) - int(k):] if k else blocks
+    if kind == "blocks":
+        for b in chosen:
+            b.requires_grad_(True)
+        model.model.norm.requires_grad_(True)
+    elif kind == "norms":
+        for m in [m for b in chosen for m in b.modules()] + [model.model.norm]:
+            if "norm" in type(m).__name__.lower():
+                m.requires_grad_(True)
+    else:
+        raise SystemExit(f"--train {spec}: blocks | blocks:K | norms | norms:K")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data", default="shakespeare")
+    ap.add_argument("--train", default="norms", help="blocks | blocks:K | norms | norms:K")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--eval-windows", type=int, default=24)
+    ap.add_argument("--micro", type=int, default=16)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--epsilon", type=float, default=8.0)
+    ap.add_argument("--delta", type=float, default=1e-5)
+    ap.add_argument("--C", type=float, default=1.0)
+    ap.add_argument("--clipping", default="per_layer")
+    ap.add_argument("--no-baseline", action="store_true", help="skip the non-private run of each recipe")
+    ap.add_argument("--recipes", nargs="+", required=True, help="B=..,steps=..,lr=.. [,C=..,eps=..,sched=linear]")
+    ap.add_argument("--out", default="benchmarks/cpu_recipe_search.jsonl")
+    args = ap.parse_args(argv)
+
+    from dpcompile import data as D
+    from dpcompile.cli import decoder_blocks, perplexity
+    from dpcompile.compile import compile as dp_compile
+    from dpcompile.hf import CausalLMLoss
+    from dpcompile.privacy.accounting import get_noise_multiplier
+    from dpcompile.privacy.optimizer import DPOptimizer
+    from dpcompile.privacy.sampling import PoissonDataLoader
+    from dpcompile.train_run import _autocast, compile_no_dp
+
+    t0 = time.time()
+    device = torch.device(args.device)
+    autocast = _autocast(device)
+    backend = "flashdp" if device.type == "cuda" else "flashdp_eager"
+    model, tok = D.load_model(args.model, progress=False)
+    model.to(device).train()
+    model.config.use_cache = False
+    select_trainable(model, args.train, decoder_blocks)
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    n_train = sum(p.numel() for _, p in trained)
+    start = {n: p.detach().clone() for n, p in trained}
+    corpus = D.load_corpus(args.data)
+    windows = D.token_windows(corpus.train, tok, args.seq_len)
+    held = D.token_windows(corpus.held_out, tok, args.seq_len, max_windows=args.eval_windows)
+    N = len(windows)
+    print(f"[search] {args.train}: {n_train} trained parameters, N={N}, load {time.time() - t0:.0f}s", flush=True)
+
+    loss_model = CausalLMLoss(model)
+    dp_model = dp_compile(loss_model, backend=backend, max_grad_norm=args.C, clipping=args.clipping,
+                          loss_reduction="mean")
+    no_dp_model = compile_no_dp(loss_model, backend)
+    t = time.time()
+    ppl0 = perplexity(model, held, args.micro, device, autocast, "eval", False)
+    eval_s = time.time() - t
+    print(f"[search] perplexity before {ppl0:.3f} ({eval_s:.0f}s)", flush=True)
+
+    def reset():
+        with torch.no_grad():
+            for n, p in trained:
+                p.copy_(start[n])
+                p.grad = None
+
+    def train(r: dict, private: bool) -> dict:
+        reset()
+        B, steps, lr = int(r["B"]), int(r["steps"]), float(r["lr"])
+        C, eps = float(r.get("C", args.C)), float(r.get("eps", args.epsilon))
+        q = B / N
+        gen = torch.Generator().manual_seed(int(r.get("seed", 0)))
+        loader = PoissonDataLoader(torch.utils.data.TensorDataset(windows), expected_batch_size=B,
+                                   max_physical_batch_size=args.micro, steps=steps, generator=gen)
+        inner = torch.optim.AdamW([p for _, p in trained], lr=lr, weight_decay=0.0)
+        sched = None
+        if r.get("sched", "const") == "linear":
+            sched = torch.optim.lr_scheduler.LambdaLR(inner, lambda i: max(0.0, 1.0 - i / steps))
+        sigma = get_noise_multiplier(eps, args.delta, q, steps) if private else 0.0
+        if private:
+            opt = DPOptimizer(inner, noise_multiplier=sigma, max_grad_norm=C, expected_batch_size=q * N,
+                              loss_reduction="mean", generator=torch.Generator(device).manual_seed(1))
+            loader.attach_optimizer(opt)
+            fwd = dp_model
+        else:
+            opt, fwd = inner, no_dp_model
+        times = []
+        for micro_batches in loader:
+            ts = time.time()
+            for (ids,) in micro_batches:
+                if ids.shape[0] == 0 and not private:
+                    continue
+                ids = ids.to(device)
+                with autocast() if autocast else contextlib.nullcontext():
+                    loss = fwd(ids)
+                if not private:
+                    loss = loss * ids.shape[0] / B
+                loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if sched is not None:
+                sched.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.time() - ts)
+        ppl = perplexity(model, held, args.micro, device, autocast, "eval", False)
+        return {"ppl": ppl, "sigma": sigma, "epsilon": eps if private else None, "first_step_s": round(times[0], 1),
+                "step_s": round(sorted(times[1:])[len(times[1:]) // 2], 3) if len(times) > 1 else None,
+                "train_s": round(sum(times), 1)}
+
+    baselines = {}
+    for text in args.recipes:
+        r = parse_recipe(text)
+        rec = {"train": args.train, "trained_params": n_train, "recipe": r, "seq_len": args.seq_len,
+               "clipping": args.clipping, "N": N, "ppl_before": ppl0, "eval_s": round(eval_s, 1),
+               "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+               "threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
+        rec["dp"] = train(r, True)
+        key = tuple(sorted((k, v) for k, v in r.items() if k not in ("C", "eps")))  # what the baseline depends on
+        if not args.no_baseline:
+            if key not in baselines:
+                baselines[key] = train(r, False)
+            rec["no_dp"] = baselines[key]
+            gain, dp_gain = ppl0 - rec["no_dp"]["ppl"], ppl0 - rec["dp"]["ppl"]
+            rec["recovered"] = round(dp_gain / gain, 3) if gain > 0 else None
+        print(f"[search] {json.dumps(rec)}", flush=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    reset()
+
+
+if __name__ == "__main__":
+    main()

