@@ -72,7 +72,8 @@ def main(argv=None) -> None:
     ap.add_argument("--delta", type=float, default=1e-5)
     ap.add_argument("--C", type=float, default=1.0)
     ap.add_argument("--clipping", default="per_layer")
-    ap.add_argument("--no-baseline", action="store_true", help="skip the non-private run of each recipe")
+    ap.add_argument("--mode", default="both", choices=["both", "dp", "no_dp"],
+                    help="both (default): each recipe with DP and its non-private baseline; dp or no_dp: one of them")
     ap.add_argument("--recipes", nargs="+", required=True, help="B=..,steps=..,lr=.. [,C=..,eps=..,sched=linear]")
     ap.add_argument("--out", default="benchmarks/cpu_recipe_search.jsonl")
     args = ap.parse_args(argv)
@@ -105,8 +106,8 @@ def main(argv=None) -> None:
 
     loss_model = CausalLMLoss(model)
     dp_model = dp_compile(loss_model, backend=backend, max_grad_norm=args.C, clipping=args.clipping,
-                          loss_reduction="mean")
-    no_dp_model = compile_no_dp(loss_model, backend)
+                          loss_reduction="mean") if args.mode != "no_dp" else None
+    no_dp_model = compile_no_dp(loss_model, backend) if args.mode != "dp" else None
     t = time.time()
     ppl0 = perplexity(model, held, args.micro, device, autocast, "eval", False)
     eval_s = time.time() - t
@@ -169,12 +170,14 @@ def main(argv=None) -> None:
                "clipping": args.clipping, "N": N, "ppl_before": ppl0, "eval_s": round(eval_s, 1),
                "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
                "threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-        rec["dp"] = train(r, True)
+        if args.mode != "no_dp":
+            rec["dp"] = train(r, True)
         key = tuple(sorted((k, v) for k, v in r.items() if k not in ("C", "eps")))  # what the baseline depends on
-        if not args.no_baseline:
+        if args.mode != "dp":
             if key not in baselines:
                 baselines[key] = train(r, False)
             rec["no_dp"] = baselines[key]
+        if args.mode == "both":
             gain, dp_gain = ppl0 - rec["no_dp"]["ppl"], ppl0 - rec["dp"]["ppl"]
             rec["recovered"] = round(dp_gain / gain, 3) if gain > 0 else None
         print(f"[search] {json.dumps(rec)}", flush=True)

@@ -26,11 +26,12 @@ pids=()
 core=2
 for stage in "$@"; do
   case "$stage" in
-    gpu)  # GPU_RECIPES: space-separated recipes; GPU_FLAGS: more flags (e.g. --train blocks)
+    gpu|gpu:*)  # gpu[:dp|no_dp]: GPU_RECIPES (space-separated recipes) with DP, without, or both; GPU_FLAGS: more
+      mode=${stage#gpu}; mode=${mode#:}
       eval "recipes=($GPU_RECIPES)"
-      timeout ${GPU_TIMEOUT:-560} python3 benchmarks/cpu_recipe_search.py --device cuda --train blocks --seq-len 256 \
-        --micro 32 --eval-windows 512 ${GPU_FLAGS:-} --recipes "${recipes[@]}" --out "$OUT/gpu_recipes.jsonl" \
-        > "$OUT/gpu.log" 2>&1 &
+      timeout ${GPU_TIMEOUT:-560} taskset -c 8-15 python3 benchmarks/cpu_recipe_search.py --device cuda \
+        --train blocks --seq-len 256 --micro 32 --eval-windows 512 --mode "${mode:-both}" ${GPU_FLAGS:-} \
+        --recipes "${recipes[@]}" --out "$OUT/gpu_recipes.jsonl" > "$OUT/gpu_${mode:-both}.log" 2>&1 &
       pids+=($!) ;;
     cpu:*)  # cpu:TRAIN_SPEC, recipes of CPU_RECIPES, on 2 cores of their own
       spec=${stage#cpu:}
@@ -51,8 +52,8 @@ grep -h "^\[search\] {" "$OUT"/*.log | python3 -c '
 import json, sys
 for line in sys.stdin:
     r = json.loads(line.split("] ", 1)[1])
-    d, n = r["dp"], r.get("no_dp") or {}
-    print(r["train"], r["recipe"], "ppl %.2f -> DP %.2f (eps %s, sigma %.3f) / no-DP %s  recovered %s  step %ss" % (
-        r["ppl_before"], d["ppl"], d["epsilon"], d["sigma"], "%.2f" % n["ppl"] if n else "-", r.get("recovered"),
-        d["step_s"]))'
+    d, n = r.get("dp") or {}, r.get("no_dp") or {}
+    print(r["train"], r["recipe"], "ppl %.2f -> DP %s (eps %s, sigma %s) / no-DP %s  recovered %s  step %s/%ss" % (
+        r["ppl_before"], d.get("ppl"), d.get("epsilon"), d.get("sigma"), n.get("ppl"), r.get("recovered"),
+        d.get("step_s"), n.get("step_s")))'
 tail -25 "$OUT/cli.log" 2>/dev/null
