@@ -33,12 +33,11 @@ for stage in "$@"; do
         --train blocks --seq-len 256 --micro 32 --eval-windows 512 --mode "${mode:-both}" ${GPU_FLAGS:-} \
         --recipes "${recipes[@]}" --out "$OUT/gpu_recipes.jsonl" > "$OUT/gpu_${mode:-both}.log" 2>&1 &
       pids+=($!) ;;
-    cpu:*)  # cpu:TRAIN_SPEC, recipes of CPU_RECIPES, on 2 cores of their own
-      spec=${stage#cpu:}
-      eval "recipes=($CPU_RECIPES)"
+    cpu:*)  # cpu:TRAIN_SPEC@RECIPE[@RECIPE...] on 2 cores of their own
+      spec=${stage#cpu:}; IFS=@ read -r -a recipes <<< "${spec#*@}"; spec=${spec%%@*}
       CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=2 timeout ${CPU_TIMEOUT:-560} taskset -c $core,$((core + 1)) \
         python3 benchmarks/cpu_recipe_search.py --train "$spec" ${CPU_FLAGS:-} --recipes "${recipes[@]}" \
-        --out "$OUT/cpu_recipes.jsonl" > "$OUT/cpu_${spec/:/_}.log" 2>&1 &
+        --out "$OUT/cpu_recipes.jsonl" > "$OUT/cpu_${spec/:/_}_$core.log" 2>&1 &
       pids+=($!); core=$((core + 2)) ;;
     cli)  # the CLI with CLI_FLAGS (default: none), timed
       ( /usr/bin/time -v timeout ${CLI_TIMEOUT:-560} python3 -m dpcompile train --no-progress --out "$OUT/cli" \
