@@ -13,6 +13,12 @@ arrival is clipped; anything else (an eager use of the parameter, a second graph
 graph of another backend, no graph at all) was summed into it, and the arrival is marked foreign with the reason.
 A post-accumulate hook binds the verdict to the `.grad` tensor it describes, so a `.grad` set or replaced by hand
 is not vouched for either.
+
+Randomized norms travel the same way. A graph call whose backward estimated per-sample norms with probes
+(docs/randomized.md) hands its effective probe count (GraphClipping.runs) to the tap with its gradients, and the
+count is bound to the `.grad` those gradients were accumulated into: `randomized_runs(params)` is the set of counts
+behind the gradients an optimizer is about to noise (DPOptimizer reads it and tells its accountant), with no
+process-wide record to take or to reset.
 """
 from __future__ import annotations
 
@@ -25,6 +31,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import DPCompileError
+from .randomized_contract import accounting_probes
 
 
 @dataclass(eq=False)
@@ -36,6 +43,9 @@ class GraphClipping:
     randomized_positions: indices into `names` whose per-sample norm the graph estimates with probes.
     randomized_groups: clipping group -> C_g of every group holding a randomized site.
     classified: the pass looked at samples (B >= 1): its randomized verdicts are comparable with other graphs'.
+    runs: the effective probe counts (randomized_contract.accounting_probes) one backward of the graph estimates
+        norms with: {k} when the graph holds randomized sites (its dpcompile::probe_seed runs in every backward),
+        else empty. Each call's tap hands it, with the clipped gradients, to the parameters' records.
     """
 
     sensitivity: float
@@ -50,6 +60,12 @@ class GraphClipping:
     #: input (empty for compile-time thresholds). Such a graph's sensitivity is inf here: each call's thresholds
     #: are the ones its parameters' RuntimeThresholds held at that call (`threshold_input`)
     runtime_groups: tuple = ()
+
+    @property
+    def runs(self) -> frozenset:
+        if not self.randomized_positions:
+            return frozenset()
+        return frozenset({accounting_probes(self.probes, self.variant or "hutchinson")})
 
     @classmethod
     def from_context(cls, ctx) -> "GraphClipping":
@@ -71,21 +87,28 @@ class GradProvenance:
         (kept for the tensor's life: the sensitivity and the accounting cover every graph a sample may go through).
     grad: weak reference to the `.grad` tensor the last arrival was accumulated into.
     foreign: why that `.grad` holds a term no clipping graph produced (None: every term was clipped).
+    runs: the effective probe counts of the randomized graph calls whose clipped gradients were accumulated into
+        that `.grad` (GraphClipping.runs; empty: exact norms only). Started afresh by an arrival into a `.grad` of
+        None, added to by the arrivals after it; for a tensor whose gradient others consume (FSDP2's unsharded
+        parameters), the last arrival's.
     """
 
-    __slots__ = ("name", "graphs", "pending", "replayed", "grad", "foreign", "arrivals", "_before", "_arrival",
-                 "__weakref__")
+    __slots__ = ("name", "graphs", "pending", "pending_runs", "replayed", "grad", "foreign", "arrivals", "runs",
+                 "_before", "_arrival", "_arrival_runs", "__weakref__")
 
     def __init__(self, name: str):
         self.name = name  # the parameter name the first graph that clipped it gave it (for messages)
         self.graphs: dict = {}
         self.pending: list = []  # the clipped gradients the taps delivered in the running backward
+        self.pending_runs: set = set()  # the randomized probe counts of the taps that delivered them
         self.replayed = False  # a tap's backward ran a second time (retain_graph) in the running backward
         self.grad = None
         self.foreign: Optional[str] = None
         self.arrivals = 0  # backward passes that accumulated into `grad` (one per compiled call backpropagated)
+        self.runs: frozenset = frozenset()
         self._before = None
         self._arrival: Optional[str] = None  # the verdict of the arrival between the two hooks
+        self._arrival_runs: frozenset = frozenset()  # its randomized probe counts, between the two hooks
 
     def current_grad_problem(self, p: torch.Tensor) -> Optional[str]:
         """Why `p.grad` is not known to be made only of clipped terms, or None."""
@@ -126,6 +149,26 @@ def clipped_arrivals(p: torch.Tensor) -> int:
     return prov.arrivals
 
 
+def randomized_runs(params) -> frozenset:
+    """The effective probe counts of the randomized norms behind the gradients of `params` (tensors whose .grad is
+    None contribute nothing): what an accountant must be told for a step that noises them
+    (PrivacyAccountant.step(..., probes_ran=...)). Empty when every term was clipped with exact norms. A `.grad`
+    set by hand keeps the counts of the arrivals before it (an over-report only makes the accounting looser)."""
+    runs: set = set()
+    for p in params:
+        prov = _PROVENANCE.get(p) if p.grad is not None else None
+        if prov is not None:
+            runs |= prov.runs
+    return frozenset(runs)
+
+
+def last_arrival_runs(p: torch.Tensor) -> frozenset:
+    """For a tensor whose gradient others consume and free (FSDP2's unsharded parameters): the effective probe
+    counts of the randomized norms behind the last gradient that arrived at it."""
+    prov = _PROVENANCE.get(p)
+    return prov.runs if prov is not None else frozenset()
+
+
 def last_arrival_problem(p: torch.Tensor) -> Optional[str]:
     """For a tensor whose gradient others consume and free (FSDP2's unsharded parameters): why the last gradient
     that arrived at it was not a clipped one, or None."""
@@ -142,6 +185,8 @@ def _arrived(pref: "weakref.ref", grad: torch.Tensor) -> None:
     if prov is None:
         return
     pending, prov.pending = prov.pending, []
+    runs, prov.pending_runs = prov.pending_runs, set()
+    prov._arrival_runs = frozenset(runs)
     replayed, prov.replayed = prov.replayed, False
     if replayed:
         prov._arrival = ("the same compiled call was backpropagated more than once (retain_graph=True), so its "
@@ -169,6 +214,8 @@ def _accumulated(p: torch.Tensor) -> None:
         return
     before, prov._before = prov._before, None
     prov.arrivals = 1 if before is None else prov.arrivals + 1
+    prov.runs = prov._arrival_runs if before is None else prov.runs | prov._arrival_runs
+    prov._arrival_runs = frozenset()
     if before is None:
         prov.foreign = prov._arrival
     elif prov.grad is None or prov.grad() is not before:
@@ -191,10 +238,12 @@ def _watch(p: torch.Tensor, name: str) -> GradProvenance:
 
 
 class _ClipTap(torch.autograd.Function):
-    """Identity on the parameters of one graph call; its backward marks what the clipping graph delivered."""
+    """Identity on the parameters of one graph call; its backward marks what the clipping graph delivered, and
+    with how many probes that backward estimated norms (`runs`, empty for exact norms)."""
 
     @staticmethod
-    def forward(ctx, provs, *params):
+    def forward(ctx, runs, provs, *params):
+        ctx.runs = runs
         ctx.provs = provs
         ctx.backwards = 0
         ctx.set_materialize_grads(False)
@@ -207,8 +256,9 @@ class _ClipTap(torch.autograd.Function):
             if g is None:
                 continue
             prov.pending.append(g)
+            prov.pending_runs |= ctx.runs
             prov.replayed |= ctx.backwards > 1  # retain_graph: the same samples' clipped sums counted again
-        return (None, *grads)
+        return (None, None, *grads)
 
 
 def _check_consistent(prov: GradProvenance, record: GraphClipping, position: int) -> None:
@@ -239,7 +289,7 @@ def tap(record: GraphClipping, params: list) -> list:
         if record not in prov.graphs:
             _check_consistent(prov, record, k)
         provs.append(prov)
-    return list(_ClipTap.apply(tuple(provs), *params))
+    return list(_ClipTap.apply(record.runs, tuple(provs), *params))
 
 
 # ----------------------------------------------------------------------------------------------------------

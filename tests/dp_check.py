@@ -34,7 +34,13 @@ def _prefixed(options: dict) -> dict:
     return out
 
 
-def compiled_grads(case, batch, *, backend="flashdp_eager", dtype=torch.float64, dynamic=True, **options):
+def compiled_grads(case, batch, **options):
+    model = compiled_model(case, batch, **options)
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def compiled_model(case, batch, *, backend="flashdp_eager", dtype=torch.float64, dynamic=True, **options):
+    """A copy of case.model after one compiled forward and backward on `batch` (its .grad hold the clipped sums)."""
     model = copy.deepcopy(case.model).to(dtype)
     batch = tuple(b.to(dtype) if b.is_floating_point() else b for b in batch)
     wrapper = LossModule(model, case.loss_fn, options.get("loss_reduction", "mean") == "mean")
@@ -45,7 +51,7 @@ def compiled_grads(case, batch, *, backend="flashdp_eager", dtype=torch.float64,
     else:
         compiled = torch.compile(wrapper, backend=backend, options=options, fullgraph=True)
     compiled(*batch).backward()
-    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return model
 
 
 def oracle_grads(case, batch, *, max_grad_norm=1.0, clipping="per_layer", clip_fn="abadi", oracle_kind="loop", **_):
@@ -61,9 +67,12 @@ def oracle_grads(case, batch, *, max_grad_norm=1.0, clipping="per_layer", clip_f
 
 
 def assert_matches(case, batch, *, atol=1e-9, rtol=1e-7, oracle_kind="loop", **options):
-    got = compiled_grads(case, batch, **options)
+    """Returns the compiled copy of the model (compiled_model), whose .grad were compared."""
+    model = compiled_model(case, batch, **options)
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     want = oracle_grads(case, batch, oracle_kind=oracle_kind, **options)
     _assert_close(case, got, want, atol, rtol, options)
+    return model
 
 
 #: the sweep every site kind's test file runs (tests/test_site_*.py): flat and per-layer clipping, each with every

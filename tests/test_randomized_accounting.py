@@ -11,7 +11,7 @@ from scipy import integrate, stats
 
 from dpcompile.privacy import randomized_accounting as RA
 from dpcompile.privacy.accounting import PrivacyAccountant, RandomizedAccountingError, get_epsilon, get_noise_multiplier
-from randomized_common import _clean_state, Q, STEPS, DELTA, VDI  # noqa: F401  (autouse fixture)
+from randomized_common import Q, STEPS, DELTA, VDI
 
 
 # --------------------------------------------------------------------------------------------- accounting
@@ -124,12 +124,20 @@ def test_accountant_records_randomized_steps():
 
 
 def test_accountant_refuses_gaussian_epsilon_after_randomized_norms():
-    x = torch.zeros(1)
+    import dpcompile
+    from dpcompile.clip_provenance import randomized_runs
+
     acc = PrivacyAccountant(value_discretization_interval=VDI)
     acc.step(noise_multiplier=1.0, sample_rate=Q)                 # exact norms: fine
     assert acc.get_epsilon(DELTA) > 0
-    torch.ops.dpcompile.probe_seed(x, 32, "hutchinson")           # the kernels ran randomized norms ...
-    acc.step(noise_multiplier=1.0, sample_rate=Q)                 # ... and the step did not say so
+    # the kernels ran randomized norms: the gradients they produced say so ...
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    torch._dynamo.reset()
+    dpcompile.compile(model, backend="flashdp_eager", strategy="randomized", probes=32,
+                      loss_reduction="sum")(torch.randn(3, 5, 3)).sum().backward()
+    ran = randomized_runs(model.parameters())
+    assert ran == {32}
+    acc.step(noise_multiplier=1.0, sample_rate=Q, probes_ran=ran)  # ... and the step was told only that
     assert acc.unaccounted_randomized_steps == 1
     with pytest.raises(RandomizedAccountingError, match="probes="):
         acc.get_epsilon(DELTA)
@@ -140,13 +148,12 @@ def test_accountant_refuses_gaussian_epsilon_after_randomized_norms():
         other.get_epsilon(DELTA)
     # told, but with more probes than ran: the smaller count is accounted
     acc2 = PrivacyAccountant(value_discretization_interval=VDI)
-    torch.ops.dpcompile.probe_seed(x, 16, "hutchinson")
-    acc2.step(noise_multiplier=1.0, sample_rate=Q, probes=64)
+    acc2.step(noise_multiplier=1.0, sample_rate=Q, probes=64, probes_ran={16})
     assert acc2.history == [(1.0, Q, 1, RA.RandomizedSpec(16))]
     # counts outside the chi2 envelope's argument (not multiples of the smallest): the Chernoff envelope
-    torch.ops.dpcompile.probe_seed(x, 24, "hutchinson")
-    torch.ops.dpcompile.probe_seed(x, 36, "hutchinson")
-    acc2.step(noise_multiplier=1.0, sample_rate=Q, probes=24)
+    acc2.step(noise_multiplier=1.0, sample_rate=Q, probes=24, probes_ran=[24, 36])
     assert acc2.history[-1] == (1.0, Q, 1, RA.RandomizedSpec(24, envelope="chernoff"))
     with pytest.raises(ValueError, match="probes"):
         acc2.step(noise_multiplier=1.0, sample_rate=Q, group_weights=[0.5])
+    with pytest.raises(ValueError, match="effective probe count"):
+        acc2.step(noise_multiplier=1.0, sample_rate=Q, probes=8, probes_ran=[0])

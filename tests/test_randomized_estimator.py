@@ -12,7 +12,7 @@ from dpcompile.codegen import randomized_ops as RO
 from dpcompile.codegen.kernels import randomized as K
 from dpcompile.codegen.ops import linear_clipped_sum_reference, linear_norm_reference
 from dpcompile.privacy import randomized_accounting as RA
-from randomized_common import _clean_state, BLOCK, DEVICE, SEED, _exact, _low_rank  # noqa: F401  (autouse fixture)
+from randomized_common import BLOCK, DEVICE, SEED, _exact, _low_rank
 
 
 # ------------------------------------------------------------------------------------ estimator statistics
@@ -108,17 +108,17 @@ def test_probe_seed_op():
     x = torch.zeros(2, device=DEVICE)
     seeds = {torch.ops.dpcompile.probe_seed(x, 8, "hutchinson").item() for _ in range(20)}
     assert len(seeds) == 20 and all(0 <= s < 2 ** 63 for s in seeds)
-    assert RA.take_randomized_use() == (8, True) and RA.take_randomized_use() is None
-    torch.ops.dpcompile.probe_seed(x, 32, "hutchinson")
-    torch.ops.dpcompile.probe_seed(x, 12, "hutchpp")
-    assert RA.take_randomized_use() == (4, True)  # the smallest effective count: 12 - 2 * 4; 32 = 8 * 4
-    torch.ops.dpcompile.probe_seed(x, 32, "hutchinson")
-    torch.ops.dpcompile.probe_seed(x, 15, "hutchpp")
-    assert RA.take_randomized_use() == (5, False)
-    RO.manual_probe_seed(7)
-    first = [torch.ops.dpcompile.probe_seed(x, 8, "hutchinson").item() for _ in range(3)]
-    RO.manual_probe_seed(7)
-    assert first == [torch.ops.dpcompile.probe_seed(x, 8, "hutchinson").item() for _ in range(3)]
+    # the summary the accountant makes of the effective probe counts behind a step's gradients
+    assert RA.probes_summary({RA.accounting_probes(8)}) == (8, True) and RA.probes_summary(()) is None
+    ran = {RA.accounting_probes(32), RA.accounting_probes(12, "hutchpp")}
+    assert RA.probes_summary(ran) == (4, True)  # the smallest effective count: 12 - 2 * 4; 32 = 8 * 4
+    assert RA.probes_summary({RA.accounting_probes(32), RA.accounting_probes(15, "hutchpp")}) == (5, False)
+    with RO.manual_probe_seed(7):
+        first = [torch.ops.dpcompile.probe_seed(x, 8, "hutchinson").item() for _ in range(3)]
+    with RO.manual_probe_seed(7):
+        assert first == [torch.ops.dpcompile.probe_seed(x, 8, "hutchinson").item() for _ in range(3)]
+    # the block restored the seed source: secret seeds again, not the sequence of 7
+    assert first[0] not in {torch.ops.dpcompile.probe_seed(x, 8, "hutchinson").item() for _ in range(3)}
     seed = torch.ops.dpcompile.probe_seed(x, 8, "hutchinson")
     assert seed.dtype == torch.int64 and seed.shape == (1,) and seed.device == x.device
     with pytest.raises(ValueError):
@@ -164,7 +164,6 @@ def test_ops_trace_and_compile():
     want = sum(K.randomized_sq_norms_reference(a.cpu(), b.cpu(), 8, "hutchinson", s1.cpu(), site, dtype=torch.float64)
                for site in (0, 1))
     torch.testing.assert_close(x.cpu().double(), want, rtol=1e-4, atol=0)
-    assert RA.take_randomized_use() == (8, True)
 
 
 def test_exact_hook_gives_the_exact_clipped_gradient():

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from dpcompile.codegen.kernels import randomized as K
-from randomized_common import _clean_state, BLOCK, DEVICE, SEED, _exact  # noqa: F401  (autouse fixture)
+from randomized_common import BLOCK, DEVICE, SEED, _exact
 
 
 # ---------------------------------------------------------------------------------------------- probes

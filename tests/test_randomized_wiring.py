@@ -9,7 +9,7 @@ from dpcompile.codegen import randomized_ops as RO
 from dpcompile.codegen.kernels import randomized as K
 from dpcompile.privacy import randomized_accounting as RA
 from dpcompile.privacy.accounting import PrivacyAccountant, RandomizedAccountingError, get_epsilon, get_noise_multiplier
-from randomized_common import _clean_state, SEED, _exact, Q, DELTA, VDI, _Bilinear  # noqa: F401  (autouse fixture)
+from randomized_common import SEED, _exact, Q, DELTA, VDI, _Bilinear
 
 
 # ---------------------------------------------------------------------------- wiring: compiled graphs, optimizer
@@ -28,16 +28,18 @@ def test_randomized_strategy_with_exact_norms_matches_the_oracle(family, clippin
     with the clipped sums of two_pass (products within the budget) and of our GEMM (a budget nothing fits)."""
     from dp_check import assert_matches
 
+    from dpcompile.clip_provenance import randomized_runs
+
     case = _family(family)
     budget = {} if budget_mb is None else {"single_pass_budget_mb": budget_mb}
     with RO.exact_norms():
-        assert_matches(case, case.batch(3, seed=1), max_grad_norm=0.05, clipping=clipping, strategy="randomized",
-                       loss_reduction="mean", **budget)
-        assert RA.take_randomized_use() == (32, True)  # the randomized ops ran (one seed per call)
+        model = assert_matches(case, case.batch(3, seed=1), max_grad_norm=0.05, clipping=clipping,
+                               strategy="randomized", loss_reduction="mean", **budget)
+        assert randomized_runs(model.parameters()) == {32}  # the gradients say randomized norms made them
         if family == "gpt" and clipping == "per_layer":  # a batch of one: its own graph, estimating too
-            assert_matches(case, case.batch(1, seed=2), max_grad_norm=0.05, clipping=clipping,
-                           strategy="randomized", probes=12, probe_variant="hutchpp", loss_reduction="mean")
-            assert RA.take_randomized_use() == (4, True)
+            model = assert_matches(case, case.batch(1, seed=2), max_grad_norm=0.05, clipping=clipping,
+                                   strategy="randomized", probes=12, probe_variant="hutchpp", loss_reduction="mean")
+            assert randomized_runs(model.parameters()) == {4}  # 12 - 2 * 4 effective probes
 
 
 @pytest.mark.parametrize("budget_mb", [None, 1e-4])
@@ -59,17 +61,17 @@ def test_clip_factors_come_from_the_estimates_with_fresh_seeds(budget_mb):
                                  max_grad_norm=C, strategy="randomized", probes=k, **budget)
 
     def grad(xb, wb, seed):
-        RO.manual_probe_seed(seed)
         model.lin.weight.grad = None
-        compiled(xb, wb).backward()
+        with RO.manual_probe_seed(seed):
+            compiled(xb, wb).backward()
         return model.lin.weight.grad.clone()
 
     def expected(est, xb, wb):
         coef = (C / (est.sqrt() + 1e-6)).clamp(max=1.0)
         return torch.einsum("i,itn,itm->nm", coef, wb, xb)
 
-    RO.manual_probe_seed(5)
-    seed = RO.next_probe_seed()  # the seed the graph's first call draws after manual_probe_seed(5)
+    with RO.manual_probe_seed(5):
+        seed = RO.next_probe_seed()  # the seed the graph's first call draws under manual_probe_seed(5)
     got = grad(x, w, 5)
     # the site's operands as the weight-gradient mm has them: dY^T X, so a = w (probes over the outputs), b = x
     est = K.randomized_sq_norms_reference(w, x, k, "hutchinson", seed, 0)
@@ -79,8 +81,8 @@ def test_clip_factors_come_from_the_estimates_with_fresh_seeds(budget_mb):
     fresh = [grad(x, w, None), grad(x, w, None)]                # OS-entropy seeds: fresh probes every call
     assert not torch.equal(fresh[0], fresh[1]) and not torch.equal(fresh[0], got)
     # a batch of one: the sample's product s_0 (the weight gradient's mm, (out, in)) gets the same estimator
-    RO.manual_probe_seed(6)
-    seed = RO.next_probe_seed()
+    with RO.manual_probe_seed(6):
+        seed = RO.next_probe_seed()
     got = grad(x[:1], w[:1], 6)
     est = K.randomized_sq_norms_of_products_reference(torch.einsum("tn,tm->nm", w[0], x[0])[None], k, "hutchinson",
                                                       seed, 0)
@@ -103,8 +105,8 @@ def test_hutchpp_from_products_or_rows_alike(clipping):
         opts = {} if budget == "exact" else dict(strategy="randomized", probes=6, probe_variant="hutchpp", **budget)
         compiled = dpcompile.compile(model, backend="flashdp_eager", loss_reduction="sum", clipping=clipping,
                                      max_grad_norm=0.05, **opts)
-        RO.manual_probe_seed(9)
-        compiled(x, w).backward()
+        with RO.manual_probe_seed(9):
+            compiled(x, w).backward()
         grads.append(model.lin.weight.grad)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-9, atol=1e-12)
     assert not torch.allclose(grads[0], grads[2], rtol=1e-3)  # rank 4 > 6 // 3: Hutch++ is not exact here
@@ -190,13 +192,66 @@ def test_optimizer_accounts_randomized_steps():
     assert entry[3].probes == 16 and entry[3].group_weights == pytest.approx((0.5, 0.5))
 
 
-def test_randomized_steps_the_optimizer_cannot_account_are_refused():
+def test_probe_counts_are_bound_to_the_gradient_they_made():
+    """The counts accumulate with the gradient over micro-batches and start afresh with a new .grad: a consumed
+    gradient's randomized norms are not charged to the next one."""
     import dpcompile
+    from dpcompile.clip_provenance import randomized_runs
 
-    # a plain accountant step after randomized norms ran: epsilon refused
-    _randomized_step("flat", None)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    torch._dynamo.reset()
+    c8, c16 = (dpcompile.compile(model, backend="flashdp_eager", strategy="randomized", probes=k,
+                                 loss_reduction="sum") for k in (8, 16))
+    x = torch.randn(3, 5, 3)
+    c8(x).sum().backward()
+    assert randomized_runs(model.parameters()) == {8}
+    c16(x).sum().backward()  # a second micro-batch, accumulated into the same .grad
+    assert randomized_runs(model.parameters()) == {8, 16}
+    model.zero_grad(set_to_none=True)
+    assert randomized_runs(model.parameters()) == frozenset()
+    c16(x).sum().backward()
+    assert randomized_runs(model.parameters()) == {16}
+
+
+@pytest.mark.parametrize("second,envelope", [(12, "chernoff"), (16, "chi2")])
+def test_mixed_probe_counts_reach_the_accountant_with_the_gradients(second, envelope):
+    """Two models compiled with 8 and `second` probes, stepped by one optimizer: the gradients carry both counts,
+    the accountant takes the smallest, and the Chernoff envelope where the other is not a multiple of it."""
+    import math
+
+    import dpcompile
+    from dpcompile.clip_provenance import randomized_runs
+
+    models = []
+    for k in (8, second):
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        torch._dynamo.reset()
+        compiled = dpcompile.compile(model, backend="flashdp_eager", strategy="randomized", clipping="flat",
+                                     probes=k, loss_reduction="sum")
+        compiled(torch.randn(3, 5, 3)).sum().backward()
+        assert randomized_runs(model.parameters()) == {k}
+        models.append(model)
+    params = [p for m in models for p in m.parameters()]
+    assert randomized_runs(params) == {8, second}
     acc = PrivacyAccountant(value_discretization_interval=VDI)
-    acc.step(noise_multiplier=1.0, sample_rate=Q)
+    opt = dpcompile.DPOptimizer(torch.optim.SGD(params, lr=0.1), noise_multiplier=1.0, max_grad_norm=math.sqrt(2),
+                                expected_batch_size=3.0, loss_reduction="sum", accountant=acc, sample_rate=Q)
+    opt.step()
+    (entry,) = acc.history
+    assert entry[3].probes == 8 and entry[3].envelope == envelope
+    assert entry[3].group_weights == pytest.approx((0.5, 0.5))
+
+
+def test_randomized_steps_the_optimizer_cannot_account_are_refused(monkeypatch):
+    import dpcompile
+    from dpcompile.clip_provenance import randomized_runs
+    from dpcompile.privacy import optimizer as optimizer_module
+
+    # an accountant stepped by hand, told what the gradients say (randomized norms ran) but not how to account
+    # them: epsilon refused
+    model, _, _ = _randomized_step("flat", None)
+    acc = PrivacyAccountant(value_discretization_interval=VDI)
+    acc.step(noise_multiplier=1.0, sample_rate=Q, probes_ran=randomized_runs(model.parameters()))
     with pytest.raises(RandomizedAccountingError):
         acc.get_epsilon(DELTA)
     # the RDP accountant has no bound for them: refused before any noise
@@ -205,16 +260,26 @@ def test_randomized_steps_the_optimizer_cannot_account_are_refused():
     with pytest.raises(dpcompile.DPCompileError, match="PLD"):
         opt.step()
     assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
-    # randomized norms ran, but this optimizer's parameters were clipped exactly: it cannot account them
-    RA.take_randomized_use()
+    # randomized norms ran for another model: they travel with that model's gradients, and an optimizer of
+    # parameters clipped exactly accounts a plain Gaussian step
     _randomized_step("flat", None)
     other = torch.nn.Linear(3, 2)
     torch._dynamo.reset()
     dpcompile.compile(other, backend="flashdp_eager", loss_reduction="sum")(torch.randn(2, 3)).sum().backward()
+    assert randomized_runs(other.parameters()) == frozenset()
+    acc = PrivacyAccountant()
     opt = dpcompile.DPOptimizer(torch.optim.SGD(other.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
-                                expected_batch_size=2.0, accountant=PrivacyAccountant(), sample_rate=Q)
+                                expected_batch_size=2.0, accountant=acc, sample_rate=Q)
+    opt.step()
+    assert acc.history == [(1.0, Q, 1)]
+    # gradients that say randomized norms made them, but no graph of the optimizer's parameters describes them:
+    # refused before any noise
+    model, _, opt = _randomized_step("flat", PrivacyAccountant())
+    monkeypatch.setattr(optimizer_module, "randomized_accounting", lambda *a: None)
+    grads = [p.grad.clone() for p in model.parameters()]
     with pytest.raises(dpcompile.DPCompileError, match="no graph that clipped this optimizer's parameters"):
         opt.step()
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
 
 
 def test_make_private_calibrates_sigma_for_the_randomized_groups(monkeypatch):

@@ -141,21 +141,19 @@ def test_privacy_imports_the_randomized_contract_at_the_top():
                for _, m, local in _imports(PACKAGE / "privacy" / "accounting.py"))
 
 
-def test_the_contract_records_randomized_runs():
+def test_the_contract_sums_up_the_probe_counts_that_ran():
+    """The contract holds no record of runs (they travel with the gradients, clip_provenance.randomized_runs): only
+    the probe-count rule and the summary the accountant makes of the counts it is told."""
     from dpcompile import randomized_contract as RC
     from dpcompile.privacy import randomized_accounting as RA
 
-    assert RA.take_randomized_use is RC.take_randomized_use and RA.accounting_probes is RC.accounting_probes
-    use = RC.RandomizedUse()  # a record of its own: the process's record is untouched
-    assert use.take() is None
-    use.record(12, "hutchpp")
-    use.record(8)
-    assert use.peek() == (4, True) and use.take() == (4, True) and use.take() is None
-    use.record(5)
-    use.record(8)
-    assert use.take() == (5, False)
+    assert RA.probes_summary is RC.probes_summary and RA.accounting_probes is RC.accounting_probes
+    assert not [n for n in vars(RC) if "use" in n.lower() or "record" in n.lower()]
+    assert RC.probes_summary(()) is None
+    assert RC.probes_summary({RC.accounting_probes(12, "hutchpp"), RC.accounting_probes(8)}) == (4, True)
+    assert RC.probes_summary([5, 8]) == (5, False)
     with pytest.raises(ValueError, match="hutchpp needs probes >= 3"):
-        use.record(2, "hutchpp")
+        RC.accounting_probes(2, "hutchpp")
 
 
 def test_cli_refuses_non_exact_strategies_from_the_registry():

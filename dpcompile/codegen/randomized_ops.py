@@ -2,9 +2,11 @@
 
   dpcompile::probe_seed(like, probes, variant) -> int64 (1,)
       A fresh secret 63-bit seed for one call of the graph, on like's device. Draws from the module's seed
-      source (OS entropy, `secrets`, unless manual_probe_seed() fixed it for tests) and records that randomized
-      norms with `probes` / `variant` ran (randomized_contract.record_randomized_use), which the
-      PrivacyAccountant checks. Opaque custom op tagged nondeterministic_seeded: never CSE'd or constant-folded,
+      source (OS entropy, `secrets`, unless `with manual_probe_seed(s):` fixed it for tests); `probes` / `variant`
+      are checked, and tie the seed to the estimator. That the call's backward ran randomized norms is not recorded
+      here: the graph call's clipping record says it, and it travels with the gradients the backward produced
+      (clip_provenance.GraphClipping.runs, randomized_runs), where DPOptimizer reads it for its accountant.
+      Opaque custom op tagged nondeterministic_seeded: never CSE'd or constant-folded,
       run on every call of the compiled graph (so also once per micro-batch). Not CUDA-graph safe (a CUDA graph
       would replay one seed).
 
@@ -42,7 +44,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..randomized_contract import accounting_probes, record_randomized_use
+from ..randomized_contract import accounting_probes
 from .kernels.randomized import (VARIANTS, _as_sites, check_site, check_variant, randomized_sq_norms,
                                  randomized_sq_norms_of_products, randomized_sq_norms_of_products_reference,
                                  randomized_sq_norms_reference)
@@ -64,9 +66,14 @@ class _SeedSource:
         with self._lock:
             return self._rng.getrandbits(63) if self._rng is not None else secrets.randbits(63)
 
-    def manual(self, seed: Optional[int]) -> None:
+    def manual(self, seed: Optional[int]) -> Optional[random.Random]:
+        """Follow `seed` (None: OS entropy); returns the generator it replaces."""
+        return self.restore(None if seed is None else random.Random(seed))
+
+    def restore(self, rng: Optional[random.Random]) -> Optional[random.Random]:
         with self._lock:
-            self._rng = None if seed is None else random.Random(seed)
+            prev, self._rng = self._rng, rng
+        return prev
 
 
 _SOURCE = _SeedSource()
@@ -77,19 +84,24 @@ def next_probe_seed() -> int:
     return _SOURCE.next()
 
 
-def manual_probe_seed(seed: Optional[int]) -> None:
-    """Make probe seeds reproducible (tests, debugging): the seed sequence then follows `seed`, and anyone who
-    knows it knows the probes, which voids the privacy analysis (probes must be secret, like the noise).
-    manual_probe_seed(None) goes back to OS entropy."""
+@contextlib.contextmanager
+def manual_probe_seed(seed: Optional[int]):
+    """`with manual_probe_seed(s):` makes probe seeds reproducible inside the block (tests, debugging): the seed
+    sequence follows `s` (None: OS entropy), and anyone who knows it knows the probes, which voids the privacy
+    analysis (probes must be secret, like the noise). On leaving the block the seed source is what it was before,
+    so nothing outlives the block."""
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise ValueError(f"seed={seed!r} must be an int or None")
-    _SOURCE.manual(seed)
+    prev = _SOURCE.manual(seed)
+    try:
+        yield
+    finally:
+        _SOURCE.restore(prev)
 
 
 @dp_custom_op(role="seed", tags=(torch.Tag.nondeterministic_seeded,))
 def probe_seed(like: Tensor, probes: int, variant: str) -> Tensor:
     check_variant(variant, probes)
-    record_randomized_use(probes, variant)
     seed = torch.tensor([next_probe_seed()], dtype=torch.int64)
     if like.device.type == "cuda":
         # from pinned memory the copy is queued on the stream like a kernel; from pageable memory it would first wait

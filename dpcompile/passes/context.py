@@ -68,7 +68,7 @@ class PassContext:
 #:   backend.py   only dp_decomposition_table(): the decompositions run before the pass sees the joint graph. The
 #:                rest of backend.py builds the PassContext, whose every field is in PassContext.key().
 #: Not included: privacy/ (the optimizer, noise and accounting run outside the graph), randomized_contract.py (the
-#: probe-count rule and the record of runs; graphs with randomized sites are never cached), clip_provenance.py (run
+#: probe-count rule; graphs with randomized sites are never cached), clip_provenance.py (run
 #: time only), errors.py (a refusal is not cached), cli.py,
 #: compile.py (it passes options, which are in the key), data.py, hf.py, memarc/, explain.py.
 GRAPH_SOURCES = ("passes", "codegen", "options.py", "clipping.py", "strategy_registry.py", "registry.py")

@@ -21,8 +21,9 @@ the same discretized distribution in log space (_stable_epsilon).
 
 Randomized (probe-estimated) per-sample norms, `probes=k`: the step is a mixture-of-Gaussians event over the
 chi-square envelope of the estimate (randomized_accounting.py; PLD only), and the cut-off tail of the envelope
-adds 1e-3 δ to δ and at most 1e-4 to ε. `PrivacyAccountant.step(..., probes=k)` records such steps; an
-accountant that was not told about randomized norms the kernels ran (they record every run) refuses to report ε.
+adds 1e-3 δ to δ and at most 1e-4 to ε. `PrivacyAccountant.step(..., probes=k)` records such steps; a step
+told that randomized norms produced its gradients (`probes_ran=`, which DPOptimizer reads from the gradients' clipping
+records) but not how to account them makes the accountant refuse to report ε.
 """
 from __future__ import annotations
 
@@ -30,9 +31,9 @@ import contextlib
 import logging
 import math
 import numbers
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
-from ..randomized_contract import take_randomized_use
+from ..randomized_contract import probes_summary
 from .randomized_accounting import RandomizedSpec, mog_event, tail_probability
 
 __all__ = ["ACCOUNTANTS", "get_epsilon", "get_noise_multiplier", "PrivacyAccountant", "RandomizedAccountingError"]
@@ -467,11 +468,12 @@ class PrivacyAccountant:
     until the next step. state_dict() is a plain JSON-serialisable dict for checkpoints.
 
     Randomized norms: step(..., probes=k) records a step whose per-sample norms were estimated with k probes.
-    The randomized kernels record every run (randomized_contract.record_randomized_use, via the
-    dpcompile::probe_seed op); each step() takes that record, and a step taken without probes= after randomized
-    norms ran is counted as unaccounted: get_epsilon then raises RandomizedAccountingError instead of reporting
-    a plain Gaussian ε. When the record shows fewer probes than probes= says, the smaller count is used; when
-    it shows probe counts that are not all multiples of the accounted one, the Chernoff envelope is used.
+    step(..., probes_ran=counts) tells it which effective probe counts the randomized norms behind the step's
+    gradients ran with: a fact the gradients carry (clip_provenance.randomized_runs), which DPOptimizer reads and
+    passes on, and which whoever steps an accountant by hand passes the same way. A step told probes_ran but not
+    probes= is counted as unaccounted: get_epsilon then raises RandomizedAccountingError instead of reporting a
+    plain Gaussian ε. When probes_ran holds fewer probes than probes= says, the smaller count is used; when it
+    holds counts that are not all multiples of the accounted one, the Chernoff envelope is used.
     """
 
     def __init__(self, accountant: str = "pld", *, value_discretization_interval: Optional[float] = None):
@@ -484,11 +486,13 @@ class PrivacyAccountant:
     def step(self, *, noise_multiplier: float, sample_rate: float, num_steps: int = 1,
              probes: Optional[int] = None, variant: str = "hutchinson",
              group_weights: Optional[Sequence[float]] = None, envelope: str = "chi2",
-             quantile_noise_multiplier: Optional[float] = None) -> None:
+             quantile_noise_multiplier: Optional[float] = None, probes_ran: Optional[Iterable[int]] = None) -> None:
         """Record `num_steps` logical steps with noise multiplier σ and Poisson sampling rate q.
 
         probes / variant / group_weights / envelope: the step's per-sample norms were randomized (see
         get_epsilon); None = exact norms.
+        probes_ran: the effective probe counts (randomized_contract.accounting_probes) of the randomized norms that
+        produced the step's gradients (see the class docstring); None or empty: none ran.
         quantile_noise_multiplier: adaptive clipping (privacy/adaptive.py): the same Poisson sample also released
         the noisy quantile counts, a Gaussian mechanism of this multiplier z_b. The step is recorded as the
         composition of the two Gaussian mechanisms, which is exactly one Gaussian mechanism of multiplier
@@ -505,9 +509,9 @@ class PrivacyAccountant:
         q = _check_rate(sample_rate)
         n = _check_steps(num_steps, "num_steps")
         spec = _randomized_spec(probes, variant, group_weights, envelope)
+        ran = probes_summary(probes_ran or ())
         if n == 0:
             return
-        ran = take_randomized_use()
         self._cache.clear()
         if ran is not None and spec is None:
             self._unaccounted_randomized += n

@@ -32,8 +32,8 @@ import torch.distributed as dist
 from torch import nn
 
 from ..errors import CoverageError, DPCompileError
-from ..clip_provenance import grad_problem, last_arrival_problem
-from .optimizer import (DPOptimizer, _randomized_ran, _uncovered_message, is_privatized, randomized_accounting,
+from ..clip_provenance import grad_problem, last_arrival_problem, last_arrival_runs, randomized_runs
+from .optimizer import (DPOptimizer, _uncovered_message, is_privatized, randomized_accounting,
                         sensitivity_problem)
 from .sampling import PoissonDataLoader
 
@@ -431,19 +431,39 @@ class DistributedDPOptimizer(DPOptimizer):
                 out.append(p)
         return out
 
-    def _local_accounting(self):
-        """(this rank's randomized-norm description or None, whether randomized norms ran here, a problem)."""
-        try:
-            return randomized_accounting(self._accounted_params(), self.max_grad_norm_total), _randomized_ran(), None
-        except DPCompileError as e:
-            return None, _randomized_ran(), e
+    def _step_runs(self) -> frozenset:
+        """This rank's probe counts behind the gradients it noises; for an FSDP2 shard, those of the last gradient
+        that arrived at its unsharded parameter (FSDP consumes and frees that gradient)."""
+        DTensor = _dtensor_type()
+        runs = set()
+        for p in self._params():
+            if p.grad is None:
+                continue
+            if DTensor and isinstance(p, DTensor):
+                u = self._unsharded.unsharded(p) if self._unsharded is not None else None
+                runs |= last_arrival_runs(u) if u is not None else frozenset()
+            else:
+                runs |= randomized_runs([p])
+        return frozenset(runs)
 
-    def _agree_accounting(self, spec: Optional[dict], ran: bool, any_spec: bool, any_ran: bool) -> dict:
+    def _local_accounting(self):
+        """(this rank's randomized-norm description or None, the probe counts behind its gradients, a problem)."""
+        runs = self._step_runs()
+        try:
+            return randomized_accounting(self._accounted_params(), self.max_grad_norm_total), runs, None
+        except DPCompileError as e:
+            return None, runs, e
+
+    def _agree_accounting(self, spec: Optional[dict], runs: frozenset, any_spec: bool, any_ran: bool) -> dict:
         """Every rank accounts the same step: a sample on any rank may have been clipped by an estimate (a rank
-        that has only seen micro-batches of one or none may not have compiled the graph that says so yet)."""
+        that has only seen micro-batches of one or none may not have compiled the graph that says so yet), and the
+        accountant is told the probe counts behind every rank's gradients."""
+        self._pending_runs = runs
         if any_spec:
-            specs = [None] * self.world_size
-            dist.all_gather_object(specs, spec, group=self.process_group)
+            gathered = [None] * self.world_size
+            dist.all_gather_object(gathered, (spec, sorted(runs)), group=self.process_group)
+            specs = [s for s, _ in gathered]
+            self._pending_runs = frozenset(k for _, ks in gathered for k in ks)
             known = [s for s in specs if s is not None]
             first = known[0]
             from .optimizer import _same_spec
@@ -505,9 +525,10 @@ class DistributedDPOptimizer(DPOptimizer):
         sharded = [p for p in params if DTensor and isinstance(p, DTensor)]
         replicated = [p for p in params if not (DTensor and isinstance(p, DTensor))]
         problem = self._local_problem(replicated, sharded)
-        spec, ran, accounting_problem = self._local_accounting()
-        any_spec, any_ran = self._agree(problem or accounting_problem, replicated, sharded, (spec is not None, ran))
-        self._pending_accounting = self._agree_accounting(spec, ran, any_spec, any_ran)
+        spec, runs, accounting_problem = self._local_accounting()
+        any_spec, any_ran = self._agree(problem or accounting_problem, replicated, sharded,
+                                        (spec is not None, bool(runs)))
+        self._pending_accounting = self._agree_accounting(spec, runs, any_spec, any_ran)
         std = self.noise_multiplier * self.max_grad_norm_total
         scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
         with torch.no_grad():

@@ -18,9 +18,9 @@ from typing import Mapping, Optional, Union
 import torch
 from torch.optim import Optimizer
 
-from ..clip_provenance import clipped_arrivals, clipped_by_some_graph, grad_problem, provenance
+from ..clip_provenance import clipped_arrivals, clipped_by_some_graph, grad_problem, provenance, randomized_runs
 from ..errors import CoverageError, DPCompileError
-from ..randomized_contract import accounting_probes, peek_randomized_use
+from ..randomized_contract import accounting_probes
 from .adaptive import (AdaptiveClipping, combined_noise_multiplier, gradient_noise_multiplier, make_adaptive,
                        quantile_noise_multiplier)
 from .randomized_accounting import RandomizedSpec
@@ -120,8 +120,19 @@ def sensitivity_problem(clipped: list, max_grad_norm_total: float, who: str) -> 
     return None
 
 
-def _randomized_ran() -> bool:
-    return peek_randomized_use() is not None
+def _takes_probes_ran(accountant) -> bool:
+    """Whether `accountant.step` can be told the probe counts that ran (probes_ran=): PrivacyAccountant's can; an
+    accountant of one's own if its step names the argument."""
+    from .accounting import PrivacyAccountant
+
+    if isinstance(accountant, PrivacyAccountant):
+        return True
+    import inspect
+
+    try:
+        return "probes_ran" in inspect.signature(accountant.step).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _same_spec(a: dict, b: dict) -> bool:
@@ -208,7 +219,9 @@ class DPOptimizer(Optimizer):
         would be under-noised), or when those thresholds are unknown.
     Randomized norms (strategy "randomized", docs/randomized.md): when the graphs that clipped the parameters hold
     randomized sites, every accountant step is told their probes, variant and group weights
-    (`randomized_norms`); an accountant that cannot account for them is refused before any noise is added.
+    (`randomized_norms`), and the probe counts the stepped gradients' clipping records carry (`probes_ran=`,
+    clip_provenance.randomized_runs); an accountant that cannot account for them is refused before any noise is
+    added.
     max_grad_norm="adaptive" (adaptive clipping, privacy/adaptive.py, docs/privacy.md): the model must be compiled
         with max_grad_norm="adaptive"; its graphs read each group's threshold from this optimizer at every call.
         adaptive_clipping: {target_quantile, clip_learning_rate, initial_max_grad_norm, quantile_noise_std} (or an
@@ -264,6 +277,9 @@ class DPOptimizer(Optimizer):
         self.check_sensitivity = check_sensitivity
         self.steps_taken = 0
         self._pending_accounting: dict = {}
+        #: the effective probe counts of the randomized norms behind the gradients being noised (add_noise reads
+        #: them from the gradients' clipping records, step tells the accountant)
+        self._pending_runs: frozenset = frozenset()
         # make_private sets this when it calibrated sigma to a target epsilon for randomized norms (see
         # _recalibrate): the randomized description sigma was computed for, and the target
         self._calibration: Optional[dict] = None
@@ -389,22 +405,29 @@ class DPOptimizer(Optimizer):
                 f"{who}: step() before any call of the compiled model: adaptive clipping's groups (and so its "
                 "quantile release) are not known yet. Run the model on the logical batch (an empty one too) first")
 
+    def _step_runs(self) -> frozenset:
+        """The effective probe counts of the randomized norms behind the gradients this step noises (read from
+        their clipping records, clip_provenance.randomized_runs; empty for exact norms)."""
+        return randomized_runs(self._params())
+
     def _accounting(self) -> dict:
         """The randomized-norm arguments of this step's accountant.step ({} for exact norms), checked before any
-        noise is added: an accountant that cannot take them, or randomized norms that ran without a graph of this
-        optimizer's parameters to describe them, are refused."""
+        noise is added: an accountant that cannot take them, or gradients from randomized norms that no graph of
+        this optimizer's parameters describes, are refused. Sets the probe counts step() tells the accountant."""
         spec = randomized_accounting(self._accounted_params(), self.max_grad_norm_total)
-        return self._check_accounting(spec, ran=_randomized_ran())
+        runs = self._step_runs()
+        self._pending_runs = runs
+        return self._check_accounting(spec, ran=bool(runs))
 
     def _check_accounting(self, spec: Optional[dict], ran: bool) -> dict:
         who = type(self).__name__
         if spec is None:
             if ran and self.accountant is not None:
                 raise DPCompileError(
-                    f"{who}: randomized (probe-estimated) per-sample norms ran since the last step, but no graph that "
-                    "clipped this optimizer's parameters has randomized sites, so the step cannot be accounted for "
-                    "them (the accountant would refuse to report epsilon). Step the optimizer of the model that "
-                    "was compiled with strategy='randomized'")
+                    f"{who}: the gradients were clipped with randomized (probe-estimated) per-sample norms, but no "
+                    "graph that clipped this optimizer's parameters has randomized sites, so the step cannot be "
+                    "accounted for them (the accountant would refuse to report epsilon). Step the optimizer of the "
+                    "model that was compiled with strategy='randomized'")
             return {}
         try:
             RandomizedSpec.make(spec["probes"], spec["variant"], spec["group_weights"])
@@ -539,9 +562,11 @@ class DPOptimizer(Optimizer):
             if quantile is not None:  # the gradient release at z_D and the counts' at z_b, composed
                 self._account_adaptive(quantile[0], quantile[1])
             else:
+                told = {"probes_ran": sorted(self._pending_runs)} if (
+                    self._pending_runs and _takes_probes_ran(self.accountant)) else {}
                 self.accountant.step(noise_multiplier=sigma, sample_rate=self.sample_rate,
-                                     **self._pending_accounting)
-        self._pending_accounting = {}
+                                     **self._pending_accounting, **told)
+        self._pending_accounting, self._pending_runs = {}, frozenset()
         if quantile is not None:  # the next graph calls clip to the updated thresholds
             self.adaptive.update(quantile[2], self.steps_taken + 1)
         self._after_step()
@@ -554,7 +579,8 @@ class DPOptimizer(Optimizer):
         from .accounting import PrivacyAccountant
 
         if isinstance(self.accountant, PrivacyAccountant):
-            self.accountant.step(noise_multiplier=z_d, sample_rate=self.sample_rate, quantile_noise_multiplier=z_b)
+            self.accountant.step(noise_multiplier=z_d, sample_rate=self.sample_rate, quantile_noise_multiplier=z_b,
+                                 probes_ran=sorted(self._pending_runs))
         else:  # an accountant of its own: one Gaussian step at the pair's multiplier
             self.accountant.step(noise_multiplier=combined_noise_multiplier(z_d, z_b), sample_rate=self.sample_rate)
 

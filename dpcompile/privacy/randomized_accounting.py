@@ -36,8 +36,9 @@ random sensitivity: a mixture of Gaussians (MoG). Accounted here:
 
 The probes are modelled as exact Gaussians; the kernels draw Philox + Box-Muller fp32 normals (truncated at
 |z| <= 6.66, i.e. at probability 2^-32 per entry). This module has no torch dependency (it is imported by the
-accountant); dp_accounting / scipy are imported lazily. The probe-count rule (accounting_probes) and the record of
-runs (take_randomized_use) come from dpcompile/randomized_contract.py, which the graphs' seed op shares.
+accountant); dp_accounting / scipy are imported lazily. The probe-count rule (accounting_probes) and the summary of
+the probe counts that produced a step's gradients (probes_summary) come from dpcompile/randomized_contract.py, which
+the graphs share.
 """
 from __future__ import annotations
 
@@ -46,13 +47,11 @@ import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
-# the probe-count rule and the record of runs are shared with the graphs' seed op: they live in the contract module
-from ..randomized_contract import (VARIANTS, accounting_probes, peek_randomized_use, record_randomized_use,
-                                   take_randomized_use)
+# the probe-count rule is shared with the graphs: it lives in the contract module
+from ..randomized_contract import VARIANTS, accounting_probes, probes_summary
 
 __all__ = ["ENVELOPES", "VARIANTS", "RandomizedSpec", "accounting_probes", "envelope_cdf", "sensitivity_law",
-           "mog_event", "tail_probability", "record_randomized_use", "take_randomized_use",
-           "peek_randomized_use"]
+           "mog_event", "tail_probability", "probes_summary"]
 
 ENVELOPES = ("chi2", "chernoff")
 DEFAULT_ENVELOPE = "chi2"
