@@ -757,6 +757,26 @@ class BatchDimAnalysis:
         """copy(self, src): src's values broadcast to self's shape (and dtype); self gives only the shape."""
         return self._pointwise(node, [node.args[1]])
 
+    def _repeat(self, node: fx.Node) -> State:
+        """x.repeat(*r): new leading dims, and each dim tiled r[i] times. A tiled batch dim holds whole rounds of
+        the B sample blocks (its size is a multiple of inner * B), so every tile keeps the same sample order."""
+        s = self.state(node.args[0])
+        d = s.dim + len(node.args[1]) - rank_of(node.args[0])
+        if node.args[1][d] != 1 and self._quotient(sizes_of(node.args[0])[s.dim], s.inner * self.B) is None:
+            return self._unknown(node, "repeat of a batch dim that does not hold whole rounds of the samples")
+        return BDim(d, s.inner)
+
+    def _view_as_complex(self, node: fx.Node) -> State:
+        """(..., 2) real -> (...) complex: the last dim (the pair) disappears."""
+        s = self.state(node.args[0])
+        if s.dim == rank_of(node.args[0]) - 1:
+            return self._mix(node, "view_as_complex pairs values along the batch dim")
+        return s
+
+    def _same_dims(self, node: fx.Node) -> State:
+        """view_as_real ((...) complex -> (..., 2): a dim added last), real / imag, conj: the dims are kept."""
+        return self.state(node.args[0])
+
     def _flip(self, node: fx.Node) -> State:
         s = self.state(node.args[0])
         dims = [_norm_dim(d, rank_of(node.args[0])) for d in node.args[1]]
@@ -832,6 +852,16 @@ _HANDLERS = {
     aten.triu.default: BatchDimAnalysis._last_two_dims,
     aten.repeat_interleave.self_int: BatchDimAnalysis._repeat_interleave,
     aten.flip.default: BatchDimAnalysis._flip,
+    aten.repeat.default: BatchDimAnalysis._repeat,
+    aten.view_as_complex.default: BatchDimAnalysis._view_as_complex,
+    aten.view_as_real.default: BatchDimAnalysis._same_dims,
+    aten.real.default: BatchDimAnalysis._same_dims,
+    aten.imag.default: BatchDimAnalysis._same_dims,
+    aten._conj.default: BatchDimAnalysis._same_dims,
+    aten.resolve_conj.default: BatchDimAnalysis._same_dims,
+    aten.resolve_neg.default: BatchDimAnalysis._same_dims,
+    aten.polar.default: BatchDimAnalysis._pointwise,
+    aten.complex.default: BatchDimAnalysis._pointwise,
     aten.as_strided.default: BatchDimAnalysis._as_strided,
     aten.copy.default: BatchDimAnalysis._copy,
     aten._embedding_bag.default: BatchDimAnalysis._embedding_bag,

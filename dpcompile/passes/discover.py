@@ -124,6 +124,15 @@ def discover_contributions(pg: ParamGrad, st: Callable, batch_size) -> None:
             pos = _contribution_arg(node, st, pg.name)
             walk(node.args[pos], chain + [Step(node, pos)], negate, out)
             return
+        branches = mapped.where_branches(node, st)
+        if branches:  # where(c, g, g * s) with c batch-free: each branch's terms through its own map
+            for pos in branches:
+                inner: list = []
+                walk(node.args[pos], [], False, inner)
+                for c in inner:
+                    out.append(Contribution(mapped.where_site(node, pos, _absorbed(c, batch_size)),
+                                            list(reversed(chain)), negate))
+            return
         mapping = mapped.map_of(node)
         if mapping is not None and _map_operand_ok(mapping, st):
             # a fixed linear map of a gradient summed over the batch (the backward of slicing the parameter, of

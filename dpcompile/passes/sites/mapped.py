@@ -1,6 +1,7 @@
 """mapped: a parameter gradient that is a fixed linear map, applied after the batch was summed, of other
 contributions: the backward of slicing the parameter (pos[:T], W[:3], W[i]: slice_scatter / select_scatter of the
-slice's gradient into zeros) and of a weight_norm parametrization (_weight_norm_interface_backward).
+slice's gradient into zeros), of a weight_norm parametrization (_weight_norm_interface_backward), and a where with a
+batch-free condition over gradient terms (the backward of softplus(p), clamp(p), where(c, p, 0): `where_branches`).
 
 The map's other operands are batch-free, so it acts on each sample's gradient on its own: the inner value is a sum of
 ordinary contributions (sites and their chains); each is wrapped in one site of this kind (`info["inner"]`), whose
@@ -86,6 +87,55 @@ def map_of(node: fx.Node):
     return (op, pos) if ok(op) else None
 
 
+def _is_zero(a) -> bool:
+    if isinstance(a, (int, float)) and not isinstance(a, bool):
+        return a == 0
+    if not isinstance(a, fx.Node):
+        return False
+    if a.target is aten.scalar_tensor.default:
+        return a.args[0] == 0
+    return _zeros(a)
+
+
+def where_branches(node: fx.Node, st) -> list:
+    """where(cond, a, b) with a batch-free cond, each branch a gradient term or zero: a fixed linear map of the
+    terms (the backward of softplus, of a clamp, of torch.where on a parameter: where(c, g, g * s) = where(c, g, 0)
+    + where(c, 0, g * s)), which acts on each sample's gradient on its own. The positions (1, 2) of the branches
+    that carry a term; [] when `node` is not such a where (a batch-free branch that is not zero makes it affine)."""
+    if node.target is not aten.where.self or len(node.args) != 3 or node.kwargs:
+        return []
+    cond = node.args[0]
+    if isinstance(cond, fx.Node) and st(cond) is not None:
+        return []
+    carrying = []
+    for pos in (1, 2):
+        a = node.args[pos]
+        if isinstance(a, fx.Node) and st(a) is not None:
+            carrying.append(pos)
+        elif not _is_zero(a):
+            return []
+    return carrying
+
+
+def _where(op, node, ps, env, pos):
+    """where(cond, g_i, 0) (pos 1) or where(cond, 0, g_i) (pos 2) for each sample's term g_i: cond and the
+    branches broadcast right-aligned, so each sample's term is padded to the output's rank behind its B dim."""
+    cond = env[op.args[0]] if isinstance(op.args[0], fx.Node) else op.args[0]
+    out = node.meta["val"]
+    B, r = ps.shape[0], ps.dim() - 1
+    ps = ps.reshape(B, *([1] * (out.dim() - r)), *ps.shape[1:])
+    zero = ps.new_zeros(())
+    got = torch.where(cond, ps, zero) if pos == 1 else torch.where(cond, zero, ps)
+    return got.expand(B, *out.shape)
+
+
+def where_site(node: fx.Node, pos: int, inner) -> Site:
+    """The site for one branch (`pos`) of where map `node` around one inner contribution."""
+    site = site_of(node, node, pos, inner)
+    site.info["where_pos"] = pos
+    return site
+
+
 def site_of(node: fx.Node, op: fx.Node, pos: int, inner) -> Site:
     """The site for map `node` (an output of `op`) around one inner contribution."""
     operands = {}
@@ -124,6 +174,8 @@ def per_sample(site: Site, env: dict, bsz) -> torch.Tensor:
         ps = replay_per_sample(step, ps, env)
     ps = -ps if c.negate else ps
     op = site.info["op"]
+    if "where_pos" in site.info:
+        return _where(op, site.node, ps, env, site.info["where_pos"])
     return MAPS[op.target][2](op, site.node, ps, env)
 
 

@@ -1,0 +1,156 @@
+"""Batch-dim rules and gradient maps that transformers architectures need (issue 24 item 6, benchmarks/hf_sweep.py):
+`repeat` (DiffLlama's value heads, Qwen4-Exp's hyper-connections), `view_as_complex` / `view_as_real` (Llama 4's
+complex rotary embedding), and a parameter transformed by softplus before an elementwise use (Apertus's xIELU
+`alpha_p`, RecurrentGemma's RG-LRU `recurrent_param`: the backward applies softplus' derivative, a `where` with a
+batch-free condition, to the gradient summed over the batch; it is a fixed linear map, applied to each sample's
+gradient on its own). Each against the float64 batch-of-one oracle at B in {0, 1, 2, 5}, small and large C, flat
+and per_layer clipping; what must stay refused is refused."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dpcompile
+from dp_check import SITE_SWEEP, LossModule, oracle_grads, unwrap
+
+import models
+
+
+class RepeatHeads(nn.Module):
+    """DiffLlama: v.repeat(1, 2, 1, 1) over heads; Qwen4-Exp: h.repeat(1, 1, k) over features; and a repeat that
+    tiles the batch dim itself, folded back by a view and a sum."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(3, 8), nn.Linear(8, 1)
+
+    def forward(self, x):  # (B, T, 3)
+        B, T = x.shape[:2]
+        h = self.lin(x)
+        v = h.view(B, T, 2, 4).transpose(1, 2)  # (B, 2, T, 4)
+        a, _ = torch.chunk(v, 2, dim=1)
+        h2 = (a.repeat(1, 2, 1, 1) * v).transpose(1, 2).reshape(B, T, 8)
+        h3 = h2.repeat(1, 1, 2)[..., 4:12]
+        tiled = torch.tanh(h3).repeat(2, 1, 1).view(2, B, T, 8).sum(0)  # rows of the batch dim tiled
+        return self.out(tiled).squeeze(-1)
+
+
+class ComplexRope(nn.Module):
+    """Llama 4: torch.view_as_complex of (..., 2) pairs, times polar frequencies, torch.view_as_real back."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(3, 8), nn.Linear(8, 1)
+
+    def forward(self, x):  # (B, T, 3)
+        h = self.lin(x)
+        T = h.shape[1]
+        pos = torch.arange(T, dtype=h.dtype)[:, None] * torch.arange(1, 5, dtype=h.dtype)
+        freqs = torch.polar(torch.ones_like(pos), pos)
+        hc = torch.view_as_complex(h.reshape(*h.shape[:-1], 4, 2))
+        r = torch.view_as_real(hc * freqs).flatten(2)
+        return self.out(torch.tanh(r)).squeeze(-1)
+
+
+class SoftplusScalars(nn.Module):
+    """Apertus's xIELU: softplus(alpha_p) (a (1,) parameter) times x * x under torch.where; RecurrentGemma's RG-LRU:
+    softplus(recurrent_param) (a (d,) parameter) times a per-sample gate; and a clamp of a parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(3, 4), nn.Linear(4, 1)
+        self.alpha_p = nn.Parameter(torch.tensor([0.8]))
+        self.recurrent_param = nn.Parameter(torch.randn(4))
+        self.gate = nn.Parameter(torch.tensor([0.3, -2.0, 0.5, 4.0]))
+
+    def forward(self, x):  # (B, T, 3)
+        h = self.lin(x)
+        h = h * F.softplus(self.recurrent_param) * self.gate.clamp(-1.0, 1.0)
+        a = F.softplus(self.alpha_p)
+        h = torch.where(h > 0, a * h * h + 0.5 * h, torch.expm1(torch.clamp(h, max=0.0)) - h)
+        return self.out(h).squeeze(-1)
+
+
+def _batch(B, g):
+    return torch.randn(B, 5, 3, generator=g), torch.randn(B, 5, generator=g)
+
+
+def _case(name, build):
+    return models.Case(name, models._build(0, build), _batch, lambda m, x, y: models.mse_sum(m(x), y))
+
+
+CASES = {"repeat": lambda: _case("repeat", RepeatHeads),
+         "view_as_complex": lambda: _case("view_as_complex", ComplexRope),
+         "softplus_scalars": lambda: _case("softplus_scalars", SoftplusScalars)}
+
+
+@pytest.mark.parametrize("clipping,C,reduction", SITE_SWEEP)
+@pytest.mark.parametrize("name", list(CASES))
+def test_exact_against_the_oracle(name, clipping, C, reduction):
+    case = CASES[name]()
+    model = copy.deepcopy(case.model).double()
+    torch._dynamo.reset()
+    compiled = dpcompile.compile(LossModule(model, case.loss_fn, reduction == "mean"), backend="flashdp_eager",
+                                 max_grad_norm=C, clipping=clipping, loss_reduction=reduction)
+    for B in (0, 1, 2, 5):
+        batch = tuple(b.double() for b in case.batch(B, seed=B + 1))
+        model.zero_grad(set_to_none=True)
+        compiled(*batch).backward()
+        want = oracle_grads(case, batch, max_grad_norm=C, clipping=clipping)
+        overall = max((w.abs().max().item() for w in want.values() if w.numel()), default=0.0)
+        for n, p in model.named_parameters():
+            assert p.grad is not None, (name, n, B)
+            err = (p.grad - want[n]).abs().max().item()
+            assert err <= 1e-9 + 1e-7 * want[n].abs().max().item() + 1e-12 * overall, (name, n, B, C, clipping, err)
+
+
+class AffineWhere(nn.Module):
+    """A where whose other branch is a batch-free non-zero value is affine in the gradient, not linear: the pass
+    must not drop that branch. (Built directly in a custom autograd Function's backward.)"""
+
+    class _F(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w):
+            return w * 1.0
+
+        @staticmethod
+        def backward(ctx, g):
+            return torch.where(torch.ones_like(g, dtype=torch.bool).logical_not(), g, torch.ones_like(g))
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        return (x * self._F.apply(self.w)).sum(-1)
+
+
+def test_where_with_a_batch_free_nonzero_branch_is_refused():
+    torch._dynamo.reset()
+    compiled = dpcompile.compile(LossModule(models._build(0, AffineWhere), lambda m, x: m(x).pow(2).sum(), False),
+                                 backend="flashdp_eager", max_grad_norm=1.0, loss_reduction="sum")
+    with pytest.raises(Exception) as info:
+        compiled(torch.randn(4, 4)).backward()
+    assert isinstance(unwrap(info.value), dpcompile.DPCompileError), info.value
+
+
+class RepeatThenMix(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):  # repeat tiles the batch dim, then a cumsum along it combines samples
+        return self.lin(x).repeat(2, 1).cumsum(0)[: x.shape[0]].sum(-1)
+
+
+def test_repeat_over_the_batch_then_an_op_across_it_is_refused():
+    torch._dynamo.reset()
+    compiled = dpcompile.compile(LossModule(models._build(0, RepeatThenMix), lambda m, x: m(x).pow(2).sum(), False),
+                                 backend="flashdp_eager", max_grad_norm=1.0, loss_reduction="sum")
+    with pytest.raises(Exception) as info:
+        compiled(torch.randn(4, 3)).backward()
+    assert isinstance(unwrap(info.value), dpcompile.SampleMixingError), info.value
