@@ -21,6 +21,8 @@ dpcompile once (so a crash, a hang or a segfault costs one verdict, not the swee
     .venv/bin/python benchmarks/hf_sweep.py --jobs 1 --out benchmarks/hf_sweep.jsonl   # all (about an hour)
     .venv/bin/python benchmarks/hf_sweep.py --only gpt2,llama,bert:seqcls             # some
     .venv/bin/python benchmarks/hf_sweep.py --summary benchmarks/hf_sweep.jsonl        # the table of a past run
+    .venv/bin/python benchmarks/hf_sweep.py --only mamba,mixtral --out /tmp/some.jsonl \
+        --merge-into benchmarks/hf_sweep.jsonl                                          # re-measure some
 
 Names are transformers model types (`gpt2`, `llama`, `qwen2_moe`, ...: the keys of
 MODEL_FOR_CAUSAL_LM_MAPPING_NAMES); a sequence-classification head is `<type>:seqcls`. `run_arch(name)` is the
@@ -615,6 +617,9 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds per architecture (default 60)")
     ap.add_argument("--clipping", default="per_layer", choices=("flat", "per_layer", "per_param"))
     ap.add_argument("--resume", action="store_true", help="skip the architectures already in --out")
+    ap.add_argument("--merge-into", metavar="JSONL",
+                    help="after the run, replace these architectures' records in JSONL (a full sweep's file; new ones "
+                         "are appended), e.g. to re-measure a subset")
     ap.add_argument("--summary", metavar="JSONL", help="print the summary of a past run and exit")
     ap.add_argument("--list", action="store_true", help="print the architectures and exit")
     a = ap.parse_args(argv)
@@ -665,7 +670,26 @@ def main(argv=None) -> int:
         if out:
             out.close()
     print(summarize(records), flush=True)
+    if a.merge_into:
+        merge_records(a.merge_into, records)
     return 0
+
+
+def merge_records(path: str, records: list[dict]) -> None:
+    """Replace the records of the same architectures in the JSONL file `path` (keeping its order), append the
+    others."""
+    new = {r["name"]: r for r in records}
+    out = []
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    out.append(new.pop(r["name"], r))
+    out.extend(new.values())
+    with open(path, "w") as f:
+        for r in out:
+            f.write(json.dumps(r, default=str) + "\n")
 
 
 if __name__ == "__main__":
