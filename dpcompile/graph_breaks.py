@@ -18,6 +18,10 @@ from .errors import GraphBreakError
 
 def _forward_span(module: nn.Module) -> Optional[tuple]:
     fwd = getattr(type(module), "forward", None)
+    try:  # transformers decorates forward (can_return_tuple, auto_docstring, ...): the source is the wrapped one's
+        fwd = inspect.unwrap(fwd) if fwd is not None else None
+    except ValueError:  # a __wrapped__ cycle
+        pass
     code = getattr(fwd, "__code__", None)
     if code is None:
         return None

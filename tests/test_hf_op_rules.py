@@ -154,3 +154,44 @@ def test_repeat_over_the_batch_then_an_op_across_it_is_refused():
     with pytest.raises(Exception) as info:
         compiled(torch.randn(4, 3)).backward()
     assert isinstance(unwrap(info.value), dpcompile.SampleMixingError), info.value
+
+
+def _decorated(fn):
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):  # like transformers' can_return_tuple / auto_docstring around forward
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class ReassignsAttribute(nn.Module):
+    """CTRL: `self.pos_encoding = self.pos_encoding.to(...)` in a decorated forward, a graph break."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    @_decorated
+    def forward(self, x):
+        y = self.lin(x)
+        if y.sum() > 0:  # data-dependent Python branching
+            y = y * 2
+        return y
+
+
+def test_graph_break_in_a_decorated_forward_names_its_module_and_line():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = ReassignsAttribute()
+
+        def forward(self, x):
+            return self.block(x).sum()
+
+    torch._dynamo.reset()
+    with pytest.raises(dpcompile.GraphBreakError) as info:
+        dpcompile.compile(Net(), backend="flashdp_eager", loss_reduction="sum")(torch.randn(4, 3)).backward()
+    msg = str(info.value)
+    assert "`block` (ReassignsAttribute)" in msg and "if y.sum() > 0:" in msg, msg
