@@ -29,14 +29,15 @@ for stage in "$@"; do
     gpu|gpu:*)  # gpu[:dp|no_dp]: GPU_RECIPES (space-separated recipes) with DP, without, or both; GPU_FLAGS: more
       mode=${stage#gpu}; mode=${mode#:}
       eval "recipes=($GPU_RECIPES)"
-      timeout ${GPU_TIMEOUT:-560} taskset -c 8-15 python3 benchmarks/cpu_recipe_search.py --device cuda \
+      timeout ${GPU_TIMEOUT:-560} taskset -c ${GPU_CORES:-8-15} python3 benchmarks/cpu_recipe_search.py --device cuda \
         --train blocks --seq-len 256 --micro 32 --eval-windows 512 --mode "${mode:-both}" ${GPU_FLAGS:-} \
         --recipes "${recipes[@]}" --out "$OUT/gpu_recipes.jsonl" > "$OUT/gpu_${mode:-both}.log" 2>&1 &
       pids+=($!) ;;
-    cpu:*)  # cpu:TRAIN_SPEC@RECIPE[@RECIPE...] on 2 cores of their own
-      spec=${stage#cpu:}; IFS=@ read -r -a recipes <<< "${spec#*@}"; spec=${spec%%@*}
+    cpu:*|cpu-dp:*|cpu-no_dp:*)  # cpu[-MODE]:TRAIN_SPEC@RECIPE[@RECIPE...] on 2 cores of their own
+      mode=${stage%%:*}; mode=${mode#cpu}; mode=${mode#-}
+      spec=${stage#*:}; IFS=@ read -r -a recipes <<< "${spec#*@}"; spec=${spec%%@*}
       CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=2 timeout ${CPU_TIMEOUT:-560} taskset -c $core,$((core + 1)) \
-        python3 benchmarks/cpu_recipe_search.py --train "$spec" ${CPU_FLAGS:-} --recipes "${recipes[@]}" \
+        python3 benchmarks/cpu_recipe_search.py --train "$spec" --mode "${mode:-both}" ${CPU_FLAGS:-} --recipes "${recipes[@]}" \
         --out "$OUT/cpu_recipes.jsonl" > "$OUT/cpu_${spec/:/_}_$core.log" 2>&1 &
       pids+=($!); core=$((core + 2)) ;;
     cli)  # the CLI with CLI_FLAGS (default: none), timed
