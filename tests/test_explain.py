@@ -70,23 +70,23 @@ def test_planner_follows_the_cost_model_on_real_shapes():
             self.name, self.fused = name, True
 
     pgs = [PG("a.weight"), PG("b.weight"), PG("c.weight")]
-    shapes = {id(pg): LinearShape(B, 1024, 768, 768 * (i + 1), 2) for i, pg in enumerate(pgs)}
+    shapes = {pg: LinearShape(B, 1024, 768, 768 * (i + 1), 2) for i, pg in enumerate(pgs)}
     choice = plan_group(pgs, shapes, DPOptions.parse({"clipping": "flat"}), B, 8)
     # single_pass saves most on the widest; the others keep their products (768 N <= 1024 (768 + N)) until the group's
     # factor is known, formed once at vendor-GEMM speed
-    assert [choice[id(pg)].strategy for pg in pgs] == ["stored", "stored", "single_pass"]
+    assert [choice[pg].strategy for pg in pgs] == ["stored", "stored", "single_pass"]
     # short rows: products larger than the operands (768 N > 128 (768 + N)) are not kept: formed twice instead
-    short = {id(pg): LinearShape(B, 128, 768, 768 * (i + 1), 2) for i, pg in enumerate(pgs)}
+    short = {pg: LinearShape(B, 128, 768, 768 * (i + 1), 2) for i, pg in enumerate(pgs)}
     choice = plan_group(pgs, short, DPOptions.parse({"clipping": "flat"}), B, 8)
-    assert "stored" not in [choice[id(pg)].strategy for pg in pgs]
+    assert "stored" not in [choice[pg].strategy for pg in pgs]
     # per-layer groups of one linear site are unchanged: single_pass
     for pg in pgs:
-        assert plan_group([pg], shapes, DPOptions.parse({}), B, 8)[id(pg)].strategy == "single_pass"
+        assert plan_group([pg], shapes, DPOptions.parse({}), B, 8)[pg].strategy == "single_pass"
     # a 10 MB budget holds a's 8 x 768 x 768 bf16 products (9.4 MB) only: stored and two_pass are out for b and c, which take
     # a strategy without per-sample writes; single_pass moves to a (c's would need a Python loop over 3 chunks)
     choice = plan_group(pgs, shapes, DPOptions.parse({"clipping": "flat", "single_pass_budget_mb": 10}), B, 8)
-    assert choice[id(pgs[0])].strategy == "single_pass" and not choice[id(pgs[0])].chunked
-    assert [choice[id(pg)].strategy in ("direct", "ghost") for pg in pgs[1:]] == [True, True]
+    assert choice[pgs[0]].strategy == "single_pass" and not choice[pgs[0]].chunked
+    assert [choice[pg].strategy in ("direct", "ghost") for pg in pgs[1:]] == [True, True]
 
 
 def test_explain_shows_randomized_sites_and_auto_never_picks_them():
@@ -119,10 +119,10 @@ def test_explain_shows_randomized_sites_and_auto_never_picks_them():
             self.name, self.fused = name, True
 
     pgs = [PG("a.weight"), PG("b.weight"), PG("c.weight")]
-    shapes = {id(pg): LinearShape(B, 4096, 768, 768, 4) for pg in pgs}
+    shapes = {pg: LinearShape(B, 4096, 768, 768, 4) for pg in pgs}
     for strategy in ("auto", {"a.*": "direct"}, {"a.*": "randomized"}):
         choice = plan_group(pgs, shapes, DPOptions.parse({"clipping": "flat", "strategy": strategy}), B, 8)
-        picked = [choice[id(pg)].strategy for pg in pgs]
+        picked = [choice[pg].strategy for pg in pgs]
         assert picked.count("randomized") == (1 if strategy == {"a.*": "randomized"} else 0), (strategy, picked)
         assert "single_pass" in picked  # a forced randomized site is never the group's single-pass one
 
@@ -145,11 +145,11 @@ def test_randomized_sites_probe_stored_products_where_stored_may_keep_them():
     for T, budget_mb, op in ((4096, 256, "randomized_stored"), (64, 256, "randomized_vendor_sum"),
                              (4096, 1, "randomized")):  # 8 x 768 x 768 bf16 products: 9 MiB
         pgs = [PG("a.weight"), PG("b.weight")]
-        shapes = {id(pg): LinearShape(B, T, 768, 768, 2) for pg in pgs}
+        shapes = {pg: LinearShape(B, T, 768, 768, 2) for pg in pgs}
         opts = DPOptions.parse({"clipping": "per_layer", "strategy": {"a.*": "randomized"},
                                 "single_pass_budget_mb": budget_mb})
-        choice = plan_group(pgs[:1], shapes, opts, B, 8)[id(pgs[0])]
+        choice = plan_group(pgs[:1], shapes, opts, B, 8)[pgs[0]]
         assert choice.strategy == "randomized" and choice.op_strategy == op, (T, budget_mb, choice.op_strategy)
-        auto = plan_group(pgs[1:], shapes, opts, B, 8)[id(pgs[1])]
+        auto = plan_group(pgs[1:], shapes, opts, B, 8)[pgs[1]]
         assert not {"randomized", "randomized_stored"} & set(auto.costs)
 

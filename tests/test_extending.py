@@ -159,7 +159,7 @@ def test_inexact_strategy_must_declare_accounting_and_is_never_auto():
 
         pg = PG()
         B = sympy.Symbol("B", positive=True, integer=True)
-        choice = plan_group([pg], {id(pg): LinearShape(B, 64, 32, 32, 4)}, DPOptions.parse({}), B, 8)[id(pg)]
+        choice = plan_group([pg], {pg: LinearShape(B, 64, 32, 32, 4)}, DPOptions.parse({}), B, 8)[pg]
         assert choice.strategy != "ext_guess" and "ext_guess" not in choice.costs  # free, yet never chosen
         assert get_strategy("ext_guess").accounting == "randomized"
     finally:

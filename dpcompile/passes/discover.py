@@ -78,8 +78,11 @@ def _scalar_factor(step: Step) -> Optional[float]:
     return None
 
 
-@dataclass
+@dataclass(eq=False)
 class ParamGrad:
+    """One trainable parameter's gradient in the joint graph: the site record the pass plans and rewrites.
+    Compared and hashed by identity (eq=False), so the record itself keys the planner's and rewriter's dicts."""
+
     name: str  # FQN
     placeholder: fx.Node
     out_pos: int  # position in the joint graph's output tuple

@@ -104,13 +104,13 @@ def groups_of(io: GraphIO) -> dict:
 
 
 def plan(graph: fx.Graph, ctx: PassContext, io: GraphIO) -> dict:
-    """{id(pg): SiteChoice}: a strategy per site, per clipping group, from the registry's costs."""
+    """{pg: SiteChoice}: a strategy per site, per clipping group, from the registry's costs."""
     check_forced_globs(ctx.options, [info.name for info, _ in io.params])
     bsym, bhint = batch_symbol(io.batch_extent)
     hints = size_hints(graph)
     choices: dict = {}
     for pgs in groups_of(io).values():
-        shapes = {id(pg): linear_shape(pg, io.batch_node, io.batch_dim) for pg in pgs
+        shapes = {pg: linear_shape(pg, io.batch_node, io.batch_dim) for pg in pgs
                   if pg.fused and site_kind(pg.contributions[0].site.kind).strategies}
         choices.update(plan_group(pgs, shapes, ctx.options, bsym, bhint, hints))
     return choices
@@ -124,8 +124,8 @@ def rewrite(graph: fx.Graph, ctx: PassContext, io: GraphIO, choices: dict, rando
     counts = {}
     for group, pgs in groups_of(io).items():
         inputs = group_inputs(pgs, io.batch_node)
-        if randomized is not None and any(id(pg) in randomized.site_ids for pg in pgs):
-            extra = [randomized.seed] + [randomized.products[id(pg)][0] for pg in pgs if id(pg) in randomized.products]
+        if randomized is not None and any(pg in randomized.site_ids for pg in pgs):
+            extra = [randomized.seed] + [randomized.products[pg][0] for pg in pgs if pg in randomized.products]
             inputs += [n for n in dict.fromkeys(extra) if n not in inputs]
         if ctx.runtime_thresholds:
             thresholds = io.primals[ctx.threshold_input]
@@ -135,7 +135,7 @@ def rewrite(graph: fx.Graph, ctx: PassContext, io: GraphIO, choices: dict, rando
             threshold = ctx.thresholds[group]
         fn = make_group_fn(pgs, inputs, io.batch_node, io.batch_dim, threshold, ctx.options.clip_fn,
                            ctx.options.loss_reduction == "mean",
-                           {id(pg): choices[id(pg)].op_strategy for pg in pgs if id(pg) in choices},
+                           {pg: choices[pg].op_strategy for pg in pgs if pg in choices},
                            int(ctx.options.single_pass_budget_mb * 2**20), randomized)
         nodes = insert_traced(graph, fn, inputs, ctx.decompositions)
         if ctx.runtime_thresholds:

@@ -18,7 +18,7 @@ class GraphIO:
 
     primals: dict  # Dynamo input index -> primal placeholder
     params: list  # (ParamInfo, ParamGrad) of every trainable parameter with a gradient output
-    index_of: dict  # id(ParamGrad) -> Dynamo input index
+    index_of: dict  # ParamGrad -> Dynamo input index
     batch_node: fx.Node
     batch_dim: int
     batch_size: object  # sympy expression (or int) of B
@@ -41,7 +41,7 @@ def read_graph(graph: fx.Graph, ctx) -> GraphIO:
         if isinstance(grad, fx.Node):
             pg = ParamGrad(info.name, primals[idx], pos, grad)
             params.append((info, pg))
-            index_of[id(pg)] = idx
+            index_of[pg] = idx
     batch_idx, batch_dim = next(iter(ctx.batch_inputs.items()))
     batch_node = primals[batch_idx]
     guard_batch_sizes(graph_shape_env(graph), batch_node.meta["val"].shape[batch_dim],

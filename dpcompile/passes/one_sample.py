@@ -27,7 +27,7 @@ def whole_sites(params: list) -> None:
 
 
 def randomized_products(graph: fx.Graph, params: list, ctx, primals: dict) -> dict:
-    """Batch-size-1 graphs: id(pg) -> (mm node, scale) for each parameter forced "randomized" whose gradient is, up
+    """Batch-size-1 graphs: pg -> (mm node, scale) for each parameter forced "randomized" whose gradient is, up
     to reshapes, casts and scalar factors, one mm whose operands carry the sample (the activations and the output
     gradient): the linear weight sites the batched graphs randomize. With one sample that mm's value is the
     sample's product s_0, whose norm is then estimated with the same law (dpcompile::persample_norm_randomized).
@@ -67,5 +67,5 @@ def randomized_products(graph: fx.Graph, params: list, ctx, primals: dict) -> di
                 not (a in batch or b in batch):
             continue
         check_randomizable(info.name, sym_expr(a.meta["val"].shape[1]))  # A is (M, K): K = T rows of the sample
-        out[id(pg)] = (node, abs(scale))
+        out[pg] = (node, abs(scale))
     return out

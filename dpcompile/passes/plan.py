@@ -118,7 +118,7 @@ class SiteChoice:
 
 
 def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int, hints: dict | None = None) -> dict:
-    """{id(pg): SiteChoice} for one clipping group. `shapes` maps id(pg) -> LinearShape for fused linear sites;
+    """{pg: SiteChoice} for one clipping group. `shapes` maps pg -> LinearShape for fused linear sites;
     `hints` gives the value of every other symbol in their sizes (the sequence length) at the compiled call.
 
     Candidates come from the strategy registry. A strategy that forms the group's clip factor itself (group_clip:
@@ -126,13 +126,13 @@ def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int, 
     saves most on); the others choose among the exact strategies whose `requires` hold."""
     budget = options.single_pass_budget_mb * 2**20
     choices: dict = {}
-    linear = [pg for pg in pgs if id(pg) in shapes]
+    linear = [pg for pg in pgs if pg in shapes]
     for pg in linear:
-        costs = linear_costs(shapes[id(pg)], budget, probes=options.probes)
+        costs = linear_costs(shapes[pg], budget, probes=options.probes)
         forced = options.forced_strategy(pg.name)
         record = None if forced == "auto" else get_strategy(forced)
         if record is not None and record.check is not None:
-            record.check(pg.name, shapes[id(pg)])
+            record.check(pg.name, shapes[pg])
         if record is None or record.exact:  # inexact costs are shown only where the user asked for one
             for k in _inexact():
                 costs.pop(k, None)
@@ -140,19 +140,19 @@ def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int, 
             for st in strategies():
                 if not st.runtime_threshold:
                     costs.pop(st.name, None)
-        choices[id(pg)] = SiteChoice(forced, costs, forced=forced != "auto")
+        choices[pg] = SiteChoice(forced, costs, forced=forced != "auto")
     # run-time thresholds (max_grad_norm="adaptive"): only strategies whose ops read the threshold as a tensor
     single = next((st.name for st in strategies() if st.group_clip and st.option and st.exact
                    and (st.runtime_threshold or not getattr(options, "adaptive", False))), None)
-    forced_single = [pg for pg in linear if _group_clip(choices[id(pg)].strategy)]
+    forced_single = [pg for pg in linear if _group_clip(choices[pg].strategy)]
     prefer_single = single is not None and options.strategy == single  # wherever the scope allows (one per group)
     if prefer_single:
         for pg in linear:
-            choices[id(pg)].strategy = "auto"
+            choices[pg].strategy = "auto"
         forced_single = []
     elif len(forced_single) > 1:
         raise OptionsError(
-            f"option strategy: {choices[id(forced_single[0])].strategy!r} was forced for "
+            f"option strategy: {choices[forced_single[0]].strategy!r} was forced for "
             f"{[pg.name for pg in forced_single]}, which share one clipping group; single-pass clipping forms one "
             "site's per-sample products after every other norm of the group, so only one site per group can take it "
             "(use per_layer clipping or force 'direct'/'ghost')")
@@ -166,36 +166,36 @@ def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int, 
 
     def multi_pass(pg):  # what a site that is not the group's single-pass site chooses among
         return tuple(st.name for st in strategies() if st.option and st.exact and not st.group_clip
-                     and all(conditions[c](shapes[id(pg)]) for c in st.requires))
+                     and all(conditions[c](shapes[pg]) for c in st.requires))
 
     if not forced_single and single is not None:
         # the auto site that single_pass saves most on, if single_pass beats its best alternative
         def saving(pg):  # only "auto" sites: a forced site ("randomized" included) keeps what it was given
             # against the strategies that keep no products: stored is the same work for the group's other sites
             # (the same cost as single_pass at one chunk)
-            c = choices[id(pg)].costs
+            c = choices[pg].costs
             best = min(evaluate(c[k], batch_symbol, batch_hint, hints) for k in multi_pass(pg)
                        if not get_strategy(k).keeps_products)
             return best - evaluate(c[single], batch_symbol, batch_hint, hints)
 
-        auto = [pg for pg in linear if choices[id(pg)].strategy == "auto"]
+        auto = [pg for pg in linear if choices[pg].strategy == "auto"]
         if auto:
             best = max(auto, key=saving)
             if prefer_single or saving(best) > 0:
-                choices[id(best)].strategy = single
+                choices[best].strategy = single
     for pg in linear:
-        ch = choices[id(pg)]
+        ch = choices[pg]
         if ch.strategy == "auto":
             ch.strategy = choose_linear(ch.costs, multi_pass(pg), batch_symbol, batch_hint, hints)
-        ch.chunked = not conditions["scratch_fits"](shapes[id(pg)])
+        ch.chunked = not conditions["scratch_fits"](shapes[pg])
         # randomized: the same estimate from stored products wherever stored may keep them. It is never more work:
         # the clipped sum within the budget forms the same products anyway (randomized_vendor_sum), and there
         # M N <= T (M + N), so probing the products costs at most what probing the rows does
         ch.stored_products = (get_strategy(ch.strategy).stored is not None and not ch.chunked
-                              and conditions["keeps_no_more"](shapes[id(pg)]))
+                              and conditions["keeps_no_more"](shapes[pg]))
     for pg in pgs:
-        if id(pg) not in choices:
-            choices[id(pg)] = SiteChoice(strategy(pg), {})
+        if pg not in choices:
+            choices[pg] = SiteChoice(strategy(pg), {})
     return choices
 
 
@@ -252,10 +252,10 @@ def plan_rows(params, ctx, empty: bool = False, choices: dict | None = None, bat
     """One row per parameter. randomized: ids of the parameters a batch-size-1 graph estimates with probes."""
     rows = []
     for info, pg in params:
-        ch = (choices or {}).get(id(pg))
+        ch = (choices or {}).get(pg)
         if empty:
             chosen = "zero"
-        elif randomized and id(pg) in randomized:
+        elif randomized and pg in randomized:
             chosen = "randomized"
         elif ch and ch.stored_products:
             chosen = get_strategy(ch.strategy).stored

@@ -12,15 +12,15 @@ from .rewrite import RandomizedNorms, insert_traced
 
 def randomized_norms(graph: fx.Graph, ctx, io, choices: dict, products: dict):
     """The graph's RandomizedNorms (None if no site is randomized); fills ctx.randomized (input index -> site id)."""
-    pgs = [pg for _, pg in io.params if id(pg) in products or
-           (id(pg) in choices and accounting(choices[id(pg)].strategy) == "randomized")]
+    pgs = [pg for _, pg in io.params if pg in products or
+           (pg in choices and accounting(choices[pg].strategy) == "randomized")]
     if not pgs:
         return None
     randomized = RandomizedNorms(ctx.options.probes, ctx.options.probe_variant,
                                  insert_probe_seed(graph, ctx, io.batch_node),
-                                 {id(pg): i for i, pg in enumerate(pgs)}, products)
+                                 {pg: i for i, pg in enumerate(pgs)}, products)
     for pg in pgs:
-        ctx.randomized[io.index_of[id(pg)]] = randomized.site_ids[id(pg)]
+        ctx.randomized[io.index_of[pg]] = randomized.site_ids[pg]
     return randomized
 
 

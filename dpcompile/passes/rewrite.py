@@ -138,26 +138,26 @@ def group_inputs(params: list, batch_node: fx.Node) -> list[fx.Node]:
 class RandomizedNorms:
     """The randomized sites of one graph (docs/randomized.md): one probe seed per graph call (`seed`, the node of
     dpcompile::probe_seed), k probes of `variant`, and a site id per randomized parameter, distinct in the graph.
-    `products`: batch-size-1 graphs only, id(pg) -> (the weight-gradient mm node, the chain's scale), whose value is
+    `products`: batch-size-1 graphs only, pg -> (the weight-gradient mm node, the chain's scale), whose value is
     the one sample's product s_0 = a_0^T b_0."""
 
     probes: int
     variant: str
     seed: fx.Node
-    site_ids: dict  # id(pg) -> site id
+    site_ids: dict  # pg -> site id
     products: dict = field(default_factory=dict)
 
     def norm(self, pg, a, b, env: dict):
         seed = env[self.seed]
-        return torch.ops.dpcompile.linear_norm_randomized(a, b, self.probes, self.variant, seed, self.site_ids[id(pg)])
+        return torch.ops.dpcompile.linear_norm_randomized(a, b, self.probes, self.variant, seed, self.site_ids[pg])
 
     def estimate(self, pg, s, env: dict):
         """The estimate for per-sample products s (B, M, N) that are formed: the site's law and probes."""
         return torch.ops.dpcompile.persample_norm_randomized(s, self.probes, self.variant, env[self.seed],
-                                                             self.site_ids[id(pg)])
+                                                             self.site_ids[pg])
 
     def product_norm(self, pg, env: dict):
-        node, scale = self.products[id(pg)]
+        node, scale = self.products[pg]
         n2 = self.estimate(pg, env[node].unsqueeze(0), env)  # (1, M, N): the sample's product, as the mm formed it
         return n2 * (scale * scale) if scale != 1.0 else n2
 
@@ -210,12 +210,12 @@ def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: in
     randomized: the graph's randomized sites (its seed node must be among `inputs` when a param of this group
     is randomized: strategy "randomized", or, in a batch-size-1 graph, an entry of randomized.products)."""
     strategies = strategies or {}
-    group_clip = {id(pg): find_strategy(strategies.get(id(pg), "")) for pg in params}
-    single = next((pg for pg in params if group_clip[id(pg)] and group_clip[id(pg)].group_clip), None)
+    group_clip = {pg: find_strategy(strategies.get(pg, "")) for pg in params}
+    single = next((pg for pg in params if group_clip[pg] and group_clip[pg].group_clip), None)
     materialize = get_strategy("materialize")
     runtime = isinstance(threshold, RuntimeThreshold)
     if runtime and single is not None:  # the planner never gives one (Strategy.runtime_threshold)
-        raise UnsupportedGradientError(f"strategy {group_clip[id(single)].name!r} forms the group's clip factor "
+        raise UnsupportedGradientError(f"strategy {group_clip[single].name!r} forms the group's clip factor "
                                        f"itself, which run-time thresholds do not support (parameter `{single.name}`)")
 
     def group_fn(*vals):
@@ -227,32 +227,32 @@ def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: in
             if pg is single:
                 continue
             if pg.fused:
-                n2, prepared[id(pg)] = _fused_norm(pg, strategies.get(id(pg), ""), env, bsz, randomized)
-            elif randomized is not None and id(pg) in randomized.products:
-                prepared[id(pg)] = per_sample_grad(pg, env, bsz)
+                n2, prepared[pg] = _fused_norm(pg, strategies.get(pg, ""), env, bsz, randomized)
+            elif randomized is not None and pg in randomized.products:
+                prepared[pg] = per_sample_grad(pg, env, bsz)
                 n2 = randomized.product_norm(pg, env)
             else:
-                n2, prepared[id(pg)] = materialize.norm(per_sample_grad(pg, env, bsz), pg, env, randomized)
+                n2, prepared[pg] = materialize.norm(per_sample_grad(pg, env, bsz), pg, env, randomized)
             sq = n2 if sq is None else sq + n2
         sums = {}
         if single is not None:
             c = single.contributions[0]
             a, b = c.site.fused_inputs(env, bsz)
             rest = sq if sq is not None else a.new_zeros((bsz,), dtype=ops.norm_dtype(a.dtype, b.dtype))
-            s, coef = group_clip[id(single)].group_clip(a, b, rest, float(c.scale * c.scale), thr, clip_fn,
+            s, coef = group_clip[single].group_clip(a, b, rest, float(c.scale * c.scale), thr, clip_fn,
                                                         mean, budget_bytes)
-            sums[id(single)] = _finish_fused(single, s, env)
+            sums[single] = _finish_fused(single, s, env)
         else:
             coef = group_clip_factors(sq, thr, clip_fn, mean, bsz)
         outs = []
         for pg in params:
-            if id(pg) in sums:
-                s = sums[id(pg)]
+            if pg in sums:
+                s = sums[pg]
             elif pg.fused:
-                s = _finish_fused(pg, _site_clipped_sum(pg.contributions[0].site, prepared[id(pg)], coef,
-                                                               strategies.get(id(pg), "")), env)
+                s = _finish_fused(pg, _site_clipped_sum(pg.contributions[0].site, prepared[pg], coef,
+                                                               strategies.get(pg, "")), env)
             else:
-                s = materialize.clipped_sum(prepared[id(pg)], coef)
+                s = materialize.clipped_sum(prepared[pg], coef)
             val = pg.grad.meta["val"]
             outs.append(s.to(val.dtype).reshape(val.shape))
         if runtime:
