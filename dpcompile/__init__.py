@@ -8,8 +8,8 @@ optimizer wrapper adds it). See docs/ and README.md.
 from .codegen import ops as _ops  # noqa: F401  (registers the dpcompile:: custom ops)
 from .backend import flashdp, flashdp_eager, register_backends
 from .compile import DPCompiled, compile
-from .errors import (CoverageError, DPCompileError, GraphBreakError, OptionsError, SampleMixingError,
-                     UnsupportedGradientError)
+from .errors import (CoverageError, DPCompileError, GraphBreakError, LossReductionError, OptionsError,
+                     SampleMixingError, UnsupportedGradientError)
 from .explain import Plan, explain
 from .options import DPOptions
 from .privacy import (BatchMemoryManager, DistributedDPOptimizer, DistributedPoissonDataLoader, DPDataLoader,
@@ -32,5 +32,6 @@ __all__ = [
     "save_checkpoint", "load_checkpoint", "validate", "fix", "ModuleValidator",
     "LogicalBatchError", "PrivacyBudgetExceeded",
     "DPCompileError", "GraphBreakError", "OptionsError", "UnsupportedGradientError", "SampleMixingError", "CoverageError",
+    "LossReductionError",
 ]
 __version__ = "0.1.0"

@@ -9,6 +9,11 @@ class OptionsError(DPCompileError, ValueError):
     """An unknown or malformed option."""
 
 
+class LossReductionError(OptionsError):
+    """The loss the graph computes is not the declared loss_reduction of per-sample terms (a sum declared "mean",
+    a mean declared "sum"), or its form cannot be read from the graph."""
+
+
 class UnsupportedGradientError(DPCompileError):
     """A trainable parameter's gradient goes through an op the pass cannot put on a clipped path."""
 

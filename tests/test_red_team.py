@@ -225,6 +225,10 @@ def _tok_mean_loss(m, x, y_flat):  # a token mean over the whole batch: samples 
     return ((m.out(torch.tanh(m.lin(x))).reshape(-1) - y_flat) ** 2).mean()
 
 
+def _tok_means(m, x, y_flat):  # the sum over samples of each sample's token mean (T tokens each)
+    return ((m.out(torch.tanh(m.lin(x))).reshape(-1) - y_flat) ** 2).reshape(x.shape[0], -1).mean(1).sum()
+
+
 def _mask_tb(m, x, y, mask_tb):  # a (T, B) mask next to batch-first inputs
     err = (m.out(torch.tanh(m.lin(x))).squeeze(-1) - y) ** 2
     return (err * mask_tb.t()).sum()
@@ -329,14 +333,15 @@ ATTACKS = [
     Attack("labels pre-flattened to (B*T,), token sum", Lin, _flat_labels, (0, None),
            lambda m, a, C, r: _plain(m, a, C, r, loss=_tok_loss), _tok_loss, sample=_flat_label_sample),
     Attack("labels pre-flattened to (B*T,), token mean over the batch", Lin, _flat_labels, (0, None),
-           lambda m, a, C, r: _plain(m, a, C, r, loss=_tok_mean_loss), None,
-           known_hole="issue 24 item 2: a (B*T,) input is taken as shared, so its batch-wide mean passes"),
+           lambda m, a, C, r: _plain(m, a, C, r, loss=_tok_mean_loss), None),  # a mean declared "sum"
+    Attack("labels pre-flattened to (B*T,), token mean over the batch declared 'mean'", Lin, _flat_labels, (0, None),
+           lambda m, a, C, r: dp(LossOf(m, _tok_mean_loss), C, "mean")(*a).backward(), _tok_means,
+           reduction="mean", sample=_flat_label_sample),
     Attack("(T, B) mask next to batch-first inputs, masked sum", Lin, _mask_tb_inputs, (0, 0, 1),
            lambda m, a, C, r: _plain(m, a, C, r, loss=_mask_tb), _mask_tb,
            known_hole="issue 24 item 2: Dynamo's constraint violation on the (T, B) mask, not a dpcompile message"),
     Attack("(T, B) mask, normalised by mask.sum()", Lin, _mask_tb_inputs, (0, 0, 1),
-           lambda m, a, C, r: _plain(m, a, C, r, loss=_mask_tb_normalised), None,
-           known_hole="issue 24 item 2: Dynamo's constraint violation on the (T, B) mask, not a dpcompile message"),
+           lambda m, a, C, r: _plain(m, a, C, r, loss=_mask_tb_normalised), None),
     Attack("per-sample weights (B,), weighted sum", Lin, _weights, (0, 0, 0),
            lambda m, a, C, r: _plain(m, a, C, r, loss=_weighted), _weighted),
     Attack("per-sample weights (B,), normalised by w.sum()", Lin, _weights, (0, 0, 0),
@@ -345,10 +350,8 @@ ATTACKS = [
            lambda m, a, C, r: _plain(m, a, C, r, loss=_batch_centred), None),
     Attack("BatchNorm in training mode", WithBatchNorm, _xy, (0, 0),
            lambda m, a, C, r: _plain(m, a, C, r, loss=_bn_loss), None),
-    Attack("a sum loss declared loss_reduction='mean'", Lin, _xy, (0, 0), _sum_declared_mean, None,
-           known_hole="issue 24 item 4: the declared reduction is not checked against the graph"),
-    Attack("a mean loss declared loss_reduction='sum'", Lin, _xy, (0, 0), _mean_declared_sum, None,
-           known_hole="issue 24 item 4: the declared reduction is not checked against the graph"),
+    Attack("a sum loss declared loss_reduction='mean'", Lin, _xy, (0, 0), _sum_declared_mean, None),
+    Attack("a mean loss declared loss_reduction='sum'", Lin, _xy, (0, 0), _mean_declared_sum, None),
 ]
 
 

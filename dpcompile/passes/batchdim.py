@@ -311,8 +311,9 @@ class BatchDimAnalysis:
         return new
 
     def _is_target_count(self, node: fx.Node, dims) -> bool:
-        """sum(y != -100) over a 1-D integer target tensor with one target per sample (BDim(0, 1)): the count by
-        which F.cross_entropy / nll_loss's default mean divides (ignore_index=-100)."""
+        """sum(y != -100) over a 1-D integer target tensor with k targets per sample (BDim(0, k): one per sample,
+        or a (B, T) tensor flattened): the count by which F.cross_entropy / nll_loss's default mean divides
+        (ignore_index=-100)."""
         if node.target not in (aten.sum.default, aten.sum.dim_IntList) or _arg(node, 3) is not None \
                 or node.kwargs.get("dtype") is not None:
             return False
@@ -322,14 +323,16 @@ class BatchDimAnalysis:
         y = x.args[0]
         val = y.meta.get("val") if isinstance(y, fx.Node) else None
         return isinstance(val, torch.Tensor) and val.dim() == 1 and not val.is_floating_point() \
-            and not val.is_complex() and val.dtype is not torch.bool and self.state(y) == BDim(0) and dims == [0]
+            and not val.is_complex() and val.dtype is not torch.bool and isinstance(self.state(y), BDim) \
+            and self.state(y).dim == 0 and dims == [0]
 
     def _checked_count(self, node: fx.Node) -> State:
-        """The count of targets != -100 equals the batch size exactly when no target is ignored: a check that it
-        does is added to the graph (once), right after the count, and the count is then batch-free (it is B). A
-        batch with an ignored target stops at that check: the loss would divide by a count over every sample's
-        label, which mixes samples."""
-        if not node.meta.get("dpcompile_checked_count"):
+        """The count of targets != -100 equals the number of targets (B*k) exactly when no target is ignored: a
+        check that it does is added to the graph (once), right after the count, and the count is then batch-free
+        (it is B*k; meta "dpcompile_checked_count" holds k, which the loss-reduction check reads). A batch with an
+        ignored target stops at that check: the loss would divide by a count over every sample's label, which
+        mixes samples."""
+        if "dpcompile_checked_count" not in node.meta:
             from torch._guards import detect_fake_mode
 
             y = node.args[0].args[0]
@@ -345,7 +348,7 @@ class BatchDimAnalysis:
                 same.meta["val"] = aten.eq.Scalar(count, size.meta["val"])
             with graph.inserting_after(same):
                 graph.call_function(aten._assert_async.msg, (same, _IGNORED_TARGET_MESSAGE))
-            node.meta["dpcompile_checked_count"] = True
+            node.meta["dpcompile_checked_count"] = self.state(y).inner
             for n in (size, same):
                 self.states[n] = None
         return None

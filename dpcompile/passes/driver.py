@@ -21,6 +21,7 @@ from . import one_sample
 from .batchdim import BatchDimAnalysis, BDim
 from .context import PassContext, source_hash
 from .discover import discover_contributions
+from .loss_reduction import check_loss_reduction
 from .graph_io import GraphIO, batch_symbol, grad_output_positions, read_graph, size_hints, tangent_seeds
 from .plan import check_forced_globs, linear_shape, plan_group, plan_rows
 from .probes import randomized_norms
@@ -69,7 +70,10 @@ def run_dp_pass(graph: fx.Graph, ctx: PassContext) -> None:
             one_sample.whole_sites(io.params)
             products = one_sample.randomized_products(graph, io.params, ctx, io.primals)
         else:
-            discover(io, batch_dims(graph, ctx, io))
+            analysis = batch_dims(graph, ctx, io)
+            discover(io, analysis)
+            check_loss_reduction(graph, analysis, len(io.primals), [pg.placeholder for _, pg in io.params],
+                                 ctx.options.loss_reduction)
         choices = plan(graph, ctx, io)
         rewrite(graph, ctx, io, choices, randomized_norms(graph, ctx, io, choices, products))
         bsym, bhint = batch_symbol(io.batch_extent)

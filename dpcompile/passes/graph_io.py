@@ -79,20 +79,28 @@ def grad_output_positions(graph: fx.Graph, n_primals: int) -> dict:
     return {k: first + k for k in range(n_primals)}
 
 
-def tangent_seeds(graph: fx.Graph, states: dict, n_primals: int) -> dict:
-    """Each tangent carries samples the way its forward output does (a scalar loss's tangent carries none)."""
+def tangent_outputs(graph: fx.Graph, n_primals: int) -> list:
+    """(tangent placeholder, the forward output it is the gradient of, or None) for every tangent."""
     out = graph.output_node()
     outs = list(out.args[0])
     descs = out.meta.get("desc") or [None] * len(outs)
     tangents = [n for n in graph.nodes if n.op == "placeholder" and n.name.startswith("tangents")]
     fw = [(o, d) for o, d in zip(outs[: len(outs) - n_primals], descs) if isinstance(o, fx.Node)]
-    seeds = {}
+    pairs = []
     for i, t in enumerate(tangents):
         target = getattr(t.meta.get("desc"), "output", None)
         match = [o for o, d in fw if d is not None and d == target]
         if not match and i < len(fw):
             match = [fw[i][0]]
-        s = states.get(match[0]) if match else None
+        pairs.append((t, match[0] if match else None))
+    return pairs
+
+
+def tangent_seeds(graph: fx.Graph, states: dict, n_primals: int) -> dict:
+    """Each tangent carries samples the way its forward output does (a scalar loss's tangent carries none)."""
+    seeds = {}
+    for t, output in tangent_outputs(graph, n_primals):
+        s = states.get(output) if output is not None else None
         seeds[t] = s if isinstance(s, BDim) else None
     return seeds
 
