@@ -41,7 +41,8 @@ from torch import nn
 
 __all__ = ["CausalLMLoss", "SequenceClassificationLoss", "per_sample_lm_loss", "per_sample_classification_loss",
            "causal_mask_4d", "collate_causal_lm", "collate_sequence_classification", "DPTrainer",
-           "disable_hub_kernels", "refuse_labels_loss", "model_head", "loss_module", "last_token_one_hot",
+           "disable_hub_kernels", "per_token_experts", "refuse_labels_loss", "model_head", "loss_module",
+           "last_token_one_hot",
            "UnsupportedHeadError", "load_privacy_history", "DP_CHECKPOINT_NAME"]
 
 IGNORE_INDEX = -100
@@ -72,7 +73,11 @@ def disable_hub_kernels(model: nn.Module) -> nn.Module:
       "HOP: Unsafe side effect". There is no switch for it: each such module gets the function that the wrapper
       wraps (its `__wrapped__`) as its own forward. That is the same computation, with the rotary embedding's
       PyTorch code, which the wrapper also runs once kernelization is off.
+
+    Mixture-of-experts layers are switched to transformers' per-token `batched_mm` experts path the same way
+    (`per_token_experts`): the default `grouped_mm` path sorts the whole batch's tokens into an opaque grouped matmul.
     """
+    per_token_experts(model)
     kernels = sys.modules.get("kernels")
     if kernels is None:  # transformers imports it when installed, before any layer can be kernelized or wrapped
         return model
@@ -94,6 +99,29 @@ def disable_hub_kernels(model: nn.Module) -> nn.Module:
         from_kernels = getattr(forward, "__globals__", {}).get("__name__", "").startswith("kernels.")
         if wrapped is not None and from_kernels and "forward" not in module.__dict__:
             module.forward = types.MethodType(wrapped, module)
+    return model
+
+
+def per_token_experts(model: nn.Module) -> nn.Module:
+    """Mixture-of-experts layers of `model` run transformers' `batched_mm` experts path; in place, idempotent.
+
+    transformers' default `grouped_mm` path (`integrations/moe.py`) sorts the (token, expert) pairs of the whole
+    batch by expert id and runs each expert's rows through one grouped matmul (an opaque custom op on CPU, whose
+    weight gradient is a sum over every row of the group): which sample a row belongs to is lost in the sort, so the
+    DP pass refuses it (`SampleMixingError` at `sort`). `batched_mm` is the same computation per (token, expert)
+    pair: each pair gathers its expert's weights (`gate_up_proj[expert_ids]`), one batched matmul, and the pairs
+    are summed back per token by a reshape; each expert weight's gradient is then a scatter-add of per-token
+    products by expert id, which the pass clips per sample like an embedding table's. It costs memory: the gathered
+    weights are (tokens x top_k) x expert size, fine for small MoE models and short sequences. Called by
+    `disable_hub_kernels`, hence for every transformers model dpcompile trains; `eager`, `deepgemm` and `sonicmoe`
+    (a data-dependent loop over experts, GPU kernels) are switched too."""
+    modeling_utils = sys.modules.get("transformers.modeling_utils")
+    if modeling_utils is None or not any(hasattr(m, "_is_expert_parallel") for m in model.modules()):
+        return model  # no experts layer built with transformers' use_experts_implementation
+    for m in model.modules():
+        if isinstance(m, modeling_utils.PreTrainedModel) and \
+                getattr(m.config, "_experts_implementation", None) != "batched_mm":
+            m.set_experts_implementation("batched_mm")  # recurses into sub-models with other configs
     return model
 
 
