@@ -1,6 +1,7 @@
 """Batch-dim rules and gradient maps that transformers architectures need (issue 24 item 6, benchmarks/hf_sweep.py):
 `repeat` (DiffLlama's value heads, Qwen4-Exp's hyper-connections), `view_as_complex` / `view_as_real` (Llama 4's
-complex rotary embedding), and a parameter transformed by softplus before an elementwise use (Apertus's xIELU
+complex rotary embedding), chunked linear attention (`linalg_solve_triangular`, a reshape into chunks of a padded
+length), and a parameter transformed by softplus before an elementwise use (Apertus's xIELU
 `alpha_p`, RecurrentGemma's RG-LRU `recurrent_param`: the backward applies softplus' derivative, a `where` with a
 batch-free condition, to the gradient summed over the batch; it is a fixed linear map, applied to each sample's
 gradient on its own). Each against the float64 batch-of-one oracle at B in {0, 1, 2, 5}, small and large C, flat
@@ -75,6 +76,28 @@ class SoftplusScalars(nn.Module):
         return self.out(h).squeeze(-1)
 
 
+class ChunkedDeltaRule(nn.Module):
+    """Qwen3-Next / OLMo-Hybrid / Lara's torch_chunk_gated_delta_rule in brief: the sequence padded to a multiple
+    of the chunk, reshaped into chunks (a size with FloorDiv / Mod under a dynamic length, which the analysis
+    cannot prove for every length: dpcompile.compile recompiles with the length static), a unit lower-triangular
+    system per chunk solved with torch.linalg.solve_triangular, reshaped back and cut to the length."""
+
+    def __init__(self):
+        super().__init__()
+        self.k, self.v, self.out = nn.Linear(3, 8), nn.Linear(3, 8), nn.Linear(4, 1)
+
+    def forward(self, x):  # (B, T, 3)
+        B, T, chunk = x.shape[0], x.shape[1], 4
+        k = F.normalize(self.k(x).view(B, T, 2, 4).transpose(1, 2), dim=-1)  # (B, H, T, d)
+        v = self.v(x).view(B, T, 2, 4).transpose(1, 2)
+        pad = (chunk - T % chunk) % chunk
+        k, v = (F.pad(t, (0, 0, 0, pad)).reshape(B, 2, (T + pad) // chunk, chunk, 4) for t in (k, v))
+        A = torch.tril(k @ k.transpose(-1, -2), diagonal=-1) * 0.5 + torch.eye(chunk, dtype=k.dtype)
+        u = torch.linalg.solve_triangular(A, v, upper=False, unitriangular=True)
+        y = u.reshape(B, 2, T + pad, 4)[:, :, :T].transpose(1, 2)  # (B, T, H, d)
+        return self.out(y).sum(2).squeeze(-1)
+
+
 def _batch(B, g):
     return torch.randn(B, 5, 3, generator=g), torch.randn(B, 5, generator=g)
 
@@ -85,9 +108,11 @@ def _case(name, build):
 
 CASES = {"repeat": lambda: _case("repeat", RepeatHeads),
          "view_as_complex": lambda: _case("view_as_complex", ComplexRope),
-         "softplus_scalars": lambda: _case("softplus_scalars", SoftplusScalars)}
+         "softplus_scalars": lambda: _case("softplus_scalars", SoftplusScalars),
+         "chunked_delta_rule": lambda: _case("chunked_delta_rule", ChunkedDeltaRule)}
 
 
+@pytest.mark.filterwarnings("ignore:dpcompile. gradient of parameter.*Recompiling with the sequence dims static")
 @pytest.mark.parametrize("clipping,C,reduction", SITE_SWEEP)
 @pytest.mark.parametrize("name", list(CASES))
 def test_exact_against_the_oracle(name, clipping, C, reduction):

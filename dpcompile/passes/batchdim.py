@@ -16,6 +16,7 @@ sizes, so B == T, duck-sized symbols and size-1 dims cannot confuse it.
 """
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -43,6 +44,10 @@ class Mixed:
     origin: fx.Node
     reason: str
     unknown: bool = False  # True: not known to mix samples, but not understood either
+    #: True: understood at the traced sizes, but not provable for every value of the symbolic sizes (a length padded
+    #: to a multiple of a chunk, then split into chunks: FloorDiv / Mod): refused as SymbolicLayoutError, which
+    #: dpcompile.compile answers by recompiling with static sequence dims
+    symbolic: bool = False
 
     def describe(self) -> str:
         return f"{self.reason} at op `{self.origin.name}` ({op_name(self.origin.target)}){node_location(self.origin)}"
@@ -271,7 +276,29 @@ class BatchDimAnalysis:
             # dim e holds whole rounds of the B blocks (outer of them: T for a time-major flatten)
             if inner is not None and self._quotient(outs[e], inner * self.B) is not None:
                 return BDim(e, inner)
+        if self._view_at_hints(s, ins, outs):
+            return Mixed(node, "a reshape whose sample blocks hold at the traced sizes but cannot be proven for every "
+                               "value of the symbolic sizes", unknown=True, symbolic=True)
         return self._mix(node, "a reshape that spreads one sample's block over several dims")
+
+    def _view_at_hints(self, s: BDim, ins, outs) -> bool:
+        """The view keeps whole sample blocks in one dim at the sizes the graph was traced with (sizes with
+        symbols only): then only the proof for every size failed, not the layout."""
+        exprs = [s.inner, self.B, *ins, *outs]
+        if self.shape_env is None or not any(sympy.sympify(x).free_symbols for x in exprs):
+            return False
+        try:
+            inner, B = size_hint(s.inner, self.shape_env), size_hint(self.B, self.shape_env)
+            ins = [size_hint(x, self.shape_env) for x in ins]
+            outs = [size_hint(x, self.shape_env) for x in outs]
+        except Exception:  # noqa: BLE001 (a size without a hint)
+            return False
+        block = inner * math.prod(ins[s.dim + 1:])
+        for e in range(len(outs)):
+            after = math.prod(outs[e + 1:])
+            if after and block % after == 0 and outs[e] % (block // after * B) == 0:
+                return True
+        return False
 
     def _quotient(self, num: sympy.Expr, den: sympy.Expr) -> Optional[sympy.Expr]:
         """num / den where it is an integer for every size the graph accepts, else None. Beyond polynomial
@@ -776,6 +803,16 @@ class BatchDimAnalysis:
             return self._mix(node, "view_as_complex pairs values along the batch dim")
         return s
 
+    def _batched_matrices(self, node: fx.Node) -> State:
+        """linalg_solve_triangular(A, B, ...): each of the leading (broadcast) dims indexes one independent system
+        over the last two: samples may be on a leading dim, never on a matrix dim."""
+        operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
+        for a in operands:
+            s = self.state(a)
+            if isinstance(s, BDim) and s.dim >= rank_of(a) - 2:
+                return self._mix(node, "a matrix op whose matrices run along the batch dim")
+        return self._pointwise(node, operands)
+
     def _same_dims(self, node: fx.Node) -> State:
         """view_as_real ((...) complex -> (..., 2): a dim added last), real / imag, conj: the dims are kept."""
         return self.state(node.args[0])
@@ -856,6 +893,7 @@ _HANDLERS = {
     aten.repeat_interleave.self_int: BatchDimAnalysis._repeat_interleave,
     aten.flip.default: BatchDimAnalysis._flip,
     aten.repeat.default: BatchDimAnalysis._repeat,
+    aten.linalg_solve_triangular.default: BatchDimAnalysis._batched_matrices,
     aten.view_as_complex.default: BatchDimAnalysis._view_as_complex,
     aten.view_as_real.default: BatchDimAnalysis._same_dims,
     aten.real.default: BatchDimAnalysis._same_dims,

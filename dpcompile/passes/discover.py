@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
-from ..errors import SampleMixingError, UnsupportedGradientError
+from ..errors import SampleMixingError, SymbolicLayoutError, UnsupportedGradientError
 from .batchdim import BDim, Mixed, node_location
 from .patterns import Site, classify_leaf, op_name
 from .sites import kinds, match, site_kind
@@ -257,6 +257,9 @@ def _contribution_arg(node: fx.Node, st: Callable, name: str) -> int:
 
 def _mixing_error(name: str, node: fx.Node, state) -> Exception:
     where = f"op `{node.name}` ({op_name(node.target)}){node_location(node)}"
+    if isinstance(state, Mixed) and state.symbolic:
+        return SymbolicLayoutError(
+            f"gradient of parameter `{name}` goes through {where}, which depends on {state.describe()}")
     if isinstance(state, Mixed) and state.unknown:
         return UnsupportedGradientError(
             f"gradient of parameter `{name}` goes through {where}, which depends on {state.describe()}; "
