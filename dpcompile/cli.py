@@ -33,7 +33,7 @@ _EXACT = ", ".join(EXACT_LINEAR_STRATEGIES)
 #: more examples per second of compute, and a large expected batch is what lets the clipped signal stand out of the
 #: noise; the last 2 blocks at lr 2e-3 recovered the most of the non-private gain in the time.
 PROFILES = {
-    "cpu": dict(seq_len=64, batch_size=128, micro_batch_size=32, steps=12, train_layers=2, eval_windows=24, lr=2e-3),
+    "cpu": dict(seq_len=32, batch_size=128, micro_batch_size=64, steps=12, train_layers=2, eval_windows=96, lr=2e-3),
     "cuda": dict(seq_len=256, batch_size=256, micro_batch_size=32, steps=None, epochs=3.0, train_layers=None,
                  eval_windows=512, lr=5e-4),
 }
@@ -192,17 +192,17 @@ def _add_train_parser(sub) -> None:
                    help="logical (Poisson) batches of the whole run, overriding --epochs (default 12 on CPU). With "
                         "--resume: the new total (more steps extend the run)")
     t.add_argument("--batch-size", type=_positive(int), default=None,
-                   help="expected logical batch size (Poisson); default 64 on CPU, 256 on a GPU")
+                   help="expected logical batch size (Poisson); default 32 on CPU, 256 on a GPU")
     t.add_argument("--micro-batch-size", type=_positive(int), default=None,
-                   help="physical micro-batch size (memory); default 32 on CPU and on a GPU")
+                   help="physical micro-batch size (memory); default 64 on CPU, 32 on a GPU")
     t.add_argument("--seq-len", type=_seq_len, default=None,
-                   help="tokens per example window (>= 2); default 64 on CPU, 256 on a GPU")
+                   help="tokens per example window (>= 2); default 32 on CPU, 256 on a GPU")
     t.add_argument("--max-windows", type=_positive(int), default=None,
                    help="use only the first N training windows (N is what the accountant sees)")
     t.add_argument("--lr", type=_positive(float), default=None, help="AdamW learning rate (default 2e-3 on CPU, 5e-4 on a GPU)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     t.add_argument("--eval-windows", type=int, default=None,
-                   help="held-out windows for perplexity before and after (0: skip); default 24 on CPU, 512 on a GPU")
+                   help="held-out windows for perplexity before and after (0: skip); default 96 on CPU, 512 on a GPU")
     _add_model_options(t, "2 on CPU, all on a GPU")
     t.add_argument("--backend", default="auto", choices=["auto", "flashdp", "flashdp_eager"],
                    help="auto (the default): flashdp (Inductor + Triton kernels) on a GPU, flashdp_eager on CPU")
