@@ -1,7 +1,7 @@
 """Batch-dim rules and gradient maps that transformers architectures need (issue 24 item 6, benchmarks/hf_sweep.py):
 `repeat` (DiffLlama's value heads, Qwen4-Exp's hyper-connections), `view_as_complex` / `view_as_real` (Llama 4's
 complex rotary embedding), chunked linear attention (`linalg_solve_triangular`, a reshape into chunks of a padded
-length), and a parameter transformed by softplus before an elementwise use (Apertus's xIELU
+length), Mamba's selective scan (torch's generic associative_scan: a stack of per-sample tensors), and a parameter transformed by softplus before an elementwise use (Apertus's xIELU
 `alpha_p`, RecurrentGemma's RG-LRU `recurrent_param`: the backward applies softplus' derivative, a `where` with a
 batch-free condition, to the gradient summed over the batch; it is a fixed linear map, applied to each sample's
 gradient on its own). Each against the float64 batch-of-one oracle at B in {0, 1, 2, 5}, small and large C, flat
@@ -98,6 +98,31 @@ class ChunkedDeltaRule(nn.Module):
         return self.out(y).sum(2).squeeze(-1)
 
 
+def _combine(left, right):
+    a_left, b_left = left
+    a_right, b_right = right
+    return a_left * a_right, a_right * b_left + b_right
+
+
+class SelectiveScan(nn.Module):
+    """Mamba / Falcon-Mamba / Jamba's mamba_selective_scan under Dynamo: torch's generic associative_scan of
+    h_t = a_t * h_{t-1} + b_t along time, whose interleave step stacks per-sample tensors (decomposed into a cat
+    along the batch dim of whole rounds of samples, then a view); and a torch.stack along dim 0 directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(3, 4), nn.Linear(3, 4), nn.Linear(4, 1)
+
+    def forward(self, x):  # (B, T, 3)
+        from torch._higher_order_ops.associative_scan import associative_scan
+
+        a = torch.sigmoid(self.a(x)).transpose(1, 2)  # (B, 4, T)
+        b = self.b(x).transpose(1, 2)
+        _, h = associative_scan(_combine, (a, b), dim=2, combine_mode="generic")
+        both = torch.stack([h, torch.tanh(h)], dim=0).sum(0)  # (2, B, 4, T) -> (B, 4, T)
+        return self.out(both.transpose(1, 2)).squeeze(-1)
+
+
 def _batch(B, g):
     return torch.randn(B, 5, 3, generator=g), torch.randn(B, 5, generator=g)
 
@@ -109,7 +134,8 @@ def _case(name, build):
 CASES = {"repeat": lambda: _case("repeat", RepeatHeads),
          "view_as_complex": lambda: _case("view_as_complex", ComplexRope),
          "softplus_scalars": lambda: _case("softplus_scalars", SoftplusScalars),
-         "chunked_delta_rule": lambda: _case("chunked_delta_rule", ChunkedDeltaRule)}
+         "chunked_delta_rule": lambda: _case("chunked_delta_rule", ChunkedDeltaRule),
+         "selective_scan": lambda: _case("selective_scan", SelectiveScan)}
 
 
 @pytest.mark.filterwarnings("ignore:dpcompile. gradient of parameter.*Recompiling with the sequence dims static")
@@ -121,7 +147,9 @@ def test_exact_against_the_oracle(name, clipping, C, reduction):
     torch._dynamo.reset()
     compiled = dpcompile.compile(LossModule(model, case.loss_fn, reduction == "mean"), backend="flashdp_eager",
                                  max_grad_norm=C, clipping=clipping, loss_reduction=reduction)
-    for B in (0, 1, 2, 5):
+    # torch's generic associative_scan itself fails on an empty batch (its interleave stacks (1, 0, ..) with
+    # (2, 0, ..)); CausalLMLoss never runs the model at B = 0
+    for B in (1, 2, 5) if name == "selective_scan" else (0, 1, 2, 5):
         batch = tuple(b.double() for b in case.batch(B, seed=B + 1))
         model.zero_grad(set_to_none=True)
         compiled(*batch).backward()
@@ -160,6 +188,28 @@ def test_where_with_a_batch_free_nonzero_branch_is_refused():
                                  backend="flashdp_eager", max_grad_norm=1.0, loss_reduction="sum")
     with pytest.raises(Exception) as info:
         compiled(torch.randn(4, 4)).backward()
+    assert isinstance(unwrap(info.value), dpcompile.DPCompileError), info.value
+
+
+class CatWithShared(nn.Module):
+    """A concatenation along the batch dim of per-sample rows and rows every sample shares: still refused."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.shared = nn.Parameter(torch.randn(1, 2))
+
+    def forward(self, x):
+        h = torch.cat([self.lin(x), self.shared.expand(x.shape[0], 2)], 0)  # (2B, 2)
+        return h.view(2, x.shape[0], 2).prod(0).sum(-1)
+
+
+def test_cat_of_per_sample_and_shared_rows_along_the_batch_is_refused():
+    torch._dynamo.reset()
+    compiled = dpcompile.compile(LossModule(models._build(0, CatWithShared), lambda m, x: m(x).pow(2).sum(), False),
+                                 backend="flashdp_eager", max_grad_norm=1.0, loss_reduction="sum")
+    with pytest.raises(Exception) as info:
+        compiled(torch.randn(4, 3)).backward()
     assert isinstance(unwrap(info.value), dpcompile.DPCompileError), info.value
 
 

@@ -461,8 +461,23 @@ class BatchDimAnalysis:
         d = _norm_dim(_arg(node, 1, 0), rank)
         found = self._pointwise(node, [a for a in tensors if rank_of(a) == rank])
         if isinstance(found, BDim) and found.dim == d:
+            if self._whole_rounds(tensors, found, d):
+                return found
             return self._mix(node, "a concatenation along the batch dim")
         return found
+
+    def _whole_rounds(self, tensors, s: BDim, d: int) -> bool:
+        """A concatenation along the batch dim of operands that each hold whole rounds of the B sample blocks
+        (every operand per-sample with the same layout, its size a multiple of inner * B): each operand starts at
+        a multiple of inner * B, so index i still belongs to sample (i // inner) % B (torch.stack of per-sample
+        tensors along a dim before the batch dim is decomposed into this cat and a view)."""
+        for a in tensors:
+            sizes = sizes_of(a)
+            if sizes is None or len(sizes) != rank_of(tensors[0]) or self.state(a) != s:
+                return False
+            if self._quotient(sizes[d], s.inner * self.B) is None:
+                return False
+        return True
 
     def _stack(self, node: fx.Node) -> State:
         tensors = node.args[0]
