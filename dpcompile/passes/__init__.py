@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from . import strategies  # noqa: F401  (registers the built-in strategies)
 from .sites import bmm, conv, embedding, linear, rows, whole  # noqa: F401  (registers the built-in site kinds)
+from .sites import tied_embedding  # noqa: F401  (registers the combined kind of tied tables)
 from . import one_sample
 from .context import GRAPH_FUNCTIONS, GRAPH_SOURCES, ParamInfo, PassContext, _source_hash, source_hash
 from .driver import DPJointPass, run_dp_pass

@@ -195,8 +195,34 @@ def plan_group(pgs: list, shapes: dict, options, batch_symbol, batch_hint: int, 
                               and conditions["keeps_no_more"](shapes[pg]))
     for pg in pgs:
         if pg not in choices:
-            choices[pg] = SiteChoice(strategy(pg), {})
+            choices[pg] = combined_choice(pg, options, batch_symbol, batch_hint, hints) or SiteChoice(strategy(pg), {})
     return choices
+
+
+def combined_choice(pg, options, batch_symbol, batch_hint: int, hints: dict | None = None):
+    """A parameter of several contributions that a site kind takes as one site (SiteKind.combine: a table tied to
+    the LM head): the SiteChoice of the cheapest of that kind's strategies and materialize at the compiled sizes,
+    materialize only where its (B, *p.shape) per-sample gradients fit the scratch budget (single_pass_budget_mb).
+    Unless materialize wins, pg's contributions become the kind's one site. None where no kind combines them."""
+    if pg.fused or len(pg.contributions) < 2:
+        return None
+    from .sites import kinds
+
+    budget = options.single_pass_budget_mb * 2**20
+    for kind in reversed(kinds()):
+        if kind.combine is None:
+            continue
+        found = kind.combine(pg, batch_symbol if batch_symbol is not None else batch_hint, budget, DEVICE)
+        if found is None:
+            continue
+        contribution, costs, scratch = found
+        allowed = [k for k in costs
+                   if k != "materialize" or evaluate(scratch, batch_symbol, batch_hint, hints) <= budget]
+        best = choose_linear(costs, tuple(allowed), batch_symbol, batch_hint, hints)
+        if best != "materialize":
+            pg.contributions = [contribution]
+        return SiteChoice(best, costs)
+    return None
 
 
 def _group_clip(name: str) -> bool:

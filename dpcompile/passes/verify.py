@@ -54,7 +54,7 @@ def verify_coverage(graph: fx.Graph, ctx, params: list) -> None:
         for c in pg.contributions:
             if site_kind(c.site.kind).keeps_node:
                 continue
-            for original in mapped.originals(c.site):
+            for original in mapped.originals(c.site) + list(c.site.info.get("originals", ())):
                 if _depends_on(out, original):
                     raise CoverageError(
                         f"parameter `{info.name}`: the non-private gradient `{original.name}` still feeds the output"

@@ -35,6 +35,12 @@ class SiteKind:
         sample shares, is a position embedding).
     keeps_node: the site is the gradient value itself (B == 1), which the replacement reads: the coverage check
         does not ask for it to be gone.
+    combine: (param_grad, batch_size, budget_bytes, DeviceModel) -> (one contribution of this kind, {strategy:
+        sympy seconds} with "materialize" among them, the bytes materializing would hold), or None: recognises
+        several contributions of one parameter as one site of this kind (tied_embedding: a table that is also the
+        LM head). The planner takes the cheapest strategy (materialize only where its bytes fit the scratch
+        budget) and, unless it is materialize, replaces the contributions with the one returned. Its Site lists
+        the original nodes it stands for in info["originals"] (the coverage check asks for all of them to be gone).
     """
 
     name: str
@@ -48,6 +54,7 @@ class SiteKind:
     strategies: bool = False
     absorb: Optional[Callable] = None
     keeps_node: bool = False
+    combine: Optional[Callable] = None
 
     def __post_init__(self):
         if self.fused_inputs is not None and (self.norm is None or self.clipped_sum is None):
