@@ -117,6 +117,25 @@ def test_ops_in_float32():
     torch.testing.assert_close(got.double(), _brute(idx, g, h, dy, 1.0, 1.0, -1).pow(2).sum((1, 2)), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_branches_of_the_ops(monkeypatch, dtype):
+    """The ops' CUDA branches (the direct norm's Triton kernel, the clipped sum's GEMM in the data dtype), run
+    here on CPU: the kernel under TRITON_INTERPRET=1 (tests/conftest.py), against brute force."""
+    monkeypatch.setattr(T_ops, "_use_triton", lambda *tensors: True)
+    gen = torch.Generator().manual_seed(7)
+    B, Te, Th, V, d = 3, 6, 5, 10, 4
+    idx = torch.randint(0, 4, (B, Te), generator=gen)
+    g, h, dy = (torch.randn(*s, generator=gen).to(dtype) for s in ((B, Te, d), (B, Th, d), (B, Th, V)))
+    coef = torch.rand(B, generator=gen)
+    want = _brute(idx, g, h, dy, 2.0, -1.0, 0)
+    got = torch.ops.dpcompile.tied_embedding_norm(idx, g, h, dy, 2.0, -1.0, 0, "direct")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want.pow(2).sum((1, 2)), rtol=2e-3, atol=2e-3)
+    s = torch.ops.dpcompile.tied_embedding_clipped_sum(idx, g, h, dy, coef, 2.0, -1.0, 0)
+    assert s.dtype == dtype
+    torch.testing.assert_close(s.double(), torch.einsum("b,bvd->vd", coef.double(), want), rtol=1e-2, atol=1e-2)
+
+
 # -- the planner ---------------------------------------------------------------------------------------------
 
 

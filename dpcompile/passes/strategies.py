@@ -20,8 +20,11 @@
                 kept, probed at 2 B M N k flops, reduced): never more work, the estimator's law (hence the
                 accounting) unchanged, and it estimates the norm of exactly the stored values that are summed
   fused-rows / fused-embedding   bias, norm affine and elementwise parameters / embedding tables: own ops
+  tied_embedding_ghost / tied_embedding_direct   a table tied to the LM head, as one site (passes/sites/
+                tied_embedding.py: its costs there, chosen by plan.combined_choice against materialize)
   materialize   per-sample gradients formed (B x numel), then norm and sum: several uses of one parameter
-                (tied weights), bmm and conv sites, scatters after other ops, and B == 1 graphs
+                (tied weights where materializing is cheaper and fits the scratch budget), bmm and conv sites,
+                scatters after other ops, and B == 1 graphs
   zero          empty batch: the clipped sum is zero
 
   single_pass_chunked / randomized_vendor_sum   internal forms the rewrite runs (Strategy.chunked / within_budget)
