@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ..clipping import group_clip_factors
 from .registry import dp_custom_op, dp_op
+from .sizes import size_hint
 
 
 
@@ -44,16 +45,6 @@ def linear_ghost_norm_reference(a: Tensor, b: Tensor) -> Tensor:
     """<a_i a_i^T, b_i b_i^T>: never forms s_i; B x T x T Gram matrices instead."""
     a, b = _acc(a, b), _acc(b, a)
     return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(b, b.transpose(1, 2))).sum((1, 2)).clamp_min(0)
-
-
-def size_hint(n, fallback: int = 8) -> int:
-    """A size as an int for a choice that is exact either way (which of two equal formulas runs, a launch
-    parameter): a symbolic size's hint (its value at the compiling call), read without adding a guard. A guard here
-    would make the compiled graph specialize on the sequence length (a graph per range of T)."""
-    if isinstance(n, torch.SymInt):
-        hint = n.node.hint
-        return int(hint) if isinstance(hint, int) else fallback
-    return int(n)
 
 
 def linear_norm_reference(a: Tensor, b: Tensor) -> Tensor:

@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..sizes import size_hint
+
 REF_TILE = 128  # grid layout unit (see module docstring)
 GHOST_MIN_PROGRAMS = 64  # the ghost kernel's programs per sample at T = 1024: idle ones at short T store a zero
 REDUCE_BLOCK = 1024
@@ -220,8 +222,6 @@ def _ref_tiles(M, N) -> int:
 def _t_bucket(T) -> int:
     """The autotune key's T: a symbolic T (a graph compiled for every length) counts with its hint, without a guard
     (int() would specialize the graph on T): such a graph keeps the configs tuned at its first length."""
-    from ..ops import size_hint
-
     return triton.next_power_of_2(max(size_hint(T), 1))
 
 
@@ -231,8 +231,6 @@ def _ghost_programs(T) -> int:
     stride, so any count is exact. From the hint, not from T: a symbolic T would put ceil(T/128)^2 in the buffer's
     shape, whose contiguity check guards on that size being 1, and the graph then recompiled when T crossed 128
     (benchmarks/NOTES.md entry 12)."""
-    from ..ops import size_hint
-
     return max(triton.cdiv(size_hint(T), REF_TILE) ** 2, GHOST_MIN_PROGRAMS)
 
 
