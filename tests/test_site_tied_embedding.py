@@ -117,10 +117,33 @@ def test_ops_in_float32():
     torch.testing.assert_close(got.double(), _brute(idx, g, h, dy, 1.0, 1.0, -1).pow(2).sum((1, 2)), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("B,Te,Th,V,d,pad", [(0, 4, 4, 5, 3, 0), (2, 5, 5, 9, 4, 0), (3, 37, 21, 50, 20, -1),
+                                              (2, 40, 17, 30, 33, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_cuda_branches_of_the_ops(monkeypatch, dtype):
-    """The ops' CUDA branches (the direct norm's Triton kernel, the clipped sum's GEMM in the data dtype), run
-    here on CPU: the kernel under TRITON_INTERPRET=1 (tests/conftest.py), against brute force."""
+def test_triton_norm_terms_match_reference(B, Te, Th, V, d, pad, dtype):
+    """kernels/tied_embedding.py (under TRITON_INTERPRET=1 on CPU): several tiles of Te and Th, edges, ids
+    repeated, padding, against the float64 references."""
+    from dpcompile.codegen.kernels.tied_embedding import norm_terms
+
+    gen = torch.Generator().manual_seed(B * 100 + Te)
+    idx = torch.randint(0, 6, (B, Te), generator=gen)
+    g, h, dy = (torch.randn(*s, generator=gen).to(dtype) for s in ((B, Te, d), (B, Th, d), (B, Th, V)))
+    emb, cross = norm_terms(idx, g, h, dy, pad, block=16)
+    assert emb.dtype == cross.dtype == torch.float32 and emb.shape == cross.shape == (B,)
+    want_emb = T_ops.embedding_gram_sq_norm(idx, g.double(), pad)
+    want_cross = T_ops.cross_term(idx, g.double(), h.double(), dy.double(), pad)
+    tol = 1e-5 if dtype == torch.float32 else 1e-3
+    scale = 1 + (want_emb.abs().max().item() if B else 0)
+    torch.testing.assert_close(emb.double(), want_emb, rtol=tol, atol=tol * scale)
+    scale = 1 + (want_cross.abs().max().item() if B else 0)
+    torch.testing.assert_close(cross.double(), want_cross, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("head_norm", ["ghost", "direct"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_branches_of_the_ops(monkeypatch, dtype, head_norm):
+    """The ops' CUDA branches (the Triton kernels of the norm, the clipped sum's GEMM in the data dtype), run
+    here on CPU: the kernels under TRITON_INTERPRET=1 (tests/conftest.py), against brute force."""
     monkeypatch.setattr(T_ops, "_use_triton", lambda *tensors: True)
     gen = torch.Generator().manual_seed(7)
     B, Te, Th, V, d = 3, 6, 5, 10, 4
@@ -128,7 +151,7 @@ def test_cuda_branches_of_the_ops(monkeypatch, dtype):
     g, h, dy = (torch.randn(*s, generator=gen).to(dtype) for s in ((B, Te, d), (B, Th, d), (B, Th, V)))
     coef = torch.rand(B, generator=gen)
     want = _brute(idx, g, h, dy, 2.0, -1.0, 0)
-    got = torch.ops.dpcompile.tied_embedding_norm(idx, g, h, dy, 2.0, -1.0, 0, "direct")
+    got = torch.ops.dpcompile.tied_embedding_norm(idx, g, h, dy, 2.0, -1.0, 0, head_norm)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want.pow(2).sum((1, 2)), rtol=2e-3, atol=2e-3)
     s = torch.ops.dpcompile.tied_embedding_clipped_sum(idx, g, h, dy, coef, 2.0, -1.0, 0)

@@ -17,8 +17,9 @@ and the signed scalars ke, kh of each use's chain, so that sample i's gradient i
   clipped sum = index_add of the coef-scaled g by ids (times ke) + kh (coef-scaled dy)^T H (one vendor GEMM)
 
 Liger-style: each op's plain-PyTorch reference sits next to it; the ops are triton_ops (Inductor inlines their
-bodies) whose bodies are the references, except on CUDA the direct head norm, which launches the Triton kernel of
-kernels/linear.py, and the clipped sum's GEMM, taken in the data dtype.
+bodies) whose bodies are the references, except on CUDA: the norm launches the Triton kernels (kernels/linear.py for
+||E_i||^2, kernels/tied_embedding.py for the embedding and cross terms, tested on CPU under TRITON_INTERPRET=1),
+and the clipped sum takes its GEMM in the data dtype.
 """
 from __future__ import annotations
 
@@ -101,19 +102,21 @@ def _use_triton(*tensors: Tensor) -> bool:
 def tied_embedding_norm(idx: Tensor, g: Tensor, h: Tensor, dy: Tensor, ke: float, kh: float, padding_idx: int,
                         head_norm: str) -> Tensor:
     """Per-sample squared norms of a tied table's gradient. head_norm: "ghost" (Gram products) or "direct" (the
-    per-sample GEMM with the norm in its epilogue: the Triton kernel on CUDA; elsewhere, where the product would be
-    formed, the ghost form: the same exact value without the (B, V, d) products)."""
+    per-sample GEMM with the norm in its epilogue). On CUDA: the head's norm by the Triton kernel of
+    kernels/linear.py (direct or ghost), the embedding and cross terms by kernels/tied_embedding.py (one launch).
+    Elsewhere (CPU, fp64) the references, with the ghost form for both (the direct form would write the (B, V, d)
+    products: the same exact value)."""
     if head_norm not in HEAD_NORMS:
         raise ValueError(f"head_norm {head_norm!r} is not one of {HEAD_NORMS}")
-    if head_norm == "direct" and _use_triton(h, dy):
-        from .kernels.linear import per_sample_sq_norms
+    if not _use_triton(h, dy):
+        return tied_embedding_norm_reference(idx, g, h, dy, ke, kh, padding_idx, head_norm)
+    from .kernels.linear import ghost_sq_norms, per_sample_sq_norms
+    from .kernels.tied_embedding import norm_terms
 
-        head = per_sample_sq_norms(dy, h, launch=torch.library.wrap_triton)
-        emb = embedding_gram_sq_norm(idx, g, padding_idx)
-        cross = cross_term(idx, g, h, dy, padding_idx)
-        acc = norm_dtype(g.dtype, h.dtype, dy.dtype)
-        return (emb * (ke * ke) + head.to(acc) * (kh * kh) + cross * (2.0 * ke * kh)).clamp_min(0)
-    return tied_embedding_norm_reference(idx, g, h, dy, ke, kh, padding_idx, head_norm)
+    launch = torch.library.wrap_triton
+    head = (per_sample_sq_norms if head_norm == "direct" else ghost_sq_norms)(dy, h, launch=launch)
+    emb, cross = norm_terms(idx, g, h, dy, padding_idx, launch=launch)
+    return (emb * (ke * ke) + head * (kh * kh) + cross * (2.0 * ke * kh)).clamp_min(0)
 
 
 @dp_op(role="clipped_sum")
