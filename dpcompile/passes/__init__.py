@@ -7,6 +7,7 @@ driver.py:
   graph_io.py   the joint graph's inputs and outputs (primals, gradient outputs, tangent seeds, symbolic sizes)
   batchdim.py   which dim of every value carries samples, by dataflow
   discover.py   each parameter's gradient down to its sites; patterns.py: Site and classify_leaf
+  chain.py      the ops from a site up to its gradient (Step) and their replay, per sample or on the sum
   sites/        the site-kind registry, one module per kind (linear, rows, embedding, bmm, conv, whole)
   strategies.py the built-in strategies (records of dpcompile/strategy_registry.py); plan.py: the planner
   rewrite.py    norms → clip factors → clipped sums, traced and inserted; probes.py: randomized norms' seed

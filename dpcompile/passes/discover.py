@@ -16,6 +16,7 @@ import torch.fx as fx
 
 from ..errors import SampleMixingError, SymbolicLayoutError, UnsupportedGradientError
 from .batchdim import BDim, Mixed, node_location
+from .chain import Step
 from .patterns import Site, classify_leaf, op_name
 from .sites import kinds, match, site_kind
 from .sites import embedding_bag, mapped  # noqa: F401  (registers the kinds)
@@ -36,14 +37,6 @@ _LINEAR_OPS = {
     aten.embedding_dense_backward.default, aten.index_put.default, aten._unsafe_index_put.default,
     aten._unsafe_masked_index_put_accumulate.default, aten.mm.default, aten.expand.default,
 }
-
-
-@dataclass
-class Step:
-    """One chain op applied to the contribution: `node` with the contribution at args position `pos`."""
-
-    node: fx.Node
-    pos: int
 
 
 @dataclass

@@ -15,6 +15,7 @@ import torch
 import torch.fx as fx
 
 from ...errors import UnsupportedGradientError
+from ..chain import replay_per_sample
 from ..patterns import Site, contribution_reads
 from . import SiteKind, register_site_kind
 
@@ -166,8 +167,6 @@ def classify(node, st, state, name) -> Site:
 
 
 def per_sample(site: Site, env: dict, bsz) -> torch.Tensor:
-    from ..rewrite import replay_per_sample  # (rewrite imports the pass's sites)
-
     c = site.info["inner"]
     ps = c.site.per_sample(env, bsz)
     for step in c.chain:
