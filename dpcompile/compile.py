@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from .errors import SymbolicLayoutError
 from .graph_breaks import explain_graph_break
-from .hf import disable_hub_kernels, refuse_labels_loss
+from .hf_compat import disable_hub_kernels, refuse_labels_loss
 from .options import DPOptions, infer_batch_input
 
 
