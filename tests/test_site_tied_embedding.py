@@ -229,8 +229,30 @@ def test_tied_matches_oracle(combo):
 def test_tied_variants_match_oracle(case, combo):
     assert _plan(case, 3, **TINY_BUDGET)["tok.weight"]["strategy"] in TIED_STRATEGIES
     clipping, C, reduction = combo
-    assert_matches_batches(case, (0, 2, 5), max_grad_norm=C, clipping=clipping, loss_reduction=reduction,
-                           **TINY_BUDGET)
+    assert_matches_batches(case, (0, 2, T), max_grad_norm=C, clipping=clipping, loss_reduction=reduction,
+                           **TINY_BUDGET)  # B == T among them
+
+
+def test_one_graph_for_every_batch_size_and_length():
+    """dpcompile.compile: B and T symbolic in one graph (the kernels' sizes are never specialized)."""
+    from dp_check import CountingBackend, _assert_close, oracle_grads
+
+    opts = dict(max_grad_norm=1e-3, clipping="flat", loss_reduction="mean", **TINY_BUDGET)
+    model = copy.deepcopy(CASE.model).double()
+    counter = CountingBackend()
+    compiled = dpcompile.compile(LossModule(model, CASE.loss_fn, True), backend=counter, **_prefixed(opts))
+    torch._dynamo.reset()
+    graphs = []
+    for B, length in [(3, 4), (5, 6), (2, 5), (4, 3)]:
+        case = models.Case(CASE.name, CASE.model, models._token_batch(VOCAB, length), CASE.loss_fn)
+        batch = case.batch(B, seed=B)
+        for p in model.parameters():
+            p.grad = None
+        compiled(*batch).backward()
+        got = {n: p.grad for n, p in model.named_parameters()}
+        _assert_close(case, got, oracle_grads(case, batch, **opts), 1e-9, 1e-7, dict(opts, B=B, T=length))
+        graphs.append(counter.graphs)
+    assert graphs[1] == graphs[2] == graphs[3], graphs  # the graph of symbolic B and T serves the last three
 
 
 def _hf_llama_tied() -> models.Case:
