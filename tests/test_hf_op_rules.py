@@ -1,7 +1,8 @@
 """Batch-dim rules and gradient maps that transformers architectures need (issue 24 item 6, benchmarks/hf_sweep.py):
 `repeat` (DiffLlama's value heads, Qwen4-Exp's hyper-connections), `view_as_complex` / `view_as_real` (Llama 4's
 complex rotary embedding), chunked linear attention (`linalg_solve_triangular`, a reshape into chunks of a padded
-length), Mamba's selective scan (torch's generic associative_scan: a stack of per-sample tensors), and a parameter transformed by softplus before an elementwise use (Apertus's xIELU
+length), Mamba's selective scan (torch's generic associative_scan: a stack of per-sample tensors), a parameter split into
+pieces used on their own (DeepSeek-V4's hyper-connection `base.split`: the backward's cat is placed per sample), and a parameter transformed by softplus before an elementwise use (Apertus's xIELU
 `alpha_p`, RecurrentGemma's RG-LRU `recurrent_param`: the backward applies softplus' derivative, a `where` with a
 batch-free condition, to the gradient summed over the batch; it is a fixed linear map, applied to each sample's
 gradient on its own). Each against the float64 batch-of-one oracle at B in {0, 1, 2, 5}, small and large C, flat
@@ -98,6 +99,25 @@ class ChunkedDeltaRule(nn.Module):
         return self.out(y).sum(2).squeeze(-1)
 
 
+class SplitParameter(nn.Module):
+    """DeepSeek-V4's hyper-connections: `pre_b, post_b, comb_b = self.base.split([hc, hc, hc * hc])`, each piece
+    used elementwise or in a matmul; and a parameter unbound into rows, one of them unused (its gradient piece is
+    zeros). The backward concatenates the pieces' gradients, each summed over the batch: placed per sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.out = nn.Linear(3, 4), nn.Linear(4, 1)
+        self.base = nn.Parameter(torch.randn(4 + 4 + 16) * 0.5)
+        self.rows = nn.Parameter(torch.randn(3, 4) * 0.5)
+
+    def forward(self, x):  # (B, T, 3)
+        pre, post, comb = self.base.split([4, 4, 16])
+        a, b, _unused = self.rows.unbind(0)
+        h = self.lin(x)
+        h = torch.sigmoid(h * 0.5 + pre) * post + (h @ comb.view(4, 4)) * a + b * torch.tanh(h)
+        return self.out(h).squeeze(-1)
+
+
 def _combine(left, right):
     a_left, b_left = left
     a_right, b_right = right
@@ -135,7 +155,8 @@ CASES = {"repeat": lambda: _case("repeat", RepeatHeads),
          "view_as_complex": lambda: _case("view_as_complex", ComplexRope),
          "softplus_scalars": lambda: _case("softplus_scalars", SoftplusScalars),
          "chunked_delta_rule": lambda: _case("chunked_delta_rule", ChunkedDeltaRule),
-         "selective_scan": lambda: _case("selective_scan", SelectiveScan)}
+         "selective_scan": lambda: _case("selective_scan", SelectiveScan),
+         "split_parameter": lambda: _case("split_parameter", SplitParameter)}
 
 
 @pytest.mark.filterwarnings("ignore:dpcompile. gradient of parameter.*Recompiling with the sequence dims static")

@@ -129,6 +129,15 @@ def discover_contributions(pg: ParamGrad, st: Callable, batch_size) -> None:
                     out.append(Contribution(mapped.where_site(node, pos, _absorbed(c, batch_size)),
                                             list(reversed(chain)), negate))
             return
+        pieces = mapped.cat_pieces(node, st)
+        if pieces:  # cat([g_0, g_1, ...]): the backward of splitting the parameter, each piece placed per sample
+            for j in pieces:
+                inner = []
+                walk(node.args[0][j], [], False, inner)
+                for c in inner:
+                    out.append(Contribution(mapped.cat_site(node, j, _absorbed(c, batch_size)),
+                                            list(reversed(chain)), negate))
+            return
         mapping = mapped.map_of(node)
         if mapping is not None and _map_operand_ok(mapping, st):
             # a fixed linear map of a gradient summed over the batch (the backward of slicing the parameter, of

@@ -1,7 +1,8 @@
 """mapped: a parameter gradient that is a fixed linear map, applied after the batch was summed, of other
 contributions: the backward of slicing the parameter (pos[:T], W[:3], W[i]: slice_scatter / select_scatter of the
 slice's gradient into zeros), of a weight_norm parametrization (_weight_norm_interface_backward), and a where with a
-batch-free condition over gradient terms (the backward of softplus(p), clamp(p), where(c, p, 0): `where_branches`).
+batch-free condition over gradient terms (the backward of softplus(p), clamp(p), where(c, p, 0): `where_branches`), and
+a cat of gradient pieces (the backward of W.split / chunk / unbind: `cat_pieces`).
 
 The map's other operands are batch-free, so it acts on each sample's gradient on its own: the inner value is a sum of
 ordinary contributions (sites and their chains); each is wrapped in one site of this kind (`info["inner"]`), whose
@@ -95,6 +96,9 @@ def _is_zero(a) -> bool:
         return False
     if a.target is aten.scalar_tensor.default:
         return a.args[0] == 0
+    if a.target in (aten.expand.default, aten.view.default, aten.reshape.default, aten.unsqueeze.default,
+                    aten.clone.default):
+        return _is_zero(a.args[0])  # zeros broadcast or reshaped (an unused piece of a split parameter)
     return _zeros(a)
 
 
@@ -130,11 +134,49 @@ def _where(op, node, ps, env, pos):
     return got.expand(B, *out.shape)
 
 
+def cat_pieces(node: fx.Node, st) -> list:
+    """cat([g_0, g_1, ...], dim) of gradient terms and zeros: the backward of splitting the parameter
+    (`W.split([a, b])`, `W.chunk(k)`, `W.unbind()`), whose pieces are each used on their own. A fixed linear map of
+    the pieces (each placed at its offset into zeros), which acts on each sample's gradient on its own. The indices
+    of the pieces that carry a term; [] when `node` is not such a cat (a piece that is batch-free but not zero
+    makes it affine)."""
+    if node.target is not aten.cat.default or node.kwargs or not isinstance(node.args[0], (list, tuple)):
+        return []
+    carrying = []
+    for j, a in enumerate(node.args[0]):
+        if isinstance(a, fx.Node) and st(a) is not None:
+            carrying.append(j)
+        elif not _is_zero(a):
+            return []
+    return carrying
+
+
+def _cat_place(op, node, ps, env, j):
+    """Each sample's piece j placed at its offset along the cat's dim, zeros elsewhere."""
+    tensors = op.args[0]
+    out = node.meta["val"]
+    dim = op.args[1] if len(op.args) > 1 else 0
+    dim = dim + out.dim() if dim < 0 else dim
+    B = ps.shape[0]
+    parts = []
+    for k, t in enumerate(tensors):
+        shape = t.meta["val"].shape
+        parts.append(ps.reshape(B, *shape) if k == j else ps.new_zeros((B, *shape)))
+    return torch.cat(parts, dim + 1)
+
+
+def cat_site(node: fx.Node, j: int, inner) -> Site:
+    """The site for piece `j` of cat map `node` around one inner contribution."""
+    operands = {f"read{i}": n for i, n in enumerate(contribution_reads(inner))}  # the map reads no tensor
+    return Site(KIND.name, node, operands, {}, {"inner": inner, "op": node, "cat_piece": j})
+
+
 def where_site(node: fx.Node, pos: int, inner) -> Site:
     """The site for one branch (`pos`) of where map `node` around one inner contribution."""
-    site = site_of(node, node, pos, inner)
-    site.info["where_pos"] = pos
-    return site
+    operands = {f"read{i}": n for i, n in enumerate(contribution_reads(inner))}
+    if isinstance(node.args[0], fx.Node):  # the condition (batch-free); the other branch is not read
+        operands["cond"] = node.args[0]
+    return Site(KIND.name, node, operands, {}, {"inner": inner, "op": node, "where_pos": pos})
 
 
 def site_of(node: fx.Node, op: fx.Node, pos: int, inner) -> Site:
@@ -175,6 +217,8 @@ def per_sample(site: Site, env: dict, bsz) -> torch.Tensor:
     op = site.info["op"]
     if "where_pos" in site.info:
         return _where(op, site.node, ps, env, site.info["where_pos"])
+    if "cat_piece" in site.info:
+        return _cat_place(op, site.node, ps, env, site.info["cat_piece"])
     return MAPS[op.target][2](op, site.node, ps, env)
 
 
