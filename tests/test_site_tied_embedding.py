@@ -28,7 +28,7 @@ TIED_STRATEGIES = set(tied_embedding.STRATEGIES)
 class _TiedLM(nn.Module):
     """Token + position embeddings, one hidden layer, head tied to the token table. head: "plain" (Linear sharing
     the weight), "scaled" (F.linear with -0.5 W: a neg and a scalar on the head's chain), "last" (logits of the
-    last position only: Th != Te)."""
+    last position only: Th != Te), "indexed" (rows gathered by W[idx]: the embedding site is an index_put)."""
 
     def __init__(self, head: str = "plain", padding_idx=0):
         super().__init__()
@@ -41,7 +41,8 @@ class _TiedLM(nn.Module):
 
     def forward(self, idx):
         pos = torch.arange(idx.shape[1], device=idx.device)
-        x = torch.tanh(self.mid(self.tok(idx) * 1.5 + self.pos(pos)))
+        rows = self.tok.weight[idx] if self.kind == "indexed" else self.tok(idx)  # indexed: an index_put site
+        x = torch.tanh(self.mid(rows * 1.5 + self.pos(pos)))
         if self.kind == "scaled":
             return F.linear(x, -0.5 * self.tok.weight)
         if self.kind == "last":
@@ -111,10 +112,11 @@ def test_ops_match_brute_force_with_repeated_ids(head_norm, pad, B, Te, Th):
 def test_ops_in_float32():
     gen = torch.Generator().manual_seed(3)
     idx = torch.randint(0, 5, (3, 6), generator=gen)
-    g, h, dy = torch.randn(3, 6, 4, generator=gen), torch.randn(3, 6, 4, generator=gen), torch.randn(3, 6, 8, generator=gen)
+    g, h, dy = (torch.randn(*s, generator=gen) for s in ((3, 6, 4), (3, 6, 4), (3, 6, 8)))
     got = torch.ops.dpcompile.tied_embedding_norm(idx, g, h, dy, 1.0, 1.0, -1, "ghost")
     assert got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), _brute(idx, g, h, dy, 1.0, 1.0, -1).pow(2).sum((1, 2)), rtol=1e-4, atol=1e-4)
+    want = _brute(idx, g, h, dy, 1.0, 1.0, -1).pow(2).sum((1, 2))
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("B,Te,Th,V,d,pad", [(0, 4, 4, 5, 3, 0), (2, 5, 5, 9, 4, 0), (3, 37, 21, 50, 20, -1),
@@ -224,8 +226,12 @@ def test_tied_matches_oracle(combo):
     assert_matches_batches(CASE, max_grad_norm=C, clipping=clipping, loss_reduction=reduction, **TINY_BUDGET)
 
 
-@pytest.mark.parametrize("case,combo", [(_case("scaled", None), SITE_SWEEP[0]), (_case("last"), SITE_SWEEP[2]),
-                                        (_case("plain", None), SITE_SWEEP[1])], ids=lambda x: getattr(x, "name", None))
+VARIANTS = [(_case("scaled", None), SITE_SWEEP[0]), (_case("last"), SITE_SWEEP[2]),
+            (_case("plain", None), SITE_SWEEP[1]),
+            (_case("indexed", None), SITE_SWEEP[3])]
+
+
+@pytest.mark.parametrize("case,combo", VARIANTS, ids=lambda x: getattr(x, "name", None))
 def test_tied_variants_match_oracle(case, combo):
     assert _plan(case, 3, **TINY_BUDGET)["tok.weight"]["strategy"] in TIED_STRATEGIES
     clipping, C, reduction = combo
