@@ -28,7 +28,8 @@ TIED_STRATEGIES = set(tied_embedding.STRATEGIES)
 class _TiedLM(nn.Module):
     """Token + position embeddings, one hidden layer, head tied to the token table. head: "plain" (Linear sharing
     the weight), "scaled" (F.linear with -0.5 W: a neg and a scalar on the head's chain), "last" (logits of the
-    last position only: Th != Te), "indexed" (rows gathered by W[idx]: the embedding site is an index_put)."""
+    last position only: Th != Te), "indexed" (rows gathered by W[idx]: the embedding site is an index_put), "matmul" (x @ W.t(): the head's mm
+    gives the gradient transposed, (d, V))."""
 
     def __init__(self, head: str = "plain", padding_idx=0):
         super().__init__()
@@ -45,6 +46,8 @@ class _TiedLM(nn.Module):
         x = torch.tanh(self.mid(rows * 1.5 + self.pos(pos)))
         if self.kind == "scaled":
             return F.linear(x, -0.5 * self.tok.weight)
+        if self.kind == "matmul":
+            return x @ self.tok.weight.t()
         if self.kind == "last":
             return self.head(x[:, -1:])
         return self.head(x)
@@ -228,7 +231,7 @@ def test_tied_matches_oracle(combo):
 
 VARIANTS = [(_case("scaled", None), SITE_SWEEP[0]), (_case("last"), SITE_SWEEP[2]),
             (_case("plain", None), SITE_SWEEP[1]),
-            (_case("indexed", None), SITE_SWEEP[3])]
+            (_case("indexed", None), SITE_SWEEP[3]), (_case("matmul"), SITE_SWEEP[0])]
 
 
 @pytest.mark.parametrize("case,combo", VARIANTS, ids=lambda x: getattr(x, "name", None))

@@ -12,8 +12,8 @@ index_add of the scaled embedding gradients plus one GEMM of the scaled dY with 
 Strategies (the planner's names): tied_embedding_ghost (||E_i||^2 from Th x Th Gram products) and
 tied_embedding_direct (from the per-sample GEMM with the norm in its epilogue, CUDA), against materialize.
 Handled: exactly one embedding site with per-sample ids and exactly one linear site, each reaching the parameter
-through reshapes that keep its (V, d) layout, transposes, casts, negation and scalar factors; anything else stays
-materialized.
+through reshapes that keep its (V, d) layout, pairs of transposes, casts, negation and scalar factors, the head's
+mm giving the gradient in W's layout (mm(dY^T, H), as AOTAutograd writes it); anything else stays materialized.
 """
 from __future__ import annotations
 
@@ -112,12 +112,14 @@ def combine(pg, batch_size, budget_bytes: float, dev):
     if me is None or ml is None or me[1] or me[2] != (V, d) or ml[2] != (V, d):
         return None
     ke, kh, flipped = me[0], ml[0], ml[1]
-    # s = a^T b is (M, N): as is it is W's (V, d) layout (dy = a); transposed, s^T is (dy = b)
-    if site_l != ((d, V) if flipped else (V, d)):
+    # s = a^T b is (M, N) and must be W's (V, d) layout as it is: dy = a. (A head whose mm gives s^T, (d, V), has
+    # dy = b; no graph seen so far has that form, AOTAutograd writes the weight gradient as mm(dY^T, H): it stays
+    # materialized until a test reaches it.)
+    if flipped or site_l != (V, d):
         return None
     site = Site(KIND.name, sl.node, {**{f"e_{r}": n for r, n in se.operands.items()},
                                      **{f"h_{r}": n for r, n in sl.operands.items()}}, {},
-                {"parts": (se, sl), "ke": ke, "kh": kh, "dy": "b" if flipped else "a",
+                {"parts": (se, sl), "ke": ke, "kh": kh, "dy": "a",
                  "padding_idx": se.info["padding_idx"], "num_weights": V, "width": d,
                  "originals": (se.node, sl.node)})
     merged = dataclasses.replace(l, site=site, chain=[], negate=False)
