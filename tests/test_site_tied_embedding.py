@@ -28,8 +28,8 @@ TIED_STRATEGIES = set(tied_embedding.STRATEGIES)
 class _TiedLM(nn.Module):
     """Token + position embeddings, one hidden layer, head tied to the token table. head: "plain" (Linear sharing
     the weight), "scaled" (F.linear with -0.5 W: a neg and a scalar on the head's chain), "last" (logits of the
-    last position only: Th != Te), "indexed" (rows gathered by W[idx]: the embedding site is an index_put), "matmul" (x @ W.t(): the head's mm
-    gives the gradient transposed, (d, V))."""
+    last position only: Th != Te), "indexed" (rows gathered by W[idx]: the embedding site is an index_put),
+    "matmul" (x @ W.t())."""
 
     def __init__(self, head: str = "plain", padding_idx=0):
         super().__init__()
