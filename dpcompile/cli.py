@@ -14,19 +14,16 @@ model, 130 interrupted (the last finished step is saved: --resume continues), 1 
 from __future__ import annotations
 
 import argparse
-import csv
-import math
 import os
-import signal
 import sys
 import textwrap
-import threading
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .options import EXACT_LINEAR_STRATEGIES
-
-_EXACT = ", ".join(EXACT_LINEAR_STRATEGIES)
+from . import train_run as T
+from .cli_common import _EXACT, UsageError, _log, _strategy_option, freeze
+from .cli_common import decoder_blocks  # noqa: F401  (cli.decoder_blocks, as before)
+from .train_run import perplexity, write_curve  # noqa: F401  (cli.perplexity, cli.write_curve, as before)
 
 #: defaults that depend on the device: a CPU run finishes in minutes, a GPU run trains the whole model on the corpus.
 #: The CPU recipe was chosen by measurement (docs/results.md, benchmarks/cpu_recipe_search.py): short windows give
@@ -40,10 +37,6 @@ PROFILES = {
 
 #: exit statuses (docs/cli.md, docs/errors.md)
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
-
-#: files `dpcompile train` writes into --out (besides the transformers checkpoint)
-REPORT_NAME, CURVE_CSV, CURVE_PNG = "dp_report.json", "curve.csv", "curve.png"
-RUN_FORMAT = "dpcompile.train"
 
 #: options that define a run's trajectory: `--resume` takes them from the checkpoint (given again, they must agree)
 RUN_OPTIONS = ("model", "data", "encoding", "seq_len", "max_windows", "batch_size", "micro_batch_size", "lr",
@@ -60,14 +53,6 @@ TRAIN_EXAMPLES = """examples:
 exit status: 0 done, 2 a bad option or missing input, 3 the DP pass refused the model, 130 interrupted (Ctrl-C
 stops after the current step and saves it: --resume continues), 1 anything else (a bug: please report it)
 """
-
-
-class UsageError(Exception):
-    """A bad option, or a combination that cannot run: `dpcompile` prints the message and exits with status 2."""
-
-
-def _log(msg: str) -> None:
-    print(f"[dpcompile] {msg}", file=sys.stderr, flush=True)
 
 
 def _positive(kind):
@@ -105,19 +90,6 @@ def _epsilon(s: str) -> float:
     if not v > 0:
         raise argparse.ArgumentTypeError(f"must be > 0 (or inf for no privacy), got {s!r}")
     return v
-
-
-def _adaptive_run_options(args) -> Optional[dict]:
-    """The adaptive clipping options of a run (None unless --max-grad-norm adaptive)."""
-    given = {"target_quantile": args.target_quantile, "clip_learning_rate": args.clip_learning_rate,
-             "quantile_noise_std": args.quantile_noise_std}
-    if args.max_grad_norm != "adaptive":
-        named = [k for k, v in given.items() if v is not None]
-        if named:
-            raise UsageError(f"--{named[0].replace('_', '-')} is an option of adaptive clipping: pass "
-                             "--max-grad-norm adaptive with it")
-        return None
-    return {k: v for k, v in given.items() if v is not None}
 
 
 def _delta(s: str) -> float:
@@ -272,256 +244,11 @@ def _explicit_options(argv: Sequence[str]) -> set:
     return set(vars(p.parse_args(argv))) - {"command"}
 
 
-# ---- helpers --------------------------------------------------------------------------------------------------
-
-def _strategy_option(strategy: Optional[str]) -> dict:
-    """{"strategy": s} if this dpcompile's options know the key (the planner adds it), {} for the default."""
-    if strategy in (None, "", "auto"):
-        return {}
-    from .errors import OptionsError
-    from .options import DPOptions
-    from .strategy_registry import ACCOUNTING_DOCS, find_strategy
-
-    record = find_strategy(strategy)
-    if record is not None and not record.exact:  # its own accounting (the strategy registry says which)
-        raise UsageError(f"--strategy {strategy} estimates per-sample norms instead of computing them exactly, "
-                         f"which changes the privacy analysis ({record.accounting} accounting, "
-                         f"{ACCOUNTING_DOCS.get(record.accounting, 'docs/clipping.md')}); `dpcompile train` "
-                         f"calibrates sigma for exact norms only. Use one of {_EXACT} here, or the Python API for "
-                         f"{strategy} norms")
-
-    try:
-        DPOptions.parse({"strategy": strategy})
-    except OptionsError as err:
-        if "unknown" in str(err):
-            raise UsageError(f"--strategy {strategy}: this version of dpcompile has no strategy option "
-                             "(the planner chooses every site's strategy itself)") from None
-        raise UsageError(f"--strategy {strategy}: {err}") from None
-    return {"strategy": strategy}
-
-
-def decoder_blocks(model):
-    """The model's list of transformer blocks: the longest nn.ModuleList in it (model.layers, transformer.h, ...)."""
-    from torch import nn
-
-    best = None
-    for _, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and (best is None or len(m) > len(best)):
-            best = m
-    return best
-
-
-def freeze(model, train_layers: Optional[int], train_embeddings: bool) -> tuple[int, int]:
-    """Freeze the token embedding (unless train_embeddings) and every block but the last `train_layers` (None or
-    -1: all). Returns (trainable, total) parameter counts."""
-    if not train_embeddings:  # a tied LM head is the same tensor: frozen with it
-        model.get_input_embeddings().weight.requires_grad_(False)
-    if train_layers is not None and train_layers >= 0:
-        blocks = decoder_blocks(model)
-        if blocks is None:
-            raise UsageError("--train-layers: found no list of transformer blocks in this model")
-        if train_layers > len(blocks):
-            raise UsageError(f"--train-layers {train_layers}: the model has only {len(blocks)} blocks")
-        for b in list(blocks)[:len(blocks) - train_layers]:
-            b.requires_grad_(False)
-    params = {id(p): p for p in model.parameters()}.values()
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
-
-
-def perplexity(model, windows, micro_batch_size: int, device, autocast=None, desc: str = "eval",
-               progress: bool = True) -> float:
-    """exp(mean next-token cross-entropy) over all tokens of the held-out windows."""
-    import torch
-    import torch.nn.functional as F
-
-    if windows is None or len(windows) == 0:
-        return float("nan")
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    it = range(0, len(windows), micro_batch_size)
-    bar = _bar(it, desc, progress, leave=False)
-    with torch.no_grad():
-        for i in bar:
-            ids = windows[i:i + micro_batch_size].to(device)
-            with autocast() if autocast else _nullcontext():
-                logits = model(input_ids=ids, use_cache=False).logits
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
-            total += float(loss)
-            count += ids[:, 1:].numel()
-    model.train(was_training)
-    return math.exp(total / count)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
-
-
-def _bar(iterable, desc: str, enabled: bool, total=None, leave=True):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, leave=leave, dynamic_ncols=True, file=sys.stderr)
-
-
-def _resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA device is available")
-    return dev
-
-
 # ---- train ----------------------------------------------------------------------------------------------------
-
-def _dir_is_empty(path: Path) -> bool:
-    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
-
-
-def _read_run(resume: str) -> dict:
-    """The dpcompile checkpoint of a `dpcompile train` output directory (torch.load, weights_only)."""
-    import torch
-
-    from .hf import DP_CHECKPOINT_NAME
-
-    path = Path(resume) / DP_CHECKPOINT_NAME
-    if not path.is_file():
-        raise UsageError(f"--resume {resume}: no {DP_CHECKPOINT_NAME} there; give the --out directory of an earlier "
-                         "`dpcompile train` run that saved a checkpoint")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    extra = state.get("extra") if isinstance(state, dict) else None
-    if not isinstance(extra, dict) or extra.get("format") != RUN_FORMAT:
-        raise UsageError(f"--resume {resume}: {path} was not written by `dpcompile train` (a DPTrainer checkpoint "
-                         "resumes with trainer.train(resume_from_checkpoint=...))")
-    return state
-
-
-def _resolve_run(args: argparse.Namespace, explicit: set, resumed: Optional[dict]) -> dict:
-    """The settings that define the run: the command line's (device defaults filled in), or a resumed run's."""
-    device = _resolve_device(args.device)
-    prof = PROFILES["cuda" if device.type == "cuda" else "cpu"]
-    if resumed is not None:
-        run = dict(resumed["extra"]["run"])
-        if "epsilon" in explicit and args.epsilon != run.get("epsilon"):
-            if run.get("epsilon") is None:
-                raise UsageError(f"--resume {args.resume}: that run has no target epsilon (it ran with "
-                                 f"{'--no-dp' if run.get('no_dp') else '--sigma'}): --epsilon cannot be given")
-            run["epsilon"] = args.epsilon  # a new target for the whole run (more steps): sigma is recalibrated
-        for key in RUN_OPTIONS:
-            if key == "backend" and args.backend == "auto" or key == "epsilon":
-                continue
-            if key in explicit and getattr(args, key) != run.get(key):
-                given = getattr(args, key)
-                raise UsageError(
-                    f"--resume continues the run as it was set up; --{key.replace('_', '-')} {given} differs from "
-                    f"its {run.get(key)!r}. To train further with other settings, start a new run from the "
-                    f"checkpoint: --model {args.resume} (its privacy history continues)")
-        run["device"] = str(device)
-        return run
-    B = args.batch_size or prof["batch_size"]
-    private = not args.no_dp and not (args.sigma is None and math.isinf(args.epsilon))
-    return {
-        "model": args.model, "data": args.data, "encoding": args.encoding,
-        "seq_len": args.seq_len or prof["seq_len"], "max_windows": args.max_windows, "batch_size": B,
-        "micro_batch_size": args.micro_batch_size or min(prof["micro_batch_size"], B),
-        "lr": args.lr or prof["lr"], "weight_decay": args.weight_decay, "clipping": args.clipping,
-        "clip_fn": args.clip_fn, "max_grad_norm": args.max_grad_norm, "strategy": args.strategy,
-        "adaptive_clipping": _adaptive_run_options(args),
-        "train_layers": args.train_layers if args.train_layers is not None else prof["train_layers"],
-        "train_embeddings": args.train_embeddings,
-        "backend": args.backend if args.backend != "auto" else ("flashdp" if device.type == "cuda"
-                                                                else "flashdp_eager"),
-        "seed": args.seed, "secure_mode": args.secure_mode, "delta": args.delta,
-        "epsilon": args.epsilon if private and args.sigma is None else None, "sigma": args.sigma,
-        "no_dp": not private, "device": str(device),
-        "eval_windows": args.eval_windows if args.eval_windows is not None else prof["eval_windows"],
-    }
-
-
-def _planned_steps(args: argparse.Namespace, q: float, device_type: str) -> int:
-    prof = PROFILES["cuda" if device_type == "cuda" else "cpu"]
-    if args.steps is not None:
-        return args.steps
-    if args.epochs is not None or prof["steps"] is None:
-        return max(1, math.ceil((args.epochs or prof.get("epochs", 1.0)) / q))
-    return prof["steps"]
-
-
-class _StopRequest:
-    """Ctrl-C during training: the first one stops after the current step (which is then saved), a second one
-    stops at once."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        _log("interrupted: stopping after this step (Ctrl-C again to stop at once, unsaved)")
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-        return False
-
-
-def write_curve(out_dir: Path, rows: list, title: str = "") -> Optional[Path]:
-    """curve.csv (step, loss, epsilon, examples, tokens, seconds) and, when matplotlib is installed, curve.png
-    (loss and epsilon against the step). Returns the PNG's path, None when it was skipped."""
-    out_dir = Path(out_dir)
-    fields = ["step", "loss", "epsilon", "examples", "tokens", "seconds"]
-    with open(out_dir / CURVE_CSV, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None or (isinstance(r.get(k), float) and not math.isfinite(r[k]))
-                            else r[k]) for k in fields})
-    try:
-        import matplotlib
-    except ImportError:
-        _log(f"matplotlib is not installed: {CURVE_PNG} skipped ({CURVE_CSV} has the numbers; "
-             "pip install matplotlib to get the plot)")
-        return None
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    a.plot(steps, [r["loss"] for r in rows], marker="." if len(rows) < 50 else None)
-    a.set_xlabel("step")
-    a.set_ylabel("training loss (not private)")
-    eps = [r.get("epsilon") for r in rows]
-    if any(e is not None and math.isfinite(e) for e in eps):
-        b.plot(steps, [e if e is not None and math.isfinite(e) else float("nan") for e in eps], color="C1")
-    b.set_xlabel("step")
-    b.set_ylabel("epsilon spent (total)")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out_dir / CURVE_PNG, dpi=100)
-    plt.close(fig)
-    return out_dir / CURVE_PNG
-
 
 def train(args: argparse.Namespace) -> dict:
     """`dpcompile train`: its stages, in order (each a function of dpcompile/train_run.py). Returns the report."""
-    from . import train_run as T
-
-    setup = T.resolve(args)  # the run's settings (a resumed run's), --out checked, torch seeded
+    setup = T.resolve(args, PROFILES, RUN_OPTIONS)  # the run's settings (a resumed run's), --out checked, torch seeded
     model = T.load_model(setup)  # model + tokenizer on the device, frozen but the trained blocks
     prior, prior_from = T.prior_history(setup)  # the DP history the model (or the resumed run) records
     data = T.load_data(setup, model.tok)  # the corpus's training and held-out windows, the planned steps
@@ -532,23 +259,6 @@ def train(args: argparse.Namespace) -> dict:
     report, ppl_after, eps_spent = T.finish(run, done)  # perplexity after, the sample, the final save
     T.print_summary(run, report, train_s, ppl_after, eps_spent)
     return report
-
-
-def _json_safe(obj):
-    """Strict JSON: non-finite floats (a perplexity not measured, epsilon = inf) become null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def _history_eps(history: list, delta: float) -> float:
-    from .privacy.accounting import _history_epsilon
-
-    return _history_epsilon(history, delta, "pld", None)
 
 
 # ---- explain / bench ------------------------------------------------------------------------------------------

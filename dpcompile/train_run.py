@@ -1,6 +1,6 @@
 """The stages of `dpcompile train` (dpcompile/cli.py's `train` runs them in order).
 
-    setup = resolve(args)                        # the run's settings (or the resumed run's), --out checked
+    setup = resolve(args, PROFILES, RUN_OPTIONS) # the run's settings (or the resumed run's), --out checked
     model = load_model(setup)                    # model + tokenizer, frozen but the trained blocks
     prior, prior_from = prior_history(setup)     # the DP history the model (or the resumed run) records
     data = load_data(setup, model.tok)           # corpus, training and held-out windows, planned steps
@@ -14,21 +14,28 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from . import data as D
-from .cli import (REPORT_NAME, RUN_FORMAT, UsageError, _bar, _dir_is_empty, _history_eps, _json_safe, _log,
-                  _nullcontext, _planned_steps, _read_run, _resolve_run, _StopRequest, _strategy_option, freeze,
-                  perplexity, write_curve)
+from .cli_common import UsageError, _log, _strategy_option, freeze
 from .hf import DP_CHECKPOINT_NAME, CausalLMLoss, load_privacy_history
-from .privacy.accounting import PrivacyAccountant, get_noise_multiplier
+from .privacy.accounting import PrivacyAccountant, _history_epsilon, get_noise_multiplier
+
+#: files `dpcompile train` writes into --out (besides the transformers checkpoint)
+REPORT_NAME, CURVE_CSV, CURVE_PNG = "dp_report.json", "curve.csv", "curve.png"
+RUN_FORMAT = "dpcompile.train"
 
 
 @dataclass
@@ -40,6 +47,7 @@ class Setup:
     device: torch.device
     out_dir: Optional[Path]  # None: --no-save
     t_start: float
+    profiles: dict  # the defaults by device type (cli.PROFILES): --steps / --epochs are planned with them
 
     @property
     def private(self) -> bool:
@@ -88,14 +96,15 @@ class Privacy:
 
 # ---- stages ---------------------------------------------------------------------------------------------------
 
-def resolve(args: argparse.Namespace) -> Setup:
+def resolve(args: argparse.Namespace, profiles: dict, run_options: Sequence[str]) -> Setup:
     """The run's settings, the output directory (refused unless empty, new, the resumed one or --overwrite); seeds
-    torch."""
+    torch. profiles, run_options: the command's defaults by device type and the options that define a run
+    (cli.PROFILES, cli.RUN_OPTIONS)."""
     t_start = time.time()
     explicit = getattr(args, "explicit", None) or set()  # main() fills it in (_explicit_options)
     resumed = _read_run(args.resume) if args.resume else None
-    run = _resolve_run(args, explicit, resumed)
-    setup = Setup(args, run, resumed, torch.device(run["device"]), _out_dir(args), t_start)
+    run = _resolve_run(args, explicit, resumed, profiles, run_options)
+    setup = Setup(args, run, resumed, torch.device(run["device"]), _out_dir(args), t_start, profiles)
     torch.manual_seed(run["seed"])
     return setup
 
@@ -168,7 +177,7 @@ def load_data(s: Setup, tok) -> Data:
     if s.resumed is not None and args.steps is None and args.epochs is None:
         steps = int(run["steps"])
     else:
-        steps = _planned_steps(args, q, s.device.type)
+        steps = _planned_steps(args, q, s.device.type, s.profiles)
     if steps <= steps_done:
         raise UsageError(f"--resume {args.resume}: the run already took {steps_done} steps; pass --steps N with "
                          f"N > {steps_done} to continue it")
@@ -543,3 +552,212 @@ def print_summary(t: Training, report: dict, train_s: float, ppl_after: float, e
         print(f"checkpoint: {report['out']}  (AutoModelForCausalLM.from_pretrained({report['out']!r}); "
               f"`dpcompile train --resume {report['out']} --steps N` continues it)")
     print("=" * 72)
+
+
+# ---- helpers --------------------------------------------------------------------------------------------------
+
+def _resolve_run(args: argparse.Namespace, explicit: set, resumed: Optional[dict], profiles: dict,
+                 run_options: Sequence[str]) -> dict:
+    """The settings that define the run: the command line's (device defaults filled in), or a resumed run's."""
+    device = _resolve_device(args.device)
+    prof = profiles["cuda" if device.type == "cuda" else "cpu"]
+    if resumed is not None:
+        run = dict(resumed["extra"]["run"])
+        if "epsilon" in explicit and args.epsilon != run.get("epsilon"):
+            if run.get("epsilon") is None:
+                raise UsageError(f"--resume {args.resume}: that run has no target epsilon (it ran with "
+                                 f"{'--no-dp' if run.get('no_dp') else '--sigma'}): --epsilon cannot be given")
+            run["epsilon"] = args.epsilon  # a new target for the whole run (more steps): sigma is recalibrated
+        for key in run_options:
+            if key == "backend" and args.backend == "auto" or key == "epsilon":
+                continue
+            if key in explicit and getattr(args, key) != run.get(key):
+                given = getattr(args, key)
+                raise UsageError(
+                    f"--resume continues the run as it was set up; --{key.replace('_', '-')} {given} differs from "
+                    f"its {run.get(key)!r}. To train further with other settings, start a new run from the "
+                    f"checkpoint: --model {args.resume} (its privacy history continues)")
+        run["device"] = str(device)
+        return run
+    B = args.batch_size or prof["batch_size"]
+    private = not args.no_dp and not (args.sigma is None and math.isinf(args.epsilon))
+    return {
+        "model": args.model, "data": args.data, "encoding": args.encoding,
+        "seq_len": args.seq_len or prof["seq_len"], "max_windows": args.max_windows, "batch_size": B,
+        "micro_batch_size": args.micro_batch_size or min(prof["micro_batch_size"], B),
+        "lr": args.lr or prof["lr"], "weight_decay": args.weight_decay, "clipping": args.clipping,
+        "clip_fn": args.clip_fn, "max_grad_norm": args.max_grad_norm, "strategy": args.strategy,
+        "adaptive_clipping": _adaptive_run_options(args),
+        "train_layers": args.train_layers if args.train_layers is not None else prof["train_layers"],
+        "train_embeddings": args.train_embeddings,
+        "backend": args.backend if args.backend != "auto" else ("flashdp" if device.type == "cuda"
+                                                                else "flashdp_eager"),
+        "seed": args.seed, "secure_mode": args.secure_mode, "delta": args.delta,
+        "epsilon": args.epsilon if private and args.sigma is None else None, "sigma": args.sigma,
+        "no_dp": not private, "device": str(device),
+        "eval_windows": args.eval_windows if args.eval_windows is not None else prof["eval_windows"],
+    }
+
+
+def _adaptive_run_options(args) -> Optional[dict]:
+    """The adaptive clipping options of a run (None unless --max-grad-norm adaptive)."""
+    given = {"target_quantile": args.target_quantile, "clip_learning_rate": args.clip_learning_rate,
+             "quantile_noise_std": args.quantile_noise_std}
+    if args.max_grad_norm != "adaptive":
+        named = [k for k, v in given.items() if v is not None]
+        if named:
+            raise UsageError(f"--{named[0].replace('_', '-')} is an option of adaptive clipping: pass "
+                             "--max-grad-norm adaptive with it")
+        return None
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def _resolve_device(name: str):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available")
+    return dev
+
+
+def _read_run(resume: str) -> dict:
+    """The dpcompile checkpoint of a `dpcompile train` output directory (torch.load, weights_only)."""
+    path = Path(resume) / DP_CHECKPOINT_NAME
+    if not path.is_file():
+        raise UsageError(f"--resume {resume}: no {DP_CHECKPOINT_NAME} there; give the --out directory of an earlier "
+                         "`dpcompile train` run that saved a checkpoint")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    extra = state.get("extra") if isinstance(state, dict) else None
+    if not isinstance(extra, dict) or extra.get("format") != RUN_FORMAT:
+        raise UsageError(f"--resume {resume}: {path} was not written by `dpcompile train` (a DPTrainer checkpoint "
+                         "resumes with trainer.train(resume_from_checkpoint=...))")
+    return state
+
+
+def _dir_is_empty(path: Path) -> bool:
+    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+
+
+def _planned_steps(args: argparse.Namespace, q: float, device_type: str, profiles: dict) -> int:
+    prof = profiles["cuda" if device_type == "cuda" else "cpu"]
+    if args.steps is not None:
+        return args.steps
+    if args.epochs is not None or prof["steps"] is None:
+        return max(1, math.ceil((args.epochs or prof.get("epochs", 1.0)) / q))
+    return prof["steps"]
+
+
+def perplexity(model, windows, micro_batch_size: int, device, autocast=None, desc: str = "eval",
+               progress: bool = True) -> float:
+    """exp(mean next-token cross-entropy) over all tokens of the held-out windows."""
+    if windows is None or len(windows) == 0:
+        return float("nan")
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    it = range(0, len(windows), micro_batch_size)
+    bar = _bar(it, desc, progress, leave=False)
+    with torch.no_grad():
+        for i in bar:
+            ids = windows[i:i + micro_batch_size].to(device)
+            with autocast() if autocast else _nullcontext():
+                logits = model(input_ids=ids, use_cache=False).logits
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+            total += float(loss)
+            count += ids[:, 1:].numel()
+    model.train(was_training)
+    return math.exp(total / count)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def _bar(iterable, desc: str, enabled: bool, total=None, leave=True):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=leave, dynamic_ncols=True, file=sys.stderr)
+
+
+class _StopRequest:
+    """Ctrl-C during training: the first one stops after the current step (which is then saved), a second one
+    stops at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        _log("interrupted: stopping after this step (Ctrl-C again to stop at once, unsaved)")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def write_curve(out_dir: Path, rows: list, title: str = "") -> Optional[Path]:
+    """curve.csv (step, loss, epsilon, examples, tokens, seconds) and, when matplotlib is installed, curve.png
+    (loss and epsilon against the step). Returns the PNG's path, None when it was skipped."""
+    out_dir = Path(out_dir)
+    fields = ["step", "loss", "epsilon", "examples", "tokens", "seconds"]
+    with open(out_dir / CURVE_CSV, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None or (isinstance(r.get(k), float) and not math.isfinite(r[k]))
+                            else r[k]) for k in fields})
+    try:
+        import matplotlib
+    except ImportError:
+        _log(f"matplotlib is not installed: {CURVE_PNG} skipped ({CURVE_CSV} has the numbers; "
+             "pip install matplotlib to get the plot)")
+        return None
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot(steps, [r["loss"] for r in rows], marker="." if len(rows) < 50 else None)
+    a.set_xlabel("step")
+    a.set_ylabel("training loss (not private)")
+    eps = [r.get("epsilon") for r in rows]
+    if any(e is not None and math.isfinite(e) for e in eps):
+        b.plot(steps, [e if e is not None and math.isfinite(e) else float("nan") for e in eps], color="C1")
+    b.set_xlabel("step")
+    b.set_ylabel("epsilon spent (total)")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_dir / CURVE_PNG, dpi=100)
+    plt.close(fig)
+    return out_dir / CURVE_PNG
+
+
+def _json_safe(obj):
+    """Strict JSON: non-finite floats (a perplexity not measured, epsilon = inf) become null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _history_eps(history: list, delta: float) -> float:
+    return _history_epsilon(history, delta, "pld", None)

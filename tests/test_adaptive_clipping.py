@@ -329,7 +329,8 @@ def test_checkpoint_resumes_the_adaptive_thresholds_exactly(tmp_path):
 
 
 def test_cli_options():
-    from dpcompile.cli import UsageError, _adaptive_run_options, build_parser
+    from dpcompile.cli import UsageError, build_parser
+    from dpcompile.train_run import _adaptive_run_options
 
     args = build_parser().parse_args(["train", "--max-grad-norm", "adaptive", "--target-quantile", "0.7"])
     assert args.max_grad_norm == "adaptive"
