@@ -434,7 +434,9 @@ def _small(argv: list, cwd: Path) -> list:
     if value("--seq-len") is None:
         argv += ["--seq-len", "16"]
     if value("--max-windows") is None:
-        argv += ["--max-windows", "8"]  # with the default expected batch of 8: q = 1, one compiled graph
+        argv += ["--max-windows", "8"]
+    if value("--batch-size") is None:
+        argv += ["--batch-size", "8"]  # with 8 windows: q = 1, one compiled graph (the CPU default is 128)
     if value("--epochs") is not None:
         replace("--epochs", "0.1")
     if value("--steps") is None:
