@@ -346,6 +346,7 @@ class Training:
         if not s.private:
             _log(f"non-private baseline: no clipping, no noise; {d.steps - d.steps_done} steps of expected batch "
                  f"{d.B}")
+            _log(first_step_forecast(s))
             return
         if p.recalibrated:
             optimizer.noise_multiplier = p.sigma
@@ -358,8 +359,7 @@ class Training:
              f"epsilon={eps_planned:.3f} at delta={run['delta']}"
              f"{' in total with the earlier history' if p.accountant.steps else ''}; C={run['max_grad_norm']}, "
              f"{run['clipping']} clipping, backend {run['backend']}")
-        if run["backend"] == "flashdp_eager":
-            _log("the first step compiles the model (Dynamo + the DP pass): on a CPU this takes a few minutes")
+        _log(first_step_forecast(s))
 
     # -- checkpoints and the report ---------------------------------------------------------------------------
     def save(self, step: int, final: bool, report: Optional[dict] = None) -> None:
@@ -483,6 +483,8 @@ class Training:
         """The step's row of the curve and its progress stats (loss, tokens per second, epsilon)."""
         step_times, private = self.step_times, self.s.private
         step_times.append(step_seconds)
+        if len(step_times) == 1:
+            record_first_step(self.s, step_times[0])
         if self.first_step_s is None:
             self.first_step_s = round(step_times[0], 1)
         if len(step_times) == 1:
@@ -496,6 +498,53 @@ class Training:
         tps = ((self.tokens - self._tokens_at_t0) / elapsed if len(step_times) > 1 and elapsed > 0
                else (self.tokens - self._tokens_start) / max(step_times[0], 1e-9))
         return {"loss": f"{self.last_loss:.3f}", "tok/s": f"{tps:.0f}", "eps": f"{eps:.2f}" if private else "-"}
+
+
+# ---- how long the first (compiling) step takes ------------------------------------------------------------------
+
+#: the first step's seconds of earlier runs on this machine, by _first_step_key (a JSON file in the data directory)
+FIRST_STEP_FILE = "first_step_seconds.json"
+
+
+def _first_step_key(s: Setup) -> str:
+    """What the compile time depends on: model, device, backend, torch, the trained blocks, private or not."""
+    dev = s.device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    run = s.run
+    return (f"{run['model']}|{name}|{run['backend'] if s.private else 'no-dp ' + run['backend']}|torch "
+            f"{torch.__version__}|train_layers {run['train_layers']}|{run['clipping']}")
+
+
+def _first_step_records() -> dict:
+    try:
+        return json.loads((D.data_dir() / FIRST_STEP_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def first_step_forecast(s: Setup) -> str:
+    """The log line before training: how long the first step (which compiles the model) took the last time the
+    model was trained here the same way, or what it takes elsewhere when this machine has no record."""
+    last = _first_step_records().get(_first_step_key(s))
+    if last is not None:
+        return (f"the first step compiles the model: {last:.0f} s the last time on this machine (less when "
+                "Inductor's caches hold the graphs already)")
+    if s.device.type == "cuda":
+        return ("the first step compiles the model (Dynamo + the DP pass + Inductor): SmolLM2-135M took 6.5 min on "
+                "an H100 with empty caches, 20 s with Inductor's caches of an earlier run (docs/results.md)")
+    return "the first step compiles the model (Dynamo + the DP pass): on a CPU this takes a few minutes"
+
+
+def record_first_step(s: Setup, seconds: float) -> None:
+    """Remember the first step's seconds for the next run's forecast (best effort: a read-only data directory
+    is no error)."""
+    records = _first_step_records()
+    records[_first_step_key(s)] = round(seconds, 1)
+    try:
+        D.data_dir().mkdir(parents=True, exist_ok=True)
+        (D.data_dir() / FIRST_STEP_FILE).write_text(json.dumps(records, indent=1) + "\n")
+    except OSError:
+        pass
 
 
 # ---- the end of the run ---------------------------------------------------------------------------------------

@@ -467,3 +467,27 @@ def test_every_printed_command_runs(tmp_path, monkeypatch, capfd):
         err = capfd.readouterr().err
         assert rc == 0, (f"`dpcompile {' '.join(argv)}` (run as `dpcompile {' '.join(small)}`) exited {rc}:\n"
                          f"{err[-3000:]}")
+
+
+def test_first_step_forecast_reports_the_last_run_on_this_machine(tmp_path, monkeypatch):
+    """Before training, the log says how long the compiling first step took the last time the same model was
+    trained here the same way; a run of another model (or without DP) keeps its own record."""
+    import types
+
+    from dpcompile import train_run as T
+
+    monkeypatch.setenv("DPCOMPILE_DATA", str(tmp_path))
+    run = {"model": "tiny-gpt2", "backend": "flashdp_eager", "train_layers": 2, "clipping": "per_layer"}
+    dp = types.SimpleNamespace(device=torch.device("cpu"), run=run, private=True)
+    other = types.SimpleNamespace(device=torch.device("cpu"), run=dict(run, model="tiny-llama"), private=True)
+    no_dp = types.SimpleNamespace(device=torch.device("cpu"), run=run, private=False)
+    assert "a few minutes" in T.first_step_forecast(dp)
+    T.record_first_step(dp, 71.84)
+    T.record_first_step(no_dp, 12.0)
+    assert "72 s the last time on this machine" in T.first_step_forecast(dp)
+    assert "12 s the last time" in T.first_step_forecast(no_dp)
+    assert "a few minutes" in T.first_step_forecast(other)
+    (tmp_path / T.FIRST_STEP_FILE).write_text("not json")  # a damaged record is ignored, then replaced
+    assert "a few minutes" in T.first_step_forecast(dp)
+    T.record_first_step(dp, 5.0)
+    assert "5 s the last time" in T.first_step_forecast(dp)
