@@ -106,7 +106,7 @@ def test_new_site_kind_is_planned_and_explained(extended):
     assert site_kind("fused_bmm").fused
     case = models.per_head_einsum()
     x, y = case.batch(4, seed=1)
-    plan = explain(lambda x, y: case.loss_fn(case.model, x, y), (x, y))
+    plan = explain(lambda x, y: case.loss_fn(case.model, x, y), (x, y), loss_reduction="sum")  # an MSE sum
     rows = {r["parameter"]: r for r in plan.rows}
     assert rows["w"]["strategy"] == "fused-fused_bmm" and rows["w"]["pattern"].startswith("fused_bmm(bmm."), rows
     assert "fused-fused_bmm" in str(plan)
