@@ -818,16 +818,6 @@ class BatchDimAnalysis:
             return self._mix(node, "view_as_complex pairs values along the batch dim")
         return s
 
-    def _batched_matrices(self, node: fx.Node) -> State:
-        """linalg_solve_triangular(A, B, ...): each of the leading (broadcast) dims indexes one independent system
-        over the last two: samples may be on a leading dim, never on a matrix dim."""
-        operands = [a for a in node.args[:2] if isinstance(a, fx.Node)]
-        for a in operands:
-            s = self.state(a)
-            if isinstance(s, BDim) and s.dim >= rank_of(a) - 2:
-                return self._mix(node, "a matrix op whose matrices run along the batch dim")
-        return self._pointwise(node, operands)
-
     def _same_dims(self, node: fx.Node) -> State:
         """view_as_real ((...) complex -> (..., 2): a dim added last), real / imag, conj: the dims are kept."""
         return self.state(node.args[0])
@@ -908,7 +898,6 @@ _HANDLERS = {
     aten.repeat_interleave.self_int: BatchDimAnalysis._repeat_interleave,
     aten.flip.default: BatchDimAnalysis._flip,
     aten.repeat.default: BatchDimAnalysis._repeat,
-    aten.linalg_solve_triangular.default: BatchDimAnalysis._batched_matrices,
     aten.view_as_complex.default: BatchDimAnalysis._view_as_complex,
     aten.view_as_real.default: BatchDimAnalysis._same_dims,
     aten.real.default: BatchDimAnalysis._same_dims,
