@@ -9,7 +9,7 @@ from .codegen import ops as _ops  # noqa: F401  (registers the dpcompile:: custo
 from .backend import flashdp, flashdp_eager, register_backends
 from .compile import DPCompiled, compile
 from .errors import (CoverageError, DPCompileError, GraphBreakError, LossReductionError, OptionsError,
-                     SampleMixingError, UnsupportedGradientError)
+                     SampleInputError, SampleMixingError, UnsupportedGradientError)
 from .explain import Plan, explain
 from .options import DPOptions
 from .privacy import (BatchMemoryManager, DistributedDPOptimizer, DistributedPoissonDataLoader, DPDataLoader,
@@ -32,6 +32,6 @@ __all__ = [
     "save_checkpoint", "load_checkpoint", "validate", "fix", "ModuleValidator",
     "LogicalBatchError", "PrivacyBudgetExceeded",
     "DPCompileError", "GraphBreakError", "OptionsError", "UnsupportedGradientError", "SampleMixingError", "CoverageError",
-    "LossReductionError",
+    "LossReductionError", "SampleInputError",
 ]
 __version__ = "0.1.0"

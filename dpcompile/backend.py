@@ -12,7 +12,6 @@ import re
 import warnings
 from typing import Any, Optional
 
-import sympy
 import torch
 import torch.nn as nn
 
@@ -21,7 +20,6 @@ from .clip_provenance import GraphClipping, tap, threshold_input
 from .errors import CoverageError, DPCompileError, OptionsError
 from .options import DPOptions, infer_batch_input
 from .passes import DPJointPass, ParamInfo, PassContext, run_dp_pass
-from .passes.symbolic import sym_expr
 from .sdpa_policy import attention_for
 
 aten = torch.ops.aten
@@ -215,8 +213,8 @@ def _warn_if_loss_is_outside(gm: torch.fx.GraphModule, root: Optional[nn.Module]
             f"flashdp: {where} returns tensors of shapes {', '.join(_shape_text(v) for v in tensors[:3])}, not a scalar loss, "
             "so the loss is computed outside the compiled call, where dpcompile cannot check that it is a sum or "
             "mean of per-sample terms (a batch-wide normaliser such as a token mean over the whole batch would mix "
-            "samples). Move the loss inside: compile a module whose forward returns the loss (for transformers "
-            "models, dpcompile.hf.CausalLMLoss)", stacklevel=2)
+            "samples), nor that it is the declared loss_reduction. Move the loss inside: compile a module whose "
+            "forward returns the loss (for transformers models, dpcompile.hf.CausalLMLoss)", stacklevel=2)
 
 
 def build_context(gm: torch.fx.GraphModule, example_inputs: list, options: Any) -> PassContext:
@@ -263,13 +261,11 @@ def build_context(gm: torch.fx.GraphModule, example_inputs: list, options: Any) 
         )
     main = candidates[0] if opts.batch_arg is not None else candidates[
         infer_batch_input([example_inputs[i].shape[opts.batch_dim] for i in candidates], opts.batch_dim)]
-    bsize = sym_expr(example_inputs[main].shape[opts.batch_dim])
     batch_inputs = {main: opts.batch_dim}
-    # other inputs with the same batch size on the batch dim carry samples too (targets, masks): see docs
-    for i in user_inputs:
-        ex = example_inputs[i]
-        if i != main and ex.dim() > opts.batch_dim and sympy.simplify(sym_expr(ex.shape[opts.batch_dim]) - bsize) == 0:
-            batch_inputs[i] = opts.batch_dim
+    # which of the other tensor arguments carry samples (targets, masks, weights, in whatever layout) the pass
+    # decides by data flow (passes/sample_inputs.py; docs/gradient-contract.md, "Which inputs carry samples")
+    candidates = {i: sources[i] or f"input{i}" for i in user_inputs
+                  if i != main and isinstance(example_inputs[i], torch.Tensor) and example_inputs[i].dim() > 0}
 
     names = list(trainable.values())
     groups = _groups_of(names, all_names, opts)
@@ -288,7 +284,8 @@ def build_context(gm: torch.fx.GraphModule, example_inputs: list, options: Any) 
         thresholds = {g: opts.threshold_for(g, n_groups) for g in sorted(set(groups.values()))}
     params = {i: ParamInfo(name, groups[name]) for i, name in trainable.items()}
     ctx = PassContext(opts, params, batch_inputs, thresholds, dp_decomposition_table(),
-                      input_sources={sources[i] or f"input{i}": d for i, d in batch_inputs.items()})
+                      input_sources={sources[i] or f"input{i}": d for i, d in batch_inputs.items()},
+                      sample_candidates=candidates)
     if opts.adaptive:
         ctx.threshold_input = len(example_inputs)
         ctx.threshold_groups = tuple(sorted(set(groups.values())))

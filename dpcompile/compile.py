@@ -1,8 +1,9 @@
 """`dpcompile.compile`: torch.compile with the flashdp backend, one graph for every batch size >= 2 and every
 sequence length.
 
-Graphs per compiled model (docs/gradient-contract.md, "Batch sizes and sequence lengths"): the batch size B and
-the other dims of the sample-carrying inputs (the sequence length T) are marked dynamic before every call, so the
+Graphs per compiled model (docs/gradient-contract.md, "Batch sizes and sequence lengths"): the batch size B (the
+batch dim of the batch input; maybe-dynamic dims of the other inputs whose size is a multiple of B) and the other
+dims of those inputs (the sequence length T) are marked dynamic before every call, so the
 marking is the same in a fresh process and after other models compiled (Dynamo's automatic dynamic would otherwise
 make a dim dynamic only once it has seen two values of it). The DP pass adds no guard on B or T, so the graphs are
 the classes of sizes that Dynamo and the model's own code tell apart: B in {0, 1, >= 2} (Dynamo specializes 0 and
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.fx.experimental.symbolic_shapes import ConstraintViolationError
 
 from .errors import SymbolicLayoutError
 from .graph_breaks import explain_graph_break
@@ -38,6 +40,7 @@ class DPCompiled:
         self._compiled = compiled
         self.options = options
         self.dynamic_seq = dynamic_seq
+        self._wide = False  # dynamic_seq=False: mark every dim of a multiple of B after Dynamo needed one more
 
     def _batch_tensor(self, args, kwargs):
         arg = self.options.batch_arg
@@ -49,29 +52,63 @@ class DPCompiled:
         tensors = [a for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() > d]
         return tensors[infer_batch_input([t.shape[d] for t in tensors], d)] if tensors else None
 
-    def _sample_inputs(self, args, kwargs) -> list:
-        """The tensor inputs that carry samples: those with the batch size on the batch dim (targets, masks)."""
+    def _candidate_inputs(self, args, kwargs):
+        """(the batch tensor, [(another tensor input, its dims whose size is a multiple of the batch size)]): the
+        inputs that may carry samples, in whatever layout ((B*T,) labels, a (T, B) mask, (B,) weights next to a
+        batch_dim=1 input). Which of them do, and along which dim, the pass decides by data flow
+        (passes/sample_inputs.py); here they only get their sizes symbolic, so that Dynamo can relate them to B."""
         x = self._batch_tensor(args, kwargs)
         d = self.options.batch_dim
         if not (isinstance(x, torch.Tensor) and x.dim() > d):
-            return []
-        return [t for t in list(args) + list(kwargs.values())
-                if isinstance(t, torch.Tensor) and t.dim() > d and t.shape[d] == x.shape[d]]
+            return None, []
+        B = x.shape[d]
+        # with static lengths, only the batch dim (B there) and dims of B times a length of the batch input ((B*T,)
+        # labels) that is not itself one of its lengths: a length that equals B or B*d would be marked at some calls
+        # and not at others (a graph more each time). A layout these miss ((T, B) masks, (B,) weights next to a
+        # batch_dim=1 input) makes Dynamo fix B: then every dim of a multiple of B is marked (_wide), from then on
+        lengths = {s for i, s in enumerate(x.shape) if i != d}
+        flat = {B * s for s in lengths} - lengths
+        out = []
+        for t in list(args) + list(kwargs.values()):
+            if not isinstance(t, torch.Tensor) or t is x:
+                continue
+            if B >= 2 and (self.dynamic_seq or self._wide):
+                dims = [i for i in range(t.dim()) if t.shape[i] >= B and t.shape[i] % B == 0]
+            elif B >= 2:
+                dims = [i for i in range(t.dim()) if (i == d and t.shape[i] == B) or t.shape[i] in flat]
+            else:  # every size is a multiple of 0 or 1: the inputs laid out like the batch input (targets, masks)
+                dims = [d] if t.dim() > d and t.shape[d] == B else []
+            if dims:
+                out.append((t, dims))
+        return x, out
 
     def _mark(self, args, kwargs) -> None:
+        """The batch dim of the batch input: dynamic (the user's batch_dim; B >= 2, as Dynamo specializes 0 and 1).
+        Dims of other inputs whose size is a multiple of B: maybe dynamic (never an error if the model fixes
+        them). The other dims of the batch input and of those inputs: maybe dynamic with dynamic_seq, else static.
+        No dim of an input that has none of the batch size is touched."""
+        x, others = self._candidate_inputs(args, kwargs)
+        if x is None:
+            return
         d = self.options.batch_dim
-        for t in self._sample_inputs(args, kwargs):
-            if t.shape[d] >= 2:
-                torch._dynamo.mark_dynamic(t, d)
-            others = [i for i in range(t.dim()) if i != d]
-            if self.dynamic_seq:
-                # maybe_: a dim the model fixes (a feature width meeting a weight) is specialized without an error
-                torch._dynamo.maybe_mark_dynamic(t, others)
-            elif others:
-                weak = getattr(t, "_dynamo_weak_dynamic_indices", None)
-                if weak is not None:  # a mark left by an earlier call on the same tensor outranks mark_static
-                    weak.difference_update(others)
-                torch._dynamo.mark_static(t, others)
+        if x.shape[d] >= 2:
+            torch._dynamo.mark_dynamic(x, d)
+        self._mark_rest(x, [d])
+        for t, dims in others:
+            if x.shape[d] >= 2:
+                torch._dynamo.maybe_mark_dynamic(t, dims)
+            self._mark_rest(t, dims)
+
+    def _mark_rest(self, t: torch.Tensor, batch_dims: list) -> None:
+        others = [i for i in range(t.dim()) if i not in batch_dims]
+        if self.dynamic_seq:
+            # maybe_: a dim the model fixes (a feature width meeting a weight) is specialized without an error
+            torch._dynamo.maybe_mark_dynamic(t, others)
+        elif others:
+            weak = getattr(t, "_dynamo_weak_dynamic_indices", None)
+            if weak is not None:  # a mark left by an earlier call on the same tensor outranks mark_static
+                weak.difference_update(others)
+            torch._dynamo.mark_static(t, others)
 
     def __call__(self, *args, **kwargs):
         refuse_labels_loss(self.module, args, kwargs)  # before Dynamo trips on transformers' logging
@@ -82,6 +119,10 @@ class DPCompiled:
             graph_break = explain_graph_break(exc, self.module)
             if graph_break is not None:
                 raise graph_break from exc
+            if not self._wide and not self.dynamic_seq and _caused_by(exc, ConstraintViolationError) is not None:
+                self._wide = True  # an input whose size is k*B for another k: its dim must follow B too
+                self._mark(args, kwargs)
+                return self._compiled(*args, **kwargs)
             if not (self.dynamic_seq and _caused_by(exc, SymbolicLayoutError)):
                 raise
             warnings.warn(

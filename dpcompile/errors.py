@@ -22,6 +22,11 @@ class SampleMixingError(DPCompileError):
     """The graph combines different samples (BatchNorm statistics, in-batch losses, batch-wide normalisers)."""
 
 
+class SampleInputError(DPCompileError):
+    """An input of the compiled call whose samples dpcompile cannot place: it lines up with the batch in several
+    layouts, or it may hold values of each sample but its size cannot follow the batch size."""
+
+
 class CoverageError(DPCompileError):
     """A trainable parameter would have received a gradient that was not clipped."""
 

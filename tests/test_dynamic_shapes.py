@@ -25,6 +25,7 @@ import dpcompile
 import dpcompile.backend
 import models
 from dp_check import CountingBackend, LossModule
+from dpcompile.compile import _caused_by
 from dpcompile.passes.symbolic import graph_shape_env
 from dpcompile.testing import oracle
 
@@ -198,9 +199,10 @@ def test_the_pass_never_specializes_a_size(monkeypatch):
 
 
 def test_a_call_whose_targets_have_another_batch_size_compiles_its_own_graph():
-    """The graph was built taking the targets to carry the same samples as the inputs (equal batch dims at the
-    compiling call). With B and T symbolic, Dynamo alone only knows B*T == B'*T' (a flatten): the pass's guard
-    B' == B makes a call with targets of shape (3, 8) next to inputs (4, 6) compile anew, never reuse that graph."""
+    """The graph was built taking the targets to carry the same samples as the inputs (they line up at the
+    compiling call). With B and T symbolic, Dynamo alone only knows B*T == B'*T' (a flatten): a call with targets
+    of shape (3, 8) next to inputs (4, 6) must never reuse that graph. Its own compile refuses it (the targets'
+    8 = 2 * 4 columns never line up with the inputs' samples: passes/sample_inputs.py)."""
     case = models.gpt_like(tied=True, n_layer=1, T=12)
     model = copy.deepcopy(case.model).double()
     torch._dynamo.reset()
@@ -208,8 +210,10 @@ def test_a_call_whose_targets_have_another_batch_size_compiles_its_own_graph():
     idx = torch.randint(0, 11, (4, 6))
     compiled(idx, torch.randint(0, 11, (4, 6))).backward()
     assert counter.graphs == 1
-    compiled(idx, torch.randint(0, 11, (3, 8))).backward()
-    assert counter.graphs == 2
+    with pytest.raises(Exception) as info:
+        compiled(idx, torch.randint(0, 11, (3, 8))).backward()
+    assert _caused_by(info.value, dpcompile.DPCompileError) is not None, info.value
+    assert counter.graphs == 1
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -247,6 +247,36 @@ def _weighted_normalised(m, x, y, w):
     return (w * ((m.out(torch.tanh(m.lin(x))) - y) ** 2).sum(1)).sum() / w.sum()
 
 
+def _tm(B, g, T=3):  # time-major inputs (batch_dim=1) and per-sample weights (B,)
+    return (torch.randn(T, B, D, generator=g, dtype=torch.float64), torch.randn(T, B, generator=g, dtype=torch.float64),
+            torch.rand(B, generator=g, dtype=torch.float64) + 0.5)
+
+
+def _tm_err(m, x, y):  # (T, B) squared errors
+    return (m.out(torch.tanh(m.lin(x))).squeeze(-1) - y) ** 2
+
+
+def _tm_weighted(m, x, y, w):
+    return (w * _tm_err(m, x, y).sum(0)).sum()
+
+
+def _tm_weighted_normalised(m, x, y, w):
+    return (w * _tm_err(m, x, y).sum(0)).sum() / w.sum()
+
+
+def _tm_weights_inside(m, x, y, w):  # w only as a batch-wide normaliser of the activations: never lines up
+    return ((m.out(torch.tanh(m.lin(x) / w.sum())).squeeze(-1) - y) ** 2).sum()
+
+
+def _shared_seq(B, g, T=3):  # (B, T, d) inputs, a (1, T, d) shared tensor; run at B == T
+    x, y = _seq(B, g, T)
+    return x, y, torch.randn(1, T, D, generator=g, dtype=torch.float64)
+
+
+def _shared_seq_loss(m, x, y, s):
+    return ((m.out(torch.tanh(m.lin(x) + s)).squeeze(-1) - y) ** 2).sum()
+
+
 def _batch_centred(m, x, y):  # mixes samples through the batch mean
     h = m.lin(x)
     return ((m.out(torch.tanh(h - h.mean(0, keepdim=True))) - y) ** 2).sum()
@@ -338,10 +368,23 @@ ATTACKS = [
            lambda m, a, C, r: dp(LossOf(m, _tok_mean_loss), C, "mean")(*a).backward(), _tok_means,
            reduction="mean", sample=_flat_label_sample),
     Attack("(T, B) mask next to batch-first inputs, masked sum", Lin, _mask_tb_inputs, (0, 0, 1),
-           lambda m, a, C, r: _plain(m, a, C, r, loss=_mask_tb), _mask_tb,
-           known_hole="issue 24 item 2: Dynamo's constraint violation on the (T, B) mask, not a dpcompile message"),
+           lambda m, a, C, r: _plain(m, a, C, r, loss=_mask_tb), _mask_tb),  # B = 1: refused (which is the batch?)
+    Attack("(T, B) mask at T == B", Lin, _mask_tb_inputs, (0, 0, 1),
+           lambda m, a, C, r: _plain(m, a, C, r, loss=_mask_tb), _mask_tb, batches=(3,)),
+    Attack("(T, B) mask, static lengths (dynamic_seq=False)", Lin, _mask_tb_inputs, (0, 0, 1),
+           lambda m, a, C, r: _plain(m, a, C, r, loss=_mask_tb, dynamic_seq=False), _mask_tb, batches=(2, 3)),
+    Attack("labels pre-flattened to (B*T,) at T == B", Lin, _flat_labels, (0, None),
+           lambda m, a, C, r: _plain(m, a, C, r, loss=_tok_loss), _tok_loss, sample=_flat_label_sample, batches=(3,)),
     Attack("(T, B) mask, normalised by mask.sum()", Lin, _mask_tb_inputs, (0, 0, 1),
            lambda m, a, C, r: _plain(m, a, C, r, loss=_mask_tb_normalised), None),
+    Attack("per-sample weights (B,) next to time-major inputs (batch_dim=1), weighted sum", Lin, _tm, (1, 1, 0),
+           lambda m, a, C, r: _plain(m, a, C, r, loss=_tm_weighted, batch_dim=1), _tm_weighted, batches=(1, 2, 5)),
+    Attack("per-sample weights (B,) next to time-major inputs (batch_dim=1), normalised by w.sum()", Lin, _tm,
+           (1, 1, 0), lambda m, a, C, r: _plain(m, a, C, r, loss=_tm_weighted_normalised, batch_dim=1), None),
+    Attack("per-sample weights (B,) with batch_dim=1, only as a normaliser of the activations", Lin, _tm, (1, 1, 0),
+           lambda m, a, C, r: _plain(m, a, C, r, loss=_tm_weights_inside, batch_dim=1), None),
+    Attack("a (1, T, d) shared tensor with T == B", Lin, _shared_seq, (0, 0, None),
+           lambda m, a, C, r: _plain(m, a, C, r, loss=_shared_seq_loss), _shared_seq_loss, batches=(3,)),
     Attack("per-sample weights (B,), weighted sum", Lin, _weights, (0, 0, 0),
            lambda m, a, C, r: _plain(m, a, C, r, loss=_weighted), _weighted),
     Attack("per-sample weights (B,), normalised by w.sum()", Lin, _weights, (0, 0, 0),
@@ -376,6 +419,17 @@ def test_the_verdicts_of_the_attacks_that_must_be_refused():
     for a in must:
         result, refusal = verdict(a, 2, SMALL_C)
         assert result == "refused", f"{a.name}: {result}"
+
+
+def test_explain_lists_the_inputs_found_to_carry_samples():
+    """Data flow, not sizes: at T == B the (T, B) mask carries its samples on dim 1, the (1, T, d) tensor none."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x, y, mask = _mask_tb_inputs(3, g)
+    shared = torch.randn(1, 3, D, generator=g, dtype=torch.float64)
+    plan = dpcompile.explain(LossOf(Lin().double(), lambda m, x, y, mask, s: _mask_tb(m, x + s, y, mask)),
+                             (x, y, mask, shared), max_grad_norm=1.0, loss_reduction="sum")
+    assert plan.batch_inputs == {"L['args'][0]": 0, "L['args'][1]": 0, "L['args'][2]": 1}, plan.batch_inputs
 
 
 # -- random compositions ---------------------------------------------------------------------------------------

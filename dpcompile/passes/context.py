@@ -27,6 +27,9 @@ class PassContext:
     thresholds: dict  # group name -> C_g ({} for run-time thresholds)
     decompositions: dict
     input_sources: dict = field(default_factory=dict)  # Dynamo source name of each batch input -> sample dim
+    # the other tensor arguments of the call (input index -> source name): which of them carry samples, and how,
+    # the pass decides by data flow (passes/sample_inputs.py), and then lists them in input_sources
+    sample_candidates: dict = field(default_factory=dict)
     inline_ops: bool = False  # Inductor: inline the triton_op bodies after the coverage check
     report: list = field(default_factory=list)  # filled by the pass: one row per trainable parameter
     # filled by the pass: input index of each parameter whose per-sample norm this graph estimates with probes
@@ -50,7 +53,8 @@ class PassContext:
 
     def key(self) -> str:
         parts = [self.options.cache_key(), repr(sorted((k, v.name, v.group) for k, v in self.params.items())),
-                 repr(sorted(self.batch_inputs.items())), repr(sorted(self.thresholds.items())), repr(self.inline_ops),
+                 repr(sorted(self.batch_inputs.items())), repr(sorted(self.sample_candidates.items())),
+                 repr(sorted(self.thresholds.items())), repr(self.inline_ops),
                  repr(self.exact_norms), repr((self.threshold_input, self.threshold_groups))]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 

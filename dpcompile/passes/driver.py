@@ -18,10 +18,11 @@ import torch.fx as fx
 from ..errors import DPCompileError
 
 from . import one_sample
-from .batchdim import BatchDimAnalysis, BDim
+from .batchdim import BatchDimAnalysis
 from .context import PassContext, source_hash
 from .discover import discover_contributions
 from .loss_reduction import check_loss_reduction
+from .sample_inputs import SampleInputs
 from .graph_io import GraphIO, batch_symbol, grad_output_positions, read_graph, size_hints, tangent_seeds
 from .plan import check_forced_globs, linear_shape, plan_group, plan_rows
 from .probes import randomized_norms
@@ -71,9 +72,16 @@ def run_dp_pass(graph: fx.Graph, ctx: PassContext) -> None:
             products = one_sample.randomized_products(graph, io.params, ctx, io.primals)
         else:
             analysis = batch_dims(graph, ctx, io)
-            discover(io, analysis)
-            check_loss_reduction(graph, analysis, len(io.primals), [pg.placeholder for _, pg in io.params],
-                                 ctx.options.loss_reduction)
+            try:
+                discover(io, analysis)
+                check_loss_reduction(graph, analysis, len(io.primals),
+                                     [io.primals[i] for i in (*ctx.batch_inputs, *ctx.sample_candidates)
+                                      if i in io.primals], ctx.options.loss_reduction)
+            except DPCompileError as exc:  # named: the inputs taken to carry samples without evidence
+                refined = analysis.samples.refine(exc)
+                if refined is exc:
+                    raise
+                raise refined from exc
         choices = plan(graph, ctx, io)
         rewrite(graph, ctx, io, choices, randomized_norms(graph, ctx, io, choices, products))
         bsym, bhint = batch_symbol(io.batch_extent)
@@ -88,10 +96,14 @@ def run_dp_pass(graph: fx.Graph, ctx: PassContext) -> None:
 def batch_dims(graph: fx.Graph, ctx: PassContext, io: GraphIO):
     """Which dim of every value carries samples: seeded by the batch inputs, then by the tangents (each carries
     samples the way its forward output does, which the first run tells)."""
-    seeds = {io.primals[i]: BDim(d) for i, d in ctx.batch_inputs.items()}
+    samples = SampleInputs(graph, ctx, io)  # the batch input, and the other inputs that carry samples (data flow)
+    ctx.input_sources = samples.input_sources()
+    seeds = dict(samples.seeds)
     first = BatchDimAnalysis(graph, seeds, io.batch_size)
     seeds.update(tangent_seeds(graph, first.states, len(io.primals)))
-    return BatchDimAnalysis(graph, seeds, io.batch_size)
+    analysis = BatchDimAnalysis(graph, seeds, io.batch_size)
+    analysis.samples = samples
+    return analysis
 
 
 def discover(io: GraphIO, analysis) -> None:

@@ -68,10 +68,11 @@ class Unreadable(Exception):
         self.node, self.why = node, why
 
 
-def check_loss_reduction(graph: fx.Graph, analysis, n_primals: int, parameters, declared: str) -> None:
+def check_loss_reduction(graph: fx.Graph, analysis, n_primals: int, user_inputs, declared: str) -> None:
     """Raise LossReductionError unless every loss the backward starts from has the declared form (module doc).
-    parameters: the placeholders of the trainable parameters (a factor computed from them alone is free of B)."""
-    reader = _Reader(analysis, set(parameters))
+    user_inputs: the placeholders of the call's tensor arguments (a factor computed from parameters, buffers and
+    constants alone is free of B; one computed from an argument or a size is read or refused)."""
+    reader = _Reader(analysis, set(user_inputs))
     want = _DECLARED[declared]
     for tangent, output in tangent_outputs(graph, n_primals):
         if output is None or not tangent.users or not isinstance(analysis.state(output), Mixed):
@@ -107,9 +108,9 @@ def check_loss_reduction(graph: fx.Graph, analysis, n_primals: int, parameters, 
 
 
 class _Reader:
-    def __init__(self, analysis, parameters: set):
+    def __init__(self, analysis, user_inputs: set):
         self.a = analysis
-        self.parameters = parameters
+        self.user_inputs = user_inputs
         self.B = sym_expr(analysis.B)
         self.env = analysis.shape_env
         self.fresh = (sympy.Symbol(f"dpcompile_k{i}", positive=True) for i in itertools.count())
@@ -219,19 +220,18 @@ class _Reader:
         if t is aten.reciprocal.default:
             return 1 / self.value(v.args[0], v)
         if self._constant(v):
-            return next(self.fresh)  # a function of the parameters and constants only: free of B
+            return next(self.fresh)  # a function of parameters, buffers and constants only: free of B
         raise Unreadable(v, "a factor whose value dpcompile cannot read (computed from a tensor input or a size)")
 
     def _constant(self, v: fx.Node) -> bool:
-        """v depends on nothing but parameters and constants (no input, no size)."""
-        params = self.parameters
+        """v depends on nothing but parameters, buffers and constants (no argument of the call, no size)."""
         seen, todo = set(), [v]
         while todo:
             n = todo.pop()
             if n in seen:
                 continue
             seen.add(n)
-            if n.op == "placeholder" and n not in params:
+            if n.op == "placeholder" and (n in self.user_inputs or n.name.startswith("tangents")):
                 return False
             val = n.meta.get("val")
             if isinstance(val, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in val.shape):
