@@ -18,7 +18,7 @@ Each architecture gets one verdict:
 Every architecture runs in its own process, forked from a parent that has imported torch, transformers and
 dpcompile once (so a crash, a hang or a segfault costs one verdict, not the sweep).
 
-    .venv/bin/python benchmarks/hf_sweep.py --jobs 1 --out benchmarks/hf_sweep.jsonl   # all (about an hour)
+    .venv/bin/python benchmarks/hf_sweep.py --jobs 1 --timeout 240 --out benchmarks/hf_sweep.jsonl  # all (2-4 h)
     .venv/bin/python benchmarks/hf_sweep.py --only gpt2,llama,bert:seqcls             # some
     .venv/bin/python benchmarks/hf_sweep.py --summary benchmarks/hf_sweep.jsonl        # the table of a past run
     .venv/bin/python benchmarks/hf_sweep.py --only mamba,mixtral --out /tmp/some.jsonl \
