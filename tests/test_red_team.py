@@ -20,7 +20,7 @@ from typing import Callable, Optional
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -502,6 +502,7 @@ def _compiled_sum(model, args, C, batch_dim):
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(compositions())
+@example(case=(["linear"], True, 3, 2, 0))  # an unused (T, B) mask, (2, 2) in the split's second half: not refused
 def test_random_compositions_are_exact_or_refused_and_additive(case):
     ops, seq_first, B, T, seed = case
     torch._dynamo.reset()

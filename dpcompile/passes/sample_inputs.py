@@ -17,7 +17,7 @@ one that does not depend on it and carries samples):
 One layout that lines up and never mixes: the input carries samples so. Several that do: refused (SampleInputError
 naming it). None: if every layout mixes, the input is shared (its dims of size k·B meet other inputs' samples only
 at their other dims: a (1, T, d) table added to (B, T, d) activations). Otherwise it never meets other samples in a
-way that says either (a normaliser `w.sum()`, a per-sample input on a branch of its own, an unused input): if it has
+way that says either (a normaliser `w.sum()`, a per-sample input on a branch of its own): if it has
 exactly one dim of exactly B entries, it is taken to carry samples along it, so that any reduction over them is seen
 as mixing and its own per-sample terms are clipped per sample, and a refusal that follows names it; its size there
 must then be B wherever the graph is used: equal by the graph's own guards, both static, or made equal by a guard
@@ -28,7 +28,8 @@ sample into another's clipped gradient.
 A layout found for one input can make another one line up (labels that meet only a mask's values), so the tries
 repeat until nothing changes. Before the tries, an input with the batch size on batch_dim at this call, as a symbol
 of its own, is guarded to have it (`_same_batch_size`): a size relation that lets views be followed, not a
-classification. Buffers, attributes and globals are not candidates: they are shared.
+classification. Buffers, attributes and globals are not candidates: they are shared. Nor is an input that reaches
+no output of the graph (a mask the model does not use): it cannot move a gradient, whatever its shape says.
 """
 from __future__ import annotations
 
@@ -58,6 +59,8 @@ class SampleInputs:
             node = io.primals.get(idx)
             if node is None or node is io.batch_node:
                 continue
+            if not any(n.op == "output" for n in dependents(graph, {node})):
+                continue  # reaches no output (an unused mask): it cannot move a gradient, whatever its shape
             self._same_batch_size(node)
             layouts = self._layouts(node)
             if layouts:
