@@ -120,9 +120,15 @@ class Llama(nn.Module):
         return [self.embed.weight]
 
 
-def build_model(name: str, T: int) -> nn.Module:
+def build_model(name: str, T: int, tied: bool = False) -> nn.Module:
+    """tied: the LM head shares the token embedding's weight (GPT-2's own layout; issue 21 item 3)."""
     if name.startswith("gpt2-"):
-        return GPT(*GPT_SIZES[name.split("-")[1]], T)
+        model = GPT(*GPT_SIZES[name.split("-")[1]], T)
+        if tied:
+            model.lm_head.weight = model.wte.weight
+        return model
+    if tied:
+        raise ValueError(f"tied=True is built for the gpt2 models only, not {name!r}")
     if name == "llama-1b":
         return Llama(**LLAMA_1B, T=T)
     raise ValueError(f"unknown benchmark model {name!r}; known: gpt2-small/medium/large, llama-1b")
