@@ -216,7 +216,7 @@ def check_adaptive_noise(model: nn.Module, options: dict, noise_multiplier: floa
 
 
 def predict_randomized_accounting(model: nn.Module, options: dict) -> Optional[dict]:
-    """What the accountant will be told about randomized norms (see privacy.optimizer.randomized_accounting), as
+    """What the accountant will be told about randomized norms (see privacy.coverage.randomized_accounting), as
     predicted before anything is compiled, from the module tree: the weights of nn.Linear / Conv1D modules that a
     'randomized' strategy glob matches and that no other module shares, in their clipping groups. The optimizer
     replaces the prediction by the compiled graphs' own description before its first step (and searches sigma

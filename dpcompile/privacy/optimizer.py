@@ -8,116 +8,28 @@ it saw (summed again over micro-batches by autograd's accumulation). One logical
 
 Noise is drawn once per logical step, in fp32 whatever the parameter dtype, also for parameters whose .grad is None
 (an empty Poisson batch still costs privacy and must still be noised).
+
+What the compiled graphs vouched for (coverage, sensitivity, randomized norms) is checked by coverage.py (its names
+stay importable from here), the noise is drawn by noise.py, and the guards of logical batches and the target epsilon
+are step_guards.py.
 """
 from __future__ import annotations
 
 import math
-import os
 from typing import Mapping, Optional, Union
 
 import torch
 from torch.optim import Optimizer
 
-from ..clip_provenance import clipped_arrivals, clipped_by_some_graph, grad_problem, provenance, randomized_runs
+from ..clip_provenance import grad_problem, provenance, randomized_runs
 from ..errors import CoverageError, DPCompileError
-from ..randomized_contract import accounting_probes
 from .adaptive import (AdaptiveClipping, combined_noise_multiplier, gradient_noise_multiplier, make_adaptive,
                        quantile_noise_multiplier)
+from .coverage import (SENSITIVITY_RTOL, _disjoint, _graphs_by_set, _same_spec, _uncovered_message,  # noqa: F401
+                       clipped_sensitivity, is_privatized, randomized_accounting, sensitivity_problem)
+from .noise import GaussianNoise
 from .randomized_accounting import RandomizedSpec
-
-#: relative slack when comparing the graphs' sensitivity with the optimizer's C (sqrt / sums of floats)
-SENSITIVITY_RTOL = 1e-9
-
-
-def is_privatized(p: torch.Tensor) -> bool:
-    """Some flashdp graph call delivered a clipped gradient to `p` (clip_provenance.py)."""
-    return clipped_by_some_graph(p)
-
-
-def _graphs_by_set(params) -> dict:
-    """frozenset(ids of `params` a graph clipped) -> the graphs over that set, from every graph call that
-    delivered a clipped gradient to one of `params` (recorded at run time: a graph reused for another model
-    instance counts for that instance's tensors)."""
-    members: dict = {}  # graph -> ids of the tensors of `params` it clipped
-    for p in params:
-        prov = provenance(p)
-        for graph in (prov.graphs if prov is not None else ()):
-            members.setdefault(graph, set()).add(id(p))
-    by_set: dict = {}
-    for graph, ids in members.items():
-        by_set.setdefault(frozenset(ids), []).append(graph)
-    return by_set
-
-
-def _disjoint(sets) -> bool:
-    sets = list(sets)
-    return all(a.isdisjoint(b) for i, a in enumerate(sets) for b in sets[i + 1:])
-
-
-def clipped_sensitivity(params) -> float:
-    """An upper bound on the L2 norm of one sample's clipped gradient over `params` (privatized tensors), from
-    the thresholds of every graph that privatized them.
-
-    Graphs over the same parameter set are recompilations (other batch sizes): a sample goes through one of
-    them, so their largest sensitivity counts. Graphs over disjoint parameter sets (a model compiled piecewise)
-    each add their clipped part: sqrt(sum S^2). If the sets overlap, a parameter may get a clipped part from
-    each: the triangle inequality's sum S is the bound.
-    """
-    by_set = _graphs_by_set(params)
-    if not by_set:
-        return 0.0
-    sens = {key: max(g.sensitivity for g in graphs) for key, graphs in by_set.items()}
-    if _disjoint(sens):
-        return math.sqrt(sum(s * s for s in sens.values()))
-    return sum(sens.values())
-
-
-def randomized_accounting(params, max_grad_norm_total: float) -> Optional[dict]:
-    """What PrivacyAccountant.step needs about the randomized norms of the graphs that privatized `params`:
-    {"probes", "variant", "group_weights"}, or None when none of them has a randomized site.
-
-    group_weights: C_g^2 / C^2 (C = max_grad_norm_total, the noise's C) for every clipping group holding a
-    randomized site, over all graphs (recompilations of one parameter set count a group once, at its largest
-    C_g); None for a single group holding the whole C (flat clipping). probes / variant: those of the graph with
-    the fewest effective probes (the accountant switches to the Chernoff envelope itself when the counts that ran
-    are not multiples of one another). Graphs over overlapping, unequal parameter sets are refused: their
-    sensitivities add up (triangle inequality), outside the per-group analysis."""
-    by_set = _graphs_by_set(params)
-    groups: dict = {}
-    kinds = set()
-    for key, graphs in by_set.items():
-        for graph in graphs:
-            if graph.randomized_groups:
-                kinds.add((graph.probes, graph.variant))
-                for g, c in graph.randomized_groups.items():
-                    groups[(key, g)] = max(groups.get((key, g), 0.0), float(c))
-    if not groups:
-        return None
-    if not _disjoint(by_set):
-        raise DPCompileError(
-            "randomized norms: the parameters were clipped by graphs over overlapping but different parameter sets "
-            "(the same parameter compiled into two different graphs); their randomized sensitivities cannot be "
-            "accounted per clipping group. Compile each parameter in one graph")
-    probes, variant = min(kinds, key=lambda kv: (accounting_probes(*kv), kv))
-    c2 = float(max_grad_norm_total) ** 2
-    weights = [c * c / c2 for c in groups.values()]
-    if len(weights) == 1 and abs(weights[0] - 1.0) <= 1e-9:
-        weights = None  # one group holding the whole threshold: the one-group law
-    return {"probes": probes, "variant": variant, "group_weights": weights}
-
-
-def sensitivity_problem(clipped: list, max_grad_norm_total: float, who: str) -> Optional[DPCompileError]:
-    """Why the gradients of `clipped` (privatized tensors) cannot be noised for max_grad_norm_total, or None."""
-    bound = clipped_sensitivity(clipped)
-    if bound > max_grad_norm_total * (1 + SENSITIVITY_RTOL):
-        return DPCompileError(
-            f"{who}: the compiled graphs bound one sample's clipped gradient by {bound:.6g} (the root of the sum of "
-            f"their squared thresholds), but the noise is calibrated to max_grad_norm={max_grad_norm_total:.6g}: "
-            "the gradients would be under-noised. Give the optimizer the max_grad_norm the model was compiled with "
-            "(or its per-group dict). Every graph clips to its own max_grad_norm: when a model is compiled as K "
-            "separate graphs (FSDP2 units compiled one by one), give each C / sqrt(K), or compile the whole model "
-            "as one graph")
-    return None
+from .step_guards import StepGuards
 
 
 def _takes_probes_ran(accountant) -> bool:
@@ -135,30 +47,11 @@ def _takes_probes_ran(accountant) -> bool:
         return False
 
 
-def _same_spec(a: dict, b: dict) -> bool:
-    def spec(d):
-        return RandomizedSpec.make(d["probes"], d["variant"], d.get("group_weights"))
-
-    sa, sb = spec(a), spec(b)
-    if sa.probes != sb.probes or (sa.group_weights is None) != (sb.group_weights is None):
-        return False
-    if sa.group_weights is None:
-        return True
-    wa, wb = sorted(sa.group_weights), sorted(sb.group_weights)
-    return len(wa) == len(wb) and all(abs(x - y) <= 1e-9 * max(1.0, abs(x)) for x, y in zip(wa, wb))
-
-
 def total_max_grad_norm(max_grad_norm: Union[float, Mapping[str, float]]) -> float:
     """C_total: C itself, or sqrt(sum C_g^2) for per-group thresholds."""
     if isinstance(max_grad_norm, Mapping):
         return math.sqrt(sum(float(c) ** 2 for c in max_grad_norm.values()))
     return float(max_grad_norm)
-
-
-def _uncovered_message(p: torch.Tensor, why: str, name: Optional[str] = None) -> str:
-    who = f"parameter `{name}`" if name else f"a parameter of shape {tuple(p.shape)}"
-    return (f"{who} has a gradient that cannot be noised as a clipped sum: {why}. Compile the model with "
-            "dpcompile.compile / backend='flashdp' and keep every use of the parameter inside one compiled call")
 
 
 def _refuse_unsynchronized(optimizer: Optimizer, independent_ranks: bool) -> None:
@@ -200,7 +93,7 @@ def _adaptive_of(max_grad_norm, adaptive_clipping, expected_batch_size: float, w
     return None
 
 
-class DPOptimizer(Optimizer):
+class DPOptimizer(StepGuards, GaussianNoise, Optimizer):
     """Wraps `optimizer`; see the module docstring.
 
     noise_multiplier: sigma. max_grad_norm: C, or the dict of per-group thresholds given to the backend.
@@ -341,21 +234,7 @@ class DPOptimizer(Optimizer):
                 if p.requires_grad:
                     yield p
 
-    # -- noise -----------------------------------------------------------------------------------------------
-    def _noise(self, shape, device, std: float, gen) -> torch.Tensor:
-        gen_device = gen.device if gen is not None else device
-        if self.secure_mode:  # mean of 4 unit normals, times 2: unit variance, no single float sample exposed
-            z = torch.randn((4, *shape), generator=gen, device=gen_device, dtype=torch.float32).sum(0) / 2
-        else:
-            z = torch.randn(shape, generator=gen, device=gen_device, dtype=torch.float32)
-        return (z * std).to(device)
-
-    def _step_generator(self, device) -> Optional[torch.Generator]:
-        if not self.secure_mode:
-            return self.generator
-        gen = torch.Generator(device=device)
-        gen.manual_seed(int.from_bytes(os.urandom(8), "little"))
-        return gen
+    # the noise draw (_noise, _step_generator, _noise_params): GaussianNoise, noise.py
 
     # -- checks ----------------------------------------------------------------------------------------------
     def _accounted_params(self) -> list:
@@ -526,20 +405,6 @@ class DPOptimizer(Optimizer):
         self._pending_quantile = (z_d, z_b, ad.noisy_fractions(ad.take_counts(), noise.cpu(), self.expected_batch_size))
         return z_d
 
-    def _noise_params(self, params: list, device, std: float, scale: float, gen) -> None:
-        """(g + N(0, std^2 I)) * scale for every parameter of one device from one draw and a few foreach kernels:
-        a loop of per-parameter ops (a draw, casts, an add and a scale each) kept the host busy for as long as the
-        compiled step itself took on gpt2-small (benchmarks/NOTES.md, entry 4)."""
-        sizes = [p.numel() for p in params]
-        noise = self._noise((sum(sizes),), device, std, gen).split(sizes)
-        sums = [p.grad.float() if p.grad is not None else torch.zeros(p.shape, device=device) for p in params]
-        # out of place: the clipped sums are left as they were (a caller may hold them)
-        noisy = torch._foreach_add(sums, [n.view(p.shape) for n, p in zip(noise, params)])
-        if scale != 1.0:
-            torch._foreach_mul_(noisy, scale)
-        for p, g in zip(params, noisy):
-            p.grad = g.to(p.dtype)
-
     def step(self, closure=None):
         """One logical step: noise once, scale, inner step, account, consume the gradients.
 
@@ -626,212 +491,7 @@ class DPOptimizer(Optimizer):
             self.adaptive.load_state_dict(state["adaptive_clipping"])
             self._initial_c_total = self.max_grad_norm_total
 
-    # == logical batches, the target epsilon and mid-run changes (issue 22; guards.py) ==========================
-    # Nothing above depends on this section except through _init_guards, _keep_gradients_on_zero_grad,
-    # _skip_or_refuse_step, _check_step_settings, _after_step and the plan in state_dict.
-
-    def _init_guards(self) -> None:
-        from .guards import LogicalBatchState
-
-        #: set by make_private(target_epsilon=...): the target, its delta and the planned number of steps
-        self.target_epsilon: Optional[float] = None
-        self.target_delta: Optional[float] = None
-        self.planned_steps: Optional[int] = None
-        #: True: a step past the target epsilon is taken (get_epsilon reports the true epsilon) instead of refused
-        self.allow_overspend = False
-        self._plan: Optional[dict] = None  # {"sigma", "sample_rate", "steps"} that target_epsilon was calibrated for
-        self._budget: Optional[tuple] = None  # ((sigma, q, spec), steps left, accountant steps then) of the last search
-        self._batches = LogicalBatchState()
-        self._initial_c_total = self.max_grad_norm_total
-        self._warned_c: set = set()
-        self._noised_sigma: Optional[float] = None
-
-    def plan(self, *, target_epsilon: float, target_delta: float, steps: int, allow_overspend: bool = False) -> None:
-        """Record that this run's noise_multiplier was calibrated for `target_epsilon` at `target_delta` over
-        `steps` steps at the current sample_rate (make_private does it): a step that would take epsilon past the
-        target is then refused (PrivacyBudgetExceeded) unless allow_overspend."""
-        self.target_epsilon = float(target_epsilon)
-        self.target_delta = float(target_delta)
-        self.planned_steps = int(steps)
-        self.allow_overspend = bool(allow_overspend)
-        self._plan = {"sigma": float(self.noise_multiplier), "sample_rate": self.sample_rate, "steps": int(steps)}
-        self._budget = None
-
-    def note_physical_batch(self, *, draw: int, sample_rate: Optional[float], first: bool, last: bool,
-                            count: int = 1) -> None:
-        """Called by the loaders (DPDataLoader, BatchMemoryManager, PoissonDataLoader) before they hand out a
-        batch: it belongs to logical batch `draw` (drawn with `sample_rate`), and is its first / last physical
-        batch. A logical batch starting while .grad still holds the clipped sums of an earlier one that was never
-        stepped on (or of a backward outside any logical batch) is remembered, and the next step() refuses it
-        unless zero_grad() discards them first. count: how many micro-batches this hand-out holds (a
-        PoissonDataLoader yields a logical batch as a list of them): step() refuses more backward passes than that."""
-        st = self._batches
-        if first:
-            if st.mixed is None and (st.open is None or st.open != st.stepped):
-                if self._holds_gradients():
-                    st.mixed = (st.open, int(draw))
-            st.open, st.index, st.handed = int(draw), 0, int(count)
-        else:
-            st.index += 1
-            st.handed += int(count)
-        st.last = bool(last)
-        st.sample_rate = None if sample_rate is None else float(sample_rate)
-
-    def note_batches_end(self) -> None:
-        """A loader's loop ended (BatchMemoryManager's `with` block). Leaving it in the middle of a logical batch
-        whose clipped sums are in .grad makes the next step() refuse them (a cut-off logical batch is not a Poisson
-        sample) until zero_grad()."""
-        st = self._batches
-        if st.open is not None and st.open != st.stepped and not st.last and self._holds_gradients():
-            st.cut = st.open
-        st.last = True
-        st.skip_pending = False
-
-    def _holds_gradients(self) -> bool:
-        return any(p.grad is not None for p in self._params())
-
-    def _keep_gradients_on_zero_grad(self) -> bool:
-        st = self._batches
-        if st.skip_pending:
-            return True  # Opacus's semantics: the clipped sums of a logical batch's earlier physical batches stay
-        st.mixed = None
-        st.cut = None
-        return False
-
-    def _skip_or_refuse_step(self) -> bool:
-        """True: a physical batch inside a logical batch, nothing to do yet. Raises LogicalBatchError for a step
-        that would not be one step over one logical batch; nothing is touched then."""
-        from .guards import LogicalBatchError, close
-
-        st = self._batches
-        if st.mixed is not None:
-            earlier, later = st.mixed
-            what = (f"logical batch {earlier}, which was never stepped on," if earlier is not None
-                    else "a backward run before the loader handed out any batch")
-            raise LogicalBatchError(
-                f"{type(self).__name__}.step(): .grad holds the clipped sums of {what} and of logical batch {later}: "
-                "one step would noise two logical batches as one, which the accountant does not count (each step "
-                "is one Poisson sample). Call optimizer.step() at the end of every logical batch (under "
-                "BatchMemoryManager after every physical batch: it steps at the end of each logical batch), or "
-                "optimizer.zero_grad() to discard the earlier gradients")
-        if st.cut is not None:
-            raise LogicalBatchError(
-                f"{type(self).__name__}.step(): the loop left logical batch {st.cut} before its last physical batch "
-                "(the BatchMemoryManager block ended inside it): its first physical batches are not a Poisson "
-                "sample. Call optimizer.zero_grad() to discard them, and finish every logical batch")
-        if st.open is None:
-            return False
-        if st.open == st.stepped:
-            raise LogicalBatchError(
-                f"{type(self).__name__}.step() was already called for logical batch {st.open}: one step per logical "
-                "batch (the accountant counts one Poisson-sampled step each). Call step() once, after the backward "
-                "of the logical batch's last physical batch")
-        if not st.last:
-            st.skip_pending = True
-            return True
-        handed_out = st.handed
-        passes = max((clipped_arrivals(p) for p in self._params() if p.grad is not None), default=0)
-        if passes > handed_out:
-            raise LogicalBatchError(
-                f"{type(self).__name__}.step(): .grad holds {passes} backward passes of compiled calls but the loader "
-                f"handed out {handed_out} physical batch{'es' if handed_out > 1 else ''} of logical batch {st.open}: "
-                "a micro-batch was counted more than once (its samples' clipped gradients added twice, which the "
-                "noise does not cover). Run forward and backward once per physical batch, or "
-                "optimizer.zero_grad() to discard these gradients")
-        if st.sample_rate is not None and self.sample_rate is not None and not close(st.sample_rate,
-                                                                                     float(self.sample_rate)):
-            raise LogicalBatchError(
-                f"{type(self).__name__}.step(): logical batch {st.open} was drawn with sample_rate={st.sample_rate!r} "
-                f"but the optimizer accounts sample_rate={self.sample_rate!r}: the accountant would record a q that "
-                "was not used. Change both together (the loader's sample_rate, and the optimizer's sample_rate and "
-                "expected_batch_size), between logical batches")
-        return False
-
-    def _check_step_settings(self) -> None:
-        """sigma and q valid; a changed max_grad_norm that over-noises warned about; the target epsilon kept."""
-        import warnings
-
-        from .accounting import _check_rate, _check_sigma
-
-        _check_sigma(self.noise_multiplier)
-        if self.sample_rate is not None:
-            _check_rate(self.sample_rate)
-        c = self.max_grad_norm_total
-        if self.adaptive is None and c != self._initial_c_total and c not in self._warned_c:
-            self._warned_c.add(c)
-            bound = clipped_sensitivity(self._accounted_params())
-            if bound > 0 and c > bound * (1 + 1e-6):
-                warnings.warn(
-                    f"{type(self).__name__}: max_grad_norm changed to {c:.6g}, but the compiled graphs clip to "
-                    f"{bound:.6g}: the noise (sigma * {c:.6g}) is {c / bound:.3g}x what they need. Privacy holds (the "
-                    "accountant's epsilon is an upper bound), utility suffers. To clip to a new bound, compile the "
-                    "model again with that max_grad_norm", stacklevel=3)
-        self._check_budget()
-
-    def _check_budget(self) -> None:
-        from .accounting import PrivacyAccountant, _randomized_spec
-        from .guards import PrivacyBudgetExceeded, steps_within_budget
-
-        acc = self.accountant
-        if (self.target_epsilon is None or self.allow_overspend or self._plan is None
-                or not isinstance(acc, PrivacyAccountant) or self.sample_rate is None):
-            return
-        sigma, q, plan = float(self.noise_multiplier), float(self.sample_rate), self._plan
-        history = acc.history
-        within_plan = (acc.steps + 1 <= plan["steps"] and sigma >= plan["sigma"] and q <= plan["sample_rate"]
-                       and all(e[0] >= plan["sigma"] and e[1] <= plan["sample_rate"] for e in history))
-        if within_plan:
-            return
-        spec_args = randomized_accounting(self._accounted_params(), self.max_grad_norm_total)
-        spec = None if spec_args is None else _randomized_spec(spec_args["probes"], spec_args["variant"],
-                                                               spec_args["group_weights"], "chi2")
-        key = (sigma, q, repr(spec))
-        delta = self.target_delta
-        if self._budget is not None and self._budget[0] == key:
-            left = self._budget[1] - (acc.steps - self._budget[2])
-            eps_next = None
-        else:
-            left, eps_next = steps_within_budget(history, sigma, q, spec, self.target_epsilon, delta,
-                                                 acc.accountant, acc.value_discretization_interval)
-            self._budget = (key, left, acc.steps)
-        if left >= 1:
-            return
-        if eps_next is None:
-            eps_next = steps_within_budget(history, sigma, q, spec, self.target_epsilon, delta, acc.accountant,
-                                           acc.value_discretization_interval, cap=1)[1]
-        raise PrivacyBudgetExceeded(
-            f"{type(self).__name__}.step(): step {acc.steps + 1} would take epsilon to {eps_next:.6g} > "
-            f"target_epsilon={self.target_epsilon:g} at delta={delta:g} (epsilon spent so far: "
-            f"{acc.get_epsilon(delta):.6g}). The noise was calibrated for {plan['steps']} steps at "
-            f"sigma={plan['sigma']:.6g}, q={plan['sample_rate']:.6g}; this step has sigma={sigma:.6g}, q={q:.6g}. "
-            "Stop training here, or pass allow_overspend=True to make_private (or set "
-            "optimizer.allow_overspend = True) to go on: optimizer.get_epsilon(delta) then reports the true epsilon")
-
-    def _after_step(self) -> None:
-        st = self._batches
-        st.skip_pending = False
-        if st.open is not None:
-            st.stepped = st.open
-        if self.steps_taken == 0 and self._plan is not None and self._calibration is not None:
-            self._plan["sigma"] = float(self.noise_multiplier)  # recalibrated for the compiled randomized norms
-
-    def _plan_state(self) -> dict:
-        return {"target_epsilon": self.target_epsilon, "target_delta": self.target_delta,
-                "planned_steps": self.planned_steps, "allow_overspend": self.allow_overspend,
-                "plan": dict(self._plan) if self._plan is not None else None,
-                "stepped_draw": self._batches.stepped}
-
-    def _load_plan_state(self, state: dict) -> None:
-        from .guards import LogicalBatchState
-
-        self.target_epsilon = state.get("target_epsilon")
-        self.target_delta = state.get("target_delta", self.target_delta)
-        self.planned_steps = state.get("planned_steps")
-        self.allow_overspend = bool(state.get("allow_overspend", False))
-        self._plan = dict(state["plan"]) if state.get("plan") is not None else None
-        self._budget = None
-        self._batches = LogicalBatchState(stepped=state.get("stepped_draw"))
-        self._initial_c_total = self.max_grad_norm_total
+    # logical batches, the target epsilon and mid-run changes (issue 22): StepGuards, step_guards.py
 
     def __repr__(self) -> str:
         return (f"DPOptimizer(sigma={self.noise_multiplier}, C={self.max_grad_norm}, "
