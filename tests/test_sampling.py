@@ -521,7 +521,7 @@ def test_not_a_map_style_dataset():
 
 def test_numpy_fast_path_matches_torch_fallback(monkeypatch):
     """The optional numpy speed-up gives exactly what the pure-torch path gives (plain and secure)."""
-    from dpcompile.privacy import sampling
+    from dpcompile.privacy import samplers as sampling  # the draw rule and its numpy speed-up live there
 
     with_np = _as_lists(_index_loader(3000, 0.05, seed=11, steps=4))
     monkeypatch.setattr(sampling, "_np", None)

@@ -1,7 +1,8 @@
-"""Privacy around the graph: noise (optimizer.py), Poisson sampling (sampling.py), accounting (accounting.py),
-several ranks (distributed.py), make_private (engine.py) tying them to a compiled model, the Opacus-shaped
-PrivacyEngine (privacy_engine.py), checkpoints (checkpoint.py), misuse refused (guards.py), and module checks
-before training (validate.py)."""
+"""Privacy around the graph: noise (optimizer.py: DPOptimizer; coverage.py: what the compiled graphs vouched for;
+noise.py: the draw; step_guards.py: its guards), Poisson sampling (sampling.py: the loaders; samplers.py: the
+sampler; collate.py: empty batches), accounting (accounting.py), several ranks (distributed.py), make_private
+(engine.py) tying them to a compiled model, the Opacus-shaped PrivacyEngine (privacy_engine.py), checkpoints
+(checkpoint.py), misuse refused (guards.py), and module checks before training (validate.py)."""
 from .accounting import PrivacyAccountant, get_epsilon, get_noise_multiplier
 from .checkpoint import load_checkpoint, save_checkpoint
 from .distributed import DistributedDPOptimizer, DistributedPoissonDataLoader
