@@ -10,88 +10,34 @@
     done, train_s = run.train_loop()             # progress, checkpoints, Ctrl-C
     report, ppl_after, eps_spent = finish(run, done)         # perplexity after, sample, final save
     print_summary(run, report, train_s, ppl_after, eps_spent)
+
+The records the stages pass along (Setup, Model, Data, Privacy) and the resolution of the run's settings are in
+train_setup.py; what the run writes and reads besides the model (dp_report.json, the curve, the run record of
+--resume, the held-out perplexity, the first step's seconds) in train_report.py.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import signal
-import sys
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from . import data as D
 from .cli_common import UsageError, _log, _strategy_option, freeze
 from .hf import DP_CHECKPOINT_NAME, CausalLMLoss, load_privacy_history
 from .privacy.accounting import PrivacyAccountant, _history_epsilon, get_noise_multiplier
-
-#: files `dpcompile train` writes into --out (besides the transformers checkpoint)
-REPORT_NAME, CURVE_CSV, CURVE_PNG = "dp_report.json", "curve.csv", "curve.png"
-RUN_FORMAT = "dpcompile.train"
-
-
-@dataclass
-class Setup:
-    """What the command line (or the resumed checkpoint) settles before anything is loaded."""
-    args: argparse.Namespace
-    run: dict  # the settings that define the run (cli.RUN_OPTIONS, ...; steps and sigma are added by the plan)
-    resumed: Optional[dict]  # the dpcompile checkpoint of --resume
-    device: torch.device
-    out_dir: Optional[Path]  # None: --no-save
-    t_start: float
-    profiles: dict  # the defaults by device type (cli.PROFILES): --steps / --epochs are planned with them
-
-    @property
-    def private(self) -> bool:
-        return not self.run["no_dp"]
-
-    @property
-    def progress(self) -> bool:
-        return not self.args.no_progress
-
-    @property
-    def extra(self) -> dict:
-        """The run record of the resumed checkpoint ({} for a new run)."""
-        return self.resumed["extra"] if self.resumed is not None else {}
-
-
-@dataclass
-class Model:
-    model: Any
-    tok: Any
-    n_train: int  # trainable parameters
-
-
-@dataclass
-class Data:
-    corpus: Any
-    windows: torch.Tensor  # training windows
-    held: Optional[torch.Tensor]  # held-out windows (None: no perplexity)
-    N: int  # training windows
-    B: int  # expected logical batch size
-    micro: int  # physical micro-batch size
-    q: float  # sample rate
-    steps_done: int  # steps of the resumed run so far
-    steps: int  # steps of the whole run
-
-
-@dataclass
-class Privacy:
-    prior: Optional[dict]  # the accountant state of the earlier history
-    prior_from: Optional[str]  # where it is recorded
-    accountant: PrivacyAccountant
-    prior_eps: PrivacyAccountant  # the earlier history alone
-    eps_prior: float
-    sigma: Optional[float]
-    recalibrated: bool  # a resumed run's sigma calibrated again (a new --epsilon or more steps)
+from .train_report import (  # noqa: F401  (train_run.X, as before)
+    CURVE_CSV, CURVE_PNG, FIRST_STEP_FILE, REPORT_NAME, RUN_FORMAT, _bar, _first_step_key, _first_step_records,
+    _json_safe, _nullcontext, _read_run, first_step_forecast, perplexity, record_first_step, write_curve)
+from .train_setup import (  # noqa: F401  (train_run.X, as before)
+    Data, Model, Privacy, Setup, _adaptive_run_options, _dir_is_empty, _out_dir, _planned_steps, _resolve_device,
+    _resolve_run)
 
 
 # ---- stages ---------------------------------------------------------------------------------------------------
@@ -107,19 +53,6 @@ def resolve(args: argparse.Namespace, profiles: dict, run_options: Sequence[str]
     setup = Setup(args, run, resumed, torch.device(run["device"]), _out_dir(args), t_start, profiles)
     torch.manual_seed(run["seed"])
     return setup
-
-
-def _out_dir(args: argparse.Namespace) -> Optional[Path]:
-    if args.no_save:
-        return None
-    out_dir = Path(args.out or (args.resume if args.resume else "dpcompile-out"))
-    same = args.resume and out_dir.resolve() == Path(args.resume).resolve()
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out {out_dir} is a file, not a directory")
-    if not same and not _dir_is_empty(out_dir) and not args.overwrite:
-        raise UsageError(f"--out {out_dir} is not empty: pass --overwrite to write into it (its files of the same "
-                         "names are replaced), or another --out")
-    return out_dir
 
 
 def load_model(s: Setup) -> Model:
@@ -500,53 +433,6 @@ class Training:
         return {"loss": f"{self.last_loss:.3f}", "tok/s": f"{tps:.0f}", "eps": f"{eps:.2f}" if private else "-"}
 
 
-# ---- how long the first (compiling) step takes ------------------------------------------------------------------
-
-#: the first step's seconds of earlier runs on this machine, by _first_step_key (a JSON file in the data directory)
-FIRST_STEP_FILE = "first_step_seconds.json"
-
-
-def _first_step_key(s: Setup) -> str:
-    """What the compile time depends on: model, device, backend, torch, the trained blocks, private or not."""
-    dev = s.device
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    run = s.run
-    return (f"{run['model']}|{name}|{run['backend'] if s.private else 'no-dp ' + run['backend']}|torch "
-            f"{torch.__version__}|train_layers {run['train_layers']}|{run['clipping']}")
-
-
-def _first_step_records() -> dict:
-    try:
-        return json.loads((D.data_dir() / FIRST_STEP_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def first_step_forecast(s: Setup) -> str:
-    """The log line before training: how long the first step (which compiles the model) took the last time the
-    model was trained here the same way, or what it takes elsewhere when this machine has no record."""
-    last = _first_step_records().get(_first_step_key(s))
-    if last is not None:
-        return (f"the first step compiles the model: {last:.0f} s the last time on this machine (less when "
-                "Inductor's caches hold the graphs already)")
-    if s.device.type == "cuda":
-        return ("the first step compiles the model (Dynamo + the DP pass + Inductor): SmolLM2-135M took 6.5 min on "
-                "an H100 with empty caches, 20 s with Inductor's caches of an earlier run (docs/results.md)")
-    return "the first step compiles the model (Dynamo + the DP pass): on a CPU this takes a few minutes"
-
-
-def record_first_step(s: Setup, seconds: float) -> None:
-    """Remember the first step's seconds for the next run's forecast (best effort: a read-only data directory
-    is no error)."""
-    records = _first_step_records()
-    records[_first_step_key(s)] = round(seconds, 1)
-    try:
-        D.data_dir().mkdir(parents=True, exist_ok=True)
-        (D.data_dir() / FIRST_STEP_FILE).write_text(json.dumps(records, indent=1) + "\n")
-    except OSError:
-        pass
-
-
 # ---- the end of the run ---------------------------------------------------------------------------------------
 
 def finish(t: Training, done: int) -> tuple[dict, float, float]:
@@ -605,136 +491,6 @@ def print_summary(t: Training, report: dict, train_s: float, ppl_after: float, e
 
 # ---- helpers --------------------------------------------------------------------------------------------------
 
-def _resolve_run(args: argparse.Namespace, explicit: set, resumed: Optional[dict], profiles: dict,
-                 run_options: Sequence[str]) -> dict:
-    """The settings that define the run: the command line's (device defaults filled in), or a resumed run's."""
-    device = _resolve_device(args.device)
-    prof = profiles["cuda" if device.type == "cuda" else "cpu"]
-    if resumed is not None:
-        run = dict(resumed["extra"]["run"])
-        if "epsilon" in explicit and args.epsilon != run.get("epsilon"):
-            if run.get("epsilon") is None:
-                raise UsageError(f"--resume {args.resume}: that run has no target epsilon (it ran with "
-                                 f"{'--no-dp' if run.get('no_dp') else '--sigma'}): --epsilon cannot be given")
-            run["epsilon"] = args.epsilon  # a new target for the whole run (more steps): sigma is recalibrated
-        for key in run_options:
-            if key == "backend" and args.backend == "auto" or key == "epsilon":
-                continue
-            if key in explicit and getattr(args, key) != run.get(key):
-                given = getattr(args, key)
-                raise UsageError(
-                    f"--resume continues the run as it was set up; --{key.replace('_', '-')} {given} differs from "
-                    f"its {run.get(key)!r}. To train further with other settings, start a new run from the "
-                    f"checkpoint: --model {args.resume} (its privacy history continues)")
-        run["device"] = str(device)
-        return run
-    B = args.batch_size or prof["batch_size"]
-    private = not args.no_dp and not (args.sigma is None and math.isinf(args.epsilon))
-    return {
-        "model": args.model, "data": args.data, "encoding": args.encoding,
-        "seq_len": args.seq_len or prof["seq_len"], "max_windows": args.max_windows, "batch_size": B,
-        "micro_batch_size": args.micro_batch_size or min(prof["micro_batch_size"], B),
-        "lr": args.lr or prof["lr"], "weight_decay": args.weight_decay, "clipping": args.clipping,
-        "clip_fn": args.clip_fn, "max_grad_norm": args.max_grad_norm, "strategy": args.strategy,
-        "adaptive_clipping": _adaptive_run_options(args),
-        "train_layers": args.train_layers if args.train_layers is not None else prof["train_layers"],
-        "train_embeddings": args.train_embeddings,
-        "backend": args.backend if args.backend != "auto" else ("flashdp" if device.type == "cuda"
-                                                                else "flashdp_eager"),
-        "seed": args.seed, "secure_mode": args.secure_mode, "delta": args.delta,
-        "epsilon": args.epsilon if private and args.sigma is None else None, "sigma": args.sigma,
-        "no_dp": not private, "device": str(device),
-        "eval_windows": args.eval_windows if args.eval_windows is not None else prof["eval_windows"],
-    }
-
-
-def _adaptive_run_options(args) -> Optional[dict]:
-    """The adaptive clipping options of a run (None unless --max-grad-norm adaptive)."""
-    given = {"target_quantile": args.target_quantile, "clip_learning_rate": args.clip_learning_rate,
-             "quantile_noise_std": args.quantile_noise_std}
-    if args.max_grad_norm != "adaptive":
-        named = [k for k, v in given.items() if v is not None]
-        if named:
-            raise UsageError(f"--{named[0].replace('_', '-')} is an option of adaptive clipping: pass "
-                             "--max-grad-norm adaptive with it")
-        return None
-    return {k: v for k, v in given.items() if v is not None}
-
-
-def _resolve_device(name: str):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: no CUDA device is available")
-    return dev
-
-
-def _read_run(resume: str) -> dict:
-    """The dpcompile checkpoint of a `dpcompile train` output directory (torch.load, weights_only)."""
-    path = Path(resume) / DP_CHECKPOINT_NAME
-    if not path.is_file():
-        raise UsageError(f"--resume {resume}: no {DP_CHECKPOINT_NAME} there; give the --out directory of an earlier "
-                         "`dpcompile train` run that saved a checkpoint")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    extra = state.get("extra") if isinstance(state, dict) else None
-    if not isinstance(extra, dict) or extra.get("format") != RUN_FORMAT:
-        raise UsageError(f"--resume {resume}: {path} was not written by `dpcompile train` (a DPTrainer checkpoint "
-                         "resumes with trainer.train(resume_from_checkpoint=...))")
-    return state
-
-
-def _dir_is_empty(path: Path) -> bool:
-    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
-
-
-def _planned_steps(args: argparse.Namespace, q: float, device_type: str, profiles: dict) -> int:
-    prof = profiles["cuda" if device_type == "cuda" else "cpu"]
-    if args.steps is not None:
-        return args.steps
-    if args.epochs is not None or prof["steps"] is None:
-        return max(1, math.ceil((args.epochs or prof.get("epochs", 1.0)) / q))
-    return prof["steps"]
-
-
-def perplexity(model, windows, micro_batch_size: int, device, autocast=None, desc: str = "eval",
-               progress: bool = True) -> float:
-    """exp(mean next-token cross-entropy) over all tokens of the held-out windows."""
-    if windows is None or len(windows) == 0:
-        return float("nan")
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    it = range(0, len(windows), micro_batch_size)
-    bar = _bar(it, desc, progress, leave=False)
-    with torch.no_grad():
-        for i in bar:
-            ids = windows[i:i + micro_batch_size].to(device)
-            with autocast() if autocast else _nullcontext():
-                logits = model(input_ids=ids, use_cache=False).logits
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
-            total += float(loss)
-            count += ids[:, 1:].numel()
-    model.train(was_training)
-    return math.exp(total / count)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
-
-
-def _bar(iterable, desc: str, enabled: bool, total=None, leave=True):
-    if not enabled:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, total=total, leave=leave, dynamic_ncols=True, file=sys.stderr)
-
-
 class _StopRequest:
     """Ctrl-C during training: the first one stops after the current step (which is then saved), a second one
     stops at once."""
@@ -758,54 +514,6 @@ class _StopRequest:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
         return False
-
-
-def write_curve(out_dir: Path, rows: list, title: str = "") -> Optional[Path]:
-    """curve.csv (step, loss, epsilon, examples, tokens, seconds) and, when matplotlib is installed, curve.png
-    (loss and epsilon against the step). Returns the PNG's path, None when it was skipped."""
-    out_dir = Path(out_dir)
-    fields = ["step", "loss", "epsilon", "examples", "tokens", "seconds"]
-    with open(out_dir / CURVE_CSV, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None or (isinstance(r.get(k), float) and not math.isfinite(r[k]))
-                            else r[k]) for k in fields})
-    try:
-        import matplotlib
-    except ImportError:
-        _log(f"matplotlib is not installed: {CURVE_PNG} skipped ({CURVE_CSV} has the numbers; "
-             "pip install matplotlib to get the plot)")
-        return None
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
-    a.plot(steps, [r["loss"] for r in rows], marker="." if len(rows) < 50 else None)
-    a.set_xlabel("step")
-    a.set_ylabel("training loss (not private)")
-    eps = [r.get("epsilon") for r in rows]
-    if any(e is not None and math.isfinite(e) for e in eps):
-        b.plot(steps, [e if e is not None and math.isfinite(e) else float("nan") for e in eps], color="C1")
-    b.set_xlabel("step")
-    b.set_ylabel("epsilon spent (total)")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(out_dir / CURVE_PNG, dpi=100)
-    plt.close(fig)
-    return out_dir / CURVE_PNG
-
-
-def _json_safe(obj):
-    """Strict JSON: non-finite floats (a perplexity not measured, epsilon = inf) become null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def _history_eps(history: list, delta: float) -> float:
