@@ -323,6 +323,26 @@ def _flat_labels(B, g):
     return x, y.reshape(-1)
 
 
+def _pos_first_inputs(B, g):  # a (T, d) position table first, then (B, T, d) inputs and (B, T) targets
+    x, y = _seq(B, g)
+    return torch.randn(x.shape[1], D, generator=g, dtype=torch.float64), x, y
+
+
+def _pos_first(m, pos, x, y):  # position-wise: cut by positions instead of samples, nothing mixes
+    return ((m.out(torch.tanh(m.lin(x + pos))).squeeze(-1) - y) ** 2).sum()
+
+
+def _labels_first_inputs(B, g):
+    x, y = _flat_labels(B, g)
+    return y, x
+
+
+def _labels_first_sample(args, i):
+    y, x = args
+    x_i, y_i = _flat_label_sample((x, y), i)
+    return y_i, x_i
+
+
 def _shared_first_inputs(B, g):
     x, y = _xy(B, g)
     return torch.randn(1, D, generator=g, dtype=torch.float64), x, y
@@ -368,15 +388,29 @@ ATTACKS = [
            lambda m, a, C, r: dp(LossOf(m, _tok_mean_loss), C, "mean")(*a).backward(), _tok_means,
            reduction="mean", sample=_flat_label_sample),
     Attack("(T, B) mask next to batch-first inputs, masked sum", Lin, _mask_tb_inputs, (0, 0, 1),
-           lambda m, a, C, r: _plain(m, a, C, r, loss=_mask_tb), _mask_tb),  # B = 1: refused (which is the batch?)
+           lambda m, a, C, r: _plain(m, a, C, r, loss=_mask_tb, batch_arg=0), _mask_tb),
     Attack("(T, B) mask at T == B", Lin, _mask_tb_inputs, (0, 0, 1),
-           lambda m, a, C, r: _plain(m, a, C, r, loss=_mask_tb), _mask_tb, batches=(3,)),
+           lambda m, a, C, r: _plain(m, a, C, r, loss=_mask_tb, batch_arg=0), _mask_tb, batches=(3,)),
     Attack("(T, B) mask, static lengths (dynamic_seq=False)", Lin, _mask_tb_inputs, (0, 0, 1),
-           lambda m, a, C, r: _plain(m, a, C, r, loss=_mask_tb, dynamic_seq=False), _mask_tb, batches=(2, 3)),
+           lambda m, a, C, r: _plain(m, a, C, r, loss=_mask_tb, batch_arg=0, dynamic_seq=False), _mask_tb,
+           batches=(2, 3)),
+    # batch_arg not given: the first tensor argument is the batch unless another argument would cut other samples
+    Attack("(T, B) mask next to batch-first inputs, batch_arg not given", Lin, _mask_tb_inputs, (0, 0, 1),
+           lambda m, a, C, r: _plain(m, a, C, r, loss=_mask_tb), _mask_tb, batches=(2, 3, 5)),
+    Attack("a (T, d) position table as the first argument, batch_arg not given", Lin, _pos_first_inputs,
+           (None, 0, 0), lambda m, a, C, r: _plain(m, a, C, r, loss=_pos_first), _pos_first, batches=(2, 3, 5)),
+    Attack("a (T, d) position table as the first argument, batch_arg=1", Lin, _pos_first_inputs, (None, 0, 0),
+           lambda m, a, C, r: _plain(m, a, C, r, loss=_pos_first, batch_arg=1), _pos_first, batches=(1, 2, 3, 5)),
+    Attack("labels pre-flattened to (B*T,) as the first argument, batch_arg not given", Lin, _labels_first_inputs,
+           (None, 0), lambda m, a, C, r: _plain(m, a, C, r, loss=lambda mm, y, x: _tok_loss(mm, x, y)),
+           lambda mm, y, x: _tok_loss(mm, x, y), sample=_labels_first_sample, batches=(2, 5)),
+    Attack("labels pre-flattened to (B*T,) as the first argument, batch_arg=1", Lin, _labels_first_inputs,
+           (None, 0), lambda m, a, C, r: _plain(m, a, C, r, loss=lambda mm, y, x: _tok_loss(mm, x, y), batch_arg=1),
+           lambda mm, y, x: _tok_loss(mm, x, y), sample=_labels_first_sample, batches=(1, 2, 5)),
     Attack("labels pre-flattened to (B*T,) at T == B", Lin, _flat_labels, (0, None),
            lambda m, a, C, r: _plain(m, a, C, r, loss=_tok_loss), _tok_loss, sample=_flat_label_sample, batches=(3,)),
     Attack("(T, B) mask, normalised by mask.sum()", Lin, _mask_tb_inputs, (0, 0, 1),
-           lambda m, a, C, r: _plain(m, a, C, r, loss=_mask_tb_normalised), None),
+           lambda m, a, C, r: _plain(m, a, C, r, loss=_mask_tb_normalised, batch_arg=0), None),
     Attack("per-sample weights (B,) next to time-major inputs (batch_dim=1), weighted sum", Lin, _tm, (1, 1, 0),
            lambda m, a, C, r: _plain(m, a, C, r, loss=_tm_weighted, batch_dim=1), _tm_weighted, batches=(1, 2, 5)),
     Attack("per-sample weights (B,) next to time-major inputs (batch_dim=1), normalised by w.sum()", Lin, _tm,
@@ -415,7 +449,7 @@ def test_the_verdicts_of_the_attacks_that_must_be_refused():
     """The attacks without an oracle, and the graph-edge attacks: the verdict is a refusal, not an accident of
     the oracle's comparison. (Counted here so that the closing note's tally is the tests'.)"""
     must = [a for a in ATTACKS if a.loss is None and not a.known_hole] + [
-        a for a in ATTACKS if a.name.startswith(("graph break", "regional"))]
+        a for a in ATTACKS if a.name.startswith(("graph break", "regional")) or a.name.endswith("batch_arg not given")]
     for a in must:
         result, refusal = verdict(a, 2, SMALL_C)
         assert result == "refused", f"{a.name}: {result}"
@@ -427,9 +461,13 @@ def test_explain_lists_the_inputs_found_to_carry_samples():
     g = torch.Generator().manual_seed(0)
     x, y, mask = _mask_tb_inputs(3, g)
     shared = torch.randn(1, 3, D, generator=g, dtype=torch.float64)
-    plan = dpcompile.explain(LossOf(Lin().double(), lambda m, x, y, mask, s: _mask_tb(m, x + s, y, mask)),
-                             (x, y, mask, shared), max_grad_norm=1.0, loss_reduction="sum")
+    model = LossOf(Lin().double(), lambda m, x, y, mask, s: _mask_tb(m, x + s, y, mask))
+    plan = dpcompile.explain(model, (x, y, mask, shared), max_grad_norm=1.0, loss_reduction="sum", batch_arg=0)
     assert plan.batch_inputs == {"L['args'][0]": 0, "L['args'][1]": 0, "L['args'][2]": 1}, plan.batch_inputs
+    # without batch_arg the mask, on its dim 0, could be the batch (positions as samples): which one is asked
+    with pytest.raises(Exception, match="batch_arg=") as info:
+        dpcompile.explain(model, (x, y, mask, shared), max_grad_norm=1.0, loss_reduction="sum")
+    assert "L['args'][2]" in str(info.value) and "carries samples along its dim 1" in str(info.value)
 
 
 # -- random compositions ---------------------------------------------------------------------------------------
@@ -528,3 +566,17 @@ def test_random_compositions_are_exact_or_refused_and_additive(case):
     parts = [_compiled_sum(model, part, LARGE_C, bd) for part in split]
     for n, w in whole.items():
         torch.testing.assert_close(w, parts[0].get(n, 0 * w) + parts[1].get(n, 0 * w), atol=1e-9, rtol=1e-7)
+
+
+if __name__ == "__main__":  # the tally for a closing note: python tests/test_red_team.py
+    import collections
+
+    tally = collections.Counter()
+    for a in ATTACKS:
+        for B in a.batches if a.loss is not None else [b for b in a.batches if b >= 2]:
+            for C in (SMALL_C, LARGE_C):
+                result, refusal = verdict(a, B, C, seed=B)
+                tally[result.split(":")[0]] += 1
+                print(f"{result.split(':')[0]:9s} B={B} C={C:g}  {a.name}"
+                      + (f"  [{type(refusal).__name__}]" if refusal is not None else ""))
+    print(f"{len(ATTACKS)} attacks, {sum(tally.values())} runs: " + ", ".join(f"{n} {k}" for k, n in tally.items()))

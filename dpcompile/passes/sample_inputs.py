@@ -63,10 +63,12 @@ class SampleInputs:
                 continue  # reaches no output (an unused mask): it cannot move a gradient, whatever its shape
             self._same_batch_size(node)
             layouts = self._layouts(node)
+            self.names[node] = name
             if layouts:
                 candidates[node] = layouts
-                self.names[node] = name
         self._classify(candidates)
+        if ctx.options.batch_arg is None:
+            self._batch_input_is_unambiguous(ctx, candidates)
 
     def _same_batch_size(self, node: fx.Node) -> None:
         """An input with the batch size on batch_dim at this call, as its own symbol (targets, masks marked maybe
@@ -165,6 +167,45 @@ class SampleInputs:
             self._relate(node, layout)
             self.seeds[node] = layout
             self.assumed[node] = layout
+
+    def _batch_input_is_unambiguous(self, ctx, candidates: dict) -> None:
+        """batch_arg not given: the batch input was taken as the first tensor argument. Another argument that could
+        have been it (a dim batch_dim, 2 or more entries there) and would cut the data into other samples makes
+        that guess a choice between two readings, and the wrong one clips the wrong unit (a (T, d) position table
+        passed first, with a position-wise model, lines up with (B, T, d) activations on their dim 1: every
+        "sample" would be a position across the batch). Refused, naming both, when such an argument carries
+        samples off batch_dim, or is shared while its size on batch_dim divides the batch size (flattened (B*T,)
+        labels passed before (B, T) inputs: the inputs' rows would be coarser samples)."""
+        d = self.io.batch_dim
+        try:
+            hint_b = size_hint(self.B, self.env)
+        except Exception:  # noqa: BLE001 - no hint: only the data-flow reading below
+            hint_b = None
+        for node, name in self.names.items():
+            val = node.meta.get("val")
+            if node is self.io.batch_node or not isinstance(val, torch.Tensor) or val.dim() <= d:
+                continue
+            layout = self.seeds.get(node)
+            off = layout is not None and layout.dim != d
+            coarser = False
+            if layout is None and hint_b is not None:
+                try:
+                    hs = size_hint(sym_expr(val.shape[d]), self.env)
+                except Exception:  # noqa: BLE001
+                    hs = None
+                coarser = hs is not None and 2 <= hs < hint_b and hint_b % hs == 0
+            if not (off or coarser):
+                continue
+            first = self.names[self.io.batch_node]
+            why = (f"carries samples along its dim {layout.dim}, not dim {d}, when `{first}` is the batch" if off else
+                   f"has {hs} entries on dim {d}, a divisor of the {hint_b} of `{first}`, and is shared by the "
+                   f"samples of `{first}`")
+            raise SampleInputError(
+                f"flashdp: cannot tell which argument carries the batch: batch_arg is not given, so dpcompile took the "
+                f"first tensor argument `{first}` (shape {_shape(self.io.batch_node)}, samples on dim {d}), but "
+                f"`{name}` (shape {_shape(node)}) {why}; taken as the batch, `{name}` would cut the data into other "
+                "samples, and the wrong reading clips the wrong unit. Pass batch_arg=<the name or position of the "
+                "argument whose dim batch_dim indexes the samples> to dpcompile.compile (or the backend's options)")
 
     def _meets(self, trial: BatchDimAnalysis, base: BatchDimAnalysis, deps: set):
         """(lines up, mixes): an op where values of the input meet other samples and keep them apart; one where
