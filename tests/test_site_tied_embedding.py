@@ -29,7 +29,7 @@ class _TiedLM(nn.Module):
     """Token + position embeddings, one hidden layer, head tied to the token table. head: "plain" (Linear sharing
     the weight), "scaled" (F.linear with -0.5 W: a neg and a scalar on the head's chain), "last" (logits of the
     last position only: Th != Te), "indexed" (rows gathered by W[idx]: the embedding site is an index_put),
-    "matmul" (x @ W.t())."""
+    "matmul" (x @ W.t()), "twice" (a second lookup of the table, of other ids and scaled: two embedding sites)."""
 
     def __init__(self, head: str = "plain", padding_idx=0):
         super().__init__()
@@ -43,6 +43,8 @@ class _TiedLM(nn.Module):
     def forward(self, idx):
         pos = torch.arange(idx.shape[1], device=idx.device)
         rows = self.tok.weight[idx] if self.kind == "indexed" else self.tok(idx)  # indexed: an index_put site
+        if self.kind == "twice":  # an encoder's and a decoder's lookups of one shared table, say
+            rows = rows - 0.25 * self.tok(idx.flip(1))
         x = torch.tanh(self.mid(rows * 1.5 + self.pos(pos)))
         if self.kind == "scaled":
             return F.linear(x, -0.5 * self.tok.weight)
@@ -231,7 +233,8 @@ def test_tied_matches_oracle(combo):
 
 VARIANTS = [(_case("scaled", None), SITE_SWEEP[0]), (_case("last"), SITE_SWEEP[2]),
             (_case("plain", None), SITE_SWEEP[1]),
-            (_case("indexed", None), SITE_SWEEP[3]), (_case("matmul"), SITE_SWEEP[0])]
+            (_case("indexed", None), SITE_SWEEP[3]), (_case("matmul"), SITE_SWEEP[0]),
+            (_case("twice"), SITE_SWEEP[1]), (_case("twice", None), SITE_SWEEP[2])]
 
 
 @pytest.mark.parametrize("case,combo", VARIANTS, ids=lambda x: getattr(x, "name", None))

@@ -11,7 +11,8 @@ index_add of the scaled embedding gradients plus one GEMM of the scaled dY with 
 
 Strategies (the planner's names): tied_embedding_ghost (||E_i||^2 from Th x Th Gram products) and
 tied_embedding_direct (from the per-sample GEMM with the norm in its epilogue, CUDA), against materialize.
-Handled: exactly one embedding site with per-sample ids and exactly one linear site, each reaching the parameter
+Handled: one or more embedding sites with per-sample ids (several lookups of one table, e.g. an encoder's and a
+decoder's, are one: their ids and scaled grads concatenated per sample) and exactly one linear site, each reaching the parameter
 through reshapes that keep its (V, d) layout, pairs of transposes, casts, negation and scalar factors, the head's
 mm giving the gradient in W's layout (mm(dY^T, H), as AOTAutograd writes it); anything else stays materialized.
 """
@@ -94,39 +95,50 @@ def combine(pg, batch_size, budget_bytes: float, dev):
     cs = pg.contributions
     emb = [c for c in cs if c.site.kind == embedding_kind.KIND.name]
     lin = [c for c in cs if c.site.kind == linear_kind.KIND.name]
-    if len(cs) != 2 or len(emb) != 1 or len(lin) != 1:
+    if not emb or len(lin) != 1 or len(cs) != len(emb) + 1:
         return None
-    e, l = emb[0], lin[0]
+    l = lin[0]
     param = _shape(pg.grad)
     if param is None or len(param) != 2:
         return None
     V, d = param
-    se, sl = e.site, l.site
-    if "idx" not in se.layouts or "mask" in se.operands:  # token ids per sample (not positions shared by all)
+    ses, kes = [], []
+    for e in emb:  # one or more lookups of the table (an encoder's and a decoder's, ...)
+        se = e.site
+        if "idx" not in se.layouts or "mask" in se.operands:  # token ids per sample (not positions shared by all)
+            return None
+        if _shape(se.node) != (V, d) or se.info.get("num_weights") != V or se.info.get("width") != d:
+            return None
+        me = _chain_map(e, (V, d))
+        if me is None or me[1] or me[2] != (V, d):
+            return None
+        ses.append(se)
+        kes.append(me[0])
+    if len({se.info["padding_idx"] for se in ses}) != 1:
         return None
-    if _shape(se.node) != (V, d) or se.info.get("num_weights") != V or se.info.get("width") != d:
-        return None
-    me = _chain_map(e, (V, d))
+    sl = l.site
     site_l = _shape(sl.node)
     ml = _chain_map(l, site_l) if site_l is not None else None
-    if me is None or ml is None or me[1] or me[2] != (V, d) or ml[2] != (V, d):
+    if ml is None or ml[2] != (V, d):
         return None
-    ke, kh, flipped = me[0], ml[0], ml[1]
+    # several lookups are one: their (ids, scaled grads) concatenated per sample scatter into the same G_i
+    ke, kh, flipped = (kes[0] if len(kes) == 1 else 1.0), ml[0], ml[1]
     # s = a^T b is (M, N) and must be W's (V, d) layout as it is: dy = a. (A head whose mm gives s^T, (d, V), has
     # dy = b; no graph seen so far has that form, AOTAutograd writes the weight gradient as mm(dY^T, H): it stays
     # materialized until a test reaches it.)
     if flipped or site_l != (V, d):
         return None
-    site = Site(KIND.name, sl.node, {**{f"e_{r}": n for r, n in se.operands.items()},
-                                     **{f"h_{r}": n for r, n in sl.operands.items()}}, {},
-                {"parts": (se, sl), "ke": ke, "kh": kh, "dy": "a",
-                 "padding_idx": se.info["padding_idx"], "num_weights": V, "width": d,
-                 "originals": (se.node, sl.node)})
+    operands = {f"e{j}_{r}": n for j, se in enumerate(ses) for r, n in se.operands.items()}
+    site = Site(KIND.name, sl.node, {**operands, **{f"h_{r}": n for r, n in sl.operands.items()}}, {},
+                {"parts": (*ses, sl), "ke": ke, "kh": kh, "lookup_scales": tuple(kes) if len(kes) > 1 else None,
+                 "dy": "a", "padding_idx": ses[0].info["padding_idx"], "num_weights": V, "width": d,
+                 "originals": (*(se.node for se in ses), sl.node)})
     merged = dataclasses.replace(l, site=site, chain=[], negate=False)
     B = sympy.sympify(batch_size)
-    rows_e = sym_expr(se.operands["grad"].meta["val"].numel()) / d  # B * Te
+    rows_e = sum(sym_expr(se.operands["grad"].meta["val"].numel()) for se in ses) / d  # B * Te, all lookups
     rows_h = sym_expr(sl.operands["rows_b"].meta["val"].shape[0])  # B * Th
-    itemsize = max(se.operands["grad"].meta["val"].element_size(), sl.operands["rows_b"].meta["val"].element_size())
+    itemsize = max(*(se.operands["grad"].meta["val"].element_size() for se in ses),
+                   sl.operands["rows_b"].meta["val"].element_size())
     return merged, costs(B, rows_e / B, rows_h / B, V, d, itemsize, dev), B * V * d * itemsize
 
 
@@ -153,20 +165,28 @@ def costs(B, Te, Th, V, d, e: int, dev) -> dict:
 
 
 def fused_inputs(site: Site, env: dict, bsz) -> tuple:
-    se, sl = site.info["parts"]
-    idx, g = embedding_kind.fused_inputs(se, env, bsz)
+    *ses, sl = site.info["parts"]
+    scales = site.info.get("lookup_scales")
+    if scales is None:
+        idx, g = embedding_kind.fused_inputs(ses[0], env, bsz)
+    else:  # several lookups: each one's grads times its chain's scalar, concatenated per sample (ke is then 1)
+        pairs = [embedding_kind.fused_inputs(se, env, bsz) for se in ses]
+        idx = torch.cat([i for i, _ in pairs], dim=1)
+        g = torch.cat([gj * k for (_, gj), k in zip(pairs, scales)], dim=1)
     a, b = linear_kind.fused_inputs(sl, env, bsz)
     h, dy = (b, a) if site.info["dy"] == "a" else (a, b)
     return idx, g, h, dy
 
 
 def per_sample(site: Site, env: dict, bsz) -> torch.Tensor:
-    """(B, V, d): ke G_i + kh E_i, materialized (the reference the fused ops are tested against)."""
-    se, _ = site.info["parts"]
+    """(B, V, d): sum_j ke_j G_ij + kh E_i, materialized (the reference the fused ops are tested against)."""
+    *ses, _ = site.info["parts"]
     _, _, h, dy = fused_inputs(site, env, bsz)
-    G = embedding_kind.per_sample(se, env, bsz).reshape(bsz, site.info["num_weights"], site.info["width"])
+    scales = site.info.get("lookup_scales") or (site.info["ke"],)
+    G = sum(embedding_kind.per_sample(se, env, bsz).reshape(bsz, site.info["num_weights"], site.info["width"]) * k
+            for se, k in zip(ses, scales))
     E = torch.bmm(dy.transpose(1, 2).to(G.dtype), h.to(G.dtype))
-    return G * site.info["ke"] + E * site.info["kh"]
+    return G + E * site.info["kh"]
 
 
 def norm(site, ins, strategy, pg, env, randomized):
