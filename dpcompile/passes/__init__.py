@@ -5,7 +5,7 @@ driver.py:
 
   context.py    PassContext / ParamInfo (what the backend tells the pass) and the compiled-graph cache key
   graph_io.py   the joint graph's inputs and outputs (primals, gradient outputs, tangent seeds, symbolic sizes)
-  batchdim.py   which dim of every value carries samples, by dataflow
+  batchdim.py   which dim of every value carries samples, by dataflow (rules by op family: batchdim_rules/)
   discover.py   each parameter's gradient down to its sites; patterns.py: Site and classify_leaf
   chain.py      the ops from a site up to its gradient (Step) and their replay, per sample or on the sum
   sites/        the site-kind registry, one module per kind (linear, rows, embedding, bmm, conv, whole)

@@ -74,7 +74,7 @@ class PassContext:
 #: Not included: privacy/ (the optimizer, noise and accounting run outside the graph), randomized_contract.py (the
 #: probe-count rule; graphs with randomized sites are never cached), clip_provenance.py (run
 #: time only), errors.py (a refusal is not cached), cli.py,
-#: compile.py (it passes options, which are in the key), data.py, hf.py, memarc/, explain.py.
+#: compile.py (it passes options, which are in the key), data.py, hf*.py, train_*.py, memarc/, explain.py.
 GRAPH_SOURCES = ("passes", "codegen", "options.py", "clipping.py", "strategy_registry.py", "registry.py")
 GRAPH_FUNCTIONS = {"backend.py": ("dp_decomposition_table",)}
 
