@@ -82,24 +82,22 @@ def _seq_len(s: str) -> int:
     return v
 
 
-def _epsilon(s: str) -> float:
+def _float(s: str, ok, requirement: str) -> float:
     try:
         v = float(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 (or inf for no privacy), got {s!r}")
+    if not ok(v):
+        raise argparse.ArgumentTypeError(f"must be {requirement}, got {s!r}")
     return v
+
+
+def _epsilon(s: str) -> float:
+    return _float(s, lambda v: v > 0, "> 0 (or inf for no privacy)")
 
 
 def _delta(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if not 0 < v < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {s!r}")
-    return v
+    return _float(s, lambda v: 0 < v < 1, "in (0, 1)")
 
 
 def _add_model_options(p: argparse.ArgumentParser, train_layers_default: str) -> None:

@@ -61,22 +61,22 @@ def _check_accountant(accountant) -> str:
     return accountant
 
 
+def _real(value, name: str, ok, kind: str, requirement: str) -> float:
+    """float(value) when it is a real number (not a bool) meeting ok; else ValueError naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}={value!r} must be a real number {kind}")
+    v = float(value)
+    if not ok(v):
+        raise ValueError(f"{name}={value!r} must be {requirement}")
+    return v
+
+
 def _check_sigma(noise_multiplier, name: str = "noise_multiplier") -> float:
-    if isinstance(noise_multiplier, bool) or not isinstance(noise_multiplier, numbers.Real):
-        raise ValueError(f"{name}={noise_multiplier!r} must be a real number >= 0")
-    s = float(noise_multiplier)
-    if not (s >= 0 and math.isfinite(s)):
-        raise ValueError(f"{name}={noise_multiplier!r} must be a finite number >= 0")
-    return s
+    return _real(noise_multiplier, name, lambda s: s >= 0 and math.isfinite(s), ">= 0", "a finite number >= 0")
 
 
 def _check_rate(sample_rate, name: str = "sample_rate") -> float:
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real):
-        raise ValueError(f"{name}={sample_rate!r} must be a real number in [0, 1]")
-    q = float(sample_rate)
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"{name}={sample_rate!r} must be in [0, 1]")
-    return q
+    return _real(sample_rate, name, lambda q: 0.0 <= q <= 1.0, "in [0, 1]", "in [0, 1]")
 
 
 def _check_steps(steps, name: str = "steps") -> int:

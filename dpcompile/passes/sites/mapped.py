@@ -112,14 +112,7 @@ def where_branches(node: fx.Node, st) -> list:
     cond = node.args[0]
     if isinstance(cond, fx.Node) and st(cond) is not None:
         return []
-    carrying = []
-    for pos in (1, 2):
-        a = node.args[pos]
-        if isinstance(a, fx.Node) and st(a) is not None:
-            carrying.append(pos)
-        elif not _is_zero(a):
-            return []
-    return carrying
+    return _carrying({pos: node.args[pos] for pos in (1, 2)}, st)
 
 
 def _where(op, node, ps, env, pos):
@@ -142,10 +135,15 @@ def cat_pieces(node: fx.Node, st) -> list:
     makes it affine)."""
     if node.target is not aten.cat.default or node.kwargs or not isinstance(node.args[0], (list, tuple)):
         return []
+    return _carrying(dict(enumerate(node.args[0])), st)
+
+
+def _carrying(operands: dict, st) -> list:
+    """The keys of the operands that carry a gradient term; [] if any other operand is not zero (affine)."""
     carrying = []
-    for j, a in enumerate(node.args[0]):
+    for key, a in operands.items():
         if isinstance(a, fx.Node) and st(a) is not None:
-            carrying.append(j)
+            carrying.append(key)
         elif not _is_zero(a):
             return []
     return carrying
