@@ -121,3 +121,4 @@ def test_grouped_mm_path_sorting_the_batch_is_refused():
         compiled(torch.randint(12, 64, (3, 6))).backward()
     err = unwrap(info.value)
     assert isinstance(err, dpcompile.SampleMixingError) and "sort" in str(err), err
+    assert "per_token_experts(model)" in str(err), err  # the refusal names the exact twin

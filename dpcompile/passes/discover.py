@@ -257,6 +257,20 @@ def _contribution_arg(node: fx.Node, st: Callable, name: str) -> int:
     return pos
 
 
+def _experts_hint(origin: fx.Node) -> str:
+    """A sort inside a mixture-of-experts layer: transformers' grouped_mm experts path, which has an exact twin."""
+    if origin.target is not aten.sort.default:
+        return ""
+    stack = origin.meta.get("nn_module_stack") or {}
+    classes = [getattr(cls, "__name__", str(cls)) for _, cls in stack.values()]
+    if not any(c.endswith("Experts") for c in classes) and "integrations/moe" not in origin.meta.get("stack_trace", ""):
+        return ""
+    return (" This looks like transformers' `grouped_mm` experts path, which sorts the (token, expert) pairs of the "
+            "whole batch: call `dpcompile.hf.per_token_experts(model)` before compiling (dpcompile.compile, "
+            "CausalLMLoss, DPTrainer and `dpcompile train` do) to run the experts per token, which is clipped "
+            "exactly.")
+
+
 def _mixing_error(name: str, node: fx.Node, state) -> Exception:
     where = f"op `{node.name}` ({op_name(node.target)}){node_location(node)}"
     if isinstance(state, Mixed) and state.symbolic:
@@ -271,7 +285,8 @@ def _mixing_error(name: str, node: fx.Node, state) -> Exception:
     if isinstance(state, Mixed) and state.origin is not node:
         return SampleMixingError(
             f"gradient of parameter `{name}` is not per-sample separable: {where} uses a value that combines "
-            f"samples — {state.describe()}. BatchNorm in training mode, in-batch losses and loss normalisers "
+            f"samples — {state.describe()}.{_experts_hint(state.origin)} BatchNorm in training mode, in-batch "
+            "losses and loss normalisers "
             "computed over the whole batch all do this; use per-sample normalisation (GroupNorm/LayerNorm) and a "
             "loss that is a sum or a mean over samples of per-sample losses. Note: F.cross_entropy / nll_loss "
             "with the default reduction='mean' divide by the number of non-ignored targets in the whole batch "
