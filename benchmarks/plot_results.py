@@ -24,8 +24,8 @@ def cpu_points(path: Path) -> dict:
         r = json.loads(line)
         rep = r["report"]
         eps = rep["epsilon"] if rep["private"] else math.inf
-        out.setdefault(r["setting"], []).append((eps, rep["perplexity_after"], rep["perplexity_before"]))
-    return out
+        out.setdefault(r["setting"], {})[round(eps, 2)] = (eps, rep["perplexity_after"], rep["perplexity_before"])
+    return {k: list(v.values()) for k, v in out.items()}  # a run repeated (seeded: the same numbers) counts once
 
 
 def gpu_points(path: Path, recipe: dict, clipping: str) -> list:

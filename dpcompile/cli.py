@@ -25,6 +25,10 @@ from .cli_common import _EXACT, UsageError, _log, _strategy_option, freeze
 from .cli_common import decoder_blocks  # noqa: F401  (cli.decoder_blocks, as before)
 from .train_run import perplexity, write_curve  # noqa: F401  (cli.perplexity, cli.write_curve, as before)
 
+# the sample's prompt: in the Gutenberg plays' own layout (speaker line, then the speech), so that a model that
+# learnt the corpus can show it (docs/results.md: the samples of four prompts, before and after)
+DEFAULT_SAMPLE_PROMPT = "HAMLET.\nTo be, or not to be,"
+
 #: defaults that depend on the device: a CPU run finishes in minutes, a GPU run trains the whole model on the corpus.
 #: The CPU recipe was chosen by measurement (docs/results.md, benchmarks/cpu_recipe_search.py): short windows give
 #: more examples per second of compute, and a large expected batch is what lets the clipped signal stand out of the
@@ -191,8 +195,9 @@ def _add_train_parser(sub) -> None:
                    help="continue the run whose checkpoint is in DIR (an --out of dpcompile train): same settings, "
                         "same batches and noise as if it had not stopped")
     t.add_argument("--no-save", action="store_true", help="do not write a checkpoint")
-    t.add_argument("--sample", default="To be, or not to be,",
-                   help="prompt for a short generate() at the end ('' to skip; default 'To be, or not to be,')")
+    t.add_argument("--sample", default=DEFAULT_SAMPLE_PROMPT,
+                   help=f"prompt for a short generate() at the end ('' to skip; default {DEFAULT_SAMPLE_PROMPT!r}, a "
+                        "speech opening as the corpus writes it: speaker line first)")
     t.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
 
 

@@ -44,7 +44,7 @@ def test_train_tiny_end_to_end_reports_epsilon_and_saves_a_transformers_checkpoi
     assert report["private"] and report["steps"] == 2 and report["sample_rate"] == 1.0
     assert 0 < report["epsilon"] <= 30 + 1e-6
     assert math.isfinite(report["perplexity_before"]) and math.isfinite(report["perplexity_after"])
-    assert report["sample"].startswith("To be, or not to be,")
+    assert report["sample"].startswith(cli.DEFAULT_SAMPLE_PROMPT)
 
     model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
     tok = AutoTokenizer.from_pretrained(out, local_files_only=True)
