@@ -38,7 +38,7 @@ def main(argv=None) -> None:
     model.train()
     step = dpcompile.compile(CausalLMLoss(model), backend=args.backend, max_grad_norm=1.0, clipping=args.clipping,
                              loss_reduction="mean")
-    ids = torch.randint(0, 1000, (args.batch, args.seq_len))
+    ids = torch.randint(0, min(1000, model.config.vocab_size), (args.batch, args.seq_len))
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
