@@ -332,6 +332,15 @@ def _pos_first(m, pos, x, y):  # position-wise: cut by positions instead of samp
     return ((m.out(torch.tanh(m.lin(x + pos))).squeeze(-1) - y) ** 2).sum()
 
 
+def _pos_scale_inputs(B, g):  # (B, T, d) inputs, (B, T) targets, a (T,) per-position scale; B = 2T below
+    x, y = _seq(B, g)
+    return x, y, torch.rand(x.shape[1], generator=g, dtype=torch.float64) + 0.5
+
+
+def _pos_scale(m, x, y, scale):  # the scale's size divides B, but it meets the samples along their T dim
+    return ((m.out(torch.tanh(m.lin(x * scale[:, None]))).squeeze(-1) - y) ** 2).sum()
+
+
 def _labels_first_inputs(B, g):
     x, y = _flat_labels(B, g)
     return y, x
@@ -404,6 +413,8 @@ ATTACKS = [
     Attack("labels pre-flattened to (B*T,) as the first argument, batch_arg not given", Lin, _labels_first_inputs,
            (None, 0), lambda m, a, C, r: _plain(m, a, C, r, loss=lambda mm, y, x: _tok_loss(mm, x, y)),
            lambda mm, y, x: _tok_loss(mm, x, y), sample=_labels_first_sample, batches=(2, 5)),
+    Attack("a (T,) per-position scale whose size divides B, batch_arg not needed", Lin, _pos_scale_inputs,
+           (0, 0, None), lambda m, a, C, r: _plain(m, a, C, r, loss=_pos_scale), _pos_scale, batches=(3, 6)),
     Attack("labels pre-flattened to (B*T,) as the first argument, batch_arg=1", Lin, _labels_first_inputs,
            (None, 0), lambda m, a, C, r: _plain(m, a, C, r, loss=lambda mm, y, x: _tok_loss(mm, x, y), batch_arg=1),
            lambda mm, y, x: _tok_loss(mm, x, y), sample=_labels_first_sample, batches=(1, 2, 5)),
@@ -453,6 +464,14 @@ def test_the_verdicts_of_the_attacks_that_must_be_refused():
     for a in must:
         result, refusal = verdict(a, 2, SMALL_C)
         assert result == "refused", f"{a.name}: {result}"
+
+
+def test_a_shared_tensor_whose_size_divides_the_batch_is_not_taken_for_the_batch():
+    """(T,) per-position values next to B = 2T samples: its size divides B, but taken as the batch it would meet
+    the samples along their T dim, so it is no rival of the first argument: exact, no batch_arg needed."""
+    attack = next(a for a in ATTACKS if a.name.startswith("a (T,) per-position scale"))
+    for B in attack.batches:
+        assert verdict(attack, B, SMALL_C, seed=B)[0] == "exact", B
 
 
 def test_explain_lists_the_inputs_found_to_carry_samples():

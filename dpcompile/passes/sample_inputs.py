@@ -174,8 +174,10 @@ class SampleInputs:
         that guess a choice between two readings, and the wrong one clips the wrong unit (a (T, d) position table
         passed first, with a position-wise model, lines up with (B, T, d) activations on their dim 1: every
         "sample" would be a position across the batch). Refused, naming both, when such an argument carries
-        samples off batch_dim, or is shared while its size on batch_dim divides the batch size (flattened (B*T,)
-        labels passed before (B, T) inputs: the inputs' rows would be coarser samples)."""
+        samples off batch_dim, or is shared while its size on batch_dim divides the batch size and, taken as the
+        batch, it lines up with the first argument read in blocks (flattened (B*T,) labels passed before (B, T)
+        inputs: the inputs' rows would be coarser samples; a (T,) per-position tensor next to B = k*T samples
+        meets them along another dim and is left alone)."""
         d = self.io.batch_dim
         try:
             hint_b = size_hint(self.B, self.env)
@@ -193,7 +195,8 @@ class SampleInputs:
                     hs = size_hint(sym_expr(val.shape[d]), self.env)
                 except Exception:  # noqa: BLE001
                     hs = None
-                coarser = hs is not None and 2 <= hs < hint_b and hint_b % hs == 0
+                coarser = hs is not None and 2 <= hs < hint_b and hint_b % hs == 0 and self._lines_up_as_batch(
+                    node, hs, sympy.Integer(hint_b // hs))
             if not (off or coarser):
                 continue
             first = self.names[self.io.batch_node]
@@ -206,6 +209,21 @@ class SampleInputs:
                 f"`{name}` (shape {_shape(node)}) {why}; taken as the batch, `{name}` would cut the data into other "
                 "samples, and the wrong reading clips the wrong unit. Pass batch_arg=<the name or position of the "
                 "argument whose dim batch_dim indexes the samples> to dpcompile.compile (or the backend's options)")
+
+    def _lines_up_as_batch(self, node: fx.Node, samples: int, k) -> bool:
+        """Whether `node`, taken as the batch (its dim batch_dim indexing `samples` samples), lines up with the
+        first argument read as k consecutive entries a sample: evidence that it could be the batch with coarser
+        samples ((B, T) inputs after (B*T,) labels), rather than a shared tensor whose size happens to divide the
+        batch size ((T,) per-position values next to B = k*T samples, which meet the batch along another dim)."""
+        d = self.io.batch_dim
+        first = {self.io.batch_node: BDim(d, k)}
+        try:
+            base = BatchDimAnalysis(self.graph, first, sympy.Integer(samples))
+            trial = BatchDimAnalysis(self.graph, {**first, node: BDim(d)}, sympy.Integer(samples))
+        except Exception:  # noqa: BLE001 - no reading: it may be the batch, so ask (a refusal, never a guess)
+            return True
+        up, mixes = self._meets(trial, base, dependents(self.graph, {node}))
+        return up and not mixes
 
     def _meets(self, trial: BatchDimAnalysis, base: BatchDimAnalysis, deps: set):
         """(lines up, mixes): an op where values of the input meet other samples and keep them apart; one where
