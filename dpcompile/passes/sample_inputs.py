@@ -54,12 +54,14 @@ class SampleInputs:
         self.names = {io.batch_node: next(iter(ctx.input_sources), "the batch input")}
         self.assumed: dict = {}  # placeholder -> layout taken without evidence (a refusal that follows names it)
         self.shared: list = []
+        self.deps: dict = {}  # candidate placeholder -> the nodes that depend on it (computed once)
         candidates = {}
         for idx, name in ctx.sample_candidates.items():
             node = io.primals.get(idx)
             if node is None or node is io.batch_node:
                 continue
-            if not any(n.op == "output" for n in dependents(graph, {node})):
+            self.deps[node] = dependents(graph, {node})
+            if not any(n.op == "output" for n in self.deps[node]):
                 continue  # reaches no output (an unused mask): it cannot move a gradient, whatever its shape
             self._same_batch_size(node)
             layouts = self._layouts(node)
@@ -130,7 +132,7 @@ class SampleInputs:
             changed = False
             for node, layouts in list(pending.items()):
                 lined_up, mixing = [], []
-                deps = dependents(self.graph, {node})
+                deps = self.deps[node]
                 for layout in layouts:
                     trial = BatchDimAnalysis(self.graph, {**self.seeds, node: layout}, self.io.batch_size)
                     up, mixes = self._meets(trial, base, deps)
@@ -222,7 +224,7 @@ class SampleInputs:
             trial = BatchDimAnalysis(self.graph, {**first, node: BDim(d)}, sympy.Integer(samples))
         except Exception:  # noqa: BLE001 - no reading: it may be the batch, so ask (a refusal, never a guess)
             return True
-        up, mixes = self._meets(trial, base, dependents(self.graph, {node}))
+        up, mixes = self._meets(trial, base, self.deps[node])
         return up and not mixes
 
     def _meets(self, trial: BatchDimAnalysis, base: BatchDimAnalysis, deps: set):
