@@ -152,9 +152,10 @@ def test_shakespeare_corpus_holds_out_whole_works():
     assert "O Romeo, Romeo! wherefore art thou Romeo?" in corpus.train
 
 
-def test_errors_name_the_option_and_exit_with_status_2(tmp_path, capsys):
+def test_errors_name_the_option_and_exit_with_status_2(tmp_path, monkeypatch, capsys):
     """docs/errors.md and docs/cli.md: a bad option or a missing input exits with status 2 and a message naming
     the option (never a traceback)."""
+    monkeypatch.chdir(tmp_path)  # the default --out: not the checkout's dpcompile-out/ of a `dpcompile train` run
     assert cli.main(["train", "--model", str(tmp_path / "nope"), "--data", "zen"]) == 2
     assert "--model" in capsys.readouterr().err
     assert cli.main(["train", "--model", "tiny-llama", "--data", str(tmp_path / "nope.txt")]) == 2
