@@ -23,6 +23,8 @@ from dpcompile.passes.sites import tied_embedding
 VOCAB, D, T = 48, 12, 6
 TINY_BUDGET = {"single_pass_budget_mb": 1e-6}  # no (B, V, d) tensor fits: materialize is not a candidate
 TIED_STRATEGIES = set(tied_embedding.STRATEGIES)
+# the Triton kernels run on the GPU where there is one, else on CPU under TRITON_INTERPRET=1 (tests/conftest.py)
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 class _TiedLM(nn.Module):
@@ -135,7 +137,8 @@ def test_triton_norm_terms_match_reference(B, Te, Th, V, d, pad, dtype):
     gen = torch.Generator().manual_seed(B * 100 + Te)
     idx = torch.randint(0, 6, (B, Te), generator=gen)
     g, h, dy = (torch.randn(*s, generator=gen).to(dtype) for s in ((B, Te, d), (B, Th, d), (B, Th, V)))
-    emb, cross = norm_terms(idx, g, h, dy, pad, block=16)
+    emb, cross = norm_terms(*(x.to(KERNEL_DEVICE) for x in (idx, g, h, dy)), pad, block=16)
+    emb, cross = emb.cpu(), cross.cpu()
     assert emb.dtype == cross.dtype == torch.float32 and emb.shape == cross.shape == (B,)
     want_emb = T_ops.embedding_gram_sq_norm(idx, g.double(), pad)
     want_cross = T_ops.cross_term(idx, g.double(), h.double(), dy.double(), pad)
@@ -149,8 +152,9 @@ def test_triton_norm_terms_match_reference(B, Te, Th, V, d, pad, dtype):
 @pytest.mark.parametrize("head_norm", ["ghost", "direct"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cuda_branches_of_the_ops(monkeypatch, dtype, head_norm):
-    """The ops' CUDA branches (the Triton kernels of the norm, the clipped sum's GEMM in the data dtype), run
-    here on CPU: the kernels under TRITON_INTERPRET=1 (tests/conftest.py), against brute force."""
+    """The ops' CUDA branches (the Triton kernels of the norm, the clipped sum's GEMM in the data dtype), on the
+    GPU where there is one, else on CPU with the kernels under TRITON_INTERPRET=1 (tests/conftest.py), against
+    brute force."""
     monkeypatch.setattr(T_ops, "_use_triton", lambda *tensors: True)
     gen = torch.Generator().manual_seed(7)
     B, Te, Th, V, d = 3, 6, 5, 10, 4
@@ -158,10 +162,11 @@ def test_cuda_branches_of_the_ops(monkeypatch, dtype, head_norm):
     g, h, dy = (torch.randn(*s, generator=gen).to(dtype) for s in ((B, Te, d), (B, Th, d), (B, Th, V)))
     coef = torch.rand(B, generator=gen)
     want = _brute(idx, g, h, dy, 2.0, -1.0, 0)
-    got = torch.ops.dpcompile.tied_embedding_norm(idx, g, h, dy, 2.0, -1.0, 0, head_norm)
+    idx, g, h, dy, coef = (x.to(KERNEL_DEVICE) for x in (idx, g, h, dy, coef))
+    got = torch.ops.dpcompile.tied_embedding_norm(idx, g, h, dy, 2.0, -1.0, 0, head_norm).cpu()
     assert got.dtype == torch.float32
     torch.testing.assert_close(got.double(), want.pow(2).sum((1, 2)), rtol=2e-3, atol=2e-3)
-    s = torch.ops.dpcompile.tied_embedding_clipped_sum(idx, g, h, dy, coef, 2.0, -1.0, 0)
+    s = torch.ops.dpcompile.tied_embedding_clipped_sum(idx, g, h, dy, coef, 2.0, -1.0, 0).cpu()
     assert s.dtype == dtype
     torch.testing.assert_close(s.double(), torch.einsum("b,bvd->vd", coef.double(), want), rtol=1e-2, atol=1e-2)
 
