@@ -299,10 +299,12 @@ def _pad_rows(rows: list, T: int, fill: int) -> torch.Tensor:
     return out
 
 
-def collate_causal_lm(samples: list, pad_token_id: int = 0, max_length: Optional[int] = None) -> dict:
+def collate_causal_lm(samples: list, pad_token_id: int = 0, max_length: Optional[int] = None,
+                      pad_to_multiple_of: Optional[int] = None) -> dict:
     """Right-pads a list of 1-D token-id tensors (or lists, or dicts with "input_ids", and optionally "labels" and
     "attention_mask") into {"input_ids": (B, T) long, "attention_mask": (B, T) long[, "labels": (B, T) long]};
-    T = the longest sample (or `max_length`, which also truncates). Labels (transformers' convention: aligned with
+    T = the longest sample (or `max_length`, which also truncates), rounded up to a multiple of `pad_to_multiple_of`
+    (8 makes shapes repeat: on a GPU each new shape costs host time once, benchmarks/RESULTS.md runs 34-35). Labels (transformers' convention: aligned with
     input_ids, -100 = no target; the loss shifts them) are padded with -100; a sample without labels in a batch
     where others have them gets its input_ids as labels. An empty list gives (0, 1) tensors (or (0, max_length)),
     so an empty Poisson batch still runs."""
@@ -310,6 +312,10 @@ def collate_causal_lm(samples: list, pad_token_id: int = 0, max_length: Optional
     if max_length is not None:
         seqs = [s[:max_length] for s in seqs]
     T = max([len(s) for s in seqs], default=1) if max_length is None else max_length
+    if pad_to_multiple_of is not None:
+        if int(pad_to_multiple_of) < 1:
+            raise ValueError(f"collate_causal_lm: pad_to_multiple_of={pad_to_multiple_of} must be >= 1")
+        T = -(-T // int(pad_to_multiple_of)) * int(pad_to_multiple_of)
     ids = _pad_rows(seqs, T, pad_token_id)
     masks = [_field(s, "attention_mask") for s in samples]
     mask = torch.zeros((len(seqs), T), dtype=torch.long)
@@ -329,12 +335,13 @@ def collate_causal_lm(samples: list, pad_token_id: int = 0, max_length: Optional
     return out
 
 
-def collate_sequence_classification(samples: list, pad_token_id: int = 0, max_length: Optional[int] = None) -> dict:
+def collate_sequence_classification(samples: list, pad_token_id: int = 0, max_length: Optional[int] = None,
+                                    pad_to_multiple_of: Optional[int] = None) -> dict:
     """collate_causal_lm for sequence classification: dicts with "input_ids" and "labels" (one per sample: an int
     class, a float for regression, or a list of floats for multi-label), right-padded; "labels" is (B,) long for
     int labels, else (B,) or (B, num_labels) float. An empty list gives 0-row tensors."""
     out = collate_causal_lm([{k: v for k, v in s.items() if k != "labels"} if isinstance(s, dict) else s
-                             for s in samples], pad_token_id, max_length)
+                             for s in samples], pad_token_id, max_length, pad_to_multiple_of)
     labels = [_field(s, "labels") for s in samples]
     if any(lab is None for lab in labels):
         raise ValueError("sequence classification: every training example needs its `labels` (one per sample)")

@@ -97,6 +97,15 @@ def test_collate_right_pads_and_handles_empty_batches():
     assert out["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     empty = collate_causal_lm([], pad_token_id=0)
     assert empty["input_ids"].shape == (0, 1)
+    # pad_to_multiple_of rounds the batch's T up (shapes repeat); labels padded with -100, masks with 0
+    out = collate_causal_lm([{"input_ids": [5, 6, 7, 9, 4], "labels": [1, 2, 3, 4, 5]}, {"input_ids": [8]}],
+                            pad_token_id=0, pad_to_multiple_of=4)
+    assert out["input_ids"].tolist() == [[5, 6, 7, 9, 4, 0, 0, 0], [8, 0, 0, 0, 0, 0, 0, 0]]
+    assert out["attention_mask"].tolist() == [[1] * 5 + [0] * 3, [1] + [0] * 7]
+    assert out["labels"].tolist() == [[1, 2, 3, 4, 5] + [-100] * 3, [8] + [-100] * 7]
+    assert collate_causal_lm([[5, 6, 7, 8]], pad_to_multiple_of=4)["input_ids"].shape == (1, 4)
+    with pytest.raises(ValueError, match="pad_to_multiple_of=0"):
+        collate_causal_lm([[5]], pad_to_multiple_of=0)
 
 
 def _dp_train(model, batches, C=1.0, sigma=0.5, lr=1e-2):
