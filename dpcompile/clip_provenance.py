@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import DPCompileError
 from .randomized_contract import accounting_probes
@@ -119,7 +118,41 @@ class GradProvenance:
         return self.foreign
 
 
-_PROVENANCE: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+class _ByIdentity:
+    """A map keyed by tensor identity that does not keep its keys alive: a dict by id() whose entries carry a weak
+    reference to their key, checked at every lookup (an id reused by a later tensor is not a hit). torch's
+    WeakIdKeyDictionary builds a weak-reference key object for every lookup; the ~1,300 lookups of a gpt2-small DP
+    step took ~10 ms of its host time under the profiler (benchmarks/NOTES.md, entry 16)."""
+
+    __slots__ = ("_entries",)
+
+    def __init__(self) -> None:
+        self._entries: dict = {}  # id(tensor) -> (weakref to it, value)
+
+    def get(self, key: torch.Tensor, default=None):
+        hit = self._entries.get(id(key))
+        return hit[1] if hit is not None and hit[0]() is key else default
+
+    def __setitem__(self, key: torch.Tensor, value) -> None:
+        entries, k = self._entries, id(key)
+
+        def _forget(ref, entries=entries, k=k):  # the key died: drop its entry (unless a new one took the id)
+            hit = entries.get(k)
+            if hit is not None and hit[0] is ref:
+                del entries[k]
+
+        self._entries[k] = (weakref.ref(key, _forget), value)
+
+    def __delitem__(self, key: torch.Tensor) -> None:
+        if self.get(key, _ByIdentity) is _ByIdentity:
+            raise KeyError("tensor not in the map")
+        del self._entries[id(key)]
+
+    def __len__(self) -> int:
+        return sum(1 for ref, _ in self._entries.values() if ref() is not None)
+
+
+_PROVENANCE = _ByIdentity()
 
 
 def provenance(p: torch.Tensor) -> Optional[GradProvenance]:
@@ -296,7 +329,7 @@ def tap(record: GraphClipping, params: list) -> list:
 # run-time thresholds (max_grad_norm="adaptive")
 
 #: parameter -> the RuntimeThresholds object (privacy/adaptive.py AdaptiveClipping) that chooses its graphs' C_g
-_RUNTIME_THRESHOLDS: "WeakIdKeyDictionary" = WeakIdKeyDictionary()
+_RUNTIME_THRESHOLDS = _ByIdentity()
 
 
 def bind_runtime_thresholds(params, owner) -> None:

@@ -199,3 +199,31 @@ def test_backward_twice_without_donated_buffers_is_refused_by_the_optimizer():
         loss.backward()
     with pytest.raises(dpcompile.CoverageError, match="backpropagated more than once"):
         _optimizer(model).step()
+
+
+def test_identity_map_holds_no_tensor_alive_and_never_confuses_two_tensors():
+    """The records' map (clip_provenance._ByIdentity): keyed by identity, not equality or id() alone; an entry
+    goes with its tensor, and a later tensor that happens to get the same id() is not a hit."""
+    import gc
+    import weakref
+
+    from dpcompile.clip_provenance import _ByIdentity
+
+    m = _ByIdentity()
+    a, b = torch.zeros(3), torch.zeros(3)  # equal values, two tensors
+    m[a] = "a"
+    assert m.get(a) == "a" and m.get(b) is None and len(m) == 1
+    m[b] = "b"
+    assert (m.get(a), m.get(b)) == ("a", "b")
+    del m[b]
+    assert m.get(b) is None and len(m) == 1
+    with pytest.raises(KeyError):
+        del m[b]
+    ref, key = weakref.ref(a), id(a)
+    del a
+    gc.collect()
+    assert ref() is None and len(m) == 0 and key not in m._entries  # the map kept nothing alive
+    # an id() reused by a new tensor before the map heard of the death is still no hit
+    c = torch.zeros(3)
+    m._entries[id(c)] = (weakref.ref(torch.zeros(1)), "stale")
+    assert m.get(c) is None
