@@ -105,10 +105,9 @@ def run_mode(mode: str, workload: str, profile=False, gated: bool = False) -> di
     spec = WORKLOADS[workload]
     B, T = spec["B"], spec["T"]
     torch.manual_seed(0)
-    if mode.endswith("+cudagraphs"):  # experiment: Inductor's CUDA graphs, to see how launch-bound a mode is
-        import torch._inductor.config as inductor_config
-
-        inductor_config.triton.cudagraphs = True
+    compile_mode = None
+    if mode.endswith("+cudagraphs"):  # Inductor's CUDA graphs: torch.compile(mode="reduce-overhead") for both
+        compile_mode = "reduce-overhead"
         mode = mode[: -len("+cudagraphs")]
     model = build_model(spec["model"], T, tied=spec.get("tied", False)).cuda()
     if not spec.get("all_trainable"):
@@ -123,7 +122,7 @@ def run_mode(mode: str, workload: str, profile=False, gated: bool = False) -> di
         inner = _opacus_step_fn(model, params, B, T)
     else:
         if mode == "non-DP compiled":
-            step_model = torch.compile(model)
+            step_model = torch.compile(model, mode=compile_mode)
         elif mode == "non-DP eager":
             step_model = model
         elif mode.startswith("flashdp "):
@@ -133,7 +132,7 @@ def run_mode(mode: str, workload: str, profile=False, gated: bool = False) -> di
             for extra in mode.split()[2:]:  # e.g. "flashdp per_layer strategy=direct"
                 k, v = extra.split("=")
                 options[k] = v
-            step_model = dpcompile.compile(model, **options)
+            step_model = dpcompile.compile(model, mode=compile_mode, **options)
         else:
             raise ValueError(f"unknown mode {mode!r}; known: {MODES}")
         opt = torch.optim.AdamW(params, lr=1e-4)

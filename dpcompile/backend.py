@@ -358,33 +358,56 @@ def _recording_clipping(compiled, ctx: PassContext):
 # the backends
 
 
-def _options_from(kwargs: dict) -> Any:
+def _options_from(kwargs: dict) -> tuple:
+    """(the DP options, Inductor's config patches of the compile mode). The mode comes from
+    `torch.compile(backend="flashdp", mode=...)` or, since torch.compile takes mode or options but not both, from
+    options["mode"] (dpcompile.compile(mode=...) passes it there)."""
     options = kwargs.pop("options", None)
     mode = kwargs.pop("mode", None)
-    if mode is not None:
-        warnings.warn(f"flashdp ignores mode={mode!r}; pass DP options through options={{...}}", stacklevel=3)
     if kwargs:
         raise OptionsError(f"flashdp: unexpected backend arguments {sorted(kwargs)}")
-    return options
+    if options is not None and "mode" in options:
+        options = dict(options)
+        mode = options.pop("mode")
+    return options, mode_config_patches(mode)
+
+
+def mode_config_patches(mode: Optional[str]) -> dict:
+    """Inductor's config patches for a torch.compile mode ("reduce-overhead": CUDA graphs), as torch's own
+    Inductor backend applies them."""
+    if mode is None:
+        return {}
+    from torch._inductor import list_mode_options
+
+    try:
+        return dict(list_mode_options(mode))
+    except (RuntimeError, KeyError):
+        raise OptionsError(f"option mode: {mode!r} is not a torch.compile mode; use 'default', "
+                           "'reduce-overhead' (CUDA graphs), 'max-autotune' or 'max-autotune-no-cudagraphs'") from None
+
+
+def _uses_cudagraphs(patches: dict) -> bool:
+    from torch._inductor import config as inductor_config
+
+    return bool(patches.get("triton.cudagraphs", getattr(inductor_config.triton, "cudagraphs", False)))
 
 
 def flashdp(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
     """The product backend: the DP pass on the joint graph, then Inductor code generation."""
     from torch._inductor.compile_fx import compile_fx
 
-    ctx = build_context(gm, example_inputs, _options_from(kwargs))
+    options, patches = _options_from(kwargs)
+    ctx = build_context(gm, example_inputs, options)
     ctx.inline_ops = True
-    if ctx.options.uses_randomized():
-        from torch._inductor import config as inductor_config
-
-        if getattr(inductor_config.triton, "cudagraphs", False):
-            raise OptionsError(
-                "option strategy: randomized norms do not work under CUDA graphs (a replay would reuse one probe "
-                "seed, which the privacy analysis forbids); set torch._inductor.config.triton.cudagraphs = False "
-                "(do not compile with mode='reduce-overhead')")
+    if ctx.options.uses_randomized() and _uses_cudagraphs(patches):
+        raise OptionsError(
+            "option strategy: randomized norms do not work under CUDA graphs (a replay would reuse one probe "
+            "seed, which the privacy analysis forbids); compile without mode='reduce-overhead' / 'max-autotune' "
+            "(and with torch._inductor.config.triton.cudagraphs = False), or use 'max-autotune-no-cudagraphs'")
     gm, example_inputs = _with_threshold_input(gm, example_inputs, ctx)
     with attention_for(gm):  # traced here: symbolic sizes prefer attention kernels without per-shape plans
-        compiled = compile_fx(gm, example_inputs, config_patches={"joint_custom_pre_pass": DPJointPass(ctx)},
+        compiled = compile_fx(gm, example_inputs,
+                              config_patches={**patches, "joint_custom_pre_pass": DPJointPass(ctx)},
                               decompositions=ctx.decompositions)
     return _recording_clipping(compiled, ctx)
 
@@ -396,7 +419,11 @@ def flashdp_eager(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-    ctx = build_context(gm, example_inputs, _options_from(kwargs))
+    options, patches = _options_from(kwargs)
+    if patches:
+        raise OptionsError("option mode: flashdp_eager runs the rewritten graphs op by op, without code generation; "
+                           "a torch.compile mode (CUDA graphs, autotuning) needs backend='flashdp'")
+    ctx = build_context(gm, example_inputs, options)
 
     def partition(joint, joint_inputs, **kw):
         run_dp_pass(joint.graph, ctx)

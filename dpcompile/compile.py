@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import sys
 import warnings
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -149,20 +149,30 @@ def _caused_by(exc: BaseException, kind: type):
 
 
 def compile(model: nn.Module, *, backend: str = "flashdp", fullgraph: bool = True, dynamic_seq: bool = True,
-            **options) -> DPCompiled:
+            mode: Optional[str] = None, **options) -> DPCompiled:
     """Compile `model` for DP training. `options` are the flashdp options (max_grad_norm, clipping, clip_fn,
     loss_reduction, batch_arg, batch_dim). fullgraph=True by default: a graph break could let a parameter's
     gradient escape the clipped path.
 
     dynamic_seq: True (default) compiles the dims of the sample-carrying inputs other than the batch dim (sequence
     length, image size) as dynamic: one graph serves every length. False keeps them static: one graph per length
-    (each compiled for its own sizes)."""
+    (each compiled for its own sizes).
+
+    mode: a torch.compile mode for Inductor's code generation: None / "default", "reduce-overhead" (CUDA graphs:
+    the step's kernels replayed from one graph, no launch overhead; one recording per distinct input shape),
+    "max-autotune" or "max-autotune-no-cudagraphs". Not with randomized norms under CUDA graphs (refused)."""
     if not isinstance(dynamic_seq, bool):
         raise TypeError(f"dpcompile.compile: dynamic_seq must be True or False, got {dynamic_seq!r}")
     opts = DPOptions.parse(options)
+    backend_options = opts.as_dict()
+    if mode is not None and mode != "default":
+        from .backend import mode_config_patches
+
+        mode_config_patches(mode)  # an unknown mode is refused here, not at the first call
+        backend_options["mode"] = mode
     if _holds_transformers_model(model):  # compiled directly: no opaque hub kernels in the graph
         disable_hub_kernels(model)
-    compiled = torch.compile(_own_code_object(model), backend=backend, options=opts.as_dict(), fullgraph=fullgraph)
+    compiled = torch.compile(_own_code_object(model), backend=backend, options=backend_options, fullgraph=fullgraph)
     return DPCompiled(model, compiled, opts, dynamic_seq=dynamic_seq)
 
 

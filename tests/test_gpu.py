@@ -100,3 +100,32 @@ def test_two_pass_norms_the_products_it_sums(compiled):
     torch.testing.assert_close(n2, again, rtol=1e-5, atol=0)  # fp32 summation order only
     exact = torch.bmm(a.double().transpose(1, 2), b.double()).pow(2).sum((1, 2))
     torch.testing.assert_close(n2.double(), exact, rtol=1e-2, atol=0)  # bf16 products: about 2^-8 each
+
+
+def test_reduce_overhead_cuda_graphs_match_the_default_mode_over_steps():
+    """mode="reduce-overhead" (issue 21 item 2): the DP graphs replayed from CUDA graphs give the clipped sums of
+    the default mode at every step, through DPOptimizer steps (the parameters change in place under the recorded
+    graphs) and a change of batch size (a second recording); no graph skipped CUDA graphs."""
+    from torch._dynamo.utils import counters
+
+    case = models.gpt_like(tied=True)
+    runs = []
+    for mode in ("reduce-overhead", None):
+        model = copy.deepcopy(case.model).cuda()
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = dpcompile.compile(LossModule(model, case.loss_fn, False), mode=mode, max_grad_norm=0.5,
+                                     clipping="per_layer", loss_reduction="sum")
+        opt = dpcompile.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), noise_multiplier=0.0,
+                                    max_grad_norm=0.5, expected_batch_size=4.0, loss_reduction="sum")
+        grads = []
+        for step, B in enumerate([4, 4, 4, 3, 3, 4]):
+            compiled(*(b.cuda() for b in case.batch(B, seed=step))).backward()
+            grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()})
+            opt.step()
+        runs.append((grads, dict(counters["inductor"])))
+    (cuda_graphs, inductor), (default, _) = runs
+    assert inductor.get("cudagraph_skips", 0) == 0, inductor
+    for step, (a, b) in enumerate(zip(cuda_graphs, default)):
+        for name in b:
+            torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=f"step {step}: {name}")

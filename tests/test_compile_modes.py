@@ -1,0 +1,81 @@
+"""torch.compile modes through the flashdp backend (issue 21 item 2): mode="reduce-overhead" turns on Inductor's CUDA
+graphs for the DP graphs, as torch's own Inductor backend does; unknown modes, modes on the eager backend, and
+randomized norms under CUDA graphs are refused. The CUDA-graph replays themselves are checked in test_gpu.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import dpcompile
+import dpcompile.backend as backend
+from dpcompile.compile import _caused_by
+from dpcompile.errors import OptionsError
+
+
+def _refusal(exc_info) -> OptionsError:
+    err = exc_info.value if isinstance(exc_info.value, OptionsError) else _caused_by(exc_info.value, OptionsError)
+    assert err is not None, repr(exc_info.value)
+    return err
+
+
+def test_unknown_mode_is_refused_at_compile_naming_the_modes():
+    with pytest.raises(OptionsError, match="'fast' is not a torch.compile mode.*reduce-overhead"):
+        dpcompile.compile(nn.Linear(3, 2), mode="fast")
+
+
+def test_mode_on_the_eager_backend_is_refused():
+    torch._dynamo.reset()
+    compiled = dpcompile.compile(nn.Linear(3, 2), backend="flashdp_eager", mode="reduce-overhead",
+                                 loss_reduction="sum")
+    with pytest.raises(Exception) as exc_info:
+        compiled(torch.randn(4, 3)).sum().backward()
+    assert "needs backend='flashdp'" in str(_refusal(exc_info))
+
+
+@pytest.mark.parametrize("how", ["dpcompile.compile", "torch.compile"])
+def test_reduce_overhead_reaches_inductor_as_cuda_graphs(monkeypatch, how):
+    """The mode's config patches (torch._inductor.list_mode_options) go to compile_fx with the DP pass."""
+    seen = []
+
+    def fake_compile_fx(gm, inputs, config_patches=None, **kw):
+        seen.append(dict(config_patches))
+        raise RuntimeError("stop here")
+
+    import torch._inductor.compile_fx as inductor_compile_fx
+
+    monkeypatch.setattr(inductor_compile_fx, "compile_fx", fake_compile_fx)
+    torch._dynamo.reset()
+    model = nn.Linear(3, 2)
+    if how == "torch.compile":  # torch.compile takes mode or options, not both: the mode alone, default options
+        compiled = torch.compile(model, backend="flashdp", mode="reduce-overhead")
+    else:
+        compiled = dpcompile.compile(model, mode="reduce-overhead", loss_reduction="sum")
+    with pytest.raises(Exception, match="stop here"):
+        compiled(torch.randn(4, 3))
+    assert seen and seen[0]["triton.cudagraphs"] is True and "joint_custom_pre_pass" in seen[0]
+
+
+def test_randomized_norms_under_cuda_graphs_are_refused():
+    torch._dynamo.reset()
+    compiled = dpcompile.compile(nn.Linear(3, 2), mode="reduce-overhead", strategy="randomized",
+                                 loss_reduction="sum")
+    with pytest.raises(Exception) as exc_info:
+        compiled(torch.randn(4, 3, 5).transpose(1, 2)).sum().backward()
+    assert "reuse one probe seed" in str(_refusal(exc_info))
+
+
+def test_reduce_overhead_on_cpu_is_exact():
+    """On CPU Inductor leaves CUDA graphs out by itself: the same clipped sums as the default mode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(5, 6)
+    grads = []
+    for mode in (None, "reduce-overhead"):
+        torch._dynamo.reset()
+        model.zero_grad(set_to_none=True)
+        dpcompile.compile(model, mode=mode, max_grad_norm=0.1, loss_reduction="sum")(x).pow(2).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+    assert backend.mode_config_patches("default") == {}
