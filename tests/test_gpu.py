@@ -129,3 +129,21 @@ def test_reduce_overhead_cuda_graphs_match_the_default_mode_over_steps():
     for step, (a, b) in enumerate(zip(cuda_graphs, default)):
         for name in b:
             torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=f"step {step}: {name}")
+
+
+def test_embedding_norm_does_not_wait_for_the_gpu():
+    """The embedding site's per-sample norm takes no host sync (a sync stalls the step's launch queue at every
+    embedding site): sort and segment sums into B*T slots, no torch.unique or boolean-mask indexing."""
+    from dpcompile.codegen import ops
+
+    gen = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, 7, (3, 9), generator=gen).cuda()
+    g = torch.randn(3, 9, 5, generator=gen).cuda()
+    want = ops.embedding_norm_reference(idx.cpu().double(), g.cpu().double(), 2)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = ops.embedding_norm_reference(idx, g, 2)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)

@@ -261,16 +261,24 @@ rows_clipped_sum = dp_op(role="clipped_sum", name="rows_clipped_sum")(rows_clipp
 
 
 def _embedding_rows(idx: Tensor, g: Tensor, padding_idx: int):
-    """Unique (sample, row) pairs and each pair's summed gradient row, without a B x V table."""
+    """Each (sample, row) pair's summed gradient row, without a B x V table and without a host sync: the pairs are
+    sorted and summed by segment into B*T slots (a bound on their number; slots no pair took stay zero and belong
+    to sample 0). torch.unique and boolean-mask indexing would each wait for the GPU to learn an output size:
+    a stall of the whole step's launch queue at every embedding site."""
     B, T = idx.shape
+    n = B * T
     idx = idx.long()
-    keep = idx != padding_idx if padding_idx >= 0 else torch.ones_like(idx, dtype=torch.bool)
     sample = torch.arange(B, device=idx.device).view(B, 1).expand(B, T)
-    key = (sample * (idx.max().clamp_min(0) + 1 if idx.numel() else 1) + idx)[keep]
-    vals = _acc(g)[keep]
-    uniq, inverse = torch.unique(key, return_inverse=True)
-    rows = vals.new_zeros((uniq.numel(), g.shape[-1])).index_add_(0, inverse, vals)
-    owner = sample[keep].new_zeros(uniq.numel()).scatter_(0, inverse, sample[keep])
+    key = (sample * (idx.max().clamp_min(0) + 1 if idx.numel() else 1) + idx).reshape(n)
+    key, order = torch.sort(key)
+    starts = torch.ones_like(key, dtype=torch.bool)
+    starts[1:] = key[1:] != key[:-1]
+    segment = torch.cumsum(starts, 0) - 1
+    vals = _acc(g).reshape(n, g.shape[-1])[order]
+    if padding_idx >= 0:  # the padding row gets no gradient: its pairs sum to zero
+        vals = vals * (idx.reshape(n)[order] != padding_idx).unsqueeze(1).to(vals.dtype)
+    rows = vals.new_zeros((n, g.shape[-1])).index_add_(0, segment, vals)
+    owner = sample.reshape(n).new_zeros(n).scatter_(0, segment, sample.reshape(n)[order])
     return rows, owner
 
 
