@@ -99,6 +99,9 @@ class _DPTrainerMixin:
       (the per-sample `max_grad_norm` given here is the one that counts);
     - every batch is right-padded to one length, `max_length` (default: the longest training example), so that
       one compiled graph serves every step (padding is masked per sample; it changes no sample's gradient);
+      with `pad_to_multiple_of=k` instead, each batch is padded to its own longest example rounded up to a
+      multiple of k (the sequence length is symbolic in the compiled graph: still one graph, less padding on
+      short-text data; k = 8 lets a run see each shape many times, benchmarks/RESULTS.md runs 34–35);
     - checkpoints (Trainer's save_strategy) hold, next to the model, `dp_checkpoint.pt`
       (`dpcompile.save_checkpoint`: DPOptimizer with its accountant history, noise generator and privacy plan;
       the Poisson sampler's stream and position), which replaces optimizer.pt; `train(resume_from_checkpoint=...)`
@@ -120,7 +123,8 @@ class _DPTrainerMixin:
                  target_delta: float = 1e-5, max_grad_norm: float = 1.0, clipping="per_layer",
                  expected_batch_size: Optional[int] = None, backend: Optional[str] = None,
                  secure_mode: bool = False, pad_token_id: Optional[int] = None,
-                 max_length: Optional[int] = None, allow_overspend: bool = False,
+                 max_length: Optional[int] = None, pad_to_multiple_of: Optional[int] = None,
+                 allow_overspend: bool = False,
                  privacy_history: Any = "auto", adaptive_clipping: Optional[dict] = None, **kwargs):
         if (target_epsilon is None) == (noise_multiplier is None):
             raise ValueError("DPTrainer: give exactly one of target_epsilon or noise_multiplier")
@@ -151,6 +155,13 @@ class _DPTrainerMixin:
         if isinstance(self.dp_pad_token_id, (list, tuple)):
             self.dp_pad_token_id = self.dp_pad_token_id[0]
         self.dp_max_length = max_length
+        if pad_to_multiple_of is not None:
+            if max_length is not None:
+                raise ValueError("DPTrainer: give max_length (every batch padded to it) or pad_to_multiple_of "
+                                 "(each batch padded to its longest example, rounded up), not both")
+            if not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
+                raise ValueError(f"DPTrainer: pad_to_multiple_of={pad_to_multiple_of!r} must be an int >= 1")
+        self.dp_pad_to_multiple_of = pad_to_multiple_of
         if isinstance(privacy_history, str) and privacy_history == "auto":
             source = getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None)
             import os
@@ -178,7 +189,8 @@ class _DPTrainerMixin:
                                  f"(0, len(train_dataset)={n}]")
             gen = None if self.dp_secure_mode else torch.Generator().manual_seed(self.args.seed)
             pad = self.dp_pad_token_id
-            if self.dp_max_length is None:  # one padded length for every batch: one compiled graph
+            multiple = self.dp_pad_to_multiple_of
+            if self.dp_max_length is None and multiple is None:  # one padded length for every batch
                 self.dp_max_length = max(len(s["input_ids"] if isinstance(s, dict) else s)
                                          for s in self.train_dataset)
             T = self.dp_max_length
@@ -187,7 +199,7 @@ class _DPTrainerMixin:
             self._dp_loader = PoissonDataLoader(
                 self.train_dataset, expected_batch_size=self.dp_expected_batch_size,
                 max_physical_batch_size=self.args.per_device_train_batch_size, generator=gen,
-                secure_mode=self.dp_secure_mode, collate_fn=lambda s: collate(s, pad, T))
+                secure_mode=self.dp_secure_mode, collate_fn=lambda s: collate(s, pad, T, multiple))
         return self._dp_loader
 
     def get_train_dataloader(self):

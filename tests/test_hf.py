@@ -293,6 +293,41 @@ def test_dp_trainer_steps_on_empty_and_one_sample_batches(tmp_path):
     torch._dynamo.reset()
 
 
+def test_dp_trainer_pads_each_batch_to_a_multiple_and_compiles_once(tmp_path):
+    """pad_to_multiple_of=4: every micro-batch is padded to its own longest example rounded up to 4 (lengths change
+    between steps), and the symbolic sequence length keeps it to one graph per batch-size class."""
+    from torch._dynamo.utils import counters
+
+    from dpcompile.hf import DPTrainer
+
+    torch.manual_seed(0)
+    case = hf_gpt2(T=16, n_layer=1)
+    data = [torch.randint(1, 64, (int(n),)).tolist() for n in torch.randint(2, 15, (24,))]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=8,
+                                          learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[],
+                                          use_cpu=True, disable_tqdm=True, seed=4)
+    with pytest.raises(ValueError, match="not both"):
+        DPTrainer(model=case.model, args=args, train_dataset=data, noise_multiplier=1.0, max_length=16,
+                  pad_to_multiple_of=4)
+    trainer = DPTrainer(model=case.model, args=args, train_dataset=data, noise_multiplier=1.0, target_delta=1e-3,
+                        max_grad_norm=1.0, expected_batch_size=4, pad_to_multiple_of=4)
+    lengths = []
+    step = trainer.training_step
+
+    def recording_step(model, inputs, num_items_in_batch=None):
+        lengths.extend(mb["input_ids"].shape[1] for mb in inputs if mb["input_ids"].shape[0] >= 2)
+        return step(model, inputs, num_items_in_batch)
+
+    trainer.training_step = recording_step
+    torch._dynamo.reset()
+    counters.clear()
+    trainer.train()
+    assert lengths and all(t % 4 == 0 for t in lengths) and len(set(lengths)) >= 2, lengths
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])  # B in {0, 1, >= 2}
+    assert trainer.get_epsilon() > 0
+    torch._dynamo.reset()
+
+
 # -- hub kernels (transformers >= 5 installs the `kernels` package) -------------------------------------------------
 
 
