@@ -79,3 +79,21 @@ def test_reduce_overhead_on_cpu_is_exact():
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
     assert backend.mode_config_patches("default") == {}
+
+
+def test_make_private_passes_the_mode_to_dpcompile_compile(monkeypatch):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from dpcompile.privacy import engine
+
+    model = nn.Linear(3, 2)
+    loader = DataLoader(TensorDataset(torch.randn(8, 3)), batch_size=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(OptionsError, match="'fast' is not a torch.compile mode"):
+        dpcompile.make_private(model, opt, loader, noise_multiplier=1.0, max_grad_norm=1.0, mode="fast")
+    seen = []
+    compile_ = engine.dp_compile
+    monkeypatch.setattr(engine, "dp_compile", lambda *a, **kw: seen.append(kw) or compile_(*a, **kw))
+    dpcompile.make_private(model, opt, loader, noise_multiplier=1.0, max_grad_norm=1.0, backend="flashdp",
+                           mode="reduce-overhead")
+    assert [kw.get("mode") for kw in seen] == ["reduce-overhead"]

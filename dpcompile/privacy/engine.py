@@ -88,7 +88,7 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
     logical steps; target_delta and epochs required) or noise_multiplier (epochs and target_delta optional).
     With target_epsilon, a step that would take epsilon past it is refused (PrivacyBudgetExceeded) unless
     allow_overspend=True. backend: "auto" = "flashdp" for a model on a CUDA device, "flashdp_eager" otherwise.
-    dynamic_seq / fullgraph go to dpcompile.compile; the other keywords are the backend's options.
+    dynamic_seq / fullgraph / mode go to dpcompile.compile; the other keywords are the backend's options.
     max_grad_norm="adaptive": adaptive clipping (privacy/adaptive.py, docs/privacy.md): every group's threshold
     follows the target_quantile (default 0.5) of its per-sample norms, estimated privately each step with noise
     quantile_noise_std (default expected batch / 20), updated geometrically at clip_learning_rate (default 0.2) from
@@ -127,7 +127,8 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, data_loader
         loader = _poisson_loader(data_loader, max_physical_batch_size, secure_mode, generator)
     q = loader.sample_rate
     steps = epochs * len(loader) if epochs is not None else None
-    compile_kwargs = {k: backend_options.pop(k) for k in ("dynamic_seq", "fullgraph") if k in backend_options}
+    compile_kwargs = {k: backend_options.pop(k) for k in ("dynamic_seq", "fullgraph", "mode")
+                      if k in backend_options}
     adaptive = _adaptive_options(max_grad_norm, backend_options, group)
     options = dict(max_grad_norm=max_grad_norm, clipping=clipping, loss_reduction=loss_reduction,
                    **backend_options)
