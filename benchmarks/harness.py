@@ -167,6 +167,7 @@ def run_mode(mode: str, workload: str, profile=False, gated: bool = False) -> di
             times.append(took)
             enqueue.append(t1 - t0)
         if i == 0:
+            first = took
             print(f"    first step (compile) {took:.1f}s", file=sys.stderr, flush=True)
         if i == 1 and took > _SLOW_STEP_S:  # e.g. Opacus at long T: 11 steps would take minutes
             warm, timed = _SLOW_STEPS
@@ -178,7 +179,9 @@ def run_mode(mode: str, workload: str, profile=False, gated: bool = False) -> di
         i += 1
     result = {"tokens_per_s": B * T / statistics.median(times),
               "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30,
-              "host_ms": 1e3 * statistics.median(enqueue), "step_ms": 1e3 * statistics.median(times)}
+              "host_ms": 1e3 * statistics.median(enqueue), "step_ms": 1e3 * statistics.median(times),
+              # compile time: the first step minus a warm one (with --parallel, modes compile side by side)
+              "compile_s": first - statistics.median(times)}
     if profile == "host":  # five more steps under cProfile: where the host (Python) time of a step goes, to stderr
         import cProfile
         import io

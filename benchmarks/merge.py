@@ -35,16 +35,16 @@ def add_ratios(rows: list, info: dict | None = None, only_missing: bool = False)
 
 
 def table(rows: list) -> str:
-    lines = ["| workload | mode | tok/s | vs non-DP compiled | peak GiB | mem ratio | step ms | host ms |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| workload | mode | tok/s | vs non-DP compiled | peak GiB | mem ratio | step ms | host ms | compile s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "tokens_per_s" in r:
             lines.append(f"| {r['workload']} | {r['mode']} | {r['tokens_per_s'] / 1e3:.1f}k | "
                          f"{r.get('throughput_ratio', math.nan):.2f} | {r['peak_mem_gib']:.2f} | "
                          f"{r.get('memory_ratio', math.nan):.2f} | {r.get('step_ms', math.nan):.1f} | "
-                         f"{r.get('host_ms', math.nan):.1f} |")
+                         f"{r.get('host_ms', math.nan):.1f} | {r.get('compile_s', math.nan):.1f} |")
         else:
-            lines.append(f"| {r['workload']} | {r['mode']} | failed: {r['error']} | | | | | |")
+            lines.append(f"| {r['workload']} | {r['mode']} | failed: {r['error']} | | | | | | |")
     return "\n".join(lines)
 
 

@@ -28,12 +28,13 @@ def test_the_table_shows_ratios_and_failures():
     from merge import add_ratios, table
 
     rows = add_ratios([dict(workload="w", mode="non-DP compiled", tokens_per_s=2000.0, peak_mem_gib=2.0),
-                       dict(workload="w", mode="flashdp flat", tokens_per_s=1000.0, peak_mem_gib=3.0),
+                       dict(workload="w", mode="flashdp flat", tokens_per_s=1000.0, peak_mem_gib=3.0,
+                            compile_s=41.25),
                        dict(workload="w", mode="opacus ghost", error="out of memory")], {"gpu": "X"})
     assert rows[1]["throughput_ratio"] == 0.5 and rows[1]["memory_ratio"] == 1.5 and rows[2]["gpu"] == "X"
     text = table(rows).splitlines()
-    assert text[3].startswith("| w | flashdp flat | 1.0k | 0.50 | 3.00 | 1.50 |")
-    assert text[4] == "| w | opacus ghost | failed: out of memory | | | | | |"
+    assert text[3].startswith("| w | flashdp flat | 1.0k | 0.50 | 3.00 | 1.50 |") and text[3].endswith("| 41.2 |")
+    assert text[4] == "| w | opacus ghost | failed: out of memory | | | | | | |"
 
 
 def test_benchmark_plots_cope_with_one_workload_and_with_many(tmp_path):
