@@ -7,6 +7,9 @@ import tempfile
 if not shutil.which("nvidia-smi"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# every reused group trace (passes/trace_cache.py) is checked against a fresh trace of the group
+os.environ.setdefault("DPCOMPILE_VERIFY_TRACE_CACHE", "1")
+
 # Inductor's on-disk caches are shared between processes: give the test run its own
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="dpcompile-inductor-"))
 sys.path.insert(0, os.path.dirname(__file__))

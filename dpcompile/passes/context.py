@@ -36,6 +36,8 @@ class PassContext:
     # (randomized norms, docs/randomized.md) -> its site id; and whether the pass ran on samples (B >= 1)
     randomized: dict = field(default_factory=dict)
     classified: bool = False
+    #: seconds each stage of the last pass took (passes/driver.py), for the log and compile-time profiles
+    stage_seconds: dict = field(default_factory=dict)
     exact_norms: bool = False  # randomized_ops.exact_norms() was on when the graph was built (tests only)
     # max_grad_norm="adaptive": the Dynamo input index of the (G,) float64 thresholds tensor the backend appends to
     # the graph's inputs, and the group of each of its entries. The pass reads C_g from it, and the graph's

@@ -7,8 +7,10 @@ it from its partition function. Both see the joint graph after the decomposition
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
+import time
 from collections import Counter
 from typing import Optional
 
@@ -26,8 +28,9 @@ from .sample_inputs import SampleInputs
 from .graph_io import GraphIO, batch_symbol, grad_output_positions, read_graph, size_hints, tangent_seeds
 from .plan import check_forced_globs, linear_shape, plan_group, plan_rows
 from .probes import randomized_norms
-from .rewrite import RuntimeThreshold, decompose_kept_ops, group_inputs, inline_triton_ops, insert_traced, \
-    make_group_fn, set_outputs, zero_grads
+from .rewrite import RuntimeThreshold, copy_traced, decompose_kept_ops, group_inputs, inline_triton_ops, \
+    insert_traced, make_group_fn, set_outputs, trace, zero_grads
+from .trace_cache import GroupTraceCache, canonical, graph_form, verify_enabled
 from .sites import site_kind
 from .verify import verify_coverage
 
@@ -55,10 +58,20 @@ class DPJointPass(_PassBase):
         return hashlib.sha256((source_hash() + self.ctx.key()).encode()).hexdigest()
 
 
+@contextlib.contextmanager
+def _stage(ctx: PassContext, name: str):
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        ctx.stage_seconds[name] = ctx.stage_seconds.get(name, 0.0) + time.perf_counter() - start
+
+
 def run_dp_pass(graph: fx.Graph, ctx: PassContext) -> None:
     io = read_graph(graph, ctx)
     ctx.report.clear()
     ctx.randomized.clear()
+    ctx.stage_seconds.clear()
     ctx.classified = False
     if io.batch_size == 0:  # an empty (Poisson) batch: clipped sums are zero
         zero_grads(graph, [pg for _, pg in io.params])
@@ -71,25 +84,31 @@ def run_dp_pass(graph: fx.Graph, ctx: PassContext) -> None:
             one_sample.whole_sites(io.params)
             products = one_sample.randomized_products(graph, io.params, ctx, io.primals)
         else:
-            analysis = batch_dims(graph, ctx, io)
+            with _stage(ctx, "batch_dims"):
+                analysis = batch_dims(graph, ctx, io)
             try:
-                discover(io, analysis)
-                check_loss_reduction(graph, analysis, len(io.primals),
-                                     [io.primals[i] for i in (*ctx.batch_inputs, *ctx.sample_candidates)
-                                      if i in io.primals], ctx.options.loss_reduction)
+                with _stage(ctx, "discover"):
+                    discover(io, analysis)
+                    check_loss_reduction(graph, analysis, len(io.primals),
+                                         [io.primals[i] for i in (*ctx.batch_inputs, *ctx.sample_candidates)
+                                          if i in io.primals], ctx.options.loss_reduction)
             except DPCompileError as exc:  # named: the inputs taken to carry samples without evidence
                 refined = analysis.samples.refine(exc)
                 if refined is exc:
                     raise
                 raise refined from exc
-        choices = plan(graph, ctx, io)
-        rewrite(graph, ctx, io, choices, randomized_norms(graph, ctx, io, choices, products))
+        with _stage(ctx, "plan"):
+            choices = plan(graph, ctx, io)
+        with _stage(ctx, "rewrite"):
+            rewrite(graph, ctx, io, choices, randomized_norms(graph, ctx, io, choices, products))
         bsym, bhint = batch_symbol(io.batch_extent)
         ctx.report.extend(plan_rows(io.params, ctx, choices=choices, batch_symbol=bsym, batch_hint=bhint,
                                     randomized=set(products), hints=size_hints(graph)))
         ctx.classified = True
-    verify(graph, ctx, io)
-    inline(graph, ctx)
+    with _stage(ctx, "verify"):
+        verify(graph, ctx, io)
+    with _stage(ctx, "inline"):
+        inline(graph, ctx)
     _log_summary(ctx, io)
 
 
@@ -138,6 +157,7 @@ def rewrite(graph: fx.Graph, ctx: PassContext, io: GraphIO, choices: dict, rando
     quantile count goes to that input's gradient output (set_quantile_counts)."""
     replacements = {}
     counts = {}
+    cache = GroupTraceCache()
     for group, pgs in groups_of(io).items():
         inputs = group_inputs(pgs, io.batch_node)
         if randomized is not None and any(pg in randomized.site_ids for pg in pgs):
@@ -149,11 +169,15 @@ def rewrite(graph: fx.Graph, ctx: PassContext, io: GraphIO, choices: dict, rando
             threshold = RuntimeThreshold(thresholds, ctx.threshold_groups.index(group))
         else:
             threshold = ctx.thresholds[group]
+        strategies = {pg: choices[pg].op_strategy for pg in pgs if pg in choices}
+        budget = int(ctx.options.single_pass_budget_mb * 2**20)
         fn = make_group_fn(pgs, inputs, io.batch_node, io.batch_dim, threshold, ctx.options.clip_fn,
-                           ctx.options.loss_reduction == "mean",
-                           {pg: choices[pg].op_strategy for pg in pgs if pg in choices},
-                           int(ctx.options.single_pass_budget_mb * 2**20), randomized)
-        nodes = insert_traced(graph, fn, inputs, ctx.decompositions)
+                           ctx.options.loss_reduction == "mean", strategies, budget, randomized)
+        # everything fn reads; a graph with randomized sites is never reused (site ids differ per parameter)
+        key = None if randomized is not None else canonical(
+            inputs, pgs, io.batch_node, io.batch_dim, threshold, ctx.options.clip_fn,
+            ctx.options.loss_reduction, [strategies.get(pg, "") for pg in pgs], budget)
+        nodes = _insert_group(graph, fn, inputs, ctx, cache, key)
         if ctx.runtime_thresholds:
             counts[group] = nodes.pop()
         for pg, node in zip(pgs, nodes):
@@ -161,6 +185,24 @@ def rewrite(graph: fx.Graph, ctx: PassContext, io: GraphIO, choices: dict, rando
     set_outputs(graph, replacements)
     if ctx.runtime_thresholds:
         set_quantile_counts(graph, ctx, io, counts)
+    log.info("flashdp: %d clipping groups traced, %d reused from an identical group's trace", cache.misses,
+             cache.hits)
+
+
+def _insert_group(graph: fx.Graph, fn, inputs: list, ctx: PassContext, cache: GroupTraceCache, key) -> list:
+    """The group's traced nodes inserted into the graph: from the trace of an identical group where there is one
+    (trace_cache.py), else traced now. In verify mode a reused trace is checked against a fresh one."""
+    traced = cache.get(key)
+    if traced is None:
+        traced = trace(fn, inputs, ctx.decompositions)
+        cache.put(key, traced)
+        return copy_traced(graph, traced, inputs)
+    if verify_enabled():
+        fresh = trace(fn, inputs, ctx.decompositions)
+        if graph_form(fresh) != graph_form(traced):
+            raise AssertionError("dpcompile trace cache: a reused group trace differs from tracing the group "
+                                 "(the canonical form misses something the group function reads)")
+    return copy_traced(graph, traced, inputs, fresh_values=True)
 
 
 def set_quantile_counts(graph: fx.Graph, ctx: PassContext, io: GraphIO, counts: dict) -> None:
@@ -211,3 +253,4 @@ def _log_summary(ctx: PassContext, io: GraphIO) -> None:
              len(io.params), len({info.group for info, _ in io.params}), ctx.options.clipping
              if isinstance(ctx.options.clipping, str) else "explicit groups",
              ", ".join(f"{k} x{v}" for k, v in sorted(strategies.items())))
+    log.info("flashdp: the pass took %s", ", ".join(f"{k} {v:.1f} s" for k, v in ctx.stage_seconds.items()))

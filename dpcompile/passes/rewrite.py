@@ -184,16 +184,28 @@ def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: in
     return group_fn
 
 
-def insert_traced(graph: fx.Graph, fn: Callable, inputs: list[fx.Node], decompositions: dict,
-                  before: fx.Node | None = None) -> list[fx.Node]:
-    """Trace fn over the inputs' fake values and copy its nodes into `graph` after the last input (or before
-    `before`)."""
+def trace(fn: Callable, inputs: list[fx.Node], decompositions: dict) -> fx.GraphModule:
+    """fn traced over the inputs' fake values."""
     from torch._guards import detect_fake_mode
 
     vals = [n.meta["val"] for n in inputs]
     fake_mode = detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
     with fake_mode:
-        traced = make_fx(fn, decomposition_table=decompositions, tracing_mode="real")(*vals)
+        return make_fx(fn, decomposition_table=decompositions, tracing_mode="real")(*vals)
+
+
+def insert_traced(graph: fx.Graph, fn: Callable, inputs: list[fx.Node], decompositions: dict,
+                  before: fx.Node | None = None) -> list[fx.Node]:
+    """Trace fn over the inputs' fake values and copy its nodes into `graph` after the last input (or before
+    `before`)."""
+    return copy_traced(graph, trace(fn, inputs, decompositions), inputs, before)
+
+
+def copy_traced(graph: fx.Graph, traced: fx.GraphModule, inputs: list[fx.Node], before: fx.Node | None = None,
+                fresh_values: bool = False) -> list[fx.Node]:
+    """Copy the nodes of `traced` into `graph`, its placeholders bound to `inputs`, after the last input (or before
+    `before`). fresh_values: a trace made over other inputs (trace_cache.py): every copied node gets its own fake
+    value, computed from its arguments' (values shared between nodes would read as aliases to later passes)."""
     if before is not None:
         anchor = before
     else:
@@ -207,6 +219,11 @@ def insert_traced(graph: fx.Graph, fn: Callable, inputs: list[fx.Node], decompos
     for ph, n in zip(placeholders, inputs):
         env[ph] = n
     outputs = None
+    fake_mode = None
+    if fresh_values:
+        from torch._guards import detect_fake_mode
+
+        fake_mode = detect_fake_mode([n.meta["val"] for n in inputs if isinstance(n.meta.get("val"), torch.Tensor)])
     with graph.inserting_before(anchor):
         for n in traced.graph.nodes:
             if n.op == "placeholder":
@@ -217,7 +234,11 @@ def insert_traced(graph: fx.Graph, fn: Callable, inputs: list[fx.Node], decompos
             if n.op == "get_attr":  # a tensor constant of the traced code (e.g. in a reference op body)
                 env[n] = _copy_constant(graph, traced, n)
                 continue
-            env[n] = graph.node_copy(n, lambda x: env[x])
+            env[n] = new = graph.node_copy(n, lambda x: env[x])
+            if fresh_values and "val" in n.meta:
+                args, kwargs = fx.node.map_arg((new.args, new.kwargs), lambda x: x.meta["val"])
+                with fake_mode:
+                    new.meta["val"] = new.target(*args, **kwargs)
     return list(outputs)
 
 

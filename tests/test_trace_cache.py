@@ -1,0 +1,69 @@
+"""passes/trace_cache.py: a clipping group's trace reused for an identical group (compile time), never for a group
+whose function would trace differently. The test suite runs with DPCOMPILE_VERIFY_TRACE_CACHE=1 (conftest.py), so
+every reuse anywhere in it is checked against a fresh trace; here: reuse happens, the gradients stay exact, and the
+check does fail when the canonical form is made to miss something."""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import dpcompile
+import dpcompile.passes.trace_cache as trace_cache
+from dpcompile.testing import oracle
+
+
+class _Blocks(nn.Module):
+    """Identical blocks (reused traces), and a layer of the same shapes whose weight is used times 2 (its gradient's
+    chain holds a mul the form must see)."""
+
+    def __init__(self, n=3, d=6):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(d, d), nn.Tanh(), nn.LayerNorm(d)) for _ in range(n))
+        self.scaled = nn.Linear(d, d)
+        self.head = nn.Linear(d, 2)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        x = torch.tanh(nn.functional.linear(x, self.scaled.weight * 2.0, self.scaled.bias))
+        return self.head(x).pow(2).sum()
+
+
+def _compile_and_count(model, x, caplog, **options):
+    """(groups traced, groups reused, .grad of every parameter) of one compiled call and backward."""
+    torch._dynamo.reset()
+    model.zero_grad(set_to_none=True)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dpcompile"):
+        dpcompile.compile(model, backend="flashdp_eager", loss_reduction="sum", **options)(x).backward()
+    line = next(r.getMessage() for r in caplog.records if "clipping groups traced" in r.getMessage())
+    words = line.replace(",", "").split()  # "flashdp: T clipping groups traced R reused ..."
+    return int(words[1]), int(words[5]), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("clipping", ["per_layer", "flat"])
+def test_identical_blocks_reuse_one_trace_and_stay_exact(caplog, clipping):
+    torch.manual_seed(0)
+    model = _Blocks()
+    x = torch.randn(4, 5, 6)
+    traced, reused, grads = _compile_and_count(model, x, caplog, max_grad_norm=0.3, clipping=clipping)
+    if clipping == "per_layer":  # 3 blocks x (linear, norm) + scaled + head: a block's two traced, reused twice
+        assert (traced, reused) == (4, 4)
+    else:  # one group: nothing to reuse
+        assert (traced, reused) == (1, 0)
+    want = oracle.reference_clipped_grads(model, lambda m, xb: m(xb), [x], max_grad_norm=0.3, clipping=clipping)
+    for name, w in want.items():
+        torch.testing.assert_close(grads[name].double(), w, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_form_that_misses_the_chain_is_caught_by_the_check(caplog, monkeypatch):
+    """Leave each contribution's chain (and the gradient node it ends at) out of the form: the scaled layer (a block linear's shapes, a mul by 2 in
+    its weight gradient's chain) then hits a block's trace, and the verify mode refuses the copy."""
+    monkeypatch.setattr(trace_cache, "IGNORED_FIELDS", trace_cache.IGNORED_FIELDS | {"chain", "grad"})
+    monkeypatch.setenv("DPCOMPILE_VERIFY_TRACE_CACHE", "1")
+    torch.manual_seed(0)
+    with pytest.raises(Exception, match="reused group trace differs"):
+        _compile_and_count(_Blocks(), torch.randn(4, 5, 6), caplog, max_grad_norm=0.3, clipping="per_layer")
