@@ -299,9 +299,24 @@ def embedding_clipped_sum_reference(idx: Tensor, g: Tensor, coef: Tensor, num_we
     return out.index_add_(0, flat_idx, vals).to(g.dtype)
 
 
-# sorted segment sums with static sizes (no torch.unique, no boolean masks): traceable, so inlined like the others
-embedding_norm = dp_op(role="norm", name="embedding_norm")(embedding_norm_reference)
-embedding_clipped_sum = dp_op(role="clipped_sum", name="embedding_clipped_sum")(embedding_clipped_sum_reference)
+@dp_custom_op(role="norm")
+def embedding_norm(idx: Tensor, g: Tensor, padding_idx: int) -> Tensor:
+    return embedding_norm_reference(idx, g, padding_idx)
+
+
+@embedding_norm.register_fake
+def _(idx, g, padding_idx):
+    return g.new_empty((idx.shape[0],), dtype=norm_dtype(g.dtype))
+
+
+@dp_custom_op(role="clipped_sum")
+def embedding_clipped_sum(idx: Tensor, g: Tensor, coef: Tensor, num_weights: int, padding_idx: int) -> Tensor:
+    return embedding_clipped_sum_reference(idx, g, coef, num_weights, padding_idx)
+
+
+@embedding_clipped_sum.register_fake
+def _(idx, g, coef, num_weights, padding_idx):
+    return g.new_empty((num_weights, g.shape[-1]))
 
 
 # -- materialized per-sample gradients (general fallback) ---------------------------------------------------
