@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import dpcompile
 import dpcompile.backend
 import models
-from dp_check import CountingBackend, LossModule
+from dp_check import CountingBackend, LossModule, oracle_grads
 from dpcompile.compile import _caused_by
 from dpcompile.passes.symbolic import graph_shape_env
 from dpcompile.testing import oracle
@@ -196,6 +196,24 @@ def test_the_pass_never_specializes_a_size(monkeypatch):
     assert added, "the pass should have equated the targets' batch size with the inputs'"
     for expr in added:  # an equation between two sizes, never a size against a number
         assert isinstance(expr, sympy.Eq) and len((expr.lhs - expr.rhs).free_symbols) >= 2, expr
+
+
+def test_one_token_samples_keep_the_batch_size_symbolic():
+    """B = 2, T = 1 first: inside the embedding ops a size n - 1 = B*T - 1 has the hint 1, and a broadcast that
+    asked "is it 1?" once specialized B to 2 (NOTES.md, entry 17 addendum). One graph for every B >= 2, exact."""
+    case = models.gpt_like(vocab=5, tied=False, n_layer=1, T=1)
+    torch._dynamo.reset()
+    model = copy.deepcopy(case.model).double()
+    compiled, counter = _compile(case, model, 1e-3, "flat", mean=False)
+    g = torch.Generator().manual_seed(5)
+    for B in (2, 3, 6):
+        model.zero_grad(set_to_none=True)
+        batch = _tokens(5, B, 1, g)
+        compiled(*batch).backward()
+        want = oracle_grads(case, batch, max_grad_norm=1e-3, clipping="flat")
+        for name, w in want.items():
+            torch.testing.assert_close(dict(model.named_parameters())[name].grad, w, rtol=1e-6, atol=1e-9)
+    assert counter.graphs == 1
 
 
 def test_a_call_whose_targets_have_another_batch_size_compiles_its_own_graph():

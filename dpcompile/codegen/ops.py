@@ -271,8 +271,9 @@ def _embedding_rows(idx: Tensor, g: Tensor, padding_idx: int):
     sample = torch.arange(B, device=idx.device).view(B, 1).expand(B, T)
     key = (sample * (idx.max().clamp_min(0) + 1 if idx.numel() else 1) + idx).reshape(n)
     key, order = torch.sort(key)
-    starts = torch.ones_like(key, dtype=torch.bool)
-    starts[1:] = key[1:] != key[:-1]
+    # full-size comparisons only: a slice of n - 1 could have a size hint of 1, and a broadcast asking "is this
+    # size 1?" would then specialize the batch size (benchmarks/NOTES.md, entry 17 addendum)
+    starts = (key != torch.roll(key, 1)) | (torch.arange(n, device=key.device) == 0)
     segment = torch.cumsum(starts, 0) - 1
     vals = _acc(g).reshape(n, g.shape[-1])[order]
     if padding_idx >= 0:  # the padding row gets no gradient: its pairs sum to zero
@@ -299,24 +300,9 @@ def embedding_clipped_sum_reference(idx: Tensor, g: Tensor, coef: Tensor, num_we
     return out.index_add_(0, flat_idx, vals).to(g.dtype)
 
 
-@dp_custom_op(role="norm")
-def embedding_norm(idx: Tensor, g: Tensor, padding_idx: int) -> Tensor:
-    return embedding_norm_reference(idx, g, padding_idx)
-
-
-@embedding_norm.register_fake
-def _(idx, g, padding_idx):
-    return g.new_empty((idx.shape[0],), dtype=norm_dtype(g.dtype))
-
-
-@dp_custom_op(role="clipped_sum")
-def embedding_clipped_sum(idx: Tensor, g: Tensor, coef: Tensor, num_weights: int, padding_idx: int) -> Tensor:
-    return embedding_clipped_sum_reference(idx, g, coef, num_weights, padding_idx)
-
-
-@embedding_clipped_sum.register_fake
-def _(idx, g, coef, num_weights, padding_idx):
-    return g.new_empty((num_weights, g.shape[-1]))
+# sorted segment sums with static sizes (no torch.unique, no boolean masks): traceable, so inlined like the others
+embedding_norm = dp_op(role="norm", name="embedding_norm")(embedding_norm_reference)
+embedding_clipped_sum = dp_op(role="clipped_sum", name="embedding_clipped_sum")(embedding_clipped_sum_reference)
 
 
 # -- materialized per-sample gradients (general fallback) ---------------------------------------------------
