@@ -262,6 +262,12 @@ def test_empty_batch_loss_is_zero_without_running_the_model():
     assert loss_model.per_sample(torch.zeros(0, 8, dtype=torch.long)).shape == (0,)
 
 
+def _cpu_training_args(tmp_path, **kw):
+    """TrainingArguments of the short CPU DPTrainer runs: lr 1e-2, a log line per step, no checkpoints."""
+    return transformers.TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-2, logging_steps=1,
+                                          save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, **kw)
+
+
 def test_dp_trainer_steps_on_empty_and_one_sample_batches(tmp_path):
     """DPTrainer with q = 1/16: its Poisson steps (seeded) include an empty batch and a one-sample batch; each is a
     DP step (the weights move by the noise, epsilon grows)."""
@@ -270,9 +276,7 @@ def test_dp_trainer_steps_on_empty_and_one_sample_batches(tmp_path):
     torch.manual_seed(0)
     case = hf_gpt2(T=8, n_layer=1)
     data = [torch.randint(1, 64, (int(n),)).tolist() for n in torch.randint(3, 9, (16,))]
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4,
-                                          learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[],
-                                          use_cpu=True, disable_tqdm=True, seed=2)
+    args = _cpu_training_args(tmp_path, max_steps=4, per_device_train_batch_size=4, seed=2)
     trainer = DPTrainer(model=case.model, args=args, train_dataset=data, noise_multiplier=1.0, target_delta=1e-3,
                         max_grad_norm=1.0, expected_batch_size=1)
     sizes, epsilons = [], []
@@ -303,9 +307,7 @@ def test_dp_trainer_pads_each_batch_to_a_multiple_and_compiles_once(tmp_path):
     torch.manual_seed(0)
     case = hf_gpt2(T=16, n_layer=1)
     data = [torch.randint(1, 64, (int(n),)).tolist() for n in torch.randint(2, 15, (24,))]
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=8,
-                                          learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to=[],
-                                          use_cpu=True, disable_tqdm=True, seed=4)
+    args = _cpu_training_args(tmp_path, max_steps=5, per_device_train_batch_size=8, seed=4)
     with pytest.raises(ValueError, match="not both"):
         DPTrainer(model=case.model, args=args, train_dataset=data, noise_multiplier=1.0, max_length=16,
                   pad_to_multiple_of=4)

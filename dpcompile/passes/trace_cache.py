@@ -9,7 +9,7 @@ copy of the traced nodes with its own inputs instead of a new trace.
 The form (`canonical`) walks the group's records (parameter records, sites, chains, strategies, threshold, options)
 field by field: graph nodes that are the group's inputs become their position among the inputs, other nodes are
 numbered in the order met with their op, target, arguments and value metadata; tensors, sizes and numbers are
-kept by value. Names and output positions (`IGNORED_FIELDS`) are left out: the function never reads them, which
+kept by value. A parameter record's name and output position (`IGNORED_FIELDS`) are left out: the function never reads them, which
 `verify` mode checks. A record of an unknown kind, a randomized group (its probe site ids differ per parameter),
 and a trace holding tensor constants are never cached.
 
@@ -27,8 +27,9 @@ import sympy
 import torch
 import torch.fx as fx
 
-#: fields of the pass's records that the traced function never reads (they differ between identical blocks)
-IGNORED_FIELDS = frozenset({"name", "out_pos"})
+#: (record type, field) that the traced function never reads (they differ between identical blocks); by type, so
+#: that a field of the same name elsewhere (a strategy's or a site's) stays in the form
+IGNORED_FIELDS = frozenset({("ParamGrad", "name"), ("ParamGrad", "out_pos")})
 
 
 class Uncacheable(Exception):
@@ -87,11 +88,13 @@ class _Canonical:
         if callable(obj) and hasattr(obj, "__qualname__") and not hasattr(obj, "__self__"):
             if getattr(obj, "__closure__", None):  # a closure's behaviour depends on what it captured
                 raise Uncacheable(f"closure {obj.__qualname__}")
-            return ("fn", getattr(obj, "__module__", ""), obj.__qualname__)
+            code = getattr(obj, "__code__", None)  # two lambdas of one function share a qualname, not a line
+            where = (code.co_filename, code.co_firstlineno) if code is not None else None
+            return ("fn", getattr(obj, "__module__", ""), obj.__qualname__, where)
         if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
             return ("record", type(obj).__module__, type(obj).__qualname__,
                     tuple((f.name, self(getattr(obj, f.name))) for f in dataclasses.fields(obj)
-                          if f.name not in IGNORED_FIELDS))
+                          if (type(obj).__name__, f.name) not in IGNORED_FIELDS))
         raise Uncacheable(f"object of type {type(obj).__qualname__}")
 
     def node(self, n: fx.Node) -> Any:
