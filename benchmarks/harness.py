@@ -207,7 +207,7 @@ def run_mode(mode: str, workload: str, profile=False, gated: bool = False) -> di
         gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
         result["gpu_ms"] = gpu_us / 1e3
         print(f"== {workload} / {mode}: GPU kernel time {gpu_us / 1e3:.1f} ms\n"
-              + events.table(sort_by="self_device_time_total", row_limit=12, max_name_column_width=60)
+              + events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90)
               + events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60),
               file=sys.stderr)
     return result
