@@ -405,7 +405,8 @@ def flashdp(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
             "seed, which the privacy analysis forbids); compile without mode='reduce-overhead' / 'max-autotune' "
             "(and with torch._inductor.config.triton.cudagraphs = False), or use 'max-autotune-no-cudagraphs'")
     gm, example_inputs = _with_threshold_input(gm, example_inputs, ctx)
-    with attention_for(gm):  # traced here: symbolic sizes prefer attention kernels without per-shape plans
+    # traced here: symbolic sizes prefer attention kernels without per-shape plans, unless CUDA graphs replay them
+    with attention_for(gm, cuda_graphs=_uses_cudagraphs(patches)):
         compiled = compile_fx(gm, example_inputs,
                               config_patches={**patches, "joint_custom_pre_pass": DPJointPass(ctx)},
                               decompositions=ctx.decompositions)

@@ -6,6 +6,10 @@ every step, so a run whose shapes rarely repeat pays it almost every step. Flash
 have no per-shape plan. AOTAutograd picks the SDPA kernel when it traces, so a graph traced with symbolic sizes is
 traced preferring those two: the choice costs nothing per call. Fixed-shape graphs keep PyTorch's order, and a kernel
 the user disabled stays disabled (only the priority changes).
+
+Under CUDA graphs (mode="reduce-overhead") the plan is built once per recorded shape and every replay skips the
+host, so PyTorch's order stays: on gpt2-small B=8 T=1024 (H200) flash's backward took 2.38 ms a step against
+cuDNN's 1.76 ms (benchmarks/NOTES.md, entry 19).
 """
 from __future__ import annotations
 
@@ -36,10 +40,11 @@ def has_symbolic_sizes(gm: torch.fx.GraphModule) -> bool:
 
 
 @contextlib.contextmanager
-def attention_for(gm: torch.fx.GraphModule) -> Iterator[None]:
-    """Trace `gm` preferring attention kernels without per-shape plans when its sizes are symbolic."""
+def attention_for(gm: torch.fx.GraphModule, cuda_graphs: bool = False) -> Iterator[None]:
+    """Trace `gm` preferring attention kernels without per-shape plans when its sizes are symbolic and its calls
+    are not replayed from CUDA graphs."""
     order = [b for b in SHAPE_FREE_FIRST if _ENABLED[b]()]
-    if not has_symbolic_sizes(gm) or not order:
+    if cuda_graphs or not has_symbolic_sizes(gm) or not order:
         yield
         return
     with sdpa_kernel(order, set_priority=True):

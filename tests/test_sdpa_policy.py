@@ -1,0 +1,67 @@
+"""Which attention kernels the DP graphs are traced with (sdpa_policy.py): graphs of symbolic sizes prefer the
+kernels without per-shape plans (flash, memory-efficient), except under CUDA graphs, whose replays skip the host and
+so keep PyTorch's order (cuDNN first on Hopper); graphs of fixed sizes keep PyTorch's order."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend
+
+import dpcompile
+from dpcompile.sdpa_policy import attention_for
+
+FLASH_FIRST = [int(b) for b in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH)]
+
+
+def _graph(dynamic: bool) -> torch.fx.GraphModule:
+    seen = []
+
+    def capture(gm, inputs):
+        seen.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(lambda x: x.sin() * 2, backend=capture, dynamic=dynamic)(torch.randn(4, 3))
+    return seen[0]
+
+
+def _order() -> list:
+    return [int(b) for b in torch._C._get_sdp_priority_order()]
+
+
+@pytest.mark.parametrize("dynamic, cuda_graphs, flash_first", [
+    (True, False, True), (True, True, False), (False, False, False)])
+def test_priority_while_tracing(dynamic, cuda_graphs, flash_first):
+    before = _order()
+    with attention_for(_graph(dynamic), cuda_graphs=cuda_graphs):
+        inside = _order()
+    assert _order() == before  # restored on exit
+    if flash_first:
+        assert inside[:len(FLASH_FIRST)] == FLASH_FIRST
+    else:
+        assert inside == before
+
+
+@pytest.mark.parametrize("mode, flash_first", [(None, True), ("reduce-overhead", False)])
+def test_the_backend_keeps_pytorchs_order_under_cuda_graphs(monkeypatch, mode, flash_first):
+    """The batch dimension of a DP graph is symbolic from its first call: flash first, unless CUDA graphs."""
+    seen = []
+
+    def fake_compile_fx(gm, inputs, config_patches=None, **kw):
+        seen.append(_order())
+        raise RuntimeError("stop here")
+
+    import torch._inductor.compile_fx as inductor_compile_fx
+
+    monkeypatch.setattr(inductor_compile_fx, "compile_fx", fake_compile_fx)
+    torch._dynamo.reset()
+    before = _order()
+    compiled = dpcompile.compile(nn.Linear(3, 2), mode=mode, loss_reduction="sum")
+    with pytest.raises(Exception, match="stop here"):
+        compiled(torch.randn(4, 3))
+    assert seen
+    assert (seen[0][:len(FLASH_FIRST)] == FLASH_FIRST) == flash_first
+    if not flash_first:
+        assert seen[0] == before
