@@ -153,6 +153,13 @@ class _ByIdentity:
 
 
 _PROVENANCE = _ByIdentity()
+#: bumped whenever a tensor's record gains a graph: what is derived from the records' graphs alone (coverage.py's
+#: graph sets, read at every optimizer step) stays valid while it does not move
+_GRAPHS_EPOCH = [0]
+
+
+def graphs_epoch() -> int:
+    return _GRAPHS_EPOCH[0]
 
 
 def provenance(p: torch.Tensor) -> Optional[GradProvenance]:
@@ -166,12 +173,19 @@ def clipped_by_some_graph(p: torch.Tensor) -> bool:
 
 def grad_problem(p: torch.Tensor) -> Optional[str]:
     """Why `p.grad` cannot be noised as a clipped sum (None when it can, or when there is no gradient)."""
-    if p.grad is None:
-        return None
+    return grad_status(p)[0]
+
+
+def grad_status(p: torch.Tensor) -> tuple:
+    """(grad_problem(p), whether some graph clipped p) from one lookup of p's record (the optimizer asks both of
+    every parameter at every step)."""
     prov = _PROVENANCE.get(p)
-    if prov is None or not prov.graphs:
-        return "no flashdp graph produced it (its gradient was not clipped)"
-    return prov.current_grad_problem(p)
+    privatized = prov is not None and bool(prov.graphs)
+    if p.grad is None:
+        return None, privatized
+    if not privatized:
+        return "no flashdp graph produced it (its gradient was not clipped)", False
+    return prov.current_grad_problem(p), True
 
 
 def clipped_arrivals(p: torch.Tensor) -> int:
@@ -312,6 +326,7 @@ def _check_consistent(prov: GradProvenance, record: GraphClipping, position: int
                     "here they disagree). Every sample must get the same estimator whatever micro-batch it lands "
                     f"in; leave `{name}` out of the 'randomized' strategy globs")
     prov.graphs[record] = mine
+    _GRAPHS_EPOCH[0] += 1
 
 
 def tap(record: GraphClipping, params: list) -> list:

@@ -145,6 +145,24 @@ def test_sensitivity_above_max_grad_norm_is_refused():
         opt.step()
 
 
+def test_a_graph_compiled_after_steps_is_counted_in_the_sensitivity():
+    """The optimizer keeps the graphs-by-parameter-set answer between steps (coverage.py); a second compile of the
+    same model with a larger C adds a graph to the same tensors, and the next step must see it and refuse."""
+    model = nn.Linear(4, 4)
+    compiled = _zero_clipped_sums(model, max_grad_norm=1.0)
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
+                      expected_batch_size=4.0)
+    for _ in range(2):
+        compiled(torch.randn(3, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    torch._dynamo.reset()
+    wider = dpcompile.compile(model, backend="flashdp_eager", loss_reduction="sum", max_grad_norm=2.0)
+    wider(torch.randn(3, 4)).sum().backward()
+    with pytest.raises(dpcompile.DPCompileError, match=r"bound one sample's clipped gradient by 2 .*max_grad_norm=1"):
+        opt.step()
+
+
 def test_gradient_set_by_hand_is_refused_even_after_a_clipping_graph():
     """A parameter a flashdp graph clipped before: a .grad written by hand afterwards is not vouched for."""
     model = nn.Linear(2, 2)

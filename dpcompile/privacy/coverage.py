@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from ..clip_provenance import clipped_by_some_graph, provenance
+from ..clip_provenance import clipped_by_some_graph, graphs_epoch, provenance
 from ..errors import DPCompileError
 from ..randomized_contract import accounting_probes
 from .randomized_accounting import RandomizedSpec
@@ -26,7 +26,14 @@ def is_privatized(p: torch.Tensor) -> bool:
 def _graphs_by_set(params) -> dict:
     """frozenset(ids of `params` a graph clipped) -> the graphs over that set, from every graph call that
     delivered a clipped gradient to one of `params` (recorded at run time: a graph reused for another model
-    instance counts for that instance's tensors)."""
+    instance counts for that instance's tensors). Read-only for callers: the answer is kept until a record gains
+    a graph (clip_provenance.graphs_epoch), for the same tensors (the ids of live tensors; a dead tensor's id taken
+    by a new one reaches a graph only through a tap, which moves the epoch)."""
+    params = list(params)
+    key = (graphs_epoch(), tuple(map(id, params)))
+    hit = _BY_SET_CACHE.get(key)
+    if hit is not None:
+        return hit
     members: dict = {}  # graph -> ids of the tensors of `params` it clipped
     for p in params:
         prov = provenance(p)
@@ -35,7 +42,14 @@ def _graphs_by_set(params) -> dict:
     by_set: dict = {}
     for graph, ids in members.items():
         by_set.setdefault(frozenset(ids), []).append(graph)
+    if len(_BY_SET_CACHE) >= 8 or any(k[0] != key[0] for k in _BY_SET_CACHE):
+        _BY_SET_CACHE.clear()
+    _BY_SET_CACHE[key] = by_set
     return by_set
+
+
+#: (graphs_epoch(), ids of the tensors) -> _graphs_by_set's answer: two reads a step (sensitivity, accounting)
+_BY_SET_CACHE: dict = {}
 
 
 def _disjoint(sets) -> bool:

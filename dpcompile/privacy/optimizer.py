@@ -21,7 +21,7 @@ from typing import Mapping, Optional, Union
 import torch
 from torch.optim import Optimizer
 
-from ..clip_provenance import grad_problem, provenance, randomized_runs
+from ..clip_provenance import grad_status, provenance, randomized_runs
 from ..errors import CoverageError, DPCompileError
 from .adaptive import (AdaptiveClipping, combined_noise_multiplier, gradient_noise_multiplier, make_adaptive,
                        quantile_noise_multiplier)
@@ -248,10 +248,10 @@ class DPOptimizer(StepGuards, GaussianNoise, Optimizer):
         for p in self._params():
             if p.grad is None:
                 continue
-            why = grad_problem(p)
+            why, privatized = grad_status(p)
             if self.check_coverage and why is not None:
                 raise CoverageError(_uncovered_message(p, why, self._name_of(p)))
-            if is_privatized(p):
+            if privatized:
                 clipped.append(p)
         if self.adaptive is not None:
             self._check_adaptive(clipped)
