@@ -33,6 +33,11 @@ transformers.__version__, torch.cuda.get_device_name())" 2>&1 | tee "$OUT/versio
       python3 benchmarks/harness.py --workloads "$wl" --modes "${modes:-non-DP compiled,flashdp per_layer}" \
         --parallel "${par:-2}" --timeout 400 --out "$dir" ${BENCH_FLAGS:-} > "$dir.log" 2>&1
       summary+=("bench $wl rc=$?"); cat "$dir/table.md" 2>/dev/null ;;
+    phases:*)  # phases:MODEL:B:T[:MODES] (compile_phases.py: where the first step's compile time goes)
+      IFS=: read -r _ model b t modes <<< "$stage"
+      timeout 560 python3 benchmarks/compile_phases.py --model "$model" --B "$b" --T "$t" ${modes:+--modes "$modes"} \
+        --out "$OUT/phases_$model.json" > "$OUT/phases_$model.log" 2>&1
+      summary+=("phases $model rc=$?"); sed -n '/^| /,$p' "$OUT/phases_$model.log" ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done
