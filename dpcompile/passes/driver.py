@@ -30,7 +30,7 @@ from .plan import check_forced_globs, linear_shape, plan_group, plan_rows
 from .probes import randomized_norms
 from .rewrite import RuntimeThreshold, copy_traced, decompose_kept_ops, group_inputs, inline_triton_ops, \
     insert_traced, make_group_fn, set_outputs, trace, zero_grads
-from .trace_cache import GroupTraceCache, canonical, graph_form, verify_enabled
+from .trace_cache import GroupTraceCache, canonical, traced_for
 from .sites import site_kind
 from .verify import verify_coverage
 
@@ -191,18 +191,9 @@ def rewrite(graph: fx.Graph, ctx: PassContext, io: GraphIO, choices: dict, rando
 
 def _insert_group(graph: fx.Graph, fn, inputs: list, ctx: PassContext, cache: GroupTraceCache, key) -> list:
     """The group's traced nodes inserted into the graph: from the trace of an identical group where there is one
-    (trace_cache.py), else traced now. In verify mode a reused trace is checked against a fresh one."""
-    traced = cache.get(key)
-    if traced is None:
-        traced = trace(fn, inputs, ctx.decompositions)
-        cache.put(key, traced)
-        return copy_traced(graph, traced, inputs)
-    if verify_enabled():
-        fresh = trace(fn, inputs, ctx.decompositions)
-        if graph_form(fresh) != graph_form(traced):
-            raise AssertionError("dpcompile trace cache: a reused group trace differs from tracing the group "
-                                 "(the canonical form misses something the group function reads)")
-    return copy_traced(graph, traced, inputs, fresh_values=True)
+    (trace_cache.py), else traced now."""
+    traced, reused = traced_for(cache, key, lambda: trace(fn, inputs, ctx.decompositions))
+    return copy_traced(graph, traced, inputs, fresh_values=reused)
 
 
 def set_quantile_counts(graph: fx.Graph, ctx: PassContext, io: GraphIO, counts: dict) -> None:

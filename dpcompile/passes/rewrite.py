@@ -23,6 +23,7 @@ from .chain import _arg, replay, replay_per_sample
 from .discover import Contribution, ParamGrad
 from .patterns import contribution_reads
 from .sites import site_kind
+from .trace_cache import GroupTraceCache, canonical, traced_for
 
 aten = torch.ops.aten
 
@@ -312,6 +313,7 @@ def inline_triton_ops(graph: fx.Graph, decompositions: dict) -> None:
     from torch._subclasses.functional_tensor import dispatch_functionalize
 
     inlined = inlined_ops()
+    cache = GroupTraceCache()  # identical blocks call the same ops on the same shapes: one trace each
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target not in inlined:
             continue
@@ -322,7 +324,9 @@ def inline_triton_ops(graph: fx.Graph, decompositions: dict) -> None:
             out = node.target(*_arg(env, node.args), **_arg(env, dict(node.kwargs)))
             return list(out) if isinstance(out, (tuple, list)) else [out]
 
-        new = insert_traced(graph, dispatch_functionalize(fn), inputs, decompositions, before=node)
+        key = canonical(inputs, node.target, node.args, node.kwargs)  # everything fn reads
+        traced, reused = traced_for(cache, key, lambda: trace(dispatch_functionalize(fn), inputs, decompositions))
+        new = copy_traced(graph, traced, inputs, before=node, fresh_values=reused)
         if isinstance(node.meta.get("val"), (tuple, list)):  # multi-output op: its users are getitems
             for user in list(node.users):
                 assert user.target is operator.getitem, user

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import sympy
 import torch
@@ -171,3 +171,19 @@ class GroupTraceCache:
         if any(n.op == "get_attr" for n in traced.graph.nodes):  # tensor constants: their values are not in the key
             return
         self._traced[key] = traced
+
+
+def traced_for(cache: GroupTraceCache, key, make: Callable[[], fx.GraphModule]) -> tuple:
+    """(the trace for `key`, whether it was reused): the cache's trace of an identical function, else make()'s
+    (then kept). In verify mode a reused trace is checked against a fresh one."""
+    traced = cache.get(key)
+    if traced is None:
+        traced = make()
+        cache.put(key, traced)
+        return traced, False
+    if verify_enabled():
+        fresh = make()
+        if graph_form(fresh) != graph_form(traced):
+            raise AssertionError("dpcompile trace cache: a reused trace differs from tracing the function anew "
+                                 "(the canonical form misses something the function reads)")
+    return traced, True
