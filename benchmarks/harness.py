@@ -206,6 +206,9 @@ def run_mode(mode: str, workload: str, profile=False, gated: bool = False) -> di
         events = p.key_averages()
         gpu_us = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
         result["gpu_ms"] = gpu_us / 1e3
+        # every op and kernel with its count: launches a step by name, for comparing modes offline
+        print("PROFILE_JSON " + json.dumps({"workload": workload, "mode": mode, "events": [
+            [e.key, e.count, e.self_device_time_total, e.self_cpu_time_total] for e in events]}), file=sys.stderr)
         print(f"== {workload} / {mode}: GPU kernel time {gpu_us / 1e3:.1f} ms\n"
               + events.table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90)
               + events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60),
