@@ -6,6 +6,7 @@ value it reads, so that per-layer groups stream through the backward and flat gr
 """
 from __future__ import annotations
 
+import logging
 import operator
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -24,6 +25,8 @@ from .discover import Contribution, ParamGrad
 from .patterns import contribution_reads
 from .sites import site_kind
 from .trace_cache import GroupTraceCache, canonical, traced_for
+
+log = logging.getLogger("dpcompile")
 
 aten = torch.ops.aten
 
@@ -335,3 +338,5 @@ def inline_triton_ops(graph: fx.Graph, decompositions: dict) -> None:
         else:
             node.replace_all_uses_with(new[0])
         graph.erase_node(node)
+    log.info("flashdp: %d op bodies traced for inlining, %d reused from an identical call's trace", cache.misses,
+             cache.hits)
