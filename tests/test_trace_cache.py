@@ -87,3 +87,24 @@ def test_inlined_op_bodies_of_identical_blocks_reuse_one_trace_and_stay_exact(ca
     want = oracle.reference_clipped_grads(model, lambda m, xb: m(xb), [x], max_grad_norm=0.3, clipping="per_layer")
     for name, w in want.items():
         torch.testing.assert_close(model.get_parameter(name).grad.double(), w, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_a_trace_that_launches_a_user_triton_kernel_is_never_kept():
+    """A launch names its kernel and constant arguments by indices into torch's side table, new ones per trace, so
+    a copy differs from a fresh trace (the GPU tests' verify mode caught it): such traces are traced every time."""
+    from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_functional
+
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    launch = graph.call_function(triton_kernel_wrapper_functional, (),
+                                 {"kernel_idx": 0, "constant_args_idx": 0, "grid": [(1, 1, 1)],
+                                  "tma_descriptor_metadata": {}, "kwargs": {"x": x}, "tensors_to_clone": []})
+    graph.output(launch)
+    cache = trace_cache.GroupTraceCache()
+    cache.put(("key",), torch.fx.GraphModule(torch.nn.Module(), graph))
+    assert cache.get(("key",)) is None
+    plain = torch.fx.Graph()
+    y = plain.placeholder("y")
+    plain.output(plain.call_function(torch.ops.aten.sin.default, (y,)))
+    cache.put(("plain",), torch.fx.GraphModule(torch.nn.Module(), plain))
+    assert cache.get(("plain",)) is not None

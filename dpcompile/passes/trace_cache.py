@@ -53,6 +53,8 @@ def _value(v: Any) -> Any:
         return ("sym", type(v).__name__, str(v.node.expr))
     if isinstance(v, (tuple, list)):
         return (type(v).__name__, tuple(_value(x) for x in v))
+    if isinstance(v, dict):  # a functional Triton kernel wrapper's outputs, by argument name
+        return ("dict", tuple(sorted((repr(k), _value(x)) for k, x in v.items())))
     if v is None or isinstance(v, (bool, int, float, str, torch.dtype, torch.device, torch.memory_format,
                                    torch.layout)):
         return (type(v).__name__, repr(v))
@@ -169,6 +171,10 @@ class GroupTraceCache:
             return
         self.misses += 1
         if any(n.op == "get_attr" for n in traced.graph.nodes):  # tensor constants: their values are not in the key
+            return
+        # a user Triton kernel's launch names its kernel and constant arguments by indices into torch's side table,
+        # new ones for every trace: a copy would differ from a fresh trace (verify mode showed it on the GPU)
+        if any(n.op == "call_function" and "triton_kernel_wrapper" in str(n.target) for n in traced.graph.nodes):
             return
         self._traced[key] = traced
 
