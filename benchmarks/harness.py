@@ -309,7 +309,11 @@ def _run_batch(workload: str, modes: list, profile, timeout: float, command=_mod
             row["error"] = (str(e) if str(e) not in ("", "EOF") or not lines else lines[-1])[:300]
         if profile:
             err.seek(0)
-            print(err.read()[-20000:], file=sys.stderr, flush=True)
+            text = err.read()
+            print(text[-20000:], file=sys.stderr, flush=True)
+            for ln in text.splitlines():  # whole, wherever they fall: the tail above may cut them
+                if ln.startswith("PROFILE_JSON ") and ln not in text[-20000:]:
+                    print(ln, file=sys.stderr, flush=True)
         p.wait()
         err.close()
         rows.append(row)
