@@ -56,15 +56,19 @@ def run_one(mode: str, model_name: str, B: int, T: int, device: str) -> dict:
         p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    if mode == "non-DP":
+    idx = torch.randint(0, model.lm_head.out_features, (B, T + 1), device=device)
+    x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+    if mode in ("non-DP", "non-DP-dynamic"):
         step_model = torch.compile(model)
+        if mode == "non-DP-dynamic":  # the sizes DP compiles symbolic: what dynamic shapes cost, apart from DP
+            for t in (x, y):
+                torch._dynamo.mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(t, 1)
     else:
         import dpcompile
 
         step_model = dpcompile.compile(model, max_grad_norm=1.0, clipping=mode, loss_reduction="mean")
         opt = dpcompile.DPOptimizer(opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=B)
-    idx = torch.randint(0, model.lm_head.out_features, (B, T + 1), device=device)
-    x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
     amp = torch.autocast(device, dtype=torch.bfloat16) if device == "cuda" else torch.autocast(device, enabled=False)
 
     def step():
@@ -94,7 +98,9 @@ def main(argv=None) -> None:
     ap.add_argument("--B", type=int, default=8)
     ap.add_argument("--T", type=int, default=1024)
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--modes", default="non-DP,per_layer", help="non-DP and dpcompile clipping modes, comma-separated")
+    ap.add_argument("--modes", default="non-DP,non-DP-dynamic,per_layer",
+                    help="non-DP, non-DP-dynamic (batch and sequence sizes symbolic, as DP compiles them) and "
+                         "dpcompile clipping modes, comma-separated")
     ap.add_argument("--out", default=None, help="write the records here (JSON)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

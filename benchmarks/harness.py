@@ -54,7 +54,7 @@ WORKLOADS = {
 }
 #: what the harness runs by default (the issue-3 harness); the long-context ones are named explicitly
 DEFAULT_WORKLOADS = list(WORKLOADS)[:7]
-MODES = ["non-DP compiled", "non-DP eager", "flashdp per_layer", "flashdp flat", "opacus ghost"]
+MODES = ["non-DP compiled", "non-DP compiled dynamic", "non-DP eager", "flashdp per_layer", "flashdp flat", "opacus ghost"]
 
 
 # -- one mode in this process --------------------------------------------------------------------------------
@@ -123,6 +123,11 @@ def run_mode(mode: str, workload: str, profile=False, gated: bool = False) -> di
     else:
         if mode == "non-DP compiled":
             step_model = torch.compile(model, mode=compile_mode)
+        elif mode == "non-DP compiled dynamic":  # the sizes DP compiles symbolic (batch and sequence), for compile time
+            step_model = torch.compile(model, mode=compile_mode)
+            for t in (x, y):
+                torch._dynamo.mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(t, 1)
         elif mode == "non-DP eager":
             step_model = model
         elif mode.startswith("flashdp "):
