@@ -155,8 +155,14 @@ class GroupTraceCache:
 
     def __init__(self) -> None:
         self._traced: dict = {}
+        self._forms: dict = {}  # key -> graph_form of its trace, for verify mode (computed once per key)
         self.hits = 0
         self.misses = 0
+
+    def form(self, key) -> tuple:
+        if key not in self._forms:
+            self._forms[key] = graph_form(self._traced[key])
+        return self._forms[key]
 
     def get(self, key) -> Optional[fx.GraphModule]:
         if os.environ.get("DPCOMPILE_TRACE_CACHE", "1") == "0":  # off: every group traced (measurements)
@@ -189,7 +195,7 @@ def traced_for(cache: GroupTraceCache, key, make: Callable[[], fx.GraphModule]) 
         return traced, False
     if verify_enabled():
         fresh = make()
-        if graph_form(fresh) != graph_form(traced):
+        if graph_form(fresh) != cache.form(key):
             raise AssertionError("dpcompile trace cache: a reused trace differs from tracing the function anew "
                                  "(the canonical form misses something the function reads)")
     return traced, True
