@@ -70,25 +70,6 @@ def test_a_form_that_misses_the_chain_is_caught_by_the_check(caplog, monkeypatch
         _compile_and_count(_Blocks(), torch.randn(4, 5, 6), caplog, max_grad_norm=0.3, clipping="per_layer")
 
 
-def test_inlined_op_bodies_of_identical_blocks_reuse_one_trace_and_stay_exact(caplog):
-    """The Inductor backend inlines every dp_op body (passes/rewrite.py inline_triton_ops); identical blocks call
-    the same ops on the same shapes, so each body is traced once and copied (checked against a fresh trace in
-    verify mode), and the gradients still match the oracle."""
-    torch.manual_seed(0)
-    model = _Blocks()
-    x = torch.randn(4, 5, 6)
-    torch._dynamo.reset()
-    with caplog.at_level(logging.INFO, logger="dpcompile"):
-        dpcompile.compile(model, loss_reduction="sum", max_grad_norm=0.3)(x).backward()
-    line = next(r.getMessage() for r in caplog.records if "op bodies traced for inlining" in r.getMessage())
-    words = line.replace(",", "").split()  # "flashdp: T op bodies traced for inlining R reused ..."
-    traced, reused = int(words[1]), int(words[7])
-    assert traced >= 1 and reused >= 2 * traced // 3, line  # 3 identical blocks: the later two reuse the first's
-    want = oracle.reference_clipped_grads(model, lambda m, xb: m(xb), [x], max_grad_norm=0.3, clipping="per_layer")
-    for name, w in want.items():
-        torch.testing.assert_close(model.get_parameter(name).grad.double(), w, rtol=1e-5, atol=1e-6, msg=name)
-
-
 def test_a_trace_that_launches_a_user_triton_kernel_is_never_kept():
     """A launch names its kernel and constant arguments by indices into torch's side table, new ones per trace, so
     a copy differs from a fresh trace (the GPU tests' verify mode caught it): such traces are traced every time."""
