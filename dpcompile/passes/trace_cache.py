@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 import sympy
 import torch
 import torch.fx as fx
+from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_functional, triton_kernel_wrapper_mutation
 
 #: (record type, field) that the traced function never reads (they differ between identical blocks); by type, so
 #: that a field of the same name elsewhere (a strategy's or a site's) stays in the form
@@ -150,6 +151,10 @@ def graph_form(gm: fx.GraphModule) -> tuple:
     return tuple(out)
 
 
+#: the higher-order ops a traced user Triton launch becomes (functional before the pass's functionalization, and not)
+_TRITON_LAUNCHES = (triton_kernel_wrapper_functional, triton_kernel_wrapper_mutation)
+
+
 class GroupTraceCache:
     """key -> traced GraphModule, for one run of the pass (the graphs' symbols belong to its ShapeEnv)."""
 
@@ -180,7 +185,7 @@ class GroupTraceCache:
             return
         # a user Triton kernel's launch names its kernel and constant arguments by indices into torch's side table,
         # new ones for every trace: a copy would differ from a fresh trace (verify mode showed it on the GPU)
-        if any(n.op == "call_function" and "triton_kernel_wrapper" in str(n.target) for n in traced.graph.nodes):
+        if any(n.op == "call_function" and n.target in _TRITON_LAUNCHES for n in traced.graph.nodes):
             return
         self._traced[key] = traced
 

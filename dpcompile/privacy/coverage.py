@@ -27,16 +27,15 @@ def _graphs_by_set(params) -> dict:
     """frozenset(ids of `params` a graph clipped) -> the graphs over that set, from every graph call that
     delivered a clipped gradient to one of `params` (recorded at run time: a graph reused for another model
     instance counts for that instance's tensors). Read-only for callers: the answer is kept until a record gains
-    a graph (clip_provenance.graphs_epoch), for the same tensors (the ids of live tensors; a dead tensor's id taken
-    by a new one reaches a graph only through a tap, which moves the epoch)."""
-    params = list(params)
-    key = (graphs_epoch(), tuple(map(id, params)))
+    a graph (clip_provenance.graphs_epoch), for the same tensors with the same records (a dead tensor's id taken by
+    a new one comes with another record, or none: a different key whatever the caller passes)."""
+    pairs = [(p, provenance(p)) for p in params]
+    key = (graphs_epoch(), tuple((id(p), id(prov)) for p, prov in pairs))
     hit = _BY_SET_CACHE.get(key)
     if hit is not None:
         return hit
     members: dict = {}  # graph -> ids of the tensors of `params` it clipped
-    for p in params:
-        prov = provenance(p)
+    for p, prov in pairs:
         for graph in (prov.graphs if prov is not None else ()):
             members.setdefault(graph, set()).add(id(p))
     by_set: dict = {}
