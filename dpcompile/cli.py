@@ -30,13 +30,16 @@ from .train_run import perplexity, write_curve  # noqa: F401  (cli.perplexity, c
 DEFAULT_SAMPLE_PROMPT = "HAMLET.\nTo be, or not to be,"
 
 #: defaults that depend on the device: a CPU run finishes in minutes, a GPU run trains the whole model on the corpus.
-#: The CPU recipe was chosen by measurement (docs/results.md, benchmarks/cpu_recipe_search.py): short windows give
-#: more examples per second of compute, and a large expected batch is what lets the clipped signal stand out of the
-#: noise; the last 2 blocks at lr 2e-3 recovered the most of the non-private gain in the time.
+#: Both recipes were chosen by measurement (docs/results.md, benchmarks/cpu_recipe_search.py). CPU: short windows
+#: give more examples per second of compute, and a large expected batch is what lets the clipped signal stand out
+#: of the noise; the last 2 blocks at lr 2e-3 recovered the most of the non-private gain in the time. GPU: flat
+#: clipping keeps the layers' relative scales, and DP-SGD gains from 6 epochs where the non-private run overfits
+#: (its own best: 3 epochs at lr 3e-4): "no_dp" holds what --no-dp changes, so each mode runs its best measured recipe.
 PROFILES = {
-    "cpu": dict(seq_len=32, batch_size=128, micro_batch_size=64, steps=12, train_layers=2, eval_windows=96, lr=2e-3),
-    "cuda": dict(seq_len=256, batch_size=256, micro_batch_size=32, steps=None, epochs=3.0, train_layers=None,
-                 eval_windows=512, lr=5e-4),
+    "cpu": dict(seq_len=32, batch_size=128, micro_batch_size=64, steps=12, train_layers=2, eval_windows=96, lr=2e-3,
+                clipping="per_layer"),
+    "cuda": dict(seq_len=256, batch_size=256, micro_batch_size=32, steps=None, epochs=6.0, train_layers=None,
+                 eval_windows=512, lr=7e-4, clipping="flat", no_dp=dict(epochs=3.0, lr=3e-4)),
 }
 
 #: exit statuses (docs/cli.md, docs/errors.md)
@@ -104,9 +107,11 @@ def _delta(s: str) -> float:
     return _float(s, lambda v: 0 < v < 1, "in (0, 1)")
 
 
-def _add_model_options(p: argparse.ArgumentParser, train_layers_default: str) -> None:
-    p.add_argument("--clipping", default="per_layer", choices=["flat", "per_layer", "per_param"],
-                   help="clipping groups (default per_layer; every style bounds the whole per-sample norm by C)")
+def _add_model_options(p: argparse.ArgumentParser, train_layers_default: str, clipping_default: str) -> None:
+    p.add_argument("--clipping", default=None if clipping_default != "per_layer" else "per_layer",
+                   choices=["flat", "per_layer", "per_param"],
+                   help=f"clipping groups (default {clipping_default}; every style bounds the whole per-sample norm "
+                        "by C)")
     p.add_argument("--clip-fn", default="abadi", choices=["abadi", "automatic"],
                    help="min(1, C/|g|) (abadi, the default) or C/(|g|+0.01) (automatic)")
     p.add_argument("--max-grad-norm", type=_max_grad_norm, default=1.0, metavar="C",
@@ -149,7 +154,7 @@ def _add_train_parser(sub) -> None:
                            "DP fine-tuning (DP-SGD with Poisson sampling, per-sample clipping in the compiled graph, "
                            "Gaussian noise, PLD accounting) of a causal LM on text. With no options: SmolLM2-135M "
                            "on Shakespeare at epsilon=8, delta=1e-5; on a CPU a short demonstration run, on a GPU "
-                           "3 epochs of the whole model. A model whose directory records earlier DP training "
+                           "6 epochs of the whole model (3 with --no-dp). A model whose directory records earlier DP training "
                            "(dp_checkpoint.pt / dp_report.json) continues that privacy history: epsilon and "
                            "--epsilon are totals.", 100))
     t.add_argument("--model", default="smollm2-135m",
@@ -161,23 +166,25 @@ def _add_train_parser(sub) -> None:
                    help="text encoding of --data files, decoded strictly (default utf-8; e.g. latin-1)")
     _add_privacy_options(t)
     t.add_argument("--epochs", type=_positive(float), default=None,
-                   help="passes over the training windows (in expectation); default: --steps on CPU, 3 on a GPU")
+                   help="passes over the training windows (in expectation); default: --steps on CPU; on a GPU 6, "
+                        "or 3 with --no-dp")
     t.add_argument("--steps", type=_positive(int), default=None,
                    help="logical (Poisson) batches of the whole run, overriding --epochs (default 12 on CPU). With "
                         "--resume: the new total (more steps extend the run)")
     t.add_argument("--batch-size", type=_positive(int), default=None,
-                   help="expected logical batch size (Poisson); default 32 on CPU, 256 on a GPU")
+                   help="expected logical batch size (Poisson); default 128 on CPU, 256 on a GPU")
     t.add_argument("--micro-batch-size", type=_positive(int), default=None,
                    help="physical micro-batch size (memory); default 64 on CPU, 32 on a GPU")
     t.add_argument("--seq-len", type=_seq_len, default=None,
                    help="tokens per example window (>= 2); default 32 on CPU, 256 on a GPU")
     t.add_argument("--max-windows", type=_positive(int), default=None,
                    help="use only the first N training windows (N is what the accountant sees)")
-    t.add_argument("--lr", type=_positive(float), default=None, help="AdamW learning rate (default 2e-3 on CPU, 5e-4 on a GPU)")
+    t.add_argument("--lr", type=_positive(float), default=None, help="AdamW learning rate (default 2e-3 on CPU; on a GPU 7e-4, "
+                   "or 3e-4 with --no-dp)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     t.add_argument("--eval-windows", type=int, default=None,
                    help="held-out windows for perplexity before and after (0: skip); default 96 on CPU, 512 on a GPU")
-    _add_model_options(t, "2 on CPU, all on a GPU")
+    _add_model_options(t, "2 on CPU, all on a GPU", "per_layer on CPU, flat on a GPU")
     t.add_argument("--backend", default="auto", choices=["auto", "flashdp", "flashdp_eager"],
                    help="auto (the default): flashdp (Inductor + Triton kernels) on a GPU, flashdp_eager on CPU")
     t.add_argument("--device", default="auto", help="auto (the default) | cpu | cuda | cuda:N")
@@ -234,7 +241,7 @@ def _add_explain_parser(sub) -> None:
     e.add_argument("--seq-len", type=_seq_len, default=64, help="example length (default 64)")
     e.add_argument("--batch-size", type=_positive(int), default=2, help="batch size of the example input (>= 2; "
                                                                          "default 2)")
-    _add_model_options(e, "all")
+    _add_model_options(e, "all", "per_layer")
 
 
 def _explicit_options(argv: Sequence[str]) -> set:

@@ -110,7 +110,7 @@ def load_data(s: Setup, tok) -> Data:
     if s.resumed is not None and args.steps is None and args.epochs is None:
         steps = int(run["steps"])
     else:
-        steps = _planned_steps(args, q, s.device.type, s.profiles)
+        steps = _planned_steps(args, q, s.device.type, s.profiles, not run["no_dp"])
     if steps <= steps_done:
         raise UsageError(f"--resume {args.resume}: the run already took {steps_done} steps; pass --steps N with "
                          f"N > {steps_done} to continue it")

@@ -89,7 +89,8 @@ def _resolve_run(args: argparse.Namespace, explicit: set, resumed: Optional[dict
                  run_options: Sequence[str]) -> dict:
     """The settings that define the run: the command line's (device defaults filled in), or a resumed run's."""
     device = _resolve_device(args.device)
-    prof = profiles["cuda" if device.type == "cuda" else "cpu"]
+    private = not args.no_dp and not (args.sigma is None and math.isinf(args.epsilon))
+    prof = device_profile(profiles, device.type, private)
     if resumed is not None:
         run = dict(resumed["extra"]["run"])
         if "epsilon" in explicit and args.epsilon != run.get("epsilon"):
@@ -109,12 +110,12 @@ def _resolve_run(args: argparse.Namespace, explicit: set, resumed: Optional[dict
         run["device"] = str(device)
         return run
     B = args.batch_size or prof["batch_size"]
-    private = not args.no_dp and not (args.sigma is None and math.isinf(args.epsilon))
     return {
         "model": args.model, "data": args.data, "encoding": args.encoding,
         "seq_len": args.seq_len or prof["seq_len"], "max_windows": args.max_windows, "batch_size": B,
         "micro_batch_size": args.micro_batch_size or min(prof["micro_batch_size"], B),
-        "lr": args.lr or prof["lr"], "weight_decay": args.weight_decay, "clipping": args.clipping,
+        "lr": args.lr or prof["lr"], "weight_decay": args.weight_decay,
+        "clipping": args.clipping or prof["clipping"],
         "clip_fn": args.clip_fn, "max_grad_norm": args.max_grad_norm, "strategy": args.strategy,
         "adaptive_clipping": _adaptive_run_options(args),
         "train_layers": args.train_layers if args.train_layers is not None else prof["train_layers"],
@@ -154,8 +155,17 @@ def _dir_is_empty(path: Path) -> bool:
     return not path.exists() or (path.is_dir() and not any(path.iterdir()))
 
 
-def _planned_steps(args: argparse.Namespace, q: float, device_type: str, profiles: dict) -> int:
-    prof = profiles["cuda" if device_type == "cuda" else "cpu"]
+def device_profile(profiles: dict, device_type: str, private: bool) -> dict:
+    """The defaults of a run on `device_type` (cli.PROFILES): a profile's "no_dp" entries replace its own in a
+    non-private run (each mode gets its own best measured recipe)."""
+    prof = dict(profiles["cuda" if device_type == "cuda" else "cpu"])
+    overrides = prof.pop("no_dp", {})
+    return prof if private else {**prof, **overrides}
+
+
+def _planned_steps(args: argparse.Namespace, q: float, device_type: str, profiles: dict,
+                   private: bool) -> int:
+    prof = device_profile(profiles, device_type, private)
     if args.steps is not None:
         return args.steps
     if args.epochs is not None or prof["steps"] is None:

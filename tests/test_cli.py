@@ -354,6 +354,35 @@ def test_text_files_are_decoded_strictly(tmp_path, capsys):
     assert "--encoding no-such-codec" in capsys.readouterr().err
 
 
+def test_gpu_defaults_give_each_mode_its_measured_recipe_and_cpu_keeps_its_own():
+    """docs/results.md: on a GPU, DP-SGD runs 6 epochs at lr 7e-4 with flat clipping and --no-dp 3 epochs at
+    lr 3e-4; an option given on the command line wins over both; the CPU profile has no per-mode entries."""
+    from dpcompile.train_setup import _planned_steps, device_profile
+
+    parse = cli.build_parser().parse_args
+    dp, no_dp = device_profile(cli.PROFILES, "cuda", True), device_profile(cli.PROFILES, "cuda", False)
+    assert (dp["epochs"], dp["lr"], dp["clipping"]) == (6.0, 7e-4, "flat") and "no_dp" not in dp
+    assert (no_dp["epochs"], no_dp["lr"]) == (3.0, 3e-4)
+    assert {k: v for k, v in dp.items() if k not in ("epochs", "lr")} == \
+        {k: v for k, v in no_dp.items() if k not in ("epochs", "lr")}
+    assert device_profile(cli.PROFILES, "cpu", True) == device_profile(cli.PROFILES, "cpu", False)
+    q = 256 / 5658
+    assert _planned_steps(parse(["train"]), q, "cuda", cli.PROFILES, True) == math.ceil(6 / q) == 133
+    assert _planned_steps(parse(["train", "--no-dp"]), q, "cuda", cli.PROFILES, False) == math.ceil(3 / q)
+    assert _planned_steps(parse(["train", "--no-dp", "--epochs", "6"]), q, "cuda", cli.PROFILES, False) == 133
+    assert _planned_steps(parse(["train"]), q, "cpu", cli.PROFILES, True) == 12
+    assert parse(["train"]).clipping is None and parse(["explain", "tiny-llama"]).clipping == "per_layer"
+
+
+def test_cpu_run_records_per_layer_clipping_unless_told(tmp_path):
+    from dpcompile.train_run import resolve
+
+    for extra, want in (([], "per_layer"), (["--clipping", "flat"], "flat")):
+        args = cli.build_parser().parse_args(["train", *TINY, "--device", "cpu", "--out", str(tmp_path / want),
+                                              *extra])
+        assert resolve(args, cli.PROFILES, cli.RUN_OPTIONS).run["clipping"] == want
+
+
 def test_help_shows_each_default_once_and_names_only_files_that_exist():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
