@@ -153,3 +153,26 @@ def test_randomized_sites_probe_stored_products_where_stored_may_keep_them():
         auto = plan_group(pgs[1:], shapes, opts, B, 8)[pgs[1]]
         assert not {"randomized", "randomized_stored"} & set(auto.costs)
 
+
+
+def test_planner_finds_each_distinct_linear_shape_once(monkeypatch):
+    """Identical blocks give their linear sites the same operand shapes: the plan stage traces a shape once
+    (plan.linear_shape's memo, per graph), and every site still gets what a trace of its own operands gives."""
+    from dpcompile.passes import driver
+    from dpcompile.passes.plan import linear_shape
+
+    calls = []
+
+    def checked(pg, batch_node, batch_dim, memo=None):
+        got = linear_shape(pg, batch_node, batch_dim, memo)
+        assert got == linear_shape(pg, batch_node, batch_dim)  # no memo: traced afresh
+        calls.append(len(memo))  # distinct shapes traced so far
+        return got
+
+    monkeypatch.setattr(driver, "linear_shape", checked)
+    case = models.gpt_like(n_layer=3, tied=False)
+    for clipping in ("flat", "per_layer"):
+        calls.clear()
+        dpcompile.explain(case.model, case.batch(2)[:1], clipping=clipping)
+        # 4 linear weights a block (qkv, proj, fc, fc2) and the head: 13 sites, 5 shapes traced
+        assert len(calls) == 3 * 4 + 1 and calls[-1] == 4 + 1, (clipping, calls)

@@ -144,8 +144,9 @@ def plan(graph: fx.Graph, ctx: PassContext, io: GraphIO) -> dict:
     bsym, bhint = batch_symbol(io.batch_extent)
     hints = size_hints(graph)
     choices: dict = {}
+    memo: dict = {}
     for pgs in groups_of(io).values():
-        shapes = {pg: linear_shape(pg, io.batch_node, io.batch_dim) for pg in pgs
+        shapes = {pg: linear_shape(pg, io.batch_node, io.batch_dim, memo) for pg in pgs
                   if pg.fused and site_kind(pg.contributions[0].site.kind).strategies}
         choices.update(plan_group(pgs, shapes, ctx.options, bsym, bhint, hints))
     return choices

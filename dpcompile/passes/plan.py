@@ -56,19 +56,34 @@ class LinearShape:
     itemsize: int
 
 
-def linear_shape(pg, batch_node, batch_dim: int) -> LinearShape:
-    """The (B, T, M) x (B, T, N) operand shapes a linear site's kernels will see, from the fake values."""
+def linear_shape(pg, batch_node, batch_dim: int, memo: dict | None = None) -> LinearShape:
+    """The (B, T, M) x (B, T, N) operand shapes a linear site's kernels will see, from the fake values. memo: shapes
+    already found in this graph, by what they depend on (the kind, each operand's sizes, dtype and sample layout):
+    a model's repeated blocks trace the split of their operands once, not once per block."""
     from torch._guards import detect_fake_mode
 
     site = pg.contributions[0].site
     env = {n: n.meta["val"] for n in site.inputs}
     bsz = batch_node.meta["val"].shape[batch_dim]
+    key = None
+    if memo is not None:
+        key = (site.kind, sym_expr(bsz), tuple(sorted((k, repr(v)) for k, v in site.info.items())),
+               tuple((role, tuple(sym_expr(d) for d in env[n].shape), env[n].dtype, site.layouts[role])
+                     for role, n in site.operands.items()))
+        try:
+            if key in memo:
+                return memo[key]
+        except TypeError:  # a layout that cannot be hashed: computed every time
+            key = None
     with detect_fake_mode(list(env.values()) + [batch_node.meta["val"]]):
         a, b = site.fused_inputs(env, bsz)
     itemsize = max(a.element_size(), b.element_size())
     # sizes as expressions, never int(): int() of a symbolic T would guard on (specialize) the sequence length
-    return LinearShape(sym_expr(a.shape[0]), sym_expr(a.shape[1]), sym_expr(a.shape[2]), sym_expr(b.shape[2]),
-                       itemsize)
+    shape = LinearShape(sym_expr(a.shape[0]), sym_expr(a.shape[1]), sym_expr(a.shape[2]), sym_expr(b.shape[2]),
+                        itemsize)
+    if key is not None:
+        memo[key] = shape
+    return shape
 
 
 def linear_costs(s: LinearShape, budget_bytes: float, dev: DeviceModel = DEVICE, probes: int = 32) -> dict:
