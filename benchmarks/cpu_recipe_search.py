@@ -10,7 +10,9 @@ machine can be predicted before the CLI runs it.
     python benchmarks/cpu_recipe_search.py --train norms --recipes "B=64,steps=20,lr=2e-3" "B=32,steps=40,lr=2e-3"
 
 --train: blocks (every block), blocks:K (the last K blocks, the CLI's --train-layers K), norms (every norm
-weight: RMSNorm/LayerNorm scales, as BitFit trains biases), norms:K (the last K blocks' norms and the final norm).
+weight: RMSNorm/LayerNorm scales, as BitFit trains biases), norms:K (the last K blocks' norms and the final norm),
+lora:R[:TARGETS] (dpcompile.memarc.lora of rank R on TARGETS: all (default), attn or mlp projections; the model
+trains through memarc.compile and its per-sample loss, and perplexity is the merged model's).
 A recipe is B (expected batch), steps, lr, and optionally C, eps (default --epsilon), seed, sched (const | linear:
 linear decay to 0). The non-private run of a recipe is compiled like the CLI's --no-dp (train_run.compile_no_dp).
 On a GPU (--device cuda) steps run under bf16 autocast, as the CLI's do.
@@ -56,14 +58,23 @@ def select_trainable(model, spec: str, decoder_blocks) -> None:
             if "norm" in type(m).__name__.lower():
                 m.requires_grad_(True)
     else:
-        raise SystemExit(f"--train {spec}: blocks | blocks:K | norms | norms:K")
+        raise SystemExit(f"--train {spec}: blocks | blocks:K | norms | norms:K | lora:R[:TARGETS]")
+
+
+def lora_model(model, spec: str):
+    """--train lora:R[:TARGETS]: the model with LoRA pairs in place (its own forward then includes them: the
+    perplexity of `model` is the adapted model's), and the memarc model that trains them."""
+    from dpcompile import memarc
+
+    _, rank, *targets = spec.split(":")
+    return memarc.lora(model, rank=int(rank), targets=targets[0] if targets else "all", copy_model=False)
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--data", default="shakespeare")
-    ap.add_argument("--train", default="norms", help="blocks | blocks:K | norms | norms:K")
+    ap.add_argument("--train", default="norms", help="blocks | blocks:K | norms | norms:K | lora:R[:TARGETS]")
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--eval-windows", type=int, default=24)
     ap.add_argument("--micro", type=int, default=16)
@@ -92,9 +103,11 @@ def main(argv=None) -> None:
     autocast = _autocast(device)
     backend = "flashdp" if device.type == "cuda" else "flashdp_eager"
     model, tok = D.load_model(args.model, progress=False)
-    model.to(device).train()
     model.config.use_cache = False
-    select_trainable(model, args.train, decoder_blocks)
+    lora = lora_model(model, args.train) if args.train.startswith("lora:") else None
+    if lora is None:
+        select_trainable(model, args.train, decoder_blocks)
+    model.to(device).train()
     trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     n_train = sum(p.numel() for _, p in trained)
     start = {n: p.detach().clone() for n, p in trained}
@@ -104,9 +117,16 @@ def main(argv=None) -> None:
     N = len(windows)
     print(f"[search] {args.train}: {n_train} trained parameters, N={N}, load {time.time() - t0:.0f}s", flush=True)
 
-    loss_model = CausalLMLoss(model)
-    dp_model = dp_compile(loss_model, backend=backend, max_grad_norm=args.C, clipping=args.clipping,
-                          loss_reduction="mean") if args.mode != "no_dp" else None
+    if lora is None:
+        loss_model, inputs = CausalLMLoss(model), lambda ids: (ids,)
+        dp_model = dp_compile(loss_model, backend=backend, max_grad_norm=args.C, clipping=args.clipping,
+                              loss_reduction="mean") if args.mode != "no_dp" else None
+    else:  # memarc's loss: mean over samples of each sample's token mean, targets given (the next tokens)
+        from dpcompile import memarc
+
+        loss_model, inputs = lora, lambda ids: (ids[:, :-1], ids[:, 1:])
+        dp_model = memarc.compile(lora, backend=backend, max_grad_norm=args.C, clipping=args.clipping,
+                                  loss_reduction="mean") if args.mode != "no_dp" else None
     no_dp_model = compile_no_dp(loss_model, backend) if args.mode != "dp" else None
     t = time.time()
     ppl0 = perplexity(model, held, args.micro, device, autocast, "eval", False)
@@ -147,7 +167,7 @@ def main(argv=None) -> None:
                     continue
                 ids = ids.to(device)
                 with autocast() if autocast else contextlib.nullcontext():
-                    loss = fwd(ids)
+                    loss = fwd(*inputs(ids))
                 if not private:
                     loss = loss * ids.shape[0] / B
                 loss.backward()

@@ -29,7 +29,8 @@ core=2
 for stage in "$@"; do
   case "$stage" in
     gpu|gpu:*)  # gpu[:MODE[:CLIPPING[:TRAIN]]][@RECIPE@RECIPE...]: MODE both | dp | no_dp, CLIPPING flat |
-      # per_layer, TRAIN blocks | blocks:K (cpu_recipe_search --train); recipes inline, else GPU_RECIPES; GPU_FLAGS.
+      # per_layer, TRAIN blocks | blocks:K | lora:R[:TARGETS] (cpu_recipe_search --train); recipes inline, else
+      # GPU_RECIPES; GPU_FLAGS.
       # Several gpu stages run side by side on the one GPU, each its own process (one compile per process).
       spec=${stage%%@*}; IFS=: read -r _ mode clip train <<< "$spec"
       if [[ "$stage" == *@* ]]; then IFS=@ read -r -a recipes <<< "${stage#*@}"; else eval "recipes=($GPU_RECIPES)"; fi
