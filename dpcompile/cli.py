@@ -107,11 +107,12 @@ def _delta(s: str) -> float:
     return _float(s, lambda v: 0 < v < 1, "in (0, 1)")
 
 
-def _add_model_options(p: argparse.ArgumentParser, train_layers_default: str, clipping_default: str) -> None:
-    p.add_argument("--clipping", default=None if clipping_default != "per_layer" else "per_layer",
-                   choices=["flat", "per_layer", "per_param"],
-                   help=f"clipping groups (default {clipping_default}; every style bounds the whole per-sample norm "
-                        "by C)")
+def _add_model_options(p: argparse.ArgumentParser, train_layers_default: str, clipping_default: Optional[str],
+                       clipping_default_text: str) -> None:
+    """clipping_default: None where the device profile decides (train: cli.PROFILES), said by clipping_default_text."""
+    p.add_argument("--clipping", default=clipping_default, choices=["flat", "per_layer", "per_param"],
+                   help=f"clipping groups (default {clipping_default_text}; every style bounds the whole per-sample "
+                        "norm by C)")
     p.add_argument("--clip-fn", default="abadi", choices=["abadi", "automatic"],
                    help="min(1, C/|g|) (abadi, the default) or C/(|g|+0.01) (automatic)")
     p.add_argument("--max-grad-norm", type=_max_grad_norm, default=1.0, metavar="C",
@@ -154,9 +155,9 @@ def _add_train_parser(sub) -> None:
                            "DP fine-tuning (DP-SGD with Poisson sampling, per-sample clipping in the compiled graph, "
                            "Gaussian noise, PLD accounting) of a causal LM on text. With no options: SmolLM2-135M "
                            "on Shakespeare at epsilon=8, delta=1e-5; on a CPU a short demonstration run, on a GPU "
-                           "6 epochs of the whole model (3 with --no-dp). A model whose directory records earlier DP training "
-                           "(dp_checkpoint.pt / dp_report.json) continues that privacy history: epsilon and "
-                           "--epsilon are totals.", 100))
+                           "6 epochs of the whole model (3 with --no-dp). A model whose directory records earlier "
+                           "DP training (dp_checkpoint.pt / dp_report.json) continues that privacy history: epsilon "
+                           "and --epsilon are totals.", 100))
     t.add_argument("--model", default="smollm2-135m",
                    help="smollm2-135m (the default) | tiny-llama | tiny-gpt2 | a .gguf file | a save_pretrained "
                         "directory, e.g. an earlier run's --out (its DP history continues)")
@@ -179,12 +180,12 @@ def _add_train_parser(sub) -> None:
                    help="tokens per example window (>= 2); default 32 on CPU, 256 on a GPU")
     t.add_argument("--max-windows", type=_positive(int), default=None,
                    help="use only the first N training windows (N is what the accountant sees)")
-    t.add_argument("--lr", type=_positive(float), default=None, help="AdamW learning rate (default 2e-3 on CPU; on a GPU 7e-4, "
-                   "or 3e-4 with --no-dp)")
+    t.add_argument("--lr", type=_positive(float), default=None,
+                   help="AdamW learning rate (default 2e-3 on CPU; on a GPU 7e-4, or 3e-4 with --no-dp)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     t.add_argument("--eval-windows", type=int, default=None,
                    help="held-out windows for perplexity before and after (0: skip); default 96 on CPU, 512 on a GPU")
-    _add_model_options(t, "2 on CPU, all on a GPU", "per_layer on CPU, flat on a GPU")
+    _add_model_options(t, "2 on CPU, all on a GPU", None, "per_layer on CPU, flat on a GPU")
     t.add_argument("--backend", default="auto", choices=["auto", "flashdp", "flashdp_eager"],
                    help="auto (the default): flashdp (Inductor + Triton kernels) on a GPU, flashdp_eager on CPU")
     t.add_argument("--device", default="auto", help="auto (the default) | cpu | cuda | cuda:N")
@@ -241,7 +242,7 @@ def _add_explain_parser(sub) -> None:
     e.add_argument("--seq-len", type=_seq_len, default=64, help="example length (default 64)")
     e.add_argument("--batch-size", type=_positive(int), default=2, help="batch size of the example input (>= 2; "
                                                                          "default 2)")
-    _add_model_options(e, "all", "per_layer")
+    _add_model_options(e, "all", "per_layer", "per_layer")
 
 
 def _explicit_options(argv: Sequence[str]) -> set:
