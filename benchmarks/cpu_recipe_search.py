@@ -87,10 +87,13 @@ def main(argv=None) -> None:
                     help="both (default): each recipe with DP and its non-private baseline; dp or no_dp: one of them")
     ap.add_argument("--recipes", nargs="+", required=True, help="B=..,steps=..,lr=.. [,C=..,eps=..,sched=linear]")
     ap.add_argument("--out", default="benchmarks/cpu_recipe_search.jsonl")
+    ap.add_argument("--sample", default=None,
+                    help="prompt of the greedy 24-token sample kept with each run, and before training (default: "
+                         "the CLI's --sample prompt; '' for none)")
     args = ap.parse_args(argv)
 
     from dpcompile import data as D
-    from dpcompile.cli import decoder_blocks, perplexity
+    from dpcompile.cli import DEFAULT_SAMPLE_PROMPT, decoder_blocks, perplexity
     from dpcompile.compile import compile as dp_compile
     from dpcompile.hf import CausalLMLoss
     from dpcompile.privacy.accounting import get_noise_multiplier
@@ -132,6 +135,20 @@ def main(argv=None) -> None:
     ppl0 = perplexity(model, held, args.micro, device, autocast, "eval", False)
     eval_s = time.time() - t
     print(f"[search] perplexity before {ppl0:.3f} ({eval_s:.0f}s)", flush=True)
+    prompt = DEFAULT_SAMPLE_PROMPT if args.sample is None else args.sample
+
+    def sample():
+        """The CLI's sample (train_run.finish): greedy, 24 new tokens."""
+        if not prompt:
+            return None
+        model.eval()
+        enc = tok(prompt, return_tensors="pt").to(device)
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
+        model.train()
+        return tok.decode(out[0], skip_special_tokens=True)
+
+    sample_before = sample()
 
     def reset():
         with torch.no_grad():
@@ -179,7 +196,7 @@ def main(argv=None) -> None:
                 torch.cuda.synchronize()
             times.append(time.time() - ts)
         ppl = perplexity(model, held, args.micro, device, autocast, "eval", False)
-        return {"ppl": ppl, "sigma": sigma, "epsilon": eps if private else None, "first_step_s": round(times[0], 1),
+        return {"ppl": ppl, "sample": sample(), "sigma": sigma, "epsilon": eps if private else None, "first_step_s": round(times[0], 1),
                 "step_s": round(sorted(times[1:])[len(times[1:]) // 2], 3) if len(times) > 1 else None,
                 "train_s": round(sum(times), 1)}
 
@@ -187,7 +204,8 @@ def main(argv=None) -> None:
     for text in args.recipes:
         r = parse_recipe(text)
         rec = {"train": args.train, "trained_params": n_train, "recipe": r, "seq_len": args.seq_len,
-               "clipping": args.clipping, "N": N, "ppl_before": ppl0, "eval_s": round(eval_s, 1),
+               "clipping": args.clipping, "N": N, "ppl_before": ppl0, "sample_before": sample_before,
+               "eval_s": round(eval_s, 1),
                "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
                "threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
         if args.mode != "no_dp":
