@@ -89,5 +89,8 @@ for r in recs:
     elif r.get("no_dp"):
         print(f"no-DP {r['train']} {r['recipe']}: {r['ppl_before']:.2f} -> {r['no_dp']['ppl']:.2f} "
               f"step {r['no_dp']['step_s']}s")
+    for run in (d, r.get("no_dp")):
+        if run and run.get("sample"):  # records of cpu_recipe_search.py since it kept samples
+            print("   sample:", repr(run["sample"])[:110])
 PY
 for f in "$OUT"/cli*.log; do [ -f "$f" ] && { echo "== $f"; grep -v "^\s" "$f" | tail -12; }; done
