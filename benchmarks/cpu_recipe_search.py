@@ -12,7 +12,8 @@ machine can be predicted before the CLI runs it.
 --train: blocks (every block), blocks:K (the last K blocks, the CLI's --train-layers K), norms (every norm
 weight: RMSNorm/LayerNorm scales, as BitFit trains biases), norms:K (the last K blocks' norms and the final norm),
 lora:R[:TARGETS] (dpcompile.memarc.lora of rank R on TARGETS: all (default), attn or mlp projections; the model
-trains through memarc.compile and its per-sample loss, and perplexity is the merged model's).
+trains through memarc.compile and its per-sample loss; the pairs sit in the model, so perplexity and samples are
+the adapted model's).
 A recipe is B (expected batch), steps, lr, and optionally C, eps (default --epsilon), seed, sched (const | linear:
 linear decay to 0). The non-private run of a recipe is compiled like the CLI's --no-dp (train_run.compile_no_dp).
 On a GPU (--device cuda) steps run under bf16 autocast, as the CLI's do.
@@ -62,8 +63,8 @@ def select_trainable(model, spec: str, decoder_blocks) -> None:
 
 
 def lora_model(model, spec: str):
-    """--train lora:R[:TARGETS]: the model with LoRA pairs in place (its own forward then includes them: the
-    perplexity of `model` is the adapted model's), and the memarc model that trains them."""
+    """--train lora:R[:TARGETS]: the memarc model that trains LoRA pairs put in place into `model` (whose own
+    forward then includes them: its perplexity is the adapted model's)."""
     from dpcompile import memarc
 
     _, rank, *targets = spec.split(":")
@@ -196,7 +197,8 @@ def main(argv=None) -> None:
                 torch.cuda.synchronize()
             times.append(time.time() - ts)
         ppl = perplexity(model, held, args.micro, device, autocast, "eval", False)
-        return {"ppl": ppl, "sample": sample(), "sigma": sigma, "epsilon": eps if private else None, "first_step_s": round(times[0], 1),
+        return {"ppl": ppl, "sample": sample(), "sigma": sigma, "epsilon": eps if private else None,
+                "first_step_s": round(times[0], 1),
                 "step_s": round(sorted(times[1:])[len(times[1:]) // 2], 3) if len(times) > 1 else None,
                 "train_s": round(sum(times), 1)}
 

@@ -54,7 +54,8 @@ WORKLOADS = {
 }
 #: what the harness runs by default (the issue-3 harness); the long-context ones are named explicitly
 DEFAULT_WORKLOADS = list(WORKLOADS)[:7]
-MODES = ["non-DP compiled", "non-DP compiled dynamic", "non-DP eager", "flashdp per_layer", "flashdp flat", "opacus ghost"]
+MODES = ["non-DP compiled", "non-DP compiled dynamic", "non-DP eager", "flashdp per_layer", "flashdp flat",
+         "opacus ghost"]
 
 
 # -- one mode in this process --------------------------------------------------------------------------------

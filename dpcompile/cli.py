@@ -107,9 +107,10 @@ def _delta(s: str) -> float:
     return _float(s, lambda v: 0 < v < 1, "in (0, 1)")
 
 
-def _add_model_options(p: argparse.ArgumentParser, train_layers_default: str, clipping_default: Optional[str],
-                       clipping_default_text: str) -> None:
-    """clipping_default: None where the device profile decides (train: cli.PROFILES), said by clipping_default_text."""
+def _add_model_options(p: argparse.ArgumentParser, train_layers_default: str, clipping_default: Optional[str] = None,
+                       clipping_default_text: str = "per_layer") -> None:
+    """clipping_default: None where the device profile decides (train: cli.PROFILES); clipping_default_text says
+    what the default is."""
     p.add_argument("--clipping", default=clipping_default, choices=["flat", "per_layer", "per_param"],
                    help=f"clipping groups (default {clipping_default_text}; every style bounds the whole per-sample "
                         "norm by C)")
@@ -185,7 +186,7 @@ def _add_train_parser(sub) -> None:
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     t.add_argument("--eval-windows", type=int, default=None,
                    help="held-out windows for perplexity before and after (0: skip); default 96 on CPU, 512 on a GPU")
-    _add_model_options(t, "2 on CPU, all on a GPU", None, "per_layer on CPU, flat on a GPU")
+    _add_model_options(t, "2 on CPU, all on a GPU", clipping_default_text="per_layer on CPU, flat on a GPU")
     t.add_argument("--backend", default="auto", choices=["auto", "flashdp", "flashdp_eager"],
                    help="auto (the default): flashdp (Inductor + Triton kernels) on a GPU, flashdp_eager on CPU")
     t.add_argument("--device", default="auto", help="auto (the default) | cpu | cuda | cuda:N")
@@ -242,7 +243,7 @@ def _add_explain_parser(sub) -> None:
     e.add_argument("--seq-len", type=_seq_len, default=64, help="example length (default 64)")
     e.add_argument("--batch-size", type=_positive(int), default=2, help="batch size of the example input (>= 2; "
                                                                          "default 2)")
-    _add_model_options(e, "all", "per_layer", "per_layer")
+    _add_model_options(e, "all", clipping_default="per_layer")
 
 
 def _explicit_options(argv: Sequence[str]) -> set:

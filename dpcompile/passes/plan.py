@@ -70,11 +70,8 @@ def linear_shape(pg, batch_node, batch_dim: int, memo: dict | None = None) -> Li
         key = (site.kind, sym_expr(bsz), tuple(sorted((k, repr(v)) for k, v in site.info.items())),
                tuple((role, tuple(sym_expr(d) for d in env[n].shape), env[n].dtype, site.layouts[role])
                      for role, n in site.operands.items()))
-        try:
-            if key in memo:
-                return memo[key]
-        except TypeError:  # a layout that cannot be hashed: computed every time
-            key = None
+        if key in memo:
+            return memo[key]
     with detect_fake_mode(list(env.values()) + [batch_node.meta["val"]]):
         a, b = site.fused_inputs(env, bsz)
     itemsize = max(a.element_size(), b.element_size())
