@@ -28,16 +28,17 @@ pids=()
 core=2
 for stage in "$@"; do
   case "$stage" in
-    gpu|gpu:*)  # gpu[:MODE[:CLIPPING[:TRAIN]]][@RECIPE@RECIPE...]: MODE both | dp | no_dp, CLIPPING flat |
-      # per_layer, TRAIN blocks | blocks:K | lora:R[:TARGETS] (cpu_recipe_search --train); recipes inline, else
-      # GPU_RECIPES; GPU_FLAGS.
+    gpu|gpu:*)  # gpu[:MODE[:CLIPPING[:TRAIN]]][#FLAGS][@RECIPE@RECIPE...]: MODE both | dp | no_dp, CLIPPING
+      # flat | per_layer, TRAIN blocks | blocks:K | lora:R[:TARGETS] (cpu_recipe_search --train); FLAGS: this
+      # stage's own flags, + for spaces (e.g. #--seq-len+64+--micro+128); recipes inline, else GPU_RECIPES; GPU_FLAGS.
       # Several gpu stages run side by side on the one GPU, each its own process (one compile per process).
-      spec=${stage%%@*}; IFS=: read -r _ mode clip train <<< "$spec"
+      spec=${stage%%@*}; flags=; [[ "$spec" == *#* ]] && { flags=${spec#*#}; flags=${flags//+/ }; spec=${spec%%#*}; }
+      IFS=: read -r _ mode clip train <<< "$spec"
       if [[ "$stage" == *@* ]]; then IFS=@ read -r -a recipes <<< "${stage#*@}"; else eval "recipes=($GPU_RECIPES)"; fi
-      tag=${mode:-both}_${train:-blocks}_${clip:-per_layer}; tag=${tag/:/-}
+      tag=${mode:-both}_${train:-blocks}_${clip:-per_layer}_$(echo "$flags" | tr -dc 'a-z0-9'); tag=${tag/:/-}
       timeout ${GPU_TIMEOUT:-560} python3 benchmarks/cpu_recipe_search.py --device cuda \
         --train "${train:-blocks}" --clipping "${clip:-per_layer}" --seq-len 256 --micro 32 --eval-windows 512 \
-        --mode "${mode:-both}" ${GPU_FLAGS:-} --recipes "${recipes[@]}" --out "$OUT/gpu_recipes.jsonl" \
+        --mode "${mode:-both}" ${GPU_FLAGS:-} $flags --recipes "${recipes[@]}" --out "$OUT/gpu_recipes.jsonl" \
         > "$OUT/gpu_$tag.log" 2>&1 &
       pids+=($!) ;;
     cli-best:*)  # cli-best:TAG[:EXTRA+FLAGS]: the CLI with the recipe of lowest DP perplexity at epsilon 8 in
@@ -51,7 +52,8 @@ r = min(dp, key=lambda r: r["dp"]["ppl"])
 x = r["recipe"]
 train = r["train"]
 layers = "" if train == "blocks" else f" --train-layers {train.split(':')[1]}"
-print(f"--clipping {r['clipping']} --batch-size {int(x['B'])} --steps {int(x['steps'])} --lr {x['lr']}{layers}")
+print(f"--clipping {r['clipping']} --batch-size {int(x['B'])} --steps {int(x['steps'])} --lr {x['lr']}{layers} "
+      f"--seq-len {r.get('seq_len', 256)}")
 PY
 )
       echo "cli-best $tag: $flags ${extra//+/ }" | tee -a "$OUT/cli_best.txt"
@@ -78,16 +80,22 @@ for p in "${pids[@]}"; do wait "$p"; done
 python3 - /tmp/scratch/gpu_recipes_all.jsonl <<'PY'
 import json, os, sys
 recs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()] if os.path.exists(sys.argv[1]) else []
-key = lambda r: (r["train"], tuple(sorted((k, v) for k, v in r["recipe"].items() if k not in ("C", "eps"))))
+seq = lambda r: r.get("seq_len", 256)
+key = lambda r: (r["train"], seq(r), tuple(sorted((k, v) for k, v in r["recipe"].items() if k not in ("C", "eps"))))
 base = {key(r): r["no_dp"]["ppl"] for r in recs if r.get("no_dp")}
+best = {}  # the best non-private run of each set of trained parameters and sequence length: what --no-dp runs
 for r in recs:
-    d, n0 = r.get("dp"), base.get(key(r))
+    if r.get("no_dp"):
+        best[r["train"], seq(r)] = min(best.get((r["train"], seq(r)), 1e9), r["no_dp"]["ppl"])
+gain = lambda r, ppl, ref: round((r["ppl_before"] - ppl) / (r["ppl_before"] - ref), 3) if ref else None
+for r in recs:
+    d, n0, b = r.get("dp"), base.get(key(r)), best.get((r["train"], seq(r)))
     if d:
-        rec = (r["ppl_before"] - d["ppl"]) / (r["ppl_before"] - n0) if n0 else None
-        print(f"DP {r['train']} {r['clipping']} {r['recipe']}: {r['ppl_before']:.2f} -> {d['ppl']:.2f} (sigma "
-              f"{d['sigma']:.3f}) no-DP {n0 and round(n0, 2)} recovered {rec and round(rec, 3)} step {d['step_s']}s")
+        print(f"DP {r['train']} T={seq(r)} {r['clipping']} {r['recipe']}: {r['ppl_before']:.2f} -> {d['ppl']:.2f} "
+              f"(sigma {d['sigma']:.3f}) no-DP {n0 and round(n0, 2)} recovered {gain(r, d['ppl'], n0)}, of the best "
+              f"no-DP {b and round(b, 2)}: {gain(r, d['ppl'], b)} step {d['step_s']}s")
     elif r.get("no_dp"):
-        print(f"no-DP {r['train']} {r['recipe']}: {r['ppl_before']:.2f} -> {r['no_dp']['ppl']:.2f} "
+        print(f"no-DP {r['train']} T={seq(r)} {r['recipe']}: {r['ppl_before']:.2f} -> {r['no_dp']['ppl']:.2f} "
               f"step {r['no_dp']['step_s']}s")
     for run in (d, r.get("no_dp")):
         if run and run.get("sample"):  # records of cpu_recipe_search.py since it kept samples
