@@ -15,7 +15,9 @@ lora:R[:TARGETS] (dpcompile.memarc.lora of rank R on TARGETS: all (default), att
 trains through memarc.compile and its per-sample loss; the pairs sit in the model, so perplexity and samples are
 the adapted model's).
 A recipe is B (expected batch), steps, lr, and optionally C, eps (default --epsilon), seed, sched (const | linear:
-linear decay to 0). The non-private run of a recipe is compiled like the CLI's --no-dp (train_run.compile_no_dp).
+linear decay to 0), ema (an exponential moving average of the trained weights with this decay, warmed up as
+min(ema, (1 + t) / (10 + t)) at step t; perplexity and sample are then the average's: post-processing, no privacy
+cost, and it averages out part of the noise's random walk, as De et al. 2022 do). The non-private run of a recipe is compiled like the CLI's --no-dp (train_run.compile_no_dp).
 On a GPU (--device cuda) steps run under bf16 autocast, as the CLI's do.
 Appends one JSON line per recipe to --out (default benchmarks/cpu_recipe_search.jsonl).
 """
@@ -177,6 +179,9 @@ def main(argv=None) -> None:
             fwd = dp_model
         else:
             opt, fwd = inner, no_dp_model
+        ema, avg = float(r.get("ema", 0.0)), None
+        if ema:
+            avg = [p.detach().float().clone() for _, p in trained]
         times = []
         for micro_batches in loader:
             ts = time.time()
@@ -193,9 +198,17 @@ def main(argv=None) -> None:
             opt.zero_grad(set_to_none=True)
             if sched is not None:
                 sched.step()
+            if avg is not None:
+                decay = min(ema, (1 + len(times)) / (10 + len(times)))
+                with torch.no_grad():
+                    torch._foreach_lerp_(avg, [p.detach().float() for _, p in trained], 1 - decay)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.time() - ts)
+        if avg is not None:
+            with torch.no_grad():
+                for (_, p), a in zip(trained, avg):
+                    p.copy_(a)
         ppl = perplexity(model, held, args.micro, device, autocast, "eval", False)
         return {"ppl": ppl, "sample": sample(), "sigma": sigma, "epsilon": eps if private else None,
                 "first_step_s": round(times[0], 1),
