@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import operator
 import re
 import warnings
 from typing import Any, Optional
@@ -217,6 +218,44 @@ def _warn_if_loss_is_outside(gm: torch.fx.GraphModule, root: Optional[nn.Module]
             "forward returns the loss (for transformers models, dpcompile.hf.CausalLMLoss)", stacklevel=2)
 
 
+def inline_compile_regions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Replace every call of a torch.compiler.nested_compile_region (Dynamo's invoke_subgraph) by the region's body.
+
+    AOTAutograd compiles a region's body as a graph of its own, where the pass cannot see the rest of a sample's
+    gradient: its parameters' norms and sums would be wrong or refused. Inlined, the pass sees one graph and clips
+    exactly; what the region would have saved (compiling a repeated block once) is lost. Nested regions are
+    inlined first. Works on the graph Dynamo hands the backend, before anything reads it."""
+    invoke = getattr(torch.ops.higher_order, "invoke_subgraph", None)
+    calls = [] if invoke is None else list(gm.graph.find_nodes(op="call_function", target=invoke))
+    for call in calls:
+        attr, operands = call.args[0], call.args[2:]
+        body = inline_compile_regions(getattr(gm, attr.target))
+        env = dict(zip(body.graph.find_nodes(op="placeholder"), operands))
+        with gm.graph.inserting_before(call):
+            for node in body.graph.nodes:
+                if node.op in ("placeholder", "output"):
+                    continue
+                env[node] = gm.graph.node_copy(node, lambda n: env[n])
+                if node.op == "get_attr":  # a constant or nested module of the body: moved onto gm, renamed
+                    target = f"{attr.target}_{node.target}".replace(".", "_")
+                    setattr(gm, target, getattr(body, node.target))
+                    env[node].target = target
+        results = body.graph.output_node().args[0]
+        for user in list(call.users):
+            if user.op != "call_function" or user.target is not operator.getitem:
+                raise DPCompileError(f"flashdp: a nested_compile_region's result is used by `{user.name}` other "
+                                     "than by indexing; compile the model without nested_compile_region")
+            user.replace_all_uses_with(env[results[user.args[1]]])
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(call)
+        if not attr.users:
+            gm.graph.erase_node(attr)
+    if calls:
+        gm.graph.lint()
+        gm.recompile()
+    return gm
+
+
 def build_context(gm: torch.fx.GraphModule, example_inputs: list, options: Any) -> PassContext:
     opts = options if isinstance(options, DPOptions) else DPOptions.parse(options)
     _refuse_torch_ddp()
@@ -397,6 +436,7 @@ def flashdp(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
     from torch._inductor.compile_fx import compile_fx
 
     options, patches = _options_from(kwargs)
+    gm = inline_compile_regions(gm)
     ctx = build_context(gm, example_inputs, options)
     ctx.inline_ops = True
     if ctx.options.uses_randomized() and _uses_cudagraphs(patches):
@@ -424,6 +464,7 @@ def flashdp_eager(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
     if patches:
         raise OptionsError("option mode: flashdp_eager runs the rewritten graphs op by op, without code generation; "
                            "a torch.compile mode (CUDA graphs, autotuning) needs backend='flashdp'")
+    gm = inline_compile_regions(gm)
     ctx = build_context(gm, example_inputs, options)
 
     def partition(joint, joint_inputs, **kw):

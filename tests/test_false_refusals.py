@@ -225,6 +225,33 @@ class SplitHeads(nn.Module):
         return self.out(torch.tanh(a) * c + d)
 
 
+class _RegionBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    @torch.compiler.nested_compile_region
+    def forward(self, x):
+        return torch.tanh(self.fc(x))
+
+
+class NestedRegions(nn.Module):
+    """Repeated blocks marked with torch.compiler.nested_compile_region (issue 21 item 5's way of compiling a block
+    once). Each block's parameters are their own, so the per-sample norms must see through every call of the
+    region; today Dynamo hands the backend the region inlined, and an invoke_subgraph call the pass could not see
+    into would be refused, not clipped wrong (this case fails either way if a gradient is wrong)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList(_RegionBlock() for _ in range(3))
+        self.out = nn.Linear(4, 2)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.out(x)
+
+
 def _case(name, build, make_batch, loss_fn=_mse):
     return models.Case(name, models._build(0, build), make_batch, loss_fn)
 
@@ -243,6 +270,7 @@ CASES = {
     "lora_weight_norm": lambda: _case("lora_weight_norm", LoRAWeightNorm, _regression((3,), (2,))),
     "embedding_bag": lambda: _case("embedding_bag", Bags, _bag_batch),
     "split_with_sizes_chunk": lambda: _case("split_with_sizes_chunk", SplitHeads, _regression((4,), (1,))),
+    "nested_compile_region": lambda: _case("nested_compile_region", NestedRegions, _regression((4,), (2,))),
 }
 
 
