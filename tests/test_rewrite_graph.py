@@ -201,3 +201,25 @@ def test_stored_drops_the_operands_two_pass_keeps(monkeypatch):
     assert _operands_die_before_the_sums(stored, dp.linear_tiles.default, dp.tiles_clipped_sum.default)
     assert not _operands_die_before_the_sums(two_pass, dp.linear_tile_norm.default,
                                              dp.linear_tile_clipped_sum.default)
+
+
+def test_verify_finds_a_replaced_gradient_that_still_feeds_an_output():
+    """The coverage check's dependence test (walked forward from the replaced gradient): a path through any number
+    of ops is found, a dead or side branch is not."""
+    from torch import fx
+
+    from dpcompile.passes.verify import _depends_on
+
+    g = fx.Graph()
+    x = g.placeholder("x")
+    original = g.call_function(torch.ops.aten.mm.default, (x, x))  # the unclipped gradient the rewrite replaced
+    side = g.call_function(torch.ops.aten.relu.default, (original,))
+    clipped = g.call_function(torch.ops.aten.neg.default, (x,))
+    out = g.call_function(torch.ops.aten.add.Tensor, (clipped, x))
+    g.output((out, side))
+    assert not _depends_on(out, original)
+    assert _depends_on(side, original)
+    leak = g.call_function(torch.ops.aten.mul.Tensor, (side, 2.0))
+    out.replace_input_with(x, leak)  # now the unclipped gradient reaches `out` through relu and mul
+    assert _depends_on(out, original)
+    assert not _depends_on(original, out)
