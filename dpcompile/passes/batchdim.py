@@ -46,13 +46,21 @@ def _is_pointwise(target) -> bool:
 class BatchDimAnalysis:
     """Run once over a joint graph; `state(node)` answers afterwards."""
 
-    def __init__(self, graph: fx.Graph, seeds: dict, batch_size: sympy.Expr):
+    def __init__(self, graph: fx.Graph, seeds: dict, batch_size: sympy.Expr,
+                 base: Optional["BatchDimAnalysis"] = None, changed: Optional[set] = None):
+        """base, changed: an analysis of the same graph whose seeds differ from `seeds` only at placeholders in
+        `changed`, which holds every node that depends on them (graph_io.dependents); the other nodes' states are
+        base's, since a state is a function of the node's inputs' states only (trying one input's layouts
+        reanalyses only what that input reaches)."""
         self.graph = graph
         self.B = batch_size
-        self.shape_env = graph_shape_env(graph)
+        self.shape_env = graph_shape_env(graph) if base is None else base.shape_env
         self.states: dict[fx.Node, State] = {}
         for node in graph.nodes:
-            if node.op == "placeholder":
+            if base is not None and node not in changed:
+                if node in base.states:
+                    self.states[node] = base.states[node]
+            elif node.op == "placeholder":
                 self.states[node] = seeds.get(node)
             elif node.op == "call_function":
                 try:

@@ -134,7 +134,8 @@ class SampleInputs:
                 lined_up, mixing = [], []
                 deps = self.deps[node]
                 for layout in layouts:
-                    trial = BatchDimAnalysis(self.graph, {**self.seeds, node: layout}, self.io.batch_size)
+                    trial = BatchDimAnalysis(self.graph, {**self.seeds, node: layout}, self.io.batch_size,
+                                             base=base, changed=deps)
                     up, mixes = self._meets(trial, base, deps)
                     if up and not mixes:
                         lined_up.append(layout)
