@@ -47,6 +47,21 @@ def test_cuda_bf16_autocast_close_to_oracle(case, clipping):
         assert rel < 3e-2, f"{name}: relative error {rel:.3e}"
 
 
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_cuda_nested_compile_regions_are_inlined_and_exact(clipping):
+    """Blocks marked with torch.compiler.nested_compile_region, through Inductor's CUDA code generation: the
+    backend inlines the region bodies (backend.inline_compile_regions), so the norms span every block."""
+    from test_false_refusals import CASES
+
+    case = CASES["nested_compile_region"]()
+    batch = case.batch(6, seed=3)
+    got = _cuda_grads(case, batch, "flashdp", autocast=False, max_grad_norm=1e-2, clipping=clipping,
+                      loss_reduction="mean")
+    want = oracle_grads(case, batch, max_grad_norm=1e-2, clipping=clipping)
+    for name, w in want.items():
+        torch.testing.assert_close(got[name].double().cpu(), w, atol=1e-7, rtol=5e-4, msg=name)
+
+
 def _cuda_grads(case, batch, backend, autocast, **options):
     model = copy.deepcopy(case.model).cuda()
     batch = tuple(b.cuda() for b in batch)
