@@ -17,7 +17,8 @@ the adapted model's).
 A recipe is B (expected batch), steps, lr, and optionally C, eps (default --epsilon), seed, sched (const | linear:
 linear decay to 0), ema (an exponential moving average of the trained weights with this decay, warmed up as
 min(ema, (1 + t) / (10 + t)) at step t; perplexity and sample are then the average's: post-processing, no privacy
-cost, and it averages out part of the noise's random walk, as De et al. 2022 do). The non-private run of a recipe is compiled like the CLI's --no-dp (train_run.compile_no_dp).
+cost, and it averages out part of the noise's random walk, as De et al. 2022 do). The non-private run of a recipe
+is compiled like the CLI's --no-dp (train_run.compile_no_dp).
 On a GPU (--device cuda) steps run under bf16 autocast, as the CLI's do.
 Appends one JSON line per recipe to --out (default benchmarks/cpu_recipe_search.jsonl).
 """
@@ -102,7 +103,7 @@ def main(argv=None) -> None:
     from dpcompile.privacy.accounting import get_noise_multiplier
     from dpcompile.privacy.optimizer import DPOptimizer
     from dpcompile.privacy.sampling import PoissonDataLoader
-    from dpcompile.train_run import _autocast, compile_no_dp
+    from dpcompile.train_run import _autocast, compile_no_dp, sample_text
 
     t0 = time.time()
     device = torch.device(args.device)
@@ -141,15 +142,12 @@ def main(argv=None) -> None:
     prompt = DEFAULT_SAMPLE_PROMPT if args.sample is None else args.sample
 
     def sample():
-        """The CLI's sample (train_run.finish): greedy, 24 new tokens."""
+        """The CLI's sample (train_run.sample_text), the model back in training mode."""
         if not prompt:
             return None
-        model.eval()
-        enc = tok(prompt, return_tensors="pt").to(device)
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
+        text = sample_text(model, tok, prompt, device)
         model.train()
-        return tok.decode(out[0], skip_special_tokens=True)
+        return text
 
     sample_before = sample()
 

@@ -230,7 +230,12 @@ def inline_compile_regions(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     for call in calls:
         attr, operands = call.args[0], call.args[2:]
         body = inline_compile_regions(getattr(gm, attr.target))
-        env = dict(zip(body.graph.find_nodes(op="placeholder"), operands))
+        params = body.graph.find_nodes(op="placeholder")
+        if len(params) != len(operands):  # another invoke_subgraph signature than (body, identifier, *operands)
+            raise DPCompileError(f"flashdp: a nested_compile_region call `{call.name}` passes {len(operands)} "
+                                 f"operands to a body of {len(params)} inputs; this torch's invoke_subgraph is not "
+                                 "one dpcompile knows: compile the model without nested_compile_region")
+        env = dict(zip(params, operands))
         with gm.graph.inserting_before(call):
             for node in body.graph.nodes:
                 if node.op in ("placeholder", "output"):

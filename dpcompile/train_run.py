@@ -110,7 +110,7 @@ def load_data(s: Setup, tok) -> Data:
     if s.resumed is not None and args.steps is None and args.epochs is None:
         steps = int(run["steps"])
     else:
-        steps = _planned_steps(args, q, s.device.type, s.profiles, not run["no_dp"])
+        steps = _planned_steps(args, q, s.device.type, s.profiles, s.private)
     if steps <= steps_done:
         raise UsageError(f"--resume {args.resume}: the run already took {steps_done} steps; pass --steps N with "
                          f"N > {steps_done} to continue it")
@@ -435,6 +435,15 @@ class Training:
 
 # ---- the end of the run ---------------------------------------------------------------------------------------
 
+def sample_text(model, tok, prompt: str, device) -> str:
+    """The report's sample: `prompt` and 24 greedy tokens (the model is left in eval mode)."""
+    model.eval()
+    enc = tok(prompt, return_tensors="pt").to(device)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
+    return tok.decode(out[0], skip_special_tokens=True)
+
+
 def finish(t: Training, done: int) -> tuple[dict, float, float]:
     """The perplexity after training, the final report (with a generate() sample of --sample), the final save.
     Returns (report, perplexity after, epsilon spent)."""
@@ -447,11 +456,7 @@ def finish(t: Training, done: int) -> tuple[dict, float, float]:
                       mean_step_seconds=round(sum(step_times[1:]) / max(1, len(step_times) - 1), 2)
                       if step_times else None)
     if s.args.sample:
-        model.eval()
-        enc = tok(s.args.sample, return_tensors="pt").to(s.device)
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
-        report["sample"] = tok.decode(out[0], skip_special_tokens=True)
+        report["sample"] = sample_text(model, tok, s.args.sample, s.device)
     if s.out_dir is not None:
         t.save(done, final=True, report=report)
         report["out"] = str(s.out_dir)

@@ -154,7 +154,6 @@ def test_randomized_sites_probe_stored_products_where_stored_may_keep_them():
         assert not {"randomized", "randomized_stored"} & set(auto.costs)
 
 
-
 def test_planner_finds_each_distinct_linear_shape_once(monkeypatch):
     """Identical blocks give their linear sites the same operand shapes: the plan stage traces a shape once
     (plan.linear_shape's memo, per graph), and every site still gets what a trace of its own operands gives."""

@@ -238,8 +238,8 @@ class _RegionBlock(nn.Module):
 class NestedRegions(nn.Module):
     """Repeated blocks marked with torch.compiler.nested_compile_region (issue 21 item 5's way of compiling a block
     once). Each block's parameters are their own, so the per-sample norms must see through every call of the
-    region; today Dynamo hands the backend the region inlined, and an invoke_subgraph call the pass could not see
-    into would be refused, not clipped wrong (this case fails either way if a gradient is wrong)."""
+    region. Dynamo hands the backend invoke_subgraph calls, whose bodies AOTAutograd would compile apart (the pass
+    refused them); the backend inlines the bodies first (backend.inline_compile_regions)."""
 
     def __init__(self):
         super().__init__()
