@@ -162,3 +162,13 @@ def test_embedding_norm_does_not_wait_for_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     torch.testing.assert_close(got.double().cpu(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_op_fakes_give_the_kernels_metadata(dtype):
+    """dp_op(fake=...): the metadata functions against the Triton kernels' outputs (test_op_fakes.py: CPU bodies)."""
+    from test_op_fakes import INPUTS, check_fake_matches
+
+    for name in sorted(INPUTS):
+        for B in (0, 1, 3):
+            check_fake_matches(name, "cuda", dtype, B)

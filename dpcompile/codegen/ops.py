@@ -33,6 +33,22 @@ def norm_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
+# -- output metadata (dp_op's fake=): contiguous, as every body allocates its outputs ---------------------------
+
+
+def _sample_norms_like(x: Tensor, *others: Tensor) -> Tensor:
+    """(B,) squared norms in the accumulation dtype."""
+    return x.new_empty((x.shape[0],), dtype=norm_dtype(x.dtype, *(o.dtype for o in others)))
+
+
+def _linear_norms_fake(a: Tensor, b: Tensor) -> Tensor:
+    return _sample_norms_like(a, b)
+
+
+def _linear_sum_fake(a: Tensor, b: Tensor, coef: Tensor) -> Tensor:
+    return a.new_empty((a.shape[2], b.shape[2]), dtype=torch.promote_types(a.dtype, b.dtype))
+
+
 # -- linear ------------------------------------------------------------------------------------------------
 
 
@@ -68,7 +84,7 @@ def _use_triton(*tensors: Tensor) -> bool:
 
 # triton_op: on CUDA, Inductor sees the Triton launches inside and emits them itself (no Python op in between);
 # elsewhere (CPU, fp64) the body is the PyTorch reference.
-@dp_op(role="norm")
+@dp_op(role="norm", fake=_linear_norms_fake)
 def linear_norm(a: Tensor, b: Tensor) -> Tensor:
     """Direct per-sample norms: a GEMM per sample with the norm in its epilogue."""
     if not _use_triton(a, b):
@@ -78,7 +94,7 @@ def linear_norm(a: Tensor, b: Tensor) -> Tensor:
     return per_sample_sq_norms(a, b, launch=torch.library.wrap_triton)
 
 
-@dp_op(role="norm")
+@dp_op(role="norm", fake=_linear_norms_fake)
 def linear_ghost_norm(a: Tensor, b: Tensor) -> Tensor:
     """Ghost per-sample norms: Gram products of the T rows, on chip."""
     if not _use_triton(a, b):
@@ -88,7 +104,7 @@ def linear_ghost_norm(a: Tensor, b: Tensor) -> Tensor:
     return ghost_sq_norms(a, b, launch=torch.library.wrap_triton)
 
 
-@dp_op(role="clipped_sum")
+@dp_op(role="clipped_sum", fake=_linear_sum_fake)
 def linear_clipped_sum(a: Tensor, b: Tensor, coef: Tensor) -> Tensor:
     if not _use_triton(a, b):
         return linear_clipped_sum_reference(a, b, coef)
@@ -156,12 +172,12 @@ linear_tile_clipped_sum_reference = linear_clipped_sum_reference
 
 # two_pass: the per-sample products formed twice by the vendor GEMM (for the norms, then for the clipped sum) and
 # never kept between the two passes; the choice for the sites of a group that cannot all be single-pass (flat).
-@dp_op(role="norm")
+@dp_op(role="norm", fake=_linear_norms_fake)
 def linear_tile_norm(a: Tensor, b: Tensor) -> Tensor:
     return _tiles_and_norms(a, b)[1]
 
 
-@dp_op(role="clipped_sum")
+@dp_op(role="clipped_sum", fake=_linear_sum_fake)
 def linear_tile_clipped_sum(a: Tensor, b: Tensor, coef: Tensor) -> Tensor:
     return _tiles_clipped_sum(_products(a, b), coef, norm_dtype(a.dtype, b.dtype, coef.dtype))
 
@@ -255,9 +271,12 @@ def rows_colsum_reference(x: Tensor) -> Tensor:
 
 
 # the ops' bodies are the references themselves
-rows_colsum = dp_op(role="prepare", name="rows_colsum")(rows_colsum_reference)
-rows_norm = dp_op(role="norm", name="rows_norm")(rows_norm_reference)
-rows_clipped_sum = dp_op(role="clipped_sum", name="rows_clipped_sum")(rows_clipped_sum_reference)
+rows_colsum = dp_op(role="prepare", name="rows_colsum",
+                    fake=lambda x: x.new_empty((x.shape[0], x.shape[2]), dtype=norm_dtype(x.dtype)))(
+    rows_colsum_reference)
+rows_norm = dp_op(role="norm", name="rows_norm", fake=_sample_norms_like)(rows_norm_reference)
+rows_clipped_sum = dp_op(role="clipped_sum", name="rows_clipped_sum",
+                         fake=lambda x, coef: x.new_empty((x.shape[2],)))(rows_clipped_sum_reference)
 
 
 # -- embedding ----------------------------------------------------------------------------------------------
@@ -324,5 +343,6 @@ def persample_clipped_sum_reference(ps: Tensor, coef: Tensor) -> Tensor:
     return (coef.to(flat.dtype) @ flat).reshape(ps.shape[1:]).to(ps.dtype)
 
 
-persample_norm = dp_op(role="norm", name="persample_norm")(persample_norm_reference)
-persample_clipped_sum = dp_op(role="clipped_sum", name="persample_clipped_sum")(persample_clipped_sum_reference)
+persample_norm = dp_op(role="norm", name="persample_norm", fake=_sample_norms_like)(persample_norm_reference)
+persample_clipped_sum = dp_op(role="clipped_sum", name="persample_clipped_sum",
+                              fake=lambda ps, coef: ps.new_empty(ps.shape[1:]))(persample_clipped_sum_reference)

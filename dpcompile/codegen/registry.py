@@ -23,10 +23,11 @@ ROLES = ("norm", "clipped_sum", "prepare", "seed")
 
 
 class _Entry:
-    __slots__ = ("name", "role", "inline")
+    __slots__ = ("name", "role", "inline", "own_fake")
 
     def __init__(self, name: str, role: str, inline: bool):
         self.name, self.role, self.inline = name, role, inline
+        self.own_fake = False  # a dp_op given fake=: its metadata function, not its body, runs on fake tensors
 
     @property
     def overload(self):
@@ -44,14 +45,20 @@ def _register(name: str, role: str, inline: bool) -> None:
     _OPS[name] = _Entry(name, role, inline)
 
 
-def dp_op(*, role: str, name: str | None = None, **kwargs) -> Callable:
+def dp_op(*, role: str, name: str | None = None, fake: Callable | None = None, **kwargs) -> Callable:
     """Decorator: `fn` as the triton_op dpcompile::<name> (default: fn's name), with `role`; inlined under
-    Inductor."""
+    Inductor. fake: the op's output metadata from its inputs' (a triton_op's own fake runs the whole body on fake
+    tensors, dozens of symbolic-size ops per call; the pass calls these ops thousands of times while tracing).
+    It must give the body's shapes, strides and dtypes on every device (tests/test_op_fakes.py checks)."""
 
     def wrap(fn):
         op_name = name or fn.__name__
         _register(op_name, role, inline=True)
-        return torch.library.triton_op(f"{LIB}::{op_name}", mutates_args=(), **kwargs)(fn)
+        op = torch.library.triton_op(f"{LIB}::{op_name}", mutates_args=(), **kwargs)(fn)
+        if fake is not None:
+            op.register_fake(fake)
+            _OPS[op_name].own_fake = True
+        return op
 
     return wrap
 
@@ -78,6 +85,11 @@ def ops_with_role(role: str) -> set:
 def inlined_ops() -> set:
     """The op overloads Inductor graphs get the bodies of (every dp_op)."""
     return {e.overload for e in _OPS.values() if e.inline}
+
+
+def ops_with_own_fake() -> set:
+    """The names of the dp_ops whose fake is a metadata function (dp_op's fake=)."""
+    return {e.name for e in _OPS.values() if e.own_fake}
 
 
 def role_of(name: str) -> str | None:

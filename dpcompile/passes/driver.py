@@ -12,6 +12,7 @@ import hashlib
 import logging
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -29,7 +30,8 @@ from .graph_io import GraphIO, batch_symbol, grad_output_positions, read_graph, 
 from .plan import check_forced_globs, linear_shape, plan_group, plan_rows
 from .probes import randomized_norms
 from .rewrite import RuntimeThreshold, copy_traced, decompose_kept_ops, group_inputs, inline_triton_ops, \
-    insert_traced, make_group_fn, set_outputs, trace, zero_grads
+    insert_traced, make_group_fn, set_outputs, trace, zero_grads, \
+    NotPieceable, factor_piece, group_clip_param, norm_piece, sum_piece
 from .trace_cache import GroupTraceCache, canonical, traced_for
 from .sites import site_kind
 from .verify import verify_coverage
@@ -155,46 +157,135 @@ def plan(graph: fx.Graph, ctx: PassContext, io: GraphIO) -> dict:
 def rewrite(graph: fx.Graph, ctx: PassContext, io: GraphIO, choices: dict, randomized) -> None:
     """Per group: norms → clip factors → clipped sums, traced and inserted; the outputs point at the sums.
     Run-time thresholds (max_grad_norm="adaptive"): C_g is read from the thresholds input, and each group's
-    quantile count goes to that input's gradient output (set_quantile_counts)."""
+    quantile count goes to that input's gradient output (set_quantile_counts).
+    A group is traced whole, and reused whole where groups repeat (per-layer groups of identical blocks); a group
+    that does not repeat but holds parameters that do (a flat group) is traced in pieces (_insert_pieces)."""
     replacements = {}
     counts = {}
     cache = GroupTraceCache()
-    for group, pgs in groups_of(io).items():
-        inputs = group_inputs(pgs, io.batch_node)
-        if randomized is not None and any(pg in randomized.site_ids for pg in pgs):
-            extra = [randomized.seed] + [randomized.products[pg][0] for pg in pgs if pg in randomized.products]
-            inputs += [n for n in dict.fromkeys(extra) if n not in inputs]
+    jobs = [_group_job(ctx, io, group, pgs, choices, randomized) for group, pgs in groups_of(io).items()]
+    repeats = Counter(job.key for job in jobs if job.key is not None)
+    for job in jobs:
+        nodes = None
+        if job.key is not None and repeats[job.key] == 1 and _pieces_repeat(job, io):
+            nodes = _insert_pieces(graph, ctx, io, job, cache)
+        if nodes is None:
+            nodes = _insert_whole(graph, ctx, io, job, cache, randomized)
         if ctx.runtime_thresholds:
-            thresholds = io.primals[ctx.threshold_input]
-            inputs += [thresholds] if thresholds not in inputs else []
-            threshold = RuntimeThreshold(thresholds, ctx.threshold_groups.index(group))
-        else:
-            threshold = ctx.thresholds[group]
-        strategies = {pg: choices[pg].op_strategy for pg in pgs if pg in choices}
-        budget = int(ctx.options.single_pass_budget_mb * 2**20)
-        fn = make_group_fn(pgs, inputs, io.batch_node, io.batch_dim, threshold, ctx.options.clip_fn,
-                           ctx.options.loss_reduction == "mean", strategies, budget, randomized)
-        # everything fn reads; a graph with randomized sites is never reused (site ids differ per parameter)
-        key = None if randomized is not None else canonical(
-            inputs, pgs, io.batch_node, io.batch_dim, threshold, ctx.options.clip_fn,
-            ctx.options.loss_reduction, [strategies.get(pg, "") for pg in pgs], budget)
-        nodes = _insert_group(graph, fn, inputs, ctx, cache, key)
-        if ctx.runtime_thresholds:
-            counts[group] = nodes.pop()
-        for pg, node in zip(pgs, nodes):
+            counts[job.group] = nodes.pop()
+        for pg, node in zip(job.pgs, nodes):
             replacements[pg.out_pos] = node
     set_outputs(graph, replacements)
     if ctx.runtime_thresholds:
         set_quantile_counts(graph, ctx, io, counts)
-    log.info("flashdp: %d clipping groups traced, %d reused from an identical group's trace", cache.misses,
-             cache.hits)
+    log.info("flashdp: %d clipping traces made, %d reused from an identical one (whole groups, or the pieces of "
+             "a group of several parameters)", cache.misses, cache.hits)
 
 
-def _insert_group(graph: fx.Graph, fn, inputs: list, ctx: PassContext, cache: GroupTraceCache, key) -> list:
-    """The group's traced nodes inserted into the graph: from the trace of an identical group where there is one
-    (trace_cache.py), else traced now."""
-    traced, reused = traced_for(cache, key, lambda: trace(fn, inputs, ctx.decompositions))
-    return copy_traced(graph, traced, inputs, fresh_values=reused)
+@dataclass
+class GroupJob:
+    """One clipping group's replacement to trace: its parameters, every graph value it reads, its threshold (a
+    number or a RuntimeThreshold), each parameter's strategy, and the canonical form of the whole function
+    (None: never reused, e.g. randomized sites, whose probe site ids differ per parameter)."""
+
+    group: object
+    pgs: list
+    inputs: list
+    threshold: object
+    strategies: dict
+    budget: int
+    key: Optional[tuple]
+
+
+def _group_job(ctx: PassContext, io: GraphIO, group, pgs: list, choices: dict, randomized) -> GroupJob:
+    inputs = group_inputs(pgs, io.batch_node)
+    if randomized is not None and any(pg in randomized.site_ids for pg in pgs):
+        extra = [randomized.seed] + [randomized.products[pg][0] for pg in pgs if pg in randomized.products]
+        inputs += [n for n in dict.fromkeys(extra) if n not in inputs]
+    if ctx.runtime_thresholds:
+        thresholds = io.primals[ctx.threshold_input]
+        inputs += [thresholds] if thresholds not in inputs else []
+        threshold = RuntimeThreshold(thresholds, ctx.threshold_groups.index(group))
+    else:
+        threshold = ctx.thresholds[group]
+    strategies = {pg: choices[pg].op_strategy for pg in pgs if pg in choices}
+    budget = int(ctx.options.single_pass_budget_mb * 2**20)
+    key = None if randomized is not None else canonical(
+        inputs, pgs, io.batch_node, io.batch_dim, threshold, ctx.options.clip_fn,
+        ctx.options.loss_reduction, [strategies.get(pg, "") for pg in pgs], budget)
+    return GroupJob(group, pgs, inputs, threshold, strategies, budget, key)
+
+
+def _norm_form(pg, ins: list, io: GraphIO, strategy: str) -> Optional[tuple]:
+    return canonical(ins, "norm", pg, io.batch_node, io.batch_dim, strategy)
+
+
+def _pieces_repeat(job: GroupJob, io: GraphIO) -> bool:
+    """Whether tracing the group in pieces saves traces: two of its parameters' norms have one form. Never for a
+    group whose clip factor a strategy forms itself (single_pass), which has no separate factor piece."""
+    if len(job.pgs) < 2 or group_clip_param(job.pgs, job.strategies) is not None:
+        return False
+    forms = [_norm_form(pg, group_inputs([pg], io.batch_node), io, job.strategies.get(pg, "")) for pg in job.pgs]
+    return None not in forms and len(set(forms)) < len(forms)
+
+
+def _insert_whole(graph: fx.Graph, ctx: PassContext, io: GraphIO, job: GroupJob, cache: GroupTraceCache,
+                  randomized) -> list:
+    """The group's replacement traced as one function (rewrite.make_group_fn) and inserted."""
+    fn = make_group_fn(job.pgs, job.inputs, io.batch_node, io.batch_dim, job.threshold, ctx.options.clip_fn,
+                       ctx.options.loss_reduction == "mean", job.strategies, job.budget, randomized)
+    traced, reused = traced_for(cache, job.key, lambda: trace(fn, job.inputs, ctx.decompositions))
+    return copy_traced(graph, traced, job.inputs, fresh_values=reused)
+
+
+def _insert_pieces(graph: fx.Graph, ctx: PassContext, io: GraphIO, job: GroupJob,
+                   cache: GroupTraceCache) -> Optional[list]:
+    """A group of several parameters traced in pieces (rewrite.norm_piece, factor_piece, sum_piece), each reused
+    across identical ones, and inserted where the whole group's trace would go (after its last input), in the
+    same order: every norm, the factors, every clipped sum. None: a piece cannot be formed (trace it whole)."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    anchor = max(job.inputs, key=lambda n: order[n]).next
+    bnode, bdim, pgs, strategies, threshold = io.batch_node, io.batch_dim, job.pgs, job.strategies, job.threshold
+
+    def traced_piece(fn, ins, *form):
+        return traced_for(cache, canonical(ins, *form), _tracer(fn, ins, ctx))
+
+    norms = []
+    try:
+        for pg in pgs:  # every norm traced before anything is inserted: a refusal leaves the graph as it was
+            ins = group_inputs([pg], bnode)
+            st = strategies.get(pg, "")
+            fn = norm_piece(pg, ins, bnode, bdim, st)
+            norms.append((ins, *traced_for(cache, _norm_form(pg, ins, io, st), _tracer(fn, ins, ctx))))
+    except NotPieceable:
+        return None
+    kept = []
+    for ins, traced, reused in norms:
+        n2, *leaves = copy_traced(graph, traced, ins, before=anchor, fresh_values=reused)
+        kept.append((n2, leaves, traced.piece_spec))
+    n2s = [n2 for n2, _, _ in kept]
+    ins = [bnode, *n2s] + ([threshold.node] if ctx.runtime_thresholds else [])
+    mean = ctx.options.loss_reduction == "mean"
+    fn = factor_piece(ins, bnode, bdim, n2s, threshold, ctx.options.clip_fn, mean)
+    traced, reused = traced_piece(fn, ins, "factor", bnode, bdim, n2s, threshold, ctx.options.clip_fn, mean)
+    coef, *count = copy_traced(graph, traced, ins, before=anchor, fresh_values=reused)
+    sums = []
+    for pg, (_, leaves, spec) in zip(pgs, kept):
+        ins = list(dict.fromkeys(group_inputs([pg], bnode) + leaves + [coef]))
+        st = strategies.get(pg, "")
+        traced, reused = traced_piece(sum_piece(pg, ins, leaves, spec, coef, st), ins, "sum", pg, leaves,
+                                      str(spec), coef, st)
+        sums += copy_traced(graph, traced, ins, before=anchor, fresh_values=reused)
+    return sums + count
+
+
+def _tracer(fn, ins: list, ctx: PassContext):
+    """make() for traced_for: fn traced over the inputs, the structure of a norm piece's outputs kept with it."""
+    def make():
+        gm = trace(fn, ins, ctx.decompositions)
+        gm.piece_spec = getattr(fn, "spec", None)
+        return gm
+    return make
 
 
 def set_quantile_counts(graph: fx.Graph, ctx: PassContext, io: GraphIO, counts: dict) -> None:

@@ -128,6 +128,30 @@ def quantile_count(sq_norms: torch.Tensor, threshold, mean: bool, batch) -> torc
     return (inside.to(torch.float64) - 0.5).sum()
 
 
+def param_norm(pg: ParamGrad, strategy: str, env: dict, bsz, randomized: Optional[RandomizedNorms] = None):
+    """(the parameter's per-sample squared norms (B,), what its clipped sum reads)."""
+    if pg.fused:
+        return _fused_norm(pg, strategy, env, bsz, randomized)
+    if randomized is not None and pg in randomized.products:
+        return randomized.product_norm(pg, env), per_sample_grad(pg, env, bsz)
+    return get_strategy("materialize").norm(per_sample_grad(pg, env, bsz), pg, env, randomized)
+
+
+def param_clipped_sum(pg: ParamGrad, prepared, coef, strategy: str, env: dict) -> torch.Tensor:
+    """sum_i coef_i g_i of one parameter, shaped and typed like its gradient."""
+    if pg.fused:
+        s = _finish_fused(pg, _site_clipped_sum(pg.contributions[0].site, prepared, coef, strategy), env)
+    else:
+        s = get_strategy("materialize").clipped_sum(prepared, coef)
+    val = pg.grad.meta["val"]
+    return s.to(val.dtype).reshape(val.shape)
+
+
+def group_clip_param(params: list, strategies: dict) -> Optional[ParamGrad]:
+    """The parameter whose strategy forms the group's clip factor itself (at most one per group), if any."""
+    return next((pg for pg in params if (st := find_strategy(strategies.get(pg, ""))) and st.group_clip), None)
+
+
 def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: int, threshold,
                   clip_fn: str, mean: bool, strategies: dict | None = None, budget_bytes: int = 0,
                   randomized: Optional[RandomizedNorms] = None) -> Callable:
@@ -137,8 +161,7 @@ def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: in
     is randomized: strategy "randomized", or, in a batch-size-1 graph, an entry of randomized.products)."""
     strategies = strategies or {}
     group_clip = {pg: find_strategy(strategies.get(pg, "")) for pg in params}
-    single = next((pg for pg in params if group_clip[pg] and group_clip[pg].group_clip), None)
-    materialize = get_strategy("materialize")
+    single = group_clip_param(params, strategies)
     runtime = isinstance(threshold, RuntimeThreshold)
     if runtime and single is not None:  # the planner never gives one (Strategy.runtime_threshold)
         raise UnsupportedGradientError(f"strategy {group_clip[single].name!r} forms the group's clip factor "
@@ -152,13 +175,7 @@ def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: in
         for pg in params:
             if pg is single:
                 continue
-            if pg.fused:
-                n2, prepared[pg] = _fused_norm(pg, strategies.get(pg, ""), env, bsz, randomized)
-            elif randomized is not None and pg in randomized.products:
-                prepared[pg] = per_sample_grad(pg, env, bsz)
-                n2 = randomized.product_norm(pg, env)
-            else:
-                n2, prepared[pg] = materialize.norm(per_sample_grad(pg, env, bsz), pg, env, randomized)
+            n2, prepared[pg] = param_norm(pg, strategies.get(pg, ""), env, bsz, randomized)
             sq = n2 if sq is None else sq + n2
         sums = {}
         if single is not None:
@@ -167,25 +184,73 @@ def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: in
             rest = sq if sq is not None else a.new_zeros((bsz,), dtype=ops.norm_dtype(a.dtype, b.dtype))
             s, coef = group_clip[single].group_clip(a, b, rest, float(c.scale * c.scale), thr, clip_fn,
                                                         mean, budget_bytes)
-            sums[single] = _finish_fused(single, s, env)
+            val = single.grad.meta["val"]
+            sums[single] = _finish_fused(single, s, env).to(val.dtype).reshape(val.shape)
         else:
             coef = group_clip_factors(sq, thr, clip_fn, mean, bsz)
-        outs = []
-        for pg in params:
-            if pg in sums:
-                s = sums[pg]
-            elif pg.fused:
-                s = _finish_fused(pg, _site_clipped_sum(pg.contributions[0].site, prepared[pg], coef,
-                                                               strategies.get(pg, "")), env)
-            else:
-                s = materialize.clipped_sum(prepared[pg], coef)
-            val = pg.grad.meta["val"]
-            outs.append(s.to(val.dtype).reshape(val.shape))
+        outs = [sums[pg] if pg in sums else param_clipped_sum(pg, prepared[pg], coef, strategies.get(pg, ""), env)
+                for pg in params]
         if runtime:
             outs.append(quantile_count(sq, thr, mean, bsz))
         return outs
 
     return group_fn
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a group of several parameters (flat clipping) in pieces: one trace per parameter's norm, one for the clip
+# factors, one per parameter's clipped sum. Identical pieces (the same layer in identical blocks) are traced once
+# (trace_cache.py), where a flat group's single trace of every site was most of the pass (benchmarks/NOTES.md 24).
+
+
+class NotPieceable(Exception):
+    """What a parameter's clipped sum reads is not a structure of tensors: trace the group whole."""
+
+
+def norm_piece(pg: ParamGrad, inputs: list, batch_node: fx.Node, batch_dim: int, strategy: str) -> Callable:
+    """-> [squared norms (B,), *the tensors its clipped sum reads]; their structure is left on the traced module
+    (`piece_spec`)."""
+
+    def fn(*vals):
+        env = dict(zip(inputs, vals))
+        n2, prepared = param_norm(pg, strategy, env, env[batch_node].shape[batch_dim])
+        leaves, spec = torch.utils._pytree.tree_flatten(prepared)
+        if not all(isinstance(x, torch.Tensor) for x in leaves):
+            raise NotPieceable(f"parameter `{pg.name}`")
+        fn.spec = spec
+        return [n2, *leaves]
+
+    return fn
+
+
+def factor_piece(inputs: list, batch_node: fx.Node, batch_dim: int, norms: list, threshold, clip_fn: str,
+                 mean: bool) -> Callable:
+    """-> [the group's clip factors (B,)] (+ its quantile count under run-time thresholds), from the parameters'
+    squared norms summed in parameter order (as group_fn sums them)."""
+    runtime = isinstance(threshold, RuntimeThreshold)
+
+    def fn(*vals):
+        env = dict(zip(inputs, vals))
+        bsz = env[batch_node].shape[batch_dim]
+        sq = env[norms[0]]
+        for n in norms[1:]:
+            sq = sq + env[n]
+        thr = threshold.value(env) if runtime else threshold
+        coef = group_clip_factors(sq, thr, clip_fn, mean, bsz)
+        return [coef, quantile_count(sq, thr, mean, bsz)] if runtime else [coef]
+
+    return fn
+
+
+def sum_piece(pg: ParamGrad, inputs: list, leaves: list, spec, coef: fx.Node, strategy: str) -> Callable:
+    """-> [the parameter's clipped sum], from the tensors its norm piece kept (`leaves`, structured by `spec`)."""
+
+    def fn(*vals):
+        env = dict(zip(inputs, vals))
+        prepared = torch.utils._pytree.tree_unflatten([env[n] for n in leaves], spec)
+        return [param_clipped_sum(pg, prepared, env[coef], strategy, env)]
+
+    return fn
 
 
 def trace(fn: Callable, inputs: list[fx.Node], decompositions: dict) -> fx.GraphModule:
