@@ -78,10 +78,12 @@ def split_samples(x: torch.Tensor, dim: int, layout: BDim, bsz, where: fx.Node) 
     pre, post = list(x.shape[:dim]), list(x.shape[dim + 1:])
     shape_env = _shape_env(x.shape[dim], bsz)
     inner = canonical(layout.inner, shape_env)
+    outer = canonical(sympy.cancel(sym_expr(x.shape[dim]) / (sym_expr(bsz) * inner)), shape_env)
+    if outer == 1:  # samples outermost (batch-major): one reshape, no merge back (fewer fake ops at compile time)
+        return x.reshape(*pre, bsz, int(inner) if inner.is_Integer else -1, *post).movedim(dim, 0)
     if inner.is_Integer:
         y = x.reshape(*pre, -1, bsz, int(inner), *post).movedim(dim + 1, 0)
         return y.reshape(bsz, *pre, -1, *post)
-    outer = canonical(sympy.cancel(sym_expr(x.shape[dim]) / (sym_expr(bsz) * inner)), shape_env)
     if outer.is_Integer:
         y = x.reshape(*pre, int(outer), bsz, -1, *post).movedim(dim + 1, 0)
         return y.reshape(bsz, *pre, -1, *post)

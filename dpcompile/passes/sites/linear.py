@@ -33,7 +33,12 @@ def classify(node, st, state, name) -> Site:
 def fused_inputs(site: Site, env: dict, bsz) -> tuple:
     a = site.split("rows_a", env, bsz).transpose(1, 2)  # A is (M, K): (B, M, T') -> (B, T', M)
     b = site.split("rows_b", env, bsz)
-    return a.reshape(a.shape[0], -1, a.shape[-1]), b.reshape(b.shape[0], -1, b.shape[-1])
+    return _rows3(a), _rows3(b)
+
+
+def _rows3(x: torch.Tensor) -> torch.Tensor:
+    """(B, T', width): the rows of a split operand (already 3-D for a 2-D operand: no view op to trace)."""
+    return x if x.dim() == 3 else x.reshape(x.shape[0], -1, x.shape[-1])
 
 
 def per_sample(site: Site, env: dict, bsz) -> torch.Tensor:
