@@ -81,6 +81,48 @@ def test_gradients_match_the_oracle_at_each_steps_thresholds_with_one_graph(clip
     assert sorted(seen[0]) == sorted(opt.adaptive.values)
 
 
+def test_a_flat_group_traced_in_pieces_matches_the_oracle_and_its_whole_trace(monkeypatch, caplog):
+    """Repeated layers make the flat group's replacement traced in pieces (passes/driver.py _insert_pieces): the
+    run-time threshold and the quantile count come from the factor piece. Over steps whose thresholds change, the
+    gradients are the oracle's, and the thresholds (which the quantile counts move) are those of the group traced
+    whole, bit for bit."""
+    import logging
+
+    import dpcompile.passes.driver as driver
+
+    def run(pieces: bool):
+        if not pieces:
+            monkeypatch.setattr(driver, "_pieces_repeat", lambda job, io: False)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dpcompile"):
+            compiled = _compile(model, clipping="flat")
+            opt = _optimizer(model, initial_max_grad_norm=0.3, target_quantile=0.5)
+            g = torch.Generator().manual_seed(1)
+            seen = []
+            for B in (6, 9, 5):
+                x, y = _batch(B, g)
+                loss = compiled(x, y)
+                seen.append(dict(opt.adaptive.values))
+                want = oracle.reference_clipped_grads(model, _mse, (x, y), max_grad_norm=1.0, clipping="flat",
+                                                      thresholds=[seen[-1]["flat"]])
+                loss.backward()
+                for name, p in model.named_parameters():
+                    err = (p.grad - want[name]).abs().max().item()
+                    assert err <= 1e-9 + 1e-7 * want[name].abs().max().item(), (pieces, B, name, err)
+                opt.step()
+        reused = [r.getMessage() for r in caplog.records if "clipping traces made" in r.getMessage()]
+        return seen, reused
+
+    with_pieces, log_pieces = run(True)
+    whole, log_whole = run(False)
+    assert log_pieces and "0 reused" not in log_pieces[0]  # the pieces path ran and reused the repeated layers'
+    assert log_whole and log_whole[0].startswith("flashdp: 1 clipping traces made")
+    assert with_pieces == whole
+    assert all(a != b for a, b in zip(with_pieces, with_pieces[1:]))
+
+
 def test_inductor_backend_reads_the_run_time_thresholds():
     """The product backend (Inductor, on the CPU here): same clipped sums as the oracle while C changes."""
     model = _mlp()
