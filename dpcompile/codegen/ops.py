@@ -41,10 +41,6 @@ def _sample_norms_like(x: Tensor, *others: Tensor) -> Tensor:
     return x.new_empty((x.shape[0],), dtype=norm_dtype(x.dtype, *(o.dtype for o in others)))
 
 
-def _linear_norms_fake(a: Tensor, b: Tensor) -> Tensor:
-    return _sample_norms_like(a, b)
-
-
 def _linear_sum_fake(a: Tensor, b: Tensor, coef: Tensor) -> Tensor:
     return a.new_empty((a.shape[2], b.shape[2]), dtype=torch.promote_types(a.dtype, b.dtype))
 
@@ -84,7 +80,7 @@ def _use_triton(*tensors: Tensor) -> bool:
 
 # triton_op: on CUDA, Inductor sees the Triton launches inside and emits them itself (no Python op in between);
 # elsewhere (CPU, fp64) the body is the PyTorch reference.
-@dp_op(role="norm", fake=_linear_norms_fake)
+@dp_op(role="norm", fake=_sample_norms_like)
 def linear_norm(a: Tensor, b: Tensor) -> Tensor:
     """Direct per-sample norms: a GEMM per sample with the norm in its epilogue."""
     if not _use_triton(a, b):
@@ -94,7 +90,7 @@ def linear_norm(a: Tensor, b: Tensor) -> Tensor:
     return per_sample_sq_norms(a, b, launch=torch.library.wrap_triton)
 
 
-@dp_op(role="norm", fake=_linear_norms_fake)
+@dp_op(role="norm", fake=_sample_norms_like)
 def linear_ghost_norm(a: Tensor, b: Tensor) -> Tensor:
     """Ghost per-sample norms: Gram products of the T rows, on chip."""
     if not _use_triton(a, b):
@@ -172,7 +168,7 @@ linear_tile_clipped_sum_reference = linear_clipped_sum_reference
 
 # two_pass: the per-sample products formed twice by the vendor GEMM (for the norms, then for the clipped sum) and
 # never kept between the two passes; the choice for the sites of a group that cannot all be single-pass (flat).
-@dp_op(role="norm", fake=_linear_norms_fake)
+@dp_op(role="norm", fake=_sample_norms_like)
 def linear_tile_norm(a: Tensor, b: Tensor) -> Tensor:
     return _tiles_and_norms(a, b)[1]
 

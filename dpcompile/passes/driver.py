@@ -167,8 +167,9 @@ def rewrite(graph: fx.Graph, ctx: PassContext, io: GraphIO, choices: dict, rando
     repeats = Counter(job.key for job in jobs if job.key is not None)
     for job in jobs:
         nodes = None
-        if job.key is not None and repeats[job.key] == 1 and _pieces_repeat(job, io):
-            nodes = _insert_pieces(graph, ctx, io, job, cache)
+        forms = _norm_forms(job, io) if job.key is not None and repeats[job.key] == 1 else None
+        if forms is not None and len(set(f for _, f in forms)) < len(forms):  # pieces save traces: some repeat
+            nodes = _insert_pieces(graph, ctx, io, job, forms, cache)
         if nodes is None:
             nodes = _insert_whole(graph, ctx, io, job, cache, randomized)
         if ctx.runtime_thresholds:
@@ -216,17 +217,17 @@ def _group_job(ctx: PassContext, io: GraphIO, group, pgs: list, choices: dict, r
     return GroupJob(group, pgs, inputs, threshold, strategies, budget, key)
 
 
-def _norm_form(pg, ins: list, io: GraphIO, strategy: str) -> Optional[tuple]:
-    return canonical(ins, "norm", pg, io.batch_node, io.batch_dim, strategy)
-
-
-def _pieces_repeat(job: GroupJob, io: GraphIO) -> bool:
-    """Whether tracing the group in pieces saves traces: two of its parameters' norms have one form. Never for a
-    group whose clip factor a strategy forms itself (single_pass), which has no separate factor piece."""
+def _norm_forms(job: GroupJob, io: GraphIO) -> Optional[list]:
+    """(the values its norm piece reads, the piece's canonical form) of each parameter of the group, or None where
+    the group cannot be traced in pieces: a single parameter, a strategy that forms the group's clip factor itself
+    (single_pass: no separate factor piece), or a form that cannot be written."""
     if len(job.pgs) < 2 or group_clip_param(job.pgs, job.strategies) is not None:
-        return False
-    forms = [_norm_form(pg, group_inputs([pg], io.batch_node), io, job.strategies.get(pg, "")) for pg in job.pgs]
-    return None not in forms and len(set(forms)) < len(forms)
+        return None
+    forms = []
+    for pg in job.pgs:
+        ins = group_inputs([pg], io.batch_node)
+        forms.append((ins, canonical(ins, "norm", pg, io.batch_node, io.batch_dim, job.strategies.get(pg, ""))))
+    return None if any(f is None for _, f in forms) else forms
 
 
 def _insert_whole(graph: fx.Graph, ctx: PassContext, io: GraphIO, job: GroupJob, cache: GroupTraceCache,
@@ -238,7 +239,7 @@ def _insert_whole(graph: fx.Graph, ctx: PassContext, io: GraphIO, job: GroupJob,
     return copy_traced(graph, traced, job.inputs, fresh_values=reused)
 
 
-def _insert_pieces(graph: fx.Graph, ctx: PassContext, io: GraphIO, job: GroupJob,
+def _insert_pieces(graph: fx.Graph, ctx: PassContext, io: GraphIO, job: GroupJob, forms: list,
                    cache: GroupTraceCache) -> Optional[list]:
     """A group of several parameters traced in pieces (rewrite.norm_piece, factor_piece, sum_piece), each reused
     across identical ones, and inserted where the whole group's trace would go (after its last input), in the
@@ -252,11 +253,9 @@ def _insert_pieces(graph: fx.Graph, ctx: PassContext, io: GraphIO, job: GroupJob
 
     norms = []
     try:
-        for pg in pgs:  # every norm traced before anything is inserted: a refusal leaves the graph as it was
-            ins = group_inputs([pg], bnode)
-            st = strategies.get(pg, "")
-            fn = norm_piece(pg, ins, bnode, bdim, st)
-            norms.append((ins, *traced_for(cache, _norm_form(pg, ins, io, st), _tracer(fn, ins, ctx))))
+        for pg, (ins, form) in zip(pgs, forms):  # every norm traced before anything is inserted: a refusal
+            fn = norm_piece(pg, ins, bnode, bdim, strategies.get(pg, ""))  # leaves the graph as it was
+            norms.append((ins, *traced_for(cache, form, _tracer(fn, ins, ctx))))
     except NotPieceable:
         return None
     kept = []
