@@ -28,13 +28,13 @@ def cpu_points(path: Path) -> dict:
     return {k: list(v.values()) for k, v in out.items()}  # a run repeated (seeded: the same numbers) counts once
 
 
-def gpu_points(path: Path, recipe: dict, clipping: str, no_dp_recipe: dict) -> list:
-    """[(epsilon or inf, perplexity after, before)] of the GPU default: DP runs of `recipe` at each epsilon, and the
-    non-private run of `no_dp_recipe` (each mode's own default, cli.PROFILES)."""
+def gpu_points(path: Path, seq_len: int, recipe: dict, clipping: str, no_dp_recipe: dict) -> list:
+    """[(epsilon or inf, perplexity after, before)] of a GPU recipe on windows of seq_len tokens: DP runs of `recipe`
+    at each epsilon, and the non-private run of `no_dp_recipe` (each mode's own default, cli.PROFILES)."""
     pts = []
     for line in path.read_text().splitlines():
         r = json.loads(line)
-        if not r["seq_len"] == 256 or r["train"] != "blocks":
+        if r["seq_len"] != seq_len or r["train"] != "blocks":
             continue
         base = {k: v for k, v in r["recipe"].items() if k != "eps"}
         if r.get("dp") and r.get("clipping") == clipping and base == recipe:
@@ -56,8 +56,11 @@ def main(argv=None) -> None:
     import matplotlib.pyplot as plt
 
     series = {f"CPU default ({k})": v for k, v in cpu_points(Path(args.runs)).items()}
-    series["GPU default (H100; whole model, B=256; DP 6 epochs, non-private 3)"] = gpu_points(
-        Path(args.search), {"B": 256, "steps": 134, "lr": 0.0007}, "flat", {"B": 256, "steps": 67, "lr": 0.0003})
+    series["GPU default (H100; whole model, 64-token windows, B=1024;\nDP 6 epochs, non-private 3)"] = gpu_points(
+        Path(args.search), 64, {"B": 1024, "steps": 134, "lr": 0.0007}, "flat",
+        {"B": 1024, "steps": 67, "lr": 0.00015})
+    series["GPU, earlier default (256-token windows, B=256;\nDP 6 epochs, non-private 3)"] = gpu_points(
+        Path(args.search), 256, {"B": 256, "steps": 134, "lr": 0.0007}, "flat", {"B": 256, "steps": 67, "lr": 0.0003})
     fig, axes = plt.subplots(1, len(series), figsize=(5.2 * len(series), 4), squeeze=False)
     for ax, (title, pts) in zip(axes[0], series.items()):
         private = sorted((e, p) for e, p, _ in pts if math.isfinite(e))

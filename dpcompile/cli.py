@@ -34,12 +34,16 @@ DEFAULT_SAMPLE_PROMPT = "HAMLET.\nTo be, or not to be,"
 #: give more examples per second of compute, and a large expected batch is what lets the clipped signal stand out
 #: of the noise; the last 2 blocks at lr 2e-3 recovered the most of the non-private gain in the time. GPU: flat
 #: clipping keeps the layers' relative scales, and DP-SGD gains from 6 epochs where the non-private run overfits
-#: (its own best: 3 epochs at lr 3e-4): "no_dp" holds what --no-dp changes, so each mode runs its best measured recipe.
+#: (its own best: 3 epochs at lr 1.5e-4): "no_dp" holds what --no-dp changes, so each mode runs its best measured
+#: recipe.
 PROFILES = {
     "cpu": dict(seq_len=32, batch_size=128, micro_batch_size=64, steps=12, train_layers=2, eval_windows=96, lr=2e-3,
                 clipping="per_layer"),
-    "cuda": dict(seq_len=256, batch_size=256, micro_batch_size=32, steps=None, epochs=6.0, train_layers=None,
-                 eval_windows=512, lr=7e-4, clipping="flat", no_dp=dict(epochs=3.0, lr=3e-4)),
+    # windows of 64 tokens: 4x the examples of 256-token windows, so at the same sampling rate and steps (the same
+    # sigma for the same epsilon) a step averages 4x the samples and the noise weighs 4x less (docs/results.md,
+    # GPU); 2048 held-out windows hold as many tokens as 512 of 256
+    "cuda": dict(seq_len=64, batch_size=1024, micro_batch_size=128, steps=None, epochs=6.0, train_layers=None,
+                 eval_windows=2048, lr=7e-4, clipping="flat", no_dp=dict(epochs=3.0, lr=1.5e-4)),
 }
 
 #: exit statuses (docs/cli.md, docs/errors.md)
@@ -150,13 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_train_parser(sub) -> None:
     """`dpcompile train` and its options."""
+    cpu, gpu = PROFILES["cpu"], PROFILES["cuda"]
     t = sub.add_parser("train", help="DP fine-tune a causal LM on a text corpus",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TRAIN_EXAMPLES,
                        description=textwrap.fill(
                            "DP fine-tuning (DP-SGD with Poisson sampling, per-sample clipping in the compiled graph, "
                            "Gaussian noise, PLD accounting) of a causal LM on text. With no options: SmolLM2-135M "
                            "on Shakespeare at epsilon=8, delta=1e-5; on a CPU a short demonstration run, on a GPU "
-                           "6 epochs of the whole model (3 with --no-dp). A model whose directory records earlier "
+                           f"{gpu['epochs']:g} epochs of the whole model ({gpu['no_dp']['epochs']:g} with --no-dp). A model whose directory records earlier "
                            "DP training (dp_checkpoint.pt / dp_report.json) continues that privacy history: epsilon "
                            "and --epsilon are totals.", 100))
     t.add_argument("--model", default="smollm2-135m",
@@ -168,24 +173,29 @@ def _add_train_parser(sub) -> None:
                    help="text encoding of --data files, decoded strictly (default utf-8; e.g. latin-1)")
     _add_privacy_options(t)
     t.add_argument("--epochs", type=_positive(float), default=None,
-                   help="passes over the training windows (in expectation); default: --steps on CPU; on a GPU 6, "
-                        "or 3 with --no-dp")
+                   help="passes over the training windows (in expectation); default: --steps on CPU; on a GPU "
+                        f"{gpu['epochs']:g}, or {gpu['no_dp']['epochs']:g} with --no-dp")
     t.add_argument("--steps", type=_positive(int), default=None,
-                   help="logical (Poisson) batches of the whole run, overriding --epochs (default 12 on CPU). With "
+                   help=f"logical (Poisson) batches of the whole run, overriding --epochs (default {cpu['steps']} on CPU). With "
                         "--resume: the new total (more steps extend the run)")
     t.add_argument("--batch-size", type=_positive(int), default=None,
-                   help="expected logical batch size (Poisson); default 128 on CPU, 256 on a GPU")
+                   help=f"expected logical batch size (Poisson); default {cpu['batch_size']} on CPU, "
+                        f"{gpu['batch_size']} on a GPU")
     t.add_argument("--micro-batch-size", type=_positive(int), default=None,
-                   help="physical micro-batch size (memory); default 64 on CPU, 32 on a GPU")
+                   help=f"physical micro-batch size (memory); default {cpu['micro_batch_size']} on CPU, "
+                        f"{gpu['micro_batch_size']} on a GPU")
     t.add_argument("--seq-len", type=_seq_len, default=None,
-                   help="tokens per example window (>= 2); default 32 on CPU, 256 on a GPU")
+                   help=f"tokens per example window (>= 2; DP protects each window); default {cpu['seq_len']} on CPU, "
+                        f"{gpu['seq_len']} on a GPU")
     t.add_argument("--max-windows", type=_positive(int), default=None,
                    help="use only the first N training windows (N is what the accountant sees)")
     t.add_argument("--lr", type=_positive(float), default=None,
-                   help="AdamW learning rate (default 2e-3 on CPU; on a GPU 7e-4, or 3e-4 with --no-dp)")
+                   help=f"AdamW learning rate (default {cpu['lr']:g} on CPU; on a GPU {gpu['lr']:g}, or "
+                        f"{gpu['no_dp']['lr']:g} with --no-dp)")
     t.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     t.add_argument("--eval-windows", type=int, default=None,
-                   help="held-out windows for perplexity before and after (0: skip); default 96 on CPU, 512 on a GPU")
+                   help=f"held-out windows for perplexity before and after (0: skip); default {cpu['eval_windows']} on "
+                        f"CPU, {gpu['eval_windows']} on a GPU")
     _add_model_options(t, "2 on CPU, all on a GPU", clipping_default_text="per_layer on CPU, flat on a GPU")
     t.add_argument("--backend", default="auto", choices=["auto", "flashdp", "flashdp_eager"],
                    help="auto (the default): flashdp (Inductor + Triton kernels) on a GPU, flashdp_eager on CPU")

@@ -355,18 +355,20 @@ def test_text_files_are_decoded_strictly(tmp_path, capsys):
 
 
 def test_gpu_defaults_give_each_mode_its_measured_recipe_and_cpu_keeps_its_own():
-    """docs/results.md: on a GPU, DP-SGD runs 6 epochs at lr 7e-4 with flat clipping and --no-dp 3 epochs at
-    lr 3e-4; an option given on the command line wins over both; the CPU profile has no per-mode entries."""
+    """docs/results.md: on a GPU, DP-SGD runs 6 epochs of 64-token windows at expected batch 1024 and lr 7e-4 with
+    flat clipping, and --no-dp 3 epochs at lr 1.5e-4; an option given on the command line wins over both; the CPU
+    profile has no per-mode entries."""
     from dpcompile.train_setup import _planned_steps, device_profile
 
     parse = cli.build_parser().parse_args
     dp, no_dp = device_profile(cli.PROFILES, "cuda", True), device_profile(cli.PROFILES, "cuda", False)
     assert (dp["epochs"], dp["lr"], dp["clipping"]) == (6.0, 7e-4, "flat") and "no_dp" not in dp
-    assert (no_dp["epochs"], no_dp["lr"]) == (3.0, 3e-4)
+    assert (dp["seq_len"], dp["batch_size"], dp["micro_batch_size"], dp["eval_windows"]) == (64, 1024, 128, 2048)
+    assert (no_dp["epochs"], no_dp["lr"]) == (3.0, 1.5e-4)
     assert {k: v for k, v in dp.items() if k not in ("epochs", "lr")} == \
         {k: v for k, v in no_dp.items() if k not in ("epochs", "lr")}
     assert device_profile(cli.PROFILES, "cpu", True) == device_profile(cli.PROFILES, "cpu", False)
-    q = 256 / 5658
+    q = 1024 / 22632  # the Shakespeare training windows of 64 tokens
     assert _planned_steps(parse(["train"]), q, "cuda", cli.PROFILES, True) == math.ceil(6 / q) == 133
     assert _planned_steps(parse(["train", "--no-dp"]), q, "cuda", cli.PROFILES, False) == math.ceil(3 / q)
     assert _planned_steps(parse(["train", "--no-dp", "--epochs", "6"]), q, "cuda", cli.PROFILES, False) == 133
