@@ -82,6 +82,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--eval-windows", type=int, default=24)
     ap.add_argument("--micro", type=int, default=16)
+    ap.add_argument("--cross-eval-seq-len", type=int, default=None, metavar="L",
+                    help="also score before and after training on held-out windows of L tokens (as many tokens as "
+                         "--eval-windows x --seq-len): models trained on short windows, scored at another length")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--epsilon", type=float, default=8.0)
     ap.add_argument("--delta", type=float, default=1e-5)
@@ -122,23 +125,29 @@ def main(argv=None) -> None:
     windows = D.token_windows(corpus.train, tok, args.seq_len)
     held = D.token_windows(corpus.held_out, tok, args.seq_len, max_windows=args.eval_windows)
     N = len(windows)
+    L = args.cross_eval_seq_len
+    held_x = D.token_windows(corpus.held_out, tok, L, max_windows=max(1, args.eval_windows * args.seq_len // L)) \
+        if L else None
+    micro_x = max(1, args.micro * args.seq_len // L) if L else None  # the same tokens per forward
     print(f"[search] {args.train}: {n_train} trained parameters, N={N}, load {time.time() - t0:.0f}s", flush=True)
 
     if lora is None:
         loss_model, inputs = CausalLMLoss(model), lambda ids: (ids,)
         dp_model = dp_compile(loss_model, backend=backend, max_grad_norm=args.C, clipping=args.clipping,
-                              loss_reduction="mean") if args.mode != "no_dp" else None
+                              loss_reduction="mean", dynamic_seq=False) if args.mode != "no_dp" else None
     else:  # memarc's loss: mean over samples of each sample's token mean, targets given (the next tokens)
         from dpcompile import memarc
 
         loss_model, inputs = lora, lambda ids: (ids[:, :-1], ids[:, 1:])
         dp_model = memarc.compile(lora, backend=backend, max_grad_norm=args.C, clipping=args.clipping,
-                                  loss_reduction="mean") if args.mode != "no_dp" else None
+                                  loss_reduction="mean", dynamic_seq=False) if args.mode != "no_dp" else None
     no_dp_model = compile_no_dp(loss_model, backend) if args.mode != "dp" else None
     t = time.time()
     ppl0 = perplexity(model, held, args.micro, device, autocast, "eval", False)
     eval_s = time.time() - t
-    print(f"[search] perplexity before {ppl0:.3f} ({eval_s:.0f}s)", flush=True)
+    ppl0_x = perplexity(model, held_x, micro_x, device, autocast, "eval", False) if L else None
+    print(f"[search] perplexity before {ppl0:.3f} ({eval_s:.0f}s)" + (f"; at {L} tokens {ppl0_x:.3f}" if L else ""),
+          flush=True)
     prompt = DEFAULT_SAMPLE_PROMPT if args.sample is None else args.sample
 
     def sample():
@@ -208,7 +217,9 @@ def main(argv=None) -> None:
                 for (_, p), a in zip(trained, avg):
                     p.copy_(a)
         ppl = perplexity(model, held, args.micro, device, autocast, "eval", False)
-        return {"ppl": ppl, "sample": sample(), "sigma": sigma, "epsilon": eps if private else None,
+        cross = {"ppl_at_seq_len": {L: perplexity(model, held_x, micro_x, device, autocast, "eval", False)}} if L \
+            else {}
+        return {"ppl": ppl, **cross, "sample": sample(), "sigma": sigma, "epsilon": eps if private else None,
                 "first_step_s": round(times[0], 1),
                 "step_s": round(sorted(times[1:])[len(times[1:]) // 2], 3) if len(times) > 1 else None,
                 "train_s": round(sum(times), 1)}
@@ -218,6 +229,7 @@ def main(argv=None) -> None:
         r = parse_recipe(text)
         rec = {"train": args.train, "trained_params": n_train, "recipe": r, "seq_len": args.seq_len,
                "clipping": args.clipping, "N": N, "ppl_before": ppl0, "sample_before": sample_before,
+               **({"ppl_before_at_seq_len": {L: ppl0_x}} if L else {}),
                "eval_s": round(eval_s, 1),
                "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
                "threads": torch.get_num_threads(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}

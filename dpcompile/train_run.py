@@ -192,10 +192,25 @@ def _autocast(device: torch.device):
 NO_DP_BACKENDS = {"flashdp": "inductor", "flashdp_eager": "aot_eager"}
 
 
+class _BatchDynamic:
+    """A compiled loss whose batch dim is dynamic and whose other dims are static: what dpcompile.compile with
+    dynamic_seq=False does for the DP run (one graph for every micro-batch size >= 2; Dynamo specializes 0 and 1)."""
+
+    def __init__(self, compiled):
+        self.compiled = compiled
+
+    def __call__(self, *batch: torch.Tensor):
+        for t in batch:  # the ids, and memarc's targets
+            if t.shape[0] >= 2:
+                torch._dynamo.mark_dynamic(t, 0)
+        return self.compiled(*batch)
+
+
 def compile_no_dp(loss_model, dp_backend: str):
-    """The --no-dp baseline compiled as the DP run is (same compiler, one graph, dynamic batch and sequence dims),
-    without clipping or noise: its speed and its numerics are comparable with the DP run's."""
-    return torch.compile(loss_model, backend=NO_DP_BACKENDS[dp_backend], fullgraph=True, dynamic=True)
+    """The --no-dp baseline compiled as the DP run is (same compiler, one graph, the batch dim dynamic and the
+    window length static), without clipping or noise: its speed and its numerics are comparable with the DP run's."""
+    return _BatchDynamic(torch.compile(loss_model, backend=NO_DP_BACKENDS[dp_backend], fullgraph=True,
+                                       dynamic=False))
 
 
 def build(s: Setup, m: Model, d: Data, p: Privacy) -> "Training":
@@ -225,7 +240,9 @@ def build(s: Setup, m: Model, d: Data, p: Privacy) -> "Training":
                    loss_reduction="mean", **_strategy_option(run["strategy"]))
     if not s.private:
         return Training(s, m, d, p, loader, inner, compile_no_dp(loss_model, run["backend"]), autocast, ppl_before)
-    step_model = dp_compile(loss_model, backend=run["backend"], **dp_opts)
+    # every window has seq_len tokens: static lengths compile faster (no symbolic length in the joint trace, the
+    # pass or the kernels) and the batch dim stays dynamic for Poisson's micro-batches
+    step_model = dp_compile(loss_model, backend=run["backend"], dynamic_seq=False, **dp_opts)
     adaptive = run.get("adaptive_clipping")
     if adaptive is not None:  # a sigma the quantile release leaves no room for: refused before training
         from .privacy.engine import check_adaptive_noise

@@ -523,3 +523,45 @@ def test_first_step_forecast_reports_the_last_run_on_this_machine(tmp_path, monk
     assert "a few minutes" in T.first_step_forecast(dp)
     T.record_first_step(dp, 5.0)
     assert "5 s the last time" in T.first_step_forecast(dp)
+
+
+def test_both_modes_compile_the_window_length_static_and_the_micro_batch_dynamic(monkeypatch):
+    """Every window of a run has --seq-len tokens: the DP loss is compiled with dynamic_seq=False and the --no-dp
+    loss with the batch dim alone dynamic, so one graph serves every micro-batch size >= 2 and no symbolic length
+    slows the compile (benchmarks/NOTES.md entry 26)."""
+    import sys
+
+    from dpcompile import train_run
+    from dpcompile.data import load_model
+    from dpcompile.hf import CausalLMLoss
+
+    seen = []
+
+    def recording(gm, example_inputs):
+        fakes = [n.meta.get("example_value") for n in gm.graph.nodes if n.op == "placeholder"]
+        seen.append([tuple(f.shape) for f in fakes if isinstance(f, torch.Tensor) and f.dim() == 2])
+        return gm.forward
+
+    monkeypatch.setitem(train_run.NO_DP_BACKENDS, "flashdp_eager", recording)
+    torch._dynamo.reset()
+    model, _ = load_model("tiny-llama")
+    loss = train_run.compile_no_dp(CausalLMLoss(model), "flashdp_eager")
+    for b in (3, 5, 4):
+        loss(torch.randint(0, 100, (b, 12)))
+    assert len(seen) == 1, seen  # one graph for 3, 5 and 4
+    (ids_shape,) = [s for s in seen[0] if s[1] == 12]
+    assert isinstance(ids_shape[0], torch.SymInt) and type(ids_shape[1]) is int
+
+    C = sys.modules["dpcompile.compile"]  # the module: the package's name `compile` is the function
+    calls = []
+    compile_ = C.compile
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return compile_(*args, **kwargs)
+
+    monkeypatch.setattr(C, "compile", spy)
+    assert cli.main(["train", *TINY, "--steps", "1", "--epsilon", "30", "--delta", "1e-3", "--no-save",
+                     "--sample", ""]) == 0
+    assert [c.get("dynamic_seq") for c in calls] == [False]
+    torch._dynamo.reset()
