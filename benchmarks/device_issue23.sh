@@ -8,7 +8,8 @@
 #   call 1 (carry .whlsmol/p1): mkdir -p /tmp/scratch && cp .whlsmol/p1/part1 /tmp/scratch/
 #   call 2 (carry .snap .whlsmol/p2 .data): cd .snap && bash benchmarks/device_issue23.sh "gpu:dp:flat:blocks@B=256,steps=67,lr=1e-3" ...
 # Stages: gpu:... (GPU recipes, one process each, side by side), cpu:SPEC (CPU recipes on 2 cores), cli (the CLI
-# default), cli-best:TAG (the CLI with the best DP recipe of an earlier call's records).
+# default), cli:TAG:EXTRA (the CLI default plus flags), cli-best:TAG (the CLI with the best DP recipe of an earlier
+# call's records).
 # Inductor's caches stay on a warm machine between calls: a second call right after the first compiles in ~20 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -70,6 +71,11 @@ PY
     cli)  # the CLI with CLI_FLAGS (default: none), timed
       ( /usr/bin/time -v timeout ${CLI_TIMEOUT:-560} python3 -m dpcompile train --no-progress --out "$OUT/cli" \
           ${CLI_FLAGS:-} ) > "$OUT/cli.log" 2>&1 &
+      pids+=($!) ;;
+    cli:*)  # cli:TAG[:EXTRA+FLAGS]: the CLI's defaults plus EXTRA (+ separates flags), timed, in $OUT/cli_TAG
+      IFS=: read -r _ tag extra <<< "$stage"
+      ( /usr/bin/time -v timeout ${CLI_TIMEOUT:-560} python3 -m dpcompile train --no-progress --out "$OUT/cli_$tag" \
+          ${extra//+/ } ) > "$OUT/cli_$tag.log" 2>&1 &
       pids+=($!) ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
