@@ -67,7 +67,9 @@ def run_one(mode: str, model_name: str, B: int, T: int, device: str) -> dict:
     else:
         import dpcompile
 
-        step_model = dpcompile.compile(model, max_grad_norm=1.0, clipping=mode, loss_reduction="mean")
+        clipping, _, static = mode.partition("-")  # per_layer-static: the length static (as `dpcompile train`)
+        step_model = dpcompile.compile(model, max_grad_norm=1.0, clipping=clipping, loss_reduction="mean",
+                                       dynamic_seq=static != "static")
         opt = dpcompile.DPOptimizer(opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=B)
     amp = torch.autocast(device, dtype=torch.bfloat16) if device == "cuda" else torch.autocast(device, enabled=False)
 
@@ -100,7 +102,8 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--modes", default="non-DP,non-DP-dynamic,per_layer",
                     help="non-DP, non-DP-dynamic (batch and sequence sizes symbolic, as DP compiles them) and "
-                         "dpcompile clipping modes, comma-separated")
+                         "dpcompile clipping modes (a -static suffix: the sequence dim static, only the batch "
+                         "dynamic), comma-separated")
     ap.add_argument("--out", default=None, help="write the records here (JSON)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -135,9 +135,9 @@ def run_mode(mode: str, workload: str, profile=False, gated: bool = False) -> di
             import dpcompile
 
             options = dict(max_grad_norm=1.0, clipping=mode.split()[1], loss_reduction="mean")
-            for extra in mode.split()[2:]:  # e.g. "flashdp per_layer strategy=direct"
+            for extra in mode.split()[2:]:  # e.g. "flashdp per_layer strategy=direct", "... dynamic_seq=False"
                 k, v = extra.split("=")
-                options[k] = v
+                options[k] = {"True": True, "False": False}.get(v, v)  # dynamic_seq=False: the length static
             step_model = dpcompile.compile(model, mode=compile_mode, **options)
         else:
             raise ValueError(f"unknown mode {mode!r}; known: {MODES}")

@@ -27,6 +27,9 @@ def main(argv=None) -> None:
     ap.add_argument("--backend", default="flashdp_eager")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq-len", type=int, default=16)
+    ap.add_argument("--dynamic-seq", action="store_true",
+                    help="compile the sequence dim dynamic too (dpcompile.compile's default, as for the HF Trainer's "
+                         "padded batches); without it the length is static, as `dpcompile train` compiles it")
     ap.add_argument("--out", default=None, help="write the pstats file here")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -37,7 +40,7 @@ def main(argv=None) -> None:
     model, _ = load_model(args.model, progress=False)
     model.train()
     step = dpcompile.compile(CausalLMLoss(model), backend=args.backend, max_grad_norm=1.0, clipping=args.clipping,
-                             loss_reduction="mean")
+                             loss_reduction="mean", dynamic_seq=args.dynamic_seq)
     ids = torch.randint(0, min(1000, model.config.vocab_size), (args.batch, args.seq_len))
     prof = cProfile.Profile()
     t0 = time.perf_counter()
