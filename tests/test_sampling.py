@@ -325,7 +325,11 @@ def test_micro_batches_partition_the_logical_batch(n, q, max_phys, seed, tensor_
         if one[0].numel() == 0:
             assert sizes == [0]
             continue
-        # consecutive chunks of exactly max_phys, the last one possibly shorter, none empty
+        # consecutive chunks of max_phys, the last one possibly shorter, none empty; a lone last sample is moved
+        # into the last chunk but one, so that the last two are (max_phys - 1, 2)
+        if len(sizes) >= 2 and max_phys >= 3 and one[0].numel() % max_phys == 1:
+            assert sizes[-2:] == [max_phys - 1, 2]
+            sizes = sizes[:-2] + [max_phys]
         assert all(s == max_phys for s in sizes[:-1]) and 1 <= sizes[-1] <= max_phys
         assert len(mbs) == math.ceil(one[0].numel() / max_phys)
         # nothing lost, nothing duplicated, increasing order
@@ -634,6 +638,8 @@ def test_batch_memory_manager_splits_and_tells_the_optimizer(num_workers):
     k = 0
     for draw, want in enumerate(logical):
         parts = list(torch.split(want, 3)) or [want]
+        if len(parts) >= 2 and len(parts[-1]) == 1:  # (3, 1) ends as (2, 2): no lone sample (a compile of its own)
+            parts[-2:] = [want[-4:-2], want[-2:]]
         for j, part in enumerate(parts):
             assert torch.equal(got[k], part)
             assert told[k] == dict(draw=draw, sample_rate=0.2, first=j == 0, last=j == len(parts) - 1, count=1)
@@ -658,3 +664,35 @@ def test_sampler_checkpoint_resumes_the_stream_despite_prefetching():
     assert rest == whole[3:] and len(list(resumed)) == 10  # then whole passes again
     with pytest.raises(ValueError, match="sample_rate"):
         PoissonBatchSampler(60, 0.2).load_state_dict(state)
+
+
+@given(n=st.integers(0, 600), max_size=st.one_of(st.none(), st.integers(1, 130)))
+def test_micro_batch_sizes_cover_the_batch_in_as_many_pieces_and_leave_no_lone_sample(n, max_size):
+    """The same samples in the same number of micro-batches as a plain split, none larger than max_size, and no
+    micro-batch of 1 where the batch and max_size allow it (a batch of 1 is a graph of its own: a compile)."""
+    from dpcompile.privacy.samplers import micro_batch_sizes
+
+    sizes = micro_batch_sizes(n, max_size)
+    size = max_size or max(n, 1)
+    assert sum(sizes) == n and len(sizes) == math.ceil(n / size)
+    assert all(1 <= s <= size for s in sizes)
+    if 1 in sizes:
+        assert n == 1 or size <= 2, sizes
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loader_micro_batches_of_a_batch_of_2k_plus_1_have_no_lone_sample(workers):
+    """A logical batch of 2 * 4 + 1 samples at micro-batch 4: (4, 3, 2), not (4, 4, 1), with and without the
+    DataLoader path; the union of the micro-batches is the logical batch."""
+    data = TensorDataset(torch.arange(40.0))
+    loader = PoissonDataLoader(data, expected_batch_size=9, max_physical_batch_size=4, steps=60,
+                               generator=torch.Generator().manual_seed(3), num_workers=workers)
+    seen = 0
+    for micro_batches in loader:
+        sizes = [mb[0].shape[0] for mb in micro_batches]
+        rows = torch.cat([mb[0] for mb in micro_batches])
+        assert rows.unique().numel() == rows.numel() == sum(sizes)
+        if sum(sizes) >= 3:
+            assert 1 not in sizes, sizes
+        seen += sum(sizes) % 4 == 1 and sum(sizes) > 1
+    assert seen >= 3  # the case happened

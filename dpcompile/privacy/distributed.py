@@ -33,6 +33,7 @@ from torch import nn
 
 from ..errors import CoverageError, DPCompileError
 from ..clip_provenance import grad_problem, last_arrival_problem, last_arrival_runs, randomized_runs
+from .samplers import micro_batch_sizes
 from .optimizer import (DPOptimizer, _uncovered_message, is_privatized, randomized_accounting,
                         sensitivity_problem)
 from .sampling import PoissonDataLoader
@@ -140,7 +141,7 @@ def shard_logical_batch(indices: torch.Tensor, rank: int, world_size: int,
     per_rank = -(-indices.numel() // world_size)
     size = max_physical_batch_size or max(per_rank, 1)
     n_micro = max(1, -(-per_rank // size))
-    chunks = list(torch.split(mine, size)) if mine.numel() else []
+    chunks = list(torch.split(mine, micro_batch_sizes(mine.numel(), size))) if mine.numel() else []
     chunks += [mine[:0]] * (n_micro - len(chunks))
     return chunks
 

@@ -5,6 +5,7 @@ physical ones that the loaders of sampling.py hand out."""
 from __future__ import annotations
 
 import collections
+import itertools
 import math
 import numbers
 import os
@@ -227,6 +228,20 @@ class PoissonBatchSampler(Sampler[List[int]]):
 UniformWithReplacementSampler = PoissonBatchSampler
 
 
+def micro_batch_sizes(n: int, max_size: Optional[int]) -> List[int]:
+    """Sizes of the consecutive micro-batches of a logical batch of n samples, at most max_size each (None: one),
+    and none of 1 sample where that can be avoided: a compiled step specializes a batch of 1 (Dynamo's 0/1
+    specialization), so a lone last sample would cost a whole compile mid-run. The last two micro-batches of
+    (max_size, 1) become (max_size - 1, 2): the same samples, the same sum, as many micro-batches."""
+    if n == 0:
+        return []
+    size = max_size or n
+    sizes = [size] * (n // size) + ([n % size] if n % size else [])
+    if len(sizes) >= 2 and sizes[-1] == 1 and size >= 3:
+        sizes[-2:] = [size - 1, 2]
+    return sizes
+
+
 class _Chunk(NamedTuple):
     batch: BatchInfo  #: the logical batch
     index: int        #: this physical batch's place in it
@@ -253,8 +268,8 @@ class _PhysicalBatchSampler(Sampler[List[int]]):
         logical = self.logical
         for idx in logical:
             info = logical._yielded.popleft()
-            size = self.max_size or max(len(idx), 1)
-            parts = [idx[i:i + size] for i in range(0, len(idx), size)] or [[]]
+            bounds = list(itertools.accumulate(micro_batch_sizes(len(idx), self.max_size), initial=0))
+            parts = [idx[i:j] for i, j in zip(bounds, bounds[1:])] or [[]]
             for j, part in enumerate(parts):
                 chunks.append(_Chunk(info, j, len(parts)))
                 yield part

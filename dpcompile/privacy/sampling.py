@@ -38,7 +38,8 @@ from .collate import (EmptyBatchCollate, _empty_like_batch, _is_fast_tensor_data
                       _passthrough, _TensorRows)
 from .samplers import (_MANTISSA_BITS, _MANTISSA_MASK, STATE_HISTORY, BatchInfo,  # noqa: F401
                        PoissonBatchSampler, UniformWithReplacementSampler, _check_generator, _check_int,
-                       _check_rate, _Chunk, _indices_below, _np, _PhysicalBatchSampler, _secure_uniform)
+                       _check_rate, _Chunk, _indices_below, _np, _PhysicalBatchSampler, _secure_uniform,
+                       micro_batch_sizes)
 
 __all__ = ["PoissonDataLoader", "PoissonBatchSampler", "DPDataLoader", "BatchMemoryManager", "EmptyBatchCollate",
            "BatchInfo", "UniformWithReplacementSampler"]
@@ -397,8 +398,8 @@ class PoissonDataLoader:
                 _notify(self._dp_optimizer, self.batch_sampler.last_info)
                 yield [self._empty()]
                 continue
-            size = self.max_physical_batch_size or idx.numel()
-            group = [self._collate(chunk) for chunk in torch.split(idx, size)]
+            sizes = micro_batch_sizes(idx.numel(), self.max_physical_batch_size)
+            group = [self._collate(chunk) for chunk in torch.split(idx, sizes)]
             _notify(self._dp_optimizer, self.batch_sampler.last_info, count=len(group))
             yield group
 
