@@ -161,9 +161,9 @@ def _add_train_parser(sub) -> None:
                            "DP fine-tuning (DP-SGD with Poisson sampling, per-sample clipping in the compiled graph, "
                            "Gaussian noise, PLD accounting) of a causal LM on text. With no options: SmolLM2-135M "
                            "on Shakespeare at epsilon=8, delta=1e-5; on a CPU a short demonstration run, on a GPU "
-                           f"{gpu['epochs']:g} epochs of the whole model ({gpu['no_dp']['epochs']:g} with --no-dp). A model whose directory records earlier "
-                           "DP training (dp_checkpoint.pt / dp_report.json) continues that privacy history: epsilon "
-                           "and --epsilon are totals.", 100))
+                           f"{gpu['epochs']:g} epochs of the whole model ({gpu['no_dp']['epochs']:g} with --no-dp). "
+                           "A model whose directory records earlier DP training (dp_checkpoint.pt / dp_report.json) "
+                           "continues that privacy history: epsilon and --epsilon are totals.", 100))
     t.add_argument("--model", default="smollm2-135m",
                    help="smollm2-135m (the default) | tiny-llama | tiny-gpt2 | a .gguf file | a save_pretrained "
                         "directory, e.g. an earlier run's --out (its DP history continues)")
@@ -176,8 +176,8 @@ def _add_train_parser(sub) -> None:
                    help="passes over the training windows (in expectation); default: --steps on CPU; on a GPU "
                         f"{gpu['epochs']:g}, or {gpu['no_dp']['epochs']:g} with --no-dp")
     t.add_argument("--steps", type=_positive(int), default=None,
-                   help=f"logical (Poisson) batches of the whole run, overriding --epochs (default {cpu['steps']} on CPU). With "
-                        "--resume: the new total (more steps extend the run)")
+                   help=f"logical (Poisson) batches of the whole run, overriding --epochs (default {cpu['steps']} "
+                        "on CPU). With --resume: the new total (more steps extend the run)")
     t.add_argument("--batch-size", type=_positive(int), default=None,
                    help=f"expected logical batch size (Poisson); default {cpu['batch_size']} on CPU, "
                         f"{gpu['batch_size']} on a GPU")
