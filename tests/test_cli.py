@@ -565,3 +565,31 @@ def test_both_modes_compile_the_window_length_static_and_the_micro_batch_dynamic
                      "--sample", ""]) == 0
     assert [c.get("dynamic_seq") for c in calls] == [False]
     torch._dynamo.reset()
+
+
+def test_a_run_whose_batches_end_in_a_lone_sample_compiles_one_graph(monkeypatch, capsys):
+    """Poisson batches of 4 to 13 samples at micro-batch 3: batches of 3k + 1 samples (7, 10, 13) end in
+    (2, 2) instead of (3, 1), so the whole run is one compiled DP graph (a batch of 1 would be a second one)."""
+    from torch._dynamo.utils import counters
+
+    from dpcompile.privacy.sampling import PoissonDataLoader
+
+    sizes = []
+    iterate = PoissonDataLoader.__iter__
+
+    def recording_iter(self):
+        for micro_batches in iterate(self):
+            sizes.append([mb[0].shape[0] for mb in micro_batches])
+            yield micro_batches
+
+    monkeypatch.setattr(PoissonDataLoader, "__iter__", recording_iter)
+    torch._dynamo.reset()
+    counters.clear()
+    rc = cli.main(["train", "--model", "tiny-llama", "--data", "zen", "--seq-len", "8", "--max-windows", "40",
+                   "--batch-size", "8", "--micro-batch-size", "3", "--eval-windows", "0", "--steps", "8",
+                   "--epsilon", "50", "--delta", "1e-3", "--no-progress", "--no-save", "--sample", ""])
+    assert rc == 0, capsys.readouterr().err
+    assert any(sum(s) % 3 == 1 for s in sizes), sizes  # the case this test is about happened
+    assert all(1 not in s for s in sizes), sizes
+    assert counters["stats"]["unique_graphs"] == 1, (sizes, dict(counters["stats"]))
+    torch._dynamo.reset()
