@@ -62,9 +62,9 @@ def test_train_tiny_end_to_end_reports_epsilon_and_saves_a_transformers_checkpoi
     torch._dynamo.reset()
 
 
-def test_train_tiny_gpt2_with_batch_size_2_steps_on_empty_and_one_sample_batches(monkeypatch, capsys):
-    """`dpcompile train --model tiny-gpt2 --batch-size 2`: with q = 2/6 the seeded Poisson steps hold 0, then 2 + 1,
-    then 1 samples; every one is a DP step (epsilon is spent on all 3) and nothing raises."""
+@pytest.fixture
+def batch_sizes(monkeypatch) -> list:
+    """The micro-batch sizes of every logical batch the run's PoissonDataLoader yields, in order."""
     from dpcompile.privacy.sampling import PoissonDataLoader
 
     sizes = []
@@ -76,6 +76,13 @@ def test_train_tiny_gpt2_with_batch_size_2_steps_on_empty_and_one_sample_batches
             yield micro_batches
 
     monkeypatch.setattr(PoissonDataLoader, "__iter__", recording_iter)
+    return sizes
+
+
+def test_train_tiny_gpt2_with_batch_size_2_steps_on_empty_and_one_sample_batches(batch_sizes, capsys):
+    """`dpcompile train --model tiny-gpt2 --batch-size 2`: with q = 2/6 the seeded Poisson steps hold 0, then 2 + 1,
+    then 1 samples; every one is a DP step (epsilon is spent on all 3) and nothing raises."""
+    sizes = batch_sizes
     rc = cli.main(["train", "--model", "tiny-gpt2", "--batch-size", "2", "--micro-batch-size", "2", "--data", "zen",
                    "--seq-len", "16", "--max-windows", "6", "--eval-windows", "0", "--steps", "3", "--epsilon", "30",
                    "--delta", "1e-3", "--no-progress", "--no-save", "--sample", ""])
@@ -567,22 +574,12 @@ def test_both_modes_compile_the_window_length_static_and_the_micro_batch_dynamic
     torch._dynamo.reset()
 
 
-def test_a_run_whose_batches_end_in_a_lone_sample_compiles_one_graph(monkeypatch, capsys):
+def test_a_run_whose_batches_end_in_a_lone_sample_compiles_one_graph(batch_sizes, capsys):
     """Poisson batches of 4 to 13 samples at micro-batch 3: batches of 3k + 1 samples (7, 10, 13) end in
     (2, 2) instead of (3, 1), so the whole run is one compiled DP graph (a batch of 1 would be a second one)."""
     from torch._dynamo.utils import counters
 
-    from dpcompile.privacy.sampling import PoissonDataLoader
-
-    sizes = []
-    iterate = PoissonDataLoader.__iter__
-
-    def recording_iter(self):
-        for micro_batches in iterate(self):
-            sizes.append([mb[0].shape[0] for mb in micro_batches])
-            yield micro_batches
-
-    monkeypatch.setattr(PoissonDataLoader, "__iter__", recording_iter)
+    sizes = batch_sizes
     torch._dynamo.reset()
     counters.clear()
     rc = cli.main(["train", "--model", "tiny-llama", "--data", "zen", "--seq-len", "8", "--max-windows", "40",
