@@ -98,7 +98,8 @@ class _DPTrainerMixin:
       them); `gradient_accumulation_steps` must be 1 and `max_grad_norm` in the TrainingArguments is set to 0
       (the per-sample `max_grad_norm` given here is the one that counts);
     - every batch is right-padded to one length, `max_length` (default: the longest training example), so that
-      one compiled graph serves every step (padding is masked per sample; it changes no sample's gradient);
+      one compiled graph, compiled for that length, serves every step (padding is masked per sample; it changes
+      no sample's gradient);
       with `pad_to_multiple_of=k` instead, each batch is padded to its own longest example rounded up to a
       multiple of k (the sequence length is symbolic in the compiled graph: still one graph, less padding on
       short-text data; k = 8 lets a run see each shape many times, benchmarks/RESULTS.md runs 34–35);
@@ -312,9 +313,11 @@ class _DPTrainerMixin:
         from .compile import compile as dp_compile
 
         if self._dp_loss is None or self._dp_loss.module.model is not model:
+            # every batch padded to max_length: one length, compiled static (faster to compile, no symbolic
+            # length); pad_to_multiple_of: the length changes with the batch, compiled symbolic (one graph)
             self._dp_loss = dp_compile(loss_module(model), backend=self.dp_backend,
                                        max_grad_norm=self.dp_max_grad_norm, clipping=self.dp_clipping,
-                                       loss_reduction="mean")
+                                       loss_reduction="mean", dynamic_seq=self.dp_pad_to_multiple_of is not None)
         return self._dp_loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):

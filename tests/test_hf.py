@@ -313,6 +313,10 @@ def test_dp_trainer_pads_each_batch_to_a_multiple_and_compiles_once(tmp_path):
                   pad_to_multiple_of=4)
     trainer = DPTrainer(model=case.model, args=args, train_dataset=data, noise_multiplier=1.0, target_delta=1e-3,
                         max_grad_norm=1.0, expected_batch_size=4, pad_to_multiple_of=4)
+    assert trainer._dp_compiled_loss(case.model).dynamic_seq  # lengths change: the length compiles symbolic
+    fixed = DPTrainer(model=case.model, args=args, train_dataset=data, noise_multiplier=1.0, target_delta=1e-3,
+                      max_grad_norm=1.0, expected_batch_size=4)
+    assert not fixed._dp_compiled_loss(case.model).dynamic_seq  # one padded length: compiled static
     lengths = []
     step = trainer.training_step
 
