@@ -107,6 +107,11 @@ def run_mode(mode: str, workload: str, profile=False, gated: bool = False) -> di
     B, T = spec["B"], spec["T"]
     torch.manual_seed(0)
     compile_mode = None
+    if mode.endswith("+combo"):  # Inductor's combo kernels: independent small kernels share one launch
+        import torch._inductor.config as inductor_config
+
+        inductor_config.combo_kernels = True
+        mode = mode[: -len("+combo")]
     if mode.endswith("+cudagraphs"):  # Inductor's CUDA graphs: torch.compile(mode="reduce-overhead") for both
         compile_mode = "reduce-overhead"
         mode = mode[: -len("+cudagraphs")]
@@ -362,7 +367,7 @@ def main(argv: list | None = None) -> int:
                     help=f"comma-separated, from: {list(WORKLOADS)}")
     ap.add_argument("--modes", default=",".join(MODES),
                     help=f"comma-separated, from {MODES}; 'flashdp STYLE key=value' passes options; "
-                         "a '+cudagraphs' suffix turns on Inductor CUDA graphs")
+                         "a '+cudagraphs' suffix turns on Inductor CUDA graphs, then '+combo' its combo kernels")
     ap.add_argument("--out", default=None, help="directory for results.json and table.md")
     ap.add_argument("--profile", action="store_true", help="profile one extra step per mode (GPU busy time)")
     ap.add_argument("--host-profile", action="store_true",

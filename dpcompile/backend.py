@@ -450,8 +450,10 @@ def flashdp(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
             "seed, which the privacy analysis forbids); compile without mode='reduce-overhead' / 'max-autotune' "
             "(and with torch._inductor.config.triton.cudagraphs = False), or use 'max-autotune-no-cudagraphs'")
     gm, example_inputs = _with_threshold_input(gm, example_inputs, ctx)
-    # traced here: symbolic sizes prefer attention kernels without per-shape plans, unless CUDA graphs replay them
-    with attention_for(gm, cuda_graphs=_uses_cudagraphs(patches)):
+    # traced here: symbolic lengths prefer attention kernels without per-shape plans, unless CUDA graphs replay them
+    inputs = [n.meta.get("example_value") for n in gm.graph.find_nodes(op="placeholder")]
+    batch_sizes = [inputs[i].shape[d] for i, d in ctx.batch_inputs.items() if isinstance(inputs[i], torch.Tensor)]
+    with attention_for(gm, cuda_graphs=_uses_cudagraphs(patches), batch_sizes=batch_sizes):
         compiled = compile_fx(gm, example_inputs,
                               config_patches={**patches, "joint_custom_pre_pass": DPJointPass(ctx)},
                               decompositions=ctx.decompositions)

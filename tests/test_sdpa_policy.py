@@ -1,6 +1,7 @@
-"""Which attention kernels the DP graphs are traced with (sdpa_policy.py): graphs of symbolic sizes prefer the
+"""Which attention kernels the DP graphs are traced with (sdpa_policy.py): graphs of symbolic lengths prefer the
 kernels without per-shape plans (flash, memory-efficient), except under CUDA graphs, whose replays skip the host and
-so keep PyTorch's order (cuDNN first on Hopper); graphs of fixed sizes keep PyTorch's order."""
+so keep PyTorch's order (cuDNN first on Hopper); graphs of fixed sizes, or of a symbolic batch size alone, keep
+PyTorch's order."""
 from __future__ import annotations
 
 import pytest
@@ -46,7 +47,8 @@ def test_priority_while_tracing(dynamic, cuda_graphs, flash_first):
 
 @pytest.mark.parametrize("mode, flash_first", [(None, True), ("reduce-overhead", False)])
 def test_the_backend_keeps_pytorchs_order_under_cuda_graphs(monkeypatch, mode, flash_first):
-    """The batch dimension of a DP graph is symbolic from its first call: flash first, unless CUDA graphs."""
+    """The length of a DP graph's inputs is symbolic from its first call (dynamic_seq=True): flash first, unless
+    CUDA graphs."""
     seen = []
 
     def fake_compile_fx(gm, inputs, config_patches=None, **kw):
@@ -60,7 +62,67 @@ def test_the_backend_keeps_pytorchs_order_under_cuda_graphs(monkeypatch, mode, f
     before = _order()
     compiled = dpcompile.compile(nn.Linear(3, 2), mode=mode, loss_reduction="sum")
     with pytest.raises(Exception, match="stop here"):
-        compiled(torch.randn(4, 3))
+        compiled(torch.randn(4, 5, 3))
+    assert seen
+    assert (seen[0][:len(FLASH_FIRST)] == FLASH_FIRST) == flash_first
+    if not flash_first:
+        assert seen[0] == before
+
+
+def _batch_graph(length_dynamic: bool):
+    """Dynamo's graph of a (B, T) input with B symbolic, and T too when length_dynamic; and its batch size."""
+    seen = []
+
+    def capture(gm, inputs):
+        seen.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    x = torch.randn(4, 3)
+    torch._dynamo.mark_dynamic(x, 0)
+    if length_dynamic:
+        torch._dynamo.mark_dynamic(x, 1)
+    torch.compile(lambda x: x.sin() * 2, backend=capture)(x)
+    value = next(iter(seen[0].graph.find_nodes(op="placeholder"))).meta["example_value"]
+    if not isinstance(value, torch.Tensor):  # Dynamo may pass the symbolic sizes as inputs of their own
+        value = [n.meta["example_value"] for n in seen[0].graph.find_nodes(op="placeholder")
+                 if isinstance(n.meta["example_value"], torch.Tensor)][0]
+    return seen[0], value.shape[0]
+
+
+@pytest.mark.parametrize("length_dynamic", [False, True])
+def test_only_the_batch_size_symbolic_keeps_pytorchs_order(length_dynamic):
+    """A symbolic batch size alone leaves at most one plan per batch size that occurs: cuDNN stays first.
+    A symbolic length as well: flash first."""
+    gm, batch_size = _batch_graph(length_dynamic)
+    assert isinstance(batch_size, torch.SymInt)
+    before = _order()
+    with attention_for(gm, batch_sizes=[batch_size]):
+        inside = _order()
+    assert (inside[:len(FLASH_FIRST)] == FLASH_FIRST) == length_dynamic
+    if not length_dynamic:
+        assert inside == before
+    with attention_for(gm):  # not told which size is the batch's: every symbolic size counts
+        assert _order()[:len(FLASH_FIRST)] == FLASH_FIRST
+
+
+@pytest.mark.parametrize("dynamic_seq, flash_first", [(True, True), (False, False)])
+def test_the_backend_keeps_pytorchs_order_with_static_lengths(monkeypatch, dynamic_seq, flash_first):
+    """dpcompile.compile(dynamic_seq=False) makes the batch size the only symbolic size: PyTorch's order."""
+    seen = []
+
+    def fake_compile_fx(gm, inputs, config_patches=None, **kw):
+        seen.append(_order())
+        raise RuntimeError("stop here")
+
+    import torch._inductor.compile_fx as inductor_compile_fx
+
+    monkeypatch.setattr(inductor_compile_fx, "compile_fx", fake_compile_fx)
+    torch._dynamo.reset()
+    before = _order()
+    compiled = dpcompile.compile(nn.Linear(3, 2), loss_reduction="sum", dynamic_seq=dynamic_seq)
+    with pytest.raises(Exception, match="stop here"):
+        compiled(torch.randn(4, 5, 3))
     assert seen
     assert (seen[0][:len(FLASH_FIRST)] == FLASH_FIRST) == flash_first
     if not flash_first:
