@@ -1,6 +1,7 @@
 """docs/img/results_ppl_vs_epsilon.png: held-out perplexity after DP fine-tuning against epsilon, with the
 non-private run (on CPU of the same recipe; on the GPU the non-private default) and the perplexity before training,
-for the CPU and the GPU defaults of `dpcompile train` (docs/results.md).
+for the CPU and the GPU defaults of `dpcompile train` (its own runs) and the earlier GPU default (recipe search)
+(docs/results.md).
 
     python benchmarks/plot_results.py            # reads benchmarks/results_runs.jsonl and recipe_search.jsonl
 
@@ -17,7 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def cpu_points(path: Path) -> dict:
+def cli_points(path: Path) -> dict:
     """{setting: [(epsilon or inf, perplexity after, perplexity before)]} from the CLI runs."""
     out: dict = {}
     for line in path.read_text().splitlines():
@@ -55,10 +56,7 @@ def main(argv=None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = {f"CPU default ({k})": v for k, v in cpu_points(Path(args.runs)).items()}
-    series["GPU default (H100; whole model, 64-token windows, B=1024;\nDP 6 epochs, non-private 3)"] = gpu_points(
-        Path(args.search), 64, {"B": 1024, "steps": 134, "lr": 0.0007}, "flat",
-        {"B": 1024, "steps": 67, "lr": 0.00015})
+    series = {f"dpcompile train\n({k})": v for k, v in cli_points(Path(args.runs)).items()}
     series["GPU, earlier default (256-token windows, B=256;\nDP 6 epochs, non-private 3)"] = gpu_points(
         Path(args.search), 256, {"B": 256, "steps": 134, "lr": 0.0007}, "flat", {"B": 256, "steps": 67, "lr": 0.0003})
     fig, axes = plt.subplots(1, len(series), figsize=(5.2 * len(series), 4), squeeze=False)

@@ -159,8 +159,8 @@ def first_step_forecast(s: Setup) -> str:
         return (f"the first step compiles the model: {last:.0f} s the last time on this machine (less when "
                 "Inductor's caches hold the graphs already)")
     if s.device.type == "cuda":
-        return ("the first step compiles the model (Dynamo + the DP pass + Inductor): SmolLM2-135M took up to 6.5 "
-                "min on an H100 with empty caches, 20 s with Inductor's caches of an earlier run (docs/results.md)")
+        return ("the first step compiles the model (Dynamo + the DP pass + Inductor): SmolLM2-135M took 4.2 min on "
+                "an H100 with empty caches, under a minute with Inductor's caches of an earlier run (docs/results.md)")
     return "the first step compiles the model (Dynamo + the DP pass): on a CPU this takes a few minutes"
 
 
