@@ -29,7 +29,36 @@ PHASES = ("_compile.compile_inner", "bytecode_tracing", "create_aot_dispatcher_f
           "PyCodeCache.load_by_key_path", "async_compile.wait", "build_guards")
 
 
-def run_one(mode: str, model_name: str, B: int, T: int, device: str) -> dict:
+#: with --cprofile: the cumulative seconds of these functions in the first step (name patterns of pstats), the
+#: suspects of Inductor's DP backward compile: the mutation analysis of user Triton kernels compiles each call site
+#: to TTIR (torch 2.11: identify_mutated_tensors, 2.13: identify_accessed_tensors), then autotuning and lowering
+PROFILED = {
+    "user kernels: TTIR": r"\(generate_ttir\)",
+    "user kernels: mutation analysis": r"\(identify_(mutated|accessed)_tensors\)",
+    "Inductor: lowering user kernels": r"lowering.py:\d+\(triton_kernel_wrap",
+    "Triton autotune (benchmark)": r"autotuner.py.*\((_bench|benchmark)\)",
+    "Triton compile (in process)": r"triton/compiler/compiler.py.*\(compile\)",
+    "DP pass": r"\(run_dp_pass\)",
+    "Inductor: compile_fx_inner": r"compile_fx.py:\d+\(compile_fx_inner\)",
+    "Inductor: wait for workers": r"async_compile.py.*\(wait\)",
+}
+
+
+def _profiled(prof) -> dict:
+    """{label: cumulative seconds} of the PROFILED functions, each counted once however it recurses."""
+    import pstats
+    import re
+
+    stats = pstats.Stats(prof).stats
+    out = {}
+    for label, pattern in PROFILED.items():
+        rx = re.compile(pattern)
+        out[label] = sum(ct for (file, line, name), (_, _, _, ct, _) in stats.items()
+                         if rx.search(f"{file}:{line}({name})"))
+    return out
+
+
+def run_one(mode: str, model_name: str, B: int, T: int, device: str, cprofile: str | None = None) -> dict:
     import logging
 
     import torch
@@ -82,16 +111,26 @@ def run_one(mode: str, model_name: str, B: int, T: int, device: str) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
 
-    times = []
-    for _ in range(3):
+    times, profiled = [], {}
+    for i in range(3):
+        if i == 0 and cprofile:
+            import cProfile
+
+            prof = cProfile.Profile()
+            prof.enable()
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
+        if i == 0 and cprofile:
+            prof.disable()
+            os.makedirs(cprofile, exist_ok=True)
+            prof.dump_stats(os.path.join(cprofile, f"{mode}.pstats"))
+            profiled = _profiled(prof)
     names, values = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
     phases = {n: float(v) for n, v in zip(names, values)}
     return {"mode": mode, "model": model_name, "B": B, "T": T, "device": device, "first_s": times[0],
             "warm_s": times[-1], "compile_s": times[0] - times[-1], "pass_stages": stages, "phases": phases,
-            "torch": torch.__version__}
+            "profiled": profiled, "torch": torch.__version__}
 
 
 def main(argv=None) -> None:
@@ -105,10 +144,14 @@ def main(argv=None) -> None:
                          "dpcompile clipping modes (a -static suffix: the sequence dim static, only the batch "
                          "dynamic), comma-separated")
     ap.add_argument("--out", default=None, help="write the records here (JSON)")
+    ap.add_argument("--cprofile", default=None, metavar="DIR",
+                    help="the first step under cProfile (Python-heavy phases run ~2x slower): MODE.pstats in DIR, "
+                         "and rows for the suspects of the DP backward compile (user-kernel TTIR, autotuning)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.one, args.model, args.B, args.T, args.device)), flush=True)
+        print("RESULT " + json.dumps(run_one(args.one, args.model, args.B, args.T, args.device, args.cprofile)),
+              flush=True)
         return
     records = []
     for mode in args.modes.split(","):
@@ -116,8 +159,9 @@ def main(argv=None) -> None:
             env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"))
             print(f"[{mode}] compiling with empty caches ...", file=sys.stderr, flush=True)
             proc = subprocess.run([sys.executable, __file__, "--one", mode, "--model", args.model, "--B", str(args.B),
-                                   "--T", str(args.T), "--device", args.device], env=env, capture_output=True,
-                                  text=True)
+                                   "--T", str(args.T), "--device", args.device]
+                                  + (["--cprofile", args.cprofile] if args.cprofile else []), env=env,
+                                  capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
                 print(proc.stderr[-3000:], file=sys.stderr)
@@ -129,6 +173,8 @@ def main(argv=None) -> None:
     head = ["phase (s)"] + [r["mode"] for r in records]
     rows = [["first step minus a warm step"] + [f"{r['compile_s']:.1f}" for r in records]]
     rows += [[p] + [f"{r['phases'].get(p, 0.0):.1f}" for r in records] for p in PHASES]
+    if args.cprofile:
+        rows += [[f"cProfile: {k}"] + [f"{r['profiled'].get(k, 0.0):.1f}" for r in records] for k in PROFILED]
     stage_names = sorted({s for r in records for s in r["pass_stages"]})
     rows += [[f"DP pass: {s}"] + [f"{r['pass_stages'].get(s, 0.0):.1f}" for r in records] for s in stage_names]
     print(f"\n{args.model} B={args.B} T={args.T} on {args.device}, torch {records[0]['torch']}, empty caches\n")
