@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
+from .codegen import mutation_cache
 from .codegen.randomized_ops import exact_norms_enabled
 from .clip_provenance import GraphClipping, tap, threshold_input
 from .errors import CoverageError, DPCompileError, OptionsError
@@ -441,6 +442,7 @@ def flashdp(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
     from torch._inductor.compile_fx import compile_fx
 
     options, patches = _options_from(kwargs)
+    mutation_cache.install()  # Inductor analyses each call site of our kernels: once per specialization instead
     gm = inline_compile_regions(gm)
     ctx = build_context(gm, example_inputs, options)
     ctx.inline_ops = True
