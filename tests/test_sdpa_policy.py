@@ -45,10 +45,9 @@ def test_priority_while_tracing(dynamic, cuda_graphs, flash_first):
         assert inside == before
 
 
-@pytest.mark.parametrize("mode, flash_first", [(None, True), ("reduce-overhead", False)])
-def test_the_backend_keeps_pytorchs_order_under_cuda_graphs(monkeypatch, mode, flash_first):
-    """The length of a DP graph's inputs is symbolic from its first call (dynamic_seq=True): flash first, unless
-    CUDA graphs."""
+def _assert_order_at_inductor(monkeypatch, flash_first: bool, **compile_kwargs) -> None:
+    """The SDPA priority order in force when the flashdp backend hands a DP graph of a (4, 5, 3) input to Inductor:
+    flash first, or PyTorch's own."""
     seen = []
 
     def fake_compile_fx(gm, inputs, config_patches=None, **kw):
@@ -60,13 +59,20 @@ def test_the_backend_keeps_pytorchs_order_under_cuda_graphs(monkeypatch, mode, f
     monkeypatch.setattr(inductor_compile_fx, "compile_fx", fake_compile_fx)
     torch._dynamo.reset()
     before = _order()
-    compiled = dpcompile.compile(nn.Linear(3, 2), mode=mode, loss_reduction="sum")
+    compiled = dpcompile.compile(nn.Linear(3, 2), loss_reduction="sum", **compile_kwargs)
     with pytest.raises(Exception, match="stop here"):
         compiled(torch.randn(4, 5, 3))
     assert seen
     assert (seen[0][:len(FLASH_FIRST)] == FLASH_FIRST) == flash_first
     if not flash_first:
         assert seen[0] == before
+
+
+@pytest.mark.parametrize("mode, flash_first", [(None, True), ("reduce-overhead", False)])
+def test_the_backend_keeps_pytorchs_order_under_cuda_graphs(monkeypatch, mode, flash_first):
+    """The length of a DP graph's inputs is symbolic from its first call (dynamic_seq=True): flash first, unless
+    CUDA graphs."""
+    _assert_order_at_inductor(monkeypatch, flash_first, mode=mode)
 
 
 def _batch_graph(length_dynamic: bool):
@@ -109,21 +115,4 @@ def test_only_the_batch_size_symbolic_keeps_pytorchs_order(length_dynamic):
 @pytest.mark.parametrize("dynamic_seq, flash_first", [(True, True), (False, False)])
 def test_the_backend_keeps_pytorchs_order_with_static_lengths(monkeypatch, dynamic_seq, flash_first):
     """dpcompile.compile(dynamic_seq=False) makes the batch size the only symbolic size: PyTorch's order."""
-    seen = []
-
-    def fake_compile_fx(gm, inputs, config_patches=None, **kw):
-        seen.append(_order())
-        raise RuntimeError("stop here")
-
-    import torch._inductor.compile_fx as inductor_compile_fx
-
-    monkeypatch.setattr(inductor_compile_fx, "compile_fx", fake_compile_fx)
-    torch._dynamo.reset()
-    before = _order()
-    compiled = dpcompile.compile(nn.Linear(3, 2), loss_reduction="sum", dynamic_seq=dynamic_seq)
-    with pytest.raises(Exception, match="stop here"):
-        compiled(torch.randn(4, 5, 3))
-    assert seen
-    assert (seen[0][:len(FLASH_FIRST)] == FLASH_FIRST) == flash_first
-    if not flash_first:
-        assert seen[0] == before
+    _assert_order_at_inductor(monkeypatch, flash_first, dynamic_seq=dynamic_seq)
