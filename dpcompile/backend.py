@@ -442,7 +442,7 @@ def flashdp(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
     from torch._inductor.compile_fx import compile_fx
 
     options, patches = _options_from(kwargs)
-    mutation_cache.install()  # Inductor analyses each call site of our kernels: once per specialization instead
+    mutation_cache.install()  # opt-in: Inductor's analysis of our kernels once per specialization, not per call
     gm = inline_compile_regions(gm)
     ctx = build_context(gm, example_inputs, options)
     ctx.inline_ops = True

@@ -183,7 +183,7 @@ def test_memoized_kernel_analysis_matches_torchs(monkeypatch):
 
     from dpcompile.codegen import mutation_cache
 
-    mutation_cache.install()
+    mutation_cache.install(force=True)
     names = [n for n in mutation_cache.ANALYSES if hasattr(wrap, n)]
     calls = []
     for name in names:

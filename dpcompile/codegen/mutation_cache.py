@@ -10,7 +10,10 @@ The analysis is a function of the kernel and of what torch's generate_ttir turns
 tensor becomes a 2-element tensor of its dtype, each symbolic size the integer 2, every other argument stays as
 it is. That is the key here; an argument of any other kind (a real tensor, a TMA descriptor, an IR node) makes
 the call bypass the cache. Results are names of the kernel's formal arguments, copied out on every hit.
-DPCOMPILE_MUTATION_CACHE=0 turns it off (for measuring it).
+
+Off by default until a GPU has checked it (tests/test_gpu.py test_memoized_kernel_analysis_matches_torchs, and
+benchmarks/device_issue21.sh phases for the compile time; benchmarks/NOTES.md entry 30): DPCOMPILE_MUTATION_CACHE=1
+turns it on, 0 or unset leaves torch's analysis as it is.
 """
 from __future__ import annotations
 
@@ -83,9 +86,13 @@ def memoized(analysis: Callable) -> Callable:
     return wrapper
 
 
-def install() -> None:
-    """Wrap torch's analysis functions once per process (no-op with DPCOMPILE_MUTATION_CACHE=0)."""
-    if os.environ.get("DPCOMPILE_MUTATION_CACHE", "1") == "0":
+def enabled() -> bool:
+    return os.environ.get("DPCOMPILE_MUTATION_CACHE", "0") == "1"
+
+
+def install(force: bool = False) -> None:
+    """Wrap torch's analysis functions once per process, if enabled() or force."""
+    if not (force or enabled()):
         return
     import torch._inductor.graph
     import torch._inductor.ir
