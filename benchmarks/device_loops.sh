@@ -6,9 +6,6 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/device_setup.sh
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/dpcompile-out}
-mkdir -p "$OUT"
 summary=()
 [ $# -gt 0 ] || set -- check tests "vary:gpt2-small"
 for stage in "$@"; do

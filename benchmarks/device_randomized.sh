@@ -7,9 +7,6 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/device_setup.sh
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/dpcompile-out}
-mkdir -p "$OUT"
 MODES="non-DP compiled,flashdp per_layer strategy=randomized,flashdp per_layer"
 summary=()
 [ $# -gt 0 ] || set -- tests sweep "bench:gpt2-small B=2 T=16384"
