@@ -32,10 +32,21 @@ _CONTEXT_LISTENERS: list = []
 _EXPLAINING = [False]
 
 
+class _DecompositionTable(dict):
+    """Inductor's decomposition table as the pass needs it. Inductor puts the table it is given into its FX graph
+    cache key by pickling it, and torch's own entries do not pickle (a pybind11 function among them), so every DP
+    graph bypassed that cache (and AOTAutograd's, which needs it). This table pickles as a call of the function
+    that builds it: a stable key, whose contents are covered by torch's version and by passes.source_hash (which
+    hashes dp_decomposition_table's source)."""
+
+    def __reduce__(self):
+        return (dp_decomposition_table, ())
+
+
 def dp_decomposition_table() -> dict:
     from torch._inductor.decomposition import select_decomp_table
 
-    table = dict(select_decomp_table())
+    table = _DecompositionTable(select_decomp_table())
     for op in (aten.mm.default, aten.embedding_dense_backward.default):
         table.pop(op, None)
     return table

@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import compile_cache
 from . import data as D
 from .cli_common import UsageError, _log, _strategy_option, freeze
 from .hf import DP_CHECKPOINT_NAME, CausalLMLoss, load_privacy_history
@@ -293,6 +294,9 @@ class Training:
             if resumed["extra"].get("torch_rng") is not None:
                 torch.set_rng_state(resumed["extra"]["torch_rng"])
             _log(f"resuming {args.resume} at step {d.steps_done} of {d.steps}")
+            loaded = compile_cache.load(Path(args.resume))
+            if loaded is not None:
+                _log(f"compile cache of the checkpoint: {loaded}")
         if not s.private:
             _log(f"non-private baseline: no clipping, no noise; {d.steps - d.steps_done} steps of expected batch "
                  f"{d.B}")
@@ -340,6 +344,7 @@ class Training:
                  "prior_from": self.p.prior_from}
         save_checkpoint(out_dir / DP_CHECKPOINT_NAME, module=None, optimizer=self.optimizer, data_loader=self.loader,
                         extra=extra)
+        compile_cache.save(out_dir)  # `--resume` on another machine starts with these graphs compiled
         if report is None:
             report = self.report(step, final=False)
         (out_dir / REPORT_NAME).write_text(json.dumps(_json_safe(report), indent=1, default=str) + "\n")
