@@ -4,7 +4,8 @@
     python benchmarks/compile_phases.py --model gpt2-small --B 2 --T 16 --device cpu  # a quick look on CPU
 
 Each mode runs in its own process with empty Inductor and Triton caches (a temporary TORCHINDUCTOR_CACHE_DIR), the
-way a user's first run meets them. Per mode: the first step's seconds (forward, backward, optimizer), a warm step's,
+way a user's first run meets them; with --warm, a second process then compiles it again over those caches. Per
+mode: the first step's seconds (forward, backward, optimizer), a warm step's,
 the DP pass's own stages (passes/driver.py stage_seconds), and torch's per-phase compile timers
 (torch._dynamo.utils.compile_times: Dynamo, AOTAutograd, the joint-graph passes our pass runs in, Inductor's
 lowering, scheduling, code generation and the wait for its parallel kernel compiles). No profiler: the timers are
@@ -126,11 +127,15 @@ def run_one(mode: str, model_name: str, B: int, T: int, device: str, cprofile: s
             os.makedirs(cprofile, exist_ok=True)
             prof.dump_stats(os.path.join(cprofile, f"{mode}.pstats"))
             profiled = _profiled(prof)
+    from torch._dynamo.utils import counters
+
+    caches = {f"{group} {k}": v for group in ("inductor", "aot_autograd") for k, v in counters[group].items()
+              if "cache" in k}  # fxgraph_cache_hit / _miss / _bypass, autograd_cache_hit / _miss / _saved
     names, values = torch._dynamo.utils.compile_times(repr="csv", aggregate=True)
     phases = {n: float(v) for n, v in zip(names, values)}
     return {"mode": mode, "model": model_name, "B": B, "T": T, "device": device, "first_s": times[0],
             "warm_s": times[-1], "compile_s": times[0] - times[-1], "pass_stages": stages, "phases": phases,
-            "profiled": profiled, "torch": torch.__version__}
+            "profiled": profiled, "caches": caches, "torch": torch.__version__}
 
 
 def main(argv=None) -> None:
@@ -147,6 +152,9 @@ def main(argv=None) -> None:
     ap.add_argument("--cprofile", default=None, metavar="DIR",
                     help="the first step under cProfile (Python-heavy phases run ~2x slower): MODE.pstats in DIR, "
                          "and rows for the suspects of the DP backward compile (user-kernel TTIR, autotuning)")
+    ap.add_argument("--warm", action="store_true",
+                    help="run each mode a second time over the caches the first run left (a warm start: Inductor's "
+                         "FX graph and AOTAutograd caches, Triton's kernels)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
@@ -157,22 +165,28 @@ def main(argv=None) -> None:
     for mode in args.modes.split(","):
         with tempfile.TemporaryDirectory() as cache:
             env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TRITON_CACHE_DIR=os.path.join(cache, "triton"))
-            print(f"[{mode}] compiling with empty caches ...", file=sys.stderr, flush=True)
-            proc = subprocess.run([sys.executable, __file__, "--one", mode, "--model", args.model, "--B", str(args.B),
-                                   "--T", str(args.T), "--device", args.device]
-                                  + (["--cprofile", args.cprofile] if args.cprofile else []), env=env,
-                                  capture_output=True, text=True)
-            lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"compile_phases: mode {mode} failed (rc {proc.returncode})")
-            records.append(json.loads(lines[-1][len("RESULT "):]))
+            for run in ("empty", "warm")[: 2 if args.warm else 1]:
+                print(f"[{mode}] compiling with {run} caches ...", file=sys.stderr, flush=True)
+                proc = subprocess.run([sys.executable, __file__, "--one", mode, "--model", args.model, "--B",
+                                       str(args.B), "--T", str(args.T), "--device", args.device]
+                                      + (["--cprofile", args.cprofile] if args.cprofile else []), env=env,
+                                      capture_output=True, text=True)
+                lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+                if proc.returncode != 0 or not lines:
+                    print(proc.stderr[-3000:], file=sys.stderr)
+                    raise SystemExit(f"compile_phases: mode {mode} failed (rc {proc.returncode})")
+                record = json.loads(lines[-1][len("RESULT "):])
+                if run == "warm":  # a second process over the first one's on-disk caches (Inductor's, Triton's)
+                    record["mode"] += " (warm)"
+                records.append(record)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(records, f, indent=1)
     head = ["phase (s)"] + [r["mode"] for r in records]
     rows = [["first step minus a warm step"] + [f"{r['compile_s']:.1f}" for r in records]]
     rows += [[p] + [f"{r['phases'].get(p, 0.0):.1f}" for r in records] for p in PHASES]
+    cache_names = sorted({k for r in records for k in r.get("caches", {})})
+    rows += [[f"cache: {k}"] + [str(r.get("caches", {}).get(k, 0)) for r in records] for k in cache_names]
     if args.cprofile:
         rows += [[f"cProfile: {k}"] + [f"{r['profiled'].get(k, 0.0):.1f}" for r in records] for k in PROFILED]
     stage_names = sorted({s for r in records for s in r["pass_stages"]})
