@@ -32,6 +32,11 @@ PROGRAM = textwrap.dedent("""
         print("SAVED", compile_cache.save(sys.argv[2]))
     print("GRADS", json.dumps({n: p.grad.tolist() for n, p in model.named_parameters()}))
     print("HITS", counters["inductor"]["fxgraph_cache_hit"])
+    # a served graph still vouches for its gradients: DPOptimizer refuses a gradient no clipping graph delivered
+    opt = dpcompile.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0,
+                                max_grad_norm=0.1, expected_batch_size=6.0, loss_reduction="sum")
+    opt.step()
+    print("STEPPED 1")
 """)
 
 
@@ -54,6 +59,7 @@ def test_a_checkpoints_artifacts_serve_the_dp_graph_in_a_fresh_process(tmp_path)
     second = _run(tmp_path, "second", str(out))
     assert "inductor" in second["LOADED"]
     assert int(second["HITS"]) >= 1  # served from the loaded artifacts, in a process with empty caches
+    assert first["STEPPED"] == second["STEPPED"] == "1"
     a, b = json.loads(first["GRADS"]), json.loads(second["GRADS"])
     for name in a:
         torch.testing.assert_close(torch.tensor(b[name]), torch.tensor(a[name]), rtol=0, atol=0, msg=name)
