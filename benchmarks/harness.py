@@ -152,10 +152,14 @@ def run_mode(mode: str, workload: str, profile=False, gated: bool = False) -> di
 
             opt = dpcompile.DPOptimizer(opt, noise_multiplier=1.0, max_grad_norm=1.0, expected_batch_size=B)
 
-        def inner(x, y):
+        def inner(x, y, marks=None):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = step_model(x, y)
+            if marks is not None:  # host time split: forward | backward | optimizer (enqueue, no sync)
+                marks.append(time.perf_counter())
             loss.backward()
+            if marks is not None:
+                marks.append(time.perf_counter())
             opt.step()
             opt.zero_grad(set_to_none=True)
 
@@ -163,20 +167,23 @@ def run_mode(mode: str, workload: str, profile=False, gated: bool = False) -> di
         inner(x, y)
         torch.cuda.synchronize()
 
-    times, enqueue = [], []
+    times, enqueue, split = [], [], []
     torch.cuda.reset_peak_memory_stats()
     warm, timed = _STEPS
     i = 0
     while len(times) < timed:
         torch.cuda.synchronize()
+        marks = [] if mode != "opacus ghost" else None
         t0 = time.perf_counter()
-        inner(x, y)
+        inner(x, y, marks) if marks is not None else inner(x, y)
         t1 = time.perf_counter()
         torch.cuda.synchronize()
         took = time.perf_counter() - t0
         if i >= warm:
             times.append(took)
             enqueue.append(t1 - t0)
+            if marks:
+                split.append((marks[0] - t0, marks[1] - marks[0], t1 - marks[1]))
         if i == 0:
             first = took
             print(f"    first step (compile) {took:.1f}s", file=sys.stderr, flush=True)
@@ -193,6 +200,10 @@ def run_mode(mode: str, workload: str, profile=False, gated: bool = False) -> di
               "host_ms": 1e3 * statistics.median(enqueue), "step_ms": 1e3 * statistics.median(times),
               # compile time: the first step minus a warm one (with --parallel, modes compile side by side)
               "compile_s": first - statistics.median(times)}
+    if split:  # the host's share of each phase; a phase that waits for the GPU (a sync) shows up here too
+        for k, name in enumerate(("fwd", "bwd", "opt")):
+            result[f"host_{name}_ms"] = 1e3 * statistics.median(s[k] for s in split)
+        result["syncs"] = _count_syncs(lambda: inner(x, y))
     if profile == "host":  # five more steps under cProfile: where the host (Python) time of a step goes, to stderr
         import cProfile
         import io
@@ -225,6 +236,22 @@ def run_mode(mode: str, workload: str, profile=False, gated: bool = False) -> di
               + events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60),
               file=sys.stderr)
     return result
+
+
+def _count_syncs(step) -> int:
+    """Host-device synchronizations in one step (torch's sync debug mode warns at each): a sync makes the host wait
+    for the GPU queue, so a host-bound step with one is slower than its enqueue work alone."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 # -- the driver ----------------------------------------------------------------------------------------------

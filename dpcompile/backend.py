@@ -16,7 +16,6 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .codegen import mutation_cache
 from .codegen.randomized_ops import exact_norms_enabled
 from .clip_provenance import GraphClipping, tap, threshold_input
 from .errors import CoverageError, DPCompileError, OptionsError
@@ -453,7 +452,6 @@ def flashdp(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
     from torch._inductor.compile_fx import compile_fx
 
     options, patches = _options_from(kwargs)
-    mutation_cache.install()  # opt-in: Inductor's analysis of our kernels once per specialization, not per call
     gm = inline_compile_regions(gm)
     ctx = build_context(gm, example_inputs, options)
     ctx.inline_ops = True

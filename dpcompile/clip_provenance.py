@@ -225,11 +225,10 @@ def last_arrival_problem(p: torch.Tensor) -> Optional[str]:
     return prov.foreign
 
 
-def _arrived(pref: "weakref.ref", grad: torch.Tensor) -> None:
+def _arrived(pref: "weakref.ref", prov: GradProvenance, grad: torch.Tensor) -> None:
     """Tensor pre-hook: `grad` is everything that reached the parameter in this backward."""
     p = pref()
-    prov = _PROVENANCE.get(p) if p is not None else None
-    if prov is None:
+    if p is None:
         return
     pending, prov.pending = prov.pending, []
     runs, prov.pending_runs = prov.pending_runs, set()
@@ -254,11 +253,8 @@ def _arrived(pref: "weakref.ref", grad: torch.Tensor) -> None:
     prov._before = p.grad
 
 
-def _accumulated(p: torch.Tensor) -> None:
+def _accumulated(prov: GradProvenance, p: torch.Tensor) -> None:
     """Post-accumulate hook: bind the arrival's verdict to the `.grad` it was accumulated into."""
-    prov = _PROVENANCE.get(p)
-    if prov is None:
-        return
     before, prov._before = prov._before, None
     prov.arrivals = 1 if before is None else prov.arrivals + 1
     prov.runs = prov._arrival_runs if before is None else prov.runs | prov._arrival_runs
@@ -279,8 +275,9 @@ def _watch(p: torch.Tensor, name: str) -> GradProvenance:
         prov = GradProvenance(name)
         _PROVENANCE[p] = prov
         if p.is_leaf:  # a non-leaf tensor never holds a .grad an optimizer steps with
-            p.register_hook(lambda g, pref=weakref.ref(p): _arrived(pref, g))
-            p.register_post_accumulate_grad_hook(_accumulated)
+            # the hooks hold the record itself (a tensor's record is never replaced): no lookup per backward
+            p.register_hook(lambda g, pref=weakref.ref(p), prov=prov: _arrived(pref, prov, g))
+            p.register_post_accumulate_grad_hook(lambda t, prov=prov: _accumulated(prov, t))
     return prov
 
 
@@ -331,13 +328,27 @@ def _check_consistent(prov: GradProvenance, record: GraphClipping, position: int
 
 def tap(record: GraphClipping, params: list) -> list:
     """Route one graph call's trainable parameters through the tap; returns what to pass the graph instead."""
-    provs = []
-    for k, p in enumerate(params):
-        prov = _watch(p, record.names[k])
-        if record not in prov.graphs:
-            _check_consistent(prov, record, k)
-        provs.append(prov)
-    return list(_ClipTap.apply(record.runs, tuple(provs), *params))
+    provs = _TAPPED.get(record)
+    if provs is None or len(provs[0]) != len(params) or not all(map(_is_ref_of, provs[0], params)):
+        refs, found = [], []
+        for k, p in enumerate(params):
+            prov = _watch(p, record.names[k])
+            if record not in prov.graphs:
+                _check_consistent(prov, record, k)
+            refs.append(weakref.ref(p))
+            found.append(prov)
+        # the same tensors at the next call (every step of a training loop) have the same records, already
+        # checked against this graph: a call then costs one identity test per parameter, not a lookup
+        provs = _TAPPED[record] = (refs, tuple(found))
+    return list(_ClipTap.apply(record.runs, provs[1], *params))
+
+
+def _is_ref_of(ref: "weakref.ref", p: torch.Tensor) -> bool:
+    return ref() is p
+
+
+#: graph record -> (weak references to the tensors its last call tapped, their records)
+_TAPPED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
 # ----------------------------------------------------------------------------------------------------------

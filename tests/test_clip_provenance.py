@@ -64,6 +64,28 @@ def test_second_instance_reuses_the_graph_and_is_covered():
         _optimizer(model).step()  # accepted
 
 
+def test_tap_memo_follows_the_tensors_passed_at_each_call():
+    """The tap remembers the tensors of a graph's last call (clip_provenance._TAPPED): instances alternating
+    through one graph each get their own records, and a warm memo still catches an unclipped term."""
+    torch._dynamo.reset()
+    a, b = MLPLoss(seed=0).double(), MLPLoss(seed=1).double()
+    options = dict(loss_reduction="sum", max_grad_norm=C, clipping="flat")
+    compiled = {id(m): torch.compile(m, backend="flashdp_eager", options=options) for m in (a, b)}
+    opts = {id(a): _optimizer(a), id(b): _optimizer(b)}
+    torch._dynamo.utils.counters.clear()
+    for step, model in enumerate((a, a, b, a, b, b)):
+        x, y = _batch(4, 10 + step)
+        compiled[id(model)](x, y).backward()
+        _check_against_oracle(model, x, y)
+        opts[id(model)].step()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # one graph, so one record for both
+    x, y = _batch(4, 20)
+    loss = compiled[id(b)](x, y) + b.net[2].bias.sum()  # the memo holds b's tensors: the eager term is still seen
+    loss.backward()
+    with pytest.raises(dpcompile.CoverageError, match=r"net\.2\.bias.*no flashdp graph produced was added"):
+        opts[id(b)].step()
+
+
 def test_deep_copy_and_reloaded_model_are_covered():
     torch._dynamo.reset()
     model = MLPLoss().double()
