@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Issue 21 checks in one device call (NOTES 33): the compile phases with empty then warm caches, and where the DP
-# step's host time goes (cProfile of five steps per mode, with and without Inductor's CUDA graphs), each DP row
-# against non-DP in the same run. Full outputs under $OUT; the short table prints last.
-#   bash benchmarks/device_issue21.sh [tests] [phases] [host]
+# Issue 21 checks in one device call (NOTES 33): the compile phases with empty then warm caches (or under cProfile),
+# and where the DP step's host time goes (cProfile of five steps per mode, or the forward/backward/optimizer split
+# of the enqueue time with the step's syncs), with and without Inductor's CUDA graphs, each DP row against non-DP
+# in the same run. Full outputs under $OUT; the short table prints last.
+#   bash benchmarks/device_issue21.sh [tests] [phases] [cprofile] [host] [split]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/device_setup.sh
@@ -18,6 +19,16 @@ for stage in "$@"; do
         --warm --out "$OUT/phases.json" > "$OUT/phases.log" 2>&1
       summary+=("phases: $(grep -m1 'first step minus' "$OUT/phases.log")")
       summary+=("  bw_compiler: $(grep -m1 'bw_compiler' "$OUT/phases.log")") ;;
+    cprofile)  # the first DP step under cProfile: $OUT/prof/per_layer-static.pstats for reading offline
+      timeout 240 python3 benchmarks/compile_phases.py --model gpt2-small --B 8 --T 1024 --modes per_layer-static \
+        --cprofile "$OUT/prof" --out "$OUT/cprofile.json" > "$OUT/cprofile.log" 2>&1
+      summary+=("cprofile: $(grep -m1 'first step minus' "$OUT/cprofile.log")") ;;
+    split)  # the enqueue time split by phase, the syncs a step, and one profiled step (launch counts)
+      timeout 280 python3 benchmarks/harness.py --workloads "gpt2-small B=8 T=1024" --modes \
+        "non-DP compiled,flashdp per_layer dynamic_seq=False,non-DP compiled+cudagraphs,flashdp per_layer dynamic_seq=False+cudagraphs" \
+        --parallel 4 --timeout 270 --profile --out "$OUT/split" > "$OUT/split.log" 2>&1
+      summary+=("split rc=$?"); [ -f "$OUT/split/table.md" ] && summary+=("$(cat "$OUT/split/table.md")")
+      summary+=("$(python3 -c "import json; [print(r['mode'], {k: round(v, 2) for k, v in r.items() if k.startswith('host_') or k in ('syncs', 'gpu_ms')}) for r in json.load(open('$OUT/split/results.json'))]")") ;;
     host)  # the step's Python, per mode (harness --host-profile prints cProfile's top functions to the log)
       timeout 280 python3 benchmarks/harness.py --workloads "gpt2-small B=8 T=1024" --modes \
         "non-DP compiled,flashdp per_layer dynamic_seq=False,non-DP compiled+cudagraphs,flashdp per_layer dynamic_seq=False+cudagraphs" \
