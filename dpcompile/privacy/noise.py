@@ -38,15 +38,13 @@ class GaussianNoise:
         shapes by one call, and no per-parameter cast runs where the dtypes already agree (entry 19: ~150 views and
         ~150 no-op casts took 0.6 ms of host time a step)."""
         unit = self._unit_noise((sum(p.numel() for p in params),), device, gen)
-        noise = torch._utils._unflatten_dense_tensors(unit, params)
-        sums = []
-        for p in params:
-            g = p.grad
-            sums.append(torch.zeros(p.shape, device=device) if g is None
-                        else g if g.dtype == torch.float32 else g.float())
-        # out of place: the clipped sums are left as they were (a caller may hold them)
-        noisy = torch._foreach_add(sums, noise, alpha=std)
-        if scale != 1.0:
-            torch._foreach_mul_(noisy, scale)
+        noisy = torch._utils._unflatten_dense_tensors(unit, params)  # views of the one draw, in parameter shapes
+        sums = [p.grad for p in params]
+        if not all(g is not None and g.dtype == torch.float32 for g in sums):
+            sums = [torch.zeros(p.shape, device=device) if g is None else g.float() for p, g in zip(params, sums)]
+        # (std z + g) * scale written into the draw's own buffer: no new tensor per parameter (147 allocations a
+        # step on gpt2-small, NOTES 33), and the clipped sums are left as they were (a caller may hold them)
+        torch._foreach_mul_(noisy, std * scale)
+        torch._foreach_add_(noisy, sums, alpha=scale)
         for p, g in zip(params, noisy):
             p.grad = g if g.dtype == p.dtype else g.to(p.dtype)
