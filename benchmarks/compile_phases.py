@@ -80,6 +80,7 @@ def run_one(mode: str, model_name: str, B: int, T: int, device: str, cprofile: s
     log = logging.getLogger("dpcompile")
     log.setLevel(logging.INFO)
     log.addHandler(_Stages())
+    graph_nodes = _count_lowered_nodes()
     torch.manual_seed(0)
     model = build_model(model_name, T).to(device)
     for p in model.frozen():
@@ -135,7 +136,23 @@ def run_one(mode: str, model_name: str, B: int, T: int, device: str, cprofile: s
     phases = {n: float(v) for n, v in zip(names, values)}
     return {"mode": mode, "model": model_name, "B": B, "T": T, "device": device, "first_s": times[0],
             "warm_s": times[-1], "compile_s": times[0] - times[-1], "pass_stages": stages, "phases": phases,
-            "profiled": profiled, "caches": caches, "torch": torch.__version__}
+            "profiled": profiled, "caches": caches, "graph_nodes": graph_nodes, "torch": torch.__version__}
+
+
+def _count_lowered_nodes() -> list:
+    """The FX node count of every graph Inductor lowers (forward, then backward), filled in as they compile: the
+    size of what Inductor's lowering, scheduling and code generation work through."""
+    import torch._inductor.graph as inductor_graph
+
+    counts: list = []
+    run = inductor_graph.GraphLowering.run
+
+    def counting_run(self, *args, **kwargs):
+        counts.append(len(self.module.graph.nodes))
+        return run(self, *args, **kwargs)
+
+    inductor_graph.GraphLowering.run = counting_run
+    return counts
 
 
 def main(argv=None) -> None:
@@ -185,6 +202,9 @@ def main(argv=None) -> None:
     head = ["phase (s)"] + [r["mode"] for r in records]
     rows = [["first step minus a warm step"] + [f"{r['compile_s']:.1f}" for r in records]]
     rows += [[p] + [f"{r['phases'].get(p, 0.0):.1f}" for r in records] for p in PHASES]
+    for k, name in enumerate(("forward", "backward")):  # a warm run lowers nothing: no count
+        rows.append([f"graph nodes: {name}"] + [str(r["graph_nodes"][k]) if len(r.get("graph_nodes", [])) > k
+                                                else "-" for r in records])
     cache_names = sorted({k for r in records for k in r.get("caches", {})})
     rows += [[f"cache: {k}"] + [str(r.get("caches", {}).get(k, 0)) for r in records] for k in cache_names]
     if args.cprofile:
