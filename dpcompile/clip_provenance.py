@@ -291,7 +291,8 @@ class _ClipTap(torch.autograd.Function):
         ctx.provs = provs
         ctx.backwards = 0
         ctx.set_materialize_grads(False)
-        return tuple(p.view_as(p) for p in params)
+        # returned as they came: autograd makes each output a view of its input in C++ (no Python view per tensor)
+        return params
 
     @staticmethod
     def backward(ctx, *grads):
