@@ -30,15 +30,8 @@ for stage in "$@"; do
       summary+=("split rc=$?"); [ -f "$OUT/split/table.md" ] && summary+=("$(cat "$OUT/split/table.md")")
       summary+=("$(python3 -c "import json; [print(r['mode'], {k: round(v, 2) for k, v in r.items() if k.startswith('host_') or k in ('syncs', 'gpu_ms')}) for r in json.load(open('$OUT/split/results.json'))]")") ;;
     kernels)  # Inductor's generated code of one DP step (empty caches): which kernel serves which site
-      TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TORCH_LOGS=output_code timeout 200 python3 -c "
-import sys; sys.path.insert(0, 'benchmarks'); import torch, dpcompile
-from model_zoo import build_model
-m = build_model('gpt2-small', 1024).cuda()
-for p in m.frozen(): p.requires_grad_(False)
-c = dpcompile.compile(m, max_grad_norm=1.0, clipping='per_layer', loss_reduction='mean', dynamic_seq=False)
-i = torch.randint(0, 50304, (8, 1025), device='cuda')
-with torch.autocast('cuda', dtype=torch.bfloat16): loss = c(i[:, :-1].contiguous(), i[:, 1:].contiguous())
-loss.backward(); torch.cuda.synchronize()" > "$OUT/output_code.log" 2>&1
+      TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TORCH_LOGS=output_code timeout 200 python3 benchmarks/compile_phases.py \
+        --one per_layer-static --model gpt2-small --B 8 --T 1024 > "$OUT/output_code.log" 2>&1
       gzip -f "$OUT/output_code.log"; summary+=("kernels: $(ls -la "$OUT/output_code.log.gz")") ;;
     host)  # the step's Python, per mode (harness --host-profile prints cProfile's top functions to the log)
       timeout 280 python3 benchmarks/harness.py --workloads "gpt2-small B=8 T=1024" --modes \
