@@ -3,7 +3,7 @@
 # and where the DP step's host time goes (cProfile of five steps per mode, or the forward/backward/optimizer split
 # of the enqueue time with the step's syncs), with and without Inductor's CUDA graphs, each DP row against non-DP
 # in the same run. Full outputs under $OUT; the short table prints last.
-#   bash benchmarks/device_issue21.sh [tests] [phases] [cprofile] [host] [split] [kernels]
+#   bash benchmarks/device_issue21.sh [tests] [phases] [cprofile] [host] [split] [kernels] [opt]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/device_setup.sh
@@ -33,6 +33,10 @@ for stage in "$@"; do
       TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TORCH_LOGS=output_code timeout 200 python3 benchmarks/compile_phases.py \
         --one per_layer-static --model gpt2-small --B 8 --T 1024 > "$OUT/output_code.log" 2>&1
       gzip -f "$OUT/output_code.log"; summary+=("kernels: $(ls -la "$OUT/output_code.log.gz")") ;;
+    opt)  # DPOptimizer.step's host time by part against AdamW's (bench_optimizer_host.py)
+      timeout 200 python3 benchmarks/bench_optimizer_host.py --model gpt2-small --B 8 --T 1024 \
+        --out "$OUT/opt.json" > "$OUT/opt.log" 2>&1
+      summary+=("opt rc=$?" "$(grep -A20 'host ms a step' "$OUT/opt.log")") ;;
     host)  # the step's Python, per mode (harness --host-profile prints cProfile's top functions to the log)
       timeout 280 python3 benchmarks/harness.py --workloads "gpt2-small B=8 T=1024" --modes \
         "non-DP compiled,flashdp per_layer dynamic_seq=False,non-DP compiled+cudagraphs,flashdp per_layer dynamic_seq=False+cudagraphs" \
