@@ -24,6 +24,10 @@ INPUTS = {
     "persample_norm": lambda B, T, M, N, dt, dev: (torch.randn(B, M, N, dtype=dt, device=dev),),
     "persample_clipped_sum": lambda B, T, M, N, dt, dev: (torch.randn(B, M, N, dtype=dt, device=dev),
                                                           torch.rand(B, dtype=torch.float32, device=dev)),
+    # one rows site, and two with the group's other norms
+    "rows_group_clip": lambda B, T, M, N, dt, dev: (
+        [torch.randn(B, M, dtype=dt, device=dev)] + ([torch.randn(B, N, dtype=dt, device=dev)] if B % 2 else []),
+        torch.rand(B, dtype=torch.float32, device=dev) if B % 2 else None, 0.5, "abadi", True),
 }
 INPUTS["linear_ghost_norm"] = INPUTS["linear_tile_norm"] = INPUTS["linear_norm"]
 INPUTS["linear_tile_clipped_sum"] = INPUTS["linear_clipped_sum"]
@@ -35,7 +39,7 @@ def check_fake_matches(name: str, device: str, dtype: torch.dtype, B: int) -> No
     args = INPUTS[name](B, 5, 3, 4, dtype, device)
     real = op(*args)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-        fake = op(*(mode.from_tensor(a) for a in args))
+        fake = op(*torch.utils._pytree.tree_map_only(torch.Tensor, mode.from_tensor, args))
     reals, fakes = (r if isinstance(r, (tuple, list)) else (r,) for r in (real, fake))
     assert len(reals) == len(fakes), name
     for r, f in zip(reals, fakes):

@@ -12,6 +12,7 @@ in fp32 and returned in the data dtype. On CUDA, the linear ops run the Triton k
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -273,6 +274,40 @@ rows_colsum = dp_op(role="prepare", name="rows_colsum",
 rows_norm = dp_op(role="norm", name="rows_norm", fake=_sample_norms_like)(rows_norm_reference)
 rows_clipped_sum = dp_op(role="clipped_sum", name="rows_clipped_sum",
                          fake=lambda x, coef: x.new_empty((x.shape[2],)))(rows_clipped_sum_reference)
+
+
+
+
+def rows_group_clip_reference(xs: list, rest_sq: Optional[Tensor], threshold: float, clip_fn: str,
+                              mean: bool) -> list:
+    sq = None
+    for x in xs:
+        n2 = x.pow(2).sum(1)
+        sq = n2 if sq is None else sq + n2
+    if rest_sq is not None:
+        sq = sq + rest_sq.to(sq.dtype)
+    coef = group_clip_factors(sq, threshold, clip_fn, mean, xs[0].shape[0])
+    return [coef, *[(coef.unsqueeze(1) * x).sum(0) for x in xs]]
+
+
+def _rows_group_clip_fake(xs, rest_sq, threshold, clip_fn, mean):
+    return [xs[0].new_empty((xs[0].shape[0],)), *[x.new_empty((x.shape[1],)) for x in xs]]
+
+
+@dp_op(role="clipped_sum", fake=_rows_group_clip_fake)
+def rows_group_clip(xs: list[Tensor], rest_sq: Optional[Tensor], threshold: float, clip_fn: str,
+                    mean: bool) -> list[Tensor]:
+    """A group's rows sites and its clip factor together: from the per-sample row sums xs[k] (B, P_k) of its rows
+    sites (rows_colsum's) and the squared norms of its other sites (rest_sq, (B,), or None), [the group's factors
+    (B,), sum_i coef_i xs[k]_i for each k]. On CUDA one or two sites take one launch (kernels/rows.py) where the
+    norms, the factor and the sums were a kernel each."""
+    if len(xs) <= 2 and _use_triton(*xs) and all(x.dtype == torch.float32 and x.stride(1) == 1 for x in xs) \
+            and sum(x.shape[1] for x in xs) > 0:
+        from .kernels.rows import group_clip_rows
+
+        rest = None if rest_sq is None else rest_sq.to(torch.float32).contiguous()
+        return group_clip_rows(list(xs), rest, threshold, clip_fn, mean, launch=torch.library.wrap_triton)
+    return rows_group_clip_reference(list(xs), rest_sq, threshold, clip_fn, mean)
 
 
 # -- embedding ----------------------------------------------------------------------------------------------

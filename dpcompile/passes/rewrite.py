@@ -152,6 +152,13 @@ def group_clip_param(params: list, strategies: dict) -> Optional[ParamGrad]:
     return next((pg for pg in params if (st := find_strategy(strategies.get(pg, ""))) and st.group_clip), None)
 
 
+def rows_group_sites(params: list) -> list:
+    """The parameters of a group that are one fused rows site each with unit scale (biases, norm weights): what
+    codegen.ops.rows_group_clip takes."""
+    return [pg for pg in params if pg.fused and pg.contributions[0].site.kind == "rows"
+            and pg.contributions[0].scale == 1.0]
+
+
 def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: int, threshold,
                   clip_fn: str, mean: bool, strategies: dict | None = None, budget_bytes: int = 0,
                   randomized: Optional[RandomizedNorms] = None) -> Callable:
@@ -167,18 +174,29 @@ def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: in
         raise UnsupportedGradientError(f"strategy {group_clip[single].name!r} forms the group's clip factor "
                                        f"itself, which run-time thresholds do not support (parameter `{single.name}`)")
 
+    # the group's rows sites whose norms, factor and sums one op forms (at most two: its kernel's pointers)
+    rows_together = [] if runtime or single is not None else rows_group_sites(params)[:2]
+
     def group_fn(*vals):
         env = dict(zip(inputs, vals))
         bsz = env[batch_node].shape[batch_dim]
         thr = threshold.value(env) if runtime else threshold
         sq, prepared = None, {}
         for pg in params:
-            if pg is single:
+            if pg is single or pg in rows_together:
                 continue
             n2, prepared[pg] = param_norm(pg, strategies.get(pg, ""), env, bsz, randomized)
             sq = n2 if sq is None else sq + n2
         sums = {}
-        if single is not None:
+        if rows_together:
+            cols = [ops.rows_colsum(*site_kind("rows").fused_inputs(pg.contributions[0].site, env, bsz))
+                    for pg in rows_together]
+            coef, *row_sums = ops.rows_group_clip(cols, sq, thr, clip_fn, mean)
+            for pg, s in zip(rows_together, row_sums):
+                s = _finish_fused(pg, s.reshape(pg.contributions[0].site.node.meta["val"].shape), env)
+                val = pg.grad.meta["val"]
+                sums[pg] = s.to(val.dtype).reshape(val.shape)
+        elif single is not None:
             c = single.contributions[0]
             a, b = c.site.fused_inputs(env, bsz)
             rest = sq if sq is not None else a.new_zeros((bsz,), dtype=ops.norm_dtype(a.dtype, b.dtype))

@@ -1,0 +1,69 @@
+"""The rows-group kernel (codegen/kernels/rows.py) against its PyTorch reference and the factor's home
+(clipping.group_clip_factors): interpreter on CPU, the real kernel on a GPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dpcompile.clipping import group_clip_factors
+from dpcompile.codegen.kernels import rows as K
+from dpcompile.codegen.ops import rows_group_clip_reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(B, widths, with_rest, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    xs = [(torch.randn(B, p, generator=g) * scale).to(DEVICE) for p in widths]
+    rest = (torch.rand(B, generator=g) * scale * scale * 10).to(DEVICE) if with_rest else None
+    return xs, rest
+
+
+def _check(xs, rest, threshold, clip_fn, mean):
+    got = K.group_clip_rows(xs, rest, threshold, clip_fn, mean)
+    want = rows_group_clip_reference([x.double() for x in xs], None if rest is None else rest.double(), threshold,
+                                     clip_fn, mean)
+    assert len(got) == len(xs) + 1
+    assert got[0].shape == (xs[0].shape[0],) and got[0].dtype == torch.float32
+    for g_, w, x in zip(got[1:], want[1:], xs):
+        assert g_.shape == (x.shape[1],) and g_.dtype == torch.float32
+    torch.testing.assert_close(got[0].double().cpu(), want[0].cpu(), rtol=1e-5, atol=1e-6)
+    for g_, w in zip(got[1:], want[1:]):
+        scale = 1 + (w.abs().max().item() if w.numel() else 0)
+        torch.testing.assert_close(g_.double().cpu(), w.cpu(), rtol=1e-5, atol=1e-5 * scale)
+
+
+@settings(deadline=None, max_examples=40)
+@given(B=st.integers(0, 40), widths=st.lists(st.integers(1, 700), min_size=1, max_size=2),
+       with_rest=st.booleans(), scale=st.sampled_from([1e-3, 1.0, 30.0]), threshold=st.sampled_from([0.05, 1.0, 1e3]),
+       clip_fn=st.sampled_from(["abadi", "automatic"]), mean=st.booleans(), seed=st.integers(0, 2**16))
+def test_group_clip_rows_matches_reference(B, widths, with_rest, scale, threshold, clip_fn, mean, seed):
+    """B = 0, 1, and past one block of samples; one or two sites, narrow and past one program's columns; norms far
+    below and far above the threshold (factor 1 and factor < 1)."""
+    xs, rest = _inputs(B, widths, with_rest, scale, seed)
+    _check(xs, rest, threshold, clip_fn, mean)
+
+
+def test_factor_is_the_contract_formula():
+    """The kernel's factors are clipping.group_clip_factors of every site's squared norm plus rest."""
+    xs, rest = _inputs(5, [3, 9], True, 1.0, 7)
+    coef = K.group_clip_rows(xs, rest, 0.7, "abadi", True)[0]
+    sq = sum(x.double().pow(2).sum(1) for x in xs) + rest.double()
+    torch.testing.assert_close(coef.double().cpu(), group_clip_factors(sq, 0.7, "abadi", True, 5).cpu(),
+                               rtol=1e-6, atol=1e-7)
+
+
+def test_strided_rows_of_a_wider_buffer():
+    """Row sums that are column slices of a wider buffer (a row stride larger than the width)."""
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(6, 50, generator=g).to(DEVICE)
+    xs = [wide[:, :20], wide[:, 20:45]]
+    _check(xs, None, 0.3, "abadi", False)
+
+
+def test_more_than_two_sites_is_refused():
+    xs, _ = _inputs(2, [3, 3, 3], False, 1.0, 0)
+    with pytest.raises(ValueError, match="one or two"):
+        K.group_clip_rows(xs, None, 1.0, "abadi", False)
