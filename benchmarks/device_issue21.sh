@@ -12,8 +12,9 @@ summary=()
 for stage in "$@"; do
   case "$stage" in
     tests)
-      # GPU_TESTS: other test files or -k selections (default: all of test_gpu.py)
-      timeout 240 python3 -m pytest -q -n 8 -p no:cacheprovider ${GPU_TESTS:-tests/test_gpu.py} > "$OUT/tests.txt" 2>&1
+      # GPU_TESTS: other test files (default: test_gpu.py); GPU_K: a -k selection among their tests
+      timeout 240 python3 -m pytest -q -n 8 -p no:cacheprovider ${GPU_TESTS:-tests/test_gpu.py} \
+        ${GPU_K:+-k "$GPU_K"} > "$OUT/tests.txt" 2>&1
       summary+=("tests: $(tail -1 "$OUT/tests.txt")") ;;
     phases)  # one mode, empty then warm caches (a user's first and second run)
       timeout 200 python3 benchmarks/compile_phases.py --model gpt2-small --B 8 --T 1024 --modes per_layer-static \
