@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from dpcompile.clipping import group_clip_factors
 from dpcompile.codegen.kernels import rows as K
-from dpcompile.codegen.ops import rows_group_clip_reference
+from dpcompile.codegen.ops import rows_group_clipped_sum_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -23,7 +23,7 @@ def _inputs(B, widths, with_rest, scale, seed):
 
 def _check(xs, rest, threshold, clip_fn, mean):
     got = K.group_clip_rows(xs, rest, threshold, clip_fn, mean)
-    want = rows_group_clip_reference([x.double() for x in xs], None if rest is None else rest.double(), threshold,
+    want = rows_group_clipped_sum_reference([x.double() for x in xs], None if rest is None else rest.double(), threshold,
                                      clip_fn, mean)
     assert len(got) == len(xs) + 1
     assert got[0].shape == (xs[0].shape[0],) and got[0].dtype == torch.float32

@@ -25,7 +25,7 @@ INPUTS = {
     "persample_clipped_sum": lambda B, T, M, N, dt, dev: (torch.randn(B, M, N, dtype=dt, device=dev),
                                                           torch.rand(B, dtype=torch.float32, device=dev)),
     # one rows site, and two with the group's other norms
-    "rows_group_clip": lambda B, T, M, N, dt, dev: (
+    "rows_group_clipped_sum": lambda B, T, M, N, dt, dev: (
         [torch.randn(B, M, dtype=dt, device=dev)] + ([torch.randn(B, N, dtype=dt, device=dev)] if B % 2 else []),
         torch.rand(B, dtype=torch.float32, device=dev) if B % 2 else None, 0.5, "abadi", True),
 }

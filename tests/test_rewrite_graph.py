@@ -35,7 +35,9 @@ def test_weight_gradient_mms_are_replaced(monkeypatch):
     # forward: 2 addmm; backward: only the input gradient of layer 2 is an mm (layer 1's input needs no grad)
     assert ops.count(aten.addmm.default) == 2 and ops.count(aten.mm.default) == 1
     assert ops.count(dp.linear_norm.default) == 2 and ops.count(dp.linear_clipped_sum.default) == 2
-    assert ops.count(dp.rows_norm.default) == 2 and ops.count(dp.rows_clipped_sum.default) == 2
+    # each layer's bias: its column sums, then one op with the layer's factor (the weight's norm as `rest`)
+    assert ops.count(dp.rows_colsum.default) == 2 and ops.count(dp.rows_group_clipped_sum.default) == 2
+    assert dp.rows_norm.default not in ops and dp.rows_clipped_sum.default not in ops
     # bias gradients: no sum over the batch left besides the clipped sums (the loss' own sum is a full reduce)
     assert aten.sum.dim_IntList not in ops
 
@@ -45,7 +47,7 @@ def test_frozen_layer_costs_nothing(monkeypatch):
     model[2].requires_grad_(False)
     ops = _rewritten_graph(model, torch.randn(5, 4), monkeypatch, clipping="flat", loss_reduction="sum",
                            strategy="direct")
-    assert ops.count(dp.linear_norm.default) == 1 and ops.count(dp.rows_norm.default) == 1
+    assert ops.count(dp.linear_norm.default) == 1 and ops.count(dp.rows_group_clipped_sum.default) == 1
 
 
 def test_strategies_use_their_ops(monkeypatch):
@@ -126,7 +128,8 @@ def test_randomized_sites_draw_one_seed_per_call(monkeypatch):
     assert ops.count(dp.persample_norm_randomized.default) == 2 and ops.count(dp.linear_products.default) == 2
     assert dp.linear_tiles.default not in ops  # no exact norm beside the estimate
     assert ops.count(dp.tiles_clipped_sum.default) == 2 and dp.linear_norm_randomized.default not in ops
-    assert ops.count(dp.rows_norm.default) == 2 and dp.linear_norm.default not in ops  # biases stay exact
+    # biases stay exact: their column sums' norms, with the estimates as `rest`
+    assert ops.count(dp.rows_group_clipped_sum.default) == 2 and dp.linear_norm.default not in ops
     sites = sorted(n.args[4] for n in graph.nodes if n.target is dp.persample_norm_randomized.default)
     assert sites == [0, 1] and sorted(randomized.values()) == [0, 1]
     monkeypatch.undo()

@@ -278,7 +278,7 @@ rows_clipped_sum = dp_op(role="clipped_sum", name="rows_clipped_sum",
 
 
 
-def rows_group_clip_reference(xs: list, rest_sq: Optional[Tensor], threshold: float, clip_fn: str,
+def rows_group_clipped_sum_reference(xs: list, rest_sq: Optional[Tensor], threshold: float, clip_fn: str,
                               mean: bool) -> list:
     sq = None
     for x in xs:
@@ -290,12 +290,12 @@ def rows_group_clip_reference(xs: list, rest_sq: Optional[Tensor], threshold: fl
     return [coef, *[(coef.unsqueeze(1) * x).sum(0) for x in xs]]
 
 
-def _rows_group_clip_fake(xs, rest_sq, threshold, clip_fn, mean):
+def _rows_group_clipped_sum_fake(xs, rest_sq, threshold, clip_fn, mean):
     return [xs[0].new_empty((xs[0].shape[0],)), *[x.new_empty((x.shape[1],)) for x in xs]]
 
 
-@dp_op(role="clipped_sum", fake=_rows_group_clip_fake)
-def rows_group_clip(xs: list[Tensor], rest_sq: Optional[Tensor], threshold: float, clip_fn: str,
+@dp_op(role="clipped_sum", fake=_rows_group_clipped_sum_fake)
+def rows_group_clipped_sum(xs: list[Tensor], rest_sq: Optional[Tensor], threshold: float, clip_fn: str,
                     mean: bool) -> list[Tensor]:
     """A group's rows sites and its clip factor together: from the per-sample row sums xs[k] (B, P_k) of its rows
     sites (rows_colsum's) and the squared norms of its other sites (rest_sq, (B,), or None), [the group's factors
@@ -307,7 +307,7 @@ def rows_group_clip(xs: list[Tensor], rest_sq: Optional[Tensor], threshold: floa
 
         rest = None if rest_sq is None else rest_sq.to(torch.float32).contiguous()
         return group_clip_rows(list(xs), rest, threshold, clip_fn, mean, launch=torch.library.wrap_triton)
-    return rows_group_clip_reference(list(xs), rest_sq, threshold, clip_fn, mean)
+    return rows_group_clipped_sum_reference(list(xs), rest_sq, threshold, clip_fn, mean)
 
 
 # -- embedding ----------------------------------------------------------------------------------------------

@@ -153,9 +153,9 @@ def group_clip_param(params: list, strategies: dict) -> Optional[ParamGrad]:
 
 
 def rows_group_sites(params: list) -> list:
-    """The parameters of a group that are one fused rows site each with unit scale (biases, norm weights): what
-    codegen.ops.rows_group_clip takes."""
-    return [pg for pg in params if pg.fused and pg.contributions[0].site.kind == "rows"
+    """The parameters of a group that are one fused site each of a kind with column sums (biases, norm weights:
+    SiteKind.column_sums), with unit scale: what codegen.ops.rows_group_clipped_sum takes."""
+    return [pg for pg in params if pg.fused and site_kind(pg.contributions[0].site.kind).column_sums is not None
             and pg.contributions[0].scale == 1.0]
 
 
@@ -189,9 +189,9 @@ def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: in
             sq = n2 if sq is None else sq + n2
         sums = {}
         if rows_together:
-            cols = [ops.rows_colsum(*site_kind("rows").fused_inputs(pg.contributions[0].site, env, bsz))
+            cols = [site_kind(pg.contributions[0].site.kind).column_sums(pg.contributions[0].site, env, bsz)
                     for pg in rows_together]
-            coef, *row_sums = ops.rows_group_clip(cols, sq, thr, clip_fn, mean)
+            coef, *row_sums = ops.rows_group_clipped_sum(cols, sq, thr, clip_fn, mean)
             for pg, s in zip(rows_together, row_sums):
                 s = _finish_fused(pg, s.reshape(pg.contributions[0].site.node.meta["val"].shape), env)
                 val = pg.grad.meta["val"]

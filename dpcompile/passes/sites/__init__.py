@@ -35,6 +35,10 @@ class SiteKind:
         sample shares, is a position embedding).
     keeps_node: the site is the gradient value itself (B == 1), which the replacement reads: the coverage check
         does not ask for it to be gone.
+    column_sums: (site, env, bsz) -> (B, P) per-sample column sums: the site's squared norm is each row's sum of
+        squares and its clipped sum the coef-weighted sum of the rows, shaped like the site's node. A group's sites
+        of such a kind (unit scale, at most two) share one op with the group's clip factor (rewrite.py,
+        codegen.ops.rows_group_clipped_sum).
     combine: (param_grad, batch_size, budget_bytes, DeviceModel) -> (one contribution of this kind, {strategy:
         sympy seconds} with "materialize" among them, the bytes materializing would hold), or None: recognises
         several contributions of one parameter as one site of this kind (tied_embedding: a table that is also the
@@ -55,6 +59,7 @@ class SiteKind:
     absorb: Optional[Callable] = None
     keeps_node: bool = False
     combine: Optional[Callable] = None
+    column_sums: Optional[Callable] = None
 
     def __post_init__(self):
         if self.fused_inputs is not None and (self.norm is None or self.clipped_sum is None):

@@ -48,10 +48,14 @@ def norm(site, ins, strategy, pg, env, randomized):
     return ops.rows_norm(*ins), ins
 
 
+def column_sums(site, env, bsz):
+    return ops.rows_colsum(*fused_inputs(site, env, bsz))
+
+
 def clipped_sum(site, prepared, coef, strategy):
     return ops.rows_clipped_sum(*prepared, coef).reshape(site.node.meta["val"].shape)
 
 
 KIND = register_site_kind(SiteKind(
     "rows", classify, per_sample, targets=(aten.sum.dim_IntList, aten.sum.default), fused_inputs=fused_inputs,
-    norm=norm, clipped_sum=clipped_sum), replace=True)
+    norm=norm, clipped_sum=clipped_sum, column_sums=column_sums), replace=True)
