@@ -179,7 +179,11 @@ def grad_problem(p: torch.Tensor) -> Optional[str]:
 def grad_status(p: torch.Tensor) -> tuple:
     """(grad_problem(p), whether some graph clipped p) from one lookup of p's record (the optimizer asks both of
     every parameter at every step)."""
-    prov = _PROVENANCE.get(p)
+    return grad_status_of(p, _PROVENANCE.get(p))
+
+
+def grad_status_of(p: torch.Tensor, prov: Optional[GradProvenance]) -> tuple:
+    """grad_status(p) with p's record (provenance(p)) already looked up."""
     privatized = prov is not None and bool(prov.graphs)
     if p.grad is None:
         return None, privatized
@@ -196,15 +200,15 @@ def clipped_arrivals(p: torch.Tensor) -> int:
     return prov.arrivals
 
 
-def randomized_runs(params) -> frozenset:
+def randomized_runs(params, provs: Optional[list] = None) -> frozenset:
     """The effective probe counts of the randomized norms behind the gradients of `params` (tensors whose .grad is
     None contribute nothing): what an accountant must be told for a step that noises them
     (PrivacyAccountant.step(..., probes_ran=...)). Empty when every term was clipped with exact norms. A `.grad`
-    set by hand keeps the counts of the arrivals before it (an over-report only makes the accounting looser)."""
+    set by hand keeps the counts of the arrivals before it (an over-report only makes the accounting looser).
+    provs: the records of `params` (provenance(p) of each), when the caller has them."""
     runs: set = set()
-    for p in params:
-        prov = _PROVENANCE.get(p) if p.grad is not None else None
-        if prov is not None:
+    for p, prov in zip(params, provs) if provs is not None else ((p, _PROVENANCE.get(p)) for p in params):
+        if prov is not None and p.grad is not None:
             runs |= prov.runs
     return frozenset(runs)
 

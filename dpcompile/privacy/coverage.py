@@ -23,13 +23,14 @@ def is_privatized(p: torch.Tensor) -> bool:
     return clipped_by_some_graph(p)
 
 
-def _graphs_by_set(params) -> dict:
+def _graphs_by_set(params, provs: Optional[list] = None) -> dict:
     """frozenset(ids of `params` a graph clipped) -> the graphs over that set, from every graph call that
     delivered a clipped gradient to one of `params` (recorded at run time: a graph reused for another model
     instance counts for that instance's tensors). Read-only for callers: the answer is kept until a record gains
     a graph (clip_provenance.graphs_epoch), for the same tensors with the same records (a dead tensor's id taken by
-    a new one comes with another record, or none: a different key whatever the caller passes)."""
-    pairs = [(p, provenance(p)) for p in params]
+    a new one comes with another record, or none: a different key whatever the caller passes). provs: the
+    records of `params`, when the caller has looked them up."""
+    pairs = list(zip(params, provs)) if provs is not None else [(p, provenance(p)) for p in params]
     key = (graphs_epoch(), tuple((id(p), id(prov)) for p, prov in pairs))
     hit = _BY_SET_CACHE.get(key)
     if hit is not None:
@@ -56,7 +57,7 @@ def _disjoint(sets) -> bool:
     return all(a.isdisjoint(b) for i, a in enumerate(sets) for b in sets[i + 1:])
 
 
-def clipped_sensitivity(params) -> float:
+def clipped_sensitivity(params, provs: Optional[list] = None) -> float:
     """An upper bound on the L2 norm of one sample's clipped gradient over `params` (privatized tensors), from
     the thresholds of every graph that privatized them.
 
@@ -65,7 +66,7 @@ def clipped_sensitivity(params) -> float:
     each add their clipped part: sqrt(sum S^2). If the sets overlap, a parameter may get a clipped part from
     each: the triangle inequality's sum S is the bound.
     """
-    by_set = _graphs_by_set(params)
+    by_set = _graphs_by_set(params, provs)
     if not by_set:
         return 0.0
     sens = {key: max(g.sensitivity for g in graphs) for key, graphs in by_set.items()}
@@ -74,7 +75,7 @@ def clipped_sensitivity(params) -> float:
     return sum(sens.values())
 
 
-def randomized_accounting(params, max_grad_norm_total: float) -> Optional[dict]:
+def randomized_accounting(params, max_grad_norm_total: float, provs: Optional[list] = None) -> Optional[dict]:
     """What PrivacyAccountant.step needs about the randomized norms of the graphs that privatized `params`:
     {"probes", "variant", "group_weights"}, or None when none of them has a randomized site.
 
@@ -84,7 +85,7 @@ def randomized_accounting(params, max_grad_norm_total: float) -> Optional[dict]:
     the fewest effective probes (the accountant switches to the Chernoff envelope itself when the counts that ran
     are not multiples of one another). Graphs over overlapping, unequal parameter sets are refused: their
     sensitivities add up (triangle inequality), outside the per-group analysis."""
-    by_set = _graphs_by_set(params)
+    by_set = _graphs_by_set(params, provs)
     groups: dict = {}
     kinds = set()
     for key, graphs in by_set.items():
@@ -108,9 +109,10 @@ def randomized_accounting(params, max_grad_norm_total: float) -> Optional[dict]:
     return {"probes": probes, "variant": variant, "group_weights": weights}
 
 
-def sensitivity_problem(clipped: list, max_grad_norm_total: float, who: str) -> Optional[DPCompileError]:
+def sensitivity_problem(clipped: list, max_grad_norm_total: float, who: str,
+                        provs: Optional[list] = None) -> Optional[DPCompileError]:
     """Why the gradients of `clipped` (privatized tensors) cannot be noised for max_grad_norm_total, or None."""
-    bound = clipped_sensitivity(clipped)
+    bound = clipped_sensitivity(clipped, provs)
     if bound > max_grad_norm_total * (1 + SENSITIVITY_RTOL):
         return DPCompileError(
             f"{who}: the compiled graphs bound one sample's clipped gradient by {bound:.6g} (the root of the sum of "

@@ -21,7 +21,7 @@ from typing import Mapping, Optional, Union
 import torch
 from torch.optim import Optimizer
 
-from ..clip_provenance import grad_status, provenance, randomized_runs
+from ..clip_provenance import grad_status_of, provenance, randomized_runs
 from ..errors import CoverageError, DPCompileError
 from .adaptive import (AdaptiveClipping, combined_noise_multiplier, gradient_noise_multiplier, make_adaptive,
                        quantile_noise_multiplier)
@@ -242,21 +242,30 @@ class DPOptimizer(StepGuards, GaussianNoise, Optimizer):
         unsharded parameters for FSDP2 shards)."""
         return [p for p in self._params() if is_privatized(p)]
 
-    def _check_clipping(self) -> None:
-        """Coverage and sensitivity, before any gradient is touched."""
-        clipped = []
-        for p in self._params():
+    def _records(self) -> tuple:
+        """(the trainable parameters, their clipping records): one record lookup per parameter for a step's
+        checks, which read them three times (coverage, sensitivity, accounting; NOTES 34)."""
+        params = list(self._params())
+        return params, [provenance(p) for p in params]
+
+    def _check_clipping(self, params: Optional[list] = None, provs: Optional[list] = None) -> None:
+        """Coverage and sensitivity, before any gradient is touched (params, provs: _records(), when known)."""
+        if params is None:
+            params, provs = self._records()
+        clipped, clipped_provs = [], []
+        for p, prov in zip(params, provs):
             if p.grad is None:
                 continue
-            why, privatized = grad_status(p)
+            why, privatized = grad_status_of(p, prov)
             if self.check_coverage and why is not None:
                 raise CoverageError(_uncovered_message(p, why, self._name_of(p)))
             if privatized:
                 clipped.append(p)
+                clipped_provs.append(prov)
         if self.adaptive is not None:
             self._check_adaptive(clipped)
         elif self.check_sensitivity and clipped:
-            problem = sensitivity_problem(clipped, self.max_grad_norm_total, type(self).__name__)
+            problem = sensitivity_problem(clipped, self.max_grad_norm_total, type(self).__name__, clipped_provs)
             if problem is not None:
                 raise problem
 
@@ -289,12 +298,17 @@ class DPOptimizer(StepGuards, GaussianNoise, Optimizer):
         their clipping records, clip_provenance.randomized_runs; empty for exact norms)."""
         return randomized_runs(self._params())
 
-    def _accounting(self) -> dict:
+    def _accounting(self, params: Optional[list] = None, provs: Optional[list] = None) -> dict:
         """The randomized-norm arguments of this step's accountant.step ({} for exact norms), checked before any
         noise is added: an accountant that cannot take them, or gradients from randomized norms that no graph of
-        this optimizer's parameters describes, are refused. Sets the probe counts step() tells the accountant."""
-        spec = randomized_accounting(self._accounted_params(), self.max_grad_norm_total)
-        runs = self._step_runs()
+        this optimizer's parameters describes, are refused. Sets the probe counts step() tells the accountant.
+        params, provs: _records(), when known."""
+        if params is None:
+            params, provs = self._records()
+        accounted = [(p, prov) for p, prov in zip(params, provs) if prov is not None and prov.graphs]
+        spec = randomized_accounting([p for p, _ in accounted], self.max_grad_norm_total,
+                                     [prov for _, prov in accounted])
+        runs = randomized_runs(params, provs)
         self._pending_runs = runs
         return self._check_accounting(spec, ran=bool(runs))
 
@@ -378,15 +392,16 @@ class DPOptimizer(StepGuards, GaussianNoise, Optimizer):
         loops). Refuses, before touching
         any gradient, to noise a gradient no flashdp graph clipped, one clipped to more than max_grad_norm, or
         randomized norms it cannot account for (step() then tells the accountant `self._pending_accounting`)."""
-        self._check_clipping()
-        self._pending_accounting = self._accounting()
+        params, provs = self._records()
+        self._check_clipping(params, provs)
+        self._pending_accounting = self._accounting(params, provs)
         self._noised_sigma = self.noise_multiplier  # what the accountant records for this step (see step)
         std = self.noise_multiplier * self.max_grad_norm_total
         if self.adaptive is not None:  # the gradient's share of the noise: z_D, with the counts' z_b (adaptive.py)
             std = self._release_quantiles() * self.max_grad_norm_total
         scale = 1.0 / self.expected_batch_size if self.loss_reduction == "mean" else 1.0
         by_device: dict = {}
-        for p in self._params():
+        for p in params:
             by_device.setdefault(p.device, []).append(p)
         for device, params in by_device.items():
             gen = self._step_generator(device) if self.secure_mode else self.generator

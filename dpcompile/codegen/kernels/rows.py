@@ -42,10 +42,11 @@ def _sq_rows(x_ptr, sx_b, P, rb, mb, SCAN: tl.constexpr):
 
 @triton.jit
 def _group_clip_rows_kernel(x0_ptr, x1_ptr, rest_ptr, out0_ptr, out1_ptr, coef_ptr, B, P0, P1, s0_b, s1_b,
-                            threshold, batch, HAS_X1: tl.constexpr, HAS_REST: tl.constexpr, ABADI: tl.constexpr,
+                            threshold, HAS_X1: tl.constexpr, HAS_REST: tl.constexpr, ABADI: tl.constexpr,
                             MEAN: tl.constexpr, EPS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
                             SCAN: tl.constexpr):
     pid = tl.program_id(0)
+    batch = B * 1.0  # the batch size as the factor's formula reads it (a float argument would specialize B)
     n0 = tl.cdiv(P0, BLOCK_P)
     second = pid >= n0  # this program's columns are site 1's
     col0 = (pid - n0 * second.to(tl.int32)) * BLOCK_P
@@ -107,7 +108,7 @@ def group_clip_rows(xs: list, rest_sq: Optional[torch.Tensor], threshold: float,
     rest = rest_sq if rest_sq is not None else coef  # never read without HAS_REST
     if programs > 0:
         launch(_group_clip_rows_kernel)[(programs,)](
-            x0, x1, rest, outs[0], out1, coef, B, P0, P1, x0.stride(0), x1.stride(0), float(threshold), float(B),
+            x0, x1, rest, outs[0], out1, coef, B, P0, P1, x0.stride(0), x1.stride(0), float(threshold),
             HAS_X1=len(xs) > 1, HAS_REST=rest_sq is not None, ABADI=clip_fn == "abadi", MEAN=bool(mean),
             EPS=CLIP_EPS if clip_fn == "abadi" else AUTO_GAMMA, BLOCK_B=BLOCK_B, BLOCK_P=block_p, SCAN=SCAN_P)
     return [coef, *outs]
