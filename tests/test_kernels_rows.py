@@ -67,3 +67,35 @@ def test_more_than_two_sites_is_refused():
     xs, _ = _inputs(2, [3, 3, 3], False, 1.0, 0)
     with pytest.raises(ValueError, match="one or two"):
         K.group_clip_rows(xs, None, 1.0, "abadi", False)
+
+
+_SYMBOLIC_LAUNCH = """
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+from dpcompile.codegen.kernels import rows as K
+
+env = ShapeEnv()
+mode = FakeTensorMode(shape_env=env)
+dyn = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC])
+xs = [mode.from_tensor(torch.randn(8, p), symbolic_context=dyn) for p in (20, 30)]
+rest = mode.from_tensor(torch.rand(8), symbolic_context=StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC]))
+with mode:
+    coef, s0, s1 = K.group_clip_rows(xs, rest, 0.5, "abadi", True, launch=torch.library.wrap_triton)
+assert isinstance(coef.shape[0], torch.SymInt) and (s0.shape, s1.shape) == ((20,), (30,))
+assert not env.guards and not env.replacements, (env.guards, env.replacements)
+"""
+
+
+def test_launch_keeps_a_symbolic_batch_symbolic():
+    """Under Inductor the batch size is a symbol: the launch must not turn it into a Python number (a float(B)
+    argument guarded B == 8 and failed every dynamic-batch DP graph on the GPU; NOTES 34). Traced on fake tensors
+    in a fresh process without the interpreter (which would run the kernel on them)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _SYMBOLIC_LAUNCH], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
