@@ -276,10 +276,8 @@ rows_clipped_sum = dp_op(role="clipped_sum", name="rows_clipped_sum",
                          fake=lambda x, coef: x.new_empty((x.shape[2],)))(rows_clipped_sum_reference)
 
 
-
-
 def rows_group_clipped_sum_reference(xs: list, rest_sq: Optional[Tensor], threshold: float, clip_fn: str,
-                              mean: bool) -> list:
+                                     mean: bool) -> list:
     sq = None
     for x in xs:
         n2 = x.pow(2).sum(1)
@@ -296,7 +294,7 @@ def _rows_group_clipped_sum_fake(xs, rest_sq, threshold, clip_fn, mean):
 
 @dp_op(role="clipped_sum", fake=_rows_group_clipped_sum_fake)
 def rows_group_clipped_sum(xs: list[Tensor], rest_sq: Optional[Tensor], threshold: float, clip_fn: str,
-                    mean: bool) -> list[Tensor]:
+                           mean: bool) -> list[Tensor]:
     """A group's rows sites and its clip factor together: from the per-sample row sums xs[k] (B, P_k) of its rows
     sites (rows_colsum's) and the squared norms of its other sites (rest_sq, (B,), or None), [the group's factors
     (B,), sum_i coef_i xs[k]_i for each k]. On CUDA one or two sites take one launch (kernels/rows.py) where the
