@@ -3,7 +3,7 @@
 # and where the DP step's host time goes (cProfile of five steps per mode, or the forward/backward/optimizer split
 # of the enqueue time with the step's syncs), with and without Inductor's CUDA graphs, each DP row against non-DP
 # in the same run. Full outputs under $OUT; the short table prints last.
-#   bash benchmarks/device_issue21.sh [tests] [phases] [cprofile] [host] [split] [kernels] [opt]
+#   bash benchmarks/device_issue21.sh [tests] [phases] [cprofile] [host] [split] [kernels] [opt] [ab]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/device_setup.sh
@@ -35,6 +35,16 @@ for stage in "$@"; do
       TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) TORCH_LOGS=output_code timeout 200 python3 benchmarks/compile_phases.py \
         --one per_layer-static --model gpt2-small --B 8 --T 1024 > "$OUT/output_code.log" 2>&1
       gzip -f "$OUT/output_code.log"; summary+=("kernels: $(ls -la "$OUT/output_code.log.gz")") ;;
+    ab)  # the DP row against non-DP under this code and under another snapshot's (AB_BASE: its directory, carried
+         # beside this one), one after the other on the same GPU: what one change moved, each with its own baseline
+      for side in base this; do
+        dir=$PWD; [ "$side" = base ] && dir=$(cd "${AB_BASE:?ab needs AB_BASE, a snapshot directory}" && pwd)
+        (cd "$dir" && PYTHONPATH=/tmp/site:$dir timeout 280 python3 benchmarks/harness.py --workloads "gpt2-small B=8 T=1024" \
+          --modes "non-DP compiled,flashdp per_layer dynamic_seq=False" --parallel 2 --timeout 270 --profile \
+          --out "$OUT/ab_$side" > "$OUT/ab_$side.log" 2>&1)
+        summary+=("ab $side (code of $(cat "$dir/COMMIT" 2>/dev/null || basename "$dir")):")
+        [ -f "$OUT/ab_$side/table.md" ] && summary+=("$(cat "$OUT/ab_$side/table.md")")
+      done ;;
     opt)  # DPOptimizer.step's host time by part against AdamW's (bench_optimizer_host.py)
       timeout 200 python3 benchmarks/bench_optimizer_host.py --model gpt2-small --B 8 --T 1024 \
         --out "$OUT/opt.json" > "$OUT/opt.log" 2>&1
