@@ -167,7 +167,11 @@ def provenance(p: torch.Tensor) -> Optional[GradProvenance]:
 
 
 def clipped_by_some_graph(p: torch.Tensor) -> bool:
-    prov = _PROVENANCE.get(p)
+    return record_clipped(_PROVENANCE.get(p))
+
+
+def record_clipped(prov: Optional[GradProvenance]) -> bool:
+    """Some graph delivered a clipped gradient to the tensor whose record (provenance()) this is."""
     return prov is not None and bool(prov.graphs)
 
 
@@ -184,7 +188,7 @@ def grad_status(p: torch.Tensor) -> tuple:
 
 def grad_status_of(p: torch.Tensor, prov: Optional[GradProvenance]) -> tuple:
     """grad_status(p) with p's record (provenance(p)) already looked up."""
-    privatized = prov is not None and bool(prov.graphs)
+    privatized = record_clipped(prov)
     if p.grad is None:
         return None, privatized
     if not privatized:

@@ -106,6 +106,12 @@ def _finish_fused(pg: ParamGrad, s, env: dict):
     return -s if c.negate else s
 
 
+def _as_grad(pg: ParamGrad, s):
+    """A clipped sum typed and shaped like the parameter's gradient output."""
+    val = pg.grad.meta["val"]
+    return s.to(val.dtype).reshape(val.shape)
+
+
 @dataclass(frozen=True)
 class RuntimeThreshold:
     """A group's threshold read at run time (max_grad_norm="adaptive"): entry `index` of the (G,) thresholds
@@ -143,8 +149,7 @@ def param_clipped_sum(pg: ParamGrad, prepared, coef, strategy: str, env: dict) -
         s = _finish_fused(pg, _site_clipped_sum(pg.contributions[0].site, prepared, coef, strategy), env)
     else:
         s = get_strategy("materialize").clipped_sum(prepared, coef)
-    val = pg.grad.meta["val"]
-    return s.to(val.dtype).reshape(val.shape)
+    return _as_grad(pg, s)
 
 
 def group_clip_param(params: list, strategies: dict) -> Optional[ParamGrad]:
@@ -193,17 +198,15 @@ def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: in
                     for pg in rows_together]
             coef, *row_sums = ops.rows_group_clipped_sum(cols, sq, thr, clip_fn, mean)
             for pg, s in zip(rows_together, row_sums):
-                s = _finish_fused(pg, s.reshape(pg.contributions[0].site.node.meta["val"].shape), env)
-                val = pg.grad.meta["val"]
-                sums[pg] = s.to(val.dtype).reshape(val.shape)
+                sums[pg] = _as_grad(pg, _finish_fused(pg, s.reshape(pg.contributions[0].site.node.meta["val"].shape),
+                                                      env))
         elif single is not None:
             c = single.contributions[0]
             a, b = c.site.fused_inputs(env, bsz)
             rest = sq if sq is not None else a.new_zeros((bsz,), dtype=ops.norm_dtype(a.dtype, b.dtype))
             s, coef = group_clip[single].group_clip(a, b, rest, float(c.scale * c.scale), thr, clip_fn,
                                                         mean, budget_bytes)
-            val = single.grad.meta["val"]
-            sums[single] = _finish_fused(single, s, env).to(val.dtype).reshape(val.shape)
+            sums[single] = _as_grad(single, _finish_fused(single, s, env))
         else:
             coef = group_clip_factors(sq, thr, clip_fn, mean, bsz)
         outs = [sums[pg] if pg in sums else param_clipped_sum(pg, prepared[pg], coef, strategies.get(pg, ""), env)

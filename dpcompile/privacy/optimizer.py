@@ -21,7 +21,7 @@ from typing import Mapping, Optional, Union
 import torch
 from torch.optim import Optimizer
 
-from ..clip_provenance import grad_status_of, provenance, randomized_runs
+from ..clip_provenance import grad_status_of, provenance, randomized_runs, record_clipped
 from ..errors import CoverageError, DPCompileError
 from .adaptive import (AdaptiveClipping, combined_noise_multiplier, gradient_noise_multiplier, make_adaptive,
                        quantile_noise_multiplier)
@@ -248,10 +248,8 @@ class DPOptimizer(StepGuards, GaussianNoise, Optimizer):
         params = list(self._params())
         return params, [provenance(p) for p in params]
 
-    def _check_clipping(self, params: Optional[list] = None, provs: Optional[list] = None) -> None:
-        """Coverage and sensitivity, before any gradient is touched (params, provs: _records(), when known)."""
-        if params is None:
-            params, provs = self._records()
+    def _check_clipping(self, params: list, provs: list) -> None:
+        """Coverage and sensitivity, before any gradient is touched (params, provs: _records())."""
         clipped, clipped_provs = [], []
         for p, prov in zip(params, provs):
             if p.grad is None:
@@ -298,14 +296,12 @@ class DPOptimizer(StepGuards, GaussianNoise, Optimizer):
         their clipping records, clip_provenance.randomized_runs; empty for exact norms)."""
         return randomized_runs(self._params())
 
-    def _accounting(self, params: Optional[list] = None, provs: Optional[list] = None) -> dict:
+    def _accounting(self, params: list, provs: list) -> dict:
         """The randomized-norm arguments of this step's accountant.step ({} for exact norms), checked before any
         noise is added: an accountant that cannot take them, or gradients from randomized norms that no graph of
         this optimizer's parameters describes, are refused. Sets the probe counts step() tells the accountant.
-        params, provs: _records(), when known."""
-        if params is None:
-            params, provs = self._records()
-        accounted = [(p, prov) for p, prov in zip(params, provs) if prov is not None and prov.graphs]
+        params, provs: _records()."""
+        accounted = [(p, prov) for p, prov in zip(params, provs) if record_clipped(prov)]
         spec = randomized_accounting([p for p, _ in accounted], self.max_grad_norm_total,
                                      [prov for _, prov in accounted])
         runs = randomized_runs(params, provs)
