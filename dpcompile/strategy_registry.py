@@ -41,6 +41,9 @@ class Strategy:
     keeps_products: the products are formed and kept until the group's factor is known (stored, single_pass).
     chunked / within_budget / stored: the internal strategy the rewrite runs instead when the site's products
         exceed the budget / fit it / may be kept (as stored keeps them).
+    factor_apart: for a group_clip strategy, the strategy of the same products and traffic whose factor is formed
+        apart, which the rewrite runs where the group's rows sites form the factor in one launch with their sums
+        (codegen.ops.rows_group_clipped_sum); without one, such a group keeps the rows sites' own ops.
     check: (parameter name, LinearShape) -> None or raises OptionsError, for a site this strategy is forced on.
     runtime_threshold: its ops can read the group's threshold as a tensor of the graph (max_grad_norm="adaptive");
         False for a group_clip op that takes it as a number: the planner never gives it to run-time thresholds.
@@ -60,6 +63,7 @@ class Strategy:
     chunked: Optional[str] = None
     within_budget: Optional[str] = None
     stored: Optional[str] = None
+    factor_apart: Optional[str] = None
     check: Optional[Callable] = None
     runtime_threshold: bool = True
     doc: str = ""

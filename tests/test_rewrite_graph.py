@@ -57,13 +57,24 @@ def test_strategies_use_their_ops(monkeypatch):
     assert ops.count(dp.linear_ghost_norm.default) == 2 and ops.count(dp.linear_clipped_sum.default) == 2
     assert dp.linear_norm.default not in ops
     monkeypatch.undo()
-    ops = _rewritten_graph(model, x, monkeypatch, clipping="per_layer", strategy="single_pass")
+    no_bias = nn.Sequential(nn.Linear(4, 8, bias=False), nn.Tanh(), nn.Linear(8, 3, bias=False))
+    ops = _rewritten_graph(no_bias, x, monkeypatch, clipping="per_layer", strategy="single_pass")
     assert ops.count(dp.linear_single_pass.default) == 2
     assert dp.linear_norm.default not in ops and dp.linear_clipped_sum.default not in ops
     monkeypatch.undo()
+    # with a bias, single_pass runs as its factor_apart form (stored's ops): the bias's sums and the group's factor
+    # come from one op, the weight's norm as its `rest`
+    ops = _rewritten_graph(model, x, monkeypatch, clipping="per_layer", strategy="single_pass")
+    assert ops.count(dp.linear_tiles.default) == 2 and ops.count(dp.tiles_clipped_sum.default) == 2
+    assert ops.count(dp.rows_group_clipped_sum.default) == 2 and dp.linear_single_pass.default not in ops
+    monkeypatch.undo()
     # flat: one group, so single_pass can serve one of its two linear sites only
-    ops = _rewritten_graph(model, x, monkeypatch, clipping="flat", strategy={"0.weight": "single_pass"})
+    ops = _rewritten_graph(no_bias, x, monkeypatch, clipping="flat", strategy={"0.weight": "single_pass"})
     assert ops.count(dp.linear_single_pass.default) == 1 and ops.count(dp.linear_clipped_sum.default) == 1
+    monkeypatch.undo()
+    ops = _rewritten_graph(model, x, monkeypatch, clipping="flat", strategy={"0.weight": "single_pass"})
+    assert ops.count(dp.linear_tiles.default) == 1 and ops.count(dp.linear_clipped_sum.default) == 1
+    assert ops.count(dp.rows_group_clipped_sum.default) == 1 and dp.linear_single_pass.default not in ops
     monkeypatch.undo()
     # two_pass: the products formed for the norm, then again for the clipped sum
     ops = _rewritten_graph(model, x, monkeypatch, clipping="flat", strategy="two_pass")
@@ -79,6 +90,7 @@ def test_strategies_use_their_ops(monkeypatch):
     ops = _rewritten_graph(model, x, monkeypatch, clipping="per_layer", strategy="single_pass",
                            single_pass_budget_mb=1e-6)
     assert ops.count(dp.linear_single_pass_chunked.default) == 2 and dp.linear_single_pass.default not in ops
+    assert dp.rows_group_clipped_sum.default not in ops  # the chunked op forms the factor: the biases keep theirs
 
 
 def test_no_kept_whole_op_survives_for_inductor(monkeypatch):

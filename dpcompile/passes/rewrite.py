@@ -171,16 +171,23 @@ def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: in
     group's quantile_count (a 0-dim float64 tensor).
     randomized: the graph's randomized sites (its seed node must be among `inputs` when a param of this group
     is randomized: strategy "randomized", or, in a batch-size-1 graph, an entry of randomized.products)."""
-    strategies = strategies or {}
-    group_clip = {pg: find_strategy(strategies.get(pg, "")) for pg in params}
+    strategies = dict(strategies or {})
     single = group_clip_param(params, strategies)
     runtime = isinstance(threshold, RuntimeThreshold)
     if runtime and single is not None:  # the planner never gives one (Strategy.runtime_threshold)
-        raise UnsupportedGradientError(f"strategy {group_clip[single].name!r} forms the group's clip factor "
-                                       f"itself, which run-time thresholds do not support (parameter `{single.name}`)")
+        raise UnsupportedGradientError(f"strategy {strategies[single]!r} forms the group's clip factor itself, "
+                                       f"which run-time thresholds do not support (parameter `{single.name}`)")
 
-    # the group's rows sites whose norms, factor and sums one op forms (at most two: its kernel's pointers)
-    rows_together = [] if runtime or single is not None else rows_group_sites(params)[:2]
+    # the group's rows sites whose norms, factor and sums one op forms (at most two: its kernel's pointers); a
+    # single-pass site then runs as its factor_apart form (the same products and traffic, the factor apart)
+    rows_together = [] if runtime else rows_group_sites(params)[:2]
+    if single is not None and rows_together:
+        apart = get_strategy(strategies[single]).factor_apart
+        if apart is None:
+            rows_together = []
+        else:
+            strategies[single], single = apart, None
+    group_clip = {pg: find_strategy(strategies.get(pg, "")) for pg in params}
 
     def group_fn(*vals):
         env = dict(zip(inputs, vals))

@@ -4,7 +4,9 @@
   ghost         linear weight: Gram products of the T rows on chip for the norm (B T^2 (M+N)), then the clipped sum
   single_pass   linear weight, one site per clipping group: each per-sample product is formed once by the vendor
                 batched GEMM into a scratch buffer (chunks of samples within a memory budget), its norm taken from
-                the stored values, then reduced with the clip factors (W + 3 B M N bytes of traffic)
+                the stored values, then reduced with the clip factors (W + 3 B M N bytes of traffic). In a group
+                with a bias or norm weight it runs as stored (its factor_apart form: the same kernels), so that
+                the rows sites' norms, the group's factor and their sums take one launch (ops.rows_group_clipped_sum)
   stored        linear weight, any number per group, where the scratch of one site fits the budget and the
                 products are no larger than the operands the other multi-pass strategies keep for their clipped sum
                 (M N <= T (M + N)): formed once by the vendor GEMM, normed, and kept until the group's clip factor
@@ -110,7 +112,8 @@ BUILTIN = (
              norm=_plain(ops.linear_ghost_norm), clipped_sum=_sum(ops.linear_clipped_sum)),
     Strategy("single_pass", cost=_costed(lambda t, s, dev, k: t.one_pass + t.chunks * 6 * dev.launch
                                          + _chunk_host(t, dev)),
-             group_clip=_single_pass, keeps_products=True, chunked="single_pass_chunked", runtime_threshold=False),
+             group_clip=_single_pass, keeps_products=True, chunked="single_pass_chunked", runtime_threshold=False,
+             factor_apart="stored"),
     Strategy("single_pass_chunked", option=False, group_clip=ops.linear_single_pass_chunked, keeps_products=True,
              runtime_threshold=False),
     # single_pass's kernels at one chunk, the factor computed apart
