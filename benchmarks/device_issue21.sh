@@ -3,7 +3,7 @@
 # and where the DP step's host time goes (cProfile of five steps per mode, or the forward/backward/optimizer split
 # of the enqueue time with the step's syncs), with and without Inductor's CUDA graphs, each DP row against non-DP
 # in the same run. Full outputs under $OUT; the short table prints last.
-#   bash benchmarks/device_issue21.sh [tests] [phases] [cprofile] [host] [split] [kernels] [opt] [ab]
+#   bash benchmarks/device_issue21.sh [tests] [phases] [cprofile] [host] [split] [kernels] [opt] [reduce] [ab]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source benchmarks/device_setup.sh
@@ -49,6 +49,9 @@ for stage in "$@"; do
       timeout 200 python3 benchmarks/bench_optimizer_host.py --model gpt2-small --B 8 --T 1024 \
         --out "$OUT/opt.json" > "$OUT/opt.log" 2>&1
       summary+=("opt rc=$?" "$(grep -A20 'host ms a step' "$OUT/opt.log")") ;;
+    reduce)  # the stored products' clipped sum per tile shape (bench_scaled_reduce.py)
+      timeout 120 python3 benchmarks/bench_scaled_reduce.py --out "$OUT/reduce.json" > "$OUT/reduce.log" 2>&1
+      summary+=("reduce rc=$?" "$(sed -n '/^| shape/,$p' "$OUT/reduce.log")") ;;
     host)  # the step's Python, per mode (harness --host-profile prints cProfile's top functions to the log)
       timeout 280 python3 benchmarks/harness.py --workloads "gpt2-small B=8 T=1024" --modes \
         "non-DP compiled,flashdp per_layer dynamic_seq=False,non-DP compiled+cudagraphs,flashdp per_layer dynamic_seq=False+cudagraphs" \

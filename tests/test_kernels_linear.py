@@ -97,6 +97,22 @@ def test_single_pass_stages_match_reference(B, T, M, N, dtype, seed, accumulate)
     torch.testing.assert_close(acc.double(), want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("B", [0, 1, K.REDUCE_SAMPLES, K.REDUCE_SAMPLES + 1, 2 * K.REDUCE_SAMPLES + 3])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_scaled_reduce_over_sample_tiles(B, accumulate):
+    """The reduction loads REDUCE_SAMPLES samples' rows at a time: batches below, at and across that tile, and an
+    output whose size is not a multiple of the block, give sum_s coef_s x_s (+ what acc held)."""
+    g = torch.Generator().manual_seed(B)
+    MN = K.REDUCE_BLOCK + 37
+    tiles = torch.randn(B, 1, MN, generator=g).to(DEVICE, torch.float16)
+    coef = torch.rand(B, generator=g).to(DEVICE)
+    start = torch.randn(1, MN, generator=g).to(DEVICE)
+    acc = start.clone()
+    K.scaled_reduce_(tiles, coef, acc, accumulate=accumulate)
+    want = torch.einsum("s,smn->mn", coef.double(), tiles.double()) + (start.double() if accumulate else 0)
+    torch.testing.assert_close(acc.double(), want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("splits", [1, 2, 5])
 def test_clipped_sum_sample_splits(splits):
     """Samples spread over a second grid axis (fewer samples than splits included): same sum."""

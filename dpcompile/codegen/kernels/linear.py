@@ -28,7 +28,9 @@ from ..sizes import size_hint
 
 REF_TILE = 128  # grid layout unit (see module docstring)
 GHOST_MIN_PROGRAMS = 64  # the ghost kernel's programs per sample at T = 1024: idle ones at short T store a zero
-REDUCE_BLOCK = 1024
+REDUCE_BLOCK = 1024  # scaled_reduce_: output elements per program
+REDUCE_SAMPLES = 8  # samples' rows per loaded tile (8 x 1024 bf16: 16 B per thread and row at 4 warps)
+REDUCE_WARPS = 4
 
 
 def _gemm_configs():
@@ -167,16 +169,23 @@ def _persample_kernel(a_ptr, b_ptr, scratch_ptr, partial_ptr, T, M, N, sa_b, sa_
 
 
 @triton.jit
-def _scaled_reduce_kernel(scratch_ptr, coef_ptr, acc_ptr, NB, MN, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr):
+def _scaled_reduce_kernel(scratch_ptr, coef_ptr, acc_ptr, NB, MN, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr,
+                          BLOCK_S: tl.constexpr):
+    # BLOCK_S samples' rows loaded as one (BLOCK_S, BLOCK) tile: that many loads in flight per thread, where a loop
+    # of one row at a time left the kernel latency-bound at ~40% of the memory bandwidth (benchmarks/NOTES.md 35)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     if ACCUMULATE:
         total = tl.load(acc_ptr + offs, mask=mask, other=0.0)
     else:
         total = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, NB):
-        x = tl.load(scratch_ptr + tl.cast(s, tl.int64) * MN + offs, mask=mask, other=0.0).to(tl.float32)
-        total += tl.load(coef_ptr + s).to(tl.float32) * x
+    for s0 in range(0, NB, BLOCK_S):
+        rs = s0 + tl.arange(0, BLOCK_S)
+        ms = rs < NB
+        x = tl.load(scratch_ptr + rs.to(tl.int64)[:, None] * MN + offs[None, :], mask=ms[:, None] & mask[None, :],
+                    other=0.0).to(tl.float32)
+        c = tl.load(coef_ptr + rs, mask=ms, other=0.0).to(tl.float32)
+        total += tl.sum(c[:, None] * x, axis=0)
     tl.store(acc_ptr + offs, total, mask=mask)
 
 
@@ -319,5 +328,6 @@ def scaled_reduce_(scratch: torch.Tensor, coef: torch.Tensor, acc: torch.Tensor,
     MN = acc.numel()
     if MN > 0:
         launch(_scaled_reduce_kernel)[(triton.cdiv(MN, REDUCE_BLOCK),)](
-            scratch, coef.to(torch.float32).contiguous(), acc, NB, MN, ACCUMULATE=accumulate, BLOCK=REDUCE_BLOCK)
+            scratch, coef.to(torch.float32).contiguous(), acc, NB, MN, ACCUMULATE=accumulate, BLOCK=REDUCE_BLOCK,
+            BLOCK_S=REDUCE_SAMPLES, num_warps=REDUCE_WARPS)
     return acc
