@@ -37,7 +37,7 @@ for stage in "$@"; do
       gzip -f "$OUT/output_code.log"; summary+=("kernels: $(ls -la "$OUT/output_code.log.gz")") ;;
     ab)  # the DP row against non-DP under this code and under another snapshot's (AB_BASE: its directory, carried
          # beside this one), one after the other on the same GPU: what one change moved, each with its own baseline
-      for side in base this; do
+      for side in ${AB_SIDES:-base this}; do  # AB_SIDES=this: only this snapshot (its own non-DP baseline)
         dir=$PWD; [ "$side" = base ] && dir=$(cd "${AB_BASE:?ab needs AB_BASE, a snapshot directory}" && pwd)
         (cd "$dir" && PYTHONPATH=/tmp/site:$dir timeout 280 python3 benchmarks/harness.py --workloads "gpt2-small B=8 T=1024" \
           --modes "non-DP compiled,flashdp per_layer dynamic_seq=False" --parallel 2 --timeout 270 --profile \

@@ -99,3 +99,46 @@ def test_launch_keeps_a_symbolic_batch_symbolic():
     proc = subprocess.run([sys.executable, "-c", _SYMBOLIC_LAUNCH], env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+_FRONT_END = """
+import sys
+import triton
+from triton._C.libtriton import ir
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dpcompile.codegen.kernels import rows as K
+
+batch, threshold = sys.argv[1], sys.argv[2]
+fn = K._group_clip_rows_kernel
+constexprs = {"HAS_X1": True, "HAS_REST": True, "ABADI": True, "MEAN": True, "EPS": 1e-6, "BLOCK_B": 16,
+              "BLOCK_P": 128, "SCAN": 128}
+if batch.isdigit():  # Triton's launcher makes B = 1 a constant
+    constexprs["B"] = int(batch)
+types = {"B": batch, "threshold": threshold, "P0": "i32", "P1": "i32", "s0_b": "i32", "s1_b": "i32"}
+signature = {n: "constexpr" if n in constexprs else types.get(n, "*fp32") for n in fn.arg_names}
+target = GPUTarget("cuda", 90, 32)
+backend = triton.compiler.make_backend(target)
+options = backend.parse_options({})
+context = ir.context()
+ir.load_dialects(context)
+backend.load_dialects(context)
+ASTSource(fn=fn, signature=signature, constexprs=constexprs).make_ir(
+    target, options, backend.get_codegen_implementation(options), backend.get_module_map(), context)
+"""
+
+
+@pytest.mark.parametrize("batch, threshold", [("i64", "fp64"), ("i32", "fp32"), ("1", "fp32")])
+def test_kernel_compiles_with_the_argument_types_inductor_passes(batch, threshold):
+    """Inductor passes a symbolic batch size as i64 and a float argument as fp64; Triton's own launcher passes i32 /
+    fp32, and B = 1 as a constant. The kernel's front end (Triton source to TTIR, no GPU needed; a fresh process
+    without the interpreter) must accept each: fp64 reaching tl.div_rn failed every DP compile on the GPU while
+    the direct launches passed (benchmarks/NOTES.md 35)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _FRONT_END, batch, threshold], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

@@ -46,7 +46,10 @@ def _group_clip_rows_kernel(x0_ptr, x1_ptr, rest_ptr, out0_ptr, out1_ptr, coef_p
                             MEAN: tl.constexpr, EPS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
                             SCAN: tl.constexpr):
     pid = tl.program_id(0)
-    batch = B * 1.0  # the batch size as the factor's formula reads it (a float argument would specialize B)
+    # the batch size as the factor's formula reads it, in fp32 whatever B's type: an i64 under Inductor (a symbolic
+    # size; B * 1.0 would be fp64 there), a constexpr where Triton specializes B = 1, an int in the interpreter (a
+    # float argument computed on the host would specialize the symbolic batch)
+    batch = tl.zeros((), dtype=tl.float32) + B
     n0 = tl.cdiv(P0, BLOCK_P)
     second = pid >= n0  # this program's columns are site 1's
     col0 = (pid - n0 * second.to(tl.int32)) * BLOCK_P
@@ -66,7 +69,7 @@ def _group_clip_rows_kernel(x0_ptr, x1_ptr, rest_ptr, out0_ptr, out1_ptr, coef_p
         if MEAN:
             sq = sq * (batch * batch)
         norms = tl.sqrt_rn(tl.maximum(sq, 0.0))
-        coef = tl.div_rn(tl.zeros_like(norms) + threshold, norms + EPS)
+        coef = tl.div_rn(tl.zeros_like(norms) + threshold.to(tl.float32), norms + EPS)  # fp64 under Inductor
         if ABADI:
             coef = tl.minimum(coef, 1.0)
         if MEAN:
