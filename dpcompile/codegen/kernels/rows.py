@@ -69,7 +69,8 @@ def _group_clip_rows_kernel(x0_ptr, x1_ptr, rest_ptr, out0_ptr, out1_ptr, coef_p
         if MEAN:
             sq = sq * (batch * batch)
         norms = tl.sqrt_rn(tl.maximum(sq, 0.0))
-        coef = tl.div_rn(tl.zeros_like(norms) + threshold.to(tl.float32), norms + EPS)  # fp64 under Inductor
+        thr = (tl.zeros_like(norms) + threshold).to(tl.float32)  # fp64 under Inductor, a float in the interpreter
+        coef = tl.div_rn(thr, norms + EPS)
         if ABADI:
             coef = tl.minimum(coef, 1.0)
         if MEAN:
