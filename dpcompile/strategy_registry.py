@@ -32,6 +32,9 @@ class Strategy:
     norm: (ins, pg, env, randomized) -> (squared norms (B,), what `clipped_sum` reads), traced into the graph;
         ins: the site's fused inputs.
     clipped_sum: (what norm returned, coef) -> sum_i coef_i g_i.
+    norm_rows: like norm, with the squared norms as (B, K) parts each sample's norm is the sum of (a linear
+        weight's rows), or None: a group whose rows sites form the factor in one op hands the parts to it, which
+        sums them (one reduction launch fewer than norm's (B,)).
     group_clip: (a, b, rest_sq, sq_scale, threshold, clip_fn, mean, budget_bytes) -> (sum, coef): the strategy
         forms the group's clip factors itself (single_pass), so at most one site of a group takes it.
     option: users may name it (`strategy=...`); False for the internal forms the rewrite dispatches on.
@@ -55,6 +58,7 @@ class Strategy:
     cost: Optional[Callable] = None
     norm: Optional[Callable] = None
     clipped_sum: Optional[Callable] = None
+    norm_rows: Optional[Callable] = None
     group_clip: Optional[Callable] = None
     accounting: Optional[str] = None
     option: bool = True

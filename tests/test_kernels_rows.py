@@ -15,9 +15,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _inputs(B, widths, with_rest, scale, seed):
+    """with_rest: False, True (the other norms (B,)) or K > 1 (the other norms as (B, K) parts, a weight's rows)."""
     g = torch.Generator().manual_seed(seed)
     xs = [(torch.randn(B, p, generator=g) * scale).to(DEVICE) for p in widths]
-    rest = (torch.rand(B, generator=g) * scale * scale * 10).to(DEVICE) if with_rest else None
+    parts = (B,) if with_rest is True else (B, int(with_rest))
+    rest = (torch.rand(*parts, generator=g) * scale * scale * 10).to(DEVICE) if with_rest else None
     return xs, rest
 
 
@@ -37,11 +39,12 @@ def _check(xs, rest, threshold, clip_fn, mean):
 
 @settings(deadline=None, max_examples=40)
 @given(B=st.integers(0, 40), widths=st.lists(st.integers(1, 700), min_size=1, max_size=2),
-       with_rest=st.booleans(), scale=st.sampled_from([1e-3, 1.0, 30.0]), threshold=st.sampled_from([0.05, 1.0, 1e3]),
+       with_rest=st.sampled_from([False, True, 2, 300]), scale=st.sampled_from([1e-3, 1.0, 30.0]), threshold=st.sampled_from([0.05, 1.0, 1e3]),
        clip_fn=st.sampled_from(["abadi", "automatic"]), mean=st.booleans(), seed=st.integers(0, 2**16))
 def test_group_clip_rows_matches_reference(B, widths, with_rest, scale, threshold, clip_fn, mean, seed):
-    """B = 0, 1, and past one block of samples; one or two sites, narrow and past one program's columns; norms far
-    below and far above the threshold (factor 1 and factor < 1)."""
+    """B = 0, 1, and past one block of samples; one or two sites, narrow and past one program's columns; the other
+    norms none, (B,) or (B, K) parts (K past one scan of columns); norms far below and far above the threshold
+    (factor 1 and factor < 1)."""
     xs, rest = _inputs(B, widths, with_rest, scale, seed)
     _check(xs, rest, threshold, clip_fn, mean)
 
@@ -53,6 +56,15 @@ def test_factor_is_the_contract_formula():
     sq = sum(x.double().pow(2).sum(1) for x in xs) + rest.double()
     torch.testing.assert_close(coef.double().cpu(), group_clip_factors(sq, 0.7, "abadi", True, 5).cpu(),
                                rtol=1e-6, atol=1e-7)
+
+
+def test_rest_parts_are_summed_per_sample():
+    """(B, K) parts of the other norms (a weight's rows) give the factors of their per-sample sums."""
+    xs, parts = _inputs(7, [5], 300, 1.0, 11)
+    got = K.group_clip_rows(xs, parts, 0.7, "automatic", False)
+    want = K.group_clip_rows(xs, parts.sum(1), 0.7, "automatic", False)
+    for g_, w in zip(got, want):
+        torch.testing.assert_close(g_, w, rtol=1e-6, atol=1e-7)
 
 
 def test_strided_rows_of_a_wider_buffer():
@@ -115,7 +127,8 @@ constexprs = {"HAS_X1": True, "HAS_REST": True, "ABADI": True, "MEAN": True, "EP
               "BLOCK_P": 128, "SCAN": 128}
 if batch.isdigit():  # Triton's launcher makes B = 1 a constant
     constexprs["B"] = int(batch)
-types = {"B": batch, "threshold": threshold, "P0": "i32", "P1": "i32", "s0_b": "i32", "s1_b": "i32"}
+types = {"B": batch, "threshold": threshold, "P0": "i32", "P1": "i32", "K": "i32", "s0_b": "i32", "s1_b": "i32",
+         "sr_b": "i32"}
 signature = {n: "constexpr" if n in constexprs else types.get(n, "*fp32") for n in fn.arg_names}
 target = GPUTarget("cuda", 90, 32)
 backend = triton.compiler.make_backend(target)

@@ -239,9 +239,9 @@ def test_fake_impls_match_real(dt):
         with FakeTensorMode() as mode:
             fargs = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args]
             fake = getattr(O, name)(*fargs)
-        if name == "linear_tiles":  # (products in the data dtype, their norms)
+        if name == "linear_tiles":  # (products in the data dtype, the squared norms of their rows)
             (real, real_sq), (fake, fake_sq) = real, fake
-            assert (fake_sq.shape, fake_sq.dtype) == (real_sq.shape, real_sq.dtype) == ((2,), torch.float32)
+            assert (fake_sq.shape, fake_sq.dtype) == (real_sq.shape, real_sq.dtype) == ((2, 4), torch.float32)
         assert (fake.shape, fake.dtype) == (real.shape, real.dtype), name
         if name.endswith("_norm"):
             assert fake.dtype == torch.float32 and fake.shape == (2,), name
@@ -308,9 +308,9 @@ def test_tile_ops_norm_exactly_what_they_sum(dtype):
     torch.testing.assert_close(got.double(), want, rtol=rtol, atol=rtol * exact.abs().max().item())
     # stored: the kept products are the ones normed, and the clipped sum is of exactly those
     for f in impls("linear_tiles"):
-        kept, kept_sq = f(a, b)
-        assert kept.dtype == dtype and kept_sq.dtype == ops_norm_dtype(dtype)
-        torch.testing.assert_close(kept_sq.double(), kept.double().pow(2).sum((1, 2)), rtol=1e-6, atol=0)
+        kept, kept_sq = f(a, b)  # the squared norms of each sample's rows
+        assert kept.dtype == dtype and kept_sq.dtype == ops_norm_dtype(dtype) and kept_sq.shape == (3, 6)
+        torch.testing.assert_close(kept_sq.double(), kept.double().pow(2).sum(2), rtol=1e-6, atol=0)
         torch.testing.assert_close(kept.double(), exact, rtol=rtol, atol=rtol * exact.abs().max().item())
         for f_products in impls("linear_products"):  # randomized_stored's products: the same values
             assert torch.equal(f_products(a, b), kept)

@@ -2,6 +2,8 @@
 non-private weight-gradient computations."""
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import nn
 
@@ -12,7 +14,7 @@ aten = torch.ops.aten
 dp = torch.ops.dpcompile
 
 
-def _rewritten_graph(model, x, monkeypatch, inline=False, **options):
+def _rewritten_graph(model, x, monkeypatch, inline=False, nodes=False, **options):
     graphs = []
 
     def capture(graph, ctx):
@@ -25,7 +27,7 @@ def _rewritten_graph(model, x, monkeypatch, inline=False, **options):
     torch._dynamo.reset()
     dpcompile.compile(model, backend="flashdp_eager", **options)(x).pow(2).sum().backward()
     (graph,) = graphs
-    return [n.target for n in graph.nodes if n.op == "call_function"]
+    return [n if nodes else n.target for n in graph.nodes if n.op == "call_function"]
 
 
 def test_weight_gradient_mms_are_replaced(monkeypatch):
@@ -91,6 +93,25 @@ def test_strategies_use_their_ops(monkeypatch):
                            single_pass_budget_mb=1e-6)
     assert ops.count(dp.linear_single_pass_chunked.default) == 2 and dp.linear_single_pass.default not in ops
     assert dp.rows_group_clipped_sum.default not in ops  # the chunked op forms the factor: the biases keep theirs
+
+
+def test_a_stored_weight_hands_its_row_norms_to_its_bias_op(monkeypatch):
+    """A layer whose weight keeps its products (stored, or single_pass beside a bias): the weight's squared norms
+    reach the bias's rows op as (B, d_in) row parts, read straight from linear_tiles (no reduction between them);
+    a flat group (two weights) sums its norms to (B,) first."""
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(5, 6, 4)
+    for options, rest_dims in (({"clipping": "per_layer", "strategy": "single_pass"}, {2}),
+                               ({"clipping": "per_layer", "strategy": "stored"}, {2}),
+                               ({"clipping": "flat", "strategy": "stored"}, {1})):
+        nodes = _rewritten_graph(model, x, monkeypatch, nodes=True, **options)
+        rows_ops = [n for n in nodes if n.target is dp.rows_group_clipped_sum.default]
+        assert rows_ops, options
+        rests = [n.args[1] for n in rows_ops]
+        assert {r.meta["val"].dim() for r in rests} == rest_dims, options
+        if rest_dims == {2}:
+            assert all(r.target is operator.getitem and r.args[0].target is dp.linear_tiles.default for r in rests)
+        monkeypatch.undo()
 
 
 def test_no_kept_whole_op_survives_for_inductor(monkeypatch):

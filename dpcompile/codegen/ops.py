@@ -186,7 +186,7 @@ def linear_products_reference(a: Tensor, b: Tensor) -> Tensor:
 
 def linear_tiles_reference(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     tiles = linear_products_reference(a, b)
-    return tiles, tiles.to(norm_dtype(tiles.dtype)).pow(2).sum((1, 2))
+    return tiles, tiles.to(norm_dtype(tiles.dtype)).pow(2).sum(2)
 
 
 def tiles_clipped_sum_reference(tiles: Tensor, coef: Tensor) -> Tensor:
@@ -199,8 +199,11 @@ def tiles_clipped_sum_reference(tiles: Tensor, coef: Tensor) -> Tensor:
 # the other multi-pass strategies keep for their clipped sum (M N <= T (M + N)).
 @dp_op(role="norm")
 def linear_tiles(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
-    """(the per-sample products (B, M, N) in the data dtype, their squared norms in the accumulation dtype)."""
-    return _tiles_and_norms(a, b)
+    """(the per-sample products (B, M, N) in the data dtype, the squared norms of their rows (B, M) in the
+    accumulation dtype): a sample's squared norm is its row sums' sum, which the rewrite takes with Inductor or
+    hands to rows_group_clipped_sum as its `rest` (one reduction over the products, none over the rows)."""
+    tiles = _products(a, b)
+    return tiles, _acc(tiles).square().sum(2)
 
 
 # randomized_stored: the products kept as stored keeps them, normed by the probe estimate instead (randomized_ops);
@@ -283,7 +286,7 @@ def rows_group_clipped_sum_reference(xs: list, rest_sq: Optional[Tensor], thresh
         n2 = x.pow(2).sum(1)
         sq = n2 if sq is None else sq + n2
     if rest_sq is not None:
-        sq = sq + rest_sq.to(sq.dtype)
+        sq = sq + (rest_sq.sum(1) if rest_sq.dim() == 2 else rest_sq).to(sq.dtype)
     coef = group_clip_factors(sq, threshold, clip_fn, mean, xs[0].shape[0])
     return [coef, *[(coef.unsqueeze(1) * x).sum(0) for x in xs]]
 
@@ -296,9 +299,9 @@ def _rows_group_clipped_sum_fake(xs, rest_sq, threshold, clip_fn, mean):
 def rows_group_clipped_sum(xs: list[Tensor], rest_sq: Optional[Tensor], threshold: float, clip_fn: str,
                            mean: bool) -> list[Tensor]:
     """A group's rows sites and its clip factor together: from the per-sample row sums xs[k] (B, P_k) of its rows
-    sites (rows_colsum's) and the squared norms of its other sites (rest_sq, (B,), or None), [the group's factors
-    (B,), sum_i coef_i xs[k]_i for each k]. On CUDA one or two sites take one launch (kernels/rows.py) where the
-    norms, the factor and the sums were a kernel each."""
+    sites (rows_colsum's) and the squared norms of its other sites (rest_sq: (B,), or (B, K) parts each sample's
+    norm is the sum of, or None), [the group's factors (B,), sum_i coef_i xs[k]_i for each k]. On CUDA one or two
+    sites take one launch (kernels/rows.py) where the norms, the factor and the sums were a kernel each."""
     if len(xs) <= 2 and _use_triton(*xs) and all(x.dtype == torch.float32 and x.stride(1) == 1 for x in xs) \
             and sum(x.shape[1] for x in xs) > 0:
         from .kernels.rows import group_clip_rows

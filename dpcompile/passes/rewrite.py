@@ -134,6 +134,20 @@ def quantile_count(sq_norms: torch.Tensor, threshold, mean: bool, batch) -> torc
     return (inside.to(torch.float64) - 0.5).sum()
 
 
+def norm_rows_of(pg: ParamGrad, strategy: str) -> Optional[Callable]:
+    """The strategy's norm_rows (the squared norms as (B, K) parts) for a fused parameter whose strategy has one."""
+    record = find_strategy(strategy) if pg.fused else None
+    return record.norm_rows if record is not None else None
+
+
+def param_norm_rows(pg: ParamGrad, strategy: str, env: dict, bsz):
+    """(the parameter's per-sample squared norms as (B, K) parts, what its clipped sum reads)."""
+    c = pg.contributions[0]
+    parts, prepared = norm_rows_of(pg, strategy)(site_kind(c.site.kind).fused_inputs(c.site, env, bsz), pg, env,
+                                                 None)
+    return (parts * (c.scale * c.scale) if c.scale != 1.0 else parts), prepared
+
+
 def param_norm(pg: ParamGrad, strategy: str, env: dict, bsz, randomized: Optional[RandomizedNorms] = None):
     """(the parameter's per-sample squared norms (B,), what its clipped sum reads)."""
     if pg.fused:
@@ -188,14 +202,20 @@ def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: in
         else:
             strategies[single], single = apart, None
     group_clip = {pg: find_strategy(strategies.get(pg, "")) for pg in params}
+    # the group's one other site (a linear layer's weight beside its bias), when its strategy gives its norm as
+    # row parts: the rows op sums them, where Inductor would launch a reduction of its own
+    others = [pg for pg in params if pg is not single and pg not in rows_together]
+    by_rows = others[0] if rows_together and len(others) == 1 and norm_rows_of(
+        others[0], strategies.get(others[0], "")) is not None else None
 
     def group_fn(*vals):
         env = dict(zip(inputs, vals))
         bsz = env[batch_node].shape[batch_dim]
         thr = threshold.value(env) if runtime else threshold
         sq, prepared = None, {}
-        for pg in params:
-            if pg is single or pg in rows_together:
+        for pg in others:
+            if pg is by_rows:
+                sq, prepared[pg] = param_norm_rows(pg, strategies.get(pg, ""), env, bsz)
                 continue
             n2, prepared[pg] = param_norm(pg, strategies.get(pg, ""), env, bsz, randomized)
             sq = n2 if sq is None else sq + n2

@@ -65,11 +65,12 @@ def _plain(norm_op):
     return lambda ins, pg, env, randomized: (norm_op(*ins), ins)
 
 
-def _kept(norm_op):
-    """A norm op that returns (the products, their norms): the clipped sum reads the kept products."""
+def _kept(norm_op, by_rows: bool = False):
+    """A norm op that returns (the products, the squared norms of their rows (B, M)): the clipped sum reads the
+    kept products; the norms are the rows' sum, or (by_rows) the rows' parts themselves (Strategy.norm_rows)."""
     def norm(ins, pg, env, randomized):
-        tiles, n2 = norm_op(*ins)
-        return n2, (tiles,)
+        tiles, rows = norm_op(*ins)
+        return (rows if by_rows else rows.sum(1)), (tiles,)
     return norm
 
 
@@ -118,7 +119,8 @@ BUILTIN = (
              runtime_threshold=False),
     # single_pass's kernels at one chunk, the factor computed apart
     Strategy("stored", cost=_costed(lambda t, s, dev, k: t.one_pass + 6 * dev.launch),
-             norm=_kept(ops.linear_tiles), clipped_sum=_sum(ops.tiles_clipped_sum),
+             norm=_kept(ops.linear_tiles), norm_rows=_kept(ops.linear_tiles, by_rows=True),
+             clipped_sum=_sum(ops.tiles_clipped_sum),
              requires=("scratch_fits", "keeps_no_more"), keeps_products=True),
     Strategy("two_pass", cost=_costed(lambda t, s, dev, k: 2 * t.bmm + 2 * t.read + 6 * t.tiles + 4 * dev.launch),
              norm=_plain(ops.linear_tile_norm), clipped_sum=_sum(ops.linear_tile_clipped_sum),

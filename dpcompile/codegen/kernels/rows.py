@@ -1,8 +1,9 @@
 """A clipping group's rows sites (biases, norm weights) and its clip factor in one launch.
 
   group_clip_rows   from the per-sample row sums c_k (B, P_k) of one or two rows sites and the squared norms of the
-                    group's other sites (rest, (B,)): the group's factors coef_i (clipping.group_clip_factors of
-                    rest_i + sum_k ||c_k,i||^2) and each site's clipped sum sum_i coef_i c_k,i.
+                    group's other sites (rest, (B, K) parts summed here: a linear weight's row norms, or K = 1):
+                    the group's factors coef_i (clipping.group_clip_factors of rest_i + sum_k ||c_k,i||^2) and
+                    each site's clipped sum sum_i coef_i c_k,i.
 
 Each program owns BLOCK_P columns of one site's sum. The factor needs every column of every sample, so each program
 first reads the whole (B, P_0 + P_1) row sums to form the samples' squared norms (a few KB to a few MB, from L2),
@@ -41,8 +42,20 @@ def _sq_rows(x_ptr, sx_b, P, rb, mb, SCAN: tl.constexpr):
 
 
 @triton.jit
-def _group_clip_rows_kernel(x0_ptr, x1_ptr, rest_ptr, out0_ptr, out1_ptr, coef_ptr, B, P0, P1, s0_b, s1_b,
-                            threshold, HAS_X1: tl.constexpr, HAS_REST: tl.constexpr, ABADI: tl.constexpr,
+def _sum_rows(x_ptr, sx_b, K, rb, mb, SCAN: tl.constexpr):
+    """sum_k x[b, k] for the samples rb."""
+    rk = tl.arange(0, SCAN)
+    acc = tl.zeros((rb.shape[0],), dtype=tl.float32)
+    for k0 in range(0, K, SCAN):
+        cols = k0 + rk
+        acc += tl.sum(tl.load(x_ptr + rb[:, None] * sx_b + cols[None, :], mask=mb[:, None] & (cols[None, :] < K),
+                              other=0.0), axis=1)
+    return acc
+
+
+@triton.jit
+def _group_clip_rows_kernel(x0_ptr, x1_ptr, rest_ptr, out0_ptr, out1_ptr, coef_ptr, B, P0, P1, K, s0_b, s1_b,
+                            sr_b, threshold, HAS_X1: tl.constexpr, HAS_REST: tl.constexpr, ABADI: tl.constexpr,
                             MEAN: tl.constexpr, EPS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
                             SCAN: tl.constexpr):
     pid = tl.program_id(0)
@@ -64,7 +77,7 @@ def _group_clip_rows_kernel(x0_ptr, x1_ptr, rest_ptr, out0_ptr, out1_ptr, coef_p
         if HAS_X1:
             sq += _sq_rows(x1_ptr, s1_b, P1, rb, mb, SCAN)
         if HAS_REST:
-            sq += tl.load(rest_ptr + rb, mask=mb, other=0.0).to(tl.float32)
+            sq += _sum_rows(rest_ptr, sr_b, K, rb, mb, SCAN)
         # clipping.group_clip_factors: under "mean" the norms are of B g_i, and the factor carries B back
         if MEAN:
             sq = sq * (batch * batch)
@@ -97,7 +110,8 @@ def _block_p(P0: int, P1: int) -> int:
 def group_clip_rows(xs: list, rest_sq: Optional[torch.Tensor], threshold: float, clip_fn: str, mean: bool,
                     launch=None) -> list:
     """[coef (B,), sum_i coef_i xs[0]_i (P_0,), (sum for xs[1])]: fp32 row sums (B, P_k) with unit column stride,
-    one or two of them."""
+    one or two of them; rest_sq: the group's other squared norms in fp32, (B,) or (B, K) parts with unit column
+    stride, summed here."""
     launch = launch or (lambda k: k)
     if not 1 <= len(xs) <= 2:
         raise ValueError(f"group_clip_rows takes one or two sites' row sums, got {len(xs)}")
@@ -109,10 +123,13 @@ def group_clip_rows(xs: list, rest_sq: Optional[torch.Tensor], threshold: float,
     out1 = outs[1] if len(xs) > 1 else outs[0]
     block_p = _block_p(P0, P1)
     programs = triton.cdiv(P0, block_p) + triton.cdiv(P1, block_p)
+    if rest_sq is not None and rest_sq.dim() == 1:
+        rest_sq = rest_sq.unsqueeze(1)
     rest = rest_sq if rest_sq is not None else coef  # never read without HAS_REST
     if programs > 0:
         launch(_group_clip_rows_kernel)[(programs,)](
-            x0, x1, rest, outs[0], out1, coef, B, P0, P1, x0.stride(0), x1.stride(0), float(threshold),
+            x0, x1, rest, outs[0], out1, coef, B, P0, P1, rest.shape[1] if rest_sq is not None else 0,
+            x0.stride(0), x1.stride(0), rest.stride(0) if rest_sq is not None else 0, float(threshold),
             HAS_X1=len(xs) > 1, HAS_REST=rest_sq is not None, ABADI=clip_fn == "abadi", MEAN=bool(mean),
             EPS=CLIP_EPS if clip_fn == "abadi" else AUTO_GAMMA, BLOCK_B=BLOCK_B, BLOCK_P=block_p, SCAN=SCAN_P)
     return [coef, *outs]
