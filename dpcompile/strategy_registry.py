@@ -32,9 +32,11 @@ class Strategy:
     norm: (ins, pg, env, randomized) -> (squared norms (B,), what `clipped_sum` reads), traced into the graph;
         ins: the site's fused inputs.
     clipped_sum: (what norm returned, coef) -> sum_i coef_i g_i.
-    norm_rows: like norm, with the squared norms as (B, K) parts each sample's norm is the sum of (a linear
-        weight's rows), or None: a group whose rows sites form the factor in one op hands the parts to it, which
-        sums them (one reduction launch fewer than norm's (B,)).
+    norm_rows: (ins, pg, env) -> (the squared norms as (B, K) parts each sample's norm is the sum of, the
+        per-sample products (B, M, N) whose coef-weighted sum is the clipped sum), or None. A group of such a site
+        and its rows sites (a linear layer's weight and bias) hands both to the rows op
+        (codegen.ops.rows_group_clipped_sum), which sums the parts into the factor and forms every clipped sum in
+        one launch.
     group_clip: (a, b, rest_sq, sq_scale, threshold, clip_fn, mean, budget_bytes) -> (sum, coef): the strategy
         forms the group's clip factors itself (single_pass), so at most one site of a group takes it.
     option: users may name it (`strategy=...`); False for the internal forms the rewrite dispatches on.

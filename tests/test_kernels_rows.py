@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dpcompile.clipping import group_clip_factors
@@ -23,14 +23,16 @@ def _inputs(B, widths, with_rest, scale, seed):
     return xs, rest
 
 
-def _check(xs, rest, threshold, clip_fn, mean):
-    got = K.group_clip_rows(xs, rest, threshold, clip_fn, mean)
-    want = rows_group_clipped_sum_reference([x.double() for x in xs], None if rest is None else rest.double(), threshold,
-                                     clip_fn, mean)
-    assert len(got) == len(xs) + 1
+def _check(xs, rest, threshold, clip_fn, mean, tiles=None):
+    got = K.group_clip_rows(xs, rest, threshold, clip_fn, mean, tiles=tiles)
+    want = rows_group_clipped_sum_reference([x.double() for x in xs], None if rest is None else rest.double(),
+                                            threshold, clip_fn, mean, None if tiles is None else tiles.double())
+    assert len(got) == len(xs) + 1 + (tiles is not None)
     assert got[0].shape == (xs[0].shape[0],) and got[0].dtype == torch.float32
     for g_, w, x in zip(got[1:], want[1:], xs):
         assert g_.shape == (x.shape[1],) and g_.dtype == torch.float32
+    if tiles is not None:
+        assert got[-1].shape == tiles.shape[1:] and got[-1].dtype == torch.float32
     torch.testing.assert_close(got[0].double().cpu(), want[0].cpu(), rtol=1e-5, atol=1e-6)
     for g_, w in zip(got[1:], want[1:]):
         scale = 1 + (w.abs().max().item() if w.numel() else 0)
@@ -56,6 +58,23 @@ def test_factor_is_the_contract_formula():
     sq = sum(x.double().pow(2).sum(1) for x in xs) + rest.double()
     torch.testing.assert_close(coef.double().cpu(), group_clip_factors(sq, 0.7, "abadi", True, 5).cpu(),
                                rtol=1e-6, atol=1e-7)
+
+
+@settings(deadline=None, max_examples=25)
+@given(B=st.integers(0, 40), M=st.integers(1, 70), N=st.integers(1, 90), dtype=st.sampled_from(["fp32", "fp16"]),
+       two=st.booleans(), threshold=st.sampled_from([0.05, 1e3]), clip_fn=st.sampled_from(["abadi", "automatic"]),
+       mean=st.booleans(), seed=st.integers(0, 2**16))
+@example(B=0, M=3, N=5, dtype="fp32", two=False, threshold=1e3, clip_fn="abadi", mean=True, seed=0)
+@example(B=K.BLOCK_B + 1, M=64, N=80, dtype="fp16", two=True, threshold=0.05, clip_fn="abadi", mean=False, seed=1)
+def test_stored_products_summed_with_the_group(B, M, N, dtype, two, threshold, clip_fn, mean, seed):
+    """A stored weight's products (B, M, N) beside its bias (and a second rows site): their norms as (B, M) row
+    parts in rest, their clipped sum formed by the same launch. B = 0 (zeros), one sample block and past it (the
+    later blocks add to what the first stored); products past one program's STEPS_T x BLOCK_T columns."""
+    g = torch.Generator().manual_seed(seed)
+    tiles = torch.randn(B, M, N, generator=g).to(DEVICE, {"fp32": torch.float32, "fp16": torch.float16}[dtype])
+    xs = [torch.randn(B, N, generator=g).to(DEVICE)] + ([torch.randn(B, 7, generator=g).to(DEVICE)] if two else [])
+    parts = tiles.float().pow(2).sum(2)
+    _check(xs, parts, threshold, clip_fn, mean, tiles=tiles)
 
 
 def test_rest_parts_are_summed_per_sample():
@@ -124,11 +143,11 @@ from dpcompile.codegen.kernels import rows as K
 batch, threshold = sys.argv[1], sys.argv[2]
 fn = K._group_clip_rows_kernel
 constexprs = {"HAS_X1": True, "HAS_REST": True, "ABADI": True, "MEAN": True, "EPS": 1e-6, "BLOCK_B": 16,
-              "BLOCK_P": 128, "SCAN": 128}
+              "BLOCK_P": 128, "SCAN": 128, "BLOCK_T": K.BLOCK_T, "STEPS_T": K.STEPS_T}
 if batch.isdigit():  # Triton's launcher makes B = 1 a constant
     constexprs["B"] = int(batch)
-types = {"B": batch, "threshold": threshold, "P0": "i32", "P1": "i32", "K": "i32", "s0_b": "i32", "s1_b": "i32",
-         "sr_b": "i32"}
+types = {"B": batch, "threshold": threshold, "P0": "i32", "P1": "i32", "K": "i32", "PT": "i32", "s0_b": "i32",
+         "s1_b": "i32", "sr_b": "i32", "st_b": "i32", "t_ptr": "*bf16"}
 signature = {n: "constexpr" if n in constexprs else types.get(n, "*fp32") for n in fn.arg_names}
 target = GPUTarget("cuda", 90, 32)
 backend = triton.compiler.make_backend(target)
