@@ -26,7 +26,7 @@ import triton.language as tl
 from ...options import AUTO_GAMMA, CLIP_EPS
 
 BLOCK_B = 16
-SCAN_P = 128  # columns per step of the norm scan
+SCAN_P = 256  # columns per step of the norm scan (fewer dependent steps before a program can start its sums)
 MAX_BLOCK_P = 512  # columns a program owns at most (its (BLOCK_B, BLOCK_P) tile stays in registers)
 TARGET_PROGRAMS = 16  # fewer, wider programs when the sites are narrow: each one re-reads the whole row sums
 # the products' columns a program owns: STEPS_T loads of (BLOCK_B, BLOCK_T), each sample block's factors formed once
