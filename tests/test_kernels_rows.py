@@ -174,3 +174,52 @@ def test_kernel_compiles_with_the_argument_types_inductor_passes(batch, threshol
     proc = subprocess.run([sys.executable, "-c", _FRONT_END, batch, threshold], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+_FUNCTIONALIZED = """
+import operator
+import sys
+
+import torch
+from torch._subclasses.functional_tensor import dispatch_functionalize
+from torch.fx.experimental.proxy_tensor import make_fx
+from dpcompile.codegen.kernels import rows as K
+
+sites, with_rest, with_tiles = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1"
+written = ["coef_ptr", "out0_ptr", "out1_ptr", "out_t_ptr"]
+
+
+def f(*args):
+    xs, rest, tiles = list(args[:sites]), args[sites] if with_rest else None, args[-1] if with_tiles else None
+    return K.group_clip_rows(xs, rest, 0.5, "abadi", True, tiles=tiles, launch=torch.library.wrap_triton)
+
+
+args = [torch.randn(8, 20 + k) for k in range(sites)] + ([torch.rand(8, 3)] if with_rest else []) \
+    + ([torch.randn(8, 3, 20)] if with_tiles else [])
+gm = make_fx(dispatch_functionalize(f), tracing_mode="fake")(*args)
+(launch,) = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
+kwargs = launch.kwargs["kwargs"]
+assert len({kwargs[k] for k in written}) == len(written), {k: kwargs[k] for k in written}
+outputs = gm.graph.output_node().args[0]
+want = ["coef_ptr", "out0_ptr"] + (["out1_ptr"] if sites == 2 else []) + (["out_t_ptr"] if with_tiles else [])
+got = [o.args[1] if o.target is operator.getitem and o.args[0] is launch else o for o in outputs]
+assert got == want, (got, want)
+"""
+
+
+@pytest.mark.parametrize("sites, with_rest, with_tiles", [(1, False, False), (1, True, True), (2, True, False),
+                                                          (2, False, True)])
+def test_functionalized_launch_returns_what_the_kernel_wrote(sites, with_rest, with_tiles):
+    """Under Inductor the launch is functionalized: every argument the kernel may store through is cloned apart and
+    the clones replace their tensors. No tensor may be passed for two written pointers (one site passed its sum as
+    both out0 and out1, and the op returned out1's clone, which no program writes: garbage gradients for every
+    bias group of one rows site), and each output must be the clone of the pointer that writes it. Traced on fake
+    tensors in a fresh process without the interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _FUNCTIONALIZED, str(sites), str(int(with_rest)),
+                           str(int(with_tiles))], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]

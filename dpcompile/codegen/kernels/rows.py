@@ -160,17 +160,21 @@ def group_clip_rows(xs: list, rest_sq: Optional[torch.Tensor], threshold: float,
     P1 = xs[1].shape[1] if len(xs) > 1 else 0
     coef = torch.empty((B,), device=x0.device, dtype=torch.float32)
     outs = [torch.empty((x.shape[1],), device=x.device, dtype=torch.float32) for x in xs]
-    out1 = outs[1] if len(xs) > 1 else outs[0]
     PT = 0 if tiles is None else tiles.shape[1:].numel()  # no test of B: it may be a symbol
     out_t = None if tiles is None else torch.empty(tiles.shape[1:], device=x0.device, dtype=torch.float32)
+    # every pointer the kernel stores through gets its own tensor, an empty one where nothing is stored: under
+    # Inductor the launch is functionalized, each written argument cloned apart, and an output passed twice came
+    # back as the clone the kernel never wrote (tests/test_kernels_rows.py)
+    out1 = outs[1] if len(xs) > 1 else x0.new_empty((0,), dtype=torch.float32)
+    out_t_arg = out_t if out_t is not None else x0.new_empty((0,), dtype=torch.float32)
     block_p = _block_p(P0, P1)
     programs = triton.cdiv(P0, block_p) + triton.cdiv(P1, block_p) + triton.cdiv(PT, BLOCK_T * STEPS_T)
     if rest_sq is not None and rest_sq.dim() == 1:
         rest_sq = rest_sq.unsqueeze(1)
-    rest = rest_sq if rest_sq is not None else coef  # never read without HAS_REST
+    rest = rest_sq if rest_sq is not None else x0.new_empty((0, 1), dtype=torch.float32)  # read only with HAS_REST
     if programs > 0:
         launch(_group_clip_rows_kernel)[(programs,)](
-            x0, x1, rest, x0 if tiles is None else tiles, outs[0], out1, coef if out_t is None else out_t, coef, B,
+            x0, x1, rest, x0 if tiles is None else tiles, outs[0], out1, out_t_arg, coef, B,
             P0, P1, rest.shape[1] if rest_sq is not None else 0, PT, x0.stride(0), x1.stride(0),
             rest.stride(0) if rest_sq is not None else 0, PT, float(threshold),
             HAS_X1=len(xs) > 1, HAS_REST=rest_sq is not None, ABADI=clip_fn == "abadi", MEAN=bool(mean),
