@@ -160,6 +160,7 @@ def group_clip_rows(xs: list, rest_sq: Optional[torch.Tensor], threshold: float,
     P1 = xs[1].shape[1] if len(xs) > 1 else 0
     coef = torch.empty((B,), device=x0.device, dtype=torch.float32)
     outs = [torch.empty((x.shape[1],), device=x.device, dtype=torch.float32) for x in xs]
+    tiles = None if tiles is None else tiles.contiguous()  # the kernel steps PT elements from sample to sample
     PT = 0 if tiles is None else tiles.shape[1:].numel()  # no test of B: it may be a symbol
     out_t = None if tiles is None else torch.empty(tiles.shape[1:], device=x0.device, dtype=torch.float32)
     # every pointer the kernel stores through gets its own tensor, an empty one where nothing is stored: under
