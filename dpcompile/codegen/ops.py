@@ -124,8 +124,13 @@ def _tiles_and_norms(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     """The products and the squared norms of exactly the stored values in the accumulation dtype (a reduction
     Inductor fuses). Norming the stored values keeps the clip bound exact for what is summed."""
     tiles = _products(a, b)
-    flat = tiles.reshape(tiles.shape[0], tiles.shape[1] * tiles.shape[2])
-    return tiles, torch.linalg.vector_norm(flat, dim=1, dtype=norm_dtype(tiles.dtype)).square()
+    return tiles, _stored_sq_norms(tiles, (1, 2))
+
+
+def _stored_sq_norms(tiles: Tensor, dim) -> Tensor:
+    """Squared norms over `dim` of exactly the stored products, in the accumulation dtype, without an
+    accumulation-dtype copy of the products (the chunked op runs eagerly)."""
+    return torch.linalg.vector_norm(tiles, dim=dim, dtype=norm_dtype(tiles.dtype)).square()
 
 
 def _reduce_into(tiles: Tensor, coef: Tensor, acc: Tensor, accumulate: bool, launch=None) -> None:
@@ -206,7 +211,7 @@ def linear_tiles(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
     accumulation dtype): a sample's squared norm is its row sums' sum, which the rewrite takes with Inductor or
     hands to rows_group_clipped_sum as its `rest` (one reduction over the products, none over the rows)."""
     tiles = _products(a, b)
-    return tiles, _acc(tiles).square().sum(2)
+    return tiles, _stored_sq_norms(tiles, 2)
 
 
 # randomized_stored: the products kept as stored keeps them, normed by the probe estimate instead (randomized_ops);
@@ -320,7 +325,7 @@ def rows_group_clipped_sum(xs: list[Tensor], rest_sq: Optional[Tensor], threshol
 
         rest = None if rest_sq is None else rest_sq.to(torch.float32).contiguous()
         return group_clip_rows(list(xs), rest, threshold, clip_fn, mean,
-                               tiles=None if tiles is None else tiles.contiguous(), launch=torch.library.wrap_triton)
+                               tiles=tiles, launch=torch.library.wrap_triton)
     return rows_group_clipped_sum_reference(list(xs), rest_sq, threshold, clip_fn, mean, tiles)
 
 

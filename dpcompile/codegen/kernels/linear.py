@@ -171,8 +171,8 @@ def _persample_kernel(a_ptr, b_ptr, scratch_ptr, partial_ptr, T, M, N, sa_b, sa_
 @triton.jit
 def _scaled_reduce_kernel(scratch_ptr, coef_ptr, acc_ptr, NB, MN, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr,
                           BLOCK_S: tl.constexpr):
-    # BLOCK_S samples' rows loaded as one (BLOCK_S, BLOCK) tile: that many loads in flight per thread, where a loop
-    # of one row at a time left the kernel latency-bound at ~40% of the memory bandwidth (benchmarks/NOTES.md 35)
+    # BLOCK_S samples' rows loaded as one (BLOCK_S, BLOCK) tile, that many loads in flight per thread: 28 against
+    # 36 us for one row at a time on gpt2-small's qkv products, equal on the large shapes (benchmarks/NOTES.md 35)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     if ACCUMULATE:
