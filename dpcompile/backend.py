@@ -16,7 +16,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .codegen.randomized_ops import exact_norms_enabled
+from .codegen.randomized_ops import draw_probe_seed, exact_norms_enabled
 from .clip_provenance import GraphClipping, tap, threshold_input
 from .errors import CoverageError, DPCompileError, OptionsError
 from .options import DPOptions, infer_batch_input
@@ -346,16 +346,26 @@ def build_context(gm: torch.fx.GraphModule, example_inputs: list, options: Any) 
         ctx.threshold_groups = tuple(sorted(set(groups.values())))
     if opts.uses_randomized():
         ctx.exact_norms = exact_norms_enabled()
+        ctx.seed_input = len(example_inputs) + int(ctx.runtime_thresholds)
     for listener in _CONTEXT_LISTENERS:
         listener.append(ctx)
     return ctx
 
 
-def _with_threshold_input(gm: torch.fx.GraphModule, example_inputs: list, ctx: PassContext):
-    """max_grad_norm="adaptive": (a copy of gm with one more input, the (G,) float64 thresholds tensor, and the
-    example inputs with a fake one). The forward does not read it; the pass reads C_g from it in the backward and
-    makes its gradient the groups' quantile counts, so it requires grad. Dynamo's own graph is left as it is."""
-    if not ctx.runtime_thresholds:
+def _with_runtime_inputs(gm: torch.fx.GraphModule, example_inputs: list, ctx: PassContext):
+    """(a copy of gm with the inputs the backend appends, and the example inputs with a fake value for each), in
+    index order; Dynamo's own graph is left as it is, and its call's wrapper (_recording_clipping) passes them:
+    - max_grad_norm="adaptive": the (G,) float64 thresholds. The forward does not read it; the pass reads C_g from
+      it in the backward and makes its gradient the groups' quantile counts, so it requires grad.
+    - randomized norms: the int64 (1,) probe seed on the batch's device, read by the backward's estimates."""
+    appended = []
+    if ctx.runtime_thresholds:
+        appended.append(("dpcompile_thresholds", lambda: torch.ones(
+            len(ctx.threshold_groups), dtype=torch.float64, requires_grad=True)))
+    if ctx.seed_input is not None:
+        device = _batch_device(example_inputs, ctx)
+        appended.append(("dpcompile_probe_seed", lambda: torch.zeros(1, dtype=torch.int64, device=device)))
+    if not appended:
         return gm, example_inputs
     from torch._guards import detect_fake_mode
 
@@ -366,19 +376,25 @@ def _with_threshold_input(gm: torch.fx.GraphModule, example_inputs: list, ctx: P
         if hasattr(old, "_dynamo_source"):
             new._dynamo_source = old._dynamo_source
     last = [n for n in graph.nodes if n.op == "placeholder"][-1]
-    with graph.inserting_after(last):
-        node = graph.placeholder("dpcompile_thresholds")
-    node._dynamo_source = None  # no user source: AOTAutograd takes it as a plain input
-    graph.output(out)
     fake_mode = detect_fake_mode(example_inputs)
-    with fake_mode if fake_mode is not None else contextlib.nullcontext():
-        example = torch.ones(len(ctx.threshold_groups), dtype=torch.float64, requires_grad=True)
-    node.meta["example_value"] = node.meta["val"] = example
+    examples = []
+    for name, make in appended:
+        with graph.inserting_after(last):
+            last = graph.placeholder(name)
+        last._dynamo_source = None  # no user source: AOTAutograd takes it as a plain input
+        with fake_mode if fake_mode is not None else contextlib.nullcontext():
+            examples.append(make())
+        last.meta["example_value"] = last.meta["val"] = examples[-1]
+    graph.output(out)
     new_gm = torch.fx.GraphModule(gm, graph)
     new_gm.meta.update(gm.meta)
     if hasattr(gm, "_param_name_to_source"):
         new_gm._param_name_to_source = gm._param_name_to_source
-    return new_gm, list(example_inputs) + [example]
+    return new_gm, list(example_inputs) + examples
+
+
+def _batch_device(inputs: list, ctx: PassContext) -> torch.device:
+    return inputs[next(iter(ctx.batch_inputs))].device
 
 
 def _recording_clipping(compiled, ctx: PassContext):
@@ -388,18 +404,29 @@ def _recording_clipping(compiled, ctx: PassContext):
     the record must follow the tensors that are passed. explain()'s graphs vouch for nothing."""
     record = GraphClipping.from_context(ctx)
     positions = list(ctx.params)
-    if _EXPLAINING[0]:
-        if not ctx.runtime_thresholds:
+    explaining = _EXPLAINING[0]
+
+    def appended(args, params, backprop) -> tuple:
+        """The inputs _with_runtime_inputs added, for this call; explain()'s graphs get placeholders."""
+        extra = ()
+        if ctx.runtime_thresholds:  # C_g of this call, from the optimizer bound to its parameters
+            extra = (torch.ones(len(ctx.threshold_groups), dtype=torch.float64, device=params[0].device)
+                     if explaining else threshold_input(record, params, params[0].device, backprop),)
+        if ctx.seed_input is not None:  # this call's own secret seed (none needed where no backward can follow)
+            device = _batch_device(args, ctx)
+            extra += (draw_probe_seed(device) if torch.is_grad_enabled() and not explaining else
+                      torch.zeros(1, dtype=torch.int64, device=device),)
+        return extra
+
+    if explaining:
+        if not ctx.runtime_thresholds and ctx.seed_input is None:
             return compiled
-        return lambda *args: compiled(*args, torch.ones(len(ctx.threshold_groups), dtype=torch.float64,
-                                                          device=args[positions[0]].device))
+        return lambda *args: compiled(*args, *appended(args, [args[i] for i in positions], False))
 
     def call(*args):  # Dynamo calls its backend's result with the graph inputs unboxed
         params = [args[i] for i in positions]
         backprop = torch.is_grad_enabled() and any(p.requires_grad for p in params)
-        extra = ()
-        if ctx.runtime_thresholds:  # C_g of this call, from the optimizer bound to its parameters
-            extra = (threshold_input(record, params, params[0].device, backprop),)
+        extra = appended(args, params, backprop)
         if backprop:
             args = list(args)
             for i, t in zip(positions, tap(record, params)):
@@ -455,12 +482,7 @@ def flashdp(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
     gm = inline_compile_regions(gm)
     ctx = build_context(gm, example_inputs, options)
     ctx.inline_ops = True
-    if ctx.options.uses_randomized() and _uses_cudagraphs(patches):
-        raise OptionsError(
-            "option strategy: randomized norms do not work under CUDA graphs (a replay would reuse one probe "
-            "seed, which the privacy analysis forbids); compile without mode='reduce-overhead' / 'max-autotune' "
-            "(and with torch._inductor.config.triton.cudagraphs = False), or use 'max-autotune-no-cudagraphs'")
-    gm, example_inputs = _with_threshold_input(gm, example_inputs, ctx)
+    gm, example_inputs = _with_runtime_inputs(gm, example_inputs, ctx)
     # traced here: symbolic lengths prefer attention kernels without per-shape plans, unless CUDA graphs replay them
     inputs = [n.meta.get("example_value") for n in gm.graph.find_nodes(op="placeholder")]
     batch_sizes = [inputs[i].shape[d] for i, d in ctx.batch_inputs.items() if isinstance(inputs[i], torch.Tensor)]
@@ -493,7 +515,7 @@ def flashdp_eager(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
     def boxed(g, _inputs):
         return make_boxed_func(g.forward)
 
-    gm, example_inputs = _with_threshold_input(gm, example_inputs, ctx)
+    gm, example_inputs = _with_runtime_inputs(gm, example_inputs, ctx)
     with attention_for(gm):
         compiled = aot_autograd(fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition,
                                 decompositions=ctx.decompositions)(gm, example_inputs)

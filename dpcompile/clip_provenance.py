@@ -43,7 +43,7 @@ class GraphClipping:
     randomized_groups: clipping group -> C_g of every group holding a randomized site.
     classified: the pass looked at samples (B >= 1): its randomized verdicts are comparable with other graphs'.
     runs: the effective probe counts (randomized_contract.accounting_probes) one backward of the graph estimates
-        norms with: {k} when the graph holds randomized sites (its dpcompile::probe_seed runs in every backward),
+        norms with: {k} when the graph holds randomized sites (a fresh probe seed every call),
         else empty. Each call's tap hands it, with the clipped gradients, to the parameters' records.
     """
 

@@ -3,7 +3,7 @@ how the probe counts that produced a step's gradients are summed up for the acco
 
 The second contract between the compiled graphs and the privacy layer, next to clip_provenance.py ("this gradient
 was clipped with these thresholds"). Both sides import it, neither imports the other through it: codegen/ (the
-dpcompile::probe_seed op checks its probe count here) and clip_provenance.py (each graph call's record says with how
+randomized norm ops check their probe counts here) and clip_provenance.py (each graph call's record says with how
 many effective probes its backward estimated norms) never import privacy/, and privacy/ (randomized_accounting.py
 counts probes by accounting_probes; PrivacyAccountant.step sums up the counts it is told with probes_summary)
 imports this module at its top. No torch dependency, no import from the package.

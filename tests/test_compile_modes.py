@@ -1,6 +1,6 @@
 """torch.compile modes through the flashdp backend (issue 21 item 2): mode="reduce-overhead" turns on Inductor's CUDA
-graphs for the DP graphs, as torch's own Inductor backend does; unknown modes, modes on the eager backend, and
-randomized norms under CUDA graphs are refused. The CUDA-graph replays themselves are checked in test_gpu.py."""
+graphs for the DP graphs, as torch's own Inductor backend does; unknown modes and modes on the eager backend are
+refused; randomized norms take their probe seed as a graph input, so replays draw their own. The CUDA-graph replays themselves are checked in test_gpu.py."""
 from __future__ import annotations
 
 import pytest
@@ -56,13 +56,40 @@ def test_reduce_overhead_reaches_inductor_as_cuda_graphs(monkeypatch, how):
     assert seen and seen[0]["triton.cudagraphs"] is True and "joint_custom_pre_pass" in seen[0]
 
 
-def test_randomized_norms_under_cuda_graphs_are_refused():
+def test_randomized_norms_take_their_seed_as_an_input_of_the_graph(monkeypatch):
+    """Randomized norms under any mode: the probe seed is an input the backend appends to the graph (what a CUDA
+    graph's replay copies in), never an op inside it; the wrapper draws one per call that can backpropagate."""
+    from dpcompile.codegen import randomized_ops as RO
+
+    seen = []
+
+    def fake_compile_fx(gm, inputs, config_patches=None, **kw):
+        seen.append(([n.name for n in gm.graph.find_nodes(op="placeholder")], inputs[-1]))
+        raise RuntimeError("stop here")
+
+    import torch._inductor.compile_fx as inductor_compile_fx
+
+    monkeypatch.setattr(inductor_compile_fx, "compile_fx", fake_compile_fx)
     torch._dynamo.reset()
     compiled = dpcompile.compile(nn.Linear(3, 2), mode="reduce-overhead", strategy="randomized",
                                  loss_reduction="sum")
-    with pytest.raises(Exception) as exc_info:
-        compiled(torch.randn(4, 3, 5).transpose(1, 2)).sum().backward()
-    assert "reuse one probe seed" in str(_refusal(exc_info))
+    with pytest.raises(Exception, match="stop here"):
+        compiled(torch.randn(4, 5, 3))
+    ((names, seed),) = seen
+    assert names[-1] == "dpcompile_probe_seed" and seed.dtype == torch.int64 and seed.shape == (1,)
+    monkeypatch.undo()
+    drawn = []
+    monkeypatch.setattr(backend, "draw_probe_seed",
+                        lambda device, draw=RO.draw_probe_seed: drawn.append(draw(device)) or drawn[-1])
+    torch._dynamo.reset()
+    compiled = dpcompile.compile(nn.Linear(3, 2), mode="reduce-overhead", strategy="randomized",
+                                 loss_reduction="sum")
+    x = torch.randn(4, 5, 3)
+    for _ in range(3):
+        compiled(x).sum().backward()
+    with torch.no_grad():
+        compiled(x)
+    assert len(drawn) == 3 and len({int(s) for s in drawn}) == 3
 
 
 def test_reduce_overhead_on_cpu_is_exact():

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import dpcompile
 import models
@@ -146,6 +147,40 @@ def test_reduce_overhead_cuda_graphs_match_the_default_mode_over_steps():
     for step, (a, b) in enumerate(zip(cuda_graphs, default)):
         for name in b:
             torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4, msg=f"step {step}: {name}")
+
+
+def test_randomized_norms_under_cuda_graphs_draw_every_call_its_own_seed():
+    """Randomized norms under mode="reduce-overhead": the probe seed is a graph input, so each replay of the
+    recorded graphs estimates with its own call's seed. The same seed sequence (manual_probe_seed) through the
+    default mode gives the same gradients at every step, and the steps' gradients differ (the seeds do): a replay of
+    the captured seed would give every step step 0's gradients."""
+    from torch._dynamo.utils import counters
+
+    from dpcompile.codegen.randomized_ops import manual_probe_seed
+
+    torch.manual_seed(0)
+    model0 = nn.Sequential(nn.Linear(16, 24), nn.Tanh(), nn.Linear(24, 8)).cuda()
+    x = torch.randn(4, 32, 16, device="cuda")
+    runs = []
+    for mode in ("reduce-overhead", None):
+        model = copy.deepcopy(model0)
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = dpcompile.compile(model, mode=mode, max_grad_norm=0.05, strategy="randomized", probes=4,
+                                     loss_reduction="sum")
+        grads = []
+        with manual_probe_seed(11):
+            for _ in range(4):
+                model.zero_grad(set_to_none=True)
+                compiled(x).pow(2).sum().backward()
+                grads.append([p.grad.detach().clone() for p in model.parameters()])
+        runs.append((grads, dict(counters["inductor"])))
+    (cuda_graphs, inductor), (default, _) = runs
+    assert inductor.get("cudagraph_skips", 0) == 0, inductor
+    for step, (a, b) in enumerate(zip(cuda_graphs, default)):
+        for k, (ga, gb) in enumerate(zip(a, b)):
+            torch.testing.assert_close(ga, gb, atol=1e-5, rtol=1e-4, msg=f"step {step}: parameter {k}")
+    assert not torch.equal(cuda_graphs[2][0], cuda_graphs[3][0])  # replays, each with its own seed
 
 
 def test_embedding_norm_does_not_wait_for_the_gpu():

@@ -339,7 +339,7 @@ def test_every_summing_op_is_a_clipped_sum_for_the_coverage_check():
     names = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names() if n.startswith("dpcompile::")}
     summing = {n for n in names if "clipped_sum" in n or "single_pass" in n}
     assert summing == {op.name().split("::")[1].split(".")[0] for op in clipped_sum_ops()}
-    custom = {"linear_single_pass_chunked", "probe_seed"}  # custom_ops
+    custom = {"linear_single_pass_chunked"}  # custom_ops
     assert names - custom == {op.name().split("::")[1].split(".")[0] for op in inlined_ops()}
 
 

@@ -104,9 +104,8 @@ def test_hutchpp_split():
 
 
 # --------------------------------------------------------------------------------------------------- ops
-def test_probe_seed_op():
-    x = torch.zeros(2, device=DEVICE)
-    seeds = {torch.ops.dpcompile.probe_seed(x, 8, "hutchinson").item() for _ in range(20)}
+def test_draw_probe_seed():
+    seeds = {RO.draw_probe_seed(DEVICE).item() for _ in range(20)}
     assert len(seeds) == 20 and all(0 <= s < 2 ** 63 for s in seeds)
     # the summary the accountant makes of the effective probe counts behind a step's gradients
     assert RA.probes_summary({RA.accounting_probes(8)}) == (8, True) and RA.probes_summary(()) is None
@@ -114,17 +113,18 @@ def test_probe_seed_op():
     assert RA.probes_summary(ran) == (4, True)  # the smallest effective count: 12 - 2 * 4; 32 = 8 * 4
     assert RA.probes_summary({RA.accounting_probes(32), RA.accounting_probes(15, "hutchpp")}) == (5, False)
     with RO.manual_probe_seed(7):
-        first = [torch.ops.dpcompile.probe_seed(x, 8, "hutchinson").item() for _ in range(3)]
+        first = [RO.draw_probe_seed(DEVICE).item() for _ in range(3)]
     with RO.manual_probe_seed(7):
-        assert first == [torch.ops.dpcompile.probe_seed(x, 8, "hutchinson").item() for _ in range(3)]
+        assert first == [RO.draw_probe_seed(DEVICE).item() for _ in range(3)]
     # the block restored the seed source: secret seeds again, not the sequence of 7
-    assert first[0] not in {torch.ops.dpcompile.probe_seed(x, 8, "hutchinson").item() for _ in range(3)}
-    seed = torch.ops.dpcompile.probe_seed(x, 8, "hutchinson")
-    assert seed.dtype == torch.int64 and seed.shape == (1,) and seed.device == x.device
+    assert first[0] not in {RO.draw_probe_seed(DEVICE).item() for _ in range(3)}
+    seed = RO.draw_probe_seed(DEVICE)
+    assert seed.dtype == torch.int64 and seed.shape == (1,) and seed.device.type == torch.device(DEVICE).type
+    a = torch.randn(2, 3, 4, device=DEVICE)
     with pytest.raises(ValueError):
-        torch.ops.dpcompile.probe_seed(x, 0, "hutchinson")
+        torch.ops.dpcompile.linear_norm_randomized(a, a, 0, "hutchinson", seed, 0)
     with pytest.raises(ValueError):
-        torch.ops.dpcompile.probe_seed(x, 8, "rademacher")
+        torch.ops.dpcompile.linear_norm_randomized(a, a, 8, "rademacher", seed, 0)
 
 
 def test_linear_norm_randomized_op_and_exact_hook():
@@ -149,17 +149,16 @@ def test_linear_norm_randomized_op_and_exact_hook():
 
 
 def test_ops_trace_and_compile():
-    """Fake tensors (no data-dependent seed), and a compiled graph drawing a fresh seed per call."""
+    """Fake tensors (no data-dependent seed), and a compiled graph estimating with the seed it is given."""
     g = torch.Generator().manual_seed(8)
     a, b = torch.randn(2, 5, 6, generator=g).to(DEVICE), torch.randn(2, 5, 4, generator=g).to(DEVICE)
 
-    def f(a, b):
-        seed = torch.ops.dpcompile.probe_seed(a, 8, "hutchinson")
+    def f(a, b, seed):
         return (torch.ops.dpcompile.linear_norm_randomized(a, b, 8, "hutchinson", seed, 0)
                 + torch.ops.dpcompile.linear_norm_randomized(a, b, 8, "hutchinson", seed, 1)), seed
 
     cf = torch.compile(f, backend="aot_eager", fullgraph=True)
-    (x, s1), (y, s2) = cf(a, b), cf(a, b)
+    (x, s1), (y, s2) = cf(a, b, RO.draw_probe_seed(DEVICE)), cf(a, b, RO.draw_probe_seed(DEVICE))
     assert s1.item() != s2.item() and not torch.equal(x, y)
     want = sum(K.randomized_sq_norms_reference(a.cpu(), b.cpu(), 8, "hutchinson", s1.cpu(), site, dtype=torch.float64)
                for site in (0, 1))
@@ -171,7 +170,7 @@ def test_exact_hook_gives_the_exact_clipped_gradient():
     (The full-model version belongs with the planner's wiring of the strategy.)"""
     g = torch.Generator().manual_seed(9)
     a, b = torch.randn(4, 6, 8, generator=g).to(DEVICE), torch.randn(4, 6, 5, generator=g).to(DEVICE)
-    seed = torch.ops.dpcompile.probe_seed(a, 16, "hutchpp")
+    seed = RO.draw_probe_seed(DEVICE)
     C = 1.5
 
     def clipped(norms):

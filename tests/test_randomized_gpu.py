@@ -51,11 +51,10 @@ def test_gpu_probes_and_inductor():
     a = torch.randn(3, 77, 64, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(3, 77, 48, device="cuda", dtype=torch.bfloat16)
 
-    def f(a, b):
-        seed = torch.ops.dpcompile.probe_seed(a, 16, "hutchinson")
+    def f(a, b, seed):
         return torch.ops.dpcompile.linear_norm_randomized(a, b, 16, "hutchinson", seed, 0), seed
 
-    got, seed = torch.compile(f, backend="inductor")(a, b)
+    got, seed = torch.compile(f, backend="inductor")(a, b, RO.draw_probe_seed("cuda"))
     want = K.randomized_sq_norms_reference(a.cpu(), b.cpu(), 16, "hutchinson", seed.cpu(), 0, dtype=torch.float64)
     torch.testing.assert_close(got.cpu().double(), want, rtol=1e-4, atol=0)
 
@@ -65,12 +64,11 @@ def test_gpu_probes_and_inductor():
 def test_gpu_probe_seed_does_not_synchronize():
     """The per-step seed reaches the GPU by a copy queued on the stream: a pageable copy would wait for the whole
     stream in mid-step (run 19's profile: 3 ms of idle GPU a step)."""
-    x = torch.empty(1, device="cuda")
-    torch.ops.dpcompile.probe_seed(x, 8, "hutchinson")  # the pinned-memory pool's first block
+    RO.draw_probe_seed("cuda")  # the pinned-memory pool's first block
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        seeds = [torch.ops.dpcompile.probe_seed(x, 8, "hutchinson") for _ in range(3)]
+        seeds = [RO.draw_probe_seed("cuda") for _ in range(3)]
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert len({int(s.item()) for s in seeds}) == 3

@@ -134,11 +134,11 @@ def test_no_kept_whole_op_survives_for_inductor(monkeypatch):
 
 
 def test_randomized_sites_draw_one_seed_per_call(monkeypatch):
-    """strategy='randomized': one probe_seed per graph, drawn in the backward (a forward alone draws none), one
-    randomized norm per linear weight site with distinct site ids: from the stored per-sample products where stored
+    """strategy='randomized': the probe seed is an input of the graph (the backend appends it; each call that can
+    backpropagate draws its own, none without grad), read only by the backward's estimates; one randomized norm per linear weight site with distinct site ids: from the stored per-sample products where stored
     may keep them (M N <= T (M + N): T = 6 here), else from the rows with two_pass's clipped sum while the products
     fit the budget (T = 2) and our clipped-sum GEMM beyond it; Inductor's inlining replaces the randomized norm ops
-    by their bodies and keeps the seed op."""
+    by their bodies."""
     from dpcompile.codegen import randomized_ops as RO
 
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -155,16 +155,19 @@ def test_randomized_sites_draw_one_seed_per_call(monkeypatch):
     monkeypatch.setattr(backend, "run_dp_pass", capture)
     torch._dynamo.reset()
     compiled = dpcompile.compile(model, backend="flashdp_eager", strategy="randomized", clipping="per_layer")
-    loss = compiled(x).pow(2).sum()
+    with torch.no_grad():
+        compiled(x)
     assert drawn == []
-    loss.backward()
+    compiled(x).pow(2).sum().backward()
     assert len(drawn) == 1
     compiled(x).pow(2).sum().backward()
     compiled(x[:3]).pow(2).sum().backward()
     assert len(drawn) == 3 and len(set(drawn)) == 3  # every call (micro-batch) its own fresh seed
     ((graph, randomized),) = graphs
     ops = [n.target for n in graph.nodes if n.op == "call_function"]
-    assert ops.count(dp.probe_seed.default) == 1
+    (seed,) = [n for n in graph.nodes if n.op == "placeholder" and isinstance(n.meta.get("val"), torch.Tensor)
+               and n.meta["val"].dtype == torch.int64]
+    assert {u.target for u in seed.users} == {dp.persample_norm_randomized.default}
     assert ops.count(dp.persample_norm_randomized.default) == 2 and ops.count(dp.linear_products.default) == 2
     assert dp.linear_tiles.default not in ops  # no exact norm beside the estimate
     assert ops.count(dp.tiles_clipped_sum.default) == 2 and dp.linear_norm_randomized.default not in ops
@@ -174,7 +177,7 @@ def test_randomized_sites_draw_one_seed_per_call(monkeypatch):
     assert sites == [0, 1] and sorted(randomized.values()) == [0, 1]
     monkeypatch.undo()
     ops = _rewritten_graph(model, x, monkeypatch, inline=True, strategy="randomized", clipping="per_layer")
-    assert ops.count(dp.probe_seed.default) == 1 and dp.persample_norm_randomized.default not in ops
+    assert dp.persample_norm_randomized.default not in ops
     monkeypatch.undo()
     ops = _rewritten_graph(model, x[:, :2], monkeypatch, strategy="randomized", clipping="per_layer")
     assert ops.count(dp.linear_norm_randomized.default) == 2 and ops.count(dp.linear_tile_clipped_sum.default) == 2
@@ -187,14 +190,14 @@ def test_randomized_sites_draw_one_seed_per_call(monkeypatch):
     monkeypatch.undo()
     # a batch of one: the weight-gradient products are estimated with the same law
     ops = _rewritten_graph(model, x[:1], monkeypatch, strategy="randomized", clipping="flat")
-    assert ops.count(dp.probe_seed.default) == 1 and ops.count(dp.persample_norm_randomized.default) == 2
+    assert ops.count(dp.persample_norm_randomized.default) == 2
     monkeypatch.undo()
     # nothing randomized where nothing asks for it
     ops = _rewritten_graph(model, x, monkeypatch, strategy={"2.*": "randomized"}, clipping="flat")
-    assert ops.count(dp.persample_norm_randomized.default) == 1 and ops.count(dp.probe_seed.default) == 1
+    assert ops.count(dp.persample_norm_randomized.default) == 1
     monkeypatch.undo()
     ops = _rewritten_graph(model, x, monkeypatch, clipping="flat")
-    assert dp.probe_seed.default not in ops and dp.linear_norm_randomized.default not in ops
+    assert dp.linear_norm_randomized.default not in ops and dp.persample_norm_randomized.default not in ops
 
 
 _VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,

@@ -1,21 +1,20 @@
 """Custom ops for randomized (probe-estimated) per-sample norms, DP-SGD-RC (docs/randomized.md).
 
-  dpcompile::probe_seed(like, probes, variant) -> int64 (1,)
-      A fresh secret 63-bit seed for one call of the graph, on like's device. Draws from the module's seed
-      source (OS entropy, `secrets`, unless `with manual_probe_seed(s):` fixed it for tests); `probes` / `variant`
-      are checked, and tie the seed to the estimator. That the call's backward ran randomized norms is not recorded
-      here: the graph call's clipping record says it, and it travels with the gradients the backward produced
-      (clip_provenance.GraphClipping.runs, randomized_runs), where DPOptimizer reads it for its accountant.
-      Opaque custom op tagged nondeterministic_seeded: never CSE'd or constant-folded,
-      run on every call of the compiled graph (so also once per micro-batch). Not CUDA-graph safe (a CUDA graph
-      would replay one seed).
+  draw_probe_seed(device) -> int64 (1,)
+      A fresh secret 63-bit seed for one call of the graph, on `device`, from the module's seed source (OS
+      entropy, `secrets`, unless `with manual_probe_seed(s):` fixed it for tests). Not an op of the graph: the
+      backend appends an input for it, and the wrapper of each graph call draws one (backend._recording_clipping),
+      so every call (every micro-batch) has its own seed, and under CUDA graphs a replay copies the call's seed
+      into its input rather than replaying the one it captured. That the call's backward ran randomized norms is
+      not recorded here: the graph call's clipping record says it, and it travels with the gradients the backward
+      produced (clip_provenance.GraphClipping.runs, randomized_runs), where DPOptimizer reads it for its accountant.
 
   dpcompile::linear_norm_randomized(a, b, probes, variant, seed, site_id) -> (B,) fp32 (fp64 for fp64 data)
       Estimate of ||a_i^T b_i||_F^2 for a linear weight site (a (B, T, M), b (B, T, N), or (B, M) / (B, N) for
       T = 1, strided views allowed), the same operand convention as dpcompile::linear_norm. k = probes Gaussian
       probes, variant "hutchinson" (unbiased, relative std sqrt(2/k) at worst) or "hutchpp" (k products: k//3
       sketch, k - 2(k//3) residual probes; exact when rank(a_i^T b_i) <= k//3). Never rounded down (see
-      kernels/randomized.py). seed: the int64 (1,) tensor of probe_seed; site_id in [0, 2^31): distinct for every
+      kernels/randomized.py). seed: the int64 (1,) tensor of draw_probe_seed; site_id in [0, 2^31): distinct for every
       randomized site of the graph (the same seed is shared by the sites of one call). CUDA fp32/fp16/bf16:
       Triton kernels; elsewhere the PyTorch reference, with the same probes (so CPU and GPU agree).
 
@@ -49,9 +48,9 @@ from .kernels.randomized import (VARIANTS, _as_sites, check_site, check_variant,
                                  randomized_sq_norms_of_products, randomized_sq_norms_of_products_reference,
                                  randomized_sq_norms_reference)
 from .ops import linear_norm_reference, persample_norm_reference
-from .registry import dp_custom_op, dp_op
+from .registry import dp_op
 
-__all__ = ["VARIANTS", "linear_norm_randomized", "persample_norm_randomized", "probe_seed", "next_probe_seed",
+__all__ = ["VARIANTS", "linear_norm_randomized", "persample_norm_randomized", "draw_probe_seed", "next_probe_seed",
            "manual_probe_seed", "exact_norms", "exact_norms_enabled", "accounting_probes"]
 
 # -- seed source ----------------------------------------------------------------------------------------------
@@ -99,20 +98,14 @@ def manual_probe_seed(seed: Optional[int]):
         _SOURCE.restore(prev)
 
 
-@dp_custom_op(role="seed", tags=(torch.Tag.nondeterministic_seeded,))
-def probe_seed(like: Tensor, probes: int, variant: str) -> Tensor:
-    check_variant(variant, probes)
+def draw_probe_seed(device) -> Tensor:
+    """A fresh secret seed as the int64 (1,) tensor the graphs' randomized norms read, on `device`."""
     seed = torch.tensor([next_probe_seed()], dtype=torch.int64)
-    if like.device.type == "cuda":
+    if torch.device(device).type == "cuda":
         # from pinned memory the copy is queued on the stream like a kernel; from pageable memory it would first wait
         # for the whole stream (a sync in mid-step, after which the GPU idles while the host catches up)
-        return seed.pin_memory().to(like.device, non_blocking=True)
-    return seed.to(like.device)
-
-
-@probe_seed.register_fake
-def _(like, probes, variant):
-    return like.new_empty((1,), dtype=torch.int64)
+        return seed.pin_memory().to(device, non_blocking=True)
+    return seed.to(device)
 
 
 # -- test hook: exact norms -------------------------------------------------------------------------------------

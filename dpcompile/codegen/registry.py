@@ -5,7 +5,6 @@ which require its role. The pass reads roles from here, never from a hand-kept l
   clipped_sum   returns sum_i coef_i g_i (possibly with the clip coefficients): the coverage check
                 (passes/verify.py) accepts a parameter's gradient only if it comes out of one of these
   prepare       an intermediate of a site's norm / sum (row sums, stored products)
-  seed          draws randomness for one call of the graph
 
 An op defined with `dp_op` (a triton_op) is inlined under Inductor (passes/rewrite.py: inline_ops), so that
 Inductor emits its Triton launches and fuses its PyTorch parts; a `dp_custom_op` stays an opaque call (it needs
@@ -19,7 +18,7 @@ from typing import Callable
 import torch
 
 LIB = "dpcompile"
-ROLES = ("norm", "clipped_sum", "prepare", "seed")
+ROLES = ("norm", "clipped_sum", "prepare")
 
 
 class _Entry:

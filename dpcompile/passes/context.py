@@ -44,6 +44,10 @@ class PassContext:
     # "gradient" for that input is, per group, sum_i (1[||g_i|| <= C_g] - 1/2) (the quantile estimate's count)
     threshold_input: Optional[int] = None
     threshold_groups: tuple = ()
+    # randomized norms: the Dynamo input index of the int64 (1,) probe seed the backend appends (a fresh secret one
+    # every call, drawn by the call's wrapper): an input, not an op in the graph, so that a CUDA graph's replay
+    # copies the call's own seed in rather than replaying the one it captured
+    seed_input: Optional[int] = None
 
     @property
     def runtime_thresholds(self) -> bool:
@@ -57,7 +61,7 @@ class PassContext:
         parts = [self.options.cache_key(), repr(sorted((k, v.name, v.group) for k, v in self.params.items())),
                  repr(sorted(self.batch_inputs.items())), repr(sorted(self.sample_candidates.items())),
                  repr(sorted(self.thresholds.items())), repr(self.inline_ops),
-                 repr(self.exact_norms), repr((self.threshold_input, self.threshold_groups))]
+                 repr(self.exact_norms), repr((self.threshold_input, self.threshold_groups)), repr(self.seed_input)]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 

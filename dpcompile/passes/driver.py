@@ -49,7 +49,10 @@ class DPJointPass(_PassBase):
         self.ctx = ctx
 
     def __call__(self, graph: fx.Graph) -> None:
-        run_dp_pass(graph, self.ctx)
+        # Inductor runs its joint-graph passes on inference graphs too (a call under torch.no_grad(), an evaluation
+        # loop): no tangents, no gradients, nothing to clip; reading it as a joint graph failed
+        if any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes):
+            run_dp_pass(graph, self.ctx)
 
     def uuid(self) -> Optional[str]:
         # every option and the pass source: a cached graph compiled with another C must never be reused.

@@ -1,13 +1,13 @@
-"""Randomized norms in the graph (docs/randomized.md): one secret probe seed per call of the graph, inserted after
-the placeholders, and a distinct site id for every parameter whose norm is estimated."""
+"""Randomized norms in the graph (docs/randomized.md): one secret probe seed per call of the graph, an input the
+backend appends, and a distinct site id for every parameter whose norm is estimated."""
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 
-from ..codegen import randomized_ops  # noqa: F401  (registers dpcompile::probe_seed and the randomized norm ops)
+from ..codegen import randomized_ops  # noqa: F401  (registers the randomized norm ops)
+from ..errors import DPCompileError
 from .one_sample import accounting
-from .rewrite import RandomizedNorms, insert_traced
+from .rewrite import RandomizedNorms
 
 
 def randomized_norms(graph: fx.Graph, ctx, io, choices: dict, products: dict):
@@ -17,24 +17,17 @@ def randomized_norms(graph: fx.Graph, ctx, io, choices: dict, products: dict):
     if not pgs:
         return None
     randomized = RandomizedNorms(ctx.options.probes, ctx.options.probe_variant,
-                                 insert_probe_seed(graph, ctx, io.batch_node),
+                                 probe_seed_node(ctx, io),
                                  {pg: i for i, pg in enumerate(pgs)}, products)
     for pg in pgs:
         ctx.randomized[io.index_of[pg]] = randomized.site_ids[pg]
     return randomized
 
 
-def insert_probe_seed(graph: fx.Graph, ctx, batch_node: fx.Node) -> fx.Node:
-    """One dpcompile::probe_seed node, right after the placeholders: it runs on every call of the graph (an
-    opaque op tagged nondeterministic_seeded: never folded, merged or cached). Its `like` input is a tangent on
-    the batch's device where there is one, so that the seed is drawn in the backward (a forward alone draws none)."""
-    device = batch_node.meta["val"].device
-    like = next((n for n in graph.nodes if n.op == "placeholder" and n.name.startswith("tangents")
-                 and isinstance(n.meta.get("val"), torch.Tensor) and n.meta["val"].device == device), batch_node)
-    k, variant = ctx.options.probes, ctx.options.probe_variant
-
-    def draw(x):
-        return [torch.ops.dpcompile.probe_seed(x, k, variant)]
-
-    (seed,) = insert_traced(graph, draw, [like], ctx.decompositions)
-    return seed
+def probe_seed_node(ctx, io) -> fx.Node:
+    """The int64 (1,) probe seed the backend appends to the graph's inputs (backend._with_runtime_inputs): each
+    call's wrapper passes a fresh secret one, which the backward's estimates read."""
+    if ctx.seed_input is None or ctx.seed_input not in io.primals:
+        raise DPCompileError("flashdp: this graph has randomized sites but no probe seed input; randomized norms "
+                             "need the flashdp or flashdp_eager backend, which append it")
+    return io.primals[ctx.seed_input]

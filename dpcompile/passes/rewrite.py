@@ -62,8 +62,8 @@ def group_inputs(params: list, batch_node: fx.Node) -> list[fx.Node]:
 
 @dataclass
 class RandomizedNorms:
-    """The randomized sites of one graph (docs/randomized.md): one probe seed per graph call (`seed`, the node of
-    dpcompile::probe_seed), k probes of `variant`, and a site id per randomized parameter, distinct in the graph.
+    """The randomized sites of one graph (docs/randomized.md): one probe seed per graph call (`seed`, the input the
+    backend appends), k probes of `variant`, and a site id per randomized parameter, distinct in the graph.
     `products`: batch-size-1 graphs only, pg -> (the weight-gradient mm node, the chain's scale), whose value is
     the one sample's product s_0 = a_0^T b_0."""
 

@@ -11,7 +11,7 @@ Probes are never stored: every probe entry is drawn inside the kernels from a co
 Philox4x32-10 keyed by the 64-bit per-call seed with the counter (column group p, probe j, sample i, site id): its
 four words are two Box-Muller pairs, the entries of columns 4p .. 4p + 3. Every (sample, site, probe, column group)
 gets its own counter, so probes are independent across samples and sites; a fresh seed per call
-(randomized_ops.probe_seed) makes them independent across micro-batches and steps. `gaussian_probes_reference`
+(randomized_ops.draw_probe_seed) makes them independent across micro-batches and steps. `gaussian_probes_reference`
 regenerates the same probes in plain PyTorch, so the kernels can be checked against a reference that uses exactly
 their probes.
 
