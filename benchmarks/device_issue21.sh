@@ -21,8 +21,8 @@ for stage in "$@"; do
         --warm --out "$OUT/phases.json" > "$OUT/phases.log" 2>&1
       summary+=("phases: $(grep -m1 'first step minus' "$OUT/phases.log")")
       summary+=("  bw_compiler: $(grep -m1 'bw_compiler' "$OUT/phases.log")") ;;
-    cprofile)  # the first DP step under cProfile: $OUT/prof/per_layer-static.pstats for reading offline
-      timeout 240 python3 benchmarks/compile_phases.py --model gpt2-small --B 8 --T 1024 --modes per_layer-static \
+    cprofile)  # the first step under cProfile, non-DP and DP: $OUT/prof/<mode>.pstats for reading offline
+      timeout 300 python3 benchmarks/compile_phases.py --model gpt2-small --B 8 --T 1024 --modes non-DP,per_layer-static \
         --cprofile "$OUT/prof" --out "$OUT/cprofile.json" > "$OUT/cprofile.log" 2>&1
       summary+=("cprofile: $(grep -m1 'first step minus' "$OUT/cprofile.log")") ;;
     split)  # the enqueue time split by phase, the syncs a step, and one profiled step (launch counts)
