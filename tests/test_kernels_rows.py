@@ -133,17 +133,19 @@ def test_launch_keeps_a_symbolic_batch_symbolic():
 
 
 _FRONT_END = """
+import json
 import sys
 import triton
 from triton._C.libtriton import ir
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from torch._higher_order_ops import triton_kernel_wrap as W
 from dpcompile.codegen.kernels import rows as K
 
-batch, threshold = sys.argv[1], sys.argv[2]
+batch, threshold, has_x1, has_t = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4] == "1"
 fn = K._group_clip_rows_kernel
-constexprs = {"HAS_X1": True, "HAS_REST": True, "ABADI": True, "MEAN": True, "EPS": 1e-6, "BLOCK_B": 16,
-              "BLOCK_P": 128, "SCAN": 128, "BLOCK_T": K.BLOCK_T, "STEPS_T": K.STEPS_T}
+constexprs = {"HAS_X1": has_x1, "HAS_REST": True, "HAS_T": has_t, "ABADI": True, "MEAN": True, "EPS": 1e-6,
+              "BLOCK_B": 16, "BLOCK_P": 128, "SCAN": 128, "BLOCK_T": K.BLOCK_T, "STEPS_T": K.STEPS_T}
 if batch.isdigit():  # Triton's launcher makes B = 1 a constant
     constexprs["B"] = int(batch)
 types = {"B": batch, "threshold": threshold, "P0": "i32", "P1": "i32", "K": "i32", "PT": "i32", "s0_b": "i32",
@@ -155,25 +157,53 @@ options = backend.parse_options({})
 context = ir.context()
 ir.load_dialects(context)
 backend.load_dialects(context)
-ASTSource(fn=fn, signature=signature, constexprs=constexprs).make_ir(
+module = ASTSource(fn=fn, signature=signature, constexprs=constexprs).make_ir(
     target, options, backend.get_codegen_implementation(options), backend.get_module_map(), context)
+# what Inductor's analysis of the launch takes as written (torch 2.13: analyze_kernel_access; 2.11: mutations)
+functions = W.ttir_to_functions(module)
+name = next(iter(functions))
+args = [n for n in fn.arg_names if n not in constexprs]
+if hasattr(W, "analyze_kernel_access"):
+    accesses = W.analyze_kernel_access(functions, name, len(args), tuple(args),
+                                       frozenset(i for i, n in enumerate(args) if n.endswith("_ptr")))
+    written = sorted(dep.name for dep in accesses.read_writes.writes)
+else:
+    mutated = W.analyze_kernel_mutations(functions, name, len(args))
+    written = sorted(n for n, m in zip(args, mutated) if m)
+print(json.dumps(written))
 """
 
 
-@pytest.mark.parametrize("batch, threshold", [("i64", "fp64"), ("i32", "fp32"), ("1", "fp32")])
-def test_kernel_compiles_with_the_argument_types_inductor_passes(batch, threshold):
-    """Inductor passes a symbolic batch size as i64 and a float argument as fp64; Triton's own launcher passes i32 /
-    fp32, and B = 1 as a constant. The kernel's front end (Triton source to TTIR, no GPU needed; a fresh process
-    without the interpreter) must accept each: fp64 reaching tl.div_rn failed every DP compile on the GPU while
-    the direct launches passed (benchmarks/NOTES.md 35)."""
+def _front_end(batch="i32", threshold="fp32", has_x1=True, has_t=True) -> list:
+    """The kernel's Triton front end (source to TTIR, no GPU; a fresh process without the interpreter) with these
+    argument types and constexprs; returns the pointers Inductor's analysis of the TTIR takes as written."""
+    import json
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _FRONT_END, batch, threshold], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", _FRONT_END, batch, threshold, str(int(has_x1)), str(int(has_t))],
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("batch, threshold", [("i64", "fp64"), ("i32", "fp32"), ("1", "fp32")])
+def test_kernel_compiles_with_the_argument_types_inductor_passes(batch, threshold):
+    """Inductor passes a symbolic batch size as i64 and a float argument as fp64; Triton's own launcher passes i32 /
+    fp32, and B = 1 as a constant. The kernel's front end must accept each: fp64 reaching tl.div_rn failed every
+    DP compile on the GPU while the direct launches passed (benchmarks/NOTES.md 35)."""
+    _front_end(batch, threshold)
+
+
+@pytest.mark.parametrize("has_x1, has_t", [(False, False), (True, False), (False, True), (True, True)])
+def test_only_the_present_sites_pointers_are_written(has_x1, has_t):
+    """Inductor clones apart, and hands back, every pointer its analysis of the TTIR finds stored through: exactly
+    the outputs of the present sites, so the launcher may pass any tensor for an absent site's pointer (not a fresh
+    empty one each, which the partitioner moved into the forward and saved for the backward, NOTES 36)."""
+    want = ["coef_ptr", "out0_ptr"] + (["out1_ptr"] if has_x1 else []) + (["out_t_ptr"] if has_t else [])
+    assert _front_end(has_x1=has_x1, has_t=has_t) == sorted(want)
 
 
 _FUNCTIONALIZED = """
@@ -186,7 +216,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from dpcompile.codegen.kernels import rows as K
 
 sites, with_rest, with_tiles = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3] == "1"
-written = ["coef_ptr", "out0_ptr", "out1_ptr", "out_t_ptr"]
+# the pointers the kernel stores through in this configuration (test_only_the_present_sites_pointers_are_written)
+written = ["coef_ptr", "out0_ptr"] + (["out1_ptr"] if sites == 2 else []) + (["out_t_ptr"] if with_tiles else [])
 
 
 def f(*args):
@@ -199,11 +230,14 @@ args = [torch.randn(8, 20 + k) for k in range(sites)] + ([torch.rand(8, 3)] if w
 gm = make_fx(dispatch_functionalize(f), tracing_mode="fake")(*args)
 (launch,) = [n for n in gm.graph.nodes if n.target is torch.ops.higher_order.triton_kernel_wrapper_functional]
 kwargs = launch.kwargs["kwargs"]
-assert len({kwargs[k] for k in written}) == len(written), {k: kwargs[k] for k in written}
+pointers = {k: v for k, v in kwargs.items() if k.endswith("_ptr")}
+for k in written:  # a written pointer's tensor is passed for no other pointer
+    assert [j for j, v in pointers.items() if v is pointers[k]] == [k], (k, pointers)
 outputs = gm.graph.output_node().args[0]
-want = ["coef_ptr", "out0_ptr"] + (["out1_ptr"] if sites == 2 else []) + (["out_t_ptr"] if with_tiles else [])
 got = [o.args[1] if o.target is operator.getitem and o.args[0] is launch else o for o in outputs]
-assert got == want, (got, want)
+assert got == written, (got, written)
+empties = [n for n in gm.graph.nodes if n.target is torch.ops.aten.empty.memory_format]
+assert len(empties) == len(written), empties  # the outputs' allocations, no stand-in for an absent site
 """
 
 
@@ -211,10 +245,10 @@ assert got == want, (got, want)
                                                           (2, False, True)])
 def test_functionalized_launch_returns_what_the_kernel_wrote(sites, with_rest, with_tiles):
     """Under Inductor the launch is functionalized: every argument the kernel may store through is cloned apart and
-    the clones replace their tensors. No tensor may be passed for two written pointers (one site passed its sum as
-    both out0 and out1, and the op returned out1's clone, which no program writes: garbage gradients for every
-    bias group of one rows site), and each output must be the clone of the pointer that writes it. Traced on fake
-    tensors in a fresh process without the interpreter."""
+    the clones replace their tensors. A written pointer's tensor may be passed for no other pointer (one site passed
+    its sum as both out0 and out1, and the op returned out1's clone, which no program writes: garbage gradients for
+    every bias group of one rows site), each output must be the clone of the pointer that writes it, and nothing
+    is allocated for an absent site's pointers. Traced on fake tensors in a fresh process without the interpreter."""
     import os
     import subprocess
     import sys

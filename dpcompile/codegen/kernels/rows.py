@@ -85,7 +85,7 @@ def _group_factors(x0_ptr, x1_ptr, rest_ptr, P0, P1, K, s0_b, s1_b, sr_b, rb, mb
 @triton.jit
 def _group_clip_rows_kernel(x0_ptr, x1_ptr, rest_ptr, t_ptr, out0_ptr, out1_ptr, out_t_ptr, coef_ptr, B, P0, P1,
                             K, PT, s0_b, s1_b, sr_b, st_b, threshold, HAS_X1: tl.constexpr, HAS_REST: tl.constexpr,
-                            ABADI: tl.constexpr, MEAN: tl.constexpr, EPS: tl.constexpr, BLOCK_B: tl.constexpr,
+                            HAS_T: tl.constexpr, ABADI: tl.constexpr, MEAN: tl.constexpr, EPS: tl.constexpr, BLOCK_B: tl.constexpr,
                             BLOCK_P: tl.constexpr, SCAN: tl.constexpr, BLOCK_T: tl.constexpr,
                             STEPS_T: tl.constexpr):
     pid = tl.program_id(0)
@@ -114,11 +114,17 @@ def _group_clip_rows_kernel(x0_ptr, x1_ptr, rest_ptr, t_ptr, out0_ptr, out1_ptr,
             else:
                 x = tl.load(x0_ptr + rb[:, None] * s0_b + rp[None, :], mask=mb[:, None] & mp[None, :], other=0.0)
             acc += tl.sum(coef[:, None] * x, axis=0)
-        if second:
-            tl.store(out1_ptr + rp, acc, mask=mp)
+        # a pointer is stored through only where its site exists (constexpr branches): what Inductor's analysis of
+        # the kernel takes as written, and clones apart, is then exactly the outputs, and the absent sites' pointers
+        # can be any tensor (a written one passed twice came back as an unwritten clone, tests/test_kernels_rows.py)
+        if HAS_X1:
+            if second:
+                tl.store(out1_ptr + rp, acc, mask=mp)
+            else:
+                tl.store(out0_ptr + rp, acc, mask=mp)
         else:
             tl.store(out0_ptr + rp, acc, mask=mp)
-    else:  # STEPS_T x BLOCK_T columns of the products whose norms are in rest: each sample block's factors once
+    elif HAS_T:  # STEPS_T x BLOCK_T columns of the products whose norms are in rest: each sample block's factors once
         base = (pid - n_rows).to(tl.int64) * (BLOCK_T * STEPS_T)
         for b0 in range(0, B, BLOCK_B):
             rb = b0 + tl.arange(0, BLOCK_B)
@@ -163,22 +169,24 @@ def group_clip_rows(xs: list, rest_sq: Optional[torch.Tensor], threshold: float,
     tiles = None if tiles is None else tiles.contiguous()  # the kernel steps PT elements from sample to sample
     PT = 0 if tiles is None else tiles.shape[1:].numel()  # no test of B: it may be a symbol
     out_t = None if tiles is None else torch.empty(tiles.shape[1:], device=x0.device, dtype=torch.float32)
-    # every pointer the kernel stores through gets its own tensor, an empty one where nothing is stored: under
-    # Inductor the launch is functionalized, each written argument cloned apart, and an output passed twice came
-    # back as the clone the kernel never wrote (tests/test_kernels_rows.py)
-    out1 = outs[1] if len(xs) > 1 else x0.new_empty((0,), dtype=torch.float32)
-    out_t_arg = out_t if out_t is not None else x0.new_empty((0,), dtype=torch.float32)
+    # every pointer the kernel stores through gets its own tensor: under Inductor the launch is functionalized, each
+    # written argument cloned apart, and an output passed twice came back as the clone the kernel never wrote. The
+    # pointers of absent sites are never stored through (constexpr branches) nor read, so x0 stands in for them: an
+    # empty tensor each would be 98 allocations a step on gpt2-small, which the partitioner moved into the forward and
+    # saved for the backward (tests/test_kernels_rows.py)
+    out1 = outs[1] if len(xs) > 1 else x0
+    out_t_arg = out_t if out_t is not None else x0
     block_p = _block_p(P0, P1)
     programs = triton.cdiv(P0, block_p) + triton.cdiv(P1, block_p) + triton.cdiv(PT, BLOCK_T * STEPS_T)
     if rest_sq is not None and rest_sq.dim() == 1:
         rest_sq = rest_sq.unsqueeze(1)
-    rest = rest_sq if rest_sq is not None else x0.new_empty((0, 1), dtype=torch.float32)  # read only with HAS_REST
+    rest = rest_sq if rest_sq is not None else x0  # read only with HAS_REST
     if programs > 0:
         launch(_group_clip_rows_kernel)[(programs,)](
             x0, x1, rest, x0 if tiles is None else tiles, outs[0], out1, out_t_arg, coef, B,
             P0, P1, rest.shape[1] if rest_sq is not None else 0, PT, x0.stride(0), x1.stride(0),
             rest.stride(0) if rest_sq is not None else 0, PT, float(threshold),
-            HAS_X1=len(xs) > 1, HAS_REST=rest_sq is not None, ABADI=clip_fn == "abadi", MEAN=bool(mean),
+            HAS_X1=len(xs) > 1, HAS_REST=rest_sq is not None, HAS_T=tiles is not None, ABADI=clip_fn == "abadi", MEAN=bool(mean),
             EPS=CLIP_EPS if clip_fn == "abadi" else AUTO_GAMMA, BLOCK_B=BLOCK_B, BLOCK_P=block_p, SCAN=SCAN_P,
             BLOCK_T=BLOCK_T, STEPS_T=STEPS_T)
     return [coef, *outs] + ([] if out_t is None else [out_t])
