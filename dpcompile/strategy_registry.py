@@ -32,11 +32,10 @@ class Strategy:
     norm: (ins, pg, env, randomized) -> (squared norms (B,), what `clipped_sum` reads), traced into the graph;
         ins: the site's fused inputs.
     clipped_sum: (what norm returned, coef) -> sum_i coef_i g_i.
-    norm_rows: (ins, pg, env) -> (the squared norms as (B, K) parts each sample's norm is the sum of, the
-        per-sample products (B, M, N) whose coef-weighted sum is the clipped sum), or None. A group of such a site
-        and its rows sites (a linear layer's weight and bias) hands both to the rows op
-        (codegen.ops.rows_group_clipped_sum), which sums the parts into the factor and forms every clipped sum in
-        one launch.
+    norm_rows: (ins, pg, env) -> (the squared norms as (B, K) parts each sample's norm is the sum of, what
+        `clipped_sum` reads), or None. A group of such a site and its rows sites (a linear layer's weight and
+        bias) hands the parts to the rows op (codegen.ops.rows_group_clipped_sum), which sums them into the factor
+        with the rows sites' own norms (no reduction of its own) and forms the rows sites' clipped sums.
     group_clip: (a, b, rest_sq, sq_scale, threshold, clip_fn, mean, budget_bytes) -> (sum, coef): the strategy
         forms the group's clip factors itself (single_pass), so at most one site of a group takes it.
     option: users may name it (`strategy=...`); False for the internal forms the rewrite dispatches on.

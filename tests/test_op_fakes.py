@@ -27,10 +27,9 @@ INPUTS = {
     # one rows site, and two with the group's other norms
     "rows_group_clipped_sum": lambda B, T, M, N, dt, dev: (
         [torch.randn(B, M, dtype=dt, device=dev)] + ([torch.randn(B, N, dtype=dt, device=dev)] if B % 2 else []),
-        # the other norms: none, (B,), or (B, N) parts of a weight's rows with its products (B, N, M)
+        # the other norms: none, (B,), or (B, N) parts of a weight's rows
         None if B % 2 == 0 else torch.rand(B, dtype=torch.float32, device=dev) if B == 1 else
-        torch.rand(B, N, dtype=torch.float32, device=dev), 0.5, "abadi", True,
-        torch.randn(B, N, M, dtype=dt, device=dev) if B == 3 else None),
+        torch.rand(B, N, dtype=torch.float32, device=dev), 0.5, "abadi", True),
 }
 INPUTS["linear_ghost_norm"] = INPUTS["linear_tile_norm"] = INPUTS["linear_norm"]
 INPUTS["linear_tile_clipped_sum"] = INPUTS["linear_clipped_sum"]

@@ -81,6 +81,23 @@ def test_fresh_noise_every_step_and_grads_consumed():
     assert abs(corr) < 0.05
 
 
+def test_noisy_sums_are_the_clipped_sums_plus_the_generators_draw():
+    """(g + sigma C z) / expected_batch_size, z the generator's standard normals in parameter order: the draw is
+    scaled as it is made (normal_), and the clipped sums are added once."""
+    model = nn.Linear(5, 3)
+    _zero_clipped_sums(model, max_grad_norm=0.4)
+    sums = [torch.randn(p.shape, generator=torch.Generator().manual_seed(k)) for k, p in enumerate(model.parameters())]
+    for p, g in zip(model.parameters(), sums):
+        p.grad.copy_(g)
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=1.5, max_grad_norm=0.4,
+                      expected_batch_size=4.0, generator=torch.Generator().manual_seed(7))
+    opt.add_noise()
+    z = torch.randn(sum(p.numel() for p in model.parameters()), generator=torch.Generator().manual_seed(7))
+    want = (torch.cat([g.flatten() for g in sums]) + 1.5 * 0.4 * z) / 4.0
+    got = torch.cat([p.grad.flatten() for p in model.parameters()])
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
 def test_noise_is_fp32_for_bf16_parameters():
     model = nn.Linear(128, 128).to(torch.bfloat16)
     torch._dynamo.reset()

@@ -64,11 +64,11 @@ def test_strategies_use_their_ops(monkeypatch):
     assert ops.count(dp.linear_single_pass.default) == 2
     assert dp.linear_norm.default not in ops and dp.linear_clipped_sum.default not in ops
     monkeypatch.undo()
-    # with a bias, single_pass runs as its factor_apart form (stored's products): the group's factor, the bias's
-    # sum and the weight's come from one op, the weight's row norms as its `rest`
+    # with a bias, single_pass runs as its factor_apart form (stored's products): the group's factor and the bias's
+    # sum come from one op, the weight's row norms as its `rest`, and the products are reduced with that factor
     ops = _rewritten_graph(model, x, monkeypatch, clipping="per_layer", strategy="single_pass")
     assert ops.count(dp.linear_tiles.default) == 2 and ops.count(dp.rows_group_clipped_sum.default) == 2
-    assert dp.tiles_clipped_sum.default not in ops and dp.linear_single_pass.default not in ops
+    assert ops.count(dp.tiles_clipped_sum.default) == 2 and dp.linear_single_pass.default not in ops
     monkeypatch.undo()
     # flat: one group, so single_pass can serve one of its two linear sites only
     ops = _rewritten_graph(no_bias, x, monkeypatch, clipping="flat", strategy={"0.weight": "single_pass"})
@@ -98,9 +98,9 @@ def test_strategies_use_their_ops(monkeypatch):
 
 def test_a_stored_weight_hands_its_row_norms_to_its_bias_op(monkeypatch):
     """A layer whose weight keeps its products (stored, or single_pass beside a bias): the weight's squared norms
-    reach the bias's rows op as (B, d_in) row parts and its products as `tiles`, read straight from linear_tiles
-    (no reduction between them), and the op forms the weight's clipped sum; a flat group (two weights) sums its
-    norms to (B,) first and reduces each weight's products apart."""
+    reach the bias's rows op as (B, d_in) row parts read straight from linear_tiles (no reduction between them),
+    and the products of the same call are reduced with the op's factor; a flat group (two weights) sums its norms
+    to (B,) first."""
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
     x = torch.randn(5, 6, 4)
     for options, rest_dims in (({"clipping": "per_layer", "strategy": "single_pass"}, {2}),
@@ -113,11 +113,12 @@ def test_a_stored_weight_hands_its_row_norms_to_its_bias_op(monkeypatch):
         assert {r.meta["val"].dim() for r in rests} == rest_dims, options
         if rest_dims == {2}:
             assert all(r.target is operator.getitem and r.args[0].target is dp.linear_tiles.default for r in rests)
-            assert all(n.args[5].target is operator.getitem and n.args[5].args[0] is n.args[1].args[0]
-                       for n in rows_ops)  # the products of the same linear_tiles call
-            assert dp.tiles_clipped_sum.default not in [n.target for n in nodes]
-        else:
-            assert all(len(n.args) < 6 or n.args[5] is None for n in rows_ops)
+            sums = [n for n in nodes if n.target is dp.tiles_clipped_sum.default]
+            assert len(sums) == len(rows_ops)
+            for n, total in zip(rows_ops, sums):  # the products of the same linear_tiles call, the op's factor
+                products, coef = total.args
+                assert products.target is operator.getitem and products.args[0] is n.args[1].args[0]
+                assert coef.target is operator.getitem and coef.args[0] is n and coef.args[1] == 0
         monkeypatch.undo()
 
 

@@ -79,7 +79,6 @@ def _use_triton(*tensors: Tensor) -> bool:
     return tensors[0].device.type == "cuda" and torch.float64 not in {t.dtype for t in tensors}
 
 
-_TRITON_DATA = (torch.float32, torch.float16, torch.bfloat16)  # data dtypes our kernels load
 
 
 # triton_op: on CUDA, Inductor sees the Triton launches inside and emits them itself (no Python op in between);
@@ -288,7 +287,7 @@ rows_clipped_sum = dp_op(role="clipped_sum", name="rows_clipped_sum",
 
 
 def rows_group_clipped_sum_reference(xs: list, rest_sq: Optional[Tensor], threshold: float, clip_fn: str,
-                                     mean: bool, tiles: Optional[Tensor] = None) -> list:
+                                     mean: bool) -> list:
     sq = None
     for x in xs:
         n2 = x.pow(2).sum(1)
@@ -296,37 +295,27 @@ def rows_group_clipped_sum_reference(xs: list, rest_sq: Optional[Tensor], thresh
     if rest_sq is not None:
         sq = sq + (rest_sq.sum(1) if rest_sq.dim() == 2 else rest_sq).to(sq.dtype)
     coef = group_clip_factors(sq, threshold, clip_fn, mean, xs[0].shape[0])
-    sums = [(coef.unsqueeze(1) * x).sum(0) for x in xs]
-    if tiles is not None:
-        acc = norm_dtype(tiles.dtype, coef.dtype)
-        sums.append(torch.tensordot(coef.to(acc), tiles.to(acc), dims=1))
-    return [coef, *sums]
+    return [coef, *((coef.unsqueeze(1) * x).sum(0) for x in xs)]
 
 
-def _rows_group_clipped_sum_fake(xs, rest_sq, threshold, clip_fn, mean, tiles=None):
-    sums = [x.new_empty((x.shape[1],)) for x in xs]
-    if tiles is not None:
-        sums.append(tiles.new_empty(tiles.shape[1:], dtype=norm_dtype(tiles.dtype, *(x.dtype for x in xs))))
-    return [xs[0].new_empty((xs[0].shape[0],)), *sums]
+def _rows_group_clipped_sum_fake(xs, rest_sq, threshold, clip_fn, mean):
+    return [xs[0].new_empty((xs[0].shape[0],)), *(x.new_empty((x.shape[1],)) for x in xs)]
 
 
 @dp_op(role="clipped_sum", fake=_rows_group_clipped_sum_fake)
 def rows_group_clipped_sum(xs: list[Tensor], rest_sq: Optional[Tensor], threshold: float, clip_fn: str,
-                           mean: bool, tiles: Optional[Tensor] = None) -> list[Tensor]:
+                           mean: bool) -> list[Tensor]:
     """A group's rows sites and its clip factor together: from the per-sample row sums xs[k] (B, P_k) of its rows
     sites (rows_colsum's) and the squared norms of its other sites (rest_sq: (B,), or (B, K) parts each sample's
-    norm is the sum of, or None), [the group's factors (B,), sum_i coef_i xs[k]_i for each k]; given `tiles`, the
-    per-sample products (B, M, N) of a stored weight whose norms are in rest_sq, also sum_i coef_i tiles_i in the
-    accumulation dtype. On CUDA one or two rows sites and the products take one launch (kernels/rows.py) where the
-    norms, the factor and the sums were a kernel each."""
+    norm is the sum of, or None), [the group's factors (B,), sum_i coef_i xs[k]_i for each k]. On CUDA one or two
+    rows sites take one launch (kernels/rows.py) where the norms, the factor and the sums were a kernel each."""
     if len(xs) <= 2 and _use_triton(*xs) and all(x.dtype == torch.float32 and x.stride(1) == 1 for x in xs) \
-            and sum(x.shape[1] for x in xs) > 0 and (tiles is None or tiles.dtype in _TRITON_DATA):
+            and sum(x.shape[1] for x in xs) > 0:
         from .kernels.rows import group_clip_rows
 
         rest = None if rest_sq is None else rest_sq.to(torch.float32).contiguous()
-        return group_clip_rows(list(xs), rest, threshold, clip_fn, mean,
-                               tiles=tiles, launch=torch.library.wrap_triton)
-    return rows_group_clipped_sum_reference(list(xs), rest_sq, threshold, clip_fn, mean, tiles)
+        return group_clip_rows(list(xs), rest, threshold, clip_fn, mean, launch=torch.library.wrap_triton)
+    return rows_group_clipped_sum_reference(list(xs), rest_sq, threshold, clip_fn, mean)
 
 
 # -- embedding ----------------------------------------------------------------------------------------------

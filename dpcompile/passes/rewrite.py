@@ -141,7 +141,7 @@ def norm_rows_of(pg: ParamGrad, strategy: str) -> Optional[Callable]:
 
 
 def param_norm_rows(pg: ParamGrad, strategy: str, env: dict, bsz):
-    """(the parameter's per-sample squared norms as (B, K) parts, its per-sample products (B, M, N))."""
+    """(the parameter's per-sample squared norms as (B, K) parts, what its clipped sum reads)."""
     c = pg.contributions[0]
     parts, products = norm_rows_of(pg, strategy)(site_kind(c.site.kind).fused_inputs(c.site, env, bsz), pg, env)
     return (parts * (c.scale * c.scale) if c.scale != 1.0 else parts), products
@@ -203,7 +203,7 @@ def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: in
     group_clip = {pg: find_strategy(strategies.get(pg, "")) for pg in params}
     # the group's one other site (a linear layer's weight beside its bias), when its strategy gives its norm as
     # row parts and keeps its products: the rows op sums the parts into the factor (where Inductor would launch a
-    # reduction of its own) and forms the products' clipped sum in the same launch
+    # reduction of its own); the products' clipped sum is the strategy's own, from the factor (NOTES 37)
     others = [pg for pg in params if pg is not single and pg not in rows_together]
     by_rows = others[0] if rows_together and len(others) == 1 and norm_rows_of(
         others[0], strategies.get(others[0], "")) is not None else None
@@ -212,10 +212,10 @@ def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: in
         env = dict(zip(inputs, vals))
         bsz = env[batch_node].shape[batch_dim]
         thr = threshold.value(env) if runtime else threshold
-        sq, prepared, products = None, {}, None
+        sq, prepared = None, {}
         for pg in others:
             if pg is by_rows:
-                sq, products = param_norm_rows(pg, strategies.get(pg, ""), env, bsz)
+                sq, prepared[pg] = param_norm_rows(pg, strategies.get(pg, ""), env, bsz)
                 continue
             n2, prepared[pg] = param_norm(pg, strategies.get(pg, ""), env, bsz, randomized)
             sq = n2 if sq is None else sq + n2
@@ -223,12 +223,10 @@ def make_group_fn(params: list, inputs: list, batch_node: fx.Node, batch_dim: in
         if rows_together:
             cols = [site_kind(pg.contributions[0].site.kind).column_sums(pg.contributions[0].site, env, bsz)
                     for pg in rows_together]
-            coef, *row_sums = ops.rows_group_clipped_sum(cols, sq, thr, clip_fn, mean, products)
+            coef, *row_sums = ops.rows_group_clipped_sum(cols, sq, thr, clip_fn, mean)
             for pg, s in zip(rows_together, row_sums):
                 sums[pg] = _as_grad(pg, _finish_fused(pg, s.reshape(pg.contributions[0].site.node.meta["val"].shape),
                                                       env))
-            if by_rows is not None:
-                sums[by_rows] = _as_grad(by_rows, _finish_fused(by_rows, row_sums[-1], env))
         elif single is not None:
             c = single.contributions[0]
             a, b = c.site.fused_inputs(env, bsz)

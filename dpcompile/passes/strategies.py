@@ -75,10 +75,10 @@ def _kept(norm_op):
 
 
 def _kept_rows(norm_op):
-    """Strategy.norm_rows of the same op: (the rows' squared norms (B, M), the products)."""
+    """Strategy.norm_rows of the same op: (the rows' squared norms (B, M), what the clipped sum reads)."""
     def norm_rows(ins, pg, env):
         tiles, rows = norm_op(*ins)
-        return rows, tiles
+        return rows, (tiles,)
     return norm_rows
 
 

@@ -1,18 +1,19 @@
-"""A clipping group's rows sites (biases, norm weights), its clip factor and a stored weight's sum in one launch.
+"""A clipping group's rows sites (biases, norm weights) and its clip factor in one launch.
 
   group_clip_rows   from the per-sample row sums c_k (B, P_k) of one or two rows sites and the squared norms of the
                     group's other sites (rest, (B, K) parts summed here: a linear weight's row norms, or K = 1):
-                    the group's factors coef_i (clipping.group_clip_factors of rest_i + sum_k ||c_k,i||^2),
-                    each site's clipped sum sum_i coef_i c_k,i, and, given a stored weight's per-sample products
-                    t_i (whose norms are in rest), sum_i coef_i t_i.
+                    the group's factors coef_i (clipping.group_clip_factors of rest_i + sum_k ||c_k,i||^2) and
+                    each site's clipped sum sum_i coef_i c_k,i.
 
-Each program owns BLOCK_P columns of one rows site's sum, or STEPS_T x BLOCK_T columns of the products' sum. The
-factor needs every column of every sample, so each program first reads the whole (B, P_0 + P_1) row sums and the
-norm parts to form the samples' factors (a few KB to a few MB, from L2), then accumulates its columns over the
-samples: no atomics, no second launch, and the result does not depend on scheduling. Program 0 also stores the
-factors, which the group's other sites' clipped sums read. This replaces a norm kernel per rows site, a factor
-kernel, a clipped-sum kernel per group that Inductor generated and the products' scaled reduction
-(benchmarks/NOTES.md, entries 34 and 35). The factor's formula mirrors clipping.py (its home), with IEEE division
+Each program owns BLOCK_P columns of one rows site's sum. The factor needs every column of every sample, so each
+program first reads the whole (B, P_0 + P_1) row sums and the norm parts to form the samples' factors (a few KB,
+from L2), then accumulates its columns over the samples: no atomics, and the result does not depend on
+scheduling. Program 0 also stores the factors, which the group's other sites' clipped sums read. This replaces a
+norm kernel per rows site, a factor kernel and a clipped-sum kernel per group that Inductor generated
+(benchmarks/NOTES.md, entries 34 and 35). A stored weight's products are not summed here: programs owning product
+columns had each to form their samples' factors from the row sums and norm parts first, as much traffic as their
+own products and a chain of dependent loads, which made the launch 2.3 ms a step on gpt2-small where the scaled
+reduction reads the products at memory speed (NOTES 37). The factor's formula mirrors clipping.py (its home), with IEEE division
 and square root; tests/test_kernels_rows.py holds the kernel to the reference in codegen/ops.py.
 """
 from __future__ import annotations
@@ -29,10 +30,6 @@ BLOCK_B = 16
 SCAN_P = 256  # columns per step of the norm scan (fewer dependent steps before a program can start its sums)
 MAX_BLOCK_P = 512  # columns a program owns at most (its (BLOCK_B, BLOCK_P) tile stays in registers)
 TARGET_PROGRAMS = 16  # fewer, wider programs when the sites are narrow: each one re-reads the whole row sums
-# the products' columns a program owns: STEPS_T loads of (BLOCK_B, BLOCK_T), each sample block's factors formed once
-# (every program re-reads the row sums and norm parts: 4096 columns keep that below the products' own traffic)
-BLOCK_T = 512
-STEPS_T = 8
 
 
 @triton.jit
@@ -83,67 +80,44 @@ def _group_factors(x0_ptr, x1_ptr, rest_ptr, P0, P1, K, s0_b, s1_b, sr_b, rb, mb
 
 
 @triton.jit
-def _group_clip_rows_kernel(x0_ptr, x1_ptr, rest_ptr, t_ptr, out0_ptr, out1_ptr, out_t_ptr, coef_ptr, B, P0, P1,
-                            K, PT, s0_b, s1_b, sr_b, st_b, threshold, HAS_X1: tl.constexpr, HAS_REST: tl.constexpr,
-                            HAS_T: tl.constexpr, ABADI: tl.constexpr, MEAN: tl.constexpr, EPS: tl.constexpr, BLOCK_B: tl.constexpr,
-                            BLOCK_P: tl.constexpr, SCAN: tl.constexpr, BLOCK_T: tl.constexpr,
-                            STEPS_T: tl.constexpr):
+def _group_clip_rows_kernel(x0_ptr, x1_ptr, rest_ptr, out0_ptr, out1_ptr, coef_ptr, B, P0, P1, K, s0_b, s1_b, sr_b,
+                            threshold, HAS_X1: tl.constexpr, HAS_REST: tl.constexpr, ABADI: tl.constexpr,
+                            MEAN: tl.constexpr, EPS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_P: tl.constexpr,
+                            SCAN: tl.constexpr):
     pid = tl.program_id(0)
     # the batch size as the factor's formula reads it, in fp32 whatever B's type: an i64 under Inductor (a symbolic
     # size; B * 1.0 would be fp64 there), a constexpr where Triton specializes B = 1, an int in the interpreter (a
     # float argument computed on the host would specialize the symbolic batch)
     batch = tl.zeros((), dtype=tl.float32) + B
     n0 = tl.cdiv(P0, BLOCK_P)
-    n_rows = n0 + tl.cdiv(P1, BLOCK_P)
-    if pid < n_rows:  # columns of a rows site, accumulated over the samples in registers
-        second = pid >= n0  # this program's columns are site 1's
-        col0 = (pid - n0 * second.to(tl.int32)) * BLOCK_P
-        rp = col0 + tl.arange(0, BLOCK_P)
-        P_own = tl.where(second, P1, P0)
-        mp = rp < P_own
-        acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
-        for b0 in range(0, B, BLOCK_B):
-            rb = b0 + tl.arange(0, BLOCK_B)
-            mb = rb < B
-            coef = _group_factors(x0_ptr, x1_ptr, rest_ptr, P0, P1, K, s0_b, s1_b, sr_b, rb, mb, batch, threshold,
-                                  HAS_X1, HAS_REST, ABADI, MEAN, EPS, SCAN)
-            if pid == 0:
-                tl.store(coef_ptr + rb, coef, mask=mb)
-            if second:
-                x = tl.load(x1_ptr + rb[:, None] * s1_b + rp[None, :], mask=mb[:, None] & mp[None, :], other=0.0)
-            else:
-                x = tl.load(x0_ptr + rb[:, None] * s0_b + rp[None, :], mask=mb[:, None] & mp[None, :], other=0.0)
-            acc += tl.sum(coef[:, None] * x, axis=0)
-        # a pointer is stored through only where its site exists (constexpr branches): what Inductor's analysis of
-        # the kernel takes as written, and clones apart, is then exactly the outputs, and the absent sites' pointers
-        # can be any tensor (a written one passed twice came back as an unwritten clone, tests/test_kernels_rows.py)
-        if HAS_X1:
-            if second:
-                tl.store(out1_ptr + rp, acc, mask=mp)
-            else:
-                tl.store(out0_ptr + rp, acc, mask=mp)
+    second = pid >= n0  # this program's columns are site 1's
+    col0 = (pid - n0 * second.to(tl.int32)) * BLOCK_P
+    rp = col0 + tl.arange(0, BLOCK_P)
+    P_own = tl.where(second, P1, P0)
+    mp = rp < P_own
+    acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for b0 in range(0, B, BLOCK_B):
+        rb = b0 + tl.arange(0, BLOCK_B)
+        mb = rb < B
+        coef = _group_factors(x0_ptr, x1_ptr, rest_ptr, P0, P1, K, s0_b, s1_b, sr_b, rb, mb, batch, threshold,
+                              HAS_X1, HAS_REST, ABADI, MEAN, EPS, SCAN)
+        if pid == 0:
+            tl.store(coef_ptr + rb, coef, mask=mb)
+        if second:
+            x = tl.load(x1_ptr + rb[:, None] * s1_b + rp[None, :], mask=mb[:, None] & mp[None, :], other=0.0)
+        else:
+            x = tl.load(x0_ptr + rb[:, None] * s0_b + rp[None, :], mask=mb[:, None] & mp[None, :], other=0.0)
+        acc += tl.sum(coef[:, None] * x, axis=0)
+    # out1 is stored through only where its site exists (a constexpr branch): what Inductor's analysis of the kernel
+    # takes as written, and clones apart, is then exactly the outputs, and an absent site's pointer can be any
+    # tensor (a written one passed twice came back as an unwritten clone, tests/test_kernels_rows.py)
+    if HAS_X1:
+        if second:
+            tl.store(out1_ptr + rp, acc, mask=mp)
         else:
             tl.store(out0_ptr + rp, acc, mask=mp)
-    elif HAS_T:  # STEPS_T x BLOCK_T columns of the products whose norms are in rest: each sample block's factors once
-        base = (pid - n_rows).to(tl.int64) * (BLOCK_T * STEPS_T)
-        for b0 in range(0, B, BLOCK_B):
-            rb = b0 + tl.arange(0, BLOCK_B)
-            mb = rb < B
-            coef = _group_factors(x0_ptr, x1_ptr, rest_ptr, P0, P1, K, s0_b, s1_b, sr_b, rb, mb, batch, threshold,
-                                  HAS_X1, HAS_REST, ABADI, MEAN, EPS, SCAN)
-            for step in tl.static_range(STEPS_T):
-                cols = base + step * BLOCK_T + tl.arange(0, BLOCK_T)
-                mc = cols < PT
-                x = tl.load(t_ptr + rb.to(tl.int64)[:, None] * st_b + cols[None, :],
-                            mask=mb[:, None] & mc[None, :], other=0.0).to(tl.float32)
-                part = tl.sum(coef[:, None] * x, axis=0)
-                # this program owns these columns: later sample blocks add to what the first one stored
-                part += tl.load(out_t_ptr + cols, mask=mc & (b0 > 0), other=0.0)
-                tl.store(out_t_ptr + cols, part, mask=mc)
-        if B == 0:
-            for step in tl.static_range(STEPS_T):
-                cols = base + step * BLOCK_T + tl.arange(0, BLOCK_T)
-                tl.store(out_t_ptr + cols, tl.zeros((BLOCK_T,), dtype=tl.float32), mask=cols < PT)
+    else:
+        tl.store(out0_ptr + rp, acc, mask=mp)
 
 
 def _block_p(P0: int, P1: int) -> int:
@@ -153,11 +127,10 @@ def _block_p(P0: int, P1: int) -> int:
 
 
 def group_clip_rows(xs: list, rest_sq: Optional[torch.Tensor], threshold: float, clip_fn: str, mean: bool,
-                    tiles: Optional[torch.Tensor] = None, launch=None) -> list:
-    """[coef (B,), sum_i coef_i xs[0]_i (P_0,), (sum for xs[1]), (sum for tiles)]: fp32 row sums (B, P_k) with
-    unit column stride, one or two of them; rest_sq: the group's other squared norms in fp32, (B,) or (B, K) parts
-    with unit column stride, summed here; tiles: per-sample products (B, ...) contiguous, fp32/fp16/bf16, whose
-    norms are in rest_sq (a stored weight's), summed in fp32 and returned in their shape less the samples."""
+                    launch=None) -> list:
+    """[coef (B,), sum_i coef_i xs[0]_i (P_0,), (sum for xs[1])]: fp32 row sums (B, P_k) with unit column stride,
+    one or two of them; rest_sq: the group's other squared norms in fp32, (B,) or (B, K) parts with unit column
+    stride, summed here."""
     launch = launch or (lambda k: k)
     if not 1 <= len(xs) <= 2:
         raise ValueError(f"group_clip_rows takes one or two sites' row sums, got {len(xs)}")
@@ -166,27 +139,21 @@ def group_clip_rows(xs: list, rest_sq: Optional[torch.Tensor], threshold: float,
     P1 = xs[1].shape[1] if len(xs) > 1 else 0
     coef = torch.empty((B,), device=x0.device, dtype=torch.float32)
     outs = [torch.empty((x.shape[1],), device=x.device, dtype=torch.float32) for x in xs]
-    tiles = None if tiles is None else tiles.contiguous()  # the kernel steps PT elements from sample to sample
-    PT = 0 if tiles is None else tiles.shape[1:].numel()  # no test of B: it may be a symbol
-    out_t = None if tiles is None else torch.empty(tiles.shape[1:], device=x0.device, dtype=torch.float32)
     # every pointer the kernel stores through gets its own tensor: under Inductor the launch is functionalized, each
-    # written argument cloned apart, and an output passed twice came back as the clone the kernel never wrote. The
-    # pointers of absent sites are never stored through (constexpr branches) nor read, so x0 stands in for them: an
-    # empty tensor each would be 98 allocations a step on gpt2-small, which the partitioner moved into the forward and
-    # saved for the backward (tests/test_kernels_rows.py)
+    # written argument cloned apart, and an output passed twice came back as the clone the kernel never wrote. An
+    # absent site's pointers are never stored through (constexpr branches) nor read, so x0 stands in for them: an
+    # empty tensor each was an allocation a step that the partitioner moved into the forward and saved for the
+    # backward (NOTES 36; tests/test_kernels_rows.py)
     out1 = outs[1] if len(xs) > 1 else x0
-    out_t_arg = out_t if out_t is not None else x0
     block_p = _block_p(P0, P1)
-    programs = triton.cdiv(P0, block_p) + triton.cdiv(P1, block_p) + triton.cdiv(PT, BLOCK_T * STEPS_T)
+    programs = triton.cdiv(P0, block_p) + triton.cdiv(P1, block_p)
     if rest_sq is not None and rest_sq.dim() == 1:
         rest_sq = rest_sq.unsqueeze(1)
     rest = rest_sq if rest_sq is not None else x0  # read only with HAS_REST
     if programs > 0:
         launch(_group_clip_rows_kernel)[(programs,)](
-            x0, x1, rest, x0 if tiles is None else tiles, outs[0], out1, out_t_arg, coef, B,
-            P0, P1, rest.shape[1] if rest_sq is not None else 0, PT, x0.stride(0), x1.stride(0),
-            rest.stride(0) if rest_sq is not None else 0, PT, float(threshold),
-            HAS_X1=len(xs) > 1, HAS_REST=rest_sq is not None, HAS_T=tiles is not None, ABADI=clip_fn == "abadi", MEAN=bool(mean),
-            EPS=CLIP_EPS if clip_fn == "abadi" else AUTO_GAMMA, BLOCK_B=BLOCK_B, BLOCK_P=block_p, SCAN=SCAN_P,
-            BLOCK_T=BLOCK_T, STEPS_T=STEPS_T)
-    return [coef, *outs] + ([] if out_t is None else [out_t])
+            x0, x1, rest, outs[0], out1, coef, B, P0, P1, rest.shape[1] if rest_sq is not None else 0,
+            x0.stride(0), x1.stride(0), rest.stride(0) if rest_sq is not None else 0, float(threshold),
+            HAS_X1=len(xs) > 1, HAS_REST=rest_sq is not None, ABADI=clip_fn == "abadi", MEAN=bool(mean),
+            EPS=CLIP_EPS if clip_fn == "abadi" else AUTO_GAMMA, BLOCK_B=BLOCK_B, BLOCK_P=block_p, SCAN=SCAN_P)
+    return [coef, *outs]
