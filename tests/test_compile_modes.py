@@ -1,6 +1,7 @@
 """torch.compile modes through the flashdp backend (issue 21 item 2): mode="reduce-overhead" turns on Inductor's CUDA
 graphs for the DP graphs, as torch's own Inductor backend does; unknown modes and modes on the eager backend are
-refused; randomized norms take their probe seed as a graph input, so replays draw their own. The CUDA-graph replays themselves are checked in test_gpu.py."""
+refused; randomized norms take their probe seed as a graph input, so replays draw their own. The CUDA-graph
+replays themselves are checked in test_gpu.py."""
 from __future__ import annotations
 
 import pytest

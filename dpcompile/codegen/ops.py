@@ -79,8 +79,6 @@ def _use_triton(*tensors: Tensor) -> bool:
     return tensors[0].device.type == "cuda" and torch.float64 not in {t.dtype for t in tensors}
 
 
-
-
 # triton_op: on CUDA, Inductor sees the Triton launches inside and emits them itself (no Python op in between);
 # elsewhere (CPU, fp64) the body is the PyTorch reference.
 @dp_op(role="norm", fake=_sample_norms_like)

@@ -50,8 +50,11 @@ class DPJointPass(_PassBase):
 
     def __call__(self, graph: fx.Graph) -> None:
         # Inductor runs its joint-graph passes on inference graphs too (a call under torch.no_grad(), an evaluation
-        # loop): no tangents, no gradients, nothing to clip; reading it as a joint graph failed
-        if any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes):
+        # loop): no tangents and no gradient outputs, nothing to clip; reading it as a joint graph failed. A graph
+        # with either goes through the pass, which clips it or refuses it
+        descs = graph.output_node().meta.get("desc") or ()
+        if any(n.op == "placeholder" and n.name.startswith("tangents") for n in graph.nodes) or any(
+                getattr(d, "grad_of", None) is not None for d in descs):
             run_dp_pass(graph, self.ctx)
 
     def uuid(self) -> Optional[str]:

@@ -143,8 +143,8 @@ def norm_rows_of(pg: ParamGrad, strategy: str) -> Optional[Callable]:
 def param_norm_rows(pg: ParamGrad, strategy: str, env: dict, bsz):
     """(the parameter's per-sample squared norms as (B, K) parts, what its clipped sum reads)."""
     c = pg.contributions[0]
-    parts, products = norm_rows_of(pg, strategy)(site_kind(c.site.kind).fused_inputs(c.site, env, bsz), pg, env)
-    return (parts * (c.scale * c.scale) if c.scale != 1.0 else parts), products
+    parts, prepared = norm_rows_of(pg, strategy)(site_kind(c.site.kind).fused_inputs(c.site, env, bsz), pg, env)
+    return (parts * (c.scale * c.scale) if c.scale != 1.0 else parts), prepared
 
 
 def param_norm(pg: ParamGrad, strategy: str, env: dict, bsz, randomized: Optional[RandomizedNorms] = None):

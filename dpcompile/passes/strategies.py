@@ -65,21 +65,13 @@ def _plain(norm_op):
     return lambda ins, pg, env, randomized: (norm_op(*ins), ins)
 
 
-def _kept(norm_op):
+def _kept(norm_op, by_rows: bool = False):
     """A norm op that returns (the products, the squared norms of their rows (B, M)): the clipped sum reads the
-    kept products, the norms are the rows' sum."""
-    def norm(ins, pg, env, randomized):
+    kept products; the norms are the rows' sum, or (by_rows, Strategy.norm_rows) the rows' parts themselves."""
+    def norm(ins, pg, env, randomized=None):
         tiles, rows = norm_op(*ins)
-        return rows.sum(1), (tiles,)
+        return (rows if by_rows else rows.sum(1)), (tiles,)
     return norm
-
-
-def _kept_rows(norm_op):
-    """Strategy.norm_rows of the same op: (the rows' squared norms (B, M), what the clipped sum reads)."""
-    def norm_rows(ins, pg, env):
-        tiles, rows = norm_op(*ins)
-        return rows, (tiles,)
-    return norm_rows
 
 
 def _sum(op):
@@ -127,7 +119,7 @@ BUILTIN = (
              runtime_threshold=False),
     # single_pass's kernels at one chunk, the factor computed apart
     Strategy("stored", cost=_costed(lambda t, s, dev, k: t.one_pass + 6 * dev.launch),
-             norm=_kept(ops.linear_tiles), norm_rows=_kept_rows(ops.linear_tiles),
+             norm=_kept(ops.linear_tiles), norm_rows=_kept(ops.linear_tiles, by_rows=True),
              clipped_sum=_sum(ops.tiles_clipped_sum),
              requires=("scratch_fits", "keeps_no_more"), keeps_products=True),
     Strategy("two_pass", cost=_costed(lambda t, s, dev, k: 2 * t.bmm + 2 * t.read + 6 * t.tiles + 4 * dev.launch),

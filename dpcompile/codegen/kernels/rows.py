@@ -13,8 +13,9 @@ norm kernel per rows site, a factor kernel and a clipped-sum kernel per group th
 (benchmarks/NOTES.md, entries 34 and 35). A stored weight's products are not summed here: programs owning product
 columns had each to form their samples' factors from the row sums and norm parts first, as much traffic as their
 own products and a chain of dependent loads, which made the launch 2.3 ms a step on gpt2-small where the scaled
-reduction reads the products at memory speed (NOTES 37). The factor's formula mirrors clipping.py (its home), with IEEE division
-and square root; tests/test_kernels_rows.py holds the kernel to the reference in codegen/ops.py.
+reduction reads the products at memory speed (NOTES 37). The factor's formula mirrors clipping.py (its home),
+with IEEE division and square root; tests/test_kernels_rows.py holds the kernel to the reference in
+codegen/ops.py.
 """
 from __future__ import annotations
 
