@@ -72,22 +72,75 @@ def test_a_form_that_misses_the_chain_is_caught_by_the_check(caplog, monkeypatch
         _compile_and_count(_Blocks(), torch.randn(4, 5, 6), caplog, max_grad_norm=0.3, clipping="per_layer")
 
 
-def test_a_trace_that_launches_a_user_triton_kernel_is_never_kept():
-    """A launch names its kernel and constant arguments by indices into torch's side table, new ones per trace, so
-    a copy differs from a fresh trace (the GPU tests' verify mode caught it): such traces are traced every time."""
-    from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_functional
+def _launch_graph(constants: dict) -> torch.fx.GraphModule:
+    """x -> one functional user Triton launch whose constant arguments sit in torch's side table."""
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table, triton_kernel_wrapper_functional
 
     graph = torch.fx.Graph()
     x = graph.placeholder("x")
     launch = graph.call_function(triton_kernel_wrapper_functional, (),
-                                 {"kernel_idx": 0, "constant_args_idx": 0, "grid": [(1, 1, 1)],
-                                  "tma_descriptor_metadata": {}, "kwargs": {"x": x}, "tensors_to_clone": []})
+                                 {"kernel_idx": 0, "constant_args_idx": kernel_side_table.add_constant_args(constants),
+                                  "grid": [(1, 1, 1)], "tma_descriptor_metadata": {}, "kwargs": {"x": x},
+                                  "tensors_to_clone": ["x"]})
     graph.output(launch)
+    return torch.fx.GraphModule(torch.nn.Module(), graph)
+
+
+def test_launches_compare_by_their_constants_not_their_side_table_index():
+    """Every trace registers its launch's constants under a new side-table index: two traces of one function
+    differ only there, and compare equal; a launch with other constants compares different (verify mode)."""
+    first, second = _launch_graph({"BLOCK": 64, "IEEE": True}), _launch_graph({"IEEE": True, "BLOCK": 64})
+    other = _launch_graph({"BLOCK": 128, "IEEE": True})
+    assert trace_cache.graph_form(first) == trace_cache.graph_form(second)
+    assert trace_cache.graph_form(first) != trace_cache.graph_form(other)
     cache = trace_cache.GroupTraceCache()
-    cache.put(("key",), torch.fx.GraphModule(torch.nn.Module(), graph))
-    assert cache.get(("key",)) is None
-    plain = torch.fx.Graph()
-    y = plain.placeholder("y")
-    plain.output(plain.call_function(torch.ops.aten.sin.default, (y,)))
-    cache.put(("plain",), torch.fx.GraphModule(torch.nn.Module(), plain))
-    assert cache.get(("plain",)) is not None
+    cache.put(("key",), first)
+    assert cache.get(("key",)) is first
+
+
+_SHARED_LAUNCHES = """
+import json, logging, os
+import torch
+from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_functional
+from torch.fx.experimental.proxy_tensor import make_fx
+from dpcompile.codegen import ops
+from dpcompile.passes.rewrite import inline_triton_ops
+
+messages = []
+handler = logging.Handler()
+handler.emit = lambda record: messages.append(record.getMessage())
+logging.getLogger("dpcompile").addHandler(handler)
+logging.getLogger("dpcompile").setLevel(logging.INFO)
+
+def two_calls(a1, b1, a2, b2):
+    return torch.ops.dpcompile.linear_norm(a1, b1) + torch.ops.dpcompile.linear_norm(a2, b2)
+
+gm = make_fx(two_calls, tracing_mode="fake")(*[torch.randn(4, 5, 6), torch.randn(4, 5, 3)] * 2)
+ops._use_triton = lambda *t: True  # the CUDA code path: the op bodies launch Triton kernels
+inline_triton_ops(gm.graph, {})
+vals = [n.meta["val"] for n in gm.graph.nodes if n.target is triton_kernel_wrapper_functional]
+print(json.dumps({"messages": messages, "launches": len(vals),
+                  "shared": [vals[0][k] is vals[1][k] for k in vals[0]],
+                  "same_meta": [(vals[0][k].shape, vals[0][k].stride(), vals[0][k].dtype)
+                                == (vals[1][k].shape, vals[1][k].stride(), vals[1][k].dtype) for k in vals[0]]}))
+"""
+
+
+def test_identical_op_calls_share_one_trace_of_their_triton_launches():
+    """The inline stage (Inductor on CUDA) traces an op body that launches a Triton kernel once for identical calls
+    (the blocks of a model); the copies get fresh values of the launch's outputs, never the first call's. On fake
+    CPU tensors with the CUDA code path forced, in a process without the interpreter (which would run the kernel on
+    them), in verify mode: the reuse is traced anew and compared."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["DPCOMPILE_VERIFY_TRACE_CACHE"] = "1"
+    proc = subprocess.run([sys.executable, "-c", _SHARED_LAUNCHES], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.splitlines()[-1])
+    assert any("1 op bodies traced for inlining, 1 reused" in m for m in got["messages"]), got["messages"]
+    assert got["launches"] == 2 and got["shared"] and not any(got["shared"]) and all(got["same_meta"])

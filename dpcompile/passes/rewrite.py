@@ -13,6 +13,7 @@ from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
+from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_functional
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from ..codegen import ops
@@ -353,10 +354,21 @@ def copy_traced(graph: fx.Graph, traced: fx.GraphModule, inputs: list[fx.Node], 
                 continue
             env[n] = new = graph.node_copy(n, lambda x: env[x])
             if fresh_values and "val" in n.meta:
-                args, kwargs = fx.node.map_arg((new.args, new.kwargs), lambda x: x.meta["val"])
                 with fake_mode:
-                    new.meta["val"] = new.target(*args, **kwargs)
+                    new.meta["val"] = _fresh_value(n, new)
     return list(outputs)
+
+
+def _fresh_value(old: fx.Node, new: fx.Node):
+    """The fake value of `new`, a copy of `old` over other inputs with the same metadata (trace_cache.py). A
+    functional Triton launch's outputs are fresh clones of its inputs: new tensors of the same sizes and strides,
+    made directly (its fake implementation clones each through as_strided over symbolic sizes: half of the
+    inline stage's time, NOTES 38); every other node's value is computed from its arguments'."""
+    if new.target is triton_kernel_wrapper_functional:
+        return {k: torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
+                for k, v in old.meta["val"].items()}
+    args, kwargs = fx.node.map_arg((new.args, new.kwargs), lambda x: x.meta["val"])
+    return new.target(*args, **kwargs)
 
 
 def _copy_constant(graph: fx.Graph, traced: fx.GraphModule, node: fx.Node) -> fx.Node:

@@ -9,9 +9,10 @@ copy of the traced nodes with its own inputs instead of a new trace.
 The form (`canonical`) walks the group's records (parameter records, sites, chains, strategies, threshold, options)
 field by field: graph nodes that are the group's inputs become their position among the inputs, other nodes are
 numbered in the order met with their op, target, arguments and value metadata; tensors, sizes and numbers are
-kept by value. A parameter record's name and output position (`IGNORED_FIELDS`) are left out: the function never reads them, which
-`verify` mode checks. A record of an unknown kind, a randomized group (its probe site ids differ per parameter),
-and a trace holding tensor constants are never cached.
+kept by value. A parameter record's name and output position (`IGNORED_FIELDS`) are left out: the function never
+reads them, which `verify` mode checks. A record of an unknown kind, a randomized group (its probe site ids differ
+per parameter), and a trace holding tensor constants are never cached. A user Triton launch is compared by its
+constant arguments' values, not by their index into torch's side table (`graph_form`).
 
 `DPCOMPILE_VERIFY_TRACE_CACHE=1` (set by the test suite) traces every hit anyway and refuses a copy that differs
 from the fresh trace: every test that compiles a model repeatedly checks that the form misses nothing.
@@ -26,7 +27,11 @@ from typing import Any, Callable, Optional
 import sympy
 import torch
 import torch.fx as fx
-from torch._higher_order_ops.triton_kernel_wrap import triton_kernel_wrapper_functional, triton_kernel_wrapper_mutation
+from torch._higher_order_ops.triton_kernel_wrap import (
+    kernel_side_table,
+    triton_kernel_wrapper_functional,
+    triton_kernel_wrapper_mutation,
+)
 
 #: (record type, field) that the traced function never reads (they differ between identical blocks); by type, so
 #: that a field of the same name elsewhere (a strategy's or a site's) stays in the form
@@ -134,6 +139,10 @@ def canonical(inputs: list, *parts: Any) -> Optional[tuple]:
         return None
 
 
+#: the higher-order ops a traced user Triton launch becomes (functional before the pass's functionalization, and not)
+_TRITON_LAUNCHES = (triton_kernel_wrapper_functional, triton_kernel_wrapper_mutation)
+
+
 def graph_form(gm: fx.GraphModule) -> tuple:
     """A traced graph's computation with placeholders by position, for comparing two traces of one function:
     size arithmetic (sym_size and friends, whose order depends on which sizes a trace met first) is folded into
@@ -146,13 +155,22 @@ def graph_form(gm: fx.GraphModule) -> tuple:
             index[n] = ("sym", str(val.node.expr))
             continue
         index[n] = ("n", len(out))
-        args = fx.node.map_arg((n.args, n.kwargs), lambda a: index[a])
+        args = fx.node.map_arg((n.args, _launch_constants(n)), lambda a: index[a])
         out.append((n.op, str(n.target), repr(args), _meta(n) if n.op != "output" else None))
     return tuple(out)
 
 
-#: the higher-order ops a traced user Triton launch becomes (functional before the pass's functionalization, and not)
-_TRITON_LAUNCHES = (triton_kernel_wrapper_functional, triton_kernel_wrapper_mutation)
+def _launch_constants(n: fx.Node) -> dict:
+    """A node's keyword arguments; for a user Triton launch, its constant arguments' values in place of their
+    index into torch's side table (every trace registers its constants under a new index, so two traces of one
+    function differ only there: the values are what the launch reads)."""
+    if n.op != "call_function" or n.target not in _TRITON_LAUNCHES:
+        return dict(n.kwargs)
+    kwargs = dict(n.kwargs)
+    idx = kwargs.pop("constant_args_idx")
+    constants = kernel_side_table.get_constant_args(idx)
+    kwargs["constant_args"] = tuple(sorted((k, repr(v)) for k, v in constants.items()))
+    return kwargs
 
 
 class GroupTraceCache:
@@ -182,10 +200,6 @@ class GroupTraceCache:
             return
         self.misses += 1
         if any(n.op == "get_attr" for n in traced.graph.nodes):  # tensor constants: their values are not in the key
-            return
-        # a user Triton kernel's launch names its kernel and constant arguments by indices into torch's side table,
-        # new ones for every trace: a copy would differ from a fresh trace (verify mode showed it on the GPU)
-        if any(n.op == "call_function" and n.target in _TRITON_LAUNCHES for n in traced.graph.nodes):
             return
         self._traced[key] = traced
 
