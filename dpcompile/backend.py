@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import operator
 import re
 import warnings
@@ -22,6 +23,8 @@ from .errors import CoverageError, DPCompileError, OptionsError
 from .options import DPOptions, infer_batch_input
 from .passes import DPJointPass, ParamInfo, PassContext, run_dp_pass
 from .sdpa_policy import attention_for
+
+log = logging.getLogger("dpcompile")
 
 aten = torch.ops.aten
 
@@ -478,6 +481,9 @@ def flashdp(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
     """The product backend: the DP pass on the joint graph, then Inductor code generation."""
     from torch._inductor.compile_fx import compile_fx
 
+    from .codegen import ttir_cache
+
+    ttir_cache.install()  # one Triton front-end run per distinct launch of our kernels, not one per launch
     options, patches = _options_from(kwargs)
     gm = inline_compile_regions(gm)
     ctx = build_context(gm, example_inputs, options)
@@ -490,6 +496,8 @@ def flashdp(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
         compiled = compile_fx(gm, example_inputs,
                               config_patches={**patches, "joint_custom_pre_pass": DPJointPass(ctx)},
                               decompositions=ctx.decompositions)
+    log.info("flashdp: Triton's front end ran for %(misses)d distinct launches, reused for %(hits)d (this process)",
+             ttir_cache.stats())
     return _recording_clipping(compiled, ctx)
 
 

@@ -21,3 +21,18 @@ settings.register_profile(
 )
 settings.register_profile("dev", max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_ttir_cache_mismatch():
+    """Verify mode: no launch's cached TTIR (dpcompile/codegen/ttir_cache.py) differed from a fresh one during the
+    test (torch's kernel analysis swallows the raise, so the record is checked here)."""
+    yield
+    module = sys.modules.get("dpcompile.codegen.ttir_cache")
+    if module is not None and module.mismatches():
+        found = module.mismatches()
+        module._mismatches.clear()
+        pytest.fail(f"cached TTIR differed from a fresh one: {found}")
