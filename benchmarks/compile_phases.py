@@ -89,12 +89,13 @@ def run_one(mode: str, model_name: str, B: int, T: int, device: str, cprofile: s
     opt = torch.optim.AdamW(params, lr=1e-4)
     idx = torch.randint(0, model.lm_head.out_features, (B, T + 1), device=device)
     x, y = idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
-    if mode in ("non-DP", "non-DP-dynamic"):
+    if mode in ("non-DP", "non-DP-dynamic", "non-DP-dynamic-static"):
         step_model = torch.compile(model)
-        if mode == "non-DP-dynamic":  # the sizes DP compiles symbolic: what dynamic shapes cost, apart from DP
-            for t in (x, y):
+        if mode != "non-DP":  # the sizes DP compiles symbolic: what dynamic shapes cost, apart from DP
+            for t in (x, y):  # -static: the length static, only the batch symbolic (as per_layer-static)
                 torch._dynamo.mark_dynamic(t, 0)
-                torch._dynamo.maybe_mark_dynamic(t, 1)
+                if mode == "non-DP-dynamic":
+                    torch._dynamo.maybe_mark_dynamic(t, 1)
     else:
         import dpcompile
 
@@ -162,7 +163,8 @@ def main(argv=None) -> None:
     ap.add_argument("--T", type=int, default=1024)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--modes", default="non-DP,non-DP-dynamic,per_layer",
-                    help="non-DP, non-DP-dynamic (batch and sequence sizes symbolic, as DP compiles them) and "
+                    help="non-DP, non-DP-dynamic (batch and sequence sizes symbolic, as DP compiles them), "
+                         "non-DP-dynamic-static (only the batch symbolic, as Poisson sampling needs) and "
                          "dpcompile clipping modes (a -static suffix: the sequence dim static, only the batch "
                          "dynamic), comma-separated")
     ap.add_argument("--out", default=None, help="write the records here (JSON)")

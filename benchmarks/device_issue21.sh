@@ -16,11 +16,13 @@ for stage in "$@"; do
       timeout 240 python3 -m pytest -q -n 8 -p no:cacheprovider ${GPU_TESTS:-tests/test_gpu.py} \
         ${GPU_K:+-k "$GPU_K"} > "$OUT/tests.txt" 2>&1
       summary+=("tests: $(tail -1 "$OUT/tests.txt")") ;;
-    phases)  # one mode, empty then warm caches (a user's first and second run)
-      timeout 200 python3 benchmarks/compile_phases.py --model gpt2-small --B 8 --T 1024 --modes per_layer-static \
-        --warm --out "$OUT/phases.json" > "$OUT/phases.log" 2>&1
-      summary+=("phases: $(grep -m1 'first step minus' "$OUT/phases.log")")
-      summary+=("  bw_compiler: $(grep -m1 'bw_compiler' "$OUT/phases.log")") ;;
+    phases)  # empty then warm caches (a user's first and second run); PHASES_MODES: other modes, each alone on
+             # the GPU with empty caches (e.g. non-DP,non-DP-dynamic-static,per_layer-static: compile-time ratios)
+      warm=--warm; [ -n "${PHASES_MODES:-}" ] && warm=
+      timeout ${PHASES_TIMEOUT:-200} python3 benchmarks/compile_phases.py --model gpt2-small --B 8 --T 1024 \
+        --modes ${PHASES_MODES:-per_layer-static} $warm --out "$OUT/phases.json" > "$OUT/phases.log" 2>&1
+      summary+=("$(sed -n '/^| phase/,/bw_compiler/p' "$OUT/phases.log")")
+      summary+=("$(grep -E 'DP pass|GraphLowering|aot_trace_joint' "$OUT/phases.log")") ;;
     cprofile)  # the first step under cProfile, non-DP and DP: $OUT/prof/<mode>.pstats for reading offline
       timeout 300 python3 benchmarks/compile_phases.py --model gpt2-small --B 8 --T 1024 --modes non-DP,per_layer-static \
         --cprofile "$OUT/prof" --out "$OUT/cprofile.json" > "$OUT/cprofile.log" 2>&1
