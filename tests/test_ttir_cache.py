@@ -160,3 +160,22 @@ def test_real_kernels_through_torchs_analysis():
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.splitlines()[-1])
     assert got == {"stats": {"hits": 1, "misses": 2}, "same": True}, (got, proc.stderr[-2000:])
+
+
+def test_another_signature_runs_the_front_end_as_torch_would():
+    """A torch whose generate_ttir takes other arguments (none, or more) gets them passed through, uncached."""
+    calls = []
+
+    def generate(kernel, kwargs, *args, **kw):
+        calls.append((args, kw))
+        return "module", list(kwargs)
+
+    memo = ttir_cache.cached(generate)
+    kernel = _Kernel()
+    for _ in range(2):
+        memo(kernel, {"x": torch.empty(2)})
+        memo(kernel, {"x": torch.empty(2)}, {}, "extra")
+    assert len(calls) == 4 and ttir_cache.stats()["hits"] == 0
+    memo(kernel, {"x": torch.empty(2)}, tma_descriptor_metadata={})
+    memo(kernel, {"x": torch.empty(2)}, {})  # the keyword and the positional form share the entry
+    assert len(calls) == 5 and ttir_cache.stats() == {"hits": 1, "misses": 1}

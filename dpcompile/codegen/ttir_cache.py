@@ -70,25 +70,34 @@ def cached(generate: Callable) -> Callable:
     by another object."""
 
     @functools.wraps(generate)
-    def generate_ttir(kernel, kwargs, tma_descriptor_metadata, *rest):
-        key = key_of(kernel, kwargs, tma_descriptor_metadata) if not rest else None
+    def generate_ttir(kernel, kwargs, *args, **kw):
+        # the memo knows the call (kernel, kwargs, tma_descriptor_metadata); any other form of it (another torch's
+        # signature) runs the front end as torch would
+        if len(args) == 1 and not kw:
+            tma = args[0]
+        elif not args and set(kw) == {"tma_descriptor_metadata"}:
+            tma = kw["tma_descriptor_metadata"]
+        else:
+            return generate(kernel, kwargs, *args, **kw)
+        key = key_of(kernel, kwargs, tma)
         if key is None:
-            return generate(kernel, kwargs, tma_descriptor_metadata, *rest)
+            return generate(kernel, kwargs, *args, **kw)
         with _lock:
             hit = _modules.get(key)
         if hit is not None:
             _stats["hits"] += 1
             if verify_enabled():
-                fresh, names = generate(kernel, dict(kwargs), tma_descriptor_metadata)
+                fresh, names = generate(kernel, dict(kwargs), *args, **kw)
                 if str(fresh) != str(hit[1]) or list(names) != list(hit[2]):
                     # torch's analysis turns any exception into "every input is mutated": recorded, so that the
                     # test suite's check (tests/conftest.py) fails even where the raise is swallowed
                     what = f"kernel {getattr(kernel, '__name__', kernel)}"
                     _mismatches.append(what)
-                    raise AssertionError(f"dpcompile TTIR cache: a launch's cached TTIR differs from a fresh one ({what})")
+                    raise AssertionError(f"dpcompile TTIR cache: a launch's cached TTIR differs from a fresh one "
+                                         f"({what})")
             return hit[1], list(hit[2])
         _stats["misses"] += 1
-        module, names = generate(kernel, dict(kwargs), tma_descriptor_metadata)
+        module, names = generate(kernel, kwargs, *args, **kw)
         with _lock:
             _modules[key] = (kernel, module, list(names))
         return module, list(names)
