@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from dpcompile.clipping import group_clip_factors
 from dpcompile.codegen.kernels import rows as K
 from dpcompile.codegen.ops import rows_group_clipped_sum_reference
+from no_interpreter import last_json, run_script
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -103,14 +104,7 @@ def test_launch_keeps_a_symbolic_batch_symbolic():
     """Under Inductor the batch size is a symbol: the launch must not turn it into a Python number (a float(B)
     argument guarded B == 8 and failed every dynamic-batch DP graph on the GPU; NOTES 34). Traced on fake tensors
     in a fresh process without the interpreter (which would run the kernel on them)."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _SYMBOLIC_LAUNCH], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(_SYMBOLIC_LAUNCH)
 
 
 _FRONT_END = """
@@ -158,16 +152,7 @@ print(json.dumps(written))
 def _front_end(batch="i32", threshold="fp32", has_x1=True) -> list:
     """The kernel's Triton front end (source to TTIR, no GPU; a fresh process without the interpreter) with these
     argument types and constexprs; returns the pointers Inductor's analysis of the TTIR takes as written."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _FRONT_END, batch, threshold, str(int(has_x1))],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return last_json(run_script(_FRONT_END, batch, threshold, str(int(has_x1))))
 
 
 @pytest.mark.parametrize("batch, threshold", [("i64", "fp64"), ("i32", "fp32"), ("1", "fp32")])
@@ -228,11 +213,4 @@ def test_functionalized_launch_returns_what_the_kernel_wrote(sites, with_rest):
     its sum as both out0 and out1, and the op returned out1's clone, which no program writes: garbage gradients for
     every bias group of one rows site), each output must be the clone of the pointer that writes it, and nothing
     is allocated for an absent site's pointers. Traced on fake tensors in a fresh process without the interpreter."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _FUNCTIONALIZED, str(sites), str(int(with_rest))], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_script(_FUNCTIONALIZED, str(sites), str(int(with_rest)))

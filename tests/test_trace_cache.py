@@ -14,6 +14,7 @@ from torch import nn
 import dpcompile
 import dpcompile.passes.trace_cache as trace_cache
 from dpcompile.testing import oracle
+from no_interpreter import last_json, run_script
 
 
 class _Blocks(nn.Module):
@@ -131,16 +132,6 @@ def test_identical_op_calls_share_one_trace_of_their_triton_launches():
     (the blocks of a model); the copies get fresh values of the launch's outputs, never the first call's. On fake
     CPU tensors with the CUDA code path forced, in a process without the interpreter (which would run the kernel on
     them), in verify mode: the reuse is traced anew and compared."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["DPCOMPILE_VERIFY_TRACE_CACHE"] = "1"
-    proc = subprocess.run([sys.executable, "-c", _SHARED_LAUNCHES], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.splitlines()[-1])
+    got = last_json(run_script(_SHARED_LAUNCHES, verify_trace_cache=True))
     assert any("1 op bodies traced for inlining, 1 reused" in m for m in got["messages"]), got["messages"]
     assert got["launches"] == 2 and got["shared"] and not any(got["shared"]) and all(got["same_meta"])

@@ -2,13 +2,9 @@
 that would give other TTIR never gets a cached module."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
+from no_interpreter import last_json, run_script
 
 from dpcompile.codegen import ttir_cache
 
@@ -153,13 +149,8 @@ def test_real_kernels_through_torchs_analysis():
     GPU needed to generate TTIR), in verify mode: the second launch (another batch size) gets the cached module,
     equal to a fresh one; a bf16 launch runs the front end again. Ints are keyed by value (exact, if stricter
     than Triton's own specialization). In a process without the interpreter, whose kernels are not JITFunctions."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["DPCOMPILE_VERIFY_TRACE_CACHE"] = "1"
-    proc = subprocess.run([sys.executable, "-c", _REAL_KERNELS], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.splitlines()[-1])
-    assert got == {"stats": {"hits": 1, "misses": 2}, "same": True}, (got, proc.stderr[-2000:])
+    got = last_json(run_script(_REAL_KERNELS, verify_trace_cache=True))
+    assert got == {"stats": {"hits": 1, "misses": 2}, "same": True}, got
 
 
 def test_another_signature_runs_the_front_end_as_torch_would():
