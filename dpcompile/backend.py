@@ -481,7 +481,7 @@ def flashdp(gm: torch.fx.GraphModule, example_inputs: list, **kwargs):
     """The product backend: the DP pass on the joint graph, then Inductor code generation."""
     from torch._inductor.compile_fx import compile_fx
 
-    from .codegen import ttir_cache
+    from . import ttir_cache
 
     ttir_cache.install()  # one Triton front-end run per distinct launch of our kernels, not one per launch
     options, patches = _options_from(kwargs)

@@ -28,10 +28,10 @@ import pytest  # noqa: E402
 
 @pytest.fixture(autouse=True)
 def _no_ttir_cache_mismatch():
-    """Verify mode: no launch's cached TTIR (dpcompile/codegen/ttir_cache.py) differed from a fresh one during the
+    """Verify mode: no launch's cached TTIR (dpcompile/ttir_cache.py) differed from a fresh one during the
     test (torch's kernel analysis swallows the raise, so the record is checked here)."""
     yield
-    module = sys.modules.get("dpcompile.codegen.ttir_cache")
+    module = sys.modules.get("dpcompile.ttir_cache")
     if module is not None and module.mismatches():
         found = module.mismatches()
         module._mismatches.clear()

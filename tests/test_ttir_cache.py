@@ -1,4 +1,4 @@
-"""codegen/ttir_cache.py: torch's user-kernel analysis runs Triton's front end once per distinct launch, and a launch
+"""ttir_cache.py: torch's user-kernel analysis runs Triton's front end once per distinct launch, and a launch
 that would give other TTIR never gets a cached module."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from no_interpreter import last_json, run_script
 
-from dpcompile.codegen import ttir_cache
+from dpcompile import ttir_cache
 
 
 class _Kernel:
@@ -121,7 +121,7 @@ class _Target:  # no GPU here: the front end only needs a target to generate TTI
 triton.runtime.driver._active = _Target()
 from torch._higher_order_ops import triton_kernel_wrap as W
 from torch._subclasses.fake_tensor import FakeTensorMode
-from dpcompile.codegen import ttir_cache
+from dpcompile import ttir_cache
 from dpcompile.codegen.kernels import linear as K
 
 ttir_cache.install()

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..passes.trace_cache import verify_enabled
+from .passes.trace_cache import verify_enabled
 
 log = logging.getLogger("dpcompile")
 
