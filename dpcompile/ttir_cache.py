@@ -4,15 +4,16 @@ To learn which arguments a user Triton launch reads and writes, torch generates 
 front end: AST walk, type inference, MLIR) for every launch it meets, at every stage that asks: the inline stage's
 functionalization, Inductor's graph lowering and its IR node. A DP graph of gpt2-small holds ~130 launches of a
 dozen distinct kernels-with-constants, and the GPU profile of its compile spent ~20 s in Triton's front end
-(benchmarks/NOTES.md 38), none of it in a non-DP compile.
+(benchmarks/NOTES.md 39), none of it in a non-DP compile.
 
 torch's `generate_ttir(kernel, kwargs, tma_descriptor_metadata)` first reduces its arguments to what the front end
-sees: every tensor becomes a 2-element tensor of its dtype, every symbolic size the number 2, everything else is
-passed as it is (constexprs, ints, floats, None). The key here is exactly that reduction (plus the kernel object
-and the TMA metadata), so two launches with equal keys run the front end on equal inputs: the first one's module is
-returned for the second. Arguments of another kind (anything not hashable or not one of those) are never keyed:
-such a launch runs the front end as before. `DPCOMPILE_VERIFY_TRACE_CACHE=1` (the test suite) runs it anyway on
-every hit and refuses a module whose text differs (and records it: torch's analysis swallows exceptions).
+sees: every fake tensor (or Inductor TensorBox) becomes a 2-element tensor of its dtype, every symbolic size the
+number 2, everything else is passed as it is (constexprs, ints, floats, None, real tensors). The key here is exactly
+that reduction (plus the kernel object and its source hash), so two launches with equal keys run the front end on
+equal inputs: the first one's module is returned for the second. A launch with an argument of another kind (a real
+tensor, whose address alignment Triton specializes on; TMA descriptors; anything not listed) runs the front end as
+before. `DPCOMPILE_VERIFY_TRACE_CACHE=1` (the test suite) runs it anyway on every hit and refuses a module whose
+text differs (and records it: torch's analysis swallows exceptions).
 """
 from __future__ import annotations
 
@@ -39,8 +40,12 @@ def _reduced(value: Any) -> Any:
 
     if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, sympy.Expr)):
         return ("sym",)
-    if isinstance(value, torch.Tensor):
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if isinstance(value, FakeTensor):
         return ("tensor", value.dtype)
+    if isinstance(value, torch.Tensor):  # a real tensor reaches Triton as it is (its address's alignment counts)
+        raise TypeError("real tensor")
     try:  # Inductor's TensorBox (lowering): a tensor of its dtype
         from torch._inductor.ir import TensorBox
 

@@ -5,8 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 from no_interpreter import last_json, run_script
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from dpcompile import ttir_cache
+
+
+_fake = FakeTensorMode()
+
+
+def _t(*shape, dtype=torch.float32):
+    """A fake tensor: what torch's analysis meets while compiling (a real tensor is never keyed)."""
+    with _fake:
+        return torch.empty(*shape, dtype=dtype)
 
 
 class _Kernel:
@@ -43,8 +53,8 @@ def test_launches_the_front_end_cannot_tell_apart_share_one_run():
     memo = ttir_cache.cached(generate)
     kernel = _Kernel()
     sym = ShapeEnv().create_unbacked_symint()
-    first = memo(kernel, {"x": torch.empty(4, 5), "n": sym, "BLOCK": 64}, {})
-    second = memo(kernel, {"x": torch.empty(7, 2), "n": sym + 3, "BLOCK": 64}, {})
+    first = memo(kernel, {"x": _t(4, 5), "n": sym, "BLOCK": 64}, {})
+    second = memo(kernel, {"x": _t(7, 2), "n": sym + 3, "BLOCK": 64}, {})
     assert len(calls) == 1 and first == second and ttir_cache.stats() == {"hits": 1, "misses": 1}
 
 
@@ -53,10 +63,10 @@ def test_anything_the_front_end_reads_differently_runs_it_again(change):
     calls, generate = _counting()
     memo = ttir_cache.cached(generate)
     kernel = _Kernel()
-    base = {"x": torch.empty(4, dtype=torch.float32), "n": 16, "BLOCK": 64, "rest": torch.empty(1)}
+    base = {"x": _t(4), "n": 16, "BLOCK": 64, "rest": _t(1)}
     other, other_kernel = dict(base), kernel
     if change == "dtype":
-        other["x"] = torch.empty(4, dtype=torch.bfloat16)
+        other["x"] = _t(4, dtype=torch.bfloat16)
     elif change == "constexpr":
         other["BLOCK"] = 128
     elif change == "int value":  # Triton specializes ints on 1 and on divisibility by 16
@@ -83,19 +93,20 @@ def test_arguments_outside_the_key_are_never_cached():
     memo = ttir_cache.cached(generate)
     kernel = _Kernel()
     for _ in range(2):
-        memo(kernel, {"x": torch.empty(2), "shape": [1, 2]}, {})  # a list: not a kind the key covers
-        memo(kernel, {"x": torch.empty(2)}, {"x": ("stable", ([64, 64],))})  # TMA descriptors
-    assert len(calls) == 4 and ttir_cache.stats()["hits"] == 0
+        memo(kernel, {"x": _t(2), "shape": [1, 2]}, {})  # a list: not a kind the key covers
+        memo(kernel, {"x": _t(2)}, {"x": ("stable", ([64, 64],))})  # TMA descriptors
+        memo(kernel, {"x": torch.empty(2)}, {})  # a real tensor: Triton specializes on its address's alignment
+    assert len(calls) == 6 and ttir_cache.stats()["hits"] == 0
 
 
 def test_verify_mode_refuses_a_cached_module_that_differs(monkeypatch):
     calls, generate = _counting()  # every run returns a new text: as if the key missed something
     memo = ttir_cache.cached(generate)
     kernel = _Kernel()
-    memo(kernel, {"x": torch.empty(2)}, {})
+    memo(kernel, {"x": _t(2)}, {})
     monkeypatch.setenv("DPCOMPILE_VERIFY_TRACE_CACHE", "1")
     with pytest.raises(AssertionError, match="cached TTIR differs"):
-        memo(kernel, {"x": torch.empty(3)}, {})
+        memo(kernel, {"x": _t(3)}, {})
     assert ttir_cache.mismatches() == ["kernel " + repr(kernel)]  # what conftest.py checks after every test
 
 
@@ -164,9 +175,9 @@ def test_another_signature_runs_the_front_end_as_torch_would():
     memo = ttir_cache.cached(generate)
     kernel = _Kernel()
     for _ in range(2):
-        memo(kernel, {"x": torch.empty(2)})
-        memo(kernel, {"x": torch.empty(2)}, {}, "extra")
+        memo(kernel, {"x": _t(2)})
+        memo(kernel, {"x": _t(2)}, {}, "extra")
     assert len(calls) == 4 and ttir_cache.stats()["hits"] == 0
-    memo(kernel, {"x": torch.empty(2)}, tma_descriptor_metadata={})
-    memo(kernel, {"x": torch.empty(2)}, {})  # the keyword and the positional form share the entry
+    memo(kernel, {"x": _t(2)}, tma_descriptor_metadata={})
+    memo(kernel, {"x": _t(2)}, {})  # the keyword and the positional form share the entry
     assert len(calls) == 5 and ttir_cache.stats() == {"hits": 1, "misses": 1}
