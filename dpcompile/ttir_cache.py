@@ -22,7 +22,10 @@ import logging
 import threading
 from typing import Any, Callable, Optional
 
+import sympy
 import torch
+from torch._inductor.ir import TensorBox
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .passes.trace_cache import verify_enabled
 
@@ -36,25 +39,15 @@ _mismatches: list = []  # verify mode: launches whose cached module differed fro
 
 def _reduced(value: Any) -> Any:
     """What generate_ttir hands the Triton front end for one argument, as a hashable key part."""
-    import sympy
-
     if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool, sympy.Expr)):
         return ("sym",)
-    from torch._subclasses.fake_tensor import FakeTensor
-
     if isinstance(value, FakeTensor):
         return ("tensor", value.dtype)
-    if isinstance(value, torch.Tensor):  # a real tensor reaches Triton as it is (its address's alignment counts)
-        raise TypeError("real tensor")
-    try:  # Inductor's TensorBox (lowering): a tensor of its dtype
-        from torch._inductor.ir import TensorBox
-
-        if isinstance(value, TensorBox):
-            return ("tensor", value.get_dtype())
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(value, TensorBox):  # Inductor's lowering: a tensor of its dtype
+        return ("tensor", value.get_dtype())
     if value is None or isinstance(value, (bool, int, float, str, torch.dtype)):
         return (type(value).__name__, repr(value))
+    # a real tensor reaches Triton as it is (its address's alignment counts); anything else: not a kind keyed here
     raise TypeError(type(value).__name__)
 
 
@@ -78,19 +71,17 @@ def cached(generate: Callable) -> Callable:
     def generate_ttir(kernel, kwargs, *args, **kw):
         # the memo knows the call (kernel, kwargs, tma_descriptor_metadata); any other form of it (another torch's
         # signature) runs the front end as torch would
+        key = None
         if len(args) == 1 and not kw:
-            tma = args[0]
+            key = key_of(kernel, kwargs, args[0])
         elif not args and set(kw) == {"tma_descriptor_metadata"}:
-            tma = kw["tma_descriptor_metadata"]
-        else:
-            return generate(kernel, kwargs, *args, **kw)
-        key = key_of(kernel, kwargs, tma)
+            key = key_of(kernel, kwargs, kw["tma_descriptor_metadata"])
         if key is None:
             return generate(kernel, kwargs, *args, **kw)
         with _lock:
             hit = _modules.get(key)
+            _stats["hits" if hit is not None else "misses"] += 1
         if hit is not None:
-            _stats["hits"] += 1
             if verify_enabled():
                 fresh, names = generate(kernel, dict(kwargs), *args, **kw)
                 if str(fresh) != str(hit[1]) or list(names) != list(hit[2]):
@@ -101,7 +92,6 @@ def cached(generate: Callable) -> Callable:
                     raise AssertionError(f"dpcompile TTIR cache: a launch's cached TTIR differs from a fresh one "
                                          f"({what})")
             return hit[1], list(hit[2])
-        _stats["misses"] += 1
         module, names = generate(kernel, kwargs, *args, **kw)
         with _lock:
             _modules[key] = (kernel, module, list(names))
